@@ -96,8 +96,11 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "api_base_url": str,
     "api_key": str,
     "models": list,
+    "max_tokens": int,
+    "model_max_tokens": dict,
+    "headers": dict,
 }
-POSITIVE_INT_KEYS = frozenset({"port", "timeout_ms", "max_body_bytes", "long_context_threshold"})
+POSITIVE_INT_KEYS = frozenset({"port", "timeout_ms", "max_body_bytes", "long_context_threshold", "max_tokens"})
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -120,10 +123,17 @@ class Provider:
     api_key: str
     models: tuple[str, ...]
     disabled_reason: str = ""
+    max_tokens: int | None = None
+    model_max_tokens: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
         return not self.disabled_reason
+
+    def max_tokens_cap(self, model: str) -> int | None:
+        """The output cap for a model: its own entry, else the provider's."""
+        return self.model_max_tokens.get(model, self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -282,7 +292,16 @@ def _read_provider(check: _Checker, index: int, data: Any) -> Provider | None:
     reason = ""
     if not api_key and kind not in KEYLESS_TYPES:
         reason = f"${missing[0]} is not set" if missing else "no api_key"
-    return Provider(name, kind, base_url, api_key, models, reason)
+    caps = values.get("model_max_tokens", {})
+    for model, cap in caps.items():
+        if not _is_int(cap) or cap <= 0:
+            check.problem(f"{path}.model_max_tokens.{model}", f"must be a positive integer, got {cap!r}")
+    headers = values.get("headers", {})
+    for header, value in headers.items():
+        if not isinstance(value, str):
+            check.problem(f"{path}.headers.{header}", f"expected a string, got {_type_name(type(value))}")
+    extra = {"max_tokens": values.get("max_tokens"), "model_max_tokens": caps, "headers": headers}
+    return Provider(name, kind, base_url, api_key, models, reason, **extra)
 
 
 def build_config(data: dict, source: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -797,10 +816,10 @@ def choose_route(hints: Hints, config: Config) -> Route:
 # ---------------------------------------------------------------------------
 # Transformers
 # ---------------------------------------------------------------------------
-# Each provider type has one entry in TRANSFORMERS:
-#   build_request(body, model, provider, client_headers) -> UpstreamRequest
-#   parse_response(data, model) -> Anthropic message dict
-#   stream(upstream_response, exchange) -> async iterator of Anthropic SSE bytes
+# Each provider type has one entry in TRANSFORMERS, three functions of one upstream Call:
+#   build_request(call) -> UpstreamRequest
+#   parse_response(data, call) -> Anthropic message dict
+#   stream(upstream_response, call) -> async iterator of Anthropic SSE bytes
 
 
 @dataclass(frozen=True)
@@ -811,10 +830,22 @@ class UpstreamRequest:
 
 
 @dataclass(frozen=True)
+class Call:
+    """One upstream call: the client's (analysed) Anthropic request and the target it goes to."""
+
+    body: dict
+    model: str
+    provider: Provider
+    client_headers: Mapping[str, str]
+    input_tokens: int
+    exchange: Exchange
+
+
+@dataclass(frozen=True)
 class Transformer:
-    build_request: Callable[[dict, str, Provider, Mapping[str, str]], UpstreamRequest]
-    parse_response: Callable[[dict, str], dict]
-    stream: Callable[[aiohttp.ClientResponse, Exchange], AsyncIterator[bytes]]
+    build_request: Callable[[Call], UpstreamRequest]
+    parse_response: Callable[[dict, Call], dict]
+    stream: Callable[[aiohttp.ClientResponse, Call], AsyncIterator[bytes]]
     count_tokens_url: Callable[[Provider], str] | None = None
 
 
@@ -836,22 +867,20 @@ def anthropic_headers(provider: Provider, client_headers: Mapping[str, str]) -> 
     return headers
 
 
-def anthropic_build_request(
-    body: dict, model: str, provider: Provider, client_headers: Mapping[str, str]
-) -> UpstreamRequest:
+def anthropic_build_request(call: Call) -> UpstreamRequest:
     """Pass-through: the client's body with only `model` replaced."""
     return UpstreamRequest(
-        f"{provider.api_base_url}/v1/messages",
-        anthropic_headers(provider, client_headers),
-        dump_json({**body, "model": model}),
+        f"{call.provider.api_base_url}/v1/messages",
+        anthropic_headers(call.provider, call.client_headers),
+        dump_json({**call.body, "model": call.model}),
     )
 
 
-def anthropic_parse_response(data: dict, model: str) -> dict:
+def anthropic_parse_response(data: dict, call: Call) -> dict:
     return data
 
 
-async def anthropic_stream(upstream: aiohttp.ClientResponse, exchange: Exchange) -> AsyncIterator[bytes]:
+async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
     """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event."""
     pending = b""
     finished = False
@@ -865,13 +894,13 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, exchange: Exchange)
         ready, pending = pending[: cut + 2], pending[cut + 2 :]
         finished = finished or b"event: message_stop" in ready or b"event: error" in ready
         if b"message_delta" in ready or b"message_start" in ready:
-            exchange.note_anthropic_usage(ready)
+            call.exchange.note_anthropic_usage(ready)
         yield ready
     if pending.strip():
         finished = finished or b"event: message_stop" in pending or b"event: error" in pending
         yield pending.rstrip(b"\n") + b"\n\n"
     if not finished:
-        raise ProxyError(502, f"{exchange.provider} closed the stream before message_stop")
+        raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
 
 
 TRANSFORMERS: dict[str, Transformer] = {
@@ -1229,7 +1258,7 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
-    config, body, _, route = await prepare_exchange(request, need_max_tokens=True)
+    config, body, hints, route = await prepare_exchange(request, need_max_tokens=True)
     exchange = request[EXCHANGE]
     target = route.targets[0]
     provider = config.providers[target.provider]
@@ -1238,16 +1267,15 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     if transformer is None:
         raise ProxyError(501, f"provider type '{provider.type}' is not supported by this version")
     stream = body.get("stream") is True
-    upstream_request = transformer.build_request(body, target.model, provider, request.headers)
-    session = request.app[SESSION]
-    upstream = await open_upstream(session, upstream_request, provider, upstream_timeout(config, stream))
+    call = Call(body, target.model, provider, request.headers, hints.token_count, exchange)
+    timeout = upstream_timeout(config, stream)
+    upstream = await open_upstream(request.app[SESSION], transformer.build_request(call), provider, timeout)
     try:
         if stream:
-            response = await relay_sse(
-                request, transformer.stream(upstream, exchange), response_headers(exchange, target)
-            )
+            frames = transformer.stream(upstream, call)
+            response = await relay_sse(request, frames, response_headers(exchange, target))
         else:
-            message = transformer.parse_response(await read_upstream_json(upstream, provider), target.model)
+            message = transformer.parse_response(await read_upstream_json(upstream, provider), call)
             if isinstance(message.get("usage"), dict):
                 exchange.usage = message["usage"]
             headers = response_headers(exchange, target)
