@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import codecs
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -18,6 +21,7 @@ import os
 import re
 import secrets
 import signal
+import string
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -853,6 +857,258 @@ def dump_json(data: Any) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+# --- Shared by the translating transformers: ids, proxy-made thinking signatures, the Anthropic stream
+# state machine and the SSE decoder.
+
+PROXY_SIGNATURE_PREFIX = "terraphim:"
+BASE62 = string.ascii_letters + string.digits
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def random_base62(length: int) -> str:
+    return "".join(secrets.choice(BASE62) for _ in range(length))
+
+
+def new_message_id() -> str:
+    return "msg_" + random_base62(24)
+
+
+def short_hash(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def proxy_signature(flavor: str, thinking: str, details: list[dict] | None = None) -> str:
+    """Signature of a proxy-made thinking block: "terraphim:<flavor>:<payload>".
+
+    The payload is base64url(JSON) of OpenRouter's reasoning_details when there are any (so they can
+    be sent back verbatim), else 16 hex digits of sha256(thinking). Anthropic never accepts it.
+    """
+    if details:
+        packed = json.dumps(details, separators=(",", ":"), ensure_ascii=False)
+        payload = base64.urlsafe_b64encode(packed.encode()).decode()
+    else:
+        payload = short_hash(thinking, 16)
+    return f"{PROXY_SIGNATURE_PREFIX}{flavor}:{payload}"
+
+
+def signature_details(signature: str) -> list[dict]:
+    """OpenRouter reasoning_details packed into a proxy signature, or [] when there are none."""
+    prefix = PROXY_SIGNATURE_PREFIX + "openrouter:"
+    if not signature.startswith(prefix):
+        return []
+    try:
+        details = json.loads(base64.urlsafe_b64decode(signature[len(prefix) :]))
+    except ValueError:
+        return []
+    return details if isinstance(details, list) else []
+
+
+def is_proxy_thinking(block: dict) -> bool:
+    signature = block.get("signature")
+    return (
+        block.get("type") == "thinking" and isinstance(signature, str) and signature.startswith(PROXY_SIGNATURE_PREFIX)
+    )
+
+
+def strip_proxy_thinking(body: dict) -> dict:
+    """Body without proxy-signed thinking blocks in assistant turns (input left untouched)."""
+    changed = False
+    messages = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if message.get("role") == "assistant" and isinstance(content, list):
+            kept = [block for block in content if not is_proxy_thinking(block)]
+            if len(kept) != len(content):
+                changed = True
+                if kept:
+                    messages.append({**message, "content": kept})
+                continue
+        messages.append(message)
+    return {**body, "messages": messages} if changed else body
+
+
+class TranslationError(ProxyError):
+    """An upstream answer that cannot become a valid Anthropic message: 529 when a retry may help, else 502."""
+
+    def __init__(self, message: str, error_type: str = "api_error") -> None:
+        super().__init__(529 if error_type == "overloaded_error" else 502, message, error_type)
+
+
+def sse_frame(event: str, data: dict) -> bytes:
+    """One Anthropic SSE frame: the event line, one compact JSON data line, a blank line."""
+    return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
+
+
+class AnthropicStream:
+    """Anthropic SSE state machine fed by every non-Anthropic provider; methods return frames.
+
+    Blocks open lazily with dense increasing indices and close exactly once; empty text or
+    thinking opens nothing. A thinking block that got no signature() is closed with a proxy
+    signature. After finish() or error() every method returns b"".
+    """
+
+    def __init__(self, model: str, input_tokens: int = 0, flavor: str = "openai") -> None:
+        self.model = model
+        self.input_tokens = input_tokens
+        self.flavor = flavor
+        self.started = False
+        self.done = False
+        self.index = -1
+        self.open_kind: str | None = None
+        self.open_key: object = None
+        self.thinking_parts: list[str] = []
+        self.signed = False
+        self.tool_emitted = False
+        self.output_chars = 0
+
+    def start(self) -> bytes:
+        """message_start (usage: input estimate, output 1) and a ping; once."""
+        if self.started:
+            return b""
+        self.started = True
+        usage = {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 1,
+        }
+        message = {
+            "id": new_message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        start = {"type": "message_start", "message": message}
+        return sse_frame("message_start", start) + sse_frame("ping", {"type": "ping"})
+
+    def _delta(self, delta: dict) -> bytes:
+        return sse_frame("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def _close(self) -> bytes:
+        if self.open_kind is None:
+            return b""
+        frames = b""
+        if self.open_kind == "thinking" and not self.signed:
+            signature = proxy_signature(self.flavor, "".join(self.thinking_parts))
+            frames += self._delta({"type": "signature_delta", "signature": signature})
+        self.open_kind = self.open_key = None
+        return frames + sse_frame("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def _open(self, block: dict, key: object = None) -> bytes:
+        frames = self.start() + self._close()
+        self.index += 1
+        self.open_kind, self.open_key = block["type"], key
+        self.thinking_parts, self.signed = [], False
+        start = {"type": "content_block_start", "index": self.index, "content_block": block}
+        return frames + sse_frame("content_block_start", start)
+
+    def _ensure(self, kind: str) -> bytes:
+        """Open an empty text or thinking block unless one of that kind is open."""
+        if self.open_kind == kind:
+            return b""
+        return self._open({"type": kind, kind: ""} | ({"signature": ""} if kind == "thinking" else {}))
+
+    def thinking(self, text: str) -> bytes:
+        if not text or self.done:
+            return b""
+        frames = self._ensure("thinking")
+        self.thinking_parts.append(text)
+        self.output_chars += len(text)
+        return frames + self._delta({"type": "thinking_delta", "thinking": text})
+
+    def signature(self, signature: str) -> bytes:
+        """Signature of the open thinking block (an empty thinking block is opened if none is)."""
+        if self.done:
+            return b""
+        frames = self._ensure("thinking")
+        self.signed = True
+        return frames + self._delta({"type": "signature_delta", "signature": signature})
+
+    def text(self, text: str) -> bytes:
+        if not text or self.done:
+            return b""
+        frames = self._ensure("text")
+        self.output_chars += len(text)
+        return frames + self._delta({"type": "text_delta", "text": text})
+
+    def tool_start(self, key: object, tool_id: str, name: str) -> bytes:
+        if self.done:
+            return b""
+        self.tool_emitted = True
+        return self._open({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, key)
+
+    def tool_args(self, key: object, fragment: str) -> bytes:
+        if not fragment or self.done:
+            return b""
+        if self.open_kind != "tool_use" or self.open_key != key:
+            raise ValueError(f"tool block {key!r} is not the open block")
+        self.output_chars += len(fragment)
+        return self._delta({"type": "input_json_delta", "partial_json": fragment})
+
+    def finish(self, stop_reason: str, usage: dict | None = None) -> bytes:
+        """Close the open block, then message_delta (tool_use if a tool was emitted) and message_stop.
+
+        Without upstream usage, input is the start estimate and output is about chars / 4.
+        """
+        if self.done:
+            return b""
+        frames = self.start() + self._close()
+        self.done = True
+        if usage is None:
+            usage = {
+                "input_tokens": self.input_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "output_tokens": (self.output_chars + 3) // 4,
+            }
+        delta = {"stop_reason": "tool_use" if self.tool_emitted else stop_reason, "stop_sequence": None}
+        frames += sse_frame("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+        return frames + sse_frame("message_stop", {"type": "message_stop"})
+
+    def error(self, error_type: str, message: str) -> bytes:
+        """An error event that ends the stream (no message_stop follows)."""
+        if self.done:
+            return b""
+        self.done = True
+        return sse_frame("error", {"type": "error", "error": {"type": error_type, "message": message}})
+
+
+async def decoded_text(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """UTF-8 text of a byte stream, ending with a blank line so a last unterminated event still counts."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    async for chunk in chunks:
+        yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True) + "\n\n"
+
+
+async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """Data payloads of an SSE byte stream (any line endings, any read boundaries); "[DONE]" is the last."""
+    pending = ""
+    data: list[str] = []
+    async for text in decoded_text(chunks):
+        pending += text
+        cut = len(pending) - 1 if pending.endswith("\r") else len(pending)  # a last CR may be half a CRLF
+        *lines, rest = LINE_BREAK.split(pending[:cut])
+        pending = rest + pending[cut:]
+        for line in lines:
+            if line:
+                if line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                continue
+            payload, data = "\n".join(data), []
+            if payload.strip() == "[DONE]":
+                yield "[DONE]"
+                return
+            if payload:
+                yield payload
+
+
+# --- Anthropic: native pass-through.
+
 ANTHROPIC_VERSION = "2023-06-01"
 
 
@@ -867,12 +1123,28 @@ def anthropic_headers(provider: Provider, client_headers: Mapping[str, str]) -> 
     return headers
 
 
+def without_proxy_thinking(body: dict) -> dict:
+    """The body minus thinking blocks the proxy signed for another provider, which Anthropic would reject.
+
+    If that leaves the last assistant turn of a tool loop without its leading thinking block, thinking is
+    switched off for this request, since Anthropic requires that block whenever thinking is on.
+    """
+    stripped = strip_proxy_thinking(body)
+    if stripped is body or not isinstance(body.get("thinking"), dict) or body["thinking"].get("type") == "disabled":
+        return stripped
+    last = next((m for m in reversed(stripped["messages"]) if m.get("role") == "assistant"), None)
+    content = last.get("content") if last else None
+    if isinstance(content, list) and content and content[0].get("type") not in ("thinking", "redacted_thinking"):
+        return {key: value for key, value in stripped.items() if key != "thinking"}
+    return stripped
+
+
 def anthropic_build_request(call: Call) -> UpstreamRequest:
-    """Pass-through: the client's body with only `model` replaced."""
+    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed)."""
     return UpstreamRequest(
         f"{call.provider.api_base_url}/v1/messages",
         anthropic_headers(call.provider, call.client_headers),
-        dump_json({**call.body, "model": call.model}),
+        dump_json({**without_proxy_thinking(call.body), "model": call.model}),
     )
 
 
@@ -903,13 +1175,791 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
         raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
 
 
+# --- OpenAI family: OpenAI, OpenRouter and DeepSeek chat completions.
+#
+# Ids. Message ids are "msg_" + 24 random base62 characters. A tool id going to the client is "toolu_" + the
+# upstream call id with every character outside [A-Za-z0-9_-] replaced by "_" (random when upstream sent none);
+# going upstream, one leading "toolu_" is removed (openai_tool_id), alike for tool_use.id and
+# tool_result.tool_use_id, so pairs always match and ids the proxy made map back to the upstream's own.
+# Thinking made from upstream reasoning is signed "terraphim:<flavor>:<payload>" (proxy_signature);
+# strip_proxy_thinking removes such blocks before a body goes to real Anthropic.
+
+TOOL_ERROR_PREFIX = "[tool error] "
+OPENAI_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+OPENAI_TOOL_ID_MAX = 40
+MAX_STOP_SEQUENCES = 4
+OPENAI_EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+OPENROUTER_EFFORT = {**OPENAI_EFFORT, "xhigh": "xhigh", "max": "xhigh"}
+DEEPSEEK_EFFORT = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
+FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}
+FINISH_ERRORS = {"error": "api_error", "insufficient_system_resource": "overloaded_error"}
+
+
+def openai_tool_name(name: str) -> str:
+    """The name itself when OpenAI accepts it, else a deterministic 64-char stand-in (case kept)."""
+    if OPENAI_TOOL_NAME.fullmatch(name):
+        return name
+    return f"{UNSAFE_ID_CHARS.sub('_', name)[:55]}_{short_hash(name, 8)}"
+
+
+def tool_name_map(body: dict) -> dict[str, str]:
+    """Map each tool name sent upstream that differs from the client's back to the original."""
+    names = {tool["name"] for tool in body.get("tools") or [] if tool.get("name")}
+    return {openai_tool_name(name): name for name in names if openai_tool_name(name) != name}
+
+
+def anthropic_tool_id(upstream_id: str | None) -> str:
+    """Client-facing tool id: "toolu_" + sanitized upstream id, or a random one when missing."""
+    if not upstream_id:
+        return "toolu_" + random_base62(24)
+    return "toolu_" + UNSAFE_ID_CHARS.sub("_", upstream_id)
+
+
+def openai_tool_id(tool_use_id: str) -> str:
+    """Upstream tool id for a client id: one leading "toolu_" removed (undoing anthropic_tool_id).
+
+    Native Anthropic ids lose their prefix too, which is harmless because tool_use.id and
+    tool_result.tool_use_id go through the same function. Results over 40 characters (the OpenAI
+    limit) are shortened deterministically.
+    """
+    bare = tool_use_id.removeprefix("toolu_") or tool_use_id
+    if len(bare) <= OPENAI_TOOL_ID_MAX:
+        return bare
+    return f"{bare[:31]}_{short_hash(bare, 8)}"
+
+
+def add_reasoning_detail(details: list[dict], item: dict) -> None:
+    """Fold one streamed OpenRouter reasoning_details fragment into the accumulated list."""
+    last = details[-1] if details else None
+    if last is None or (last.get("type"), last.get("index")) != (item.get("type"), item.get("index")):
+        details.append(dict(item))
+        return
+    for key, value in item.items():
+        if key in ("text", "summary", "data") and isinstance(value, str):
+            last[key] = (last.get(key) or "") + value
+        elif value is not None:
+            last[key] = value
+
+
+# ---- model facts ------------------------------------------------------------------------
+
+
+def bare_model(model: str) -> str:
+    """Model id without a provider prefix such as "openai/", lower-cased."""
+    return model.rsplit("/", 1)[-1].lower()
+
+
+def is_openai_reasoning_model(model: str) -> bool:
+    """o1/o3/o4 and gpt-5 families: max_completion_tokens, reasoning_effort, no sampling knobs."""
+    return re.match(r"o\d|gpt-5", bare_model(model)) is not None
+
+
+def deepseek_thinking(body: dict, model: str) -> bool:
+    """Whether a DeepSeek request runs in thinking mode (adaptive keeps the model's default)."""
+    kind = (body.get("thinking") or {}).get("type")
+    name = bare_model(model)
+    if "reasoner" in name or "r1" in name:
+        return True
+    if kind in ("enabled", "disabled"):
+        return kind == "enabled"
+    return name != "deepseek-chat"
+
+
+def deepseek_reasoning_passback(body: dict, model: str) -> bool:
+    """Whether assistant turns must carry reasoning_content: thinking mode, except R1-era ids.
+
+    The current deepseek-reasoner alias runs V3.2/V4 thinking mode and answers 400 "Missing
+    reasoning_content" without it; only the original R1 rejected the field.
+    """
+    return deepseek_thinking(body, model) and "r1" not in bare_model(model)
+
+
+# ---- request: content ------------------------------------------------------------------
+
+
+def text_part(text: str, block: dict, keep_cache: bool) -> dict:
+    part = {"type": "text", "text": text}
+    if keep_cache and block.get("cache_control"):
+        part["cache_control"] = block["cache_control"]
+    return part
+
+
+def media_url(source: dict) -> str:
+    """data: URL for a base64 source, the plain URL otherwise."""
+    if source.get("type") == "base64":
+        media_type = source.get("media_type", "application/octet-stream")
+        return f"data:{media_type};base64,{source.get('data', '')}"
+    return source.get("url", "")
+
+
+def document_parts(block: dict, keep_cache: bool) -> list[dict]:
+    source = block.get("source") or {}
+    kind = source.get("type")
+    if kind == "base64":
+        filename = block.get("title") or "document"
+        if not filename.lower().endswith(".pdf"):
+            filename += ".pdf"
+        return [{"type": "file", "file": {"filename": filename, "file_data": media_url(source)}}]
+    if kind == "url":
+        return [{"type": "text", "text": f"[document: {source.get('url', '')}]"}]
+    if kind == "content":
+        inner = source.get("content")
+        blocks = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
+        return [part for item in blocks for part in content_parts(item, keep_cache)]
+    text = source.get("data") or ""
+    if text and block.get("title"):
+        text = f"{block['title']}\n\n{text}"
+    return [text_part(text, block, keep_cache)] if text else []
+
+
+def content_parts(block: dict, keep_cache: bool) -> list[dict]:
+    """OpenAI content parts for one Anthropic text/image/document block ([] for other kinds)."""
+    kind = block.get("type")
+    if kind == "text":
+        return [text_part(block["text"], block, keep_cache)] if block.get("text") else []
+    if kind == "image":
+        return [{"type": "image_url", "image_url": {"url": media_url(block.get("source") or {})}}]
+    if kind == "document":
+        return document_parts(block, keep_cache)
+    return []
+
+
+def as_blocks(content: str | list | None) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+
+
+def tool_result_parts(block: dict, keep_cache: bool) -> tuple[dict, list[dict]]:
+    """(text part for the tool message, image/file parts that must travel in a user message)."""
+    texts, moved = [], []
+    for inner in as_blocks(block.get("content")):
+        for part in content_parts(inner, False):
+            if part["type"] == "text":
+                texts.append(part["text"])
+            else:
+                moved.append(part)
+    if moved:
+        texts.append(f"[{len(moved)} attachment(s) of this result follow in the next user message]")
+    text = "\n".join(texts)
+    if block.get("is_error"):
+        text = TOOL_ERROR_PREFIX + text
+    return text_part(text, block, keep_cache), moved
+
+
+def user_messages(blocks: list[dict], call_ids: list[str], keep_cache: bool) -> list[dict]:
+    """Tool messages in the preceding call order, then one user message with the rest."""
+    results: dict[str, dict] = {}
+    media: list[dict] = []
+    parts: list[dict] = []
+    for block in blocks:
+        if block.get("type") != "tool_result":
+            parts += content_parts(block, keep_cache)
+            continue
+        part, moved = tool_result_parts(block, keep_cache)
+        call_id = openai_tool_id(block.get("tool_use_id", ""))
+        if call_id in call_ids:
+            results[call_id] = {"role": "tool", "tool_call_id": call_id, "content": [part]}
+            media += moved
+        else:
+            label = f"[result of tool call {block.get('tool_use_id', '')}]\n"
+            parts += [{**part, "text": label + part["text"]}, *moved]
+    messages = [results[call_id] for call_id in call_ids if call_id in results]
+    if media or parts:
+        messages.append({"role": "user", "content": media + parts})
+    return messages
+
+
+def web_search_summary(block: dict) -> str:
+    results = block.get("content")
+    if not isinstance(results, list):
+        return "[web search failed]"
+    lines = [f"- {item.get('title', '')} ({item.get('url', '')})" for item in results]
+    return "\n".join(["[web search results]", *lines])
+
+
+def assistant_message(blocks: list[dict], flavor: str, keep_cache: bool, passback: bool) -> dict:
+    parts: list[dict] = []
+    calls: list[dict] = []
+    thinking: list[str] = []
+    details: list[dict] = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text" and block.get("text"):
+            parts.append(text_part(block["text"], block, keep_cache))
+        elif kind == "tool_use":
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            function = {"name": openai_tool_name(block.get("name", "")), "arguments": arguments}
+            calls.append({"id": openai_tool_id(block.get("id", "")), "type": "function", "function": function})
+        elif kind == "thinking":
+            thinking.append(block.get("thinking") or "")
+            details += signature_details(block.get("signature") or "")
+        elif kind == "web_search_tool_result":
+            parts.append({"type": "text", "text": web_search_summary(block)})
+    message: dict = {"role": "assistant", "content": parts}
+    if calls:
+        message["tool_calls"] = calls
+    if flavor == "deepseek" and passback:
+        message["reasoning_content"] = "\n".join(text for text in thinking if text)
+    if flavor == "openrouter" and details:
+        message["reasoning_details"] = details
+    return message
+
+
+def merge_consecutive(messages: list[dict]) -> list[dict]:
+    """Join consecutive user or assistant messages (content lists still unfinalized)."""
+    merged: list[dict] = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if previous is None or previous["role"] != message["role"] or message["role"] not in ("user", "assistant"):
+            merged.append(message)
+            continue
+        previous["content"] = previous["content"] + message["content"]
+        for key in ("tool_calls", "reasoning_details"):
+            if message.get(key):
+                previous[key] = previous.get(key, []) + message[key]
+        if "reasoning_content" in message:
+            joined = [previous.get("reasoning_content", ""), message["reasoning_content"]]
+            previous["reasoning_content"] = "\n".join(text for text in joined if text)
+    return merged
+
+
+def finalize_content(parts: list[dict]) -> str | list[dict]:
+    """A plain string when the parts are text without cache_control, else the parts list."""
+    if all(part["type"] == "text" and "cache_control" not in part for part in parts):
+        return "\n\n".join(part["text"] for part in parts)
+    return parts
+
+
+def openai_messages(body: dict, flavor: str, keep_cache: bool, passback: bool) -> list[dict]:
+    messages: list[dict] = []
+    system = [part for block in as_blocks(body.get("system")) for part in content_parts(block, keep_cache)]
+    if system:
+        messages.append({"role": "system", "content": system})
+    call_ids: list[str] = []
+    for message in body.get("messages") or []:
+        blocks = as_blocks(message.get("content"))
+        role = message.get("role")
+        if role == "assistant":
+            converted = assistant_message(blocks, flavor, keep_cache, passback)
+            call_ids = [call["id"] for call in converted.get("tool_calls", [])]
+            messages.append(converted)
+        elif role == "system":
+            parts = [part for block in blocks for part in content_parts(block, keep_cache)]
+            messages.append({"role": "system", "content": parts})
+        else:
+            messages += user_messages(blocks, call_ids, keep_cache)
+            call_ids = []
+    kept = [m for m in messages if m["content"] or m.get("tool_calls") or m["role"] == "tool"]
+    merged = merge_consecutive(kept)
+    for message in merged:
+        if message["role"] == "assistant" and not message["content"]:
+            message["content"] = None
+        else:
+            message["content"] = finalize_content(message["content"])
+    return merged
+
+
+# ---- request: tools and parameters ------------------------------------------------------
+
+
+def is_server_tool(tool: dict) -> bool:
+    """Anthropic-executed tools (web_search_20250305, code_execution_..., ...): no input_schema."""
+    return "input_schema" not in tool and tool.get("type") not in (None, "custom")
+
+
+def openai_tools(tools: list[dict]) -> list[dict]:
+    functions = []
+    for tool in tools:
+        if is_server_tool(tool):
+            continue
+        function = {"name": openai_tool_name(tool.get("name", ""))}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        function["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
+        functions.append({"type": "function", "function": function})
+    return functions
+
+
+def openai_tool_choice(choice: dict, function_names: set[str], only_auto: bool) -> str | dict | None:
+    """OpenAI tool_choice; only_auto turns required/named choices into "auto" (DeepSeek thinking)."""
+    kind = choice.get("type")
+    if kind == "tool":
+        name = openai_tool_name(choice.get("name", ""))
+        if name not in function_names:
+            return None
+        return "auto" if only_auto else {"type": "function", "function": {"name": name}}
+    if kind == "any":
+        return "auto" if only_auto else "required"
+    return kind if kind in ("auto", "none") else None
+
+
+def budget_effort(budget: int) -> str:
+    return "low" if budget <= 4096 else "medium" if budget <= 16384 else "high"
+
+
+def requested_effort(body: dict) -> str | None:
+    """Anthropic effort asked for: budget bucket, output_config.effort, or medium when adaptive."""
+    thinking = body.get("thinking") or {}
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    if kind == "enabled" and thinking.get("budget_tokens"):
+        return budget_effort(thinking["budget_tokens"])
+    effort = (body.get("output_config") or {}).get("effort")
+    return effort or ("medium" if kind == "adaptive" else None)
+
+
+def reasoning_params(body: dict, model: str, flavor: str) -> dict:
+    thinking = body.get("thinking") or {}
+    kind = thinking.get("type")
+    effort = requested_effort(body)
+    if flavor == "openai":
+        if effort in OPENAI_EFFORT and is_openai_reasoning_model(model):
+            return {"reasoning_effort": OPENAI_EFFORT[effort]}
+        return {}
+    if flavor == "openrouter":
+        if kind == "enabled" and thinking.get("budget_tokens"):
+            return {"reasoning": {"max_tokens": thinking["budget_tokens"]}}
+        return {"reasoning": {"effort": OPENROUTER_EFFORT[effort]}} if effort in OPENROUTER_EFFORT else {}
+    params: dict = {}
+    if kind in ("enabled", "disabled") and "reasoner" not in bare_model(model):
+        params["thinking"] = {"type": kind}
+    if effort in DEEPSEEK_EFFORT and deepseek_thinking(body, model):
+        params["reasoning_effort"] = DEEPSEEK_EFFORT[effort]
+    return params
+
+
+def response_format(body: dict) -> dict | None:
+    """json_schema response_format from output_config.format (structured output)."""
+    output_format = (body.get("output_config") or {}).get("format") or {}
+    if output_format.get("type") != "json_schema" or not output_format.get("schema"):
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": output_format["schema"]}}
+
+
+def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_cap: int | None = None) -> dict:
+    """Chat-completions payload for flavor "openai", "openrouter" or "deepseek"."""
+    keep_cache = flavor == "openrouter" and model.startswith("anthropic/")
+    reasoning_model = is_openai_reasoning_model(model)
+    deepseek_thinks = flavor == "deepseek" and deepseek_thinking(body, model)
+    passback = flavor == "deepseek" and deepseek_reasoning_passback(body, model)
+    payload: dict = {"model": model, "messages": openai_messages(body, flavor, keep_cache, passback)}
+
+    tools = body.get("tools") or []
+    functions = openai_tools(tools)
+    if functions:
+        payload["tools"] = functions
+        names = {function["function"]["name"] for function in functions}
+        choice = body.get("tool_choice") or {}
+        mapped = openai_tool_choice(choice, names, deepseek_thinks)
+        if mapped is not None:
+            payload["tool_choice"] = mapped
+        if choice.get("disable_parallel_tool_use"):
+            payload["parallel_tool_calls"] = False
+    if flavor == "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
+        payload["plugins"] = [{"id": "web"}]
+
+    if body.get("max_tokens") is not None:
+        limit = body["max_tokens"] if max_tokens_cap is None else min(body["max_tokens"], max_tokens_cap)
+        key = "max_completion_tokens" if flavor == "openai" and reasoning_model else "max_tokens"
+        payload[key] = limit
+    if not reasoning_model:
+        sampling = ("temperature", "top_p", "top_k") if flavor == "openrouter" else ("temperature", "top_p")
+        payload.update({key: body[key] for key in sampling if body.get(key) is not None})
+    if body.get("stop_sequences"):
+        payload["stop"] = body["stop_sequences"][:MAX_STOP_SEQUENCES]
+    user_id = (body.get("metadata") or {}).get("user_id")
+    if user_id:
+        payload["user"] = "u_" + short_hash(str(user_id), 16)
+    if flavor != "deepseek" and (fmt := response_format(body)):
+        payload["response_format"] = fmt
+    payload.update(reasoning_params(body, model, flavor))
+    if body.get("stream"):
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+    return payload
+
+
+# ---- response ---------------------------------------------------------------------------
+
+
+def json_completion(text: str) -> str | None:
+    """Suffix closing the open string and brackets of truncated JSON, or None if that cannot fix it."""
+    closers: list[str] = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and (not closers or closers.pop() != char):
+            return None
+    if escaped:
+        return None
+    suffix = ('"' if in_string else "") + "".join(reversed(closers))
+    try:
+        json.loads(text + suffix)
+    except ValueError:
+        return None
+    return suffix
+
+
+def closing_suffix(arguments: str) -> str | None:
+    """Suffix making tool arguments a complete JSON object ("" if complete or empty), else None."""
+    if not arguments.strip():
+        return ""
+    suffix = json_completion(arguments)
+    if suffix is None or not isinstance(json.loads(arguments + suffix), dict):
+        return None
+    return suffix
+
+
+def is_complete_object(arguments: str) -> bool:
+    return bool(arguments.strip()) and closing_suffix(arguments) == ""
+
+
+def parse_tool_arguments(arguments: str | dict | None) -> dict:
+    """Tool input from an arguments string, repairing truncation; TranslationError if impossible."""
+    if isinstance(arguments, dict):
+        return arguments
+    text = arguments or ""
+    suffix = closing_suffix(text)
+    if suffix is None:
+        raise TranslationError(f"upstream tool call arguments are not a JSON object: {text[:200]!r}")
+    return json.loads(text + suffix) if text.strip() else {}
+
+
+def anthropic_stop_reason(finish_reason: str | None) -> str:
+    """Anthropic stop_reason for a finish_reason when no tool call was emitted."""
+    return FINISH_TO_STOP.get(finish_reason or "stop", "end_turn")
+
+
+def anthropic_usage(usage: dict | None) -> dict:
+    """Anthropic usage; input_tokens excludes cache reads and writes, as Anthropic counts it."""
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
+    return {
+        "input_tokens": max((usage.get("prompt_tokens") or 0) - cached - written, 0),
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": cached,
+        "output_tokens": usage.get("completion_tokens") or 0,
+    }
+
+
+def error_object_type(error: object) -> str:
+    """Anthropic error type for an upstream error object: overloaded_error when a retry may help."""
+    if not isinstance(error, dict):
+        return "api_error"
+    code = error.get("code")
+    if isinstance(code, int) and (code == 429 or code >= 500):
+        return "overloaded_error"
+    kind = str(error.get("type") or "")
+    return "overloaded_error" if any(word in kind for word in ("server", "overloaded", "rate_limit")) else "api_error"
+
+
+def error_object_message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or json.dumps(error))
+    return str(error)
+
+
+def message_text(content: str | list | None) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def openai_to_anthropic_response(
+    data: dict, model: str, tool_names: dict[str, str] | None = None, flavor: str = "openai"
+) -> dict:
+    """Anthropic message for a non-streaming chat completion; TranslationError when unusable."""
+    if data.get("error"):
+        raise TranslationError(error_object_message(data["error"]), error_object_type(data["error"]))
+    choices = data.get("choices") or []
+    if not choices:
+        raise TranslationError("upstream reply has no choices")
+    finish_reason = choices[0].get("finish_reason")
+    if finish_reason in FINISH_ERRORS:
+        raise TranslationError(f"upstream finish_reason {finish_reason}", FINISH_ERRORS[finish_reason])
+    message = choices[0].get("message") or {}
+    content: list[dict] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+    details = (message.get("reasoning_details") or []) if flavor == "openrouter" else []
+    if reasoning or details:
+        signature = proxy_signature(flavor, reasoning, details)
+        content.append({"type": "thinking", "thinking": reasoning, "signature": signature})
+    text = message_text(message.get("content")) or message.get("refusal") or ""
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        if not function.get("name"):
+            raise TranslationError("upstream tool call has no name")
+        content.append(
+            {
+                "type": "tool_use",
+                "id": anthropic_tool_id(call.get("id")),
+                "name": (tool_names or {}).get(function["name"], function["name"]),
+                "input": parse_tool_arguments(function.get("arguments")),
+            }
+        )
+    if message.get("tool_calls"):
+        stop_reason = "tool_use"
+    elif message.get("refusal"):
+        stop_reason = "refusal"
+    else:
+        stop_reason = anthropic_stop_reason(finish_reason)
+    return {
+        "id": new_message_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": anthropic_usage(data.get("usage")),
+    }
+
+
+@dataclass
+class StreamedToolCall:
+    key: int
+    tool_id: str
+    name: str = ""
+    args: str = ""
+    state: str = "pending"  # pending (no name yet, or held) -> live (its block is open) -> closed
+
+
+class OpenAIChunkConverter:
+    """Turns chat-completion chunks into Anthropic frames via one AnthropicStream.
+
+    Tool calls are keyed by upstream id first, then by index. A call streams live while it owns the
+    open block; a call that appears while the live call's arguments are still incomplete JSON means
+    the calls interleave, and from then on every new call is held and emitted whole at the end.
+    """
+
+    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str], flavor: str) -> None:
+        self.stream = AnthropicStream(model, input_tokens, flavor)
+        self.flavor = flavor
+        self.tool_names = tool_names
+        self.calls: list[StreamedToolCall] = []
+        self.by_id: dict[str, StreamedToolCall] = {}
+        self.by_index: dict[object, StreamedToolCall] = {}
+        self.live: StreamedToolCall | None = None
+        self.hold_all = False
+        self.details: list[dict] = []
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.saw_done = False
+
+    def feed(self, data: str) -> bytes:
+        """Frames for one upstream data payload ("[DONE]" only marks a clean end)."""
+        if self.stream.done:
+            return b""
+        if data.strip() == "[DONE]":
+            self.saw_done = True
+            return b""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return self.fail("api_error", f"upstream sent invalid JSON: {data[:200]!r}")
+        if not isinstance(chunk, dict):
+            return self.fail("api_error", f"upstream sent an unexpected chunk: {data[:200]!r}")
+        if chunk.get("error"):
+            return self.fail(error_object_type(chunk["error"]), error_object_message(chunk["error"]))
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        frames = b""
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) == 0:
+                frames += self.feed_choice(choice)
+        return frames
+
+    def fail(self, error_type: str, message: str) -> bytes:
+        """An error event once output has begun; before that TranslationError, so it can be an HTTP error."""
+        if not self.stream.started:
+            raise TranslationError(message, error_type)
+        return self.stream.error(error_type, message)
+
+    def feed_choice(self, choice: dict) -> bytes:
+        delta = choice.get("delta") or {}
+        frames = b""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            self.leave_tool()
+            frames += self.stream.thinking(reasoning)
+        for item in delta.get("reasoning_details") or []:
+            if isinstance(item, dict):
+                add_reasoning_detail(self.details, item)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            frames += self.transition() + self.stream.text(content)
+        for fragment in delta.get("tool_calls") or []:
+            frames += self.tool_fragment(fragment)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason in FINISH_ERRORS:
+            return frames + self.fail(FINISH_ERRORS[finish_reason], f"upstream finish_reason {finish_reason}")
+        self.finish_reason = finish_reason or self.finish_reason
+        return frames
+
+    def leave_tool(self) -> None:
+        """Mark the live call closed: the next block the stream opens closes it."""
+        if self.live is not None:
+            self.live.state = "closed"
+            self.live = None
+
+    def transition(self) -> bytes:
+        """Before a new text or tool block: leave the live call, sign thinking with pending reasoning_details."""
+        self.leave_tool()
+        if not self.details:
+            return b""
+        frames = self.stream.signature(proxy_signature(self.flavor, "", self.details))
+        self.details = []
+        return frames
+
+    def call_for(self, fragment: dict) -> StreamedToolCall:
+        upstream_id, index = fragment.get("id"), fragment.get("index")
+        if upstream_id in self.by_id:
+            return self.by_id[upstream_id]
+        if not upstream_id and index in self.by_index:
+            return self.by_index[index]
+        if not upstream_id and index is None and self.calls:
+            return self.calls[-1]
+        call = StreamedToolCall(key=len(self.calls), tool_id=anthropic_tool_id(upstream_id))
+        self.calls.append(call)
+        if upstream_id:
+            self.by_id[upstream_id] = call
+        self.by_index[index] = call
+        return call
+
+    def tool_fragment(self, fragment: dict) -> bytes:
+        call = self.call_for(fragment)
+        function = fragment.get("function") or {}
+        if function.get("name") and not call.name:
+            call.name = self.tool_names.get(function["name"], function["name"])
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        suffix = arguments if isinstance(arguments, str) else ""
+        if call.args and suffix.startswith(call.args):
+            suffix = suffix[len(call.args) :]  # cumulative snapshot: only the growth is new
+        call.args += suffix
+        if call.state == "live":
+            return self.stream.tool_args(call.key, suffix)
+        if call.state == "closed":
+            if suffix.strip():
+                return self.fail("api_error", "upstream sent tool arguments after the call ended")
+            return b""
+        if not call.name or self.hold_all:
+            return b""
+        if self.live is not None and not is_complete_object(self.live.args):
+            self.hold_all = True
+            return b""
+        return self.emit_call(call, call.args)
+
+    def emit_call(self, call: StreamedToolCall, arguments: str) -> bytes:
+        frames = self.transition() + self.stream.tool_start(call.key, call.tool_id, call.name)
+        call.state, self.live = "live", call
+        return frames + self.stream.tool_args(call.key, arguments)
+
+    def end(self) -> bytes:
+        """Final frames: message_delta + message_stop after a clean end, else an error event."""
+        if self.stream.done:
+            return b""
+        if not (self.saw_done or self.finish_reason):
+            return self.fail("api_error", "upstream stream ended before the response was complete")
+        frames = b""
+        if self.live is not None:
+            suffix = closing_suffix(self.live.args)
+            if suffix is None:
+                return self.fail("api_error", "upstream tool call arguments are not a JSON object")
+            frames += self.stream.tool_args(self.live.key, suffix)
+        for call in self.calls:
+            if call.state != "pending":
+                continue
+            suffix = closing_suffix(call.args)
+            if not call.name or suffix is None:
+                return frames + self.fail("api_error", "upstream sent an incomplete tool call")
+            frames += self.emit_call(call, call.args + suffix)
+        usage = anthropic_usage(self.usage) if self.usage else None
+        return frames + self.transition() + self.stream.finish(anthropic_stop_reason(self.finish_reason), usage)
+
+
+async def openai_stream_to_anthropic(
+    events: AsyncIterator[str],
+    model: str,
+    input_tokens: int,
+    tool_names: dict[str, str] | None = None,
+    flavor: str = "openai",
+) -> AsyncIterator[bytes]:
+    """Anthropic SSE frames for a chat-completions stream given as data payloads (see iter_sse_data).
+
+    message_start goes out with the first content, so a failure before any output raises
+    TranslationError (the caller can still answer with an HTTP error); later ones end in an error event.
+    """
+    converter = OpenAIChunkConverter(model, input_tokens, tool_names or {}, flavor)
+    async for data in events:
+        frames = converter.feed(data)
+        if frames:
+            yield frames
+        if converter.stream.done or converter.saw_done:
+            break
+    frames = converter.end()
+    if frames:
+        yield frames
+
+
+OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-proxy"}
+
+
+def openai_family_build_request(call: Call) -> UpstreamRequest:
+    """POST {base}/chat/completions with a Bearer key; OpenRouter also gets its attribution headers."""
+    provider = call.provider
+    tools = call.body.get("tools") or ()
+    if provider.type != "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
+        raise ProxyError(
+            400,
+            f"{provider.name} ({provider.type}) cannot run Anthropic's web_search server tool; "
+            "route the web_search scenario to an anthropic or openrouter provider",
+        )
+    payload = anthropic_to_openai_request(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
+    headers = {"content-type": "application/json", "authorization": f"Bearer {provider.api_key}"}
+    if provider.type == "openrouter":
+        headers |= OPENROUTER_HEADERS
+    headers |= provider.headers
+    return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, dump_json(payload))
+
+
+def openai_family_parse_response(data: dict, call: Call) -> dict:
+    return openai_to_anthropic_response(data, call.model, tool_name_map(call.body), call.provider.type)
+
+
+def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    events = iter_sse_data(upstream.content.iter_any())
+    names = tool_name_map(call.body)
+    return openai_stream_to_anthropic(events, call.model, call.input_tokens, names, call.provider.type)
+
+
+OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
 TRANSFORMERS: dict[str, Transformer] = {
     "anthropic": Transformer(
         anthropic_build_request,
         anthropic_parse_response,
         anthropic_stream,
         count_tokens_url=lambda provider: f"{provider.api_base_url}/v1/messages/count_tokens",
-    )
+    ),
+    "openai": OPENAI_FAMILY,
+    "openrouter": OPENAI_FAMILY,
+    "deepseek": OPENAI_FAMILY,
 }
 
 
@@ -978,10 +2028,6 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
 # ---------------------------------------------------------------------------
 # SSE relay
 # ---------------------------------------------------------------------------
-
-
-def sse_frame(event: str, data: dict) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
 
 
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
