@@ -78,6 +78,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_MS = 600_000
 DEFAULT_LONG_CONTEXT_THRESHOLD = 60_000
 DEFAULT_THINK_EFFORTS = ("max",)
+DEFAULT_NUM_CTX = 32768  # Ollama context window when the config names none
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -103,8 +104,12 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_tokens": int,
     "model_max_tokens": dict,
     "headers": dict,
+    "num_ctx": int,
+    "model_num_ctx": dict,
 }
-POSITIVE_INT_KEYS = frozenset({"port", "timeout_ms", "max_body_bytes", "long_context_threshold", "max_tokens"})
+POSITIVE_INT_KEYS = frozenset(
+    {"port", "timeout_ms", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx"}
+)
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -130,6 +135,8 @@ class Provider:
     max_tokens: int | None = None
     model_max_tokens: dict[str, int] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    num_ctx: int | None = None
+    model_num_ctx: dict[str, int] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -138,6 +145,10 @@ class Provider:
     def max_tokens_cap(self, model: str) -> int | None:
         """The output cap for a model: its own entry, else the provider's."""
         return self.model_max_tokens.get(model, self.max_tokens)
+
+    def num_ctx_for(self, model: str) -> int:
+        """Ollama's context window for a model: its own entry, the provider's, else DEFAULT_NUM_CTX."""
+        return self.model_num_ctx.get(model, self.num_ctx or DEFAULT_NUM_CTX)
 
 
 @dataclass(frozen=True)
@@ -296,15 +307,18 @@ def _read_provider(check: _Checker, index: int, data: Any) -> Provider | None:
     reason = ""
     if not api_key and kind not in KEYLESS_TYPES:
         reason = f"${missing[0]} is not set" if missing else "no api_key"
-    caps = values.get("model_max_tokens", {})
-    for model, cap in caps.items():
-        if not _is_int(cap) or cap <= 0:
-            check.problem(f"{path}.model_max_tokens.{model}", f"must be a positive integer, got {cap!r}")
+    for table in ("model_max_tokens", "model_num_ctx"):
+        for model, value in values.get(table, {}).items():
+            if not _is_int(value) or value <= 0:
+                check.problem(f"{path}.{table}.{model}", f"must be a positive integer, got {value!r}")
     headers = values.get("headers", {})
     for header, value in headers.items():
         if not isinstance(value, str):
             check.problem(f"{path}.headers.{header}", f"expected a string, got {_type_name(type(value))}")
-    extra = {"max_tokens": values.get("max_tokens"), "model_max_tokens": caps, "headers": headers}
+    extra = {
+        key: values[key] for key in ("max_tokens", "model_max_tokens", "num_ctx", "model_num_ctx") if key in values
+    }
+    extra["headers"] = headers
     return Provider(name, kind, base_url, api_key, models, reason, **extra)
 
 
@@ -326,7 +340,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
 
     host = proxy.get("host", "127.0.0.1")
     raw_api_key = top.get("proxy", {}).get("api_key")
-    api_key = expand_env(raw_api_key, check.environ)[0] if isinstance(raw_api_key, str) else ""
+    api_key, missing = expand_env(raw_api_key, check.environ) if isinstance(raw_api_key, str) else ("", [])
+    if missing:
+        check.problem("proxy.api_key", f"uses ${missing[0]}, which is not set (remove the key to run without auth)")
     if not api_key and not is_loopback_host(host):
         check.problem("proxy.api_key", f"required when proxy.host ('{host}') is not a loopback address")
     if "port" in proxy and proxy["port"] > 65535:
@@ -854,7 +870,11 @@ class Transformer:
 
 
 def dump_json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON; a lone surrogate (valid JSON escape, not encodable) is kept as an escape."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 # --- Shared by the translating transformers: ids, proxy-made thinking signatures, the Anthropic stream
@@ -1077,6 +1097,47 @@ class AnthropicStream:
         return sse_frame("error", {"type": "error", "error": {"type": error_type, "message": message}})
 
 
+def message_from_frames(frames: bytes) -> dict:
+    """Read Anthropic SSE frames back into the message they describe; an error frame raises TranslationError.
+
+    Providers that answer a whole message in the same shape as a stream chunk (Ollama, Gemini) go through
+    their stream converter and this, so both paths share one translation.
+    """
+    message: dict = {}
+    partial: dict[int, str] = {}
+    for frame in frames.split(b"\n\n"):
+        _, _, data = frame.partition(b"\ndata: ")
+        if not data:
+            continue
+        event = json.loads(data)
+        kind = event["type"]
+        if kind == "error":
+            raise TranslationError(event["error"]["message"], event["error"]["type"])
+        if kind == "message_start":
+            message = event["message"]
+        elif kind == "content_block_start":
+            message["content"].append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            block, delta = message["content"][event["index"]], event["delta"]
+            if delta["type"] == "input_json_delta":
+                partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
+            else:
+                field_name = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
+                key = field_name[delta["type"]]
+                block[key] = (block.get(key, "") if key != "signature" else "") + delta[key]
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"] = {**message.get("usage", {}), **event["usage"]}
+    for index, text in partial.items():
+        message["content"][index]["input"] = json.loads(text) if text.strip() else {}
+    return message
+
+
+def capped(requested: int, cap: int | None) -> int:
+    """max_tokens limited by a configured output cap."""
+    return requested if cap is None else min(requested, cap)
+
+
 async def decoded_text(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """UTF-8 text of a byte stream, ending with a blank line so a last unterminated event still counts."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -1164,15 +1225,22 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
         if cut < 0:
             continue
         ready, pending = pending[: cut + 2], pending[cut + 2 :]
-        finished = finished or b"event: message_stop" in ready or b"event: error" in ready
+        finished = finished or ends_anthropic_stream(ready)
         if b"message_delta" in ready or b"message_start" in ready:
             call.exchange.note_anthropic_usage(ready)
         yield ready
     if pending.strip():
-        finished = finished or b"event: message_stop" in pending or b"event: error" in pending
+        finished = finished or ends_anthropic_stream(pending)
         yield pending.rstrip(b"\n") + b"\n\n"
     if not finished:
         raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
+
+
+def ends_anthropic_stream(frames: bytes) -> bool:
+    """Whether frames hold a message_stop or error event line (JSON data never holds a raw newline)."""
+    return any(
+        frames.startswith(marker) or b"\n" + marker in frames for marker in (b"event: message_stop", b"event: error")
+    )
 
 
 # --- OpenAI family: OpenAI, OpenRouter and DeepSeek chat completions.
@@ -1560,9 +1628,8 @@ def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_
         payload["plugins"] = [{"id": "web"}]
 
     if body.get("max_tokens") is not None:
-        limit = body["max_tokens"] if max_tokens_cap is None else min(body["max_tokens"], max_tokens_cap)
         key = "max_completion_tokens" if flavor == "openai" and reasoning_model else "max_tokens"
-        payload[key] = limit
+        payload[key] = capped(body["max_tokens"], max_tokens_cap)
     if not reasoning_model:
         sampling = ("temperature", "top_p", "top_k") if flavor == "openrouter" else ("temperature", "top_p")
         payload.update({key: body[key] for key in sampling if body.get(key) is not None})
@@ -1921,16 +1988,23 @@ async def openai_stream_to_anthropic(
 OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-proxy"}
 
 
-def openai_family_build_request(call: Call) -> UpstreamRequest:
-    """POST {base}/chat/completions with a Bearer key; OpenRouter also gets its attribution headers."""
+def refuse_server_tools(call: Call) -> None:
+    """Anthropic's web_search server tool cannot run elsewhere: say so instead of answering without search."""
     provider = call.provider
     tools = call.body.get("tools") or ()
-    if provider.type != "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
+    if any(is_server_tool(t) and str(t.get("type", "")).startswith("web_search") for t in tools):
         raise ProxyError(
             400,
             f"{provider.name} ({provider.type}) cannot run Anthropic's web_search server tool; "
             "route the web_search scenario to an anthropic or openrouter provider",
         )
+
+
+def openai_family_build_request(call: Call) -> UpstreamRequest:
+    """POST {base}/chat/completions with a Bearer key; OpenRouter also gets its attribution headers."""
+    provider = call.provider
+    if provider.type != "openrouter":
+        refuse_server_tools(call)
     payload = anthropic_to_openai_request(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
     headers = {"content-type": "application/json", "authorization": f"Bearer {provider.api_key}"}
     if provider.type == "openrouter":
@@ -1950,6 +2024,579 @@ def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncI
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
+
+
+# --- Shared by Ollama and Gemini: both take conversation history as native objects rather than chat parts.
+
+
+def system_text(body: dict) -> str:
+    """The system prompt and every role:"system" message, joined in order (for APIs with one system slot)."""
+    texts = [part["text"] for part in as_blocks(body.get("system")) if part.get("type") == "text" and part["text"]]
+    for message in body.get("messages") or ():
+        if message.get("role") == "system":
+            texts += [b["text"] for b in as_blocks(message.get("content")) if b.get("type") == "text" and b["text"]]
+    return "\n\n".join(texts)
+
+
+def tool_names_by_id(body: dict) -> dict[str, str]:
+    """Tool name of each tool_use id in the conversation, for APIs whose results carry the name, not the id."""
+    return {
+        block["id"]: block.get("name", "")
+        for message in body.get("messages") or ()
+        if message.get("role") == "assistant"
+        for block in as_blocks(message.get("content"))
+        if block.get("type") == "tool_use" and isinstance(block.get("id"), str)
+    }
+
+
+def inline_image(block: dict, provider: Provider) -> tuple[str, str]:
+    """(media type, base64 data) of an image block; URL images are refused, the proxy fetches nothing."""
+    source = block.get("source") or {}
+    if source.get("type") != "base64":
+        raise ProxyError(
+            400, f"{provider.name} ({provider.type}) needs inline image data; image URLs are not fetched by the proxy"
+        )
+    return source.get("media_type", "image/png"), source.get("data", "")
+
+
+def result_text(block: dict) -> str:
+    """A tool_result's text, with the error marker the OpenAI family uses too."""
+    text = "\n".join(b["text"] for b in as_blocks(block.get("content")) if b.get("type") == "text")
+    return TOOL_ERROR_PREFIX + text if block.get("is_error") else text
+
+
+def result_images(block: dict) -> list[dict]:
+    return [b for b in as_blocks(block.get("content")) if b.get("type") == "image"]
+
+
+def function_tools(body: dict) -> list[dict]:
+    """Client tools as {name, description, parameters}; server tools are left out."""
+    return [
+        {"name": t.get("name", ""), "description": t.get("description", ""), "parameters": t.get("input_schema") or {}}
+        for t in body.get("tools") or ()
+        if not is_server_tool(t)
+    ]
+
+
+# --- Ollama: native /api/chat (NDJSON stream), because only it can set options.num_ctx.
+
+OLLAMA_STOP = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> dict:
+    """The /api/chat payload: system first, base64 images, object arguments, role:"tool" results with tool_name."""
+    messages: list[dict] = []
+    system = system_text(body)
+    if system:
+        messages.append({"role": "system", "content": system})
+    names = tool_names_by_id(body)
+    for message in body.get("messages") or ():
+        role = message.get("role")
+        blocks = as_blocks(message.get("content"))
+        if role == "assistant":
+            converted: dict = {
+                "role": "assistant",
+                "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+            }
+            calls = [
+                {"function": {"name": b.get("name", ""), "arguments": b.get("input") or {}}}
+                for b in blocks
+                if b.get("type") == "tool_use"
+            ]
+            if calls:
+                converted["tool_calls"] = calls
+            messages.append(converted)
+        elif role == "user":
+            texts, images = [], []
+            for block in blocks:
+                kind = block.get("type")
+                if kind == "tool_result":
+                    name = names.get(block.get("tool_use_id", ""), "")
+                    messages.append({"role": "tool", "content": result_text(block), "tool_name": name})
+                    images += [inline_image(image, provider)[1] for image in result_images(block)]
+                elif kind == "text" and block.get("text"):
+                    texts.append(block["text"])
+                elif kind == "image":
+                    images.append(inline_image(block, provider)[1])
+            if texts or images:
+                user: dict = {"role": "user", "content": "\n\n".join(texts)}
+                if images:
+                    user["images"] = images
+                messages.append(user)
+    options: dict = {"num_ctx": provider.num_ctx_for(model)}
+    if body.get("max_tokens"):
+        options["num_predict"] = capped(body["max_tokens"], provider.max_tokens_cap(model))
+    for key in ("temperature", "top_p", "top_k"):
+        if body.get(key) is not None:
+            options[key] = body[key]
+    if body.get("stop_sequences"):
+        options["stop"] = body["stop_sequences"]
+    payload: dict = {"model": model, "messages": messages, "stream": body.get("stream") is True, "options": options}
+    tools = function_tools(body)
+    if tools:
+        payload["tools"] = [{"type": "function", "function": tool} for tool in tools]
+    if (body.get("thinking") or {}).get("type") == "enabled":
+        payload["think"] = True
+    return payload
+
+
+def ollama_usage(data: dict) -> dict:
+    return {
+        "input_tokens": data.get("prompt_eval_count") or 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": data.get("eval_count") or 0,
+    }
+
+
+class OllamaConverter:
+    """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream."""
+
+    def __init__(self, model: str, input_tokens: int) -> None:
+        self.stream = AnthropicStream(model, input_tokens, "ollama")
+
+    def feed(self, data: Any) -> bytes:
+        if not isinstance(data, dict) or data.get("error"):
+            message = data.get("error") if isinstance(data, dict) else "unexpected NDJSON line"
+            return self.fail(f"ollama: {message}")
+        message = data.get("message") or {}
+        frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
+        for tool_call in message.get("tool_calls") or ():
+            function = tool_call.get("function") or {}
+            arguments = function.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = dump_json(arguments or {}).decode()
+            key = object()
+            frames += self.stream.tool_start(key, anthropic_tool_id(None), function.get("name", ""))
+            frames += self.stream.tool_args(key, arguments)
+        if data.get("done"):
+            stop = OLLAMA_STOP.get(data.get("done_reason") or "stop", "end_turn")
+            frames += self.stream.finish(stop, ollama_usage(data))
+        return frames
+
+    def fail(self, message: str) -> bytes:
+        if not self.stream.started:
+            raise TranslationError(message)
+        return self.stream.error("api_error", message)
+
+    def end(self) -> bytes:
+        """Nothing after `done`; an error when the stream closed before it."""
+        return b"" if self.stream.done else self.fail("ollama closed the stream before it was done")
+
+
+async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """Lines of an NDJSON byte stream, whatever the read boundaries."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line.decode("utf-8", "replace")
+    if pending.strip():
+        yield pending.decode("utf-8", "replace")
+
+
+async def ollama_stream_to_anthropic(lines: AsyncIterator[str], model: str, input_tokens: int) -> AsyncIterator[bytes]:
+    """Anthropic frames for an /api/chat NDJSON stream; a stream closed before `done` ends in an error."""
+    converter = OllamaConverter(model, input_tokens)
+    async for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = {"error": f"invalid NDJSON line: {line[:200]!r}"}
+        frames = converter.feed(data)
+        if frames:
+            yield frames
+        if converter.stream.done:
+            return
+    yield converter.end()
+
+
+def ollama_build_request(call: Call) -> UpstreamRequest:
+    refuse_server_tools(call)
+    num_ctx = call.provider.num_ctx_for(call.model)
+    if call.input_tokens > num_ctx:
+        log.warning(
+            "%s: request has about %d input tokens but num_ctx is %d for %s; Ollama will truncate it "
+            "(raise num_ctx or model_num_ctx in the config)",
+            call.exchange.request_id,
+            call.input_tokens,
+            num_ctx,
+            call.model,
+        )
+    payload = anthropic_to_ollama_request(call.body, call.model, call.provider)
+    headers = {"content-type": "application/json", **call.provider.headers}
+    if call.provider.api_key:
+        headers["authorization"] = f"Bearer {call.provider.api_key}"
+    return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, dump_json(payload))
+
+
+def ollama_parse_response(data: dict, call: Call) -> dict:
+    converter = OllamaConverter(call.model, call.input_tokens)
+    return message_from_frames(converter.feed(data) + converter.end())
+
+
+def ollama_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    return ollama_stream_to_anthropic(iter_ndjson(upstream.content.iter_any()), call.model, call.input_tokens)
+
+
+# --- Gemini: generateContent / streamGenerateContent?alt=sse.
+#
+# Thought signatures. Gemini 3 rejects function-call history without the thoughtSignature it put on a part.
+# The proxy hands each one to the client as a thinking block signed "terraphim:gemini-sig:<signature>" placed
+# just before the block it belongs to (Anthropic's interleaved-thinking shape), and on the next request
+# puts the signature back on the part that follows that thinking block.
+
+GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini-sig:"
+GEMINI_TOOL_ID_PREFIX = "toolu_g_"
+GEMINI_SCHEMA_KEYS = frozenset(
+    {
+        "type",
+        "format",
+        "description",
+        "nullable",
+        "enum",
+        "items",
+        "properties",
+        "required",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "minProperties",
+        "maxProperties",
+        "minimum",
+        "maximum",
+        "pattern",
+        "anyOf",
+        "title",
+    }
+)
+GEMINI_REFUSALS = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "LANGUAGE",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "IMAGE_OTHER",
+    }
+)
+GEMINI_ERRORS = frozenset(
+    {
+        "MALFORMED_FUNCTION_CALL",
+        "UNEXPECTED_TOOL_CALL",
+        "TOO_MANY_TOOL_CALLS",
+        "MALFORMED_RESPONSE",
+        "MISSING_THOUGHT_SIGNATURE",
+    }
+)
+GEMINI_MAX_STOP_SEQUENCES = 5
+
+
+def gemini_schema(schema: Any, defs: dict | None = None) -> dict:
+    """The subset of JSON Schema that Gemini's `parameters` accepts, from a draft 2020-12 schema."""
+    if not isinstance(schema, dict):
+        return {}
+    defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.rsplit("/", 1)[-1] in defs:
+        return gemini_schema({**defs[ref.rsplit("/", 1)[-1]], **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
+    out: dict = {}
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        others = [k for k in kind if k != "null"]
+        kind = others[0] if others else "string"
+        if "null" in schema["type"]:
+            out["nullable"] = True
+    if "const" in schema:
+        schema = {**schema, "enum": [schema["const"]]}
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        out["enum"] = enum
+        kind = kind or "string"
+    variants = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
+    if isinstance(variants, list) and variants:
+        out["anyOf"] = [gemini_schema(v, defs) for v in variants]
+    if kind:
+        out["type"] = kind
+    for key, value in schema.items():
+        if key in ("type", "enum", "anyOf") or key not in GEMINI_SCHEMA_KEYS:
+            continue
+        if key == "properties" and isinstance(value, dict):
+            if value:
+                out["properties"] = {name: gemini_schema(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out["items"] = gemini_schema(value, defs)
+        elif key == "format":
+            if kind == "string" and value in ("enum", "date-time"):
+                out["format"] = value
+        elif key == "required" and isinstance(value, list):
+            required = [name for name in value if name in (schema.get("properties") or {})]
+            if required:
+                out["required"] = required
+        else:
+            out[key] = value
+    if "exclusiveMinimum" in schema and "minimum" not in out and isinstance(schema["exclusiveMinimum"], (int, float)):
+        out["minimum"] = schema["exclusiveMinimum"]
+    if "exclusiveMaximum" in schema and "maximum" not in out and isinstance(schema["exclusiveMaximum"], (int, float)):
+        out["maximum"] = schema["exclusiveMaximum"]
+    if "type" not in out and "anyOf" not in out:
+        out["type"] = "object" if "properties" in out else "string"
+    return out
+
+
+def gemini_function(tool: dict) -> dict:
+    """A functionDeclaration; a tool without parameters gets none (Gemini rejects an empty OBJECT)."""
+    declaration = {"name": tool["name"], "description": tool["description"]}
+    parameters = gemini_schema(tool["parameters"])
+    if parameters.get("properties"):
+        declaration["parameters"] = parameters
+    return declaration
+
+
+def gemini_tool_config(choice: dict | None) -> dict | None:
+    kind = (choice or {}).get("type")
+    if kind == "tool":
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [choice["name"]]}}
+    modes = {"auto": "AUTO", "any": "ANY", "none": "NONE"}
+    return {"functionCallingConfig": {"mode": modes[kind]}} if kind in modes else None
+
+
+def gemini_call_id(tool_use_id: str) -> str | None:
+    """Gemini's own functionCall id behind a tool_use id the proxy made, or None."""
+    return tool_use_id[len(GEMINI_TOOL_ID_PREFIX) :] if tool_use_id.startswith(GEMINI_TOOL_ID_PREFIX) else None
+
+
+def gemini_user_parts(blocks: list[dict], names: dict[str, str], provider: Provider) -> list[dict]:
+    """Function responses first (one content holds all of a turn's), then text, images and documents."""
+    responses, others = [], []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "tool_result":
+            tool_id = block.get("tool_use_id", "")
+            key = "error" if block.get("is_error") else "result"
+            response = {
+                "name": names.get(tool_id, ""),
+                "response": {key: result_text(block).removeprefix(TOOL_ERROR_PREFIX)},
+            }
+            if gemini_call_id(tool_id):
+                response["id"] = gemini_call_id(tool_id)
+            responses.append({"functionResponse": response})
+            others += [gemini_inline(image, provider) for image in result_images(block)]
+        elif kind == "text" and block.get("text"):
+            others.append({"text": block["text"]})
+        elif kind in ("image", "document"):
+            others.append(gemini_inline(block, provider))
+    return responses + others
+
+
+def gemini_inline(block: dict, provider: Provider) -> dict:
+    source = block.get("source") or {}
+    if block.get("type") == "document" and source.get("type") == "text":
+        return {"text": source.get("data", "")}
+    media_type, data = inline_image(block, provider)
+    return {"inlineData": {"mimeType": media_type, "data": data}}
+
+
+def gemini_model_parts(blocks: list[dict]) -> list[dict]:
+    """Text and function calls, each given back the thought signature of the thinking block before it."""
+    parts, signature = [], None
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "thinking" and str(block.get("signature", "")).startswith(GEMINI_SIGNATURE_PREFIX):
+            signature = block["signature"][len(GEMINI_SIGNATURE_PREFIX) :]
+            continue
+        if kind == "text" and block.get("text"):
+            part: dict = {"text": block["text"]}
+        elif kind == "tool_use":
+            call = {"name": block.get("name", ""), "args": block.get("input") or {}}
+            if gemini_call_id(block.get("id", "")):
+                call["id"] = gemini_call_id(block["id"])
+            part = {"functionCall": call}
+        else:
+            continue
+        if signature:
+            part["thoughtSignature"], signature = signature, None
+        parts.append(part)
+    return parts
+
+
+def anthropic_to_gemini_request(body: dict, model: str, provider: Provider) -> dict:
+    """The generateContent payload: systemInstruction, user/model contents, cleaned tool schemas, config."""
+    names = tool_names_by_id(body)
+    contents: list[dict] = []
+    for message in body.get("messages") or ():
+        role = message.get("role")
+        blocks = as_blocks(message.get("content"))
+        if role == "assistant":
+            content = {"role": "model", "parts": gemini_model_parts(blocks)}
+        elif role == "user":
+            content = {"role": "user", "parts": gemini_user_parts(blocks, names, provider)}
+        else:
+            continue
+        if not content["parts"]:
+            continue
+        if contents and contents[-1]["role"] == content["role"]:
+            contents[-1]["parts"] += content["parts"]
+        else:
+            contents.append(content)
+    payload: dict = {"contents": contents}
+    system = system_text(body)
+    if system:
+        payload["systemInstruction"] = {"parts": [{"text": system}]}
+    tools = function_tools(body)
+    if tools:
+        payload["tools"] = [{"functionDeclarations": [gemini_function(tool) for tool in tools]}]
+        tool_config = gemini_tool_config(body.get("tool_choice"))
+        if tool_config:
+            payload["toolConfig"] = tool_config
+    config: dict = {}
+    if body.get("max_tokens"):
+        config["maxOutputTokens"] = capped(body["max_tokens"], provider.max_tokens_cap(model))
+    for key, name in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        if body.get(key) is not None:
+            config[name] = body[key]
+    if body.get("stop_sequences"):
+        config["stopSequences"] = body["stop_sequences"][:GEMINI_MAX_STOP_SEQUENCES]
+    thinking = body.get("thinking") or {}
+    if thinking.get("type") == "enabled":
+        config["thinkingConfig"] = {"thinkingBudget": thinking.get("budget_tokens", -1), "includeThoughts": True}
+    elif thinking.get("type") == "adaptive":
+        config["thinkingConfig"] = {"includeThoughts": True}
+    if config:
+        payload["generationConfig"] = config
+    return payload
+
+
+def gemini_usage(metadata: dict | None) -> dict:
+    metadata = metadata or {}
+    cached = metadata.get("cachedContentTokenCount") or 0
+    prompt = (metadata.get("promptTokenCount") or 0) + (metadata.get("toolUsePromptTokenCount") or 0)
+    return {
+        "input_tokens": max(prompt - cached, 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": (metadata.get("candidatesTokenCount") or 0) + (metadata.get("thoughtsTokenCount") or 0),
+    }
+
+
+class GeminiConverter:
+    """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream."""
+
+    def __init__(self, model: str, input_tokens: int) -> None:
+        self.stream = AnthropicStream(model, input_tokens, "gemini")
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.blocked: str | None = None
+
+    def feed(self, data: dict) -> bytes:
+        if data.get("error"):
+            error = data["error"]
+            message = error.get("message", "error") if isinstance(error, dict) else str(error)
+            return self.fail("api_error", f"gemini: {message}")
+        if data.get("usageMetadata"):
+            self.usage = data["usageMetadata"]
+        block_reason = (data.get("promptFeedback") or {}).get("blockReason")
+        if block_reason:
+            self.blocked = block_reason
+        frames = b""
+        for candidate in (data.get("candidates") or ())[:1]:
+            for part in (candidate.get("content") or {}).get("parts") or ():
+                frames += self.feed_part(part)
+            self.finish_reason = candidate.get("finishReason") or self.finish_reason
+        return frames
+
+    def feed_part(self, part: dict) -> bytes:
+        frames = b""
+        if part.get("thoughtSignature") and not part.get("thought"):
+            frames += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
+        if part.get("thought"):
+            frames += self.stream.thinking(part.get("text") or "")
+            if part.get("thoughtSignature"):
+                frames += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
+        elif isinstance(part.get("text"), str):
+            frames += self.stream.text(part["text"])
+        elif isinstance(part.get("functionCall"), dict):
+            call = part["functionCall"]
+            key = object()
+            tool_id = (
+                GEMINI_TOOL_ID_PREFIX + UNSAFE_ID_CHARS.sub("_", call["id"])
+                if call.get("id")
+                else anthropic_tool_id(None)
+            )
+            frames += self.stream.tool_start(key, tool_id, call.get("name", ""))
+            frames += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
+        return frames
+
+    def fail(self, error_type: str, message: str) -> bytes:
+        if not self.stream.started:
+            raise TranslationError(message, error_type)
+        return self.stream.error(error_type, message)
+
+    def end(self) -> bytes:
+        """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error."""
+        reason = self.finish_reason
+        if self.blocked and not reason:
+            return self.stream.text(f"[Gemini blocked the prompt: {self.blocked}]") + self.stream.finish(
+                "refusal", gemini_usage(self.usage)
+            )
+        if reason is None:
+            return self.fail("api_error", "gemini closed the stream before a finishReason")
+        if reason in GEMINI_ERRORS:
+            return self.fail("api_error", f"gemini stopped with {reason}")
+        frames = b""
+        if reason in GEMINI_REFUSALS:
+            stop = "refusal"
+            if not self.stream.started:
+                frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
+        else:
+            stop = "max_tokens" if reason == "MAX_TOKENS" else "end_turn"
+        return frames + self.stream.finish(stop, gemini_usage(self.usage))
+
+
+async def gemini_stream_to_anthropic(events: AsyncIterator[str], model: str, input_tokens: int) -> AsyncIterator[bytes]:
+    """Anthropic frames for a streamGenerateContent?alt=sse stream (no [DONE]; it ends at EOF)."""
+    converter = GeminiConverter(model, input_tokens)
+    async for data in events:
+        if data == "[DONE]":
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = {"error": {"message": f"invalid JSON chunk: {data[:200]!r}"}}
+        frames = converter.feed(chunk if isinstance(chunk, dict) else {"error": {"message": "unexpected chunk"}})
+        if frames:
+            yield frames
+        if converter.stream.done:
+            return
+    yield converter.end()
+
+
+def gemini_build_request(call: Call) -> UpstreamRequest:
+    """POST {base}/models/{model}:generateContent, or :streamGenerateContent?alt=sse; key in x-goog-api-key."""
+    refuse_server_tools(call)
+    provider = call.provider
+    method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
+    headers = {"content-type": "application/json", "x-goog-api-key": provider.api_key, **provider.headers}
+    payload = anthropic_to_gemini_request(call.body, call.model, provider)
+    return UpstreamRequest(f"{provider.api_base_url}/models/{call.model}:{method}", headers, dump_json(payload))
+
+
+def gemini_parse_response(data: dict, call: Call) -> dict:
+    converter = GeminiConverter(call.model, call.input_tokens)
+    return message_from_frames(converter.feed(data) + converter.end())
+
+
+def gemini_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    return gemini_stream_to_anthropic(iter_sse_data(upstream.content.iter_any()), call.model, call.input_tokens)
+
+
 TRANSFORMERS: dict[str, Transformer] = {
     "anthropic": Transformer(
         anthropic_build_request,
@@ -1960,6 +2607,8 @@ TRANSFORMERS: dict[str, Transformer] = {
     "openai": OPENAI_FAMILY,
     "openrouter": OPENAI_FAMILY,
     "deepseek": OPENAI_FAMILY,
+    "ollama": Transformer(ollama_build_request, ollama_parse_response, ollama_stream),
+    "gemini": Transformer(gemini_build_request, gemini_parse_response, gemini_stream),
 }
 
 
