@@ -694,7 +694,7 @@ def results_json(settings: dict, paths: list[BenchPath], results: Results, rss: 
 # CLI and main
 # ---------------------------------------------------------------------------
 
-DEFAULT_REQUESTS = 900
+DEFAULT_REQUESTS = 1000
 QUICK_REQUESTS = 200
 DEFAULT_ROUNDS = 3
 QUICK_ROUNDS = 2

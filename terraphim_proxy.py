@@ -11,13 +11,17 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
+import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -81,14 +85,30 @@ DEFAULT_THINK_EFFORTS = ("max",)
 DEFAULT_NUM_CTX = 32768  # Ollama context window when the config names none
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+TIMEOUT_KEYS = {  # config key -> Timeouts field
+    "connect_timeout_ms": "connect_ms",
+    "first_byte_timeout_ms": "first_byte_ms",
+    "idle_timeout_ms": "idle_ms",
+    "timeout_ms": "total_ms",
+    "stream_timeout_ms": "stream_ms",
+}
+UPSTREAM_KEYS: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(TIMEOUT_KEYS, int),
+    "retries": int,
+    "max_in_flight": int,
+}
 PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str,
     "port": int,
     "api_key": str,
-    "timeout_ms": int,
     "max_body_bytes": int,
     "log_level": str,
     "upstream_count_tokens": bool,
+    "retry_base_ms": int,
+    "retry_max_wait_ms": int,
+    "rate_limit_rpm": int,
+    "drain_timeout_ms": int,
+    **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
     **{scenario: str for scenario in SCENARIOS},
@@ -100,7 +120,9 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "type": str,
     "api_base_url": str,
     "api_key": str,
+    "api_keys": list,
     "models": list,
+    **UPSTREAM_KEYS,
     "max_tokens": int,
     "model_max_tokens": dict,
     "headers": dict,
@@ -108,8 +130,10 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "model_num_ctx": dict,
 }
 POSITIVE_INT_KEYS = frozenset(
-    {"port", "timeout_ms", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx"}
+    {"port", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx", "max_in_flight", "rate_limit_rpm"}
+    | set(TIMEOUT_KEYS)
 )
+NON_NEGATIVE_INT_KEYS = frozenset({"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms"})
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -125,13 +149,27 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Upstream time limits, in milliseconds."""
+
+    connect_ms: int = 10_000  # TCP and TLS
+    first_byte_ms: int = 300_000  # until the first answer frame (slow reasoning models need minutes)
+    idle_ms: int = 300_000  # the longest silence while an answer arrives
+    total_ms: int = DEFAULT_TIMEOUT_MS  # a whole non-streaming answer
+    stream_ms: int = 3_600_000  # a whole stream
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     type: str
     api_base_url: str
-    api_key: str
+    api_keys: tuple[str, ...]
     models: tuple[str, ...]
     disabled_reason: str = ""
+    timeouts: Timeouts = Timeouts()
+    retries: int = 2
+    max_in_flight: int | None = None
     max_tokens: int | None = None
     model_max_tokens: dict[str, int] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
@@ -141,6 +179,11 @@ class Provider:
     @property
     def enabled(self) -> bool:
         return not self.disabled_reason
+
+    @property
+    def api_key(self) -> str:
+        """The first key; requests rotate over all of them (see KeyRing)."""
+        return self.api_keys[0] if self.api_keys else ""
 
     def max_tokens_cap(self, model: str) -> int | None:
         """The output cap for a model: its own entry, else the provider's."""
@@ -160,17 +203,21 @@ class Config:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_key: str = ""
-    timeout_ms: int = DEFAULT_TIMEOUT_MS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "info"
     upstream_count_tokens: bool = False
     long_context_threshold: int = DEFAULT_LONG_CONTEXT_THRESHOLD
     think_efforts: tuple[str, ...] = DEFAULT_THINK_EFFORTS
+    retry_base_ms: int = 500
+    retry_max_wait_ms: int = 30_000
+    max_in_flight: int = 512
+    rate_limit_rpm: int | None = None
+    drain_timeout_ms: int = 30_000
     warnings: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
         """Every configured key, for redaction."""
-        keys = [self.api_key] + [p.api_key for p in self.providers.values()]
+        keys = [self.api_key] + [key for p in self.providers.values() for key in p.api_keys]
         return [k for k in keys if k]
 
 
@@ -249,6 +296,8 @@ class _Checker:
                 self.problem(path, f"expected {_type_name(expected)}, got {_type_name(type(value))}")
             elif key in POSITIVE_INT_KEYS and value <= 0:
                 self.problem(path, f"must be a positive integer, got {value}")
+            elif key in NON_NEGATIVE_INT_KEYS and value < 0:
+                self.problem(path, f"must be zero or more, got {value}")
             elif isinstance(value, str) and key != "api_key":
                 expanded, missing = expand_env(value, self.environ)
                 if missing:
@@ -280,7 +329,7 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return names.get(kind, kind.__name__)
 
 
-def _read_provider(check: _Checker, index: int, data: Any) -> Provider | None:
+def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, int]) -> Provider | None:
     path = f"providers[{index}]"
     if not isinstance(data, dict):
         check.problem(path, "expected a table ([[providers]])")
@@ -302,11 +351,24 @@ def _read_provider(check: _Checker, index: int, data: Any) -> Provider | None:
     if "api_base_url" in values and not is_http_url(base_url):
         check.problem(f"{path}.api_base_url", f"'{base_url}' is not an http:// or https:// URL")
     models = check.string_list(values.get("models", []), f"{path}.models")
-    raw_key = data.get("api_key")
-    api_key, missing = expand_env(raw_key, check.environ) if isinstance(raw_key, str) else ("", [])
+    listed = values.get("api_keys", [])
+    for i, raw in enumerate(listed):
+        if not isinstance(raw, str):
+            check.problem(f"{path}.api_keys[{i}]", f"expected a string, got {_type_name(type(raw))}")
+    raw_keys = [data["api_key"]] if isinstance(data.get("api_key"), str) else []
+    raw_keys += [raw for raw in listed if isinstance(raw, str)]
+    keys, missing = [], []
+    for raw in raw_keys:
+        key, unset = expand_env(raw, check.environ)
+        missing += unset
+        if key:
+            keys.append(key)
     reason = ""
-    if not api_key and kind not in KEYLESS_TYPES:
+    if not keys and kind not in KEYLESS_TYPES:
         reason = f"${missing[0]} is not set" if missing else "no api_key"
+    elif missing:
+        check.warn(f"providers.{name}", f"${missing[0]} is not set; using the other keys")
+    settings = {**defaults, **{key: values[key] for key in UPSTREAM_KEYS if key in values}}
     for table in ("model_max_tokens", "model_num_ctx"):
         for model, value in values.get(table, {}).items():
             if not _is_int(value) or value <= 0:
@@ -319,7 +381,13 @@ def _read_provider(check: _Checker, index: int, data: Any) -> Provider | None:
         key: values[key] for key in ("max_tokens", "model_max_tokens", "num_ctx", "model_num_ctx") if key in values
     }
     extra["headers"] = headers
-    return Provider(name, kind, base_url, api_key, models, reason, **extra)
+    timeouts = Timeouts(**{field_name: settings[key] for key, field_name in TIMEOUT_KEYS.items() if key in settings})
+    extra |= {
+        "timeouts": timeouts,
+        "retries": settings.get("retries", 2),
+        "max_in_flight": settings.get("max_in_flight"),
+    }
+    return Provider(name, kind, base_url, tuple(keys), models, reason, **extra)
 
 
 def build_config(data: dict, source: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -329,9 +397,10 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
     proxy = check.table(top.get("proxy", {}), "proxy", PROXY_KEYS)
     router = check.table(top.get("router", {}), "router", ROUTER_KEYS)
 
+    upstream_defaults = {key: proxy[key] for key in TIMEOUT_KEYS.keys() | {"retries"} if key in proxy}
     providers: dict[str, Provider] = {}
     for i, item in enumerate(top.get("providers", [])):
-        provider = _read_provider(check, i, item)
+        provider = _read_provider(check, i, item, upstream_defaults)
         if provider is None:
             continue
         if provider.name in providers:
@@ -388,12 +457,16 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         host=host,
         port=proxy.get("port", DEFAULT_PORT),
         api_key=api_key,
-        timeout_ms=proxy.get("timeout_ms", DEFAULT_TIMEOUT_MS),
         max_body_bytes=proxy.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         log_level=level,
         upstream_count_tokens=proxy.get("upstream_count_tokens", False),
         long_context_threshold=router.get("long_context_threshold", DEFAULT_LONG_CONTEXT_THRESHOLD),
         think_efforts=efforts,
+        **{
+            key: proxy[key]
+            for key in ("retry_base_ms", "retry_max_wait_ms", "max_in_flight", "rate_limit_rpm", "drain_timeout_ms")
+            if key in proxy
+        },
         warnings=tuple(check.warnings),
     )
 
@@ -472,12 +545,22 @@ ERROR_TYPES = {
 }
 # Upstream status -> status the client sees (Anthropic's own codes; its SDK retries 408, 429, >= 500).
 UPSTREAM_STATUS_MAP = {422: 400, 408: 504, 502: 529, 503: 529}
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 
 
 class ProxyError(Exception):
     """An error for the client: HTTP status, Anthropic error type and message."""
 
-    def __init__(self, status: int, message: str, error_type: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str | None = None,
+        headers: dict | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        upstream_status: int | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -485,6 +568,9 @@ class ProxyError(Exception):
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
         self.headers = headers or {}
+        self.retryable = retryable  # the same request may succeed if sent again
+        self.retry_after = retry_after  # seconds the upstream asked us to wait
+        self.upstream_status = upstream_status
 
 
 def error_body(error_type: str, message: str, request_id: str | None = None) -> dict:
@@ -516,14 +602,29 @@ def upstream_error_message(raw: bytes) -> str:
     return f"error body without a message ({len(raw)} bytes)"
 
 
-def upstream_error(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str]) -> ProxyError:
+def upstream_error(
+    provider: Provider, status: int, raw: bytes, headers: Mapping[str, str], not_found_hint: str = ""
+) -> ProxyError:
     """Map an upstream error status and body to the Anthropic error the client gets."""
     client_status = UPSTREAM_STATUS_MAP.get(status, status)
     if client_status not in ERROR_TYPES and client_status < 500:
         client_status = 400
     passed = {k: headers[k] for k in ("retry-after", "retry-after-ms") if k in headers}
     message = f"{provider.name} returned HTTP {status}: {upstream_error_message(raw)}"
-    return ProxyError(client_status, message, headers=passed)
+    if status == 404 and not_found_hint:
+        message += f" ({not_found_hint})"
+    retryable = status in RETRYABLE_STATUSES
+    return ProxyError(client_status, message, None, passed, retryable, retry_after_seconds(headers), status)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait an upstream asks for in retry-after-ms or retry-after (seconds); None if absent or unreadable."""
+    for key, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return max(float(headers[key]) * scale, 0.0)
+        except (KeyError, ValueError):
+            continue
+    return None
 
 
 class RedactingFilter(logging.Filter):
@@ -847,6 +948,7 @@ class UpstreamRequest:
     url: str
     headers: dict[str, str]
     payload: bytes
+    not_found_hint: str = ""  # added to a 404's message, e.g. how to install a missing model
 
 
 @dataclass(frozen=True)
@@ -859,6 +961,7 @@ class Call:
     client_headers: Mapping[str, str]
     input_tokens: int
     exchange: Exchange
+    api_key: str = ""  # the key this attempt uses (providers may have several)
 
 
 @dataclass(frozen=True)
@@ -951,7 +1054,8 @@ class TranslationError(ProxyError):
     """An upstream answer that cannot become a valid Anthropic message: 529 when a retry may help, else 502."""
 
     def __init__(self, message: str, error_type: str = "api_error") -> None:
-        super().__init__(529 if error_type == "overloaded_error" else 502, message, error_type)
+        overloaded = error_type == "overloaded_error"
+        super().__init__(529 if overloaded else 502, message, error_type, retryable=overloaded)
 
 
 def sse_frame(event: str, data: dict) -> bytes:
@@ -1173,15 +1277,16 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
 ANTHROPIC_VERSION = "2023-06-01"
 
 
-def anthropic_headers(provider: Provider, client_headers: Mapping[str, str]) -> dict[str, str]:
+def anthropic_headers(call: Call) -> dict[str, str]:
+    """The provider's key and the client's anthropic-version and anthropic-beta; never the client's own key."""
     headers = {
         "content-type": "application/json",
-        "x-api-key": provider.api_key,
-        "anthropic-version": client_headers.get("anthropic-version", ANTHROPIC_VERSION),
+        "x-api-key": call.api_key,
+        "anthropic-version": call.client_headers.get("anthropic-version", ANTHROPIC_VERSION),
     }
-    if "anthropic-beta" in client_headers:
-        headers["anthropic-beta"] = client_headers["anthropic-beta"]
-    return headers
+    if "anthropic-beta" in call.client_headers:
+        headers["anthropic-beta"] = call.client_headers["anthropic-beta"]
+    return headers | call.provider.headers
 
 
 def without_proxy_thinking(body: dict) -> dict:
@@ -1204,7 +1309,7 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
     """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed)."""
     return UpstreamRequest(
         f"{call.provider.api_base_url}/v1/messages",
-        anthropic_headers(call.provider, call.client_headers),
+        anthropic_headers(call),
         dump_json({**without_proxy_thinking(call.body), "model": call.model}),
     )
 
@@ -2006,7 +2111,7 @@ def openai_family_build_request(call: Call) -> UpstreamRequest:
     if provider.type != "openrouter":
         refuse_server_tools(call)
     payload = anthropic_to_openai_request(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
-    headers = {"content-type": "application/json", "authorization": f"Bearer {provider.api_key}"}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
     headers |= provider.headers
@@ -2227,9 +2332,10 @@ def ollama_build_request(call: Call) -> UpstreamRequest:
         )
     payload = anthropic_to_ollama_request(call.body, call.model, call.provider)
     headers = {"content-type": "application/json", **call.provider.headers}
-    if call.provider.api_key:
-        headers["authorization"] = f"Bearer {call.provider.api_key}"
-    return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, dump_json(payload))
+    if call.api_key:
+        headers["authorization"] = f"Bearer {call.api_key}"
+    hint = f"pull the model first: ollama pull {call.model}"
+    return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, dump_json(payload), hint)
 
 
 def ollama_parse_response(data: dict, call: Call) -> dict:
@@ -2583,7 +2689,7 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
     refuse_server_tools(call)
     provider = call.provider
     method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
-    headers = {"content-type": "application/json", "x-goog-api-key": provider.api_key, **provider.headers}
+    headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
     payload = anthropic_to_gemini_request(call.body, call.model, provider)
     return UpstreamRequest(f"{provider.api_base_url}/models/{call.model}:{method}", headers, dump_json(payload))
 
@@ -2616,21 +2722,42 @@ TRANSFORMERS: dict[str, Transformer] = {
 # Upstream client
 # ---------------------------------------------------------------------------
 
-CONNECT_TIMEOUT_S = 10.0
 MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
+KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long as retry-after says)
 
 
-def upstream_timeout(config: Config, stream: bool) -> aiohttp.ClientTimeout:
-    """Connect fast; for streams bound the gap between reads, otherwise the whole exchange."""
-    limit = config.timeout_ms / 1000
-    if stream:
-        return aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_read=limit)
-    return aiohttp.ClientTimeout(total=limit, connect=CONNECT_TIMEOUT_S)
+def client_timeout(provider: Provider, stream: bool) -> aiohttp.ClientTimeout:
+    """aiohttp's part of the limits: connect, the silence between reads and, without streaming, the total."""
+    limits = provider.timeouts
+    total = None if stream else limits.total_ms / 1000
+    return aiohttp.ClientTimeout(total=total, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000)
 
 
 def new_client_session() -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+
+class KeyRing:
+    """Round-robin over a provider's keys; a key that got 401, 403 or 429 is skipped until its cool-down ends."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys or ("",)
+        self.turn = 0
+        self.resting: dict[str, float] = {}
+
+    def pick(self) -> str:
+        now = time.monotonic()
+        for step in range(len(self.keys)):
+            key = self.keys[(self.turn + step) % len(self.keys)]
+            if self.resting.get(key, 0.0) <= now:
+                self.turn = (self.turn + step + 1) % len(self.keys)
+                return key
+        return min(self.keys, key=lambda k: self.resting[k])
+
+    def report(self, key: str, err: ProxyError) -> None:
+        if err.upstream_status in (401, 403, 429):
+            self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
 
 
 async def open_upstream(
@@ -2642,9 +2769,9 @@ async def open_upstream(
             request.url, data=request.payload, headers=request.headers, timeout=timeout, allow_redirects=False
         )
     except asyncio.TimeoutError:
-        raise ProxyError(504, f"{provider.name} did not answer in time") from None
+        raise ProxyError(504, f"{provider.name} did not answer in time", retryable=True) from None
     except aiohttp.ClientError as exc:
-        raise ProxyError(502, f"cannot reach {provider.name}: {type(exc).__name__}") from None
+        raise ProxyError(502, f"cannot reach {provider.name}: {type(exc).__name__}", retryable=True) from None
     if response.status >= 300:
         try:
             raw = await response.content.read(MAX_UPSTREAM_ERROR_BYTES)
@@ -2654,7 +2781,7 @@ async def open_upstream(
             response.close()
         if response.status < 400:
             raise ProxyError(502, f"{provider.name} answered with a redirect (HTTP {response.status}); not followed")
-        raise upstream_error(provider, response.status, raw, response.headers)
+        raise upstream_error(provider, response.status, raw, response.headers, request.not_found_hint)
     return response
 
 
@@ -2674,6 +2801,78 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
     return data
 
 
+@dataclass
+class Answer:
+    """An upstream answer that has begun: its response, and the first frames (stream) or the whole message."""
+
+    upstream: aiohttp.ClientResponse
+    frames: AsyncIterator[bytes] | None = None
+    first: bytes = b""
+    message: dict | None = None
+
+
+async def start_answer(session: aiohttp.ClientSession, transformer: Transformer, call: Call, stream: bool) -> Answer:
+    """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
+    provider = call.provider
+    upstream = await open_upstream(session, transformer.build_request(call), provider, client_timeout(provider, stream))
+    try:
+        if not stream:
+            return Answer(
+                upstream, message=transformer.parse_response(await read_upstream_json(upstream, provider), call)
+            )
+        frames = transformer.stream(upstream, call)
+        try:
+            return Answer(upstream, frames, await frames.__anext__())
+        except StopAsyncIteration:
+            raise ProxyError(502, f"{provider.name} sent an empty stream", retryable=True) from None
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"{provider.name} went silent before answering", retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"{provider.name} broke the stream: {type(exc).__name__}", retryable=True) from None
+    except BaseException:
+        upstream.close()
+        raise
+
+
+def retry_delay(err: ProxyError, attempt: int, retries: int, config: Config) -> float | None:
+    """Seconds to wait before the next attempt, or None when this error or attempt count allows no retry."""
+    if not err.retryable or attempt >= retries:
+        return None
+    cap = config.retry_max_wait_ms / 1000
+    if err.retry_after is not None:
+        return err.retry_after if err.retry_after <= cap else None
+    return min(cap, config.retry_base_ms / 1000 * 2**attempt * random.uniform(0.5, 1.0))
+
+
+async def answer_from(snapshot: Snapshot, target: Target, body: dict, request: web.Request, hints: Hints) -> Answer:
+    """One target with its retries: rotate keys, back off with jitter, honour retry-after up to the cap."""
+    config = snapshot.config
+    provider = config.providers[target.provider]
+    exchange = request[EXCHANGE]
+    transformer = TRANSFORMERS[provider.type]
+    stream = body.get("stream") is True
+    ring = snapshot.keyrings[provider.name]
+    for attempt in itertools.count():
+        call = Call(body, target.model, provider, request.headers, hints.token_count, exchange, ring.pick())
+        try:
+            starting = start_answer(request.app[SESSION], transformer, call, stream)
+            if stream:
+                return await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
+            return await starting
+        except asyncio.TimeoutError:
+            err = ProxyError(504, f"{provider.name} sent no answer within first_byte_timeout_ms", retryable=True)
+        except ProxyError as failure:
+            err = failure
+        ring.report(call.api_key, err)
+        wait = retry_delay(err, attempt, provider.retries, config)
+        if wait is None:
+            raise err
+        exchange.retries += 1
+        log.info("%s retry %d on %s in %.2f s: %s", exchange.request_id, attempt + 1, target, wait, err.message)
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 # ---------------------------------------------------------------------------
 # SSE relay
 # ---------------------------------------------------------------------------
@@ -2682,26 +2881,26 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 
-async def relay_sse(request: web.Request, frames: AsyncIterator[bytes], headers: dict[str, str]) -> web.StreamResponse:
-    """Write frames as they come. Headers go out with the first frame, so an early failure is still a plain HTTP error;
-    a later one becomes an Anthropic `error` event that ends the stream."""
+async def relay_sse(
+    request: web.Request, answer: Answer, headers: dict[str, str], deadline: float
+) -> web.StreamResponse:
+    """Write the answer's frames as they come; a failure after the first one becomes an Anthropic `error` event
+    that ends the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream."""
+    assert answer.frames is not None
     exchange = request[EXCHANGE]
-    iterator = frames.__aiter__()
-    try:
-        first = await iterator.__anext__()
-    except StopAsyncIteration:
-        raise ProxyError(502, f"{exchange.provider} sent an empty stream") from None
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
-        await response.write(first)
+        await response.write(answer.first)
         try:
-            async for frame in iterator:
+            async for frame in answer.frames:
                 await response.write(frame)
+                if time.monotonic() > deadline:
+                    raise ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
         except ProxyError as err:
             await write_error_event(response, exchange, err)
         except asyncio.TimeoutError:
-            await write_error_event(response, exchange, ProxyError(504, f"{exchange.provider} stream stalled"))
+            await write_error_event(response, exchange, ProxyError(504, f"{exchange.provider} stream went silent"))
         except aiohttp.ClientError as exc:
             failure = ProxyError(502, f"{exchange.provider} stream failed: {type(exc).__name__}")
             await write_error_event(response, exchange, failure)
@@ -2709,7 +2908,7 @@ async def relay_sse(request: web.Request, frames: AsyncIterator[bytes], headers:
     except ConnectionResetError:
         exchange.outcome = "client_closed"
     finally:
-        await iterator.aclose()
+        await answer.frames.aclose()
     return response
 
 
@@ -2733,6 +2932,8 @@ class Exchange:
     model: str = "-"
     tokens: int = -1
     outcome: str = "ok"
+    retries: int = 0
+    fallbacks: int = 0
     usage: dict = field(default_factory=dict)
 
     def note_anthropic_usage(self, frames: bytes) -> None:
@@ -2748,7 +2949,57 @@ class Exchange:
                     self.usage.update(usage)
 
 
-CONFIG = web.AppKey("config", Config)
+class RateLimiter:
+    """Requests per minute per client, as a token bucket refilled continuously."""
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, rpm: int):
+        self.rpm = rpm
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def wait_needed(self, client: str) -> float:
+        """0 when the request may go now (and is counted), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, then = self.buckets.pop(client, (float(self.rpm), now))
+        tokens = min(float(self.rpm), tokens + (now - then) * self.rpm / 60)
+        if len(self.buckets) >= self.MAX_CLIENTS:
+            del self.buckets[next(iter(self.buckets))]
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return (1 - tokens) * 60 / self.rpm
+        self.buckets[client] = (tokens - 1, now)
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a request uses from start to end, even when SIGHUP swaps the config meanwhile."""
+
+    config: Config
+    keyrings: dict[str, KeyRing]
+    limiter: RateLimiter | None
+
+    @classmethod
+    def of(cls, config: Config) -> Snapshot:
+        keyrings = {name: KeyRing(p.api_keys) for name, p in config.providers.items()}
+        return cls(config, keyrings, RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None)
+
+
+class ProxyState:
+    """The app's mutable state: the current snapshot and the in-flight counters."""
+
+    def __init__(self, config: Config):
+        self.current = Snapshot.of(config)
+        self.in_flight = 0
+        self.provider_in_flight: collections.Counter[str] = collections.Counter()
+
+    def reload(self, config: Config) -> None:
+        self.current = Snapshot.of(config)
+        REDACTOR.secrets = config.secrets()
+
+
+STATE = web.AppKey("state", ProxyState)
 COUNTER = web.AppKey("counter", TokenCounter)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
@@ -2789,7 +3040,7 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
     finally:
         if request.path.startswith("/v1/"):
             log.info(
-                "%s %s scenario=%s provider=%s model=%s tokens=%d status=%d outcome=%s ms=%.1f",
+                "%s %s scenario=%s provider=%s model=%s tokens=%d status=%d outcome=%s retries=%d fallbacks=%d ms=%.1f",
                 exchange.request_id,
                 request.path,
                 exchange.scenario,
@@ -2798,6 +3049,8 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
                 exchange.tokens,
                 status,
                 exchange.outcome,
+                exchange.retries,
+                exchange.fallbacks,
                 (time.perf_counter() - started) * 1000,
             )
 
@@ -2819,10 +3072,12 @@ def http_exception_error(exc: web.HTTPException, request: web.Request) -> ProxyE
     return ProxyError(exc.status, exc.reason or "request failed")
 
 
-def check_auth(request: web.Request, config: Config) -> None:
-    """Accept `x-api-key` or `Authorization: Bearer`, compared in constant time; no key configured, no auth."""
+def check_auth(request: web.Request, config: Config) -> str:
+    """Accept `x-api-key` or `Authorization: Bearer`, compared in constant time; no key configured, no auth.
+
+    Returns who the client is for rate limiting: its key, or its address when there is no auth."""
     if not config.api_key:
-        return
+        return request.remote or "-"
     offered = request.headers.get("x-api-key")
     if offered is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -2831,6 +3086,7 @@ def check_auth(request: web.Request, config: Config) -> None:
         raise ProxyError(401, "missing proxy key: send it in x-api-key or Authorization: Bearer")
     if not hmac.compare_digest(offered.encode(), config.api_key.encode()):
         raise ProxyError(401, "invalid proxy key")
+    return offered
 
 
 async def read_json_body(request: web.Request, limit: int) -> dict:
@@ -2936,10 +3192,16 @@ def response_headers(exchange: Exchange, target: Target) -> dict[str, str]:
     return {"request-id": exchange.request_id, "x-terraphim-route": str(target)}
 
 
-async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple[Config, dict, Hints, Route]:
-    """The shared front half of the API handlers: auth, parse, validate, analyse, route."""
-    config = request.app[CONFIG]
-    check_auth(request, config)
+async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple[Snapshot, dict, Hints, Route]:
+    """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route."""
+    snapshot = request.app[STATE].current
+    config = snapshot.config
+    client = check_auth(request, config)
+    if snapshot.limiter is not None:
+        wait = snapshot.limiter.wait_needed(client)
+        if wait:
+            limit = f"{config.rate_limit_rpm} requests per minute"
+            raise ProxyError(429, f"rate limit of {limit} reached", headers={"retry-after": str(math.ceil(wait))})
     body = await read_json_body(request, config.max_body_bytes)
     validate_messages_request(body, need_max_tokens)
     exchange = request[EXCHANGE]
@@ -2949,64 +3211,93 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple
     exchange.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s hints=%s body=%s", exchange.request_id, hints, json.dumps(body)[:4000])
-    return config, body, hints, route
+    return snapshot, body, hints, route
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
-    config, body, hints, route = await prepare_exchange(request, need_max_tokens=True)
-    exchange = request[EXCHANGE]
-    target = route.targets[0]
-    provider = config.providers[target.provider]
-    exchange.provider, exchange.model = provider.name, target.model
-    transformer = TRANSFORMERS.get(provider.type)
-    if transformer is None:
-        raise ProxyError(501, f"provider type '{provider.type}' is not supported by this version")
-    stream = body.get("stream") is True
-    call = Call(body, target.model, provider, request.headers, hints.token_count, exchange)
-    timeout = upstream_timeout(config, stream)
-    upstream = await open_upstream(request.app[SESSION], transformer.build_request(call), provider, timeout)
+    state = request.app[STATE]
+    snapshot, body, hints, route = await prepare_exchange(request, need_max_tokens=True)
+    limit = snapshot.config.max_in_flight
+    if state.in_flight >= limit:
+        raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
+    state.in_flight += 1
     try:
-        if stream:
-            frames = transformer.stream(upstream, call)
-            response = await relay_sse(request, frames, response_headers(exchange, target))
+        return await serve_route(request, state, snapshot, body, hints, route)
+    finally:
+        state.in_flight -= 1
+
+
+async def serve_route(
+    request: web.Request, state: ProxyState, snapshot: Snapshot, body: dict, hints: Hints, route: Route
+) -> web.StreamResponse:
+    """Try the route's targets in order, each with its own retries; the client gets the last failure if all fail."""
+    exchange = request[EXCHANGE]
+    failure = ProxyError(503, "the route has no target")
+    for number, target in enumerate(route.targets):
+        provider = snapshot.config.providers[target.provider]
+        exchange.provider, exchange.model = provider.name, target.model
+        if number:
+            exchange.fallbacks += 1
+            log.warning("%s falling back to %s after: %s", exchange.request_id, target, failure.message)
+        if provider.max_in_flight is not None and state.provider_in_flight[provider.name] >= provider.max_in_flight:
+            failure = ProxyError(429, f"{provider.name} is at its max_in_flight limit ({provider.max_in_flight})")
+            failure.headers["retry-after"] = "1"
+            continue
+        state.provider_in_flight[provider.name] += 1
+        try:
+            answer = await answer_from(snapshot, target, body, request, hints)
+            return await respond(request, answer, target, time.monotonic() + provider.timeouts.stream_ms / 1000)
+        except ProxyError as err:
+            failure = err
+        finally:
+            state.provider_in_flight[provider.name] -= 1
+    raise failure
+
+
+async def respond(request: web.Request, answer: Answer, target: Target, deadline: float) -> web.StreamResponse:
+    """Send a started answer to the client; the upstream connection goes back to the pool when it is complete."""
+    exchange = request[EXCHANGE]
+    headers = response_headers(exchange, target)
+    try:
+        if answer.frames is not None:
+            response = await relay_sse(request, answer, headers, deadline)
         else:
-            message = transformer.parse_response(await read_upstream_json(upstream, provider), call)
+            message = answer.message or {}
             if isinstance(message.get("usage"), dict):
                 exchange.usage = message["usage"]
-            headers = response_headers(exchange, target)
             response = web.Response(body=dump_json(message), content_type="application/json", headers=headers)
     except BaseException:
-        upstream.close()
+        answer.upstream.close()
         raise
-    upstream.release()
+    answer.upstream.release()
     return response
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
-    config, body, hints, route = await prepare_exchange(request, need_max_tokens=False)
+    snapshot, body, hints, route = await prepare_exchange(request, need_max_tokens=False)
     exchange = request[EXCHANGE]
     target = route.targets[0]
-    provider = config.providers[target.provider]
+    provider = snapshot.config.providers[target.provider]
     exchange.provider, exchange.model = provider.name, target.model
-    transformer = TRANSFORMERS.get(provider.type)
-    if config.upstream_count_tokens and transformer is not None and transformer.count_tokens_url is not None:
-        exact = await upstream_token_count(request, body, target, provider, transformer)
+    count_url = TRANSFORMERS[provider.type].count_tokens_url
+    if snapshot.config.upstream_count_tokens and count_url is not None:
+        call = Call(body, target.model, provider, request.headers, hints.token_count, exchange)
+        call = replace(call, api_key=snapshot.keyrings[provider.name].pick())
+        exact = await upstream_token_count(request.app[SESSION], call, count_url(provider))
         if exact is not None:
             return web.json_response({"input_tokens": exact})
     return web.json_response({"input_tokens": hints.token_count})
 
 
-async def upstream_token_count(
-    request: web.Request, body: dict, target: Target, provider: Provider, transformer: Transformer
-) -> int | None:
+async def upstream_token_count(session: aiohttp.ClientSession, call: Call, url: str) -> int | None:
     """Ask the provider for the exact count; None (and a log line) on any failure."""
-    assert transformer.count_tokens_url is not None
-    url = transformer.count_tokens_url(provider)
-    payload = dump_json({**body, "model": target.model})
-    headers = anthropic_headers(provider, request.headers)
-    timeout = aiohttp.ClientTimeout(total=10, connect=CONNECT_TIMEOUT_S)
+    provider = call.provider
+    payload = dump_json({**without_proxy_thinking(call.body), "model": call.model})
+    timeout = aiohttp.ClientTimeout(total=10, sock_connect=provider.timeouts.connect_ms / 1000)
     try:
-        upstream = await open_upstream(request.app[SESSION], UpstreamRequest(url, headers, payload), provider, timeout)
+        upstream = await open_upstream(
+            session, UpstreamRequest(url, anthropic_headers(call), payload), provider, timeout
+        )
         try:
             data = await read_upstream_json(upstream, provider)
         finally:
@@ -3021,7 +3312,7 @@ async def upstream_token_count(
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[STATE].current.config
     providers = config.providers.values()
     return web.json_response(
         {
@@ -3038,7 +3329,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_models(request: web.Request) -> web.Response:
     """The configured models in Anthropic's list shape; ids are `provider,model`, usable as explicit routes."""
-    config = request.app[CONFIG]
+    config = request.app[STATE].current.config
     check_auth(request, config)
     data = [
         {
@@ -3069,7 +3360,7 @@ async def _client_session_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config, counter: TokenCounter | None = None) -> web.Application:
     """The aiohttp application for a config; the token counter can be shared between apps."""
     app = web.Application(middlewares=[exchange_middleware])
-    app[CONFIG] = config
+    app[STATE] = ProxyState(config)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
     app.cleanup_ctx.append(_client_session_ctx)
@@ -3149,10 +3440,14 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then let in-flight requests finish."""
+async def serve(config: Config, reload: Callable[[], Config]) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting and let in-flight requests finish (drain_timeout_ms).
+
+    SIGHUP calls `reload` for a new config; an invalid one is logged and the old one stays. Requests in flight
+    keep the config they started with."""
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    drain = config.drain_timeout_ms / 1000
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     await site.start()
@@ -3161,13 +3456,33 @@ async def serve(config: Config) -> None:
     log.info("config %s; providers enabled: %s", config.source, ", ".join(enabled) or "none")
     for warning in config.warnings:
         log.warning("%s", warning)
+
+    def reload_config() -> None:
+        try:
+            new = reload()
+        except ConfigError as err:
+            for problem in err.problems:
+                log.error("reload rejected, keeping the running config: %s", problem)
+            return
+        if (new.host, new.port) != (config.host, config.port):
+            log.warning("reload: a new host or port takes effect only after a restart")
+        app[STATE].reload(new)
+        log.info("config reloaded from %s", new.source)
+        for warning in new.warnings:
+            log.warning("%s", warning)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # Windows has no signal handlers in asyncio
-            loop.add_signal_handler(sig, stop.set)
+    for sig, action in (
+        (signal.SIGINT, stop.set),
+        (signal.SIGTERM, stop.set),
+        (getattr(signal, "SIGHUP", None), reload_config),
+    ):
+        if sig is not None:
+            with contextlib.suppress(NotImplementedError):  # Windows has no signal handlers in asyncio
+                loop.add_signal_handler(sig, action)
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down: no new connections; waiting up to %.0f s for requests in flight", drain)
     await runner.cleanup()
 
 
@@ -3194,7 +3509,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level)
     try:
-        run_event_loop(serve(config))
+        run_event_loop(serve(config, lambda: resolve_config(args)))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 1

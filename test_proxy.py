@@ -293,7 +293,12 @@ def make_config(
         {**at_stand_in, "name": "pinned", "api_key": "$ANTHROPIC_API_KEY", "models": ["model-pinned"]},
         {**at_stand_in, "name": "offline", "api_key": "${OFFLINE_API_KEY}", "models": ["model-offline"]},
     ]
-    data = {"proxy": dict(proxy or {}), "router": without_none(ROUTES, router or {}), "providers": providers}
+    # No retries unless a test asks for them: error-mapping tests want the first upstream answer.
+    data = {
+        "proxy": {"retries": 0, **(proxy or {})},
+        "router": without_none(ROUTES, router or {}),
+        "providers": providers,
+    }
     return terraphim_proxy.build_config(data, "test.toml", environ=dict(environ))
 
 
