@@ -25,6 +25,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import string
 import sys
 import time
@@ -35,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
 from aiohttp import web
 
 if sys.version_info >= (3, 11):
@@ -108,6 +110,7 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "retry_max_wait_ms": int,
     "rate_limit_rpm": int,
     "drain_timeout_ms": int,
+    "fetch_image_urls": bool,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -213,6 +216,7 @@ class Config:
     max_in_flight: int = 512
     rate_limit_rpm: int | None = None
     drain_timeout_ms: int = 30_000
+    fetch_image_urls: bool = False
     warnings: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
@@ -464,7 +468,14 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         think_efforts=efforts,
         **{
             key: proxy[key]
-            for key in ("retry_base_ms", "retry_max_wait_ms", "max_in_flight", "rate_limit_rpm", "drain_timeout_ms")
+            for key in (
+                "retry_base_ms",
+                "retry_max_wait_ms",
+                "max_in_flight",
+                "rate_limit_rpm",
+                "drain_timeout_ms",
+                "fetch_image_urls",
+            )
             if key in proxy
         },
         warnings=tuple(check.warnings),
@@ -970,6 +981,7 @@ class Transformer:
     parse_response: Callable[[dict, Call], dict]
     stream: Callable[[aiohttp.ClientResponse, Call], AsyncIterator[bytes]]
     count_tokens_url: Callable[[Provider], str] | None = None
+    inline_images: bool = False  # the provider takes image bytes only, not URLs
 
 
 def dump_json(data: Any) -> bytes:
@@ -1237,6 +1249,39 @@ def message_from_frames(frames: bytes) -> dict:
     return message
 
 
+def message_to_frames(message: dict) -> bytes:
+    """The frames a whole message would have streamed as: the inverse of message_from_frames."""
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+    frames = [sse_frame("message_start", {"type": "message_start", "message": start})]
+    empty = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}, "tool_use": {"input": {}}}
+    for index, block in enumerate(message.get("content") or ()):
+        kind = block.get("type")
+        opening = {"type": "content_block_start", "index": index, "content_block": {**block, **empty.get(kind, {})}}
+        frames.append(sse_frame("content_block_start", opening))
+        deltas = []
+        if kind == "text":
+            deltas.append({"type": "text_delta", "text": block.get("text", "")})
+        elif kind == "thinking":
+            deltas.append({"type": "thinking_delta", "thinking": block.get("thinking", "")})
+            deltas.append({"type": "signature_delta", "signature": block.get("signature", "")})
+        elif kind == "tool_use":
+            deltas.append({"type": "input_json_delta", "partial_json": dump_json(block.get("input") or {}).decode()})
+        for delta in deltas:
+            frames.append(
+                sse_frame("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        frames.append(sse_frame("content_block_stop", {"type": "content_block_stop", "index": index}))
+    delta = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}
+    frames.append(
+        sse_frame(
+            "message_delta",
+            {"type": "message_delta", "delta": delta, "usage": message.get("usage") or {"output_tokens": 0}},
+        )
+    )
+    frames.append(sse_frame("message_stop", {"type": "message_stop"}))
+    return b"".join(frames)
+
+
 def capped(requested: int, cap: int | None) -> int:
     """max_tokens limited by a configured output cap."""
     return requested if cap is None else min(requested, cap)
@@ -1319,9 +1364,18 @@ def anthropic_parse_response(data: dict, call: Call) -> dict:
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event."""
+    """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event.
+
+    A whole JSON message (some compatible servers ignore `stream`) is turned into the frames it stands for."""
+    if upstream.content_type == "application/json":
+        message = await read_upstream_json(upstream, call.provider)
+        if message.get("type") != "message":
+            raise ProxyError(502, f"{call.provider.name} answered a stream request with JSON that is not a message")
+        yield message_to_frames(message)
+        return
     pending = b""
     finished = False
+    checked = False
     async for chunk in upstream.content.iter_any():
         pending += chunk
         if b"\r" in pending:
@@ -1330,6 +1384,9 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
         if cut < 0:
             continue
         ready, pending = pending[: cut + 2], pending[cut + 2 :]
+        if not checked and not ready.startswith((b"event:", b":", b"data:")):
+            raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
+        checked = True
         finished = finished or ends_anthropic_stream(ready)
         if b"message_delta" in ready or b"message_start" in ready:
             call.exchange.note_anthropic_usage(ready)
@@ -2159,7 +2216,9 @@ def inline_image(block: dict, provider: Provider) -> tuple[str, str]:
     source = block.get("source") or {}
     if source.get("type") != "base64":
         raise ProxyError(
-            400, f"{provider.name} ({provider.type}) needs inline image data; image URLs are not fetched by the proxy"
+            400,
+            f"{provider.name} ({provider.type}) needs inline image data and the proxy does not fetch image URLs "
+            "(set [proxy] fetch_image_urls = true to let it fetch public ones)",
         )
     return source.get("media_type", "image/png"), source.get("data", "")
 
@@ -2713,8 +2772,8 @@ TRANSFORMERS: dict[str, Transformer] = {
     "openai": OPENAI_FAMILY,
     "openrouter": OPENAI_FAMILY,
     "deepseek": OPENAI_FAMILY,
-    "ollama": Transformer(ollama_build_request, ollama_parse_response, ollama_stream),
-    "gemini": Transformer(gemini_build_request, gemini_parse_response, gemini_stream),
+    "ollama": Transformer(ollama_build_request, ollama_parse_response, ollama_stream, inline_images=True),
+    "gemini": Transformer(gemini_build_request, gemini_parse_response, gemini_stream, inline_images=True),
 }
 
 
@@ -2736,6 +2795,95 @@ def client_timeout(provider: Provider, stream: bool) -> aiohttp.ClientTimeout:
 def new_client_session() -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+IMAGE_FETCH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+
+
+class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """Resolves host names to public addresses only, so a fetched image URL never reaches a loopback,
+    private or link-local host, whatever its DNS says."""
+
+    def __init__(self) -> None:
+        self.inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        public = [info for info in await self.inner.resolve(host, port, family) if is_public_address(info["host"])]
+        if not public:
+            raise OSError(f"{host} has no public address")
+        return public
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def is_public_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+def new_image_session() -> aiohttp.ClientSession:
+    """The session for fetch_image_urls: public addresses only, no redirects followed, no cookies kept."""
+    connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), limit=16)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=IMAGE_FETCH_TIMEOUT)
+
+
+async def fetch_image(session: aiohttp.ClientSession, url: str) -> dict:
+    """A base64 image source for a public http(s) URL, at most MAX_IMAGE_BYTES; ProxyError 400 otherwise."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        literal = True
+    except ValueError:
+        literal = False
+    if not is_http_url(url) or (literal and not is_public_address(host)):
+        raise ProxyError(400, "image URL refused: only public http(s) addresses are fetched")
+    try:
+        async with session.get(url, allow_redirects=False) as response:
+            if response.status != 200 or not response.content_type.startswith("image/"):
+                raise ProxyError(400, f"image URL gave HTTP {response.status} ({response.content_type}), not an image")
+            data = await response.content.read(MAX_IMAGE_BYTES + 1)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise ProxyError(400, f"image URL could not be fetched: {type(exc).__name__}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ProxyError(413, f"image URL is larger than {MAX_IMAGE_BYTES} bytes")
+    return {"type": "base64", "media_type": response.content_type, "data": base64.b64encode(data).decode()}
+
+
+async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
+    """The body with every URL image (also inside tool results) replaced by its fetched bytes (copy-on-write)."""
+
+    async def blocks_with_bytes(blocks: list) -> list:
+        out = []
+        for block in blocks:
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "image"
+                and (block.get("source") or {}).get("type") == "url"
+            ):
+                block = {**block, "source": await fetch_image(session, block["source"].get("url", ""))}
+            elif (
+                isinstance(block, dict)
+                and block.get("type") == "tool_result"
+                and isinstance(block.get("content"), list)
+            ):
+                block = {**block, "content": await blocks_with_bytes(block["content"])}
+            out.append(block)
+        return out
+
+    messages = []
+    for message in body.get("messages") or ():
+        if isinstance(message.get("content"), list):
+            message = {**message, "content": await blocks_with_bytes(message["content"])}
+        messages.append(message)
+    return {**body, "messages": messages}
+
+
+def has_url_images(body: dict) -> bool:
+    return any((image.get("source") or {}).get("type") == "url" for image in _iter_images(body.get("messages") or ()))
 
 
 class KeyRing:
@@ -2850,6 +2998,8 @@ async def answer_from(snapshot: Snapshot, target: Target, body: dict, request: w
     provider = config.providers[target.provider]
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
+    if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
+        body = await inline_image_urls(body, request.app[IMAGE_SESSION])
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
@@ -3002,6 +3152,7 @@ class ProxyState:
 STATE = web.AppKey("state", ProxyState)
 COUNTER = web.AppKey("counter", TokenCounter)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+IMAGE_SESSION = web.AppKey("image_session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
 EXCHANGE = "terraphim.exchange"
 MAX_JSON_DEPTH = 64
@@ -3353,8 +3504,10 @@ async def handle_root(request: web.Request) -> web.Response:
 
 async def _client_session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = new_client_session()
+    app[IMAGE_SESSION] = new_image_session()
     yield
     await app[SESSION].close()
+    await app[IMAGE_SESSION].close()
 
 
 def create_app(config: Config, counter: TokenCounter | None = None) -> web.Application:
