@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import itertools
 import json
+import json.scanner
 import logging
 import math
 import os
@@ -661,8 +662,97 @@ REDACTOR = RedactingFilter()
 # Token counting
 # ---------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class RawBody:
+    """A request body as received: its text, the parsed object, and where each top-level value and each
+    message sits in the text. The spans let the token counter key its cache on text it already has, and
+    let Anthropic pass-through swap `model` without serialising the body again."""
+
+    text: str
+    data: dict
+    size: int  # bytes on the wire
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    message_spans: tuple[tuple[int, int], ...] = ()
+
+    def with_model(self, model: str) -> bytes | None:
+        """The body with only `model` replaced, as bytes; None when the spans are unknown."""
+        if "model" not in self.spans:
+            return None
+        start, end = self.spans["model"]
+        return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
+
+
+JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def parse_raw_body(raw: bytes) -> RawBody:
+    """Parse one UTF-8 JSON object, noting spans; on any irregularity json.loads decides (and explains) instead.
+
+    Raises UnicodeDecodeError, ValueError (invalid JSON), RecursionError, or TypeError for a non-object."""
+    text = raw.decode("utf-8")
+    try:
+        data, spans, message_spans, end = _scan_object(text, JSON_SPACE.match(text, 0).end())
+        if JSON_SPACE.match(text, end).end() == len(text):
+            return RawBody(text, data, len(raw), spans, tuple(message_spans))
+    except (ValueError, StopIteration, IndexError):
+        pass
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise TypeError(type(data).__name__)
+    return RawBody(text, data, len(raw))
+
+
+def _scan_object(text: str, i: int) -> tuple[dict, dict[str, tuple[int, int]], list[tuple[int, int]], int]:
+    """The top-level object by C-speed pieces: json's own scanner parses each value; this loop only walks keys."""
+    if text[i] != "{":
+        raise ValueError("not an object")
+    data: dict = {}
+    spans: dict[str, tuple[int, int]] = {}
+    message_spans: list[tuple[int, int]] = []
+    i = JSON_SPACE.match(text, i + 1).end()
+    if text[i] == "}":
+        return data, spans, message_spans, i + 1
+    while True:
+        if text[i] != '"':
+            raise ValueError("expected a key")
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = JSON_SPACE.match(text, i).end()
+        if text[i] != ":":
+            raise ValueError("expected ':'")
+        i = JSON_SPACE.match(text, i + 1).end()
+        if key == "messages" and text[i] == "[":
+            value, end, message_spans = _scan_array(text, i)
+        else:
+            value, end = JSON_SCAN(text, i)
+        data[key], spans[key] = value, (i, end)
+        i = JSON_SPACE.match(text, end).end()
+        if text[i] == "}":
+            return data, spans, message_spans, i + 1
+        if text[i] != ",":
+            raise ValueError("expected ',' or '}'")
+        i = JSON_SPACE.match(text, i + 1).end()
+
+
+def _scan_array(text: str, i: int) -> tuple[list, int, list[tuple[int, int]]]:
+    items, spans = [], []
+    i = JSON_SPACE.match(text, i + 1).end()
+    if text[i] == "]":
+        return items, i + 1, spans
+    while True:
+        value, end = JSON_SCAN(text, i)
+        items.append(value)
+        spans.append((i, end))
+        i = JSON_SPACE.match(text, end).end()
+        if text[i] == "]":
+            return items, i + 1, spans
+        if text[i] != ",":
+            raise ValueError("expected ',' or ']'")
+        i = JSON_SPACE.match(text, i + 1).end()
+
+
 IMAGE_TOKENS = 1600  # Anthropic's cap for one image; the proxy cannot see the pixels cheaply.
-CACHED_TEXT_MIN = 256  # shorter texts encode faster than a cache lookup pays for
 THREAD_ENCODE_MIN = 32 * 1024  # characters of uncached text that move the encode off the event loop
 
 
@@ -683,25 +773,34 @@ def load_encoding() -> Any:
 
 def request_texts(body: dict) -> Iterator[str]:
     """Every text of a Messages request that the model reads: system, messages and tools."""
+    for _, texts in request_parts(body):
+        yield from texts
+
+
+def request_parts(body: dict) -> Iterator[tuple[str, Iterator[str]]]:
+    """The request in the parts the token cache keys on: ("system", texts), ("messages", texts) for each
+    message in order, ("tools", texts)."""
     system = body.get("system")
     if isinstance(system, str):
-        yield system
+        yield "system", iter((system,))
     elif isinstance(system, list):
-        yield from _block_texts(system)
+        yield "system", _block_texts(system)
     for message in body.get("messages") or ():
         if isinstance(message, dict):
             content = message.get("content")
-            if isinstance(content, str):
-                yield content
-            elif isinstance(content, list):
-                yield from _block_texts(content)
-    for tool in body.get("tools") or ():
+            yield "messages", iter((content,)) if isinstance(content, str) else _block_texts(content or ())
+    if body.get("tools"):
+        yield "tools", _tool_texts(body["tools"])
+
+
+def _tool_texts(tools: list) -> Iterator[str]:
+    for tool in tools:
         if isinstance(tool, dict):
             for key in ("name", "description"):
                 if isinstance(tool.get(key), str):
                     yield tool[key]
             if "input_schema" in tool:
-                yield json.dumps(tool["input_schema"], separators=(",", ":"))
+                yield json.dumps(tool["input_schema"], ensure_ascii=False, separators=(",", ":"))
 
 
 def _block_texts(blocks: list) -> Iterator[str]:
@@ -713,7 +812,7 @@ def _block_texts(blocks: list) -> Iterator[str]:
             yield block["text"]
         elif kind == "tool_use":
             yield str(block.get("name", ""))
-            yield json.dumps(block.get("input", {}), separators=(",", ":"))
+            yield json.dumps(block.get("input", {}), ensure_ascii=False, separators=(",", ":"))
         elif kind == "tool_result":
             content = block.get("content")
             if isinstance(content, str):
@@ -747,41 +846,49 @@ def _images_in(blocks: list) -> Iterator[dict]:
 
 
 class TokenCounter:
-    """cl100k_base counts with a per-text cache, since Claude Code resends the whole conversation."""
+    """cl100k_base counts, cached per part of a request (the system prompt, each message, the tools) under a
+    fast hash of the part's raw JSON text: Claude Code resends the whole conversation every turn, so a turn
+    that adds one message costs one message's encode."""
 
-    def __init__(self, encoding: Any, cache_entries: int = 8192):
+    def __init__(self, encoding: Any, cache_entries: int = 16384):
         self.encoding = encoding
-        self.cache: dict[str, int] = {}
+        self.cache: dict[tuple[int, int], int] = {}
         self.cache_entries = cache_entries
 
-    def _encode_len(self, text: str) -> int:
+    def encode_len(self, text: str) -> int:
         if self.encoding is None:
             return (len(text.encode("utf-8")) + 3) // 4
         return len(self.encoding.encode_ordinary(text))
 
-    def _count_texts(self, texts: list[str]) -> int:
+    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> int:
         total = 0
-        for text in texts:
-            if len(text) < CACHED_TEXT_MIN:
-                total += self._encode_len(text)
-                continue
-            count = self.cache.get(text)
-            if count is None:
-                count = self._encode_len(text)
+        for key, texts in parts:
+            count = sum(self.encode_len(text) for text in texts)
+            if key is not None:
                 if len(self.cache) >= self.cache_entries:
                     del self.cache[next(iter(self.cache))]
-                self.cache[text] = count
+                self.cache[key] = count
             total += count
         return total
 
-    async def count(self, body: dict) -> int:
-        """Tokens of a request; large uncached encodes run in a thread so the loop keeps serving."""
-        texts = list(request_texts(body))
-        images = count_images(body) * IMAGE_TOKENS
-        uncached = sum(len(t) for t in texts if len(t) >= CACHED_TEXT_MIN and t not in self.cache)
-        if uncached >= THREAD_ENCODE_MIN:
-            return images + await asyncio.get_running_loop().run_in_executor(None, self._count_texts, texts)
-        return images + self._count_texts(texts)
+    async def count(self, raw: RawBody) -> int:
+        """Tokens of a request; when the uncached text is large, the encode runs in a thread."""
+        total = count_images(raw.data) * IMAGE_TOKENS
+        misses: list[tuple[tuple[int, int] | None, list[str]]] = []
+        message_spans = iter(raw.message_spans)
+        for name, texts in request_parts(raw.data):
+            span = next(message_spans, None) if name == "messages" else raw.spans.get(name)
+            key = None
+            if span is not None:
+                piece = raw.text[span[0] : span[1]]
+                key = (len(piece), hash(piece))
+                if key in self.cache:
+                    total += self.cache[key]
+                    continue
+            misses.append((key, list(texts)))
+        if sum(len(text) for _, texts in misses for text in texts) >= THREAD_ENCODE_MIN:
+            return total + await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
+        return total + self._count_parts(misses)
 
 
 # ---------------------------------------------------------------------------
@@ -796,6 +903,7 @@ class Hints:
     """What the router needs to know about one request."""
 
     token_count: int
+    token_count_exact: bool = True  # False: an estimate, because an upper bound proved it below the threshold
     is_background: bool = False
     thinking: bool = False
     has_web_search: bool = False
@@ -870,12 +978,22 @@ def take_subagent_route(body: dict) -> tuple[str | None, dict]:
     return None, body
 
 
-async def analyse(body: dict, config: Config, counter: TokenCounter) -> tuple[Hints, dict]:
-    """Compute the routing hints; returns the body with any subagent tag removed."""
-    subagent, body = take_subagent_route(body)
+async def analyse(raw: RawBody, config: Config, counter: TokenCounter, exact: bool = False) -> tuple[Hints, dict]:
+    """Compute the routing hints; returns the body with any subagent tag removed.
+
+    Tokens never outnumber UTF-8 bytes in cl100k, so when the body's size (plus the images) proves the request
+    is under the long-context threshold and no exact count was asked for, the encode is skipped for an estimate.
+    """
+    subagent, body = take_subagent_route(raw.data)
     model = body.get("model", "")
+    upper_bound = raw.size + count_images(body) * IMAGE_TOKENS
+    if exact or upper_bound > config.long_context_threshold:
+        tokens, is_exact = await counter.count(raw), True
+    else:
+        tokens, is_exact = upper_bound // 4, False
     hints = Hints(
-        token_count=await counter.count(body),
+        token_count=tokens,
+        token_count_exact=is_exact,
         is_background="haiku" in model.lower(),
         thinking=wants_thinking(body, config.think_efforts),
         has_web_search=has_web_search_tool(body),
@@ -973,6 +1091,7 @@ class Call:
     input_tokens: int
     exchange: Exchange
     api_key: str = ""  # the key this attempt uses (providers may have several)
+    raw: RawBody | None = None  # the body as received, when `body` is still its parsed form
 
 
 @dataclass(frozen=True)
@@ -985,11 +1104,8 @@ class Transformer:
 
 
 def dump_json(data: Any) -> bytes:
-    """Compact UTF-8 JSON; a lone surrogate (valid JSON escape, not encodable) is kept as an escape."""
-    try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        return json.dumps(data, separators=(",", ":")).encode()
+    """Compact ASCII JSON: the fastest form json writes, and safe for lone surrogates."""
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 # --- Shared by the translating transformers: ids, proxy-made thinking signatures, the Anthropic stream
@@ -1351,12 +1467,14 @@ def without_proxy_thinking(body: dict) -> dict:
 
 
 def anthropic_build_request(call: Call) -> UpstreamRequest:
-    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed)."""
-    return UpstreamRequest(
-        f"{call.provider.api_base_url}/v1/messages",
-        anthropic_headers(call),
-        dump_json({**without_proxy_thinking(call.body), "model": call.model}),
-    )
+    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed).
+
+    When nothing else changed, `model` is swapped in the received text, so the body is not serialised again."""
+    body = without_proxy_thinking(call.body)
+    payload = call.raw.with_model(call.model) if call.raw is not None and body is call.raw.data else None
+    if payload is None:
+        payload = dump_json({**body, "model": call.model})
+    return UpstreamRequest(f"{call.provider.api_base_url}/v1/messages", anthropic_headers(call), payload)
 
 
 def anthropic_parse_response(data: dict, call: Call) -> dict:
@@ -2992,8 +3110,9 @@ def retry_delay(err: ProxyError, attempt: int, retries: int, config: Config) -> 
     return min(cap, config.retry_base_ms / 1000 * 2**attempt * random.uniform(0.5, 1.0))
 
 
-async def answer_from(snapshot: Snapshot, target: Target, body: dict, request: web.Request, hints: Hints) -> Answer:
+async def answer_from(incoming: Incoming, target: Target, request: web.Request) -> Answer:
     """One target with its retries: rotate keys, back off with jitter, honour retry-after up to the cap."""
+    snapshot, body = incoming.snapshot, incoming.body
     config = snapshot.config
     provider = config.providers[target.provider]
     exchange = request[EXCHANGE]
@@ -3003,7 +3122,8 @@ async def answer_from(snapshot: Snapshot, target: Target, body: dict, request: w
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
-        call = Call(body, target.model, provider, request.headers, hints.token_count, exchange, ring.pick())
+        call = Call(body, target.model, provider, request.headers, incoming.hints.token_count, exchange)
+        call = replace(call, api_key=ring.pick(), raw=incoming.raw)
         try:
             starting = start_answer(request.app[SESSION], transformer, call, stream)
             if stream:
@@ -3240,7 +3360,7 @@ def check_auth(request: web.Request, config: Config) -> str:
     return offered
 
 
-async def read_json_body(request: web.Request, limit: int) -> dict:
+async def read_json_body(request: web.Request, limit: int) -> RawBody:
     """Read at most `limit` bytes and parse one JSON object."""
     if request.content_length is not None and request.content_length > limit:
         raise ProxyError(413, f"request body is {request.content_length} bytes; the limit is {limit}")
@@ -3254,16 +3374,15 @@ async def read_json_body(request: web.Request, limit: int) -> dict:
     if not raw.strip():
         raise ProxyError(400, "request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
+        return parse_raw_body(raw)
     except UnicodeDecodeError:
         raise ProxyError(400, "request body is not valid UTF-8") from None
     except ValueError as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ProxyError(400, "request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ProxyError(400, f"request body must be a JSON object, not {type(data).__name__}")
-    return data
+    except TypeError as exc:
+        raise ProxyError(400, f"request body must be a JSON object, not {exc}") from None
 
 
 def _expect(condition: bool, path: str, text: str) -> None:
@@ -3343,7 +3462,19 @@ def response_headers(exchange: Exchange, target: Target) -> dict[str, str]:
     return {"request-id": exchange.request_id, "x-terraphim-route": str(target)}
 
 
-async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple[Snapshot, dict, Hints, Route]:
+@dataclass(frozen=True)
+class Incoming:
+    """A request after the front half: the config snapshot it keeps, its body as received and as analysed
+    (without a subagent tag), its hints and its route."""
+
+    snapshot: Snapshot
+    raw: RawBody
+    body: dict
+    hints: Hints
+    route: Route
+
+
+async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> Incoming:
     """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route."""
     snapshot = request.app[STATE].current
     config = snapshot.config
@@ -3353,39 +3484,37 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> tuple
         if wait:
             limit = f"{config.rate_limit_rpm} requests per minute"
             raise ProxyError(429, f"rate limit of {limit} reached", headers={"retry-after": str(math.ceil(wait))})
-    body = await read_json_body(request, config.max_body_bytes)
-    validate_messages_request(body, need_max_tokens)
+    raw = await read_json_body(request, config.max_body_bytes)
+    validate_messages_request(raw.data, need_max_tokens)
     exchange = request[EXCHANGE]
-    hints, body = await analyse(body, config, request.app[COUNTER])
+    hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
     exchange.tokens = hints.token_count
     route = choose_route(hints, config)
     exchange.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s hints=%s body=%s", exchange.request_id, hints, json.dumps(body)[:4000])
-    return snapshot, body, hints, route
+    return Incoming(snapshot, raw, body, hints, route)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    snapshot, body, hints, route = await prepare_exchange(request, need_max_tokens=True)
-    limit = snapshot.config.max_in_flight
+    incoming = await prepare_exchange(request, need_max_tokens=True)
+    limit = incoming.snapshot.config.max_in_flight
     if state.in_flight >= limit:
         raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
     state.in_flight += 1
     try:
-        return await serve_route(request, state, snapshot, body, hints, route)
+        return await serve_route(request, state, incoming)
     finally:
         state.in_flight -= 1
 
 
-async def serve_route(
-    request: web.Request, state: ProxyState, snapshot: Snapshot, body: dict, hints: Hints, route: Route
-) -> web.StreamResponse:
+async def serve_route(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
     """Try the route's targets in order, each with its own retries; the client gets the last failure if all fail."""
     exchange = request[EXCHANGE]
     failure = ProxyError(503, "the route has no target")
-    for number, target in enumerate(route.targets):
-        provider = snapshot.config.providers[target.provider]
+    for number, target in enumerate(incoming.route.targets):
+        provider = incoming.snapshot.config.providers[target.provider]
         exchange.provider, exchange.model = provider.name, target.model
         if number:
             exchange.fallbacks += 1
@@ -3396,7 +3525,7 @@ async def serve_route(
             continue
         state.provider_in_flight[provider.name] += 1
         try:
-            answer = await answer_from(snapshot, target, body, request, hints)
+            answer = await answer_from(incoming, target, request)
             return await respond(request, answer, target, time.monotonic() + provider.timeouts.stream_ms / 1000)
         except ProxyError as err:
             failure = err
@@ -3425,14 +3554,15 @@ async def respond(request: web.Request, answer: Answer, target: Target, deadline
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
-    snapshot, body, hints, route = await prepare_exchange(request, need_max_tokens=False)
+    incoming = await prepare_exchange(request, need_max_tokens=False)
+    snapshot, hints = incoming.snapshot, incoming.hints
     exchange = request[EXCHANGE]
-    target = route.targets[0]
+    target = incoming.route.targets[0]
     provider = snapshot.config.providers[target.provider]
     exchange.provider, exchange.model = provider.name, target.model
     count_url = TRANSFORMERS[provider.type].count_tokens_url
     if snapshot.config.upstream_count_tokens and count_url is not None:
-        call = Call(body, target.model, provider, request.headers, hints.token_count, exchange)
+        call = Call(incoming.body, target.model, provider, request.headers, hints.token_count, exchange)
         call = replace(call, api_key=snapshot.keyrings[provider.name].pick())
         exact = await upstream_token_count(request.app[SESSION], call, count_url(provider))
         if exact is not None:
