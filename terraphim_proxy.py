@@ -21,6 +21,7 @@ import json
 import json.scanner
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -3599,6 +3600,7 @@ async def handle_health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "version": __version__,
+            "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
             "providers": {
                 "enabled": [p.name for p in providers if p.enabled],
@@ -3692,6 +3694,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default from config: 3456)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default from config: info)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
     parser.add_argument("--check", action="store_true", help="validate the config, print the routing table, exit")
     parser.add_argument("--version", action="version", version=f"terraphim-proxy {__version__}")
     return parser.parse_args(argv)
@@ -3713,9 +3716,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, with_pid: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    pid = " [%(process)d]" if with_pid else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{pid} %(message)s"))
     handler.addFilter(REDACTOR)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -3723,7 +3727,7 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-async def serve(config: Config, reload: Callable[[], Config]) -> None:
+async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool = False) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and let in-flight requests finish (drain_timeout_ms).
 
     SIGHUP calls `reload` for a new config; an invalid one is logged and the old one stays. Requests in flight
@@ -3732,7 +3736,7 @@ async def serve(config: Config, reload: Callable[[], Config]) -> None:
     drain = config.drain_timeout_ms / 1000
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     enabled = [p.name for p in config.providers.values() if p.enabled]
     log.info("terraphim-proxy %s listening on http://%s:%d", __version__, config.host, config.port)
@@ -3779,6 +3783,39 @@ def run_event_loop(coro: Any) -> None:
     uvloop.run(coro)
 
 
+def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool) -> int:
+    try:
+        run_event_loop(serve(config, lambda: resolve_config(args), reuse_port))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def run_workers(config: Config, args: argparse.Namespace) -> int:
+    """`--workers N`: N processes accept on one port (SO_REUSEPORT); SIGINT, SIGTERM and SIGHUP go to all."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=run_worker, args=(config, args, True)) for _ in range(args.workers)]
+    for worker in workers:
+        worker.start()
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, pass_on)
+    for worker in workers:
+        worker.join()
+    failed = [w.pid for w in workers if w.exitcode]
+    if failed:
+        log.error("workers %s exited with an error", failed)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -3790,15 +3827,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(routing_table(config))
         return 0
-    setup_logging(config.log_level)
-    try:
-        run_event_loop(serve(config, lambda: resolve_config(args)))
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and (not hasattr(socket, "SO_REUSEPORT") or sys.platform == "win32"):
+        print("error: --workers needs SO_REUSEPORT (Linux, macOS or a BSD)", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, with_pid=args.workers > 1)
+    if args.workers > 1:
+        return run_workers(config, args)
+    return run_worker(config, args, reuse_port=False)
 
 
 if __name__ == "__main__":
