@@ -13,8 +13,10 @@ import base64
 import codecs
 import collections
 import contextlib
+import functools
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -32,9 +34,9 @@ import string
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -119,6 +121,15 @@ ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
     **{scenario: str for scenario in SCENARIOS},
     "long_context_threshold": int,
     "think_efforts": list,
+    "rules": list,
+    "module": str,
+}
+RULE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "keywords": list,
+    "pattern": str,
+    "route": str,
+    "priority": int,
 }
 PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -219,12 +230,35 @@ class Config:
     rate_limit_rpm: int | None = None
     drain_timeout_ms: int = 30_000
     fetch_image_urls: bool = False
+    rules: tuple[Rule, ...] = ()
+    router_module: str = ""
+    custom_router: CustomRouter | None = None
     warnings: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
         """Every configured key, for redaction."""
         keys = [self.api_key] + [key for p in self.providers.values() for key in p.api_keys]
         return [k for k in keys if k]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A keyword rule: route requests whose last user message matches its keywords or pattern."""
+
+    name: str
+    route: tuple[Target, ...]  # the enabled targets; empty when all are disabled (the rule then never fires)
+    keywords: tuple[str, ...] = ()
+    pattern: str = ""
+    priority: int = 0
+
+    @functools.cached_property
+    def matcher(self) -> re.Pattern[str]:
+        """Keywords match case-insensitively as whole words; the pattern as written."""
+        parts = [rf"(?i:(?<!\w)(?:{'|'.join(map(re.escape, self.keywords))})(?!\w))"] if self.keywords else []
+        return re.compile("|".join(parts + ([f"(?:{self.pattern})"] if self.pattern else [])))
+
+
+CustomRouter = Callable[[dict, dict], "str | None"]
 
 
 class ConfigError(Exception):
@@ -430,24 +464,13 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
     configured: dict[str, tuple[Target, ...]] = {}
     for scenario in SCENARIOS:
         text = router.get(scenario, "")
-        if not text.strip():
-            continue
-        try:
-            targets = parse_route(text)
-        except ValueError as exc:
-            check.problem(f"router.{scenario}", str(exc))
-            continue
-        for target in targets:
-            provider = providers.get(target.provider)
-            if provider is None:
-                known = ", ".join(providers) or "none"
-                check.problem(f"router.{scenario}", f"unknown provider '{target.provider}' (known: {known})")
-            elif provider.models and target.model not in provider.models:
-                check.problem(
-                    f"router.{scenario}",
-                    f"model '{target.model}' is not in the models of provider '{provider.name}'",
-                )
-        configured[scenario] = targets
+        targets = _checked_route(check, f"router.{scenario}", text, providers) if text.strip() else None
+        if targets:
+            configured[scenario] = targets
+    rules = [_read_rule(check, i, item, providers) for i, item in enumerate(router.get("rules", []))]
+    custom_router = None
+    if "module" in router:
+        custom_router = _load_router_module(check, router["module"], source)
     raw_default = data.get("router", {}).get("default") if isinstance(data.get("router"), dict) else None
     if raw_default is None or (isinstance(raw_default, str) and not raw_default.strip()):
         check.problem("router.default", "required: the route used when no other scenario matches")
@@ -455,6 +478,12 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         raise ConfigError(check.problems)
 
     routes = _effective_routes(check, configured, providers)
+    enabled_rules = [
+        replace(rule, route=tuple(t for t in rule.route if providers[t.provider].enabled)) for rule in rules if rule
+    ]
+    for rule in enabled_rules:
+        if not rule.route:
+            check.warn(f"router.rules.{rule.name}", "every target is disabled; the rule never fires")
     return Config(
         source=source,
         providers=providers,
@@ -468,6 +497,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         upstream_count_tokens=proxy.get("upstream_count_tokens", False),
         long_context_threshold=router.get("long_context_threshold", DEFAULT_LONG_CONTEXT_THRESHOLD),
         think_efforts=efforts,
+        rules=tuple(sorted(enabled_rules, key=lambda rule: -rule.priority)),
+        router_module=router.get("module", ""),
+        custom_router=custom_router,
         **{
             key: proxy[key]
             for key in (
@@ -482,6 +514,66 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         },
         warnings=tuple(check.warnings),
     )
+
+
+def _checked_route(check: _Checker, key: str, text: str, providers: dict[str, Provider]) -> tuple[Target, ...] | None:
+    """A route string's targets, each naming a configured provider and (where listed) one of its models."""
+    try:
+        targets = parse_route(text)
+    except ValueError as exc:
+        check.problem(key, str(exc))
+        return None
+    for target in targets:
+        provider = providers.get(target.provider)
+        if provider is None:
+            known = ", ".join(providers) or "none"
+            check.problem(key, f"unknown provider '{target.provider}' (known: {known})")
+        elif provider.models and target.model not in provider.models:
+            check.problem(key, f"model '{target.model}' is not in the models of provider '{provider.name}'")
+    return targets
+
+
+def _read_rule(check: _Checker, index: int, data: Any, providers: dict[str, Provider]) -> Rule | None:
+    path = f"router.rules[{index}]"
+    if not isinstance(data, dict):
+        check.problem(path, "expected a table ([[router.rules]])")
+        return None
+    values = check.table(data, path, RULE_KEYS)
+    for key in ("name", "route"):
+        if key not in data:
+            check.problem(f"{path}.{key}", "required")
+    keywords = check.string_list(values.get("keywords", []), f"{path}.keywords")
+    pattern = values.get("pattern", "")
+    if not keywords and not pattern:
+        check.problem(path, "needs keywords, a pattern, or both")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        check.problem(f"{path}.pattern", f"invalid regular expression: {exc}")
+        return None
+    targets = _checked_route(check, f"{path}.route", values.get("route", ""), providers) if "route" in values else None
+    if not targets or "name" not in values:
+        return None
+    return Rule(values["name"], targets, keywords, pattern, values.get("priority", 0))
+
+
+def _load_router_module(check: _Checker, path: str, source: str) -> CustomRouter | None:
+    """Import the custom router file (relative to the config file) and return its `route` function."""
+    location = Path(source).parent / path if not Path(path).is_absolute() else Path(path)
+    try:
+        spec = importlib.util.spec_from_file_location(f"terraphim_router_{abs(hash(str(location)))}", location)
+        if spec is None or spec.loader is None:
+            raise ImportError("not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        check.problem("router.module", f"cannot load {location}: {type(exc).__name__}: {exc}")
+        return None
+    route = getattr(module, "route", None)
+    if not callable(route):
+        check.problem("router.module", f"{location} defines no function route(request, hints)")
+        return None
+    return route
 
 
 def _effective_routes(
@@ -912,6 +1004,7 @@ class Hints:
     explicit_route: str | None = None
     subagent_route: str | None = None
     session_id: str | None = None
+    session_tokens: int | None = None  # the upstream's own input count for this session's previous answer
 
 
 def wants_thinking(body: dict, think_efforts: tuple[str, ...]) -> bool:
@@ -1040,24 +1133,61 @@ def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ..
     return targets
 
 
-def choose_route(hints: Hints, config: Config) -> Route:
-    """First match wins: explicit, long_context, subagent, image, web_search, background, think, default."""
+def last_user_text(body: dict) -> str:
+    """The text blocks of the last user message, which keyword rules match against."""
+    for message in reversed(body.get("messages") or ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+    return ""
+
+
+def custom_route(config: Config, body: dict, hints: Hints) -> Route | None:
+    """Ask router.module; its errors and unusable answers are logged and fall through to the built-in rules."""
+    assert config.custom_router is not None
+    try:
+        answer = config.custom_router(body, asdict(hints))
+        if answer is None:
+            return None
+        if not isinstance(answer, str):
+            raise TypeError(f"route() returned {type(answer).__name__}, not a string or None")
+        return Route("custom", resolve_route_text(answer, config, "router.module"))
+    except ProxyError as err:
+        log.warning("router.module gave an unusable route (%s); using the built-in rules", err.message)
+    except Exception as exc:
+        log.warning("router.module failed (%s: %s); using the built-in rules", type(exc).__name__, exc)
+    return None
+
+
+def choose_route(hints: Hints, config: Config, body: dict) -> Route:
+    """First match wins: router.module, explicit, long_context, subagent, keyword rules, image, web_search,
+    background, think, default. A scenario without a route falls through to the next."""
+    if config.custom_router is not None:
+        route = custom_route(config, body, hints)
+        if route is not None:
+            return route
     if hints.explicit_route:
         return Route("explicit", resolve_route_text(hints.explicit_route, config, "model"))
-    rules = (
-        ("long_context", hints.token_count > config.long_context_threshold),
-        ("subagent", hints.subagent_route is not None),
+    threshold = config.long_context_threshold
+    if (hints.token_count > threshold or (hints.session_tokens or 0) > threshold) and "long_context" in config.routes:
+        return Route("long_context", config.routes["long_context"])
+    if hints.subagent_route is not None:
+        return Route("subagent", resolve_route_text(hints.subagent_route, config, "subagent model tag"))
+    if config.rules:
+        text = last_user_text(body)
+        for rule in config.rules:
+            if rule.route and rule.matcher.search(text):
+                return Route(f"rule:{rule.name}", rule.route)
+    scenarios = (
         ("image", hints.has_images),
         ("web_search", hints.has_web_search),
         ("background", hints.is_background),
         ("think", hints.thinking),
     )
-    for scenario, matched in rules:
-        if not matched:
-            continue
-        if scenario == "subagent":
-            return Route("subagent", resolve_route_text(hints.subagent_route or "", config, "subagent model tag"))
-        if scenario in config.routes:
+    for scenario, matched in scenarios:
+        if matched and scenario in config.routes:
             return Route(scenario, config.routes[scenario])
     if "default" not in config.routes:
         raise ProxyError(503, "no enabled provider for the default route; see the proxy's start-up warnings")
@@ -1322,13 +1452,6 @@ class AnthropicStream:
         frames += sse_frame("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
         return frames + sse_frame("message_stop", {"type": "message_stop"})
 
-    def error(self, error_type: str, message: str) -> bytes:
-        """An error event that ends the stream (no message_stop follows)."""
-        if self.done:
-            return b""
-        self.done = True
-        return sse_frame("error", {"type": "error", "error": {"type": error_type, "message": message}})
-
 
 def message_from_frames(frames: bytes) -> dict:
     """Read Anthropic SSE frames back into the message they describe; an error frame raises TranslationError.
@@ -1479,19 +1602,13 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
 
 
 def anthropic_parse_response(data: dict, call: Call) -> dict:
+    if data.get("type") != "message":
+        raise ProxyError(502, f"{call.provider.name} answered with JSON that is not a message")
     return data
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event.
-
-    A whole JSON message (some compatible servers ignore `stream`) is turned into the frames it stands for."""
-    if upstream.content_type == "application/json":
-        message = await read_upstream_json(upstream, call.provider)
-        if message.get("type") != "message":
-            raise ProxyError(502, f"{call.provider.name} answered a stream request with JSON that is not a message")
-        yield message_to_frames(message)
-        return
+    """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event."""
     pending = b""
     finished = False
     checked = False
@@ -1507,8 +1624,6 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
             raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
         checked = True
         finished = finished or ends_anthropic_stream(ready)
-        if b"message_delta" in ready or b"message_start" in ready:
-            call.exchange.note_anthropic_usage(ready)
         yield ready
     if pending.strip():
         finished = finished or ends_anthropic_stream(pending)
@@ -1785,19 +1900,24 @@ def openai_messages(body: dict, flavor: str, keep_cache: bool, passback: bool) -
     if system:
         messages.append({"role": "system", "content": system})
     call_ids: list[str] = []
+    held: list[dict] = []  # system messages that arrive while tool calls wait for their results
     for message in body.get("messages") or []:
         blocks = as_blocks(message.get("content"))
         role = message.get("role")
         if role == "assistant":
             converted = assistant_message(blocks, flavor, keep_cache, passback)
             call_ids = [call["id"] for call in converted.get("tool_calls", [])]
-            messages.append(converted)
+            messages += [*held, converted]
+            held = []
         elif role == "system":
             parts = [part for block in blocks for part in content_parts(block, keep_cache)]
-            messages.append({"role": "system", "content": parts})
+            (held if call_ids else messages).append({"role": "system", "content": parts})
         else:
-            messages += user_messages(blocks, call_ids, keep_cache)
-            call_ids = []
+            converted_user = user_messages(blocks, call_ids, keep_cache)
+            results = [m for m in converted_user if m["role"] == "tool"]
+            messages += results + held + [m for m in converted_user if m["role"] != "tool"]
+            call_ids, held = [], []
+    messages += held
     kept = [m for m in messages if m["content"] or m.get("tool_calls") or m["role"] == "tool"]
     merged = merge_consecutive(kept)
     for message in merged:
@@ -2108,6 +2228,7 @@ class OpenAIChunkConverter:
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.saw_done = False
+        self.refused = False
 
     def feed(self, data: str) -> bytes:
         """Frames for one upstream data payload ("[DONE]" only marks a clean end)."""
@@ -2132,11 +2253,9 @@ class OpenAIChunkConverter:
                 frames += self.feed_choice(choice)
         return frames
 
-    def fail(self, error_type: str, message: str) -> bytes:
-        """An error event once output has begun; before that TranslationError, so it can be an HTTP error."""
-        if not self.stream.started:
-            raise TranslationError(message, error_type)
-        return self.stream.error(error_type, message)
+    def fail(self, error_type: str, message: str) -> NoReturn:
+        """Raise TranslationError: an HTTP error before any output, an `error` event after (see relay_sse)."""
+        raise TranslationError(message, error_type)
 
     def feed_choice(self, choice: dict) -> bytes:
         delta = choice.get("delta") or {}
@@ -2151,6 +2270,10 @@ class OpenAIChunkConverter:
         content = delta.get("content")
         if isinstance(content, str) and content:
             frames += self.transition() + self.stream.text(content)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            self.refused = True
+            frames += self.transition() + self.stream.text(refusal)
         for fragment in delta.get("tool_calls") or []:
             frames += self.tool_fragment(fragment)
         finish_reason = choice.get("finish_reason")
@@ -2239,7 +2362,8 @@ class OpenAIChunkConverter:
                 return frames + self.fail("api_error", "upstream sent an incomplete tool call")
             frames += self.emit_call(call, call.args + suffix)
         usage = anthropic_usage(self.usage) if self.usage else None
-        return frames + self.transition() + self.stream.finish(anthropic_stop_reason(self.finish_reason), usage)
+        stop_reason = "refusal" if self.refused else anthropic_stop_reason(self.finish_reason)
+        return frames + self.transition() + self.stream.finish(stop_reason, usage)
 
 
 async def openai_stream_to_anthropic(
@@ -2295,7 +2419,12 @@ def openai_family_build_request(call: Call) -> UpstreamRequest:
 
 
 def openai_family_parse_response(data: dict, call: Call) -> dict:
-    return openai_to_anthropic_response(data, call.model, tool_name_map(call.body), call.provider.type)
+    """The Anthropic message; without upstream usage, the local input count and about 4 characters a token."""
+    message = openai_to_anthropic_response(data, call.model, tool_name_map(call.body), call.provider.type)
+    if not data.get("usage"):
+        written = sum(len(json.dumps(block)) for block in message["content"])
+        message["usage"] = {**message["usage"], "input_tokens": call.input_tokens, "output_tokens": (written + 3) // 4}
+    return message
 
 
 def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
@@ -2441,7 +2570,7 @@ class OllamaConverter:
     def feed(self, data: Any) -> bytes:
         if not isinstance(data, dict) or data.get("error"):
             message = data.get("error") if isinstance(data, dict) else "unexpected NDJSON line"
-            return self.fail(f"ollama: {message}")
+            return self.fail(str(message))
         message = data.get("message") or {}
         frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
         for tool_call in message.get("tool_calls") or ():
@@ -2457,10 +2586,8 @@ class OllamaConverter:
             frames += self.stream.finish(stop, ollama_usage(data))
         return frames
 
-    def fail(self, message: str) -> bytes:
-        if not self.stream.started:
-            raise TranslationError(message)
-        return self.stream.error("api_error", message)
+    def fail(self, message: str) -> NoReturn:
+        raise TranslationError(message)
 
     def end(self) -> bytes:
         """Nothing after `done`; an error when the stream closed before it."""
@@ -2783,7 +2910,7 @@ class GeminiConverter:
         if data.get("error"):
             error = data["error"]
             message = error.get("message", "error") if isinstance(error, dict) else str(error)
-            return self.fail("api_error", f"gemini: {message}")
+            return self.fail("api_error", message)
         if data.get("usageMetadata"):
             self.usage = data["usageMetadata"]
         block_reason = (data.get("promptFeedback") or {}).get("blockReason")
@@ -2818,10 +2945,8 @@ class GeminiConverter:
             frames += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
         return frames
 
-    def fail(self, error_type: str, message: str) -> bytes:
-        if not self.stream.started:
-            raise TranslationError(message, error_type)
-        return self.stream.error(error_type, message)
+    def fail(self, error_type: str, message: str) -> NoReturn:
+        raise TranslationError(message, error_type)
 
     def end(self) -> bytes:
         """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error."""
@@ -3087,7 +3212,10 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
             return Answer(
                 upstream, message=transformer.parse_response(await read_upstream_json(upstream, provider), call)
             )
-        frames = transformer.stream(upstream, call)
+        if upstream.content_type == "application/json":
+            frames = whole_answer_frames(upstream, transformer, call)
+        else:
+            frames = transformer.stream(upstream, call)
         try:
             return Answer(upstream, frames, await frames.__anext__())
         except StopAsyncIteration:
@@ -3096,9 +3224,26 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
             raise ProxyError(504, f"{provider.name} went silent before answering", retryable=True) from None
         except aiohttp.ClientError as exc:
             raise ProxyError(502, f"{provider.name} broke the stream: {type(exc).__name__}", retryable=True) from None
+    except ProxyError as err:
+        upstream.close()
+        raise named(err, provider.name) from None
     except BaseException:
         upstream.close()
         raise
+
+
+async def whole_answer_frames(
+    upstream: aiohttp.ClientResponse, transformer: Transformer, call: Call
+) -> AsyncIterator[bytes]:
+    """A stream request answered with one JSON message (some servers ignore `stream`): its frames."""
+    yield message_to_frames(transformer.parse_response(await read_upstream_json(upstream, call.provider), call))
+
+
+def named(err: ProxyError, provider: str) -> ProxyError:
+    """The error with the provider's name in front, as every upstream failure should read."""
+    if not err.message.startswith(provider):
+        err.message = f"{provider}: {err.message}"
+    return err
 
 
 def retry_delay(err: ProxyError, attempt: int, retries: int, config: Config) -> float | None:
@@ -3135,6 +3280,7 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         except ProxyError as failure:
             err = failure
         ring.report(call.api_key, err)
+        request.app[STATE].metrics.upstream_errors[(provider.name, err.error_type)] += 1
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
@@ -3153,28 +3299,33 @@ SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-contro
 
 
 async def relay_sse(
-    request: web.Request, answer: Answer, headers: dict[str, str], deadline: float
+    request: web.Request, answer: Answer, headers: dict[str, str], deadline: float, dialect: Dialect
 ) -> web.StreamResponse:
     """Write the answer's frames as they come; a failure after the first one becomes an Anthropic `error` event
     that ends the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream."""
     assert answer.frames is not None
     exchange = request[EXCHANGE]
+    translate = dialect.frames() if dialect.frames is not None else bytes
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
-        await response.write(answer.first)
+        await response.write(translate(answer.first))
+        exchange.first_byte_s = time.perf_counter() - exchange.started
+        exchange.note_usage(answer.first)
         try:
             async for frame in answer.frames:
-                await response.write(frame)
+                await response.write(translate(frame))
+                exchange.note_usage(frame)
                 if time.monotonic() > deadline:
                     raise ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
         except ProxyError as err:
-            await write_error_event(response, exchange, err)
+            await write_error_event(response, exchange, named(err, exchange.provider), dialect)
         except asyncio.TimeoutError:
-            await write_error_event(response, exchange, ProxyError(504, f"{exchange.provider} stream went silent"))
+            silent = ProxyError(504, f"{exchange.provider} stream went silent")
+            await write_error_event(response, exchange, silent, dialect)
         except aiohttp.ClientError as exc:
             failure = ProxyError(502, f"{exchange.provider} stream failed: {type(exc).__name__}")
-            await write_error_event(response, exchange, failure)
+            await write_error_event(response, exchange, failure, dialect)
         await response.write_eof()
     except ConnectionResetError:
         exchange.outcome = "client_closed"
@@ -3183,9 +3334,279 @@ async def relay_sse(
     return response
 
 
-async def write_error_event(response: web.StreamResponse, exchange: Exchange, err: ProxyError) -> None:
+async def write_error_event(
+    response: web.StreamResponse, exchange: Exchange, err: ProxyError, dialect: Dialect
+) -> None:
     exchange.outcome = err.error_type
-    await response.write(sse_frame("error", error_body(err.error_type, err.message, exchange.request_id)))
+    await response.write(dialect.error_event(err, exchange.request_id))
+
+
+# ---------------------------------------------------------------------------
+# Client dialects: Anthropic's wire format (the native one) and OpenAI's chat completions (/v1/chat/completions)
+# ---------------------------------------------------------------------------
+# An OpenAI client's request is turned into an Anthropic one, analysed, routed and answered like any other;
+# the answer (a message, or Anthropic SSE frames) is then written back in OpenAI's shape.
+
+OPENAI_CHAT_PATH = "/v1/chat/completions"
+OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+OPENAI_FINISH |= {"refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+OPENAI_DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one client's answers and errors are written: `message` maps a whole message, `frames` returns a
+    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream."""
+
+    message: Callable[[dict], dict]
+    frames: Callable[[], Callable[[bytes], bytes]] | None
+    error_event: Callable[[ProxyError, str], bytes]
+
+
+def anthropic_error_event(err: ProxyError, request_id: str) -> bytes:
+    return sse_frame("error", error_body(err.error_type, err.message, request_id))
+
+
+ANTHROPIC_DIALECT = Dialect(lambda message: message, None, anthropic_error_event)
+
+
+def openai_error_body(err: ProxyError) -> dict:
+    kind = err.error_type if err.status < 500 else "server_error"
+    return {"error": {"message": err.message, "type": kind, "param": None, "code": err.error_type}}
+
+
+def openai_error_event(err: ProxyError, request_id: str) -> bytes:
+    return b"data: " + dump_json(openai_error_body(err)) + b"\n\n"
+
+
+def openai_dialect(model: str, include_usage: bool) -> Dialect:
+    def frames() -> Callable[[bytes], bytes]:
+        return OpenAIChunkWriter(model, include_usage).feed
+
+    return Dialect(lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event)
+
+
+def openai_content_blocks(content: Any) -> list[dict]:
+    """Anthropic blocks for an OpenAI message's content: text, image_url (data: URLs become base64) and files."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise ProxyError(400, "messages[].content: expected a string or a list of content parts")
+    blocks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            blocks.append({"type": "image", "source": data_url_source(url) or {"type": "url", "url": url}})
+        elif kind == "file" and (part.get("file") or {}).get("file_data"):
+            source = data_url_source(part["file"]["file_data"])
+            if source is None:
+                raise ProxyError(400, "file parts need file_data as a base64 data: URL")
+            blocks.append({"type": "document", "source": source})
+        else:
+            raise ProxyError(400, f"unsupported content part type {kind!r}")
+    return blocks
+
+
+def data_url_source(url: str) -> dict | None:
+    """A base64 source for a `data:<type>;base64,<data>` URL, else None."""
+    head, sep, data = url.partition(",")
+    if not (sep and head.startswith("data:") and head.endswith(";base64")):
+        return None
+    return {"type": "base64", "media_type": head[5:-7], "data": data}
+
+
+def openai_tool_calls_to_blocks(tool_calls: Any) -> list[dict]:
+    blocks = []
+    for call in tool_calls or ():
+        function = call.get("function") or {} if isinstance(call, dict) else {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            raise ProxyError(400, f"tool call {call.get('id')!r}: arguments are not valid JSON") from None
+        blocks.append(
+            {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""), "input": arguments}
+        )
+    return blocks
+
+
+def openai_request_to_anthropic(data: dict) -> dict:
+    """An Anthropic Messages body for a chat-completions request."""
+    model, messages = data.get("model"), data.get("messages")
+    if not isinstance(model, str) or not model:
+        raise ProxyError(400, "model: expected a non-empty string")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ProxyError(400, "messages: expected a list of message objects")
+    system: list[dict] = []
+    turns: list[dict] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system += openai_content_blocks(message.get("content"))
+            continue
+        if role == "tool":
+            result = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id", ""))}
+            result["content"] = openai_content_blocks(message.get("content")) or ""
+            blocks, role = [result], "user"
+        elif role == "assistant":
+            blocks = openai_content_blocks(message.get("content")) + openai_tool_calls_to_blocks(
+                message.get("tool_calls")
+            )
+        elif role == "user":
+            blocks = openai_content_blocks(message.get("content"))
+        else:
+            raise ProxyError(400, f"messages[].role: unsupported role {role!r}")
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        else:
+            turns.append({"role": role, "content": blocks})
+    body: dict = {"model": model, "messages": turns}
+    body["max_tokens"] = data.get("max_completion_tokens") or data.get("max_tokens") or OPENAI_DEFAULT_MAX_TOKENS
+    if system:
+        body["system"] = system
+    for key in ("temperature", "top_p", "stream"):
+        if data.get(key) is not None:
+            body[key] = min(data[key], 1.0) if key == "temperature" and _is_number(data[key]) else data[key]
+    stop = data.get("stop")
+    if stop:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    if isinstance(data.get("user"), str):
+        body["metadata"] = {"user_id": data["user"]}
+    tools = [
+        t.get("function") or {} for t in data.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"
+    ]
+    if tools:
+        body["tools"] = [
+            {
+                "name": f.get("name", ""),
+                "description": f.get("description", ""),
+                "input_schema": f.get("parameters") or {"type": "object", "properties": {}},
+            }
+            for f in tools
+        ]
+        choice = openai_choice_to_anthropic(data.get("tool_choice"))
+        if data.get("parallel_tool_calls") is False:
+            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        if choice:
+            body["tool_choice"] = choice
+    return body
+
+
+def openai_choice_to_anthropic(choice: Any) -> dict | None:
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"type": "tool", "name": choice["function"].get("name", "")}
+    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice)
+
+
+def openai_usage(usage: dict) -> dict:
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def anthropic_to_openai_completion(message: dict, model: str) -> dict:
+    """A chat.completion for an Anthropic message; thinking travels as `reasoning_content`."""
+    content = message.get("content") or []
+    text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
+    reply: dict = {"role": "assistant", "content": text or None}
+    reasoning = "".join(b.get("thinking", "") for b in content if b.get("type") == "thinking")
+    if reasoning:
+        reply["reasoning_content"] = reasoning
+    calls = [
+        {
+            "id": b["id"],
+            "type": "function",
+            "function": {"name": b["name"], "arguments": json.dumps(b.get("input") or {})},
+        }
+        for b in content
+        if b.get("type") == "tool_use"
+    ]
+    if calls:
+        reply["tool_calls"] = calls
+    return {
+        "id": "chatcmpl-" + str(message.get("id", new_message_id())).removeprefix("msg_"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": reply, "finish_reason": OPENAI_FINISH.get(message.get("stop_reason"), "stop")}
+        ],
+        "usage": openai_usage(message.get("usage") or {}),
+    }
+
+
+class OpenAIChunkWriter:
+    """Turns Anthropic SSE frames (whole frames, as the relay passes them) into chat.completion.chunk frames."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = "chatcmpl-" + random_base62(24)
+        self.created = int(time.time())
+        self.usage: dict = {}
+        self.tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        return b"data: " + dump_json({**data, "choices": [choice]}) + b"\n\n"
+
+    def feed(self, frames: bytes) -> bytes:
+        out = []
+        for frame in frames.split(b"\n\n"):
+            _, _, data = frame.partition(b"data: ")
+            if data.strip():
+                out.append(self.event(json.loads(data)))
+        return b"".join(out)
+
+    def event(self, event: dict) -> bytes:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.usage = dict(event["message"].get("usage") or {})
+            return self.chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start" and event["content_block"].get("type") == "tool_use":
+            block, position = event["content_block"], len(self.tool_index)
+            self.tool_index[event["index"]] = position
+            function = {"name": block.get("name", ""), "arguments": ""}
+            return self.chunk(
+                {"tool_calls": [{"index": position, "id": block.get("id"), "type": "function", "function": function}]}
+            )
+        if kind == "content_block_delta":
+            delta = event["delta"]
+            if delta.get("type") == "text_delta":
+                return self.chunk({"content": delta.get("text", "")})
+            if delta.get("type") == "thinking_delta":
+                return self.chunk({"reasoning_content": delta.get("thinking", "")})
+            if delta.get("type") == "input_json_delta":
+                call = {
+                    "index": self.tool_index.get(event["index"], 0),
+                    "function": {"arguments": delta["partial_json"]},
+                }
+                return self.chunk({"tool_calls": [call]})
+        if kind == "message_delta":
+            self.usage.update(event.get("usage") or {})
+            return self.chunk({}, OPENAI_FINISH.get(event["delta"].get("stop_reason"), "stop"))
+        if kind == "message_stop":
+            usage = b""
+            if self.include_usage:
+                data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+                usage = b"data: " + dump_json({**data, "choices": [], "usage": openai_usage(self.usage)}) + b"\n\n"
+            return usage + b"data: [DONE]\n\n"
+        if kind == "error":
+            err = event.get("error") or {}
+            return openai_error_event(ProxyError(502, err.get("message", "error"), err.get("type")), "")
+        return b""
 
 
 # ---------------------------------------------------------------------------
@@ -3205,10 +3626,22 @@ class Exchange:
     outcome: str = "ok"
     retries: int = 0
     fallbacks: int = 0
+    session_id: str | None = None
+    first_byte_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
     usage: dict = field(default_factory=dict)
 
-    def note_anthropic_usage(self, frames: bytes) -> None:
-        """Record usage from message_start / message_delta frames for the log."""
+    def prompt_tokens(self) -> int | None:
+        """The upstream's own count of this request's input (cache reads and writes included), if it said."""
+        if not isinstance(self.usage.get("input_tokens"), int):
+            return None
+        cached = ("cache_read_input_tokens", "cache_creation_input_tokens")
+        return self.usage["input_tokens"] + sum(self.usage.get(k) or 0 for k in cached)
+
+    def note_usage(self, frames: bytes) -> None:
+        """Record usage from message_start / message_delta frames, for the log and the session memory."""
+        if b"message_delta" not in frames and b"message_start" not in frames:
+            return
         for line in frames.split(b"\n"):
             if line.startswith(b"data: ") and (b'"message_start"' in line or b'"message_delta"' in line):
                 try:
@@ -3243,6 +3676,120 @@ class RateLimiter:
         return 0.0
 
 
+class Histogram:
+    """A Prometheus histogram per label tuple."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.series: dict[tuple, list[float]] = {}  # labels -> bucket counts, then sum, then count
+
+    def observe(self, labels: tuple, value: float) -> None:
+        row = self.series.setdefault(labels, [0.0] * (len(self.buckets) + 2))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                row[i] += 1
+        row[-2] += value
+        row[-1] += 1
+
+    def render(self, name: str, label_names: tuple[str, ...]) -> list[str]:
+        lines = [f"# TYPE {name} histogram"]
+        for labels, row in self.series.items():
+            base = prom_labels(label_names, labels)
+            for bound, count in zip(self.buckets, row, strict=False):
+                lines.append(f'{name}_bucket{{{base},le="{bound}"}} {count:.0f}')
+            lines.append(f'{name}_bucket{{{base},le="+Inf"}} {row[-1]:.0f}')
+            lines.append(f"{name}_sum{{{base}}} {row[-2]:.6f}")
+            lines.append(f"{name}_count{{{base}}} {row[-1]:.0f}")
+        return lines
+
+
+def prom_labels(names: tuple[str, ...], values: tuple) -> str:
+    escape = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+    return ",".join(f'{name}="{str(value).translate(escape)}"' for name, value in zip(names, values, strict=True))
+
+
+class Metrics:
+    """What /metrics shows, in Prometheus text exposition format."""
+
+    SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    REQUEST_LABELS = ("scenario", "provider", "model", "status")
+    TARGET_LABELS = ("provider", "model")
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple] = collections.Counter()
+        self.latency = Histogram(self.SECONDS)
+        self.first_byte = Histogram(self.SECONDS)
+        self.input_tokens: collections.Counter[tuple] = collections.Counter()
+        self.output_tokens: collections.Counter[tuple] = collections.Counter()
+        self.upstream_errors: collections.Counter[tuple] = collections.Counter()
+        self.retries: collections.Counter[tuple] = collections.Counter()
+        self.fallbacks: collections.Counter[tuple] = collections.Counter()
+
+    def observe(self, exchange: Exchange, status: int, seconds: float) -> None:
+        target = (exchange.provider, exchange.model)
+        self.requests[(exchange.scenario, *target, status)] += 1
+        self.latency.observe(target, seconds)
+        if exchange.first_byte_s is not None:
+            self.first_byte.observe(target, exchange.first_byte_s)
+        usage = exchange.usage
+        self.input_tokens[target] += exchange.prompt_tokens() or 0
+        self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
+        self.retries[target] += exchange.retries
+        self.fallbacks[target] += exchange.fallbacks
+
+    def render(self, in_flight: int) -> str:
+        lines: list[str] = []
+
+        def counter(name: str, help_text: str, values: collections.Counter[tuple], labels: tuple[str, ...]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
+            lines.extend(f"{name}{{{prom_labels(labels, key)}}} {value}" for key, value in values.items())
+
+        counter("terraphim_requests_total", "API requests by outcome.", self.requests, self.REQUEST_LABELS)
+        lines.append("# HELP terraphim_request_seconds Time from request to the end of the answer.")
+        lines += self.latency.render("terraphim_request_seconds", self.TARGET_LABELS)
+        lines.append("# HELP terraphim_first_byte_seconds Time from request to the first answer byte.")
+        lines += self.first_byte.render("terraphim_first_byte_seconds", self.TARGET_LABELS)
+        counter(
+            "terraphim_input_tokens_total",
+            "Input tokens the upstreams reported.",
+            self.input_tokens,
+            self.TARGET_LABELS,
+        )
+        counter(
+            "terraphim_output_tokens_total",
+            "Output tokens the upstreams reported.",
+            self.output_tokens,
+            self.TARGET_LABELS,
+        )
+        counter(
+            "terraphim_upstream_errors_total", "Failed upstream attempts.", self.upstream_errors, ("provider", "type")
+        )
+        counter("terraphim_retries_total", "Upstream attempts retried.", self.retries, self.TARGET_LABELS)
+        counter(
+            "terraphim_fallbacks_total", "Requests served by a fallback target.", self.fallbacks, self.TARGET_LABELS
+        )
+        lines += ["# HELP terraphim_in_flight Requests being served.", "# TYPE terraphim_in_flight gauge"]
+        lines.append(f"terraphim_in_flight {in_flight}")
+        return "\n".join(lines) + "\n"
+
+
+class SessionMemory:
+    """The upstream's input-token count of each session's last answer, in a bounded LRU."""
+
+    def __init__(self, size: int = 10_000):
+        self.size = size
+        self.tokens: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def get(self, session_id: str) -> int | None:
+        return self.tokens.get(session_id)
+
+    def remember(self, session_id: str, tokens: int) -> None:
+        self.tokens[session_id] = tokens
+        self.tokens.move_to_end(session_id)
+        if len(self.tokens) > self.size:
+            self.tokens.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a request uses from start to end, even when SIGHUP swaps the config meanwhile."""
@@ -3264,6 +3811,8 @@ class ProxyState:
         self.current = Snapshot.of(config)
         self.in_flight = 0
         self.provider_in_flight: collections.Counter[str] = collections.Counter()
+        self.sessions = SessionMemory()
+        self.metrics = Metrics()
 
     def reload(self, config: Config) -> None:
         self.current = Snapshot.of(config)
@@ -3275,6 +3824,7 @@ COUNTER = web.AppKey("counter", TokenCounter)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 IMAGE_SESSION = web.AppKey("image_session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
+STARTED_WALL = web.AppKey("started_wall", float)
 EXCHANGE = "terraphim.exchange"
 MAX_JSON_DEPTH = 64
 
@@ -3285,24 +3835,24 @@ def new_request_id() -> str:
 
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Give each request an id, turn every failure into an Anthropic error, and log one line."""
+    """Give each request an id, turn every failure into an error body, count it, and log one line."""
     exchange = request[EXCHANGE] = Exchange(new_request_id())
-    started = time.perf_counter()
+    started = exchange.started
     status = 499
     try:
         try:
             response = await handler(request)
         except ProxyError as err:
-            response = error_response(err, exchange.request_id)
+            response = error_response(err, exchange.request_id, request.path)
         except web.HTTPException as exc:
-            response = error_response(http_exception_error(exc, request), exchange.request_id)
+            response = error_response(http_exception_error(exc, request), exchange.request_id, request.path)
         except (ConnectionResetError, asyncio.CancelledError):
             exchange.outcome = "client_closed"
             raise
         except Exception:
             log.exception("request %s failed inside the proxy", exchange.request_id)
             err = ProxyError(500, f"internal proxy error (request {exchange.request_id})")
-            response = error_response(err, exchange.request_id)
+            response = error_response(err, exchange.request_id, request.path)
         status = response.status
         if not response.prepared:
             response.headers["request-id"] = exchange.request_id
@@ -3311,29 +3861,34 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
         return response
     finally:
         if request.path.startswith("/v1/"):
-            log.info(
-                "%s %s scenario=%s provider=%s model=%s tokens=%d status=%d outcome=%s retries=%d fallbacks=%d ms=%.1f",
-                exchange.request_id,
-                request.path,
-                exchange.scenario,
-                exchange.provider,
-                exchange.model,
-                exchange.tokens,
-                status,
-                exchange.outcome,
-                exchange.retries,
-                exchange.fallbacks,
-                (time.perf_counter() - started) * 1000,
-            )
+            seconds = time.perf_counter() - started
+            request.app[STATE].metrics.observe(exchange, status, seconds)
+            log_exchange(exchange, request.path, status, seconds)
 
 
-def error_response(err: ProxyError, request_id: str) -> web.Response:
-    return web.Response(
-        status=err.status,
-        body=dump_json(error_body(err.error_type, err.message, request_id)),
-        content_type="application/json",
-        headers=err.headers,
-    )
+def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> None:
+    """The one INFO line per request; with --log-format json its fields also go out as JSON keys."""
+    fields = {
+        "request_id": exchange.request_id,
+        "path": path,
+        "scenario": exchange.scenario,
+        "provider": exchange.provider,
+        "model": exchange.model,
+        "tokens": exchange.tokens,
+        "status": status,
+        "outcome": exchange.outcome,
+        "retries": exchange.retries,
+        "fallbacks": exchange.fallbacks,
+        "ms": round(seconds * 1000, 1),
+    }
+    text = " ".join(f"{key}={value}" for key, value in fields.items() if key not in ("request_id", "path"))
+    log.info("%s %s %s", exchange.request_id, path, text, extra={"fields": fields})
+
+
+def error_response(err: ProxyError, request_id: str, path: str = "") -> web.Response:
+    """The error in the client's dialect: OpenAI's shape on /v1/chat/completions, Anthropic's elsewhere."""
+    body = openai_error_body(err) if path == OPENAI_CHAT_PATH else error_body(err.error_type, err.message, request_id)
+    return web.Response(status=err.status, body=dump_json(body), content_type="application/json", headers=err.headers)
 
 
 def http_exception_error(exc: web.HTTPException, request: web.Request) -> ProxyError:
@@ -3473,10 +4028,12 @@ class Incoming:
     body: dict
     hints: Hints
     route: Route
+    dialect: Dialect = ANTHROPIC_DIALECT
 
 
-async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> Incoming:
-    """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route."""
+async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: bool = False) -> Incoming:
+    """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route.
+    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
     snapshot = request.app[STATE].current
     config = snapshot.config
     client = check_auth(request, config)
@@ -3486,20 +4043,37 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool) -> Incom
             limit = f"{config.rate_limit_rpm} requests per minute"
             raise ProxyError(429, f"rate limit of {limit} reached", headers={"retry-after": str(math.ceil(wait))})
     raw = await read_json_body(request, config.max_body_bytes)
+    dialect = ANTHROPIC_DIALECT
+    if openai:
+        include_usage = bool((raw.data.get("stream_options") or {}).get("include_usage"))
+        raw = RawBody("", openai_request_to_anthropic(raw.data), raw.size)
+        dialect = openai_dialect(raw.data["model"], include_usage)
     validate_messages_request(raw.data, need_max_tokens)
     exchange = request[EXCHANGE]
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
+    if hints.session_id is not None:
+        hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
+        exchange.session_id = hints.session_id
     exchange.tokens = hints.token_count
-    route = choose_route(hints, config)
+    route = choose_route(hints, config, body)
     exchange.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s hints=%s body=%s", exchange.request_id, hints, json.dumps(body)[:4000])
-    return Incoming(snapshot, raw, body, hints, route)
+    return Incoming(snapshot, raw, body, hints, route, dialect)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
+    return await serve_request(request, openai=False)
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    return await serve_request(request, openai=True)
+
+
+async def serve_request(request: web.Request, openai: bool) -> web.StreamResponse:
+    """A Messages or chat-completions request: prepared, held to the in-flight limit, served by its route."""
     state = request.app[STATE]
-    incoming = await prepare_exchange(request, need_max_tokens=True)
+    incoming = await prepare_exchange(request, need_max_tokens=True, openai=openai)
     limit = incoming.snapshot.config.max_in_flight
     if state.in_flight >= limit:
         raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
@@ -3527,26 +4101,35 @@ async def serve_route(request: web.Request, state: ProxyState, incoming: Incomin
         state.provider_in_flight[provider.name] += 1
         try:
             answer = await answer_from(incoming, target, request)
-            return await respond(request, answer, target, time.monotonic() + provider.timeouts.stream_ms / 1000)
+            deadline = time.monotonic() + provider.timeouts.stream_ms / 1000
+            response = await respond(request, answer, target, deadline, incoming.dialect)
         except ProxyError as err:
             failure = err
+            continue
         finally:
             state.provider_in_flight[provider.name] -= 1
+        prompt_tokens = exchange.prompt_tokens()
+        if exchange.session_id is not None and prompt_tokens is not None:
+            state.sessions.remember(exchange.session_id, prompt_tokens)
+        return response
     raise failure
 
 
-async def respond(request: web.Request, answer: Answer, target: Target, deadline: float) -> web.StreamResponse:
+async def respond(
+    request: web.Request, answer: Answer, target: Target, deadline: float, dialect: Dialect
+) -> web.StreamResponse:
     """Send a started answer to the client; the upstream connection goes back to the pool when it is complete."""
     exchange = request[EXCHANGE]
     headers = response_headers(exchange, target)
     try:
         if answer.frames is not None:
-            response = await relay_sse(request, answer, headers, deadline)
+            response = await relay_sse(request, answer, headers, deadline, dialect)
         else:
             message = answer.message or {}
             if isinstance(message.get("usage"), dict):
                 exchange.usage = message["usage"]
-            response = web.Response(body=dump_json(message), content_type="application/json", headers=headers)
+            body = dump_json(dialect.message(message))
+            response = web.Response(body=body, content_type="application/json", headers=headers)
     except BaseException:
         answer.upstream.close()
         raise
@@ -3611,9 +4194,15 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    """The configured models in Anthropic's list shape; ids are `provider,model`, usable as explicit routes."""
+    """The configured models, ids `provider,model` (usable as explicit routes): in Anthropic's list shape for
+    clients that send anthropic-version, in OpenAI's for the others."""
     config = request.app[STATE].current.config
     check_auth(request, config)
+    if "anthropic-version" not in request.headers:
+        created = int(request.app[STARTED_WALL])
+        models = [f"{p.name},{m}" for p in config.providers.values() if p.enabled for m in p.models]
+        data = [{"id": m, "object": "model", "created": created, "owned_by": m.split(",")[0]} for m in models]
+        return web.json_response({"object": "list", "data": data})
     data = [
         {
             "type": "model",
@@ -3627,6 +4216,36 @@ async def handle_models(request: web.Request) -> web.Response:
     ]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return web.json_response({"data": data, "has_more": False, "first_id": first, "last_id": last})
+
+
+async def handle_routes(request: web.Request) -> web.Response:
+    """The effective routing table, in the order the router applies it."""
+    config = request.app[STATE].current.config
+    check_auth(request, config)
+    routes = {scenario: [str(t) for t in targets] for scenario, targets in config.routes.items()}
+    rules = [
+        {"name": r.name, "keywords": list(r.keywords), "pattern": r.pattern, "route": [str(t) for t in r.route]}
+        | {"priority": r.priority}
+        for r in config.rules
+    ]
+    order = ["module", "explicit", "long_context", "subagent", "rules", "image", "web_search", "background"]
+    return web.json_response(
+        {
+            "order": [*order, "think", "default"],
+            "module": config.router_module or None,
+            "routes": routes,
+            "rules": rules,
+            "long_context_threshold": config.long_context_threshold,
+            "think_efforts": list(config.think_efforts),
+        }
+    )
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    check_auth(request, state.current.config)
+    body = state.metrics.render(state.in_flight).encode()
+    return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def handle_root(request: web.Request) -> web.Response:
@@ -3648,10 +4267,14 @@ def create_app(config: Config, counter: TokenCounter | None = None) -> web.Appli
     app[STATE] = ProxyState(config)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
+    app[STARTED_WALL] = time.time()
     app.cleanup_ctx.append(_client_session_ctx)
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", handle_models)
+    app.router.add_post(OPENAI_CHAT_PATH, handle_chat_completions)
+    app.router.add_get("/routes", handle_routes)
+    app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/", handle_root)
     REDACTOR.secrets = config.secrets()

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
 import pytest
 import tiktoken
 from aiohttp import web
@@ -1252,7 +1253,8 @@ async def test_health(proxy_url: str, http: aiohttp.ClientSession) -> None:
 
 
 async def test_models_list(proxy_url: str, http: aiohttp.ClientSession, sdk: anthropic.AsyncAnthropic) -> None:
-    answer = await call(http, f"{proxy_url}/v1/models", method="GET")
+    anthropic_client = {"anthropic-version": "2023-06-01"}
+    answer = await call(http, f"{proxy_url}/v1/models", method="GET", headers=anthropic_client)
 
     assert answer.status == 200
     listing = answer.json()
@@ -1261,6 +1263,17 @@ async def test_models_list(proxy_url: str, http: aiohttp.ClientSession, sdk: ant
     assert listing["has_more"] is False
     assert listing["first_id"] == listing["last_id"] == "pinned,model-pinned"
     assert [model.id async for model in sdk.models.list()] == ["pinned,model-pinned"]
+
+
+async def test_models_list_in_openai_shape_without_anthropic_version(
+    proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0) as client:
+        models = [model async for model in client.models.list()]
+
+    assert [(model.id, model.object, model.owned_by) for model in models] == [
+        ("pinned,model-pinned", "model", "pinned")
+    ]
 
 
 # ---------------------------------------------------------------------------
