@@ -28,11 +28,15 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import string
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -4295,15 +4299,23 @@ def routing_table(config: Config) -> str:
         models = ", ".join(p.models) or "any"
         lines.append(f"  {p.name:<12} {p.type:<10} {p.api_base_url}  {state}; models: {models}")
     lines.append("routes (first match wins):")
+    if config.router_module:
+        lines.append(f"  module        {config.router_module}: route(request, hints), when it returns a route")
     lines.append("  explicit      a request model 'provider,model'")
-    for scenario in ("long_context", "subagent", "image", "web_search", "background", "think", "default"):
+    for scenario in ("long_context", "subagent", "rules", "image", "web_search", "background", "think", "default"):
         if scenario == "subagent":
             lines.append("  subagent      <CCR-SUBAGENT-MODEL>provider,model</CCR-SUBAGENT-MODEL> in the system prompt")
+            continue
+        if scenario == "rules":
+            for rule in config.rules:
+                what = ", ".join(rule.keywords) + (f" /{rule.pattern}/" if rule.pattern else "")
+                route = " | ".join(map(str, rule.route)) or "(every target disabled)"
+                lines.append(f"  rule {rule.name:<8} {route}  when the last user message has: {what.strip()}")
             continue
         targets = config.routes.get(scenario)
         text = " | ".join(map(str, targets)) if targets else "(not set: falls through)"
         if scenario == "long_context":
-            text += f"  when tokens > {config.long_context_threshold}"
+            text += f"  when tokens > {config.long_context_threshold} (or the session's last answer said so)"
         elif scenario == "think":
             text += f"  when thinking.type=enabled or effort in {list(config.think_efforts)}"
         lines.append(f"  {scenario:<13} {text}")
@@ -4311,12 +4323,23 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
+COMMANDS = ("serve", "env", "code", "import-ccr")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="terraphim-proxy", description="LLM routing proxy for Claude Code.")
+    parser = argparse.ArgumentParser(
+        prog="terraphim-proxy",
+        description="LLM routing proxy for Claude Code.",
+        epilog="commands: serve (default); env: print the exports Claude Code needs; code [ARGS...]: start the "
+        "proxy if needed and run claude; import-ccr PATH: convert a claude-code-router config.json to TOML",
+    )
+    parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML config (default: ./config.toml if present, else built-in)")
     parser.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default from config: 3456)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default from config: info)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON")
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
     parser.add_argument("--check", action="store_true", help="validate the config, print the routing table, exit")
     parser.add_argument("--version", action="version", version=f"terraphim-proxy {__version__}")
@@ -4339,10 +4362,27 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def setup_logging(level: str, with_pid: bool = False) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, message, and a request line's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, with_pid: bool = False, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     pid = " [%(process)d]" if with_pid else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{pid} %(message)s"))
+    text = logging.Formatter(f"%(asctime)s %(levelname)s{pid} %(message)s")
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
     handler.addFilter(REDACTOR)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -4439,8 +4479,244 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- import-ccr: claude-code-router's config.json (JSON5) to this proxy's TOML.
+
+JSON5_IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+CCR_ROUTER_KEYS = {
+    "default": "default",
+    "background": "background",
+    "think": "think",
+    "longContext": "long_context",
+    "webSearch": "web_search",
+    "image": "image",
+}
+CCR_URL_SUFFIXES = {  # claude-code-router names whole endpoints; this proxy wants the base each type builds on
+    "anthropic": ("/v1/messages",),
+    "gemini": ("/models",),
+    "ollama": ("/v1/chat/completions", "/api/chat"),
+}
+CCR_LOG_LEVELS = {"fatal": "error", "error": "error", "warn": "warning", "info": "info", "debug": "debug"}
+
+
+def json5_to_json(text: str) -> str:
+    """JSON text for the JSON5 that claude-code-router reads: comments, trailing commas, single quotes, bare keys."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char in "\"'":
+            end = i + 1
+            while end < n and text[end] != char:
+                end += 2 if text[end] == "\\" else 1
+            body = text[i + 1 : end]
+            if char == "'":
+                body = re.sub(r'(?<!\\)"', r'\\"', body.replace("\\'", "'"))
+            out.append(f'"{body}"')
+            i = end + 1
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if "\n" in text[i:] else n
+        elif text.startswith("/*", i):
+            close = text.find("*/", i + 2)
+            i = n if close < 0 else close + 2
+        elif char in "}]":
+            while out and out[-1].isspace():
+                out.pop()
+            if out and out[-1] == ",":
+                out.pop()
+            out.append(char)
+            i += 1
+        elif match := JSON5_IDENTIFIER.match(text, i):
+            word = match.group()
+            rest = text[match.end() :].lstrip()
+            out.append(json.dumps(word) if rest.startswith(":") and word not in ("true", "false", "null") else word)
+            i = match.end()
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def ccr_provider_type(provider: dict) -> str:
+    """This proxy's provider type for a claude-code-router provider, from its transformers or its URL."""
+    transformer = provider.get("transformer") or {}
+    uses = [u for chain in transformer.values() if isinstance(chain, dict) for u in chain.get("use", [])]
+    uses += transformer.get("use", []) if isinstance(transformer.get("use"), list) else []
+    names = {(u[0] if isinstance(u, list) else u).lower() for u in uses if isinstance(u, (str, list)) and u}
+    url = str(provider.get("api_base_url", "")).lower()
+    for kind, marker in (
+        ("anthropic", "api.anthropic.com"),
+        ("gemini", "generativelanguage"),
+        ("deepseek", "deepseek.com"),
+        ("openrouter", "openrouter.ai"),
+    ):
+        if kind in names or marker in url:
+            return kind
+    return "ollama" if "ollama" in url or ":11434" in url else "openai"
+
+
+def ccr_max_tokens(provider: dict) -> tuple[int | None, dict[str, int]]:
+    """Output caps from `maxtoken` transformer options: the provider's, and per model."""
+    transformer = provider.get("transformer") or {}
+    provider_cap, model_caps = None, {}
+    for key, chain in transformer.items():
+        uses = chain if key == "use" else (chain.get("use", []) if isinstance(chain, dict) else [])
+        for use in uses if isinstance(uses, list) else []:
+            if isinstance(use, list) and len(use) == 2 and use[0] == "maxtoken" and _is_int(use[1].get("max_tokens")):
+                if key == "use":
+                    provider_cap = use[1]["max_tokens"]
+                else:
+                    model_caps[key] = use[1]["max_tokens"]
+    return provider_cap, model_caps
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def ccr_to_toml(ccr: dict, source: str) -> str:
+    """This proxy's TOML config for a claude-code-router config; whatever has no equivalent becomes a comment."""
+    skipped: list[str] = []
+    proxy: dict[str, Any] = {}
+    for key, value in ccr.items():
+        if key == "APIKEY" and value:
+            proxy["api_key"] = value
+        elif key == "HOST":
+            proxy["host"] = value
+        elif key == "PORT" and _is_int(value):
+            proxy["port"] = value
+        elif key == "LOG_LEVEL" and str(value) in CCR_LOG_LEVELS:
+            proxy["log_level"] = CCR_LOG_LEVELS[str(value)]
+        elif key not in ("Providers", "providers", "Router", "LOG"):
+            skipped.append(f"{key} = {json.dumps(value)[:120]}")
+    router: dict[str, Any] = {}
+    for key, value in (ccr.get("Router") or {}).items():
+        if key in CCR_ROUTER_KEYS and isinstance(value, str) and value:
+            router[CCR_ROUTER_KEYS[key]] = value
+        elif key == "longContextThreshold" and _is_int(value):
+            router["long_context_threshold"] = value
+        elif value not in ("", None):
+            skipped.append(f"Router.{key} = {json.dumps(value)[:120]}")
+    lines = [f"# Converted from the claude-code-router config {source} by terraphim-proxy import-ccr.", ""]
+    lines += ["[proxy]"] + [f"{k} = {toml_value(v)}" for k, v in proxy.items()] + [""]
+    lines += ["[router]"] + [f"{k} = {toml_value(v)}" for k, v in router.items()] + [""]
+    for provider in ccr.get("Providers") or ccr.get("providers") or ():
+        kind = ccr_provider_type(provider)
+        base_url = str(provider.get("api_base_url", "")).rstrip("/")
+        for suffix in CCR_URL_SUFFIXES.get(kind, ("/chat/completions",)):
+            base_url = base_url.removesuffix(suffix)
+        entry: dict[str, Any] = {"name": provider.get("name", kind), "type": kind, "api_base_url": base_url}
+        if provider.get("api_key"):
+            entry["api_key"] = provider["api_key"]
+        if provider.get("models"):
+            entry["models"] = provider["models"]
+        cap, model_caps = ccr_max_tokens(provider)
+        if cap:
+            entry["max_tokens"] = cap
+        if model_caps:
+            entry["model_max_tokens"] = model_caps
+        lines += ["[[providers]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+        if provider.get("transformer"):
+            used = json.dumps(provider["transformer"])[:200]
+            lines.append(f"# claude-code-router transformers {used}: the {kind} type does this translation itself")
+        lines.append("")
+    if skipped:
+        lines += ["# Not converted (no equivalent, or set elsewhere):"] + [f"#   {item}" for item in skipped]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def import_ccr_command(rest: list[str]) -> int:
+    """`import-ccr PATH`: print the TOML for a claude-code-router config.json, then the problems --check sees."""
+    if len(rest) != 1:
+        print("usage: terraphim-proxy import-ccr PATH/TO/config.json", file=sys.stderr)
+        return 2
+    try:
+        ccr = json.loads(json5_to_json(Path(rest[0]).read_text(encoding="utf-8")))
+    except OSError as exc:
+        print(f"error: {rest[0]}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {rest[0]}: not valid JSON5: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(ccr, dict):
+        print(f"error: {rest[0]}: expected a JSON object", file=sys.stderr)
+        return 2
+    text = ccr_to_toml(ccr, rest[0])
+    print(text, end="")
+    try:
+        config = build_config(tomllib.loads(text), "converted config")
+    except ConfigError as err:
+        print("\n".join(f"# check: {problem}" for problem in err.problems))
+    else:
+        print("\n".join(f"# check: {warning}" for warning in config.warnings))
+    return 0
+
+
+def claude_env(config: Config) -> dict[str, str]:
+    """The environment Claude Code needs to use this proxy."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return {
+        "ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
+        "ANTHROPIC_AUTH_TOKEN": config.api_key or "terraphim-proxy",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "DISABLE_TELEMETRY": "1",
+        "API_TIMEOUT_MS": str(
+            max(p.timeouts.total_ms for p in config.providers.values()) if config.providers else 600000
+        ),
+    }
+
+
+def print_env(config: Config) -> int:
+    for name, value in claude_env(config).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def proxy_is_up(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def run_claude_code(config: Config, args: argparse.Namespace) -> int:
+    """`code`: start the proxy in the background unless it already answers, then run claude through it."""
+    env = claude_env(config)
+    base_url = env["ANTHROPIC_BASE_URL"]
+    if not proxy_is_up(base_url):
+        log_path = Path(tempfile.gettempdir()) / f"terraphim-proxy-{config.port}.log"
+        command = [sys.executable, str(Path(__file__).resolve()), "--port", str(config.port)]
+        command += ["--config", args.config] if args.config else []
+        with open(log_path, "ab") as log_file:
+            subprocess.Popen(
+                command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + 15
+        while not proxy_is_up(base_url):
+            if time.monotonic() > deadline:
+                print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print(f"terraphim-proxy started on {base_url} (log: {log_path})", file=sys.stderr)
+    try:
+        os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
+    except FileNotFoundError:
+        print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
+        return 127
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "import-ccr":
+        return import_ccr_command(args.rest)
     try:
         config = resolve_config(args)
     except ConfigError as err:
@@ -4450,13 +4726,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(routing_table(config))
         return 0
+    if args.command == "env":
+        return print_env(config)
+    if args.command == "code":
+        return run_claude_code(config, args)
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1 and (not hasattr(socket, "SO_REUSEPORT") or sys.platform == "win32"):
         print("error: --workers needs SO_REUSEPORT (Linux, macOS or a BSD)", file=sys.stderr)
         return 2
-    setup_logging(config.log_level, with_pid=args.workers > 1)
+    setup_logging(config.log_level, with_pid=args.workers > 1, log_format=args.log_format)
     if args.workers > 1:
         return run_workers(config, args)
     return run_worker(config, args, reuse_port=False)
