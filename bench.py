@@ -1,30 +1,42 @@
 """Benchmark terraphim-proxy against a zero-delay upstream stand-in.
 
-One run starts two child processes on 127.0.0.1: the upstream stand-in (this file in --serve-upstream mode), which
-answers both the Anthropic Messages API (POST /v1/messages) and OpenAI chat completions (POST /chat/completions), and
-the proxy (terraphim_proxy.py) with two providers at the stand-in: "anthropic" (type anthropic, the default route) and
-"bench-openai" (type openai, reached by an explicit "bench-openai,gpt-4o" model). The load generator in this process
-sends Anthropic requests over three paths (see bench_paths):
+One run starts child processes on 127.0.0.1: the upstream stand-in (this file in --serve-upstream mode), which
+answers the Anthropic Messages API (POST /v1/messages), OpenAI chat completions (POST /chat/completions), Ollama's
+native chat (POST /api/chat, NDJSON streams) and Gemini (POST /v1beta/models/{model}:generateContent and
+:streamGenerateContent?alt=sse), and the proxy (terraphim_proxy.py) with one provider of each type at the stand-in.
+The load generator in this process sends Anthropic requests over these paths (see ROUTES and bench_paths):
 
     direct        client -> stand-in /v1/messages (no proxy; the baseline of every ratio)
-    pass-through  client -> proxy -> stand-in /v1/messages
-    openai        client -> proxy (Anthropic -> OpenAI translation) -> stand-in /chat/completions
+    pass-through  client -> proxy -> stand-in /v1/messages (the default route)
+    openai        client -> proxy (Anthropic -> OpenAI) -> stand-in /chat/completions
+    ollama        client -> proxy (Anthropic -> Ollama) -> stand-in /api/chat
+    gemini        client -> proxy (Anthropic -> Gemini) -> stand-in /v1beta/models/...
+    NAME          client -> a peer proxy the user started (--peer NAME=URL), configured to forward to the stand-in
 
-interleaved A/B/C within each round over several rounds, and reports the medians over the rounds.
+interleaved within each round over several rounds, and reports the medians over the rounds. Bodies: `small`,
+`cc-warm` (a real Claude Code request, the same bytes every time) and `cc-cold` (that request made unique per
+request in its first system block and its last user text, so no cache can help).
 
-    python bench.py                 # default run, about 2 minutes on 2 cores
-    python bench.py --quick         # about 20 s, for development
-    python bench.py --json out.json # also write the results as JSON
+    python bench.py                     # default run, about 2 minutes on 2 cores
+    python bench.py --quick             # about 25 s, for development
+    python bench.py --workers-compare   # the proxy with --workers 1 vs --workers 2 on the Claude Code cases
+    python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
+    python bench.py --json out.json     # also write the results as JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ipaddress
+import itertools
 import json
 import os
 import platform
+import random
+import secrets
 import signal
 import socket
 import statistics
@@ -33,17 +45,18 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Awaitable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
 HERE = Path(__file__).resolve().parent
 PROXY_SCRIPT = HERE / "terraphim_proxy.py"
-CLAUDE_CODE_FIXTURE = HERE / "fixtures" / "claude-code" / "01_print_main_turn1.json"
+CLAUDE_CODE_FIXTURE = HERE / "fixtures" / "claude-code" / "05_interactive_main_turn1.json"
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 60.0
@@ -66,12 +79,27 @@ def run_event_loop(main: Awaitable[Any]) -> Any:
     return uvloop.run(main)  # type: ignore[arg-type]
 
 
+def compact(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
 # ---------------------------------------------------------------------------
-# Upstream stand-in: a zero-delay Anthropic Messages API
+# Upstream stand-in: canned answers in each provider's wire format
 # ---------------------------------------------------------------------------
 
 STANDIN_MODEL = "claude-bench"
+STANDIN_TEXT = "Hello from the bench upstream."
 STANDIN_USAGE = {"input_tokens": 12, "output_tokens": 1}
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Canned:
+    """One API's answer, whole (`body`) and streamed (`frames`, sent as they are)."""
+
+    body: bytes
+    frames: list[bytes]
+    stream_type: str = SSE_CONTENT_TYPE
 
 
 def sse_frame(event: str, data: dict) -> bytes:
@@ -84,12 +112,12 @@ def standin_message() -> bytes:
         "type": "message",
         "role": "assistant",
         "model": STANDIN_MODEL,
-        "content": [{"type": "text", "text": "Hello from the bench upstream."}],
+        "content": [{"type": "text", "text": STANDIN_TEXT}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
         "usage": {**STANDIN_USAGE, "output_tokens": 8},
     }
-    return json.dumps(message, separators=(",", ":")).encode()
+    return compact(message)
 
 
 def standin_stream(chunks: int) -> list[bytes]:
@@ -148,16 +176,10 @@ def standin_completion() -> bytes:
         "object": "chat.completion",
         "created": STANDIN_CREATED,
         "model": STANDIN_OPENAI_MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
-                "finish_reason": "stop",
-            }
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": STANDIN_TEXT}, "finish_reason": "stop"}],
         "usage": STANDIN_OPENAI_USAGE,
     }
-    return json.dumps(completion, separators=(",", ":")).encode()
+    return compact(completion)
 
 
 def standin_completion_stream(chunks: int, include_usage: bool) -> list[bytes]:
@@ -180,48 +202,198 @@ def standin_completion_stream(chunks: int, include_usage: bool) -> list[bytes]:
     return [*frames, openai_frame("[DONE]")]
 
 
-def standin_app(chunks: int) -> web.Application:
-    message = standin_message()
-    frames = standin_stream(chunks)
-    completion = standin_completion()
-    completion_frames = {usage: standin_completion_stream(chunks, usage) for usage in (False, True)}
-    sse_headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+STANDIN_OLLAMA_MODEL = "qwen-bench"
+STANDIN_CREATED_AT = "2025-01-01T00:00:00.000000Z"
 
-    async def stream_frames(request: web.Request, frames: list[bytes], headers: dict[str, str]) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**sse_headers, **headers})
-        await response.prepare(request)
-        for frame in frames:
-            await response.write(frame)
-        await response.write_eof()
+
+def ollama_chunk(content: str, done: bool, eval_count: int = 0) -> bytes:
+    """One /api/chat object (an NDJSON line without its newline); the `done` one carries the counts."""
+    data: dict[str, Any] = {
+        "model": STANDIN_OLLAMA_MODEL,
+        "created_at": STANDIN_CREATED_AT,
+        "message": {"role": "assistant", "content": content},
+        "done": done,
+    }
+    if done:
+        data |= {"done_reason": "stop", "total_duration": 1000, "prompt_eval_count": 12, "eval_count": eval_count}
+    return compact(data)
+
+
+def standin_ollama_stream(chunks: int) -> list[bytes]:
+    """NDJSON: `chunks` content lines, then the `done` line."""
+    lines = [ollama_chunk(f"word{i} ", False) for i in range(chunks)] + [ollama_chunk("", True, chunks)]
+    return [line + b"\n" for line in lines]
+
+
+STANDIN_GEMINI_MODEL = "gemini-bench"
+
+
+def gemini_chunk(text: str, final: bool, tokens: int) -> bytes:
+    """One GenerateContentResponse with one text part; the final one has finishReason and usageMetadata."""
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    data: dict[str, Any] = {"candidates": [candidate], "modelVersion": STANDIN_GEMINI_MODEL, "responseId": "bench"}
+    if final:
+        candidate["finishReason"] = "STOP"
+        data["usageMetadata"] = {"promptTokenCount": 12, "candidatesTokenCount": tokens, "totalTokenCount": 12 + tokens}
+    return compact(data)
+
+
+def standin_gemini_stream(chunks: int) -> list[bytes]:
+    """streamGenerateContent?alt=sse: one `data:` frame per chunk (CRLF-delimited, as Google sends them), no [DONE]."""
+    return [b"data: " + gemini_chunk(f"word{i} ", i == chunks - 1, chunks) + b"\r\n\r\n" for i in range(chunks)]
+
+
+# --- Faults (the soak's stand-in): a seeded RNG decides, per request, whether and how to fail.
+
+FAULT_ERROR_RATE = 0.05  # HTTP 500 or 529 before any answer
+FAULT_CUT_RATE = 0.02  # the answer ends half-way: no message_stop / [DONE] / done / finishReason
+FAULT_SLOW_RATE = 0.01  # the first byte comes after SLOW_FIRST_BYTE_S
+SLOW_FIRST_BYTE_S = 0.05
+FAULT_BODY = compact({"type": "error", "error": {"type": "api_error", "message": "bench stand-in: injected fault"}})
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int = 0  # answer with this HTTP error instead
+    cut: bool = False  # end the answer half-way ...
+    abrupt: bool = False  # ... by dropping the connection (else a clean, short end)
+    slow: bool = False  # wait SLOW_FIRST_BYTE_S before the first byte
+
+    @property
+    def label(self) -> str:
+        if self.status:
+            return f"HTTP {self.status}"
+        if self.cut:
+            return "cut (connection dropped)" if self.abrupt else "cut (clean end)"
+        return "slow first byte" if self.slow else "none"
+
+
+NO_FAULT = Fault()
+
+
+class FaultPlan:
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def draw(self) -> Fault:
+        roll = self.rng.random()
+        if roll < FAULT_ERROR_RATE:
+            fault = Fault(status=self.rng.choice((500, 529)))
+        elif roll < FAULT_ERROR_RATE + FAULT_CUT_RATE:
+            fault = Fault(cut=True, abrupt=self.rng.random() < 0.5)
+        elif roll < FAULT_ERROR_RATE + FAULT_CUT_RATE + FAULT_SLOW_RATE:
+            fault = Fault(slow=True)
+        else:
+            return NO_FAULT
+        self.counts[fault.label] += 1
+        return fault
+
+
+def first_half(pieces: list[bytes]) -> list[bytes]:
+    """A whole body cut at half its bytes; a stream cut at half its frames."""
+    if len(pieces) == 1:
+        return [pieces[0][: len(pieces[0]) // 2]]
+    return pieces[: len(pieces) // 2]
+
+
+async def write_cut(
+    request: web.Request, pieces: list[bytes], content_type: str, headers: dict[str, str], fault: Fault
+) -> web.StreamResponse:
+    """Half an answer: a whole body keeps its full content-length when the connection is dropped."""
+    sent = first_half(pieces)
+    response = web.StreamResponse(headers={"content-type": content_type, **headers})
+    if len(pieces) == 1:
+        response.content_length = len(pieces[0] if fault.abrupt else sent[0])
+    await response.prepare(request)
+    for piece in sent:
+        await response.write(piece)
+    if fault.abrupt and request.transport is not None:
+        request.transport.abort()
         return response
+    await response.write_eof()
+    return response
 
-    async def messages(request: web.Request) -> web.StreamResponse:
-        body = json.loads(await request.read())
-        if body.get("stream") is not True:
-            return web.Response(body=message, content_type="application/json", headers={"request-id": "req_bench"})
-        return await stream_frames(request, frames, {"request-id": "req_bench"})
 
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def write_frames(
+    request: web.Request, frames: list[bytes], content_type: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": content_type, "cache-control": "no-cache", **headers})
+    await response.prepare(request)
+    for frame in frames:
+        await response.write(frame)
+    await response.write_eof()
+    return response
+
+
+class StandIn:
+    """The stand-in's handlers: canned answers per API, and faults when seeded."""
+
+    def __init__(self, chunks: int, fault_seed: int | None):
+        self.anthropic = Canned(standin_message(), standin_stream(chunks))
+        self.openai = {
+            usage: Canned(standin_completion(), standin_completion_stream(chunks, usage)) for usage in (False, True)
+        }
+        self.ollama = Canned(ollama_chunk(STANDIN_TEXT, True, 8), standin_ollama_stream(chunks), "application/x-ndjson")
+        self.gemini = Canned(gemini_chunk(STANDIN_TEXT, True, 8), standin_gemini_stream(chunks))
+        self.faults = FaultPlan(fault_seed) if fault_seed is not None else None
+
+    async def reply(
+        self, request: web.Request, stream: bool, canned: Canned, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        fault = self.faults.draw() if self.faults else NO_FAULT
+        if fault.status:
+            return web.Response(status=fault.status, body=FAULT_BODY, content_type="application/json")
+        if fault.slow:
+            await asyncio.sleep(SLOW_FIRST_BYTE_S)
+        if fault.cut:
+            pieces, kind = (canned.frames, canned.stream_type) if stream else ([canned.body], "application/json")
+            return await write_cut(request, pieces, kind, headers, fault)
+        if stream:
+            return await write_frames(request, canned.frames, canned.stream_type, headers)
+        return web.Response(body=canned.body, content_type="application/json", headers=headers)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
-        headers = {"x-request-id": "req_bench"}
-        if body.get("stream") is not True:
-            return web.Response(body=completion, content_type="application/json", headers=headers)
+        return await self.reply(request, body.get("stream") is True, self.anthropic, {"request-id": "req_bench"})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await stream_frames(request, completion_frames[include_usage], headers)
+        canned = self.openai[include_usage]
+        return await self.reply(request, body.get("stream") is True, canned, {"x-request-id": "req_bench"})
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        return await self.reply(request, body.get("stream", True) is not False, self.ollama, {})  # streams by default
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/chat/completions", chat_completions)
-    app.router.add_get("/health", health)
-    return app
+    async def gemini_generate(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        _, _, method = request.match_info["call"].partition(":")
+        if method not in ("generateContent", "streamGenerateContent"):
+            raise web.HTTPNotFound(text=f"unknown method '{method}'")
+        stream = method == "streamGenerateContent"
+        if stream and request.query.get("alt") != "sse":
+            raise web.HTTPBadRequest(text="the stand-in streams only with alt=sse")
+        return await self.reply(request, stream, self.gemini, {})
+
+    async def health(self, request: web.Request) -> web.Response:
+        faults = dict(self.faults.counts) if self.faults else None
+        return web.json_response({"status": "ok", "faults": faults})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/chat/completions", self.chat_completions)
+        app.router.add_post("/api/chat", self.ollama_chat)
+        app.router.add_post("/v1beta/models/{call}", self.gemini_generate)
+        app.router.add_get("/health", self.health)
+        return app
 
 
-async def serve_standin(port: int, chunks: int) -> None:
+async def serve_standin(port: int, chunks: int, fault_seed: int | None) -> None:
     """Serve until SIGTERM or SIGINT."""
-    runner = web.AppRunner(standin_app(chunks), access_log=None)
+    runner = web.AppRunner(StandIn(chunks, fault_seed).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, HOST, port, backlog=1024).start()
     stop = asyncio.Event()
@@ -230,6 +402,69 @@ async def serve_standin(port: int, chunks: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# /proc readings (Linux); a proxy with --workers N is read as the sum of its worker processes
+# ---------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (so index 0 is field 3, the state)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(proc_stat(pid)[19])
+    return None
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes doing the work: the children of pid when it has any (as with --workers N), else pid."""
+    return child_pids(pid) or [pid]
+
+
+def cpu_ms(pid: int) -> float:
+    """User + system CPU time so far, summed over the worker processes."""
+    total = 0
+    for worker in worker_pids(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            after_name = proc_stat(worker)
+            total += int(after_name[11]) + int(after_name[12])
+    return total * 1000 / CLOCK_TICKS
+
+
+def status_mb(pid: int, key: str) -> float | None:
+    """A /proc/<pid>/status memory line (VmRSS, VmHWM), in MB, summed over the worker processes."""
+    values = []
+    for worker in worker_pids(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+                if line.startswith(f"{key}:"):
+                    values.append(int(line.split()[1]) / 1024)
+    return sum(values) if values else None
+
+
+def socket_count(pid: int) -> int:
+    """Open sockets, summed over the worker processes."""
+    count = 0
+    for worker in worker_pids(pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{worker}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 # ---------------------------------------------------------------------------
@@ -268,14 +503,20 @@ def _die_with_parent() -> None:
 
 
 def stop_child(child: Child) -> None:
-    """Terminate, then kill if it does not exit in time."""
-    if child.process.poll() is None:
-        child.process.terminate()
-        try:
-            child.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait(STOP_TIMEOUT_S)
+    """Terminate, then kill if it does not exit in time; then kill any of its children it left behind."""
+    if child.process.poll() is not None:
+        return
+    grandchildren = [(pid, start_time(pid)) for pid in child_pids(child.pid)]
+    child.process.terminate()
+    try:
+        child.process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.process.kill()
+        child.process.wait(STOP_TIMEOUT_S)
+    for pid, started in grandchildren:
+        if started is not None and start_time(pid) == started:  # the same process, not a reused pid
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -298,100 +539,111 @@ def running_child(name: str, argv: list[str], workdir: Path) -> Iterator[Child]:
         stop_child(child)
 
 
-def wait_ready(child: Child, health_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll GET health_url until it answers 200; fail early if the child exits."""
+def read_health(url: str) -> dict | None:
+    """GET a /health URL; its JSON, or None when it does not answer 200 with JSON."""
+    with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1.0) as response:
+        if response.status == 200:
+            return json.loads(response.read())
+    return None
+
+
+def wait_ready(child: Child, health_url: str, processes: int = 1, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll GET health_url until `processes` distinct pids have answered (every --workers process listens);
+    fail early if the child exits."""
     deadline = time.monotonic() + timeout_s
+    seen: set[Any] = set()
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
             raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.output_tail()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(health_url, timeout=1.0) as response:
-            if response.status == 200:
+        health = read_health(health_url)
+        if health is not None:
+            seen.add(health.get("pid"))
+            if len(seen) >= processes:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{child.name} not ready after {timeout_s:.0f} s ({health_url}):\n{child.output_tail()}")
 
 
-OPENAI_PROVIDER = "bench-openai"
-OPENAI_ROUTE = f"{OPENAI_PROVIDER},{STANDIN_OPENAI_MODEL}"
+@dataclass(frozen=True)
+class Route:
+    """A proxy provider at the stand-in; `explicit` routes are reached by a `provider,model` model."""
+
+    provider: str
+    type: str
+    model: str
+    base_path: str = ""  # appended to the stand-in's URL
+    keyless: bool = False
+    explicit: bool = True
+
+    @property
+    def request_model(self) -> str | None:
+        return f"{self.provider},{self.model}" if self.explicit else None
 
 
-def proxy_config(upstream_url: str, port: int) -> str:
-    """A config with two providers at the stand-in: the default route goes to `anthropic` (pass-through),
-    and requests whose model is OPENAI_ROUTE go to OPENAI_PROVIDER (type openai, /chat/completions)."""
-    return f"""\
-[proxy]
-host = "{HOST}"
-port = {port}
-log_level = "warning"
-
-[router]
-default = "anthropic,claude-sonnet-4-5"
-
-[[providers]]
-name = "anthropic"
-type = "anthropic"
-api_base_url = "{upstream_url}"
-api_key = "bench-upstream-key"
-models = ["claude-sonnet-4-5"]
-
-[[providers]]
-name = "{OPENAI_PROVIDER}"
-type = "openai"
-api_base_url = "{upstream_url}"
-api_key = "bench-upstream-key"
-models = ["{STANDIN_OPENAI_MODEL}"]
-"""
+ROUTES = {
+    "pass-through": Route("anthropic", "anthropic", "claude-sonnet-4-5", explicit=False),
+    "openai": Route("bench-openai", "openai", STANDIN_OPENAI_MODEL),
+    "ollama": Route("bench-ollama", "ollama", STANDIN_OLLAMA_MODEL, keyless=True),
+    "gemini": Route("bench-gemini", "gemini", STANDIN_GEMINI_MODEL, base_path="/v1beta"),
+}
+PATH_NAMES = ("direct", *ROUTES)
 
 
-def start_standin(stack: contextlib.ExitStack, workdir: Path, chunks: int) -> tuple[Child, str]:
-    port = free_port()
+def provider_toml(route: Route, upstream_url: str) -> str:
+    key = "" if route.keyless else 'api_key = "bench-upstream-key"\n'
+    return (
+        f'[[providers]]\nname = "{route.provider}"\ntype = "{route.type}"\n'
+        f'api_base_url = "{upstream_url}{route.base_path}"\n{key}models = ["{route.model}"]\n'
+    )
+
+
+def proxy_config(upstream_url: str, port: int, settings: dict[str, int]) -> str:
+    """One provider per route at the stand-in; the default route is pass-through. `settings` go into [proxy]."""
+    extra = "".join(f"{key} = {value}\n" for key, value in settings.items())
+    default = ROUTES["pass-through"]
+    head = (
+        f'[proxy]\nhost = "{HOST}"\nport = {port}\nlog_level = "warning"\n{extra}\n'
+        f'[router]\ndefault = "{default.provider},{default.model}"\n'
+    )
+    return "\n".join([head, *(provider_toml(route, upstream_url) for route in ROUTES.values())])
+
+
+def start_standin(
+    stack: contextlib.ExitStack, workdir: Path, chunks: int, port: int | None = None, fault_seed: int | None = None
+) -> tuple[Child, str]:
+    port = port or free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(port), "--chunks", str(chunks)]
+    if fault_seed is not None:
+        argv += ["--faults", str(fault_seed)]
     child = stack.enter_context(running_child("upstream", argv, workdir))
     url = f"http://{HOST}:{port}"
     wait_ready(child, f"{url}/health")
+    print(
+        f"upstream stand-in: {url} (port {port}): POST /v1/messages, /chat/completions, /api/chat, "
+        "/v1beta/models/{model}:generateContent|streamGenerateContent",
+        file=sys.stderr,
+        flush=True,
+    )
     return child, url
 
 
-def start_proxy(stack: contextlib.ExitStack, workdir: Path, name: str, upstream_url: str) -> tuple[Child, str]:
+def start_proxy(
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    name: str,
+    upstream_url: str,
+    workers: int = 1,
+    settings: dict[str, int] | None = None,
+) -> tuple[Child, str]:
     port = free_port()
     config_path = workdir / f"{name}.toml"
-    config_path.write_text(proxy_config(upstream_url, port))
-    argv = [
-        sys.executable,
-        str(PROXY_SCRIPT),
-        "--config",
-        str(config_path),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    config_path.write_text(proxy_config(upstream_url, port, settings or {}))
+    argv = [sys.executable, str(PROXY_SCRIPT), "--config", str(config_path), "--port", str(port)]
+    argv += ["--log-level", "warning", "--workers", str(workers)]
     child = stack.enter_context(running_child(name, argv, workdir))
     url = f"http://{HOST}:{port}"
-    wait_ready(child, f"{url}/health")
+    wait_ready(child, f"{url}/health", processes=workers)
     return child, url
-
-
-# ---------------------------------------------------------------------------
-# /proc readings
-# ---------------------------------------------------------------------------
-
-
-def cpu_ms(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    after_name = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(after_name[11]), int(after_name[12])
-    return (utime + stime) * 1000 / CLOCK_TICKS
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM (peak resident set) of a process, from /proc/<pid>/status."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -401,13 +653,15 @@ def peak_rss_mb(pid: int) -> float | None:
 
 @dataclass(frozen=True)
 class BenchPath:
-    """A base URL that takes Anthropic requests; pid is the process whose CPU is reported, if any; model, if set,
-    replaces the body's model (an explicit `provider,model` route through the proxy)."""
+    """A base URL that takes Anthropic requests. pid: the process whose CPU and RSS are reported, if any (summed
+    over its workers); model, if set, replaces the body's model (an explicit `provider,model` route); baseline: the
+    path this one's ratios compare with."""
 
     name: str
     base_url: str
     pid: int | None = None
     model: str | None = None
+    baseline: str | None = None
 
     @property
     def messages_url(self) -> str:
@@ -425,6 +679,9 @@ class Case:
         return f"{self.body} {'stream' if self.stream else 'json'} c{self.concurrency}"
 
 
+UNIQUE_MARK = "@@bench-unique@@"
+
+
 def small_body() -> dict:
     return {
         "model": "claude-sonnet-4-5",
@@ -437,23 +694,59 @@ def claude_code_body() -> dict:
     return json.loads(CLAUDE_CODE_FIXTURE.read_text())["body"]
 
 
-BODIES: dict[str, Callable[[], dict]] = {"small": small_body, "claude-code": claude_code_body}
+def mark_last_user_text(messages: list[dict]) -> None:
+    """Put UNIQUE_MARK in front of the last user message's last text block."""
+    message = next(m for m in reversed(messages) if m.get("role") == "user")
+    content = message["content"]
+    if isinstance(content, str):
+        message["content"] = f"{UNIQUE_MARK} {content}"
+        return
+    texts = [block for block in content if block.get("type") == "text"]
+    if texts:
+        texts[-1]["text"] = f"{UNIQUE_MARK} {texts[-1]['text']}"
+    else:
+        content.append({"type": "text", "text": UNIQUE_MARK})
 
 
-Payloads = dict[tuple[str | None, str, bool], bytes]
+def cold_claude_code_body() -> dict:
+    """The Claude Code body with UNIQUE_MARK where each request gets its own text: in front of the first system
+    block and of the last user message's last text block."""
+    body = claude_code_body()
+    system = body["system"]
+    if isinstance(system, str):
+        body["system"] = f"{UNIQUE_MARK} {system}"
+    else:
+        system[0]["text"] = f"{UNIQUE_MARK} {system[0]['text']}"
+    mark_last_user_text(body["messages"])
+    return body
 
 
-def encode_payloads(models: set[str | None]) -> Payloads:
-    """Each body serialised once per model override and stream setting, so the load generator sends ready bytes."""
-    payloads = {}
-    for name, make in BODIES.items():
-        body = make()
-        for model in models:
-            override = {"model": model} if model else {}
-            for stream in (False, True):
-                data = {**body, **override, "stream": stream}
-                payloads[model, name, stream] = json.dumps(data, separators=(",", ":")).encode()
-    return payloads
+BODIES = {"small": small_body, "cc-warm": claude_code_body, "cc-cold": cold_claude_code_body}
+CLAUDE_CODE_BODIES = ("cc-warm", "cc-cold")
+
+
+class Payloads:
+    """Request bodies as bytes, made before the timing starts: a fixed body is the same bytes every time; a body with
+    UNIQUE_MARK is serialised once, split at the mark, and joined with a new tag for each request."""
+
+    def __init__(self, models: Iterable[str | None]):
+        self.parts: dict[tuple[str | None, str, bool], list[bytes]] = {}
+        overrides = set(models)
+        for name, make in BODIES.items():
+            body = make()
+            for model in overrides:
+                override = {"model": model} if model else {}
+                for stream in (False, True):
+                    data = compact({**body, **override, "stream": stream})
+                    self.parts[model, name, stream] = data.split(UNIQUE_MARK.encode())
+        self.nonce = secrets.token_hex(4)  # new each run, so a peer's response cache cannot help either
+        self.serial = itertools.count()
+
+    def take(self, model: str | None, body: str, stream: bool, count: int) -> list[bytes]:
+        parts = self.parts[model, body, stream]
+        if len(parts) == 1:
+            return [parts[0]] * count
+        return [f"{self.nonce}-{next(self.serial)}".encode().join(parts) for _ in range(count)]
 
 
 def all_cases(concurrencies: tuple[int, ...]) -> list[Case]:
@@ -511,19 +804,19 @@ def percentile(sorted_values: list[float], q: int) -> float:
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[q - 1]
 
 
-async def run_load(
-    session: aiohttp.ClientSession, path: BenchPath, case: Case, payload: bytes, requests: int
-) -> Measurement:
-    """Warm the pool with one request per connection, then send `requests` requests from `concurrency` workers."""
+async def run_load(session: aiohttp.ClientSession, path: BenchPath, case: Case, batch: list[bytes]) -> Measurement:
+    """Warm the pool with the first `concurrency` payloads (one per connection), then send the rest from
+    `concurrency` workers."""
     url = path.messages_url
-    await asyncio.gather(*(timed_request(session, url, payload, case.stream) for _ in range(case.concurrency)))
-    jobs = iter(range(requests))
+    warm, timed = batch[: case.concurrency], batch[case.concurrency :]
+    await asyncio.gather(*(timed_request(session, url, p, case.stream) for p in warm), return_exceptions=True)
+    jobs = iter(timed)
     firsts: list[float] = []
     lasts: list[float] = []
     errors: list[str] = []
 
     async def worker() -> None:
-        for _ in jobs:  # shared by all workers: each job is taken once
+        for payload in jobs:  # shared by all workers: each payload is sent once
             try:
                 first, last = await timed_request(session, url, payload, case.stream)
             except (aiohttp.ClientError, asyncio.TimeoutError, BadResponse) as exc:
@@ -540,41 +833,55 @@ async def run_load(
     if errors:
         print(f"  {path.name} {case.name}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
     if not lasts:
-        raise RuntimeError(f"{path.name} {case.name}: every request failed")
+        raise RuntimeError(f"{path.name} {case.name}: every request failed; first: {errors[0]}")
     firsts.sort()
     lasts.sort()
     return Measurement(
-        requests=requests,
+        requests=len(timed),
         errors=len(errors),
         p50_ms=percentile(lasts, 50) * 1000,
         p99_ms=percentile(lasts, 99) * 1000,
         ttfb_p50_ms=percentile(firsts, 50) * 1000 if case.stream else None,
         ttfb_p99_ms=percentile(firsts, 99) * 1000 if case.stream else None,
         rps=len(lasts) / elapsed,
-        cpu_ms_per_req=cpu_used / requests if cpu_used is not None else None,
+        cpu_ms_per_req=cpu_used / len(timed) if cpu_used is not None else None,
     )
 
 
 Results = dict[Case, dict[str, list[Measurement]]]
 
 
-async def measure_all(paths: list[BenchPath], cases: list[Case], rounds: int, requests: int) -> Results:
-    """Every case, round by round, every path in turn (A/B/C, A/B/C, ...), over one shared keep-alive pool."""
-    payloads = encode_payloads({path.model for path in paths})
+async def preflight(session: aiohttp.ClientSession, paths: list[BenchPath], payloads: Payloads) -> None:
+    """One small request per path, so a path that cannot answer (a peer not started) fails with a clear message."""
+    for path in paths:
+        try:
+            await timed_request(session, path.messages_url, payloads.take(path.model, "small", False, 1)[0], False)
+        except (aiohttp.ClientError, asyncio.TimeoutError, BadResponse) as exc:
+            raise RuntimeError(f"path {path.name} ({path.messages_url}) does not answer: {exc!r}") from None
+
+
+async def measure_all(
+    paths: list[BenchPath], cases: list[Case], rounds: int, requests: int
+) -> tuple[Results, collections.Counter[str]]:
+    """Every case, round by round, every path in turn (A/B/C, A/B/C, ...), over one shared keep-alive pool.
+    Returns the measurements and the number of requests sent over each path."""
+    payloads = Payloads(path.model for path in paths)
+    sent: collections.Counter[str] = collections.Counter({path.name: 1 for path in paths})  # the preflight
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=max(c.concurrency for c in cases))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     results: Results = {}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)) as s:
+        await preflight(s, paths, payloads)
         for index, case in enumerate(cases, 1):
             print(f"[{index}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
             per_path: dict[str, list[Measurement]] = {path.name: [] for path in paths}
             for _ in range(rounds):
                 for path in paths:
-                    payload = payloads[path.model, case.body, case.stream]
-                    measurement = await run_load(s, path, case, payload, requests)
-                    per_path[path.name].append(measurement)
+                    batch = payloads.take(path.model, case.body, case.stream, case.concurrency + requests)
+                    per_path[path.name].append(await run_load(s, path, case, batch))
+                    sent[path.name] += len(batch)
             results[case] = per_path
-    return results
+    return results, sent
 
 
 # ---------------------------------------------------------------------------
@@ -585,14 +892,14 @@ async def measure_all(paths: list[BenchPath], cases: list[Case], rounds: int, re
 def median_measurement(rounds: list[Measurement]) -> Measurement:
     """The median of each field over the rounds; requests and errors are totals."""
     values: dict[str, Any] = {}
-    for field in fields(Measurement):
-        column = [getattr(m, field.name) for m in rounds]
-        if field.name in ("requests", "errors"):
-            values[field.name] = sum(column)
+    for item in fields(Measurement):
+        column = [getattr(m, item.name) for m in rounds]
+        if item.name in ("requests", "errors"):
+            values[item.name] = sum(column)
         elif None in column:
-            values[field.name] = None
+            values[item.name] = None
         else:
-            values[field.name] = statistics.median(column)
+            values[item.name] = statistics.median(column)
     return Measurement(**values)
 
 
@@ -611,7 +918,7 @@ def comparison(path: Measurement, base: Measurement) -> dict[str, float | None]:
 
 COLUMNS = (
     ("case", 22),
-    ("path", 12),
+    ("path", 16),
     ("p50 ms", 8),
     ("p99 ms", 8),
     ("ttfb50", 8),
@@ -638,78 +945,380 @@ def number(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def path_rows(case_name: str, path: BenchPath, m: Measurement, base: Measurement | None) -> list[str]:
+    """A path's row, and under it the ratio row against its baseline, if it has one."""
+    c = comparison(m, base) if base else None
+    cells = [number(m.p50_ms), number(m.p99_ms), number(m.ttfb_p50_ms), number(m.ttfb_p99_ms), number(m.rps, 0)]
+    cells += [number(m.cpu_ms_per_req), number(c["added_ms"]) if c else "", str(m.errors)]
+    rows = [table_row(case_name, path.name, *cells)]
+    if c:
+        ratios = (number(c[key], suffix="x") for key in ("p50_ratio", "p99_ratio"))
+        rows.append(table_row("", "ratio", *ratios, "", "", number(c["rps_ratio"], suffix="x")))
+    return rows
+
+
 def format_table(paths: list[BenchPath], results: Results) -> str:
-    base = paths[0].name
     header = table_row(*(title for title, _ in COLUMNS))
     lines = [header, "-" * len(header)]
     for case, per_path in results.items():
-        base_m = median_measurement(per_path[base])
+        medians = {name: median_measurement(rounds) for name, rounds in per_path.items()}
         for i, path in enumerate(paths):
-            m = median_measurement(per_path[path.name])
-            added = number(comparison(m, base_m)["added_ms"]) if path.name != base else ""
-            lines.append(
-                table_row(
-                    case.name if i == 0 else "",
-                    path.name,
-                    number(m.p50_ms),
-                    number(m.p99_ms),
-                    number(m.ttfb_p50_ms),
-                    number(m.ttfb_p99_ms),
-                    number(m.rps, 0),
-                    number(m.cpu_ms_per_req),
-                    added,
-                    str(m.errors),
-                )
-            )
-            if path.name != base:
-                c = comparison(m, base_m)
-                ratios = (number(c[key], suffix="x") for key in ("p50_ratio", "p99_ratio"))
-                lines.append(table_row("", "ratio", *ratios, "", "", number(c["rps_ratio"], suffix="x")))
+            base = medians[path.baseline] if path.baseline else None
+            lines += path_rows(case.name if i == 0 else "", path, medians[path.name], base)
     return "\n".join(lines)
 
 
-def results_json(settings: dict, paths: list[BenchPath], results: Results, rss: dict[str, float | None]) -> dict:
-    base = paths[0].name
+def results_json(settings: dict, paths: list[BenchPath], results: Results, processes: dict[str, dict]) -> dict:
     cases = []
     for case, per_path in results.items():
-        base_m = median_measurement(per_path[base])
+        medians = {name: median_measurement(rounds) for name, rounds in per_path.items()}
         entry: dict[str, Any] = {"case": case.name, **asdict(case), "paths": {}}
         for path in paths:
-            m = median_measurement(per_path[path.name])
+            m = medians[path.name]
             entry["paths"][path.name] = {
                 "summary": asdict(m),
                 "rounds": [asdict(r) for r in per_path[path.name]],
-                **({"vs_" + base: comparison(m, base_m)} if path.name != base else {}),
+                **({"vs_" + path.baseline: comparison(m, medians[path.baseline])} if path.baseline else {}),
             }
         cases.append(entry)
+    return {"settings": settings, "paths": [asdict(p) for p in paths], "processes": processes, "cases": cases}
+
+
+def process_report(name: str, pid: int, paths: list[BenchPath], sent: collections.Counter[str]) -> dict:
+    """Peak RSS of a measured process (summed over its workers) and the requests it was sent."""
     return {
-        "settings": settings,
-        "paths": [asdict(p) for p in paths],
-        "peak_rss_mb": rss,
-        "cases": cases,
+        "name": name,
+        "pid": pid,
+        "processes": len(worker_pids(pid)),
+        "requests": sum(sent[p.name] for p in paths if p.pid == pid),
+        "peak_rss_mb": status_mb(pid, "VmHWM"),
+    }
+
+
+def process_line(report: dict) -> str:
+    workers = f", sum of {report['processes']} worker processes" if report["processes"] > 1 else ""
+    return (
+        f"{report['name']} peak RSS (VmHWM{workers}) after {report['requests']} requests: "
+        f"{number(report['peak_rss_mb'], 1)} MB"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Soak: many mixed requests against a stand-in that fails on purpose; every answer must be closed properly
+# ---------------------------------------------------------------------------
+
+SOAK_PATHS = ("pass-through", "openai")
+SOAK_BODIES = ("small", "cc-cold")
+SOAK_PROXY_SETTINGS = {"retries": 1, "retry_base_ms": 5}
+SOAK_TIMEOUT_S = 30.0
+SOAK_SETTLE_S = 1.0
+RSS_GROWTH_GOAL_MB = 10.0
+SOCKET_SLACK = 32  # pooled upstream connections come and go; a leak over the soak would be far more
+
+
+@dataclass(frozen=True)
+class Outcome:
+    label: str
+    lost: str | None = None  # why the request counts as lost or left unclosed
+
+
+@dataclass(frozen=True)
+class SoakJob:
+    index: int
+    path: BenchPath
+    body: str
+    stream: bool
+
+
+def last_sse_event(body: bytes) -> str | None:
+    """The event name of a stream's last frame."""
+    frames = [frame for frame in body.replace(b"\r\n", b"\n").split(b"\n\n") if frame.strip()]
+    for line in frames[-1].split(b"\n") if frames else ():
+        if line.startswith(b"event:"):
+            return line[6:].strip().decode(errors="replace")
+    return None
+
+
+def json_object(body: bytes) -> dict:
+    with contextlib.suppress(ValueError):
+        data = json.loads(body)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def classify(status: int, content_type: str, body: bytes) -> Outcome:
+    """One of the four proper endings, or a lost answer with the reason."""
+    if status != 200:
+        error = json_object(body).get("error")
+        if json_object(body).get("type") == "error" and isinstance(error, dict) and isinstance(error.get("type"), str):
+            return Outcome(f"HTTP {status}, Anthropic error body")
+        return Outcome(f"HTTP {status}, other body", f"HTTP {status} without an Anthropic error body: {body[:120]!r}")
+    if content_type == "text/event-stream":
+        event = last_sse_event(body)
+        if event == "message_stop":
+            return Outcome("200 stream, message_stop")
+        if event == "error":
+            return Outcome("200 stream, then SSE error event")
+        return Outcome("200 stream, unfinished", f"stream ended after event {event!r}: {body[-120:]!r}")
+    if content_type == "application/json" and json_object(body).get("type") == "message":
+        return Outcome("200 JSON message")
+    return Outcome(f"200 {content_type}, not a message", f"200 {content_type} body: {body[:120]!r}")
+
+
+async def soak_request(session: aiohttp.ClientSession, url: str, payload: bytes) -> Outcome:
+    try:
+        async with session.post(url, data=payload, headers=REQUEST_HEADERS) as response:
+            return classify(response.status, response.content_type, await response.read())
+    except asyncio.TimeoutError:
+        return Outcome("client timeout", f"no complete answer within {SOAK_TIMEOUT_S:.0f} s")
+    except aiohttp.ClientError as exc:
+        return Outcome(f"client error {type(exc).__name__}", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Tally:
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost_labels: set[str] = field(default_factory=set)
+    lost: list[str] = field(default_factory=list)
+
+    def add(self, job: SoakJob, outcome: Outcome) -> None:
+        self.outcomes[outcome.label] += 1
+        if outcome.lost:
+            self.lost_labels.add(outcome.label)
+            kind = "stream" if job.stream else "json"
+            self.lost.append(f"#{job.index} {job.path.name} {job.body} {kind}: {outcome.lost}")
+
+
+def soak_jobs(paths: list[BenchPath], count: int, seed: int) -> Iterator[SoakJob]:
+    rng = random.Random(seed)
+    for index in range(count):
+        yield SoakJob(index, rng.choice(paths), rng.choice(SOAK_BODIES), rng.random() < 0.5)
+
+
+async def soak_phase(
+    name: str, jobs: Iterator[SoakJob], total: int, concurrency: int, payloads: Payloads, tally: Tally
+) -> float:
+    """Send the jobs from `concurrency` workers over a new pool, closed at the end; returns the seconds taken."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=SOAK_TIMEOUT_S)
+    step = max(total // 10, 1)
+    done = itertools.count(1)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for job in jobs:  # shared by all workers
+            payload = payloads.take(job.path.model, job.body, job.stream, 1)[0]
+            tally.add(job, await soak_request(session, job.path.messages_url, payload))
+            count = next(done)
+            if count % step == 0:
+                print(f"  {name}: {count}/{total}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)) as s:
+        await asyncio.gather(*(worker(s) for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class ProxyReading:
+    """The proxy's memory and sockets at one moment, with no client connection open."""
+
+    rss_mb: float | None
+    peak_rss_mb: float | None
+    sockets: int
+    in_flight: Any
+
+    @classmethod
+    def read(cls, pid: int, health_url: str) -> ProxyReading:
+        health = read_health(health_url) or {}
+        in_flight = health.get("in_flight", "not reported by /health")
+        return cls(status_mb(pid, "VmRSS"), status_mb(pid, "VmHWM"), socket_count(pid), in_flight)
+
+
+@dataclass
+class SoakReport:
+    settings: dict
+    warmup: int
+    requests: int
+    seconds: float
+    tally: Tally
+    start: ProxyReading
+    end: ProxyReading
+    faults: dict
+
+    @property
+    def growth_mb(self) -> float | None:
+        return difference(self.end.rss_mb, self.start.rss_mb)
+
+    @property
+    def socket_leak(self) -> bool:
+        return self.end.sockets > self.start.sockets + SOCKET_SLACK
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.tally.lost) or self.socket_leak
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+async def soak(
+    paths: list[BenchPath], proxy: Child, proxy_url: str, upstream_url: str, args: argparse.Namespace, settings: dict
+) -> SoakReport:
+    """Warm up (a tenth of the requests), read the proxy's state, run the soak, close the pool, read it again."""
+    payloads = Payloads(path.model for path in paths)
+    requests, concurrency = args.soak_requests, args.soak_concurrency
+    warmup = max(requests // 10, concurrency)
+    jobs = soak_jobs(paths, warmup + requests, args.soak_seed)
+    tally = Tally()
+    await soak_phase("warm-up", itertools.islice(jobs, warmup), warmup, concurrency, payloads, tally)
+    await asyncio.sleep(SOAK_SETTLE_S)
+    start = ProxyReading.read(proxy.pid, f"{proxy_url}/health")
+    seconds = await soak_phase("soak", jobs, requests, concurrency, payloads, tally)
+    await asyncio.sleep(SOAK_SETTLE_S)
+    end = ProxyReading.read(proxy.pid, f"{proxy_url}/health")
+    faults = (read_health(f"{upstream_url}/health") or {}).get("faults") or {}
+    return SoakReport(settings, warmup, requests, seconds, tally, start, end, faults)
+
+
+def outcome_rank(label: str, lost: set[str]) -> tuple[int, str]:
+    return (2 if label in lost else 1 if not label.startswith("200") else 0, label)
+
+
+def format_soak(report: SoakReport) -> str:
+    tally, start, end = report.tally, report.start, report.end
+    total = report.warmup + report.requests
+    lines = [f"{'outcome':<44} {'requests':>9}", "-" * 54]
+    for label in sorted(tally.outcomes, key=lambda item: outcome_rank(item, tally.lost_labels)):
+        mark = "  LOST" if label in tally.lost_labels else ""
+        lines.append(f"{label:<44} {tally.outcomes[label]:>9}{mark}")
+    lines += ["-" * 54, f"{'total':<44} {total:>9}", f"{'lost or left unclosed':<44} {len(tally.lost):>9}", ""]
+    injected = ", ".join(f"{label} {n}" for label, n in sorted(report.faults.items())) or "none"
+    growth, goal = report.growth_mb, RSS_GROWTH_GOAL_MB
+    verdict = "-" if growth is None else "ok" if growth < goal else "OVER GOAL"
+    lines += [
+        f"stand-in faults injected (attempts, retries included): {injected}",
+        f"proxy RSS (VmRSS): start {number(start.rss_mb, 1)} MB (after {report.warmup} warm-up requests), "
+        f"end {number(end.rss_mb, 1)} MB; growth {number(growth, 1)} MB (goal < {goal:.0f} MB): {verdict}",
+        f"proxy peak RSS (VmHWM) after {total} requests: {number(end.peak_rss_mb, 1)} MB",
+        f"proxy sockets with no client connected: start {start.sockets}, end {end.sockets}"
+        f" ({'POSSIBLE LEAK' if report.socket_leak else 'ok'}; slack {SOCKET_SLACK} for pooled upstream connections)",
+        f"proxy in flight (/health): start {start.in_flight}, end {end.in_flight}",
+    ]
+    lines += [f"  lost: {item}" for item in tally.lost[:20]]
+    if len(tally.lost) > 20:
+        lines.append(f"  ... and {len(tally.lost) - 20} more")
+    lines.append("result: " + ("FAILED" if report.failed else "ok, every request ended properly"))
+    return "\n".join(lines)
+
+
+def soak_json(report: SoakReport) -> dict:
+    return {
+        "settings": report.settings,
+        "warmup": report.warmup,
+        "requests": report.requests,
+        "seconds": report.seconds,
+        "outcomes": dict(report.tally.outcomes),
+        "lost": report.tally.lost,
+        "rss_growth_mb": report.growth_mb,
+        "start": asdict(report.start),
+        "end": asdict(report.end),
+        "faults": report.faults,
     }
 
 
 # ---------------------------------------------------------------------------
-# CLI and main
+# CLI
 # ---------------------------------------------------------------------------
 
-DEFAULT_REQUESTS = 1000
-QUICK_REQUESTS = 200
+DEFAULT_REQUESTS = 400
+QUICK_REQUESTS = 100
 DEFAULT_ROUNDS = 3
 QUICK_ROUNDS = 2
+COMPARE_CONCURRENCY = 32
+COMPARE_PATHS = ("pass-through", "openai")
+DEFAULT_SOAK_REQUESTS = 20_000
+QUICK_SOAK_REQUESTS = 2_000
+
+
+def comma_list(text: str, flag: str, parser: argparse.ArgumentParser) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        parser.error(f"{flag}: expected a comma-separated list, got '{text}'")
+    return items
+
+
+def name_value(text: str, flag: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        parser.error(f"{flag}: expected NAME=VALUE, got '{text}'")
+    return name.strip(), value.strip()
+
+
+def is_loopback_url(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    return False
+
+
+def parse_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--peer NAME=URL and --peer-pid NAME=PID into args.peers {name: url} and args.peer_pids {name: pid}."""
+    args.peers = {}
+    for text in args.peer:
+        name, url = name_value(text, "--peer", parser)
+        if name in PATH_NAMES or name in args.peers:
+            parser.error(f"--peer: the name '{name}' is taken")
+        if not is_loopback_url(url):
+            parser.error(f"--peer {name}: '{url}' is not an http:// URL on a loopback address")
+        args.peers[name] = url.rstrip("/")
+    args.peer_pids = {}
+    for text in args.peer_pid:
+        name, pid = name_value(text, "--peer-pid", parser)
+        if name not in args.peers:
+            parser.error(f"--peer-pid: no --peer named '{name}'")
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            parser.error(f"--peer-pid {name}: no process {pid}")
+        args.peer_pids[name] = int(pid)
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        parser.error(f"--concurrency: expected comma-separated integers, got '{args.concurrency}'")
+    if args.paths is not None:
+        args.paths = comma_list(args.paths, "--paths", parser)
+        unknown = [name for name in args.paths if name not in PATH_NAMES]
+        if unknown:
+            parser.error(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATH_NAMES)})")
+    numbers = [("--rounds", args.rounds), ("--requests", args.requests), ("--chunks", args.chunks)]
+    numbers += [("--soak-requests", args.soak_requests), ("--soak-concurrency", args.soak_concurrency)]
+    for flag, value in [*numbers, *(("--concurrency", c) for c in args.concurrency)]:
+        if value is not None and value < 1:
+            parser.error(f"{flag}: must be at least 1, got {value}")
+    if args.upstream_port is not None and not 0 < args.upstream_port < 65536:
+        parser.error(f"--upstream-port: not a port: {args.upstream_port}")
+    parse_peers(args, parser)
+    if args.peers and (args.soak or args.workers_compare):
+        parser.error("--peer applies to the default run only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark terraphim-proxy (Anthropic pass-through and OpenAI translation) "
-        "against a zero-delay upstream stand-in."
+        description="Benchmark terraphim-proxy (pass-through and translation to OpenAI, Ollama and Gemini) "
+        "against a zero-delay upstream stand-in on 127.0.0.1."
     )
-    parser.add_argument("--quick", action="store_true", help="a short development run (about 20 s)")
+    parser.add_argument("--quick", action="store_true", help="a short development run (about 25 s)")
     parser.add_argument(
         "--rounds",
         type=int,
-        help=f"A/B/C rounds per case; medians are reported (default {DEFAULT_ROUNDS}, quick {QUICK_ROUNDS})",
+        help=f"rounds per case; medians are reported (default {DEFAULT_ROUNDS}, quick {QUICK_ROUNDS})",
     )
     parser.add_argument(
         "--requests",
@@ -720,44 +1329,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--concurrency", default="1,32", help="comma-separated concurrency levels (default 1,32)", metavar="LIST"
     )
     parser.add_argument("--chunks", type=int, default=20, help="text deltas per streamed answer (default 20)")
+    parser.add_argument(
+        "--paths",
+        metavar="LIST",
+        help=f"comma-separated paths to measure, the first is the baseline of the ratios (default: all of "
+        f"{','.join(PATH_NAMES)}; --workers-compare: {','.join(COMPARE_PATHS)}; --soak: {','.join(SOAK_PATHS)})",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="also measure another proxy you started on 127.0.0.1 and pointed at the stand-in (POST URL/v1/messages)",
+    )
+    parser.add_argument(
+        "--peer-pid", action="append", default=[], metavar="NAME=PID", help="report CPU and RSS of a peer's process"
+    )
+    parser.add_argument(
+        "--upstream-port", type=int, metavar="PORT", help="the stand-in's port (default: a free one), to set up peers"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--workers-compare",
+        action="store_true",
+        help=f"instead: the proxy with --workers 1 and --workers 2 on the Claude Code cases at c{COMPARE_CONCURRENCY}",
+    )
+    mode.add_argument("--soak", action="store_true", help="instead: a soak against a failing stand-in; leak checks")
+    parser.add_argument(
+        "--soak-requests",
+        type=int,
+        help=f"soak requests after the warm-up (default {DEFAULT_SOAK_REQUESTS}, quick {QUICK_SOAK_REQUESTS})",
+    )
+    parser.add_argument("--soak-concurrency", type=int, default=200, help="soak concurrency (default 200)")
+    parser.add_argument("--soak-seed", type=int, default=1, help="seed of the soak's faults and mix (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--faults", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
-    except ValueError:
-        parser.error(f"--concurrency: expected comma-separated integers, got '{args.concurrency}'")
-    numbers = [("--rounds", args.rounds), ("--requests", args.requests), ("--chunks", args.chunks)]
-    for flag, value in [*numbers, *(("--concurrency", c) for c in args.concurrency)]:
-        if value is not None and value < 1:
-            parser.error(f"{flag}: must be at least 1, got {value}")
+    check_args(args, parser)
     return args
 
 
-def bench_paths(upstream_url: str, proxy_url: str, proxy_pid: int) -> list[BenchPath]:
-    """The measured paths; the first is the baseline of every ratio."""
-    return [
-        BenchPath("direct", upstream_url),
-        BenchPath("pass-through", proxy_url, proxy_pid),
-        BenchPath("openai", proxy_url, proxy_pid, model=OPENAI_ROUTE),
-    ]
+# ---------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
-    cases = all_cases(args.concurrency)
-    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
-        workdir = Path(tmp)
-        _, upstream_url = start_standin(stack, workdir, args.chunks)
-        proxy, proxy_url = start_proxy(stack, workdir, "proxy", upstream_url)
-        paths = bench_paths(upstream_url, proxy_url, proxy.pid)
-        results = run_event_loop(measure_all(paths, cases, rounds, requests))
-        rss = {proxy.name: peak_rss_mb(proxy.pid)}
-        errors = sum(m.errors for per_path in results.values() for ms in per_path.values() for m in ms)
-        if errors:
-            print(f"{errors} failed requests; proxy output:\n{proxy.output_tail()}", file=sys.stderr)
-    settings = {
+def base_settings(args: argparse.Namespace, rounds: int, requests: int) -> dict:
+    return {
         "rounds": rounds,
         "requests": requests,
         "chunks": args.chunks,
@@ -765,19 +1384,151 @@ def run_bench(args: argparse.Namespace) -> int:
         "aiohttp": aiohttp.__version__,
         "cpus": os.cpu_count(),
     }
+
+
+def settings_line(title: str, settings: dict) -> str:
+    return (
+        f"{title}: {settings['rounds']} rounds, requests per measurement {settings['requests']}, "
+        f"{settings['chunks']} stream chunks, Python {settings['python']}, aiohttp {settings['aiohttp']}, "
+        f"{settings['cpus']} CPUs"
+    )
+
+
+def report_failures(results: Results, children: list[Child]) -> int:
+    errors = sum(m.errors for per_path in results.values() for ms in per_path.values() for m in ms)
+    if errors:
+        tails = "\n".join(f"{child.name} output:\n{child.output_tail()}" for child in children)
+        print(f"{errors} failed requests\n{tails}", file=sys.stderr)
+    return errors
+
+
+def bench_paths(
+    names: list[str], upstream_url: str, proxy: tuple[Child, str] | None, peers: dict[str, str], peer_pids: dict
+) -> list[BenchPath]:
+    """The measured paths, in the order named; the first is the baseline of every ratio."""
+    paths = []
+    for name in names:
+        if name == "direct":
+            paths.append(BenchPath(name, upstream_url))
+        elif proxy is not None:
+            paths.append(BenchPath(name, proxy[1], proxy[0].pid, model=ROUTES[name].request_model))
+    paths += [BenchPath(name, url, peer_pids.get(name)) for name, url in peers.items()]
+    return [BenchPath(**{**asdict(p), "baseline": paths[0].name if i else None}) for i, p in enumerate(paths)]
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"results written to {path}")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
+    names = args.paths or list(PATH_NAMES)
+    if args.peers and not args.upstream_port:
+        print("note: --peer without --upstream-port: the stand-in's port is new each run", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
+        proxy = start_proxy(stack, workdir, "proxy", upstream_url) if set(names) & set(ROUTES) else None
+        paths = bench_paths(names, upstream_url, proxy, args.peers, args.peer_pids)
+        results, sent = run_event_loop(measure_all(paths, all_cases(args.concurrency), rounds, requests))
+        measured = [(proxy[0].name, proxy[0].pid)] if proxy else []
+        measured += [(f"peer {name}", pid) for name, pid in args.peer_pids.items()]
+        processes = {name: process_report(name, pid, paths, sent) for name, pid in measured}
+        errors = report_failures(results, [upstream, *([proxy[0]] if proxy else [])])
+    settings = {**base_settings(args, rounds, requests), "upstream": upstream_url}
+    print()
+    print(settings_line("terraphim-proxy bench", settings))
+    print(f"Upstream stand-in {upstream_url}. Medians over rounds. p50/p99 = time to last byte; ttfb = time to")
+    print(f"first byte (streams); ms. Ratios and added ms against {paths[0].name}.")
+    print(format_table(paths, results))
+    for report in processes.values():
+        print(process_line(report))
+    write_json(args.json, results_json(settings, paths, results, processes))
+    return 1 if errors else 0
+
+
+def compare_paths(routes: list[str], proxies: list[tuple[Child, str]]) -> list[BenchPath]:
+    """For each route, one path per proxy ("<route> w1", "<route> w2"); each w2 compares with its w1."""
+    paths = []
+    for route in routes:
+        for number_of_workers, (child, url) in enumerate(proxies, 1):
+            baseline = f"{route} w1" if number_of_workers > 1 else None
+            model = ROUTES[route].request_model
+            paths.append(BenchPath(f"{route} w{number_of_workers}", url, child.pid, model, baseline))
+    return paths
+
+
+def run_workers_compare(args: argparse.Namespace) -> int:
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
+    routes = [name for name in args.paths or COMPARE_PATHS if name in ROUTES]
+    if not routes:
+        raise RuntimeError(f"--workers-compare needs a proxy path in --paths (one of {', '.join(ROUTES)})")
+    cases = [Case(body, stream, COMPARE_CONCURRENCY) for body in CLAUDE_CODE_BODIES for stream in (False, True)]
+    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
+        proxies = [start_proxy(stack, workdir, f"workers{n}", upstream_url, workers=n) for n in (1, 2)]
+        paths = compare_paths(routes, proxies)
+        results, sent = run_event_loop(measure_all(paths, cases, rounds, requests))
+        processes = {child.name: process_report(child.name, child.pid, paths, sent) for child, _ in proxies}
+        errors = report_failures(results, [upstream, *(child for child, _ in proxies)])
+    settings = {**base_settings(args, rounds, requests), "upstream": upstream_url, "mode": "workers-compare"}
+    print()
+    print(settings_line("terraphim-proxy --workers 1 vs --workers 2", settings))
+    print("Medians over rounds; ms. Ratio rows (and added ms) = workers 2 / workers 1: req/s ratio > 1 is a gain.")
+    print("cpu ms/req and RSS are summed over the worker processes.")
+    print(format_table(paths, results))
+    for report in processes.values():
+        print(process_line(report))
+    write_json(args.json, results_json(settings, paths, results, processes))
+    return 1 if errors else 0
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    args.soak_requests = args.soak_requests or (QUICK_SOAK_REQUESTS if args.quick else DEFAULT_SOAK_REQUESTS)
+    routes = [name for name in args.paths or SOAK_PATHS if name in ROUTES]
+    if not routes:
+        raise RuntimeError(f"--soak needs a proxy path in --paths (one of {', '.join(ROUTES)})")
+    settings = {
+        "requests": args.soak_requests,
+        "concurrency": args.soak_concurrency,
+        "seed": args.soak_seed,
+        "paths": routes,
+        "bodies": list(SOAK_BODIES),
+        "proxy": SOAK_PROXY_SETTINGS,
+    }
+    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        _, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port, fault_seed=args.soak_seed)
+        proxy, proxy_url = start_proxy(stack, workdir, "proxy", upstream_url, settings=SOAK_PROXY_SETTINGS)
+        paths = [BenchPath(name, proxy_url, proxy.pid, ROUTES[name].request_model) for name in routes]
+        report = run_event_loop(soak(paths, proxy, proxy_url, upstream_url, args, settings))
+        if report.failed:
+            print(f"proxy output:\n{proxy.output_tail()}", file=sys.stderr)
+    print_soak_header(report)
+    print(format_soak(report))
+    write_json(args.json, soak_json(report))
+    return 1 if report.failed else 0
+
+
+def print_soak_header(report: SoakReport) -> None:
+    s = report.settings
+    rate = report.requests / report.seconds if report.seconds else 0.0
     print()
     print(
-        f"terraphim-proxy bench: {rounds} rounds, requests per measurement {requests}, {args.chunks} stream chunks, "
-        f"Python {settings['python']}, aiohttp {settings['aiohttp']}, {settings['cpus']} CPUs"
+        f"terraphim-proxy soak: {report.warmup} warm-up + {s['requests']} requests at concurrency {s['concurrency']} "
+        f"over {', '.join(s['paths'])}; json and stream; bodies {', '.join(s['bodies'])}"
     )
-    print("Medians over rounds. p50/p99 = time to last byte; ttfb = time to first byte (streams); ms.")
-    print(format_table(paths, results))
-    for name, mb in rss.items():
-        print(f"{name} peak RSS (VmHWM): {number(mb, 1)} MB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results_json(settings, paths, results, rss), indent=2) + "\n")
-        print(f"results written to {args.json}")
-    return 1 if errors else 0
+    print(
+        f"stand-in faults (seed {s['seed']}): {FAULT_ERROR_RATE:.0%} HTTP 500/529, {FAULT_CUT_RATE:.0%} answer cut "
+        f"half-way, {FAULT_SLOW_RATE:.0%} first byte after {SLOW_FIRST_BYTE_S * 1000:.0f} ms; proxy "
+        + ", ".join(f"{key} = {value}" for key, value in s["proxy"].items())
+    )
+    print(f"soak: {report.seconds:.1f} s, {rate:.0f} req/s")
 
 
 def interrupt(signum: int, frame: Any) -> None:
@@ -788,11 +1539,12 @@ def interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_upstream is not None:
-        run_event_loop(serve_standin(args.serve_upstream, args.chunks))
+        run_event_loop(serve_standin(args.serve_upstream, args.chunks, args.faults))
         return 0
     signal.signal(signal.SIGTERM, interrupt)
+    mode = run_soak if args.soak else run_workers_compare if args.workers_compare else run_bench
     try:
-        return run_bench(args)
+        return mode(args)
     except KeyboardInterrupt:
         return 130
     except RuntimeError as exc:

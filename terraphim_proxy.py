@@ -4292,7 +4292,7 @@ def create_app(config: Config, counter: TokenCounter | None = None) -> web.Appli
 
 def routing_table(config: Config) -> str:
     """The human view of a config that --check prints."""
-    auth = "proxy key required" if config.api_key else "no key (loopback)"
+    auth = "proxy key required" if config.api_key else "no auth on loopback"
     lines = [f"config: {config.source}", f"listen: http://{config.host}:{config.port} ({auth})", "providers:"]
     for p in config.providers.values():
         state = "enabled" if p.enabled else f"DISABLED ({p.disabled_reason})"
