@@ -40,7 +40,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -2202,6 +2202,31 @@ def openai_to_anthropic_response(
     }
 
 
+class ChunkConverter(Protocol):
+    stream: AnthropicStream
+
+    def feed(self, data: Any) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """Feed each JSON payload (an NDJSON line, an SSE data field) to a provider's converter, then end it."""
+    async for payload in payloads:
+        if payload == "[DONE]":
+            break
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise TranslationError(f"upstream sent invalid JSON: {payload[:200]!r}") from None
+        frames = converter.feed(data)
+        if frames:
+            yield frames
+        if converter.stream.done:
+            return
+    yield converter.end()
+
+
 @dataclass
 class StreamedToolCall:
     key: int
@@ -2611,22 +2636,6 @@ async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         yield pending.decode("utf-8", "replace")
 
 
-async def ollama_stream_to_anthropic(lines: AsyncIterator[str], model: str, input_tokens: int) -> AsyncIterator[bytes]:
-    """Anthropic frames for an /api/chat NDJSON stream; a stream closed before `done` ends in an error."""
-    converter = OllamaConverter(model, input_tokens)
-    async for line in lines:
-        try:
-            data = json.loads(line)
-        except ValueError:
-            data = {"error": f"invalid NDJSON line: {line[:200]!r}"}
-        frames = converter.feed(data)
-        if frames:
-            yield frames
-        if converter.stream.done:
-            return
-    yield converter.end()
-
-
 def ollama_build_request(call: Call) -> UpstreamRequest:
     refuse_server_tools(call)
     num_ctx = call.provider.num_ctx_for(call.model)
@@ -2645,15 +2654,6 @@ def ollama_build_request(call: Call) -> UpstreamRequest:
         headers["authorization"] = f"Bearer {call.api_key}"
     hint = f"pull the model first: ollama pull {call.model}"
     return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, dump_json(payload), hint)
-
-
-def ollama_parse_response(data: dict, call: Call) -> dict:
-    converter = OllamaConverter(call.model, call.input_tokens)
-    return message_from_frames(converter.feed(data) + converter.end())
-
-
-def ollama_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    return ollama_stream_to_anthropic(iter_ndjson(upstream.content.iter_any()), call.model, call.input_tokens)
 
 
 # --- Gemini: generateContent / streamGenerateContent?alt=sse.
@@ -2910,7 +2910,9 @@ class GeminiConverter:
         self.usage: dict | None = None
         self.blocked: str | None = None
 
-    def feed(self, data: dict) -> bytes:
+    def feed(self, data: Any) -> bytes:
+        if not isinstance(data, dict):
+            self.fail("api_error", "unexpected chunk")
         if data.get("error"):
             error = data["error"]
             message = error.get("message", "error") if isinstance(error, dict) else str(error)
@@ -2973,24 +2975,6 @@ class GeminiConverter:
         return frames + self.stream.finish(stop, gemini_usage(self.usage))
 
 
-async def gemini_stream_to_anthropic(events: AsyncIterator[str], model: str, input_tokens: int) -> AsyncIterator[bytes]:
-    """Anthropic frames for a streamGenerateContent?alt=sse stream (no [DONE]; it ends at EOF)."""
-    converter = GeminiConverter(model, input_tokens)
-    async for data in events:
-        if data == "[DONE]":
-            break
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = {"error": {"message": f"invalid JSON chunk: {data[:200]!r}"}}
-        frames = converter.feed(chunk if isinstance(chunk, dict) else {"error": {"message": "unexpected chunk"}})
-        if frames:
-            yield frames
-        if converter.stream.done:
-            return
-    yield converter.end()
-
-
 def gemini_build_request(call: Call) -> UpstreamRequest:
     """POST {base}/models/{model}:generateContent, or :streamGenerateContent?alt=sse; key in x-goog-api-key."""
     refuse_server_tools(call)
@@ -3001,13 +2985,21 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
     return UpstreamRequest(f"{provider.api_base_url}/models/{call.model}:{method}", headers, dump_json(payload))
 
 
-def gemini_parse_response(data: dict, call: Call) -> dict:
-    converter = GeminiConverter(call.model, call.input_tokens)
-    return message_from_frames(converter.feed(data) + converter.end())
+def converter_transformer(
+    build_request: Callable[[Call], UpstreamRequest],
+    converter: Callable[[str, int], ChunkConverter],
+    payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[str]],
+) -> Transformer:
+    """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 
+    def parse_response(data: dict, call: Call) -> dict:
+        answer = converter(call.model, call.input_tokens)
+        return message_from_frames(answer.feed(data) + answer.end())
 
-def gemini_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    return gemini_stream_to_anthropic(iter_sse_data(upstream.content.iter_any()), call.model, call.input_tokens)
+    def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+        return json_chunks_to_anthropic(converter(call.model, call.input_tokens), payloads(upstream.content.iter_any()))
+
+    return Transformer(build_request, parse_response, stream, inline_images=True)
 
 
 TRANSFORMERS: dict[str, Transformer] = {
@@ -3020,8 +3012,8 @@ TRANSFORMERS: dict[str, Transformer] = {
     "openai": OPENAI_FAMILY,
     "openrouter": OPENAI_FAMILY,
     "deepseek": OPENAI_FAMILY,
-    "ollama": Transformer(ollama_build_request, ollama_parse_response, ollama_stream, inline_images=True),
-    "gemini": Transformer(gemini_build_request, gemini_parse_response, gemini_stream, inline_images=True),
+    "ollama": converter_transformer(ollama_build_request, OllamaConverter, iter_ndjson),
+    "gemini": converter_transformer(gemini_build_request, GeminiConverter, iter_sse_data),
 }
 
 
