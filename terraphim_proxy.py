@@ -352,6 +352,16 @@ class _Checker:
                 values[key] = value
         return values
 
+    def entry(self, data: Any, path: str, allowed: dict[str, Any], required: tuple[str, ...]) -> dict | None:
+        """One table of an array of tables: its checked values, or None when it is not a table."""
+        if not isinstance(data, dict):
+            self.problem(path, "expected a table")
+            return None
+        for key in required:
+            if key not in data:
+                self.problem(f"{path}.{key}", "required")
+        return self.table(data, path, allowed)
+
     def string_list(self, values: list, path: str) -> tuple[str, ...]:
         items = []
         for i, item in enumerate(values):
@@ -375,14 +385,9 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, int]) -> Provider | None:
     path = f"providers[{index}]"
-    if not isinstance(data, dict):
-        check.problem(path, "expected a table ([[providers]])")
-        return None
-    values = check.table(data, path, PROVIDER_KEYS)
-    name = values.get("name")
-    if "name" not in data:
-        check.problem(f"{path}.name", "required")
-    if not name:
+    values = check.entry(data, path, PROVIDER_KEYS, ("name",))
+    name = values.get("name") if values is not None else None
+    if values is None or not name:
         return None
     kind = values.get("type", name if name in PROVIDER_TYPES else None)
     if kind is None:
@@ -539,13 +544,9 @@ def _checked_route(check: _Checker, key: str, text: str, providers: dict[str, Pr
 
 def _read_rule(check: _Checker, index: int, data: Any, providers: dict[str, Provider]) -> Rule | None:
     path = f"router.rules[{index}]"
-    if not isinstance(data, dict):
-        check.problem(path, "expected a table ([[router.rules]])")
+    values = check.entry(data, path, RULE_KEYS, ("name", "route"))
+    if values is None:
         return None
-    values = check.table(data, path, RULE_KEYS)
-    for key in ("name", "route"):
-        if key not in data:
-            check.problem(f"{path}.{key}", "required")
     keywords = check.string_list(values.get("keywords", []), f"{path}.keywords")
     pattern = values.get("pattern", "")
     if not keywords and not pattern:
