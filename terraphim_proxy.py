@@ -3822,7 +3822,8 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 IMAGE_SESSION = web.AppKey("image_session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
 STARTED_WALL = web.AppKey("started_wall", float)
-EXCHANGE = "terraphim.exchange"
+# aiohttp 3.12+ has typed request keys; older versions take a plain string.
+EXCHANGE: Any = web.RequestKey("exchange", Exchange) if hasattr(web, "RequestKey") else "terraphim.exchange"
 MAX_JSON_DEPTH = 64
 
 
