@@ -1229,6 +1229,12 @@ class Call:
     api_key: str = ""  # the key this attempt uses (providers may have several)
     raw: RawBody | None = None  # the body as received, when `body` is still its parsed form
 
+    @property
+    def client_model(self) -> str:
+        """The model the client asked for, which every answer names: Claude Code drops the thinking blocks
+        (and with them Gemini's thought signatures) of answers that name another model."""
+        return self.body.get("model") or self.model
+
 
 @dataclass(frozen=True)
 class Transformer:
@@ -1609,7 +1615,23 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
 def anthropic_parse_response(data: dict, call: Call) -> dict:
     if data.get("type") != "message":
         raise ProxyError(502, f"{call.provider.name} answered with JSON that is not a message")
-    return data
+    return {**data, "model": call.client_model}
+
+
+def with_client_model(frames: bytes, model: str) -> bytes:
+    """Frames whose message_start names `model` (see Call.client_model); other frames pass untouched."""
+    lines = frames.split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"data: ") and b"message_start" in line:
+            try:
+                event = json.loads(line[6:])
+            except ValueError:
+                break
+            if isinstance(event.get("message"), dict):
+                event["message"]["model"] = model
+                lines[i] = b"data: " + dump_json(event)
+            break
+    return b"\n".join(lines)
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
@@ -1625,9 +1647,11 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
         if cut < 0:
             continue
         ready, pending = pending[: cut + 2], pending[cut + 2 :]
-        if not checked and not ready.startswith((b"event:", b":", b"data:")):
-            raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
-        checked = True
+        if not checked:
+            if not ready.startswith((b"event:", b":", b"data:")):
+                raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
+            ready = with_client_model(ready, call.client_model)
+            checked = True
         finished = finished or ends_anthropic_stream(ready)
         yield ready
     if pending.strip():
@@ -2450,7 +2474,7 @@ def openai_family_build_request(call: Call) -> UpstreamRequest:
 
 def openai_family_parse_response(data: dict, call: Call) -> dict:
     """The Anthropic message; without upstream usage, the local input count and about 4 characters a token."""
-    message = openai_to_anthropic_response(data, call.model, tool_name_map(call.body), call.provider.type)
+    message = openai_to_anthropic_response(data, call.client_model, tool_name_map(call.body), call.provider.type)
     if not data.get("usage"):
         written = sum(len(json.dumps(block)) for block in message["content"])
         message["usage"] = {**message["usage"], "input_tokens": call.input_tokens, "output_tokens": (written + 3) // 4}
@@ -2460,7 +2484,7 @@ def openai_family_parse_response(data: dict, call: Call) -> dict:
 def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
     events = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
-    return openai_stream_to_anthropic(events, call.model, call.input_tokens, names, call.provider.type)
+    return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
@@ -2969,8 +2993,7 @@ class GeminiConverter:
         frames = b""
         if reason in GEMINI_REFUSALS:
             stop = "refusal"
-            if not self.stream.started:
-                frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
+            frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
         else:
             stop = "max_tokens" if reason == "MAX_TOKENS" else "end_turn"
         return frames + self.stream.finish(stop, gemini_usage(self.usage))
@@ -2994,11 +3017,12 @@ def converter_transformer(
     """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 
     def parse_response(data: dict, call: Call) -> dict:
-        answer = converter(call.model, call.input_tokens)
+        answer = converter(call.client_model, call.input_tokens)
         return message_from_frames(answer.feed(data) + answer.end())
 
     def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-        return json_chunks_to_anthropic(converter(call.model, call.input_tokens), payloads(upstream.content.iter_any()))
+        chunks = payloads(upstream.content.iter_any())
+        return json_chunks_to_anthropic(converter(call.client_model, call.input_tokens), chunks)
 
     return Transformer(build_request, parse_response, stream, inline_images=True)
 
