@@ -46,7 +46,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -857,7 +857,7 @@ async def preflight(session: aiohttp.ClientSession, paths: list[BenchPath], payl
         try:
             await timed_request(session, path.messages_url, payloads.take(path.model, "small", False, 1)[0], False)
         except (aiohttp.ClientError, asyncio.TimeoutError, BadResponse) as exc:
-            raise RuntimeError(f"path {path.name} ({path.messages_url}) does not answer: {exc!r}") from None
+            raise RuntimeError(f"path {path.name} ({path.messages_url}): {type(exc).__name__}: {exc}") from None
 
 
 async def measure_all(
@@ -1050,8 +1050,9 @@ def json_object(body: bytes) -> dict:
 def classify(status: int, content_type: str, body: bytes) -> Outcome:
     """One of the four proper endings, or a lost answer with the reason."""
     if status != 200:
-        error = json_object(body).get("error")
-        if json_object(body).get("type") == "error" and isinstance(error, dict) and isinstance(error.get("type"), str):
+        data = json_object(body)
+        error = data.get("error")
+        if data.get("type") == "error" and isinstance(error, dict) and isinstance(error.get("type"), str):
             return Outcome(f"HTTP {status}, Anthropic error body")
         return Outcome(f"HTTP {status}, other body", f"HTTP {status} without an Anthropic error body: {body[:120]!r}")
     if content_type == "text/event-stream":
@@ -1104,6 +1105,7 @@ async def soak_phase(
     timeout = aiohttp.ClientTimeout(total=SOAK_TIMEOUT_S)
     step = max(total // 10, 1)
     done = itertools.count(1)
+    started = time.perf_counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for job in jobs:  # shared by all workers
@@ -1111,9 +1113,10 @@ async def soak_phase(
             tally.add(job, await soak_request(session, job.path.messages_url, payload))
             count = next(done)
             if count % step == 0:
-                print(f"  {name}: {count}/{total}", file=sys.stderr, flush=True)
+                print(
+                    f"  {name}: {count}/{total} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True
+                )
 
-    started = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)) as s:
         await asyncio.gather(*(worker(s) for _ in range(concurrency)))
     return time.perf_counter() - started
@@ -1232,7 +1235,7 @@ def soak_json(report: SoakReport) -> dict:
 # CLI
 # ---------------------------------------------------------------------------
 
-DEFAULT_REQUESTS = 400
+DEFAULT_REQUESTS = 300
 QUICK_REQUESTS = 100
 DEFAULT_ROUNDS = 3
 QUICK_ROUNDS = 2
@@ -1318,17 +1321,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
+        metavar="N",
         help=f"rounds per case; medians are reported (default {DEFAULT_ROUNDS}, quick {QUICK_ROUNDS})",
     )
     parser.add_argument(
         "--requests",
         type=int,
+        metavar="N",
         help=f"requests per path, case and round (default {DEFAULT_REQUESTS}, quick {QUICK_REQUESTS})",
     )
     parser.add_argument(
         "--concurrency", default="1,32", help="comma-separated concurrency levels (default 1,32)", metavar="LIST"
     )
-    parser.add_argument("--chunks", type=int, default=20, help="text deltas per streamed answer (default 20)")
+    parser.add_argument(
+        "--chunks", type=int, metavar="N", default=20, help="text deltas per streamed answer (default 20)"
+    )
     parser.add_argument(
         "--paths",
         metavar="LIST",
@@ -1358,10 +1365,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--soak-requests",
         type=int,
+        metavar="N",
         help=f"soak requests after the warm-up (default {DEFAULT_SOAK_REQUESTS}, quick {QUICK_SOAK_REQUESTS})",
     )
-    parser.add_argument("--soak-concurrency", type=int, default=200, help="soak concurrency (default 200)")
-    parser.add_argument("--soak-seed", type=int, default=1, help="seed of the soak's faults and mix (default 1)")
+    parser.add_argument("--soak-concurrency", type=int, metavar="N", default=200, help="soak concurrency (default 200)")
+    parser.add_argument(
+        "--soak-seed", type=int, metavar="N", default=1, help="seed of the soak's faults and mix (default 1)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--faults", type=int, metavar="SEED", help=argparse.SUPPRESS)
@@ -1403,7 +1413,11 @@ def report_failures(results: Results, children: list[Child]) -> int:
 
 
 def bench_paths(
-    names: list[str], upstream_url: str, proxy: tuple[Child, str] | None, peers: dict[str, str], peer_pids: dict
+    names: list[str],
+    upstream_url: str,
+    proxy: tuple[Child, str] | None,
+    peers: dict[str, str],
+    peer_pids: dict[str, int],
 ) -> list[BenchPath]:
     """The measured paths, in the order named; the first is the baseline of every ratio."""
     paths = []
@@ -1413,7 +1427,7 @@ def bench_paths(
         elif proxy is not None:
             paths.append(BenchPath(name, proxy[1], proxy[0].pid, model=ROUTES[name].request_model))
     paths += [BenchPath(name, url, peer_pids.get(name)) for name, url in peers.items()]
-    return [BenchPath(**{**asdict(p), "baseline": paths[0].name if i else None}) for i, p in enumerate(paths)]
+    return [replace(path, baseline=paths[0].name if i else None) for i, path in enumerate(paths)]
 
 
 def write_json(path: str | None, data: dict) -> None:
@@ -1422,9 +1436,14 @@ def write_json(path: str | None, data: dict) -> None:
         print(f"results written to {path}")
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """Rounds, and requests per measurement."""
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
+    return rounds, args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    rounds, requests = run_sizes(args)
     names = args.paths or list(PATH_NAMES)
     if args.peers and not args.upstream_port:
         print("note: --peer without --upstream-port: the stand-in's port is new each run", file=sys.stderr)
@@ -1462,8 +1481,7 @@ def compare_paths(routes: list[str], proxies: list[tuple[Child, str]]) -> list[B
 
 
 def run_workers_compare(args: argparse.Namespace) -> int:
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    requests = args.requests or (QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS)
+    rounds, requests = run_sizes(args)
     routes = [name for name in args.paths or COMPARE_PATHS if name in ROUTES]
     if not routes:
         raise RuntimeError(f"--workers-compare needs a proxy path in --paths (one of {', '.join(ROUTES)})")

@@ -4199,13 +4199,15 @@ async def upstream_token_count(session: aiohttp.ClientSession, call: Call, url: 
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    config = request.app[STATE].current.config
+    state = request.app[STATE]
+    config = state.current.config
     providers = config.providers.values()
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
             "pid": os.getpid(),
+            "in_flight": state.in_flight,
             "uptime_s": round(time.monotonic() - request.app[STARTED], 1),
             "providers": {
                 "enabled": [p.name for p in providers if p.enabled],
