@@ -548,8 +548,12 @@ def _read_rule(check: _Checker, index: int, data: Any, providers: dict[str, Prov
     if values is None:
         return None
     keywords = check.string_list(values.get("keywords", []), f"{path}.keywords")
+    for i, keyword in enumerate(keywords):
+        if not keyword.strip():
+            check.problem(f"{path}.keywords[{i}]", "an empty keyword would match every message")
     pattern = values.get("pattern", "")
-    if not keywords and not pattern:
+    mistyped = any(key in data and key not in values for key in ("keywords", "pattern"))
+    if not keywords and not pattern and not mistyped:
         check.problem(path, "needs keywords, a pattern, or both")
     try:
         re.compile(pattern)
@@ -683,8 +687,15 @@ class ProxyError(Exception):
         self.upstream_status = upstream_status
 
 
+def redact(text: str) -> str:
+    """The text without any configured key (upstream errors may quote the key they were sent)."""
+    for secret in REDACTOR.secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
 def error_body(error_type: str, message: str, request_id: str | None = None) -> dict:
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": redact(message)}}
     if request_id:
         body["request_id"] = request_id
     return body
@@ -746,14 +757,12 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "[redacted]")
-            record.msg, record.args = message, None
+            record.msg, record.args = redact(record.getMessage()), None
         return True
 
 
 REDACTOR = RedactingFilter()
+log.addFilter(REDACTOR)  # on the logger, so every handler gets redacted records
 
 
 # ---------------------------------------------------------------------------
@@ -1139,13 +1148,16 @@ def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ..
 
 
 def last_user_text(body: dict) -> str:
-    """The text blocks of the last user message, which keyword rules match against."""
+    """The text of the last user message that has any, which keyword rules match against. Messages holding
+    only tool results are skipped, so a whole tool loop stays on the route its prompt chose."""
     for message in reversed(body.get("messages") or ()):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, str):
                 return content
-            return "\n".join(b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+            texts = [b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)]
+            if texts:
+                return "\n".join(texts)
     return ""
 
 
@@ -1552,6 +1564,8 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     data: list[str] = []
     async for text in decoded_text(chunks):
         pending += text
+        if len(pending) > MAX_PENDING_FRAME_BYTES:
+            raise TranslationError(f"upstream sent a line over {MAX_PENDING_FRAME_BYTES} bytes")
         cut = len(pending) - 1 if pending.endswith("\r") else len(pending)  # a last CR may be half a CRLF
         *lines, rest = LINE_BREAK.split(pending[:cut])
         pending = rest + pending[cut:]
@@ -1618,47 +1632,60 @@ def anthropic_parse_response(data: dict, call: Call) -> dict:
     return {**data, "model": call.client_model}
 
 
-def with_client_model(frames: bytes, model: str) -> bytes:
-    """Frames whose message_start names `model` (see Call.client_model); other frames pass untouched."""
+def with_client_model(frames: bytes, model: str, provider: str) -> bytes:
+    """The first frames of a stream, whose message_start (required, with JSON data) now names `model`
+    (see Call.client_model)."""
     lines = frames.split(b"\n")
     for i, line in enumerate(lines):
-        if line.startswith(b"data: ") and b"message_start" in line:
+        if line.startswith(b"data:"):
             try:
-                event = json.loads(line[6:])
+                event = json.loads(line[5:])
             except ValueError:
                 break
-            if isinstance(event.get("message"), dict):
-                event["message"]["model"] = model
-                lines[i] = b"data: " + dump_json(event)
-            break
-    return b"\n".join(lines)
+            if not isinstance(event, dict) or event.get("type") != "message_start":
+                break
+            event["message"] = {**(event.get("message") or {}), "model": model}
+            lines[i] = b"data: " + dump_json(event)
+            return b"\n".join(lines)
+    raise ProxyError(502, f"{provider} did not start its answer with a message_start event")
+
+
+MAX_PENDING_FRAME_BYTES = 16 * 1024 * 1024  # an upstream frame larger than this is garbage, not a frame
+END_DRAIN_S = 0.2  # after message_stop, how long to wait for the upstream's end so its connection can be reused
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    """Relay Anthropic SSE as it arrives, cut at frame boundaries; an unfinished stream ends in an error event."""
+    """Relay Anthropic SSE as it arrives, cut at frame boundaries. The first frame must be a message_start;
+    the stream ends at message_stop or an error event, and one that breaks off before either is an error."""
     pending = b""
-    finished = False
-    checked = False
+    started = False
     async for chunk in upstream.content.iter_any():
         pending += chunk
         if b"\r" in pending:
             pending = pending.replace(b"\r\n", b"\n")
         cut = pending.rfind(b"\n\n")
         if cut < 0:
+            if len(pending) > MAX_PENDING_FRAME_BYTES:
+                raise ProxyError(502, f"{call.provider.name} sent a frame over {MAX_PENDING_FRAME_BYTES} bytes")
             continue
         ready, pending = pending[: cut + 2], pending[cut + 2 :]
-        if not checked:
-            if not ready.startswith((b"event:", b":", b"data:")):
-                raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
-            ready = with_client_model(ready, call.client_model)
-            checked = True
-        finished = finished or ends_anthropic_stream(ready)
+        if not started:
+            ready = with_client_model(ready, call.client_model, call.provider.name)
+            started = True
         yield ready
-    if pending.strip():
-        finished = finished or ends_anthropic_stream(pending)
-        yield pending.rstrip(b"\n") + b"\n\n"
-    if not finished:
-        raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
+        if ends_anthropic_stream(ready):
+            await drain_upstream(upstream)
+            return
+    if not started:
+        raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
+    raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
+
+
+async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
+    """Read what follows an answer's last frame, briefly, so the connection can go back to the pool;
+    a fault there is not the answer's."""
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
 
 
 def ends_anthropic_stream(frames: bytes) -> bool:
@@ -2654,6 +2681,8 @@ async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     async for chunk in chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
+        if len(pending) > MAX_PENDING_FRAME_BYTES:
+            raise TranslationError(f"upstream sent a line over {MAX_PENDING_FRAME_BYTES} bytes")
         for line in lines:
             if line.strip():
                 yield line.decode("utf-8", "replace")
@@ -3202,9 +3231,10 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
     try:
         raw = await response.read()
     except asyncio.TimeoutError:
-        raise ProxyError(504, f"{provider.name} did not finish its answer in time") from None
+        raise ProxyError(504, f"{provider.name} did not finish its answer in time", retryable=True) from None
     except aiohttp.ClientError as exc:
-        raise ProxyError(502, f"{provider.name} broke the connection: {type(exc).__name__}") from None
+        message = f"{provider.name} broke the connection: {type(exc).__name__}"
+        raise ProxyError(502, message, retryable=True) from None
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -3214,7 +3244,7 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
     return data
 
 
-@dataclass
+@dataclass(eq=False)
 class Answer:
     """An upstream answer that has begun: its response, and the first frames (stream) or the whole message."""
 
@@ -3301,11 +3331,13 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         except ProxyError as failure:
             err = failure
         ring.report(call.api_key, err)
-        request.app[STATE].metrics.upstream_errors[(provider.name, err.error_type)] += 1
+        metrics = request.app[STATE].metrics
+        metrics.upstream_errors[(provider.name, err.error_type)] += 1
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
         exchange.retries += 1
+        metrics.retries[(provider.name, target.model)] += 1
         log.info("%s retry %d on %s in %.2f s: %s", exchange.request_id, attempt + 1, target, wait, err.message)
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")
@@ -3322,12 +3354,22 @@ SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-contro
 async def relay_sse(
     request: web.Request, answer: Answer, headers: dict[str, str], deadline: float, dialect: Dialect
 ) -> web.StreamResponse:
-    """Write the answer's frames as they come; a failure after the first one becomes an Anthropic `error` event
-    that ends the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream."""
+    """Write the answer's frames as they come; a failure after the first one becomes an `error` event that ends
+    the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream: when it passes, the
+    upstream connection is closed, whatever it is doing."""
     assert answer.frames is not None
     exchange = request[EXCHANGE]
     translate = dialect.frames() if dialect.frames is not None else bytes
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
+
+    def failure(err: ProxyError) -> ProxyError:
+        if request.app[STATE].shutting_down:
+            return ProxyError(529, "the proxy is shutting down; send the request again", "overloaded_error")
+        if time.monotonic() >= deadline:
+            return ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
+        return named(err, exchange.provider)
+
     try:
         await response.prepare(request)
         await response.write(translate(answer.first))
@@ -3337,20 +3379,24 @@ async def relay_sse(
             async for frame in answer.frames:
                 await response.write(translate(frame))
                 exchange.note_usage(frame)
-                if time.monotonic() > deadline:
-                    raise ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
         except ProxyError as err:
-            await write_error_event(response, exchange, named(err, exchange.provider), dialect)
+            await write_error_event(response, exchange, failure(err), dialect)
         except asyncio.TimeoutError:
-            silent = ProxyError(504, f"{exchange.provider} stream went silent")
-            await write_error_event(response, exchange, silent, dialect)
+            await write_error_event(response, exchange, failure(ProxyError(504, "stream went silent")), dialect)
         except aiohttp.ClientError as exc:
-            failure = ProxyError(502, f"{exchange.provider} stream failed: {type(exc).__name__}")
-            await write_error_event(response, exchange, failure, dialect)
+            broken = ProxyError(502, f"stream failed: {type(exc).__name__}")
+            await write_error_event(response, exchange, failure(broken), dialect)
         await response.write_eof()
     except ConnectionResetError:
         exchange.outcome = "client_closed"
+    except asyncio.CancelledError:
+        # The client left, or shutdown's drain time ran out: say so if anyone is still listening.
+        ending = ProxyError(529, "the proxy is shutting down", "overloaded_error")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(write_error_event(response, exchange, ending, dialect), 1)
+        raise
     finally:
+        watchdog.cancel()
         await answer.frames.aclose()
     return response
 
@@ -3393,7 +3439,7 @@ ANTHROPIC_DIALECT = Dialect(lambda message: message, None, anthropic_error_event
 
 def openai_error_body(err: ProxyError) -> dict:
     kind = err.error_type if err.status < 500 else "server_error"
-    return {"error": {"message": err.message, "type": kind, "param": None, "code": err.error_type}}
+    return {"error": {"message": redact(err.message), "type": kind, "param": None, "code": err.error_type}}
 
 
 def openai_error_event(err: ProxyError, request_id: str) -> bytes:
@@ -3755,7 +3801,6 @@ class Metrics:
         usage = exchange.usage
         self.input_tokens[target] += exchange.prompt_tokens() or 0
         self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
-        self.retries[target] += exchange.retries
         self.fallbacks[target] += exchange.fallbacks
 
     def render(self, in_flight: int) -> str:
@@ -3834,6 +3879,14 @@ class ProxyState:
         self.provider_in_flight: collections.Counter[str] = collections.Counter()
         self.sessions = SessionMemory()
         self.metrics = Metrics()
+        self.open_streams: set[Answer] = set()
+        self.shutting_down = False
+
+    def cut_open_streams(self) -> None:
+        """At the end of the shutdown drain: close the upstream of every stream still open, so each ends with
+        an `error` event instead of a broken connection."""
+        for answer in self.open_streams:
+            answer.upstream.close()
 
     def reload(self, config: Config) -> None:
         self.current = Snapshot.of(config)
@@ -3865,16 +3918,16 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
         try:
             response = await handler(request)
         except ProxyError as err:
-            response = error_response(err, exchange.request_id, request.path)
+            response = error_response(err, exchange.request_id, speaks_openai(request))
         except web.HTTPException as exc:
-            response = error_response(http_exception_error(exc, request), exchange.request_id, request.path)
+            response = error_response(http_exception_error(exc, request), exchange.request_id, speaks_openai(request))
         except (ConnectionResetError, asyncio.CancelledError):
             exchange.outcome = "client_closed"
             raise
         except Exception:
             log.exception("request %s failed inside the proxy", exchange.request_id)
             err = ProxyError(500, f"internal proxy error (request {exchange.request_id})")
-            response = error_response(err, exchange.request_id, request.path)
+            response = error_response(err, exchange.request_id, speaks_openai(request))
         status = response.status
         if not response.prepared:
             response.headers["request-id"] = exchange.request_id
@@ -3907,9 +3960,16 @@ def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> 
     log.info("%s %s %s", exchange.request_id, path, text, extra={"fields": fields})
 
 
-def error_response(err: ProxyError, request_id: str, path: str = "") -> web.Response:
-    """The error in the client's dialect: OpenAI's shape on /v1/chat/completions, Anthropic's elsewhere."""
-    body = openai_error_body(err) if path == OPENAI_CHAT_PATH else error_body(err.error_type, err.message, request_id)
+def speaks_openai(request: web.Request) -> bool:
+    """OpenAI clients: everything on /v1/chat/completions, and /v1/models without anthropic-version."""
+    if request.path == OPENAI_CHAT_PATH:
+        return True
+    return request.path == "/v1/models" and "anthropic-version" not in request.headers
+
+
+def error_response(err: ProxyError, request_id: str, openai: bool = False) -> web.Response:
+    """The error in the client's dialect."""
+    body = openai_error_body(err) if openai else error_body(err.error_type, err.message, request_id)
     return web.Response(status=err.status, body=dump_json(body), content_type="application/json", headers=err.headers)
 
 
@@ -3976,13 +4036,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+BLOCK_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {  # the fields each block type must have, as Anthropic checks
+    "text": (("text", str),),
+    "image": (("source", dict),),
+    "document": (("source", dict),),
+    "tool_use": (("id", str), ("name", str), ("input", dict)),
+    "tool_result": (("tool_use_id", str),),
+    "thinking": (("thinking", str), ("signature", str)),
+    "redacted_thinking": (("data", str),),
+}
+
+
 def _check_blocks(blocks: Any, path: str) -> None:
     _expect(isinstance(blocks, list), path, "expected a string or a list of content blocks")
     for i, block in enumerate(blocks):
-        _expect(isinstance(block, dict), f"{path}.{i}", "expected a content block object")
-        _expect(isinstance(block.get("type"), str), f"{path}.{i}.type", "required string")
-        if block["type"] == "text":
-            _expect(isinstance(block.get("text"), str), f"{path}.{i}.text", "expected a string")
+        where = f"{path}.{i}"
+        _expect(isinstance(block, dict), where, "expected a content block object")
+        _expect(isinstance(block.get("type"), str), f"{where}.type", "required string")
+        for key, kind in BLOCK_FIELDS.get(block["type"], ()):
+            _expect(isinstance(block.get(key), kind), f"{where}.{key}", f"required {_type_name(kind)}")
+        source = block.get("source")
+        if isinstance(source, dict):
+            _expect(isinstance(source.get("type"), str), f"{where}.source.type", "required string")
+        if block["type"] == "tool_result" and not isinstance(block.get("content", ""), str):
+            _check_blocks(block["content"], f"{where}.content")
 
 
 def validate_messages_request(body: dict, need_max_tokens: bool = True) -> None:
@@ -4030,6 +4107,12 @@ def validate_messages_request(body: dict, need_max_tokens: bool = True) -> None:
             _expect(ok(body[key]), key, text)
     for i, tool in enumerate(body.get("tools") or ()):
         _expect(isinstance(tool.get("name"), str) and tool["name"] != "", f"tools.{i}.name", "required string")
+    thinking = body.get("thinking") or {}
+    budget = thinking.get("budget_tokens")
+    _expect(budget is None or _is_int(budget), "thinking.budget_tokens", "expected an integer")
+    for i, tool in enumerate(body.get("tools") or ()):
+        schema = tool.get("input_schema")
+        _expect(schema is None or isinstance(schema, dict), f"tools.{i}.input_schema", "expected an object")
     metadata = body.get("metadata") or {}
     _expect(
         metadata.get("user_id") is None or isinstance(metadata["user_id"], str), "metadata.user_id", "expected a string"
@@ -4145,7 +4228,12 @@ async def respond(
     headers = response_headers(exchange, target)
     try:
         if answer.frames is not None:
-            response = await relay_sse(request, answer, headers, deadline, dialect)
+            open_streams = request.app[STATE].open_streams
+            open_streams.add(answer)
+            try:
+                response = await relay_sse(request, answer, headers, deadline, dialect)
+            finally:
+                open_streams.discard(answer)
         else:
             message = answer.message or {}
             if isinstance(message.get("usage"), dict):
@@ -4417,7 +4505,7 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
     keep the config they started with."""
     app = create_app(config)
     drain = config.drain_timeout_ms / 1000
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain + 2)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
@@ -4453,6 +4541,9 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
                 loop.add_signal_handler(sig, action)
     await stop.wait()
     log.info("shutting down: no new connections; waiting up to %.0f s for requests in flight", drain)
+    state = app[STATE]
+    state.shutting_down = True
+    loop.call_later(drain, state.cut_open_streams)
     await runner.cleanup()
 
 
@@ -4713,7 +4804,8 @@ def run_claude_code(config: Config, args: argparse.Namespace) -> int:
     base_url = env["ANTHROPIC_BASE_URL"]
     if not proxy_is_up(base_url):
         log_path = Path(tempfile.gettempdir()) / f"terraphim-proxy-{config.port}.log"
-        command = [sys.executable, str(Path(__file__).resolve()), "--port", str(config.port)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
+        command += ["--log-level", config.log_level]
         command += ["--config", args.config] if args.config else []
         with open(log_path, "ab") as log_file:
             subprocess.Popen(

@@ -822,6 +822,7 @@ async def test_proxy_key(
     stand_in: StandIn, keyed_proxy_url: str, http: aiohttp.ClientSession, path: str, headers: dict, status: int
 ) -> None:
     method = "GET" if path == "/v1/models" else "POST"
+    headers = {"anthropic-version": "2023-06-01", **headers}  # as Anthropic clients send it
 
     answer = await call(
         http, keyed_proxy_url + path, None if method == "GET" else request(), method=method, headers=headers
