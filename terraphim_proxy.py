@@ -219,7 +219,6 @@ class Config:
     source: str
     providers: dict[str, Provider]
     routes: dict[str, tuple[Target, ...]]
-    configured_routes: dict[str, tuple[Target, ...]]
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_key: str = ""
@@ -497,7 +496,6 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         source=source,
         providers=providers,
         routes=routes,
-        configured_routes=configured,
         host=host,
         port=proxy.get("port", DEFAULT_PORT),
         api_key=api_key,
@@ -3689,7 +3687,7 @@ class Exchange:
     scenario: str = "-"
     provider: str = "-"
     model: str = "-"
-    tokens: int = -1
+    tokens: int | str = -1  # "~N" when only estimated (see analyse)
     outcome: str = "ok"
     retries: int = 0
     fallbacks: int = 0
@@ -3901,7 +3899,6 @@ STARTED = web.AppKey("started", float)
 STARTED_WALL = web.AppKey("started_wall", float)
 # aiohttp 3.12+ has typed request keys; older versions take a plain string.
 EXCHANGE: Any = web.RequestKey("exchange", Exchange) if hasattr(web, "RequestKey") else "terraphim.exchange"
-MAX_JSON_DEPTH = 64
 
 
 def new_request_id() -> str:
@@ -4159,7 +4156,7 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: 
     if hints.session_id is not None:
         hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
         exchange.session_id = hints.session_id
-    exchange.tokens = hints.token_count
+    exchange.tokens = hints.token_count if hints.token_count_exact else f"~{hints.token_count}"
     route = choose_route(hints, config, body)
     exchange.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
