@@ -3687,7 +3687,8 @@ class Exchange:
     scenario: str = "-"
     provider: str = "-"
     model: str = "-"
-    tokens: int | str = -1  # "~N" when only estimated (see analyse)
+    tokens: int = -1
+    tokens_exact: bool = True  # False: an estimate (see analyse); the text log shows it as ~N
     outcome: str = "ok"
     retries: int = 0
     fallbacks: int = 0
@@ -3947,13 +3948,15 @@ def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> 
         "provider": exchange.provider,
         "model": exchange.model,
         "tokens": exchange.tokens,
+        "tokens_exact": exchange.tokens_exact,
         "status": status,
         "outcome": exchange.outcome,
         "retries": exchange.retries,
         "fallbacks": exchange.fallbacks,
         "ms": round(seconds * 1000, 1),
     }
-    text = " ".join(f"{key}={value}" for key, value in fields.items() if key not in ("request_id", "path"))
+    shown = {**fields, "tokens": exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"}
+    text = " ".join(f"{k}={v}" for k, v in shown.items() if k not in ("request_id", "path", "tokens_exact"))
     log.info("%s %s %s", exchange.request_id, path, text, extra={"fields": fields})
 
 
@@ -4156,7 +4159,7 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: 
     if hints.session_id is not None:
         hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
         exchange.session_id = hints.session_id
-    exchange.tokens = hints.token_count if hints.token_count_exact else f"~{hints.token_count}"
+    exchange.tokens, exchange.tokens_exact = hints.token_count, hints.token_count_exact
     route = choose_route(hints, config, body)
     exchange.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
