@@ -2770,7 +2770,10 @@ def gemini_schema(schema: Any, defs: dict | None = None) -> dict:
     """The subset of JSON Schema that Gemini's `parameters` accepts, from a draft 2020-12 schema."""
     if not isinstance(schema, dict):
         return {}
-    defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
+    defs = dict(defs or {})
+    for key in ("$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            defs.update(schema[key])
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.rsplit("/", 1)[-1] in defs:
         return gemini_schema({**defs[ref.rsplit("/", 1)[-1]], **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
@@ -2804,7 +2807,8 @@ def gemini_schema(schema: Any, defs: dict | None = None) -> dict:
             if kind == "string" and value in ("enum", "date-time"):
                 out["format"] = value
         elif key == "required" and isinstance(value, list):
-            required = [name for name in value if name in (schema.get("properties") or {})]
+            properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+            required = [name for name in value if isinstance(name, str) and name in properties]
             if required:
                 out["required"] = required
         else:
@@ -3255,7 +3259,9 @@ class Answer:
 async def start_answer(session: aiohttp.ClientSession, transformer: Transformer, call: Call, stream: bool) -> Answer:
     """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
     provider = call.provider
-    upstream = await open_upstream(session, transformer.build_request(call), provider, client_timeout(provider, stream))
+    upstream = await open_upstream(
+        session, translated_request(transformer, call), provider, client_timeout(provider, stream)
+    )
     try:
         if not stream:
             return Answer(
@@ -3293,6 +3299,16 @@ def named(err: ProxyError, provider: str) -> ProxyError:
     if not err.message.startswith(provider):
         err.message = f"{provider}: {err.message}"
     return err
+
+
+def translated_request(transformer: Transformer, call: Call) -> UpstreamRequest:
+    """The provider's request; input the validation let through but the translation cannot use is a 400, not a
+    crash (the proxy checks the Messages shape, not every nested value a provider's format cares about)."""
+    try:
+        return transformer.build_request(call)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        log.warning("%s: cannot translate for %s: %s", call.exchange.request_id, call.provider.name, type(exc).__name__)
+        raise ProxyError(400, f"{call.provider.name}: cannot translate this request: {type(exc).__name__}") from None
 
 
 def retry_delay(err: ProxyError, attempt: int, retries: int, config: Config) -> float | None:

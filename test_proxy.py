@@ -1,40 +1,93 @@
 """Tests for terraphim_proxy, run against real servers on 127.0.0.1.
 
-The proxy runs in-process as a real aiohttp server. A stand-in for Anthropic (also a real aiohttp
-server) speaks the Messages API, answers from a per-test script and records every request it gets.
-Clients are aiohttp and the official anthropic SDK; one test drives the real Claude Code CLI.
+The proxy runs in-process as a real aiohttp server (or as a subprocess where signals, logs or the command line
+are what is tested). Each upstream API has a stand-in, a real aiohttp server that speaks its wire format,
+answers from a per-test script and records every request: Anthropic Messages, OpenAI chat completions, Ollama
+/api/chat and Gemini generateContent. Clients are aiohttp, the official anthropic, openai, ollama and
+google-genai SDKs and, end to end, the real Claude Code CLI.
+
+Areas, in file order: shared helpers and stand-ins; core (Anthropic pass-through, routing, auth, bad input,
+config, CLI, token counting); the OpenAI family; Ollama and Gemini; reliability; the ecosystem (OpenAI inbound
+API, rules, router module, session memory, /routes, /metrics, CLI commands, import-ccr); the Claude Code CLI
+end to end; last, a grep of every log record and response of the file for every configured key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import codecs
+import contextlib
+import functools
+import gzip
+import hashlib
+import itertools
 import json
+import logging
+import math
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import anthropic
+import ollama
 import openai
 import pytest
 import tiktoken
 from aiohttp import web
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import terraphim_proxy
+from terraphim_proxy import (
+    AnthropicStream,
+    TranslationError,
+    anthropic_to_openai_request,
+    anthropic_tool_id,
+    anthropic_usage,
+    iter_sse_data,
+    json_completion,
+    openai_stream_to_anthropic,
+    openai_to_anthropic_response,
+    openai_tool_id,
+    openai_tool_name,
+    proxy_signature,
+    strip_proxy_thinking,
+    tool_name_map,
+)
+
+# ===========================================================================
+# Shared helpers and stand-ins
+# ===========================================================================
 
 CHECKOUT = Path(__file__).resolve().parent
+MODULE_PATH = CHECKOUT / "terraphim_proxy.py"
 FIXTURES = CHECKOUT / "fixtures" / "claude-code"
-UPSTREAM_KEY = "sk-ant-upstream-provider-key"
-CLIENT_KEY = "sk-ant-client-key-that-must-not-leak"
-PROXY_KEY = "terraphim-proxy-key-123"
-ENVIRON = {"ANTHROPIC_API_KEY": UPSTREAM_KEY}
 TIMEOUT_S = 10  # bound on any single wait, so a proxy bug fails a test instead of hanging it
+UPSTREAM_KEY = "sk-ant-upstream-provider-key"
+CLIENT_KEY = "sk-ant-client-key-that-must-not-leak"  # what clients send; never configured, never forwarded
+PROXY_KEY = "terraphim-proxy-key-123"
+ENVIRON = {
+    "ANTHROPIC_API_KEY": UPSTREAM_KEY,
+    "OPENAI_API_KEY": "sk-openai-upstream-key",
+    "OPENROUTER_API_KEY": "sk-or-upstream-key",
+    "DEEPSEEK_API_KEY": "sk-deepseek-upstream-key",
+}
 
 ROUTES = {
     "default": "anthropic,model-default",
@@ -49,6 +102,68 @@ LONG_TEXT = "lorem ipsum " * 1500  # about 3000 tokens
 
 
 # ---------------------------------------------------------------------------
+# Keys never reach logs or responses: what the last test of the file greps
+# ---------------------------------------------------------------------------
+
+# Every key a config in this file holds (build_config adds them), and the client key, which is never configured.
+SECRETS: set[str] = {CLIENT_KEY, PROXY_KEY}
+CAPTURED_LOG: list[str] = []  # every log record of terraphim_proxy and aiohttp (and proxy subprocesses' stderr)
+CAPTURED_BODIES: list[str] = []  # response bodies clients received (the reliability tests note theirs)
+LOG_WAITERS: list[tuple[str, asyncio.Event]] = []
+
+
+class LogCapture(logging.Handler):
+    """Keeps every record's final text (message and traceback) and wakes tests waiting for a fragment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"{record.name} {record.levelname} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        CAPTURED_LOG.append(text)
+        for fragment, event in list(LOG_WAITERS):
+            if fragment in text:
+                event.set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def log_capture() -> Iterator[None]:
+    """Capture terraphim_proxy and aiohttp logs at DEBUG for every test of the file (debug paths included)."""
+    handler = LogCapture(logging.DEBUG)
+    # As in production (setup_logging), the proxy's redacting filter sits on the handler: the last test checks
+    # what an operator's log would hold. Tracebacks are formatted after it, unredacted, as there too.
+    handler.addFilter(terraphim_proxy.REDACTOR)
+    loggers = [logging.getLogger(name) for name in ("terraphim_proxy", "aiohttp")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def log_waiter(fragment: str) -> Iterator[asyncio.Event]:
+    """An Event set when a log record containing `fragment` is emitted (from now on)."""
+    entry = (fragment, asyncio.Event())
+    LOG_WAITERS.append(entry)
+    try:
+        yield entry[1]
+    finally:
+        LOG_WAITERS.remove(entry)
+
+
+def log_lines(request_id: str) -> list[str]:
+    """The one-line summaries the proxy logs for a request."""
+    return [line for line in CAPTURED_LOG if request_id in line and " scenario=" in line]
+
+
+async def wait_set(event: asyncio.Event) -> None:
+    await asyncio.wait_for(event.wait(), TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------
 # Wire data: Messages API bodies, messages and SSE frames
 # ---------------------------------------------------------------------------
 
@@ -58,12 +173,32 @@ def sse(event: str, **fields: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps({'type': event, **fields})}\n\n".encode()
 
 
-def parse_sse(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for frame in text.split("\n\n"):
-        if frame.strip():
+def sse_data(payload: Any) -> bytes:
+    """One `data:` frame (OpenAI, Gemini); bytes are sent as they are, anything else as JSON."""
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def parse_sse(text: str, *, strict: bool = True) -> list[tuple[str, Any]]:
+    """The (event, data) pairs of an Anthropic SSE body.
+
+    Strict: every frame has an event and JSON data whose type repeats the event name. Otherwise frames without
+    both lines are passed over and data that is not JSON is kept as the raw string, so assertions can show it.
+    """
+    events: list[tuple[str, Any]] = []
+    if strict:
+        for frame in filter(str.strip, text.split("\n\n")):
             fields = dict(line.split(": ", 1) for line in frame.splitlines())
-            events.append((fields["event"], json.loads(fields["data"])))
+            data = json.loads(fields["data"])
+            assert data["type"] == fields["event"], frame
+            events.append((fields["event"], data))
+        return events
+    for frame in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+        if "event" in fields and "data" in fields:
+            try:
+                events.append((fields["event"], json.loads(fields["data"])))
+            except ValueError:
+                events.append((fields["event"], fields["data"]))
     return events
 
 
@@ -124,22 +259,28 @@ def request(content: str | list = "Hello", *, model: str = CLIENT_MODEL, **field
     return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": content}], **fields}
 
 
+def tool_use(tool_id: str, name: str = "Bash", **tool_input: Any) -> dict:
+    return {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}
+
+
+def tool_result(tool_id: str, content: Any = "ok", **extra: Any) -> dict:
+    return {"type": "tool_result", "tool_use_id": tool_id, "content": content, **extra}
+
+
 def tool_turns(result: str | list) -> list[dict]:
     """A user turn, an assistant tool call and the user's tool_result carrying `result`."""
     return [
         {"role": "user", "content": "Run the check and look at the screen."},
         {
             "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Running it."},
-                {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "make check"}},
-            ],
+            "content": [{"type": "text", "text": "Running it."}, tool_use("toolu_01", command="make check")],
         },
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": result}]},
+        {"role": "user", "content": [tool_result("toolu_01", result)]},
     ]
 
 
-IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgoAAAANSUhEUg=="}}
+PNG_DATA = "iVBORw0KGgoAAAANSUhEUg=="
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_DATA}}
 WEB_SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
 SUBAGENT_TAG = "<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>"
 
@@ -148,8 +289,89 @@ def load_fixture(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
 
-def fixture_names(path: str) -> list[str]:
-    return sorted(p.name for p in FIXTURES.glob("*.json") if load_fixture(p.name)["meta"]["path"] == path)
+def fixture_names(path: str | None = None) -> list[str]:
+    """The recorded Claude Code requests (for `path` only, when given)."""
+    names = sorted(p.name for p in FIXTURES.glob("*.json"))
+    return [name for name in names if path is None or load_fixture(name)["meta"]["path"] == path]
+
+
+# ---------------------------------------------------------------------------
+# Stand-in scaffolding: a real server on 127.0.0.1 that records every request
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any  # the JSON body; None when there was none or it was not JSON
+    at: float = field(default_factory=time.monotonic)  # arrival
+
+
+async def serve_app(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
+    """Serve `app` on 127.0.0.1 on a free port; returns its runner (to clean up) and its base URL."""
+    runner = web.AppRunner(app, **options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+class StandInServer:
+    """Records every request in `received` (as `received_type`), then answers with `handle`."""
+
+    received_type: type[Received] = Received
+    shutdown_timeout = 1.0
+
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+        self.release = asyncio.Event()  # lets a held answer go on
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def last(self) -> Any:
+        assert self.received, "the stand-in received no request"
+        return self.received[-1]
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        # handler_cancellation: a connection the proxy drops cancels the handler (the stand-ins notice it)
+        options = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": self.shutdown_timeout}
+        self.runner, self.url = await serve_app(app, **options)
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        received = self.received_type(request.method, request.path, dict(request.query), headers, body)
+        self.received.append(received)
+        return await self.handle(request, received)
+
+    async def handle(self, request: web.Request, received: Any) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+Server = TypeVar("Server", bound=StandInServer)
+
+
+@contextlib.asynccontextmanager
+async def running(server: Server) -> AsyncIterator[Server]:
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -174,15 +396,6 @@ def anthropic_error(status: int, error_type: str, text: str, headers: dict[str, 
     return Reply(status, {"type": "error", "error": {"type": error_type, "message": text}}, headers=headers or {})
 
 
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: Any
-
-
 def answer_message(received: Received, content: list[dict], stop_reason: str = "end_turn") -> Reply:
     """Answer a Messages request as Anthropic would: streamed when it asked for a stream."""
     model = received.body["model"]
@@ -203,48 +416,18 @@ def default_answer(received: Received) -> Reply:
     return anthropic_error(404, "not_found_error", f"no route {received.method} {received.path}")
 
 
-class StandIn:
-    """A local Anthropic Messages API that answers from a script and records every request."""
+class StandIn(StandInServer):
+    """A local Anthropic Messages API that answers from a script."""
 
     def __init__(self) -> None:
-        self.received: list[Received] = []
+        super().__init__()
         self.answer: Callable[[Received], Reply] = default_answer
-        self.release = asyncio.Event()  # lets a held stream go on
         self.aborted = asyncio.Event()  # set when the proxy drops a stream we are writing
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     def reply_with(self, reply: Reply) -> None:
         self.answer = lambda received: reply
 
-    @property
-    def last(self) -> Received:
-        assert self.received, "the stand-in received no request"
-        return self.received[-1]
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self.runner:
-            await self.runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        received = Received(
-            request.method,
-            request.path,
-            dict(request.query),
-            {key.lower(): value for key, value in request.headers.items()},
-            json.loads(raw) if raw else None,
-        )
-        self.received.append(received)
+    async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
         reply = self.answer(received)
         headers = {"request-id": f"req_standin_{len(self.received):04d}", **reply.headers}
         if reply.frames:
@@ -270,8 +453,15 @@ class StandIn:
 
 
 # ---------------------------------------------------------------------------
-# The proxy and its clients
+# The proxy in-process, and its clients
 # ---------------------------------------------------------------------------
+
+
+def build_config(data: dict, source: str = "test.toml", environ: Mapping[str, str] = ENVIRON) -> terraphim_proxy.Config:
+    """terraphim_proxy.build_config; every key the config holds is noted for the last test's grep."""
+    config = terraphim_proxy.build_config(data, source, environ=dict(environ))
+    SECRETS.update(config.secrets())
+    return config
 
 
 def without_none(base: dict, changes: Mapping[str, Any]) -> dict:
@@ -300,34 +490,38 @@ def make_config(
         "router": without_none(ROUTES, router or {}),
         "providers": providers,
     }
-    return terraphim_proxy.build_config(data, "test.toml", environ=dict(environ))
+    return build_config(data, environ=environ)
+
+
+@functools.cache
+def shared_counter() -> terraphim_proxy.TokenCounter:
+    """One token counter (and one encoding load) for every proxy the tests start."""
+    return terraphim_proxy.TokenCounter(terraphim_proxy.load_encoding())
+
+
+async def serve_proxy(config: terraphim_proxy.Config, runners: list[web.AppRunner]) -> str:
+    """Start the proxy in-process as a real server, configured as serve() does (handler cancellation on)."""
+    app = terraphim_proxy.create_app(config, shared_counter())
+    runner, url = await serve_app(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    runners.append(runner)
+    return url
 
 
 StartProxy = Callable[[terraphim_proxy.Config], Awaitable[str]]
 
 
 @pytest.fixture
-async def stand_in() -> AsyncIterator[StandIn]:
-    server = StandIn()
-    await server.start()
-    yield server
-    await server.stop()
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    runners: list[web.AppRunner] = []
+    yield functools.partial(serve_proxy, runners=runners)
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture
-async def start_proxy() -> AsyncIterator[StartProxy]:
-    runners: list[web.AppRunner] = []
-
-    async def start(config: terraphim_proxy.Config) -> str:
-        runner = web.AppRunner(terraphim_proxy.create_app(config), handler_cancellation=True)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+async def stand_in() -> AsyncIterator[StandIn]:
+    async with running(StandIn()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -347,9 +541,18 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+def anthropic_client(url: str, key: str = CLIENT_KEY) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0, timeout=TIMEOUT_S)
+
+
+def openai_client(url: str, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
+    """An openai SDK client of the proxy's OpenAI-compatible API."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=TIMEOUT_S)
+
+
 @pytest.fixture
 async def sdk(proxy_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key=CLIENT_KEY, max_retries=0) as client:
+    async with anthropic_client(proxy_url) as client:
         yield client
 
 
@@ -362,17 +565,28 @@ class Answer:
     def json(self) -> Any:
         return json.loads(self.text)
 
-    def assert_error(self, status: int, error_type: str, *fragments: str) -> str:
-        """Assert an Anthropic error body; return its message."""
-        assert self.status == status, self.text
+    def events(self) -> list[tuple[str, dict]]:
+        """The events of a 200 event-stream answer, each checked (see parse_sse)."""
+        assert self.status == 200, self.text
+        assert self.headers["content-type"].startswith("text/event-stream"), self.headers
+        return parse_sse(self.text)
+
+    def error(self) -> dict:
+        """The error object of an Anthropic error body."""
         assert "Traceback" not in self.text
-        assert self.headers.get("content-type", "").startswith("application/json")
+        assert self.headers.get("content-type", "").startswith("application/json"), (self.headers, self.text)
         body = self.json()
         assert body["type"] == "error", body
-        assert body["error"]["type"] == error_type, body
+        return body["error"]
+
+    def assert_error(self, status: int, error_type: str, *fragments: str) -> str:
+        """Assert an Anthropic error answer; return its message."""
+        assert self.status == status, self.text
+        error = self.error()
+        assert error["type"] == error_type, error
         for fragment in fragments:
-            assert fragment in body["error"]["message"], body
-        return body["error"]["message"]
+            assert fragment in error["message"], error
+        return error["message"]
 
 
 async def call(
@@ -385,12 +599,202 @@ async def call(
     headers: Mapping[str, str] | None = None,
 ) -> Answer:
     async with http.request(method, url, json=body, data=data, headers=headers) as response:
-        return Answer(response.status, response.headers, await response.text())
+        return Answer(response.status, response.headers.copy(), await response.text())
+
+
+async def abandon_stream(http: aiohttp.ClientSession, url: str, body: dict) -> None:
+    """POST a streamed request to the proxy at `url`, read up to the first text delta, then drop the connection."""
+    async with http.post(f"{url}/v1/messages", json=body) as response:
+        async for line in response.content:
+            if b"text_delta" in line:
+                break
+        response.close()
 
 
 def assert_never_sent(received: list[Received], secret: str) -> None:
     for item in received:
         assert not any(secret in value for value in item.headers.values()), item.headers
+
+
+# ---------------------------------------------------------------------------
+# The proxy as a command: subprocesses, --check, config files
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def spawn_proxy(*args: str, **options: Any) -> asyncio.subprocess.Process:
+    """`python terraphim_proxy.py ARGS` with its stderr piped (options: env, cwd)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(MODULE_PATH),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        **options,
+    )
+
+
+async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: list[str] | None = None) -> dict:
+    """Poll /health until it answers (bounded), failing early if the process exits; return the health body."""
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+        while True:
+            assert process.returncode is None, f"the proxy exited during start-up: {log}"
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with http.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        return await response.json()
+            assert time.monotonic() < deadline, f"{url} did not become healthy: {log}"
+            await asyncio.sleep(0.05)  # polling interval for readiness
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(MODULE_PATH), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def run_check(path: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = terraphim_proxy.main(["--config", str(path), "--check"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_problem(code: int, out: str, err: str, *fragments: str) -> None:
+    """Exit code 2, nothing on stdout, and one `error:` line on stderr holding every fragment."""
+    assert code == 2, out + err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def to_toml(doc: dict) -> str:
+    """TOML for flat tables and arrays of tables; JSON scalars and arrays are valid TOML values."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in doc.items() if not isinstance(value, (dict, list))]
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            tables = [(f"[{key}]", value)]
+        elif isinstance(value, list):
+            tables = [(f"[[{key}]]", item) for item in value]
+        else:
+            continue
+        for header, table in tables:
+            lines += [header, *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The real Claude Code CLI (the end-to-end tests at the end of the file)
+# ---------------------------------------------------------------------------
+
+CLI_VERSION = "2.1.197"
+CLI_TIMEOUT_S = 120
+
+
+def find_claude_cli() -> str:
+    """$CLAUDE_BIN, the checkout's .e2e install, or `claude` on PATH; skip only without Node.js."""
+    if shutil.which("node") is None:
+        pytest.skip("Node.js (node) is not installed, so the Claude Code CLI cannot run")
+    candidates = [
+        os.environ.get("CLAUDE_BIN"),
+        str(CHECKOUT / ".e2e/node/node_modules/.bin/claude"),
+        shutil.which("claude"),
+    ]
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            continue
+        real = path.resolve()
+        if real.stat().st_size >= 64 * 1024:
+            return str(path)
+        # npm skipped the postinstall: bin/claude.exe is a stub; use the platform package's native binary.
+        for native in real.parent.parent.parent.glob("claude-code-linux-*/claude"):
+            if os.access(native, os.X_OK):
+                return str(native)
+    pytest.fail(
+        "Claude Code CLI not found: run `npm install --prefix .e2e/node "
+        f"@anthropic-ai/claude-code@{CLI_VERSION}` in {CHECKOUT} (or set CLAUDE_BIN)"
+    )
+
+
+def claude_env(proxy: str, home: Path) -> dict[str, str]:
+    """A clean, offline environment for the CLI."""
+    (home / "tmp").mkdir(parents=True)
+    quiet = (
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+        "DISABLE_TELEMETRY",
+        "DISABLE_AUTOUPDATER",
+        "DISABLE_ERROR_REPORTING",
+        "DISABLE_BUG_COMMAND",
+    )
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(home),
+        "CLAUDE_CONFIG_DIR": str(home / ".claude"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "TMPDIR": str(home / "tmp"),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "NO_COLOR": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "ANTHROPIC_BASE_URL": proxy,
+        "ANTHROPIC_API_KEY": CLIENT_KEY,
+        **dict.fromkeys(quiet, "1"),
+    }
+
+
+@dataclass
+class CliRun:
+    returncode: int | None
+    out: str
+    err: str
+
+    def diag(self, upstream: Any) -> str:
+        """What to show when an assertion fails: the exit code, what upstream got, the ends of the output."""
+        return f"rc={self.returncode} upstream={upstream}\nstdout={self.out[-2000:]!r}\nstderr={self.err[-2000:]!r}"
+
+
+async def run_claude_cli(proxy: str, tmp_path: Path, prompt: str) -> CliRun:
+    """`claude -p PROMPT` through `proxy`, in tmp_path/work, allowed to Write there (and nothing else)."""
+    claude = find_claude_cli()
+    workdir = tmp_path / "work"
+    workdir.mkdir(exist_ok=True)
+    argv = [claude, "-p", prompt, "--model", "terraphim-proxy-model"]
+    argv += ["--output-format", "text", "--permission-mode", "acceptEdits", "--allowedTools", "Write"]
+    argv += ["--max-turns", "4", "--no-session-persistence"]
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=workdir,
+        env=claude_env(proxy, tmp_path / "home"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        process.kill()  # the test's assertions then report what the CLI and the stand-in got so far
+        out, err = await process.communicate()
+    return CliRun(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+# ===========================================================================
+# Core: Anthropic pass-through, routing, auth, bad input, config, CLI, token counting
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -699,13 +1103,9 @@ async def test_client_disconnect_cancels_the_upstream_stream(
     frames = stream_frames("model-default", [{"type": "text", "text": "a long answer that the client abandons"}])
     stand_in.reply_with(Reply(frames=frames, hold_at=first_delta_index(frames) + 1))
 
-    async with http.post(f"{proxy_url}/v1/messages", json=request(stream=True)) as response:
-        async for line in response.content:
-            if b"text_delta" in line:
-                break
-        response.close()
+    await abandon_stream(http, proxy_url, request(stream=True))
 
-    await asyncio.wait_for(stand_in.aborted.wait(), TIMEOUT_S)
+    await wait_set(stand_in.aborted)
 
 
 UPSTREAM_ERRORS = [
@@ -784,12 +1184,6 @@ async def test_sdk_raises_on_cut_stream(stand_in: StandIn, sdk: anthropic.AsyncA
     with pytest.raises(anthropic.APIError, match="message_stop"):
         async with sdk.messages.stream(**SDK_REQUEST) as stream:
             await stream.get_final_message()
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -961,21 +1355,6 @@ VALID_DOC = {
 }
 
 
-def to_toml(doc: dict) -> str:
-    """TOML for flat tables and arrays of tables; JSON scalars and arrays are valid TOML values."""
-    lines = [f"{key} = {json.dumps(value)}" for key, value in doc.items() if not isinstance(value, (dict, list))]
-    for key, value in doc.items():
-        if isinstance(value, dict):
-            tables = [(f"[{key}]", value)]
-        elif isinstance(value, list):
-            tables = [(f"[[{key}]]", item) for item in value]
-        else:
-            continue
-        for header, table in tables:
-            lines += [header, *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
-    return "\n".join(lines) + "\n"
-
-
 def mistake(case_id: str, patch: dict, key: str, problem: str) -> Any:
     """VALID_DOC with each table in `patch` updated (None removes a key); lists replace."""
     doc = {
@@ -1095,21 +1474,6 @@ CONFIG_MISTAKES = [
 ]
 
 
-def run_check(path: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = terraphim_proxy.main(["--config", str(path), "--check"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_problem(code: int, err: str, path: Path | str, *fragments: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in (str(path), *fragments):
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(("text", "key", "problem"), CONFIG_MISTAKES)
 def test_config_mistake(
     tmp_path: Path,
@@ -1126,8 +1490,7 @@ def test_config_mistake(
 
     code, out, err = run_check(path, capsys)
 
-    assert_one_problem(code, err, path, f": {key}: ", problem)
-    assert out == ""
+    assert_one_problem(code, out, err, str(path), f": {key}: ", problem)
 
 
 @pytest.mark.parametrize(
@@ -1144,9 +1507,9 @@ def test_config_file_mistake(
     (tmp_path / "bad.toml").write_text('[router]\ndefault = "anthropic,x\n')
     path = make_path(tmp_path)
 
-    code, _, err = run_check(path, capsys)
+    code, out, err = run_check(path, capsys)
 
-    assert_one_problem(code, err, path, problem)
+    assert_one_problem(code, out, err, str(path), problem)
 
 
 def check_sections(out: str) -> dict[str, dict[str, str]]:
@@ -1187,11 +1550,6 @@ def test_env_vars_are_expanded(
     config = terraphim_proxy.load_config(path)
     assert config.providers["anthropic"].api_key == "sk-from-env"
     assert not config.providers["spare"].enabled
-
-
-def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(CHECKOUT / "terraphim_proxy.py"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_check_prints_routing_table_for_example_config() -> None:
@@ -1269,7 +1627,7 @@ async def test_models_list(proxy_url: str, http: aiohttp.ClientSession, sdk: ant
 async def test_models_list_in_openai_shape_without_anthropic_version(
     proxy_url: str, http: aiohttp.ClientSession
 ) -> None:
-    async with openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0) as client:
+    async with openai_client(proxy_url, "unused") as client:
         models = [model async for model in client.models.list()]
 
     assert [(model.id, model.object, model.owned_by) for model in models] == [
@@ -1372,41 +1730,8224 @@ async def test_upstream_count_tokens(
     assert upstream.headers["anthropic-beta"] == "token-counting-2024-11-01"
 
 
+# ===========================================================================
+# The OpenAI family: OpenAI, OpenRouter, DeepSeek
+# ===========================================================================
+
+# `OpenAIStandIn` speaks the chat-completions wire format (`POST /chat/completions`, JSON completions, SSE
+# chunks ending in `data: [DONE]`, OpenAI error bodies); its `POST /v1/messages` route is a minimal Anthropic
+# stand-in, used where a conversation moves from an OpenAI-family provider to Anthropic. The translation
+# functions are tested unit by unit first, then through the proxy with the official SDKs.
+
+OPENAI_CREATED = 1_700_000_000
+
+
 # ---------------------------------------------------------------------------
-# End to end: the real Claude Code CLI through the proxy
+# Chat-completions wire data
 # ---------------------------------------------------------------------------
 
-CLI_VERSION = "2.1.197"
-CLI_TIMEOUT_S = 120
+
+def openai_chunk(delta: dict | None = None, finish: str | None = None, *, usage: dict | None = None) -> dict:
+    """One chat.completion.chunk; without delta and finish it is the usage-only chunk (choices: [])."""
+    choices = []
+    if delta is not None or finish is not None:
+        choices = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+    return {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "created": OPENAI_CREATED,
+        "system_fingerprint": "fp_standin",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def openai_call(index: int, call_id: str | None = None, name: str | None = None, args: str | None = None) -> dict:
+    """One delta.tool_calls entry; only the first fragment of a call carries id, type and name."""
+    fragment: dict = {"index": index, "function": {}}
+    if call_id:
+        fragment.update(id=call_id, type="function")
+    if name:
+        fragment["function"]["name"] = name
+    if args is not None:
+        fragment["function"]["arguments"] = args
+    return fragment
+
+
+def openai_tools_delta(*calls: dict) -> dict:
+    return {"tool_calls": list(calls)}
+
+
+def openai_completion(message: dict, finish: str | None = "stop", usage: dict | None = None) -> dict:
+    return {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion",
+        "created": OPENAI_CREATED,
+        "system_fingerprint": "fp_standin",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "refusal": None, **message},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def openai_fold(chunks: list[dict]) -> dict:
+    """The non-streaming completion equivalent to a well-formed chunk stream (calls keyed by index)."""
+    message: dict = {}
+    calls: dict[int, dict] = {}
+    finish, usage = None, None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            finish = choice.get("finish_reason") or finish
+            for key, value in choice["delta"].items():
+                if key in ("content", "reasoning_content", "reasoning", "refusal") and value:
+                    message[key] = message.get(key, "") + value
+            for fragment in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(fragment["index"], {"type": "function", "function": {"arguments": ""}})
+                if fragment.get("id"):
+                    call["id"] = fragment["id"]
+                function = fragment.get("function") or {}
+                if function.get("name"):
+                    call["function"]["name"] = function["name"]
+                call["function"]["arguments"] += function.get("arguments") or ""
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    return openai_completion(message, finish, usage)
+
+
+def openai_text_chunks(text: str, usage: dict | None = None) -> list[dict]:
+    return [
+        openai_chunk({"role": "assistant", "content": "", "refusal": None}),
+        openai_chunk({"content": text}),
+        openai_chunk({}, "stop"),
+        openai_chunk(usage=usage or {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}),
+    ]
+
+
+def openai_frame(chunk: dict | str, model: str, newline: str = "\n", prefix: str = "data: ") -> bytes:
+    """One SSE frame as the API writes it (model filled in from the request)."""
+    data = chunk if isinstance(chunk, str) else json.dumps({**chunk, "model": model}, ensure_ascii=False)
+    return f"{prefix}{data}{newline}{newline}".encode()
+
+
+def openai_sse(chunks: list[dict], model: str, done: bool = True, newline: str = "\n", prefix: str = "data: ") -> list:
+    frames = [openai_frame(chunk, model, newline, prefix) for chunk in chunks]
+    return frames + ([openai_frame("[DONE]", model, newline, prefix)] if done else [])
+
+
+def openai_error_body(message: str, error_type: str, code: str | int | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------
+# The OpenAI-format stand-in
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class OpenAIReply:
+    """One scripted answer: a JSON body, chunks sent as SSE, or raw bytes (one write per item)."""
+
+    status: int = 200
+    json: Any = None
+    chunks: list[dict] | None = None
+    done: bool = True  # end the chunk stream with `data: [DONE]`
+    raw: list[bytes] | None = None
+    hold_at: int | None = None  # wait for `release` before write number hold_at
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def openai_reply_for(received: Received, chunks: list[dict]) -> OpenAIReply:
+    """Answer as the API would: the chunks when the request streams, else the equivalent completion."""
+    if received.body.get("stream"):
+        return OpenAIReply(chunks=chunks)
+    return OpenAIReply(json=openai_fold(chunks))
+
+
+def openai_error(status: int, message: str, error_type: str, code: Any = None, **headers: str) -> OpenAIReply:
+    return OpenAIReply(status, openai_error_body(message, error_type, code), headers=headers)
+
+
+def openai_answer_text(text: str) -> Callable[[Received], OpenAIReply]:
+    return lambda received: openai_reply_for(received, openai_text_chunks(text))
+
+
+def openai_anthropic_message(body: dict) -> dict:
+    """The minimal Anthropic Messages answer of the `/v1/messages` route."""
+    return {
+        "id": "msg_standin",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", ""),
+        "content": [{"type": "text", "text": "anthropic here"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 2},
+    }
+
+
+class OpenAIStandIn(StandInServer):
+    """A local chat-completions API (plus a tiny Anthropic route) that answers from a script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: Callable[[Received], OpenAIReply] = openai_answer_text("ok")
+
+    def reply_with(self, reply: OpenAIReply) -> None:
+        self.answer = lambda received: reply
+
+    @property
+    def chat(self) -> list[Received]:
+        return [r for r in self.received if r.path == "/chat/completions"]
+
+    @property
+    def last(self) -> Received:
+        assert self.chat, "the stand-in received no chat completion request"
+        return self.chat[-1]
+
+    async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
+        if (request.method, request.path) == ("POST", "/v1/messages"):
+            return web.json_response(openai_anthropic_message(received.body))
+        if (request.method, request.path) != ("POST", "/chat/completions"):
+            body = openai_error_body(f"Unknown request URL: {request.method} {request.path}", "invalid_request_error")
+            return web.json_response(body, status=404)
+        reply = self.answer(received)
+        out_headers = {"x-request-id": f"req_standin_{len(self.received)}", **reply.headers}
+        if reply.chunks is None and reply.raw is None:
+            data = reply.json
+            if reply.status == 200:
+                data = {**data, "model": received.body["model"]}
+            return web.json_response(data, status=reply.status, headers=out_headers)
+        writes = (
+            reply.raw if reply.raw is not None else openai_sse(reply.chunks or [], received.body["model"], reply.done)
+        )
+        sse_headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        response = web.StreamResponse(status=reply.status, headers={**sse_headers, **out_headers})
+        await response.prepare(request)
+        for index, piece in enumerate(writes):
+            if index == reply.hold_at:
+                await self.release.wait()
+            await response.write(piece)  # aiohttp sets TCP_NODELAY: each write leaves as its own segment
+        await response.write_eof()
+        return response
+
+
+# ---------------------------------------------------------------------------
+# The proxy and its clients
+# ---------------------------------------------------------------------------
+
+
+def openai_config(upstream_url: str, default: str = "openai,gpt-4o") -> terraphim_proxy.Config:
+    """One provider of each OpenAI-family type, a capped OpenAI provider and Anthropic, all at the stand-in."""
+    providers = [
+        {"name": "openai", "type": "openai", "api_base_url": upstream_url, "api_key": "${OPENAI_API_KEY}"},
+        {"name": "openrouter", "type": "openrouter", "api_base_url": upstream_url, "api_key": "$OPENROUTER_API_KEY"},
+        {"name": "deepseek", "type": "deepseek", "api_base_url": upstream_url, "api_key": "${DEEPSEEK_API_KEY}"},
+        {
+            "name": "capped",
+            "type": "openai",
+            "api_base_url": upstream_url,
+            "api_key": "${OPENAI_API_KEY}",
+            "max_tokens": 4096,
+            "model_max_tokens": {"gpt-4o-mini": 1000},
+        },
+        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    # no retries: each test scripts exactly the answers the proxy gets
+    data = {"proxy": {"retries": 0}, "router": {"default": default}, "providers": providers}
+    return build_config(data)
+
+
+@pytest.fixture
+async def openai_upstream() -> AsyncIterator[OpenAIStandIn]:
+    async with running(OpenAIStandIn()) as server:
+        yield server
+
+
+@pytest.fixture
+async def openai_proxy_url(openai_upstream: OpenAIStandIn, start_proxy: StartProxy) -> str:
+    return await start_proxy(openai_config(openai_upstream.url))
+
+
+@pytest.fixture
+async def openai_sdk(openai_proxy_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic_client(openai_proxy_url) as client:
+        yield client
+
+
+OPENAI_SDK_PARAMS = frozenset(
+    (
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "stop_sequences",
+        "thinking",
+        "output_config",
+    )
+)
+
+
+def openai_sdk_args(body: dict) -> dict:
+    """SDK keyword arguments for a Messages body; fields the SDK does not type go in extra_body."""
+    args = {key: value for key, value in body.items() if key in OPENAI_SDK_PARAMS}
+    extra = {key: value for key, value in body.items() if key not in OPENAI_SDK_PARAMS and key != "stream"}
+    return {**args, "extra_body": extra} if extra else args
+
+
+async def openai_send(sdk: anthropic.AsyncAnthropic, body: dict, stream: bool) -> anthropic.types.Message:
+    """The final message through the SDK: accumulated from the stream, or the JSON reply."""
+
+    async def run() -> anthropic.types.Message:
+        if stream:
+            async with sdk.messages.stream(**openai_sdk_args(body)) as events:
+                return await events.get_final_message()
+        return await sdk.messages.create(**openai_sdk_args(body))
+
+    return await asyncio.wait_for(run(), TIMEOUT_S)
+
+
+def openai_body(model: str, content: str | list = "Hello", **fields: Any) -> dict:
+    return {"model": model, "max_tokens": 300, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def openai_blocks(message: anthropic.types.Message, flavor: str) -> list[dict]:
+    """The message's blocks as dicts; a proxy signature shows as "terraphim:<flavor>" after it is checked."""
+    blocks = []
+    for block in message.content:
+        data = block.model_dump(exclude_none=True)
+        if data["type"] == "thinking":
+            assert data["signature"].startswith(f"terraphim:{flavor}:"), data
+            data["signature"] = f"terraphim:{flavor}"
+        if data["type"] == "tool_use":
+            assert re.fullmatch(r"toolu_[A-Za-z0-9_-]+", data["id"]), data
+        blocks.append(data)
+    return blocks
+
+
+def openai_usage(message: anthropic.types.Message) -> dict:
+    usage = message.usage
+    return {
+        "input_tokens": usage.input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "output_tokens": usage.output_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: request
+# ---------------------------------------------------------------------------
+
+
+OT_LONG_NAME = "mcp__some_really_long_server_name__and_an_even_longer_tool_name_that_overflows"
+OT_TOOL = {"name": "Bash", "description": "run", "input_schema": {"type": "object", "properties": {}}}
+
+
+def ot_fixture_bodies() -> list[tuple[str, dict]]:
+    bodies = [(name, load_fixture(name)["body"]) for name in fixture_names()]
+    return [(name, body) for name, body in bodies if body]
+
+
+def ot_convert(body: dict, model: str = "gpt-4o", flavor: str = "openai", cap: int | None = None) -> dict:
+    return anthropic_to_openai_request({"max_tokens": 100, **body}, model, flavor, cap)
+
+
+def ot_user(*blocks: dict | str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": b} if isinstance(b, str) else b for b in blocks]}
+
+
+OT_PNG = {"type": "base64", "media_type": "image/png", "data": "iVBOR"}
+
+
+def ot_assert_wellformed(messages: list[dict]) -> None:
+    """Every tool_call is answered by the tool messages right after it; no orphans; no empty text."""
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "tool":
+            assert message["tool_call_id"] in pending
+            pending.remove(message["tool_call_id"])
+            continue
+        assert not pending, f"unanswered tool calls {pending}"
+        assert message["content"] or message.get("tool_calls")
+        pending = [call["id"] for call in message.get("tool_calls", [])]
+    assert not pending
+
+
+def ot_only_tool_results(message: dict) -> bool:
+    content = message["content"]
+    return isinstance(content, list) and bool(content) and all(b["type"] == "tool_result" for b in content)
+
+
+def ot_texts_of(body: dict) -> list[str]:
+    """All non-empty Anthropic text that must survive translation."""
+    found = [b["text"] for b in body.get("system") or [] if b.get("text")]
+    for message in body["messages"]:
+        content = message["content"]
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if block["type"] == "text" and block["text"]:
+                found.append(block["text"])
+            elif block["type"] == "tool_result" and isinstance(block.get("content"), str):
+                found.append(block["content"])
+    return found
+
+
+@pytest.mark.parametrize(
+    "flavor,model", [("openai", "gpt-5"), ("openrouter", "anthropic/x"), ("deepseek", "deepseek-v4-pro")]
+)
+@pytest.mark.parametrize("name,body", ot_fixture_bodies(), ids=[n for n, _ in ot_fixture_bodies()])
+def test_ot_fixtures(name: str, body: dict, flavor: str, model: str) -> None:
+    payload = anthropic_to_openai_request(body, model, flavor, 8192)
+    messages = payload["messages"]
+    ot_assert_wellformed(messages)
+    expected = ["system"] * bool(body.get("system")) + [
+        m["role"] for m in body["messages"] if not ot_only_tool_results(m)
+    ]
+    assert [m["role"] for m in messages if m["role"] != "tool"] == expected
+    dump = json.dumps(messages, ensure_ascii=False)
+    for text in ot_texts_of(body):
+        assert json.dumps(text, ensure_ascii=False)[1:-1] in dump
+    tool_uses = [
+        b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_use"
+    ]
+    calls = [c for m in messages for c in m.get("tool_calls", [])]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [t["input"] for t in tool_uses]
+    assert all("parameters" in t["function"] for t in payload.get("tools", []))
+    assert len(payload.get("tools", [])) == len(body.get("tools", []))
+    forbidden = {"context_management", "output_config", "metadata", "system"}
+    if flavor != "deepseek":
+        forbidden.add("thinking")
+    assert not forbidden & set(payload)
+    assert re.fullmatch(r"u_[0-9a-f]{16}", payload.get("user", "u_0123456789abcdef"))
+    assert "max_tokens" not in body or payload.get("max_tokens", payload.get("max_completion_tokens")) <= 8192
+    assert ("cache_control" in dump) == (
+        flavor == "openrouter" and "cache_control" in json.dumps(body["messages"] + (body.get("system") or []))
+    )
+    assert payload.get("stream_options") == ({"include_usage": True} if body.get("stream") else None)
+
+
+def test_ot_system_prompt_and_mid_conversation_system_message() -> None:
+    body = {
+        "system": [
+            {"type": "text", "text": "A"},
+            {"type": "text", "text": "B", "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": [ot_user("hi"), {"role": "system", "content": "note"}, {"role": "assistant", "content": "yo"}],
+    }
+    messages = ot_convert(body)["messages"]
+    assert messages == [
+        {"role": "system", "content": "A\n\nB"},
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "note"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    kept = anthropic_to_openai_request({**body, "max_tokens": 5}, "anthropic/claude", "openrouter")["messages"]
+    assert kept[0]["content"][1] == {"type": "text", "text": "B", "cache_control": {"type": "ephemeral"}}
+    plain = anthropic_to_openai_request({**body, "max_tokens": 5}, "google/gemini", "openrouter")["messages"]
+    assert plain[0]["content"] == "A\n\nB"
+
+
+def test_ot_user_content_kinds() -> None:
+    body = {
+        "messages": [
+            ot_user(
+                "",
+                "look",
+                {"type": "image", "source": OT_PNG},
+                {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
+                {
+                    "type": "document",
+                    "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"},
+                    "title": "spec",
+                },
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain doc"}},
+            )
+        ]
+    }
+    assert ot_convert(body)["messages"][0]["content"] == [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        {"type": "file", "file": {"filename": "spec.pdf", "file_data": "data:application/pdf;base64,JVBE"}},
+        {"type": "text", "text": "plain doc"},
+    ]
+
+
+def test_ot_tool_calls_and_results_order() -> None:
+    body = {
+        "messages": [
+            ot_user("go"),
+            {"role": "assistant", "content": [tool_use("toolu_a", command="ls"), tool_use("call_b", "Read", path="x")]},
+            ot_user(
+                tool_result("call_b", [{"type": "text", "text": "file"}]),
+                "and then?",
+                tool_result("toolu_a", "boom", is_error=True),
+            ),
+        ]
+    }
+    messages = ot_convert(body)["messages"]
+    assert messages[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "Read", "arguments": '{"path": "x"}'}},
+        ],
+    }
+    assert messages[2:] == [
+        {"role": "tool", "tool_call_id": "a", "content": "[tool error] boom"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "file"},
+        {"role": "user", "content": "and then?"},
+    ]
+
+
+def test_ot_images_in_tool_results_move_to_user_message() -> None:
+    body = {
+        "messages": [
+            {"role": "assistant", "content": [{"type": "text", "text": "shot"}, tool_use("toolu_s")]},
+            ot_user(
+                tool_result("toolu_s", [{"type": "text", "text": "screen"}, {"type": "image", "source": OT_PNG}]),
+                "next",
+            ),
+        ]
+    }
+    messages = ot_convert(body)["messages"]
+    assert messages[0]["content"] == "shot"
+    assert messages[1]["role"] == "tool" and messages[1]["content"].startswith("screen\n[1 attachment")
+    assert messages[2] == {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+            {"type": "text", "text": "next"},
+        ],
+    }
+
+
+def test_ot_orphan_tool_result_becomes_text_and_consecutive_roles_merge() -> None:
+    body = {
+        "messages": [
+            ot_user("a"),
+            ot_user(tool_result("toolu_gone", "old")),
+            {"role": "assistant", "content": "x"},
+            {"role": "assistant", "content": "y"},
+        ]
+    }
+    messages = ot_convert(body)["messages"]
+    assert messages == [
+        {"role": "user", "content": "a\n\n[result of tool call toolu_gone]\nold"},
+        {"role": "assistant", "content": "x\n\ny"},
+    ]
+
+
+def test_ot_thinking_per_flavor() -> None:
+    thinking = {"type": "thinking", "thinking": "hmm", "signature": proxy_signature("deepseek", "hmm")}
+    details = [{"type": "reasoning.text", "text": "hmm", "signature": "sig", "index": 0}]
+    routed = {"type": "thinking", "thinking": "hmm", "signature": proxy_signature("openrouter", "hmm", details)}
+
+    def turn(block: dict) -> dict:
+        return {
+            "messages": [
+                ot_user("q"),
+                {"role": "assistant", "content": [block, tool_use("toolu_1")]},
+                ot_user(tool_result("toolu_1")),
+            ]
+        }
+
+    assert "reasoning_content" not in ot_convert(turn(thinking))["messages"][1]
+    assert ot_convert(turn(thinking), "deepseek-v4-flash", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
+    assert ot_convert(turn(thinking), "deepseek-reasoner", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
+    assert "reasoning_content" not in ot_convert(turn(thinking), "deepseek-r1", "deepseek")["messages"][1]
+    off = {**turn(thinking), "thinking": {"type": "disabled"}}
+    assert "reasoning_content" not in ot_convert(off, "deepseek-v4-flash", "deepseek")["messages"][1]
+    no_thinking = ot_convert(turn({"type": "text", "text": "t"}), "deepseek-v4-flash", "deepseek")["messages"][1]
+    assert no_thinking["reasoning_content"] == ""
+    assert ot_convert(turn(routed), "anthropic/claude", "openrouter")["messages"][1]["reasoning_details"] == details
+    assert "reasoning_details" not in ot_convert(turn(thinking), "anthropic/claude", "openrouter")["messages"][1]
+    redacted = ot_convert(turn({"type": "redacted_thinking", "data": "xx"}))["messages"][1]
+    assert set(redacted) == {"role", "content", "tool_calls"}
+
+
+def test_ot_server_tools_and_web_search_results() -> None:
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    body = {
+        "tools": [OT_TOOL, search],
+        "tool_choice": {"type": "tool", "name": "web_search"},
+        "messages": [
+            ot_user("news?"),
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+                    {
+                        "type": "web_search_tool_result",
+                        "tool_use_id": "srvtoolu_1",
+                        "content": [
+                            {"type": "web_search_result", "url": "https://n", "title": "N", "encrypted_content": "zz"}
+                        ],
+                    },
+                    {"type": "text", "text": "Here."},
+                ],
+            },
+        ],
+    }
+    routed = ot_convert(body, "perplexity/sonar", "openrouter")
+    assert routed["plugins"] == [{"id": "web"}]
+    assert [t["function"]["name"] for t in routed["tools"]] == ["Bash"]
+    assert "tool_choice" not in routed
+    plain = ot_convert(body)
+    assert "plugins" not in plain and len(plain["tools"]) == 1
+    assert plain["messages"][1]["content"] == "[web search results]\n- N (https://n)\n\nHere."
+    only_server = ot_convert({"tools": [search], "messages": [ot_user("x")]}, "gpt-4o")
+    assert "tools" not in only_server and "tool_choice" not in only_server
+
+
+def test_ot_tool_names_shortened_and_restored() -> None:
+    odd = "Server.Tool:Run"
+    body = {
+        "tools": [{**OT_TOOL, "name": OT_LONG_NAME}, {**OT_TOOL, "name": odd}, OT_TOOL],
+        "tool_choice": {"type": "tool", "name": OT_LONG_NAME},
+        "messages": [
+            ot_user("x"),
+            {"role": "assistant", "content": [tool_use("toolu_1", OT_LONG_NAME)]},
+            ot_user(tool_result("toolu_1")),
+        ],
+    }
+    payload = ot_convert(body)
+    names = [t["function"]["name"] for t in payload["tools"]]
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", n) for n in names)
+    assert names[2] == "Bash" and names[1].startswith("Server_Tool_Run_")
+    assert names[0] == openai_tool_name(OT_LONG_NAME) and len(names[0]) == 64 and names[0].startswith("mcp__some")
+    assert payload["tool_choice"] == {"type": "function", "function": {"name": names[0]}}
+    assert payload["messages"][1]["tool_calls"][0]["function"]["name"] == names[0]
+    assert tool_name_map(body) == {names[0]: OT_LONG_NAME, names[1]: odd}
+    assert openai_tool_name("MixedCase-Tool_1") == "MixedCase-Tool_1"
+
+
+@pytest.mark.parametrize(
+    "choice,flavor,model,expected",
+    [
+        ({"type": "auto"}, "openai", "gpt-4o", "auto"),
+        ({"type": "any"}, "openai", "gpt-4o", "required"),
+        ({"type": "none"}, "openai", "gpt-4o", "none"),
+        ({"type": "tool", "name": "Bash"}, "openai", "gpt-4o", {"type": "function", "function": {"name": "Bash"}}),
+        ({"type": "any"}, "deepseek", "deepseek-reasoner", "auto"),
+        ({"type": "tool", "name": "Bash"}, "deepseek", "deepseek-v4-pro", "auto"),
+        (
+            {"type": "tool", "name": "Bash"},
+            "deepseek",
+            "deepseek-chat",
+            {"type": "function", "function": {"name": "Bash"}},
+        ),
+    ],
+)
+def test_ot_tool_choice(choice: dict, flavor: str, model: str, expected: object) -> None:
+    payload = ot_convert(
+        {"tools": [OT_TOOL], "tool_choice": {**choice, "disable_parallel_tool_use": True}, "messages": [ot_user("x")]},
+        model,
+        flavor,
+    )
+    assert payload["tool_choice"] == expected
+    assert payload["parallel_tool_calls"] is False
+    assert "parallel_tool_calls" not in ot_convert(
+        {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}, "messages": [ot_user("x")]}
+    )
+
+
+def test_ot_sampling_limits_and_identity() -> None:
+    body = {
+        "max_tokens": 64000,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "top_k": 5,
+        "stop_sequences": ["a", "b", "c", "d", "e"],
+        "metadata": {"user_id": '{"device_id":"d","session_id":"s"}'},
+        "stream": True,
+        "context_management": {"edits": []},
+        "container": "c",
+        "service_tier": "auto",
+        "messages": [ot_user("x")],
+    }
+    plain = anthropic_to_openai_request(body, "gpt-4o", "openai", 16384)
+    assert plain["max_tokens"] == 16384 and plain["temperature"] == 0.3 and plain["top_p"] == 0.9
+    assert "top_k" not in plain and plain["stop"] == ["a", "b", "c", "d"]
+    assert re.fullmatch(r"u_[0-9a-f]{16}", plain["user"])
+    assert plain["stream"] is True and plain["stream_options"] == {"include_usage": True}
+    assert not {"context_management", "container", "service_tier", "metadata", "stop_sequences"} & set(plain)
+    for model in ("o3-mini", "o1", "o4-mini", "gpt-5", "gpt-5.1-codex"):
+        reasoning = anthropic_to_openai_request(body, model, "openai")
+        assert reasoning["max_completion_tokens"] == 64000 and "max_tokens" not in reasoning
+        assert not {"temperature", "top_p"} & set(reasoning)
+    assert anthropic_to_openai_request(body, "openai/o3", "openrouter")["max_tokens"] == 64000
+    assert anthropic_to_openai_request(body, "qwen/qwen3", "openrouter")["top_k"] == 5
+
+
+@pytest.mark.parametrize(
+    "thinking,effort,flavor,model,expected",
+    [
+        ({"type": "enabled", "budget_tokens": 4096}, None, "openai", "o3", {"reasoning_effort": "low"}),
+        ({"type": "enabled", "budget_tokens": 16000}, None, "openai", "gpt-5", {"reasoning_effort": "medium"}),
+        ({"type": "enabled", "budget_tokens": 31999}, None, "openai", "gpt-5", {"reasoning_effort": "high"}),
+        ({"type": "enabled", "budget_tokens": 31999}, None, "openai", "gpt-4o", {}),
+        ({"type": "adaptive"}, "xhigh", "openai", "gpt-5", {"reasoning_effort": "high"}),
+        ({"type": "adaptive"}, None, "openai", "gpt-5", {"reasoning_effort": "medium"}),
+        (None, "low", "openai", "o4-mini", {"reasoning_effort": "low"}),
+        ({"type": "enabled", "budget_tokens": 2048}, None, "openrouter", "x/y", {"reasoning": {"max_tokens": 2048}}),
+        ({"type": "adaptive"}, "max", "openrouter", "x/y", {"reasoning": {"effort": "xhigh"}}),
+        (
+            {"type": "enabled", "budget_tokens": 2048},
+            None,
+            "deepseek",
+            "deepseek-v4-pro",
+            {"thinking": {"type": "enabled"}, "reasoning_effort": "low"},
+        ),
+        ({"type": "adaptive"}, "medium", "deepseek", "deepseek-v4-pro", {"reasoning_effort": "high"}),
+        ({"type": "adaptive"}, "xhigh", "deepseek", "deepseek-v4-pro", {"reasoning_effort": "max"}),
+        ({"type": "adaptive"}, "minimal", "deepseek", "deepseek-reasoner", {"reasoning_effort": "low"}),
+        ({"type": "adaptive"}, "high", "deepseek", "deepseek-chat", {}),
+        (
+            {"type": "enabled", "budget_tokens": 9000},
+            None,
+            "deepseek",
+            "deepseek-chat",
+            {"thinking": {"type": "enabled"}, "reasoning_effort": "high"},
+        ),
+        ({"type": "disabled"}, "high", "deepseek", "deepseek-v4-flash", {"thinking": {"type": "disabled"}}),
+        ({"type": "disabled"}, "high", "openai", "gpt-5", {}),
+    ],
+)
+def test_ot_thinking_mapping(
+    thinking: dict | None, effort: str | None, flavor: str, model: str, expected: dict
+) -> None:
+    body: dict = {"messages": [ot_user("x")]}
+    if thinking:
+        body["thinking"] = thinking
+    if effort:
+        body["output_config"] = {"effort": effort}
+    payload = ot_convert(body, model, flavor)
+    got = {k: payload[k] for k in ("reasoning_effort", "reasoning", "thinking") if k in payload}
+    assert got == expected
+
+
+def test_ot_output_format_becomes_response_format() -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+    body = {"output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": [ot_user("x")]}
+    assert ot_convert(body)["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    assert "response_format" not in ot_convert(body, "deepseek-chat", "deepseek")
+
+
+def test_ot_input_is_not_mutated() -> None:
+    body = ot_fixture_bodies()[1][1]
+    before = json.dumps(body, sort_keys=True)
+    anthropic_to_openai_request(body, "anthropic/claude", "openrouter")
+    assert json.dumps(body, sort_keys=True) == before
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: ids, signatures
+# ---------------------------------------------------------------------------
+
+
+def test_ot_tool_id_round_trip() -> None:
+    assert anthropic_tool_id("call_abc") == "toolu_call_abc"
+    assert openai_tool_id(anthropic_tool_id("call_abc")) == "call_abc"
+    assert anthropic_tool_id("functions.Bash:0") == "toolu_functions_Bash_0"
+    assert openai_tool_id(anthropic_tool_id("toolu_01X")) == "toolu_01X"
+    assert re.fullmatch(r"toolu_[A-Za-z0-9]{24}", anthropic_tool_id(None))
+    long_id = openai_tool_id("toolu_" + "x" * 60)
+    assert len(long_id) == 40 and long_id == openai_tool_id("toolu_" + "x" * 60)
+
+
+def test_ot_strip_proxy_thinking() -> None:
+    ours = {"type": "thinking", "thinking": "a", "signature": proxy_signature("deepseek", "a")}
+    real = {"type": "thinking", "thinking": "b", "signature": "EqQB"}
+    body = {
+        "model": "m",
+        "messages": [
+            ot_user("q"),
+            {"role": "assistant", "content": [ours, {"type": "text", "text": "t"}]},
+            {"role": "assistant", "content": [ours]},
+            {"role": "assistant", "content": [real, {"type": "text", "text": "u"}]},
+        ],
+    }
+    before = json.dumps(body)
+    stripped = strip_proxy_thinking(body)
+    assert json.dumps(body) == before
+    assert stripped["messages"] == [
+        body["messages"][0],
+        {"role": "assistant", "content": [{"type": "text", "text": "t"}]},
+        body["messages"][3],
+    ]
+    assert strip_proxy_thinking(stripped) is stripped
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: non-streaming response
+# ---------------------------------------------------------------------------
+
+
+def ot_completion(message: dict, finish: str = "stop", usage: dict | None = None) -> dict:
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+        "usage": usage or {},
+    }
+
+
+def test_ot_response_blocks_and_usage() -> None:
+    data = ot_completion(
+        {
+            "content": "Done.",
+            "reasoning_content": "think",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": openai_tool_name(OT_LONG_NAME), "arguments": '{"a": 1}'},
+                },
+                {"id": "call.2", "type": "function", "function": {"name": "Bash", "arguments": ""}},
+            ],
+        },
+        "stop",
+        {"prompt_tokens": 900, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 768}},
+    )
+    message = openai_to_anthropic_response(data, "claude-x", {openai_tool_name(OT_LONG_NAME): OT_LONG_NAME}, "deepseek")
+    assert re.fullmatch(r"msg_[A-Za-z0-9]{24}", message["id"])
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use", "tool_use"]
+    assert message["content"][0]["signature"].startswith("terraphim:deepseek:")
+    assert message["content"][2] == {"type": "tool_use", "id": "toolu_call_1", "name": OT_LONG_NAME, "input": {"a": 1}}
+    assert message["content"][3]["id"] == "toolu_call_2" and message["content"][3]["input"] == {}
+    assert message["stop_reason"] == "tool_use" and message["model"] == "claude-x"
+    assert message["usage"] == {
+        "input_tokens": 132,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 768,
+        "output_tokens": 40,
+    }
+    deepseek = {
+        "prompt_tokens": 100,
+        "completion_tokens": 5,
+        "prompt_cache_hit_tokens": 60,
+        "prompt_cache_miss_tokens": 40,
+    }
+    assert (
+        anthropic_usage(deepseek)["input_tokens"] == 40 and anthropic_usage(deepseek)["cache_read_input_tokens"] == 60
+    )
+    written = anthropic_usage(
+        {"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 30}}
+    )
+    assert written == {
+        "input_tokens": 60,
+        "cache_creation_input_tokens": 30,
+        "cache_read_input_tokens": 10,
+        "output_tokens": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "finish,expected",
+    [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("content_filter", "refusal"),
+        ("tool_calls", "end_turn"),
+        (None, "end_turn"),
+    ],
+)
+def test_ot_response_stop_reasons(finish: str | None, expected: str) -> None:
+    assert openai_to_anthropic_response(ot_completion({"content": "x"}, finish), "m")["stop_reason"] == expected
+
+
+def test_ot_response_repairs_or_rejects_arguments() -> None:
+
+    def answer_with(args: str) -> dict:
+        return ot_completion({"tool_calls": [{"id": "c", "function": {"name": "Write", "arguments": args}}]}, "length")
+
+    repaired = openai_to_anthropic_response(answer_with('{"path": "a", "lines": ["x", "y'), "m")
+    assert repaired["content"][0]["input"] == {"path": "a", "lines": ["x", "y"]}
+    assert repaired["stop_reason"] == "tool_use"
+    for broken in ('{"a": 1,', '{"a": tru', "[1, 2]", '{"a": 1}}'):
+        with pytest.raises(TranslationError):
+            openai_to_anthropic_response(answer_with(broken), "m")
+    assert json_completion('{"a": "x\\') is None and json_completion('{"a": {"b": "c') == '"}}'
+
+
+def test_ot_response_errors_refusal_and_openrouter_details() -> None:
+    with pytest.raises(TranslationError) as raised:
+        openai_to_anthropic_response({"error": {"code": 502, "message": "down"}}, "m")
+    assert raised.value.error_type == "overloaded_error" and raised.value.message == "down"
+    with pytest.raises(TranslationError):
+        openai_to_anthropic_response({"choices": []}, "m")
+    with pytest.raises(TranslationError):
+        openai_to_anthropic_response(ot_completion({"content": "x"}, "error"), "m")
+    refusal = openai_to_anthropic_response(ot_completion({"content": None, "refusal": "no"}), "m")
+    assert refusal["content"] == [{"type": "text", "text": "no"}] and refusal["stop_reason"] == "refusal"
+    details = [{"type": "reasoning.encrypted", "data": "ENC"}]
+    routed = openai_to_anthropic_response(
+        ot_completion({"content": "hi", "reasoning_details": details}), "m", None, "openrouter"
+    )
+    block = routed["content"][0]
+    assert block["thinking"] == "" and block["signature"].startswith("terraphim:openrouter:")
+    back = {"messages": [ot_user("q"), {"role": "assistant", "content": routed["content"]}]}
+    assert ot_convert(back, "openai/o3", "openrouter")["messages"][1]["reasoning_details"] == details
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: SSE decoding
+# ---------------------------------------------------------------------------
+
+
+async def ot_collect(iterator: AsyncIterator) -> list:
+    return [item async for item in iterator]
+
+
+async def ot_byte_source(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def test_ot_iter_sse_data_framing() -> None:
+    raw = (
+        b": OPENROUTER PROCESSING\r\n\r\n"
+        b'data: {"a":1}\r\n\r\n'
+        b"event: x\nid: 3\ndata: line1\ndata:line2\n\n"
+        b"data: \xc3\xa9t\xc3\xa9\r\r"
+        b"data: [DONE]\n\n"
+        b'data: {"after":1}\n\n'
+    )
+    expected = ['{"a":1}', "line1\nline2", "été", "[DONE]"]
+    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(raw)))) == expected
+    one_byte_at_a_time = [raw[i : i + 1] for i in range(len(raw))]
+    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(*one_byte_at_a_time)))) == expected
+    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(b'data: {"x":1}\n\ndata: tail')))) == ['{"x":1}', "tail"]
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: stream state machine
+# ---------------------------------------------------------------------------
+
+
+def ot_frames(raw: bytes) -> list[tuple[str, dict]]:
+    """The events of the converter's output; each frame is exactly an event line, then a data line."""
+    text = raw.decode()
+    assert all(re.fullmatch(r"event: [^\n]*\ndata: [^\n]*", frame) for frame in text.split("\n\n") if frame), text
+    return parse_sse(text)
+
+
+def ot_check_grammar(events: list[tuple[str, dict]]) -> None:
+    """Dense indices, each block started once and stopped once, one block open at a time."""
+    assert events[0][0] == "message_start"
+    open_index, next_index = None, 0
+    for name, data in events[1:]:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == next_index
+            open_index, next_index = next_index, next_index + 1
+        elif name in ("content_block_delta", "content_block_stop"):
+            assert data["index"] == open_index
+            if name == "content_block_stop":
+                open_index = None
+        elif name in ("message_delta", "error"):
+            assert open_index is None or name == "error"
+    assert events[-1][0] in ("message_stop", "error")
+    if events[-1][0] == "message_stop":
+        assert [n for n, _ in events].count("message_delta") == 1
+
+
+def test_ot_anthropic_stream_state_machine() -> None:
+    stream = AnthropicStream("m", 42, "openai")
+    raw = stream.start() + stream.text("") + stream.thinking("hm") + stream.text("a") + stream.text("b")
+    raw += stream.tool_start(0, "toolu_1", "Bash") + stream.tool_args(0, '{"x":1}') + stream.text("after")
+    raw += stream.finish("end_turn", None) + stream.text("ignored")
+    events = ot_frames(raw)
+    ot_check_grammar(events)
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 42 and events[1][0] == "ping"
+    starts = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use", "text"]
+    signature = [
+        d["delta"]["signature"]
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "signature_delta"
+    ]
+    assert signature == [proxy_signature("openai", "hm")]
+    delta = next(d for n, d in events if n == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"]["input_tokens"] == 42
+    with pytest.raises(ValueError):
+        AnthropicStream("m").tool_args(3, "{}")
+
+
+# ---------------------------------------------------------------------------
+# OpenAI translation, unit by unit: stream scenarios through the official SDK
+# ---------------------------------------------------------------------------
+
+
+def ot_chunk(delta: dict | None = None, finish: str | None = None, **extra: object) -> str:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, **extra})
+
+
+OT_USAGE = {"prompt_tokens": 50, "completion_tokens": 12, "prompt_tokens_details": {"cached_tokens": 20}}
+
+
+async def ot_convert_stream(payloads: list[str], tool_names: dict | None = None, flavor: str = "openai") -> bytes:
+    async def events() -> AsyncIterator[str]:
+        for payload in payloads:
+            yield payload
+
+    return b"".join(await ot_collect(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor)))
+
+
+async def ot_sdk_final_message(raw: bytes) -> anthropic.types.Message:
+    """What the anthropic SDK makes of `raw` served as the answer to a streamed request."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=raw, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", handler)
+    runner, url = await serve_app(app)
+    try:
+        async with anthropic_client(url, "test") as client, client.messages.stream(**SDK_REQUEST) as stream:
+            return await stream.get_final_message()
+    finally:
+        await runner.cleanup()
+
+
+def ot_run_scenario(
+    payloads: list[str], tool_names: dict | None = None, flavor: str = "openai"
+) -> anthropic.types.Message:
+    raw = asyncio.run(ot_convert_stream(payloads, tool_names, flavor))
+    ot_check_grammar(ot_frames(raw))
+    assert b"[DONE]" not in raw
+    return asyncio.run(ot_sdk_final_message(raw))
+
+
+def ot_blocks(message: anthropic.types.Message) -> list[tuple]:
+    summary = []
+    for block in message.content:
+        if block.type == "text":
+            summary.append(("text", block.text))
+        elif block.type == "thinking":
+            summary.append(("thinking", block.thinking))
+        else:
+            summary.append(("tool_use", block.name, block.input))
+    return summary
+
+
+def test_ot_stream_text_with_trailing_usage() -> None:
+    message = ot_run_scenario(
+        [
+            ot_chunk({"role": "assistant", "content": ""}),
+            ot_chunk({"content": "Hel"}),
+            ot_chunk({"content": "lo"}),
+            ot_chunk({}, "stop"),
+            ot_chunk(None, usage=OT_USAGE),
+            "[DONE]",
+        ]
+    )
+    assert ot_blocks(message) == [("text", "Hello")]
+    assert message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.output_tokens) == (
+        30,
+        20,
+        12,
+    )
+
+
+def test_ot_stream_reasoning_text_tool_text() -> None:
+    message = ot_run_scenario(
+        [
+            ot_chunk({"reasoning_content": ""}),
+            ot_chunk({"reasoning_content": "Let me"}),
+            ot_chunk({"reasoning": " look."}),
+            ot_chunk({"content": "Checking."}),
+            ot_chunk({"tool_calls": [openai_call(0, "call_a", "get_weather", '{"city":')]}),
+            ot_chunk({"tool_calls": [openai_call(0, args='"Paris"}')]}),
+            ot_chunk({"content": "---"}),
+            ot_chunk({}, "stop"),
+            "[DONE]",
+        ]
+    )
+    assert ot_blocks(message) == [
+        ("thinking", "Let me look."),
+        ("text", "Checking."),
+        ("tool_use", "get_weather", {"city": "Paris"}),
+        ("text", "---"),
+    ]
+    assert message.content[0].signature == proxy_signature("openai", "Let me look.")
+    assert message.content[2].id == "toolu_call_a"
+    assert message.stop_reason == "tool_use"
+
+
+def test_ot_stream_parallel_calls_in_one_chunk_with_restored_names() -> None:
+    short = openai_tool_name(OT_LONG_NAME)
+    message = ot_run_scenario(
+        [
+            ot_chunk(
+                {
+                    "tool_calls": [
+                        openai_call(0, "call_1", "Read", '{"path":"a"}'),
+                        openai_call(1, "call_2", short, '{"path":"b"}'),
+                    ]
+                }
+            ),
+            ot_chunk({}, "tool_calls"),
+            ot_chunk(None, usage=OT_USAGE),
+            "[DONE]",
+        ],
+        {short: OT_LONG_NAME},
+    )
+    assert ot_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", OT_LONG_NAME, {"path": "b"})]
+
+
+def test_ot_stream_index_zero_reused_with_new_ids() -> None:
+    message = ot_run_scenario(
+        [
+            ot_chunk({"tool_calls": [openai_call(0, "g1", "Read", '{"path":')]}),
+            ot_chunk({"tool_calls": [openai_call(0, args='"a"}')]}),
+            ot_chunk({"tool_calls": [openai_call(0, "g2", "Read", '{"path":"b"}')]}),
+            ot_chunk({}, "stop"),
+            "[DONE]",
+        ]
+    )
+    assert ot_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", "Read", {"path": "b"})]
+    assert message.stop_reason == "tool_use"
+
+
+def test_ot_stream_cumulative_snapshots_and_name_later() -> None:
+    message = ot_run_scenario(
+        [
+            ot_chunk({"tool_calls": [openai_call(0, "c1")]}),
+            ot_chunk({"tool_calls": [openai_call(0, args='{"com')]}),
+            ot_chunk({"tool_calls": [openai_call(0, name="Bash", args='{"command":"l')]}),
+            ot_chunk({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
+            ot_chunk({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
+            ot_chunk({}, "tool_calls"),
+            "[DONE]",
+        ]
+    )
+    assert ot_blocks(message) == [("tool_use", "Bash", {"command": "ls"})]
+
+
+def test_ot_stream_interleaved_calls_are_buffered() -> None:
+    payloads = [
+        ot_chunk({"content": "Two calls."}),
+        ot_chunk({"tool_calls": [openai_call(0, "a", "Read"), openai_call(1, "b", "Grep")]}),
+        ot_chunk({"tool_calls": [openai_call(1, args='{"pattern":')]}),
+        ot_chunk({"tool_calls": [openai_call(0, args='{"path":"x"}')]}),
+        ot_chunk({"tool_calls": [openai_call(1, args='"y"}')]}),
+        ot_chunk({"tool_calls": [openai_call(2, "c", "Glob", '{"glob":"*"}')]}),
+        ot_chunk({}, "tool_calls"),
+        "[DONE]",
+    ]
+    message = ot_run_scenario(payloads)
+    assert ot_blocks(message) == [
+        ("text", "Two calls."),
+        ("tool_use", "Read", {"path": "x"}),
+        ("tool_use", "Grep", {"pattern": "y"}),
+        ("tool_use", "Glob", {"glob": "*"}),
+    ]
+    held = [
+        d
+        for n, d in ot_frames(asyncio.run(ot_convert_stream(payloads)))
+        if n == "content_block_delta" and d["index"] == 2
+    ]
+    assert [d["delta"]["partial_json"] for d in held] == ['{"pattern":"y"}']
+
+
+def test_ot_stream_truncated_arguments_are_closed() -> None:
+    message = ot_run_scenario(
+        [ot_chunk({"tool_calls": [openai_call(0, "w", "Write", '{"content":"abc')]}), ot_chunk({}, "length"), "[DONE]"]
+    )
+    assert ot_blocks(message) == [("tool_use", "Write", {"content": "abc"})]
+    assert message.stop_reason == "tool_use"
+
+
+def test_ot_stream_openrouter_reasoning_details_signature() -> None:
+    details = [{"type": "reasoning.text", "text": "Hm", "index": 0, "format": "anthropic-claude-v1"}]
+    message = ot_run_scenario(
+        [
+            ot_chunk({"reasoning": "Hm", "reasoning_details": details}),
+            ot_chunk(
+                {
+                    "reasoning_details": [{"type": "reasoning.text", "text": "", "signature": "SIG", "index": 0}],
+                    "content": "Hi",
+                }
+            ),
+            ot_chunk({}, "stop", usage=OT_USAGE),
+            "[DONE]",
+        ],
+        flavor="openrouter",
+    )
+    assert ot_blocks(message) == [("thinking", "Hm"), ("text", "Hi")]
+    back = {"messages": [ot_user("q"), {"role": "assistant", "content": [b.model_dump() for b in message.content]}]}
+    sent = ot_convert(back, "anthropic/claude", "openrouter")["messages"][1]
+    assert sent["reasoning_details"] == [{**details[0], "signature": "SIG"}]
+
+
+def test_ot_stream_eof_after_finish_without_done_is_clean() -> None:
+    message = ot_run_scenario([ot_chunk({"content": "ok"}, "stop")])
+    assert ot_blocks(message) == [("text", "ok")] and message.stop_reason == "end_turn"
+    assert message.usage.output_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "payloads,error_type",
+    [
+        ([ot_chunk({"content": "par"})], "api_error"),
+        (
+            [ot_chunk({"content": "x"}), json.dumps({"error": {"code": 502, "message": "provider down"}})],
+            "overloaded_error",
+        ),
+        ([ot_chunk({"content": "x"}), ot_chunk({}, "error")], "api_error"),
+        ([ot_chunk({"content": "x"}), "{not json"], "api_error"),
+        (
+            [ot_chunk({"tool_calls": [openai_call(0, "w", "Write", '{"a": 1,')]}), ot_chunk({}, "length"), "[DONE]"],
+            "api_error",
+        ),
+    ],
+)
+def test_ot_stream_failures_after_output_raise(payloads: list[str], error_type: str) -> None:
+    """Once frames went out, the converter raises; the relay turns that into an `error` event (tested end to end)."""
+    produced: list[bytes] = []
+
+    async def run() -> None:
+        async def events() -> AsyncIterator[str]:
+            for payload in payloads:
+                yield payload
+
+        async for frames in openai_stream_to_anthropic(events(), "claude-x", 77):
+            produced.append(frames)
+
+    with pytest.raises(TranslationError) as raised:
+        asyncio.run(run())
+    assert raised.value.error_type == error_type
+    events = ot_frames(b"".join(produced))
+    assert events and events[0][0] == "message_start"
+    assert "message_stop" not in [n for n, _ in events]
+
+
+@pytest.mark.parametrize(
+    "payloads,error_type",
+    [
+        ([json.dumps({"error": {"code": 429, "message": "slow down"}})], "overloaded_error"),
+        (
+            [ot_chunk({"role": "assistant", "content": ""}), ot_chunk({}, "insufficient_system_resource")],
+            "overloaded_error",
+        ),
+        ([ot_chunk({"role": "assistant"})], "api_error"),
+        (
+            [ot_chunk({"tool_calls": [openai_call(0, "w", args='{"a": 1}')]}), ot_chunk({}, "stop"), "[DONE]"],
+            "api_error",
+        ),
+    ],
+)
+def test_ot_stream_failures_before_output_raise(payloads: list[str], error_type: str) -> None:
+    with pytest.raises(TranslationError) as raised:
+        asyncio.run(ot_convert_stream(payloads))
+    assert raised.value.error_type == error_type
+
+
+def test_ot_stream_from_raw_sse_bytes() -> None:
+    raw_upstream = "".join(
+        f"data: {p}\r\n\r\n"
+        for p in [ot_chunk({"content": "a"}), ot_chunk({}, "stop"), ot_chunk(None, usage=OT_USAGE), "[DONE]"]
+    ).encode()
+    pieces = [raw_upstream[i : i + 7] for i in range(0, len(raw_upstream), 7)]
+
+    async def run() -> bytes:
+        frames = openai_stream_to_anthropic(iter_sse_data(ot_byte_source(*pieces)), "claude-x", 1, None)
+        return b"".join(await ot_collect(frames))
+
+    message = asyncio.run(ot_sdk_final_message(asyncio.run(run())))
+    assert ot_blocks(message) == [("text", "a")] and message.usage.output_tokens == 12
+
+
+def test_ot_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
+    stream = AnthropicStream("m", 3, "openrouter")
+    raw = stream.start() + stream.signature(
+        proxy_signature("openrouter", "", [{"type": "reasoning.encrypted", "data": "E"}])
+    )
+    raw += stream.text("hi") + stream.finish("end_turn", anthropic_usage(OT_USAGE))
+    message = asyncio.run(ot_sdk_final_message(raw))
+    assert message.content[0].type == "thinking" and message.content[0].thinking == ""
+    payload = message.content[0].signature.removeprefix("terraphim:openrouter:")
+    assert json.loads(base64.urlsafe_b64decode(payload)) == [{"type": "reasoning.encrypted", "data": "E"}]
+
+
+# ---------------------------------------------------------------------------
+# The stand-in is faithful: the official openai SDK parses everything it sends
+# ---------------------------------------------------------------------------
+
+OPENAI_USAGE = {
+    "prompt_tokens": 900,
+    "completion_tokens": 40,
+    "total_tokens": 940,
+    "prompt_tokens_details": {"cached_tokens": 768, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0},
+}
+OPENAI_USAGE_ANTHROPIC = {
+    "input_tokens": 132,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 768,
+    "output_tokens": 40,
+}
+OPENAI_TOOL_CHUNKS = [
+    openai_chunk({"role": "assistant", "content": "", "refusal": None}),
+    openai_chunk({"content": "Let me look."}),
+    openai_chunk(openai_tools_delta(openai_call(0, "call_read", "Read", ""))),
+    openai_chunk(openai_tools_delta(openai_call(0, args='{"file_path": '))),
+    openai_chunk(openai_tools_delta(openai_call(0, args='"/tmp/a.txt"}'))),
+    openai_chunk(openai_tools_delta(openai_call(1, "call_grep", "Grep", '{"pattern": "TODO"}'))),
+    openai_chunk({}, "tool_calls"),
+    openai_chunk(usage=OPENAI_USAGE),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_openai_standin_is_parsed_by_openai_sdk(openai_upstream: OpenAIStandIn, stream: bool) -> None:
+    openai_upstream.answer = lambda received: openai_reply_for(received, OPENAI_TOOL_CHUNKS)
+    async with openai.AsyncOpenAI(base_url=openai_upstream.url, api_key="sk-test", max_retries=0) as client:
+        request = {"model": "gpt-4o", "messages": [{"role": "user", "content": "look"}]}
+        if stream:
+            async with client.chat.completions.stream(**request, stream_options={"include_usage": True}) as events:
+                kinds = [event.type async for event in events]
+                completion = await events.get_final_completion()
+            assert "tool_calls.function.arguments.done" in kinds and "content.done" in kinds
+        else:
+            completion = await client.chat.completions.create(**request)
+    assert openai_upstream.last.body.get("stream", False) is stream
+    message = completion.choices[0].message
+    assert message.content == "Let me look."
+    calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+    assert calls == [("call_read", "Read", {"file_path": "/tmp/a.txt"}), ("call_grep", "Grep", {"pattern": "TODO"})]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.model == "gpt-4o"
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (900, 40)
+    assert completion.usage.prompt_tokens_details.cached_tokens == 768
+
+
+async def test_openai_standin_errors_are_parsed_by_openai_sdk(openai_upstream: OpenAIStandIn) -> None:
+    async with openai.AsyncOpenAI(base_url=openai_upstream.url, api_key="sk-test", max_retries=0) as client:
+        request = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+        openai_upstream.reply_with(openai_error(429, "Rate limit reached", "requests", "rate_limit_exceeded"))
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(**request)
+        assert (limited.value.code, limited.value.type) == ("rate_limit_exceeded", "requests")
+        assert limited.value.message.endswith("Rate limit reached")
+        failure = openai_error_body("The server had an error", "server_error")
+        openai_upstream.reply_with(OpenAIReply(chunks=[openai_chunk({"content": "par"}), failure]))
+        with pytest.raises(openai.APIError, match="The server had an error"):
+            async for _ in await client.chat.completions.create(**request, stream=True):
+                pass
+        # comments, CRLF framing and one-byte writes are legal SSE: the SDK must see the same two chunks
+        frames = [b": keep-alive\r\n\r\n", *openai_sse(openai_text_chunks("hi"), "gpt-4o", newline="\r\n")]
+        raw = b"".join(frames)
+        openai_upstream.reply_with(OpenAIReply(raw=[raw[i : i + 1] for i in range(len(raw))]))
+        chunks = [chunk async for chunk in await client.chat.completions.create(**request, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi"
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 12
+
+
+# ---------------------------------------------------------------------------
+# Request translation, as the stand-in receives it
+# ---------------------------------------------------------------------------
+
+OPENAI_BASH = {
+    "name": "Bash",
+    "description": "Run a shell command",
+    "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+}
+OPENAI_PNG = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgoAAAANSUhEUg=="}
+
+
+def openai_arguments_parsed(messages: list[dict]) -> list[dict]:
+    """Messages with each tool call's arguments string parsed, so JSON spacing does not matter."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            calls = [
+                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in message["tool_calls"]
+            ]
+            message = {**message, "tool_calls": calls}
+        out.append(message)
+    return out
+
+
+def openai_check_user_hash(payload: dict) -> None:
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", payload["user"]), payload["user"]
+    assert "session" not in payload["user"]
+
+
+def openai_check_tool_follows_call(payload: dict) -> None:
+    """A role:"tool" message must come right after the assistant message that made the call."""
+    roles = [m["role"] for m in payload["messages"]]
+    assert roles.index("tool") == roles.index("assistant") + 1, roles
+    assert any(m["role"] == "system" and "Reminder" in str(m["content"]) for m in payload["messages"]), roles
+
+
+def openai_check_cache_control(kept: bool) -> Callable[[dict], None]:
+    def check(payload: dict) -> None:
+        text = json.dumps(payload)
+        assert ('"cache_control"' in text) is kept, text[:500]
+        if kept:
+            assert payload["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
+
+    return check
+
+
+OPENAI_CACHED_SYSTEM = [
+    {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "Second part."},
+]
+OPENAI_CACHED_USER = [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]
+OPENAI_TOOL_LOOP = [
+    {"role": "user", "content": "List the files and the date."},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Running both."},
+            tool_use("toolu_01LS", command="ls"),
+            tool_use("toolu_02DT", command="date"),
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            tool_result("toolu_02DT", "Mon Jan 1"),
+            tool_result("toolu_01LS", [{"type": "text", "text": "ls: cannot open"}], is_error=True),
+            {"type": "text", "text": "Thanks, go on."},
+        ],
+    },
+]
+OPENAI_TOOL_LOOP_SENT = [
+    {"role": "user", "content": "List the files and the date."},
+    {
+        "role": "assistant",
+        "content": "Running both.",
+        "tool_calls": [
+            {"id": "01LS", "type": "function", "function": {"name": "Bash", "arguments": {"command": "ls"}}},
+            {"id": "02DT", "type": "function", "function": {"name": "Bash", "arguments": {"command": "date"}}},
+        ],
+    },
+    {"role": "tool", "tool_call_id": "01LS", "content": "[tool error] ls: cannot open"},
+    {"role": "tool", "tool_call_id": "02DT", "content": "Mon Jan 1"},
+    {"role": "user", "content": "Thanks, go on."},
+]
+OPENAI_DEEPSEEK_HISTORY = [
+    {"role": "user", "content": "What is here?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "I should list the files.", "signature": "terraphim:deepseek:0123"},
+            tool_use("toolu_call_ls", command="ls"),
+        ],
+    },
+    {"role": "user", "content": [tool_result("toolu_call_ls", "a.txt")]},
+]
+
+
+def openai_request_case(case_id: str, model: str, fields: dict, expect: dict, *, absent: tuple = (), check=None) -> Any:
+    return pytest.param(model, fields, expect, absent, check, id=case_id)
+
+
+OPENAI_REQUEST_CASES = [
+    openai_request_case(
+        "system_first_system_message_in_place",
+        "openai,gpt-4o",
+        {
+            "system": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Second part."}],
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": "Mid-conversation note."},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+                {"role": "user", "content": "again"},
+            ],
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "You are terse.\n\nSecond part."},
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": "Mid-conversation note."},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "again"},
+            ]
+        },
+    ),
+    openai_request_case(
+        "images_as_data_urls",
+        "openai,gpt-4o",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image", "source": OPENAI_PNG},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+                    ],
+                }
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                    ],
+                }
+            ]
+        },
+    ),
+    openai_request_case(
+        "image_in_tool_result_moves_to_user_message",
+        "openai,gpt-4o",
+        {
+            "messages": [
+                {"role": "user", "content": "Screenshot please."},
+                {"role": "assistant", "content": [tool_use("toolu_shot", command="shot")]},
+                {
+                    "role": "user",
+                    "content": [
+                        tool_result(
+                            "toolu_shot", [{"type": "text", "text": "taken"}, {"type": "image", "source": OPENAI_PNG}]
+                        )
+                    ],
+                },
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Screenshot please."},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "shot",
+                            "type": "function",
+                            "function": {"name": "Bash", "arguments": {"command": "shot"}},
+                        }
+                    ],
+                },
+                {
+                    "role": "tool",
+                    "tool_call_id": "shot",
+                    "content": "taken\n[1 attachment(s) of this result follow in the next user message]",
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}}
+                    ],
+                },
+            ]
+        },
+    ),
+    openai_request_case(
+        "tool_use_and_results_in_call_order_before_user_text",
+        "openai,gpt-4o",
+        {"messages": OPENAI_TOOL_LOOP, "tools": [OPENAI_BASH]},
+        {
+            "messages": OPENAI_TOOL_LOOP_SENT,
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "Bash",
+                        "description": "Run a shell command",
+                        "parameters": OPENAI_BASH["input_schema"],
+                    },
+                }
+            ],
+        },
+        absent=("tool_choice", "parallel_tool_calls"),
+    ),
+    openai_request_case(
+        "tool_result_after_a_system_message_still_follows_the_call",
+        "openai,gpt-4o",
+        {
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": [tool_use("toolu_9", command="ls")]},
+                {"role": "system", "content": "Reminder: be brief."},
+                {"role": "user", "content": [tool_result("toolu_9", "a.txt")]},
+            ]
+        },
+        {},
+        check=openai_check_tool_follows_call,
+    ),
+    openai_request_case(
+        "tool_choice_auto",
+        "openai,gpt-4o",
+        {"tools": [OPENAI_BASH], "tool_choice": {"type": "auto"}},
+        {"tool_choice": "auto"},
+        absent=("parallel_tool_calls",),
+    ),
+    openai_request_case(
+        "tool_choice_any",
+        "openai,gpt-4o",
+        {"tools": [OPENAI_BASH], "tool_choice": {"type": "any"}},
+        {"tool_choice": "required"},
+    ),
+    openai_request_case(
+        "tool_choice_none",
+        "openai,gpt-4o",
+        {"tools": [OPENAI_BASH], "tool_choice": {"type": "none"}},
+        {"tool_choice": "none"},
+    ),
+    openai_request_case(
+        "tool_choice_named_no_parallel",
+        "openai,gpt-4o",
+        {"tools": [OPENAI_BASH], "tool_choice": {"type": "tool", "name": "Bash", "disable_parallel_tool_use": True}},
+        {"tool_choice": {"type": "function", "function": {"name": "Bash"}}, "parallel_tool_calls": False},
+    ),
+    openai_request_case(
+        "tool_choice_deepseek_reasoner_downgraded",
+        "deepseek,deepseek-reasoner",
+        {"tools": [OPENAI_BASH], "tool_choice": {"type": "any"}},
+        {"tool_choice": "auto"},
+    ),
+    openai_request_case(
+        "stop_sequences_and_sampling",
+        "openai,gpt-4o",
+        {"stop_sequences": ["</a>", "</b>", "</c>", "</d>", "</e>"], "temperature": 0.3, "top_p": 0.9},
+        {"stop": ["</a>", "</b>", "</c>", "</d>"], "temperature": 0.3, "top_p": 0.9, "max_tokens": 300},
+        absent=("max_completion_tokens", "top_k"),
+    ),
+    openai_request_case(
+        "reasoning_model_max_completion_tokens_no_sampling",
+        "openai,o3",
+        {"temperature": 0.3, "top_p": 0.9},
+        {"max_completion_tokens": 300},
+        absent=("max_tokens", "temperature", "top_p"),
+    ),
+    openai_request_case(
+        "gpt5_max_completion_tokens", "openai,gpt-5", {}, {"max_completion_tokens": 300}, absent=("max_tokens",)
+    ),
+    openai_request_case(
+        "deepseek_max_tokens", "deepseek,deepseek-chat", {}, {"max_tokens": 300}, absent=("max_completion_tokens",)
+    ),
+    openai_request_case(
+        "cap_provider_max_tokens", "capped,gpt-4o", {"max_tokens": 64000, "stream": True}, {"max_tokens": 4096}
+    ),
+    openai_request_case(
+        "cap_model_max_tokens", "capped,gpt-4o-mini", {"max_tokens": 64000, "stream": True}, {"max_tokens": 1000}
+    ),
+    openai_request_case("cap_not_raising", "capped,gpt-4o-mini", {"max_tokens": 500}, {"max_tokens": 500}),
+    openai_request_case(
+        "user_id_hashed",
+        "openrouter,openai/gpt-4o",
+        {"metadata": {"user_id": json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": "s" * 36})}},
+        {},
+        check=openai_check_user_hash,
+    ),
+    openai_request_case(
+        "stream_asks_for_usage",
+        "openai,gpt-4o",
+        {"stream": True},
+        {"stream": True, "stream_options": {"include_usage": True}},
+    ),
+    openai_request_case("no_stream_no_stream_options", "openai,gpt-4o", {}, {}, absent=("stream", "stream_options")),
+    openai_request_case(
+        "cache_control_dropped_openai",
+        "openai,gpt-4o",
+        {"system": OPENAI_CACHED_SYSTEM, "messages": [{"role": "user", "content": OPENAI_CACHED_USER}]},
+        {
+            "messages": [
+                {"role": "system", "content": "You are terse.\n\nSecond part."},
+                {"role": "user", "content": "hi"},
+            ]
+        },
+        check=openai_check_cache_control(False),
+    ),
+    openai_request_case(
+        "cache_control_dropped_openrouter_non_anthropic",
+        "openrouter,openai/gpt-4o",
+        {"system": OPENAI_CACHED_SYSTEM, "messages": [{"role": "user", "content": OPENAI_CACHED_USER}]},
+        {},
+        check=openai_check_cache_control(False),
+    ),
+    openai_request_case(
+        "cache_control_kept_openrouter_anthropic",
+        "openrouter,anthropic/claude-sonnet-4.5",
+        {"system": OPENAI_CACHED_SYSTEM, "messages": [{"role": "user", "content": OPENAI_CACHED_USER}]},
+        {
+            "messages": [
+                {
+                    "role": "system",
+                    "content": [
+                        {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+                        {"type": "text", "text": "Second part."},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            ]
+        },
+        check=openai_check_cache_control(True),
+    ),
+    openai_request_case(
+        "thinking_budget_to_reasoning_effort",
+        "openai,o3",
+        {"thinking": {"type": "enabled", "budget_tokens": 2048}},
+        {"reasoning_effort": "low"},
+    ),
+    openai_request_case(
+        "effort_to_reasoning_effort",
+        "openai,gpt-5",
+        {"thinking": {"type": "adaptive"}, "output_config": {"effort": "medium"}},
+        {"reasoning_effort": "medium"},
+        absent=("output_config", "thinking"),
+    ),
+    openai_request_case(
+        "thinking_ignored_for_non_reasoning_openai",
+        "openai,gpt-4o",
+        {"thinking": {"type": "enabled", "budget_tokens": 2048}, "output_config": {"effort": "high"}},
+        {},
+        absent=("reasoning_effort", "reasoning", "thinking", "output_config"),
+    ),
+    openai_request_case(
+        "openrouter_reasoning_budget",
+        "openrouter,anthropic/claude-sonnet-4.5",
+        {"thinking": {"type": "enabled", "budget_tokens": 8000}},
+        {"reasoning": {"max_tokens": 8000}},
+        absent=("reasoning_effort", "thinking"),
+    ),
+    openai_request_case(
+        "openrouter_reasoning_effort",
+        "openrouter,openai/gpt-5",
+        {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}},
+        {"reasoning": {"effort": "high"}},
+    ),
+    openai_request_case(
+        "deepseek_thinking_enabled",
+        "deepseek,deepseek-chat",
+        {"thinking": {"type": "enabled", "budget_tokens": 20000}},
+        {"thinking": {"type": "enabled"}, "reasoning_effort": "high"},
+    ),
+    openai_request_case(
+        "deepseek_thinking_disabled",
+        "deepseek,deepseek-v4-flash",
+        {"thinking": {"type": "disabled"}},
+        {"thinking": {"type": "disabled"}},
+        absent=("reasoning_effort",),
+    ),
+    openai_request_case(
+        "deepseek_reasoning_content_resent",
+        "deepseek,deepseek-reasoner",
+        {"messages": OPENAI_DEEPSEEK_HISTORY, "thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}},
+        {
+            "reasoning_effort": "max",
+            "messages": [
+                {"role": "user", "content": "What is here?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "I should list the files.",
+                    "tool_calls": [
+                        {
+                            "id": "call_ls",
+                            "type": "function",
+                            "function": {"name": "Bash", "arguments": {"command": "ls"}},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_ls", "content": "a.txt"},
+            ],
+        },
+        absent=("thinking",),
+    ),
+    openai_request_case(
+        "thinking_not_resent_to_openai",
+        "openai,gpt-4o",
+        {"messages": OPENAI_DEEPSEEK_HISTORY},
+        {
+            "messages": [
+                {"role": "user", "content": "What is here?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_ls",
+                            "type": "function",
+                            "function": {"name": "Bash", "arguments": {"command": "ls"}},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_ls", "content": "a.txt"},
+            ],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("model", "fields", "expect", "absent", "check"), OPENAI_REQUEST_CASES)
+async def test_openai_request_translation(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    model: str,
+    fields: dict,
+    expect: dict,
+    absent: tuple,
+    check: Callable[[dict], None] | None,
+) -> None:
+    body = openai_body(model, **fields)
+    message = await openai_send(openai_sdk, body, stream=bool(body.get("stream")))
+    assert message.content[0].text == "ok"
+    payload = openai_upstream.last.body
+    assert payload["model"] == model.split(",", 1)[1]
+    sent = {key: payload.get(key) for key in expect}
+    if "messages" in sent:
+        sent["messages"] = openai_arguments_parsed(sent["messages"])
+    assert sent == expect
+    assert [key for key in absent if key in payload] == []
+    if check:
+        check(payload)
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "extra"),
+    [
+        ("openai,gpt-4o", "OPENAI_API_KEY", {}),
+        (
+            "openrouter,openai/gpt-4o",
+            "OPENROUTER_API_KEY",
+            {"http-referer": "http://127.0.0.1", "x-title": "terraphim-proxy"},
+        ),
+        ("deepseek,deepseek-chat", "DEEPSEEK_API_KEY", {}),
+    ],
+)
+async def test_openai_request_headers(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, model: str, key: str, extra: dict
+) -> None:
+    await openai_send(openai_sdk, openai_body(model), stream=False)
+    received = openai_upstream.last
+    assert received.path == "/chat/completions"
+    assert received.headers["authorization"] == f"Bearer {ENVIRON[key]}"
+    assert received.headers["content-type"].startswith("application/json")
+    assert {name: received.headers.get(name) for name in ("http-referer", "x-title") if name in extra} == extra
+    if not extra:
+        assert "http-referer" not in received.headers and "x-title" not in received.headers
+    assert "x-api-key" not in received.headers and "anthropic-version" not in received.headers
+    assert not any(CLIENT_KEY in value for value in received.headers.values())
+
+
+# ---------------------------------------------------------------------------
+# Response translation through the SDK, streaming and not
+# ---------------------------------------------------------------------------
+
+OPENAI_DEEPSEEK_USAGE = {
+    "prompt_tokens": 500,
+    "completion_tokens": 30,
+    "total_tokens": 530,
+    "prompt_cache_hit_tokens": 300,
+    "prompt_cache_miss_tokens": 200,
+    "completion_tokens_details": {"reasoning_tokens": 12},
+}
+OPENAI_DEEPSEEK_USAGE_ANTHROPIC = {
+    "input_tokens": 200,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 300,
+    "output_tokens": 30,
+}
+OPENAI_ROLE = openai_chunk({"role": "assistant", "content": "", "refusal": None})
+
+
+@dataclass(frozen=True)
+class OpenAIScenario:
+    model: str
+    chunks: list[dict]
+    content: list[dict]  # the expected Anthropic blocks; a proxy signature shows as "terraphim:<flavor>"
+    stop_reason: str
+    usage: dict | None = None
+    stream_only: bool = False  # the chunks have no exact non-streaming equivalent
+
+    @property
+    def flavor(self) -> str:
+        return self.model.split(",", 1)[0]
+
+
+def openai_tool_block(call_id: str, name: str, tool_input: dict) -> dict:
+    return {"type": "tool_use", "id": f"toolu_{call_id}", "name": name, "input": tool_input}
+
+
+def openai_text_block(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def openai_split_args(index: int, call_id: str, name: str, arguments: str, size: int) -> list[dict]:
+    """A call whose name comes alone and whose arguments arrive `size` characters per chunk."""
+    first = openai_chunk(openai_tools_delta(openai_call(index, call_id, name, "")))
+    rest = [arguments[i : i + size] for i in range(0, len(arguments), size)]
+    return [first] + [openai_chunk(openai_tools_delta(openai_call(index, args=part))) for part in rest]
+
+
+OPENAI_WRITE_ARGS = {"file_path": "/tmp/é.txt", "content": 'line "one"\nline \\two\\ 👋'}
+
+OPENAI_SCENARIOS = {
+    "text_with_trailing_usage_chunk": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk({"content": "Hello"}),
+            openai_chunk({"content": ", world"}),
+            openai_chunk({}, "stop"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ],
+        [openai_text_block("Hello, world")],
+        "end_turn",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "deepseek_reasoning_then_text": OpenAIScenario(
+        "deepseek,deepseek-reasoner",
+        [
+            openai_chunk({"role": "assistant", "content": None, "reasoning_content": ""}),
+            openai_chunk({"reasoning_content": "The user"}),
+            openai_chunk({"reasoning_content": " wants a greeting."}),
+            openai_chunk({"content": "Hi!"}),
+            openai_chunk({}, "stop"),
+            openai_chunk(usage=OPENAI_DEEPSEEK_USAGE),
+        ],
+        [
+            {"type": "thinking", "thinking": "The user wants a greeting.", "signature": "terraphim:deepseek"},
+            openai_text_block("Hi!"),
+        ],
+        "end_turn",
+        OPENAI_DEEPSEEK_USAGE_ANTHROPIC,
+    ),
+    "openrouter_reasoning_then_text": OpenAIScenario(
+        "openrouter,openai/gpt-5",
+        [
+            OPENAI_ROLE,
+            openai_chunk({"reasoning": "Thinking"}),
+            openai_chunk({"reasoning": " more."}),
+            openai_chunk({"content": "Answer."}),
+            openai_chunk({}, "stop"),
+            openai_chunk(
+                usage={
+                    "prompt_tokens": 120,
+                    "completion_tokens": 15,
+                    "total_tokens": 135,
+                    "prompt_tokens_details": {"cached_tokens": 100},
+                    "cost": 0.0001,
+                }
+            ),
+        ],
+        [
+            {"type": "thinking", "thinking": "Thinking more.", "signature": "terraphim:openrouter"},
+            openai_text_block("Answer."),
+        ],
+        "end_turn",
+        {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 100, "output_tokens": 15},
+    ),
+    "tool_call_with_finish_stop": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk({"content": "Let me look."}),
+            openai_chunk(openai_tools_delta(openai_call(0, "call_ls", "Bash", '{"command": "ls"}'))),
+            openai_chunk({}, "stop"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ],
+        [openai_text_block("Let me look."), openai_tool_block("call_ls", "Bash", {"command": "ls"})],
+        "tool_use",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "parallel_calls_args_split_and_with_name": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            *openai_split_args(0, "call_w", "Write", json.dumps(OPENAI_WRITE_ARGS, ensure_ascii=False), 3),
+            openai_chunk(openai_tools_delta(openai_call(1, "call_g", "Grep", '{"pattern": "TODO"}'))),
+            openai_chunk({}, "tool_calls"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ],
+        [
+            openai_tool_block("call_w", "Write", OPENAI_WRITE_ARGS),
+            openai_tool_block("call_g", "Grep", {"pattern": "TODO"}),
+        ],
+        "tool_use",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "two_calls_in_one_chunk": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk(
+                openai_tools_delta(
+                    openai_call(0, "call_a", "Bash", '{"command": "ls"}'),
+                    openai_call(1, "call_b", "Bash", '{"command": "pwd"}'),
+                )
+            ),
+            openai_chunk({}, "tool_calls", usage=OPENAI_USAGE),
+        ],
+        [
+            openai_tool_block("call_a", "Bash", {"command": "ls"}),
+            openai_tool_block("call_b", "Bash", {"command": "pwd"}),
+        ],
+        "tool_use",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "length_is_max_tokens": OpenAIScenario(
+        "openai,gpt-4o",
+        [OPENAI_ROLE, openai_chunk({"content": "Once upon a"}), openai_chunk({}, "length", usage=OPENAI_USAGE)],
+        [openai_text_block("Once upon a")],
+        "max_tokens",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "truncated_arguments_repaired": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            *openai_split_args(0, "call_t", "Write", '{"file_path": "/tmp/x", "content": "ab', 7),
+            openai_chunk({}, "length"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ],
+        [openai_tool_block("call_t", "Write", {"file_path": "/tmp/x", "content": "ab"})],
+        "tool_use",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "content_filter_is_refusal": OpenAIScenario(
+        "openai,gpt-4o",
+        [OPENAI_ROLE, openai_chunk({"content": "I"}), openai_chunk({}, "content_filter", usage=OPENAI_USAGE)],
+        [openai_text_block("I")],
+        "refusal",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "refusal_field_is_refusal": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk({"refusal": "I can't help"}),
+            openai_chunk({"refusal": " with that."}),
+            openai_chunk({}, "stop"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ],
+        [openai_text_block("I can't help with that.")],
+        "refusal",
+        OPENAI_USAGE_ANTHROPIC,
+    ),
+    "no_usage_reported_is_estimated": OpenAIScenario(
+        "openai,gpt-4o",
+        [OPENAI_ROLE, openai_chunk({"content": "No usage from this server."}), openai_chunk({}, "stop")],
+        [openai_text_block("No usage from this server.")],
+        "end_turn",
+    ),
+    "text_tool_text": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk({"content": "Checking."}),
+            openai_chunk(openai_tools_delta(openai_call(0, "call_c", "Bash", '{"command": "make"}'))),
+            openai_chunk({"content": "Started it."}),
+            openai_chunk({}, "tool_calls"),
+        ],
+        [
+            openai_text_block("Checking."),
+            openai_tool_block("call_c", "Bash", {"command": "make"}),
+            openai_text_block("Started it."),
+        ],
+        "tool_use",
+        stream_only=True,
+    ),
+    "interleaved_calls_keyed_by_index": OpenAIScenario(
+        "openai,gpt-4o",
+        [
+            OPENAI_ROLE,
+            openai_chunk(openai_tools_delta(openai_call(0, "call_x", "Read", ""))),
+            openai_chunk(openai_tools_delta(openai_call(1, "call_y", "Read", ""))),
+            openai_chunk(
+                openai_tools_delta(openai_call(0, args='{"file_path": '), openai_call(1, args='{"file_path": '))
+            ),
+            openai_chunk(openai_tools_delta(openai_call(1, args='"b"}'))),
+            openai_chunk(openai_tools_delta(openai_call(0, args='"a"}'))),
+            openai_chunk({}, "tool_calls"),
+        ],
+        [
+            openai_tool_block("call_x", "Read", {"file_path": "a"}),
+            openai_tool_block("call_y", "Read", {"file_path": "b"}),
+        ],
+        "tool_use",
+        stream_only=True,
+    ),
+    "index_reused_keyed_by_id": OpenAIScenario(
+        "openrouter,google/gemini-2.5-pro",
+        [
+            OPENAI_ROLE,
+            openai_chunk(openai_tools_delta(openai_call(0, "call_p", "Read", '{"file_path": "p"}'))),
+            openai_chunk(openai_tools_delta(openai_call(0, "call_q", "Read", '{"file_path": '))),
+            openai_chunk(openai_tools_delta(openai_call(0, args='"q"}'))),
+            openai_chunk({}, "stop"),
+        ],
+        [
+            openai_tool_block("call_p", "Read", {"file_path": "p"}),
+            openai_tool_block("call_q", "Read", {"file_path": "q"}),
+        ],
+        "tool_use",
+        stream_only=True,
+    ),
+    "one_character_per_chunk": OpenAIScenario(
+        "deepseek,deepseek-chat",
+        [
+            OPENAI_ROLE,
+            *openai_split_args(0, "call_1", "Write", json.dumps(OPENAI_WRITE_ARGS), 1),
+            openai_chunk({}, "tool_calls", usage=OPENAI_DEEPSEEK_USAGE),
+        ],
+        [openai_tool_block("call_1", "Write", OPENAI_WRITE_ARGS)],
+        "tool_use",
+        OPENAI_DEEPSEEK_USAGE_ANTHROPIC,
+    ),
+    "reasoning_then_tool": OpenAIScenario(
+        "deepseek,deepseek-reasoner",
+        [
+            openai_chunk({"role": "assistant", "content": None, "reasoning_content": "List first."}),
+            openai_chunk(openai_tools_delta(openai_call(0, "call_r", "Bash", '{"command": "ls"}'))),
+            openai_chunk({}, "tool_calls"),
+            openai_chunk(usage=OPENAI_DEEPSEEK_USAGE),
+        ],
+        [
+            {"type": "thinking", "thinking": "List first.", "signature": "terraphim:deepseek"},
+            openai_tool_block("call_r", "Bash", {"command": "ls"}),
+        ],
+        "tool_use",
+        OPENAI_DEEPSEEK_USAGE_ANTHROPIC,
+    ),
+}
+OPENAI_SCENARIO_PARAMS = [
+    pytest.param(name, stream, id=f"{name}-{'stream' if stream else 'json'}")
+    for name, scenario in OPENAI_SCENARIOS.items()
+    for stream in (True, False)
+    if stream or not scenario.stream_only
+]
+
+
+@pytest.mark.parametrize(("name", "stream"), OPENAI_SCENARIO_PARAMS)
+async def test_openai_response_translation(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, name: str, stream: bool
+) -> None:
+    scenario = OPENAI_SCENARIOS[name]
+    openai_upstream.answer = lambda received: openai_reply_for(received, scenario.chunks)
+    message = await openai_send(openai_sdk, openai_body(scenario.model, stream=stream), stream)
+    assert openai_blocks(message, scenario.flavor) == scenario.content
+    assert message.stop_reason == scenario.stop_reason
+    assert message.role == "assistant" and message.type == "message"
+    assert re.fullmatch(r"msg_[A-Za-z0-9]{24}", message.id), message.id
+    assert message.model == scenario.model  # the model the client asked for, not the upstream's
+    if scenario.usage:
+        assert openai_usage(message) == scenario.usage
+    else:
+        assert message.usage.output_tokens > 0 and message.usage.input_tokens > 0
+
+
+# ---------------------------------------------------------------------------
+# SSE framing from upstream: comments, keep-alives, CRLF, frames split across TCP writes
+# ---------------------------------------------------------------------------
+
+OPENAI_FRAMING_CHUNKS = [
+    OPENAI_ROLE,
+    openai_chunk({"content": "Hi "}),
+    openai_chunk({"content": "wörld 👋 "}),
+    *openai_split_args(0, "call_f", "Bash", '{"command": "echo é"}', 9),
+    openai_chunk({}, "tool_calls"),
+    openai_chunk(usage=OPENAI_USAGE),
+]
+OPENAI_FRAMING_CONTENT = [
+    openai_text_block("Hi wörld 👋 "),
+    openai_tool_block("call_f", "Bash", {"command": "echo é"}),
+]
+
+
+def openai_framed(newline: str = "\n", prefix: str = "data: ", comments: bool = False) -> bytes:
+    frames = openai_sse(OPENAI_FRAMING_CHUNKS, "gpt-4o", newline=newline, prefix=prefix)
+    if comments:
+        keepalive = f": keep-alive{newline}{newline}".encode()
+        processing = f": OPENROUTER PROCESSING{newline}{newline}".encode()
+        note = f": a comment line inside a frame{newline}".encode()
+        frames = [keepalive + processing + note + frame for frame in frames]
+    return b"".join(frames)
+
+
+@pytest.mark.parametrize(
+    ("raw", "piece"),
+    [
+        pytest.param(openai_framed(), 0, id="lf"),
+        pytest.param(openai_framed(prefix="data:"), 0, id="no_space_after_colon"),
+        pytest.param(openai_framed("\r\n"), 0, id="crlf"),
+        pytest.param(openai_framed("\r"), 0, id="cr"),
+        pytest.param(openai_framed(comments=True), 0, id="comments_and_keepalives"),
+        pytest.param(openai_framed("\r\n", comments=True), 0, id="crlf_comments"),
+        pytest.param(openai_framed("\r\n"), 1, id="crlf_one_byte_per_write"),
+        pytest.param(openai_framed(), 5, id="five_bytes_per_write"),
+        pytest.param(b"".join(openai_sse(OPENAI_FRAMING_CHUNKS, "gpt-4o", done=False)), 0, id="eof_after_finish"),
+    ],
+)
+async def test_openai_stream_framing(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, raw: bytes, piece: int
+) -> None:
+    writes = [raw[i : i + piece] for i in range(0, len(raw), piece)] if piece else [raw]
+    openai_upstream.reply_with(OpenAIReply(raw=writes))
+    message = await openai_send(openai_sdk, openai_body("openai,gpt-4o", stream=True), stream=True)
+    assert openai_blocks(message, "openai") == OPENAI_FRAMING_CONTENT
+    assert message.stop_reason == "tool_use"
+    assert openai_usage(message) == OPENAI_USAGE_ANTHROPIC
+
+
+def openai_cut(frame: bytes, where: str) -> int:
+    """Where to split the third frame: inside its JSON, a UTF-8 character, a CRLF or the `data:` prefix."""
+    if where == "inside_json":
+        return frame.index(b'"content"') + 4
+    if where == "inside_utf8_character":
+        return frame.index("👋".encode()) + 2
+    if where == "between_cr_and_lf":
+        return frame.index(b"\r\n") + 1
+    return 2  # inside the data prefix
+
+
+@pytest.mark.parametrize("where", ["inside_json", "inside_utf8_character", "between_cr_and_lf", "inside_data_prefix"])
+async def test_openai_frame_split_across_tcp_writes(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, where: str
+) -> None:
+    """The first write holds two whole frames and part of the third; the rest goes out only after the client
+    has seen the first text, so the proxy certainly read the third frame in two parts."""
+    frames = openai_sse(OPENAI_FRAMING_CHUNKS, "gpt-4o", newline="\r\n" if where == "between_cr_and_lf" else "\n")
+    cut = openai_cut(frames[2], where)
+    first, rest = b"".join(frames[:2]) + frames[2][:cut], frames[2][cut:] + b"".join(frames[3:])
+    openai_upstream.reply_with(OpenAIReply(raw=[first, rest[:3], rest[3:]], hold_at=1))
+    seen_before_release: list[str] = []
+
+    async def run() -> anthropic.types.Message:
+        async with openai_sdk.messages.stream(**openai_sdk_args(openai_body("openai,gpt-4o"))) as events:
+            async for event in events:
+                if event.type == "text" and not openai_upstream.release.is_set():
+                    seen_before_release.append(event.text)
+                    openai_upstream.release.set()
+            return await events.get_final_message()
+
+    message = await asyncio.wait_for(run(), TIMEOUT_S)
+    assert seen_before_release == ["Hi "]
+    assert openai_blocks(message, "openai") == OPENAI_FRAMING_CONTENT
+    assert message.stop_reason == "tool_use"
+
+
+# ---------------------------------------------------------------------------
+# Ids, and proxy-made thinking on its way to Anthropic
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_openai_tool_id_round_trip(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, stream: bool
+) -> None:
+    chunks = [
+        OPENAI_ROLE,
+        openai_chunk(openai_tools_delta(openai_call(0, "call_Zx9_abc-1", "Bash", '{"command": "ls"}'))),
+        openai_chunk({}, "tool_calls"),
+    ]
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    body = openai_body("openai,gpt-4o", "List files.", tools=[OPENAI_BASH])
+    first = await openai_send(openai_sdk, body, stream)
+    tool = first.content[0]
+    assert tool.type == "tool_use" and tool.id == "toolu_call_Zx9_abc-1"
+
+    openai_upstream.answer = openai_answer_text("Two files.")
+    history = body["messages"] + [
+        {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+        {"role": "user", "content": [tool_result(tool.id, "a.txt\nb.txt")]},
+    ]
+    second = await openai_send(openai_sdk, {**body, "messages": history}, stream)
+    assert second.content[0].text == "Two files."
+    sent = openai_upstream.last.body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["tool_calls"][0]["id"] == "call_Zx9_abc-1"
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_Zx9_abc-1", "content": "a.txt\nb.txt"}
+
+
+async def test_openai_thinking_signature_stripped_before_anthropic(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic
+) -> None:
+    """Turn 1 on DeepSeek yields proxy-signed thinking; turn 2 goes to Anthropic, which must not see it."""
+    chunks = [
+        openai_chunk({"role": "assistant", "content": None, "reasoning_content": "Need the listing."}),
+        openai_chunk(openai_tools_delta(openai_call(0, "call_ds", "Bash", '{"command": "ls"}'))),
+        openai_chunk({}, "tool_calls"),
+    ]
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    genuine = {"type": "thinking", "thinking": "Earlier, on Claude.", "signature": "EqQBCkgIARABGAIiQGenuine=="}
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [genuine, {"type": "text", "text": "Hello."}]},
+        {"role": "user", "content": "List files."},
+    ]
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    body = openai_body("deepseek,deepseek-reasoner", tools=[OPENAI_BASH], thinking=thinking, max_tokens=4096)
+    first = await openai_send(openai_sdk, {**body, "messages": history}, stream=True)
+    assert [block.type for block in first.content] == ["thinking", "tool_use"]
+    assert first.content[0].signature.startswith("terraphim:deepseek:")
+
+    turn1 = [block.model_dump(exclude_none=True) for block in first.content]
+    history += [
+        {"role": "assistant", "content": turn1},
+        {"role": "user", "content": [tool_result(first.content[1].id, "a.txt")]},
+    ]
+    second = await openai_send(openai_sdk, {**body, "model": "anthropic,claude-x", "messages": history}, stream=False)
+    assert second.content[0].text == "anthropic here"
+    sent = openai_upstream.received[-1]
+    assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
+    assert "terraphim:" not in json.dumps(sent.body)
+    assistant_turns = [m["content"] for m in sent.body["messages"] if m["role"] == "assistant"]
+    assert assistant_turns[0] == [genuine, {"type": "text", "text": "Hello."}]
+    assert assistant_turns[1] == [turn1[1]]
+    # the last assistant turn lost its leading thinking block, so thinking must be off for this request
+    assert "thinking" not in sent.body
+
+
+OPENAI_LONG_NAME = "mcp__a_really_long_server_name__and_an_even_longer_tool_name_that_overflows_64"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_openai_long_tool_name_shortened_and_restored(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, stream: bool
+) -> None:
+    def answer(received: Received) -> OpenAIReply:
+        name = received.body["tools"][0]["function"]["name"]
+        call = openai_call(0, "call_mcp", name, '{"command": "x"}')
+        return openai_reply_for(
+            received, [OPENAI_ROLE, openai_chunk(openai_tools_delta(call)), openai_chunk({}, "stop")]
+        )
+
+    openai_upstream.answer = answer
+    body = openai_body("openai,gpt-4o", tools=[{**OPENAI_BASH, "name": OPENAI_LONG_NAME}])
+    first = await openai_send(openai_sdk, body, stream)
+    sent_name = openai_upstream.last.body["tools"][0]["function"]["name"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", sent_name) and sent_name.startswith("mcp__a_really_long")
+    assert [(b.type, b.name, b.input) for b in first.content] == [("tool_use", OPENAI_LONG_NAME, {"command": "x"})]
+    assert first.stop_reason == "tool_use"
+
+    openai_upstream.answer = openai_answer_text("done")
+    history = body["messages"] + [
+        {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+        {"role": "user", "content": [tool_result(first.content[0].id, "x ok")]},
+    ]
+    await openai_send(openai_sdk, {**body, "messages": history}, stream)
+    assert openai_upstream.last.body["messages"][1]["tool_calls"][0]["function"]["name"] == sent_name
+
+
+OPENAI_DETAIL = {"type": "reasoning.text", "text": "Think.", "format": "anthropic-claude-v1", "index": 0}
+OPENAI_SIGNED_DETAIL = {**OPENAI_DETAIL, "signature": "EqQBsigFromOpenRouter=="}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_openai_openrouter_reasoning_details_round_trip(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, stream: bool
+) -> None:
+    """OpenRouter's reasoning_details (with the upstream signature) come back on the assistant turn, verbatim."""
+    chunks = [
+        OPENAI_ROLE,
+        openai_chunk({"reasoning": "Think.", "reasoning_details": [OPENAI_DETAIL]}),
+        openai_chunk(
+            {"reasoning_details": [{"type": "reasoning.text", "signature": "EqQBsigFromOpenRouter==", "index": 0}]}
+        ),
+        openai_chunk({"content": "Done."}),
+        openai_chunk({}, "stop"),
+    ]
+    message = {"content": "Done.", "reasoning": "Think.", "reasoning_details": [OPENAI_SIGNED_DETAIL]}
+    reply = OpenAIReply(chunks=chunks) if stream else OpenAIReply(json=openai_completion(message))
+    openai_upstream.reply_with(reply)
+    body = openai_body("openrouter,anthropic/claude-sonnet-4.5", thinking={"type": "enabled", "budget_tokens": 2000})
+    first = await openai_send(openai_sdk, {**body, "max_tokens": 4000}, stream)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in first.content] == [
+        ("thinking", "Think."),
+        ("text", "Done."),
+    ]
+    assert first.content[0].signature.startswith("terraphim:openrouter:")
+
+    openai_upstream.answer = openai_answer_text("again")
+    history = body["messages"] + [
+        {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+        {"role": "user", "content": "And now?"},
+    ]
+    await openai_send(openai_sdk, {**body, "messages": history, "max_tokens": 4000}, stream)
+    assistant = openai_upstream.last.body["messages"][1]
+    assert assistant["role"] == "assistant" and assistant["content"] == "Done."
+    assert assistant["reasoning_details"] == [OPENAI_SIGNED_DETAIL]
+
+
+async def test_openai_json_answer_to_a_stream_request(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic
+) -> None:
+    """Some OpenAI-compatible servers ignore `stream` and answer with one JSON completion."""
+    openai_upstream.reply_with(OpenAIReply(json=openai_fold(openai_text_chunks("Plain JSON.", OPENAI_USAGE))))
+    message = await openai_send(openai_sdk, openai_body("deepseek,deepseek-chat", stream=True), stream=True)
+    assert openai_upstream.last.body["stream"] is True
+    assert openai_blocks(message, "deepseek") == [openai_text_block("Plain JSON.")]
+    assert message.stop_reason == "end_turn"
+    assert openai_usage(message) == OPENAI_USAGE_ANTHROPIC
+
+
+# ---------------------------------------------------------------------------
+# Failures
+# ---------------------------------------------------------------------------
+
+OPENAI_ERROR_CHUNKS = {
+    "openai_error_object": (
+        openai_error_body("The server had an error while processing your request.", "server_error"),
+        "overloaded_error",
+        "The server had an error",
+    ),
+    "openrouter_error_with_finish_error": (
+        {
+            "error": {"code": 502, "message": "Provider returned error", "metadata": {"provider_name": "X"}},
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+        },
+        "overloaded_error",
+        "Provider returned error",
+    ),
+    "finish_reason_error": (openai_chunk({}, "error"), "api_error", "finish_reason error"),
+    "deepseek_insufficient_resource": (
+        openai_chunk({}, "insufficient_system_resource"),
+        "overloaded_error",
+        "insufficient_system_resource",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPENAI_ERROR_CHUNKS))
+async def test_openai_error_chunk_after_content_is_an_error_event(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    http: aiohttp.ClientSession,
+    openai_proxy_url: str,
+    name: str,
+) -> None:
+    failure, error_type, fragment = OPENAI_ERROR_CHUNKS[name]
+    chunks = [OPENAI_ROLE, openai_chunk({"content": "Partial answer"}), failure]
+    openai_upstream.reply_with(OpenAIReply(chunks=chunks, done=False))
+    body = openai_body("openrouter,openai/gpt-4o", stream=True)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        await openai_send(openai_sdk, body, stream=True)
+    assert raised.value.body["error"]["type"] == error_type
+    assert fragment in raised.value.body["error"]["message"]
+
+    events = (await call(http, f"{openai_proxy_url}/v1/messages?beta=true", body)).events()
+    names = [event for event, _ in events]
+    assert names[-1] == "error" and "message_stop" not in names and "message_delta" not in names
+    assert events[-1][1]["error"]["type"] == error_type
+    assert any(data.get("delta", {}).get("text") == "Partial answer" for _, data in events)
+
+
+OPENAI_CUT_STREAMS = {
+    "text_then_eof": [OPENAI_ROLE, openai_chunk({"content": "Half a sent"})],
+    "tool_args_then_eof": [OPENAI_ROLE, *openai_split_args(0, "call_cut", "Bash", '{"command": "rm -r', 5)],
+    "finish_missing_after_complete_call": [
+        OPENAI_ROLE,
+        openai_chunk(openai_tools_delta(openai_call(0, "call_ok", "Bash", '{"command": "ls"}'))),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(OPENAI_CUT_STREAMS))
+async def test_openai_stream_cut_without_done_or_finish_is_an_error_event(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    http: aiohttp.ClientSession,
+    openai_proxy_url: str,
+    name: str,
+) -> None:
+    openai_upstream.reply_with(OpenAIReply(chunks=OPENAI_CUT_STREAMS[name], done=False))
+    body = openai_body("openai,gpt-4o", stream=True)
+    answer = await call(http, f"{openai_proxy_url}/v1/messages?beta=true", body)
+    names = [event for event, _ in answer.events()]
+    assert names[0] == "message_start" and "content_block_start" in names
+    assert names[-1] == "error" and "message_stop" not in names and "message_delta" not in names
+    with pytest.raises(anthropic.APIStatusError):
+        await openai_send(openai_sdk, body, stream=True)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize(
+    ("reply", "status", "error_type", "fragment"),
+    [
+        pytest.param(
+            openai_error(401, "Incorrect API key provided: sk-op***", "invalid_request_error", "invalid_api_key"),
+            401,
+            "authentication_error",
+            "Incorrect API key provided",
+            id="401",
+        ),
+        pytest.param(
+            openai_error(
+                429, "Rate limit reached for gpt-4o", "requests", "rate_limit_exceeded", **{"retry-after": "7"}
+            ),
+            429,
+            "rate_limit_error",
+            "Rate limit reached",
+            id="429_retry_after",
+        ),
+        pytest.param(
+            openai_error(500, "The server had an error while processing your request.", "server_error"),
+            500,
+            "api_error",
+            "The server had an error",
+            id="500",
+        ),
+        pytest.param(
+            OpenAIReply(
+                400,
+                openai_error_body(
+                    "Unsupported parameter: 'max_tokens' is not supported with this model.",
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                    "max_tokens",
+                ),
+            ),
+            400,
+            "invalid_request_error",
+            "Unsupported parameter: 'max_tokens'",
+            id="400_openai_body",
+        ),
+        pytest.param(
+            openai_error(422, "Invalid body", "invalid_request_error"),
+            400,
+            "invalid_request_error",
+            "Invalid body",
+            id="422",
+        ),
+        pytest.param(
+            openai_error(503, "Service Unavailable", "server_error"),
+            529,
+            "overloaded_error",
+            "Service Unavailable",
+            id="503",
+        ),
+    ],
+)
+async def test_openai_upstream_error_status(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    reply: OpenAIReply,
+    status: int,
+    error_type: str,
+    fragment: str,
+    stream: bool,
+) -> None:
+    openai_upstream.reply_with(reply)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        await openai_send(openai_sdk, openai_body("deepseek,deepseek-chat", stream=stream), stream)
+    error = raised.value
+    assert error.status_code == status
+    assert error.body["type"] == "error" and error.body["error"]["type"] == error_type
+    assert error.body["error"]["message"].startswith(f"deepseek returned HTTP {reply.status}: ")
+    assert fragment in error.body["error"]["message"]
+    assert error.response.headers.get("retry-after") == reply.headers.get("retry-after")
+    assert error.response.headers["request-id"].startswith("req_")
+    assert len(openai_upstream.chat) == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "error_type"),
+    [
+        pytest.param(
+            openai_error_body("Rate limit exceeded", "rate_limit_error", 429), 529, "overloaded_error", id="rate_limit"
+        ),
+        pytest.param(openai_error_body("Context too long", "invalid_request_error"), 502, "api_error", id="invalid"),
+        pytest.param(openai_chunk({}, "error"), 502, "api_error", id="finish_error"),
+        pytest.param(openai_chunk({}, "insufficient_system_resource"), 529, "overloaded_error", id="no_resource"),
+    ],
+)
+async def test_openai_error_chunk_before_content_is_an_http_error(
+    openai_upstream: OpenAIStandIn,
+    http: aiohttp.ClientSession,
+    openai_proxy_url: str,
+    failure: dict,
+    status: int,
+    error_type: str,
+) -> None:
+    openai_upstream.reply_with(OpenAIReply(chunks=[OPENAI_ROLE, openai_chunk({"content": ""}), failure]))
+    answer = await call(
+        http, f"{openai_proxy_url}/v1/messages?beta=true", openai_body("openrouter,openai/gpt-4o", stream=True)
+    )
+    assert answer.status == status, answer.text
+    error = answer.error()
+    assert error["type"] == error_type
+    assert "message_start" not in answer.text
+
+
+async def test_openai_translation_errors_name_the_provider(
+    openai_upstream: OpenAIStandIn, http: aiohttp.ClientSession, openai_proxy_url: str
+) -> None:
+    """Like HTTP status errors ("deepseek returned HTTP 429: ..."), errors found in a 200 answer name the provider."""
+    failure = openai_error_body("Rate limit exceeded", "rate_limit_error", 429)
+    openai_upstream.reply_with(OpenAIReply(chunks=[OPENAI_ROLE, failure]))
+    streamed = await call(
+        http, f"{openai_proxy_url}/v1/messages?beta=true", openai_body("deepseek,deepseek-chat", stream=True)
+    )
+    openai_upstream.reply_with(OpenAIReply(json=failure))
+    whole = await call(http, f"{openai_proxy_url}/v1/messages?beta=true", openai_body("deepseek,deepseek-chat"))
+    for answer in (streamed, whole):
+        assert answer.status == 529, answer.text
+        assert answer.error()["message"].startswith("deepseek"), answer.text
+
+
+@pytest.mark.parametrize("arguments", ['{"command": "ls"}}', "[1, 2]", "not json"])
+async def test_openai_invalid_tool_arguments_are_an_error(
+    openai_upstream: OpenAIStandIn, http: aiohttp.ClientSession, openai_proxy_url: str, arguments: str
+) -> None:
+    chunks = [
+        OPENAI_ROLE,
+        *openai_split_args(0, "call_bad", "Bash", arguments, 4),
+        openai_chunk({}, "tool_calls"),
+    ]
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    answer = await call(http, f"{openai_proxy_url}/v1/messages?beta=true", openai_body("openai,gpt-4o"))
+    assert answer.status == 502, answer.text
+    assert "not a JSON object" in answer.error()["message"]
+
+    events = (
+        await call(http, f"{openai_proxy_url}/v1/messages?beta=true", openai_body("openai,gpt-4o", stream=True))
+    ).events()
+    names = [event for event, _ in events]
+    assert names[-1] == "error" and "message_stop" not in names and "message_delta" not in names
+    assert all(data["content_block"].get("input") == {} for event, data in events if event == "content_block_start")
+
+
+# ---------------------------------------------------------------------------
+# Golden: every Claude Code Messages fixture, as the OpenAI-format upstream receives it
+# ---------------------------------------------------------------------------
+
+
+def openai_as_blocks(content: str | list) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def openai_expected_roles(body: dict) -> list[str]:
+    """The role sequence an OpenAI-style conversation must have: tool messages where tool_results were."""
+    roles = ["system"] if body.get("system") else []
+    for message in body["messages"]:
+        blocks = openai_as_blocks(message["content"])
+        if message["role"] == "user":
+            results = [b for b in blocks if b["type"] == "tool_result"]
+            rest = [b for b in blocks if b["type"] != "tool_result" and (b["type"] != "text" or b["text"])]
+            roles += ["tool"] * len(results) + (["user"] if rest else [])
+        else:
+            roles.append(message["role"])
+    merged: list[str] = []
+    for role in roles:
+        if not (merged and merged[-1] == role and role in ("user", "assistant")):
+            merged.append(role)
+    return merged
+
+
+def openai_fixture_texts(body: dict) -> list[str]:
+    texts = [b["text"] for b in openai_as_blocks(body.get("system") or [])]
+    for message in body["messages"]:
+        for block in openai_as_blocks(message["content"]):
+            if block["type"] == "text":
+                texts.append(block["text"])
+            elif block["type"] == "tool_result":
+                texts += [inner["text"] for inner in openai_as_blocks(block.get("content") or "")]
+    return [text for text in texts if text]
+
+
+def openai_payload_texts(payload: dict) -> str:
+    parts = []
+    for message in payload["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [part["text"] for part in content if part.get("type") == "text"]
+    return "\n".join(parts)
+
+
+def openai_check_pairing(messages: list[dict]) -> None:
+    """Each assistant tool call is answered by one tool message right after it, in order; no stray tool messages."""
+    index = 0
+    while index < len(messages):
+        message = messages[index]
+        assert message["role"] != "tool", f"tool message at {index} answers no call"
+        ids = [call["id"] for call in message.get("tool_calls") or []]
+        answers = messages[index + 1 : index + 1 + len(ids)]
+        assert [m["role"] for m in answers] == ["tool"] * len(ids), (index, ids)
+        assert [m["tool_call_id"] for m in answers] == ids
+        index += 1 + len(ids)
+
+
+@pytest.mark.parametrize(
+    "route", ["openai,gpt-4o", "openrouter,anthropic/claude-sonnet-4.5", "deepseek,deepseek-reasoner"]
+)
+@pytest.mark.parametrize("name", fixture_names("/v1/messages"))
+async def test_openai_claude_code_fixture_golden(
+    openai_upstream: OpenAIStandIn,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    name: str,
+    route: str,
+) -> None:
+    body = load_fixture(name)["body"]
+    proxy_url = await start_proxy(openai_config(openai_upstream.url, default=route))
+    answer = await call(http, f"{proxy_url}/v1/messages?beta=true", body)
+    if body.get("stream"):
+        assert [event for event, _ in answer.events()][-1] == "message_stop"
+    else:
+        assert answer.status == 200 and json.loads(answer.text)["content"] == [{"type": "text", "text": "ok"}]
+
+    payload = openai_upstream.last.body
+    messages = payload["messages"]
+    assert payload["model"] == route.split(",", 1)[1]
+    assert [m["role"] for m in messages] == openai_expected_roles(body)
+    assert messages[0]["role"] == "system"
+    openai_check_pairing(messages)
+    haystack = openai_payload_texts(payload)
+    missing = [text[:60] for text in openai_fixture_texts(body) if text not in haystack]
+    assert missing == []
+    tools = {tool["name"]: tool["input_schema"] for tool in body.get("tools") or []}
+    assert {f["function"]["name"]: f["function"]["parameters"] for f in payload.get("tools") or []} == tools
+    calls = [
+        (call["function"]["name"], json.loads(call["function"]["arguments"]))
+        for m in messages
+        for call in m.get("tool_calls") or []
+    ]
+    uses = [
+        (block["name"], block["input"])
+        for m in body["messages"]
+        for block in openai_as_blocks(m["content"])
+        if block["type"] == "tool_use"
+    ]
+    assert calls == uses
+    thinking = [
+        block["thinking"]
+        for m in body["messages"]
+        for block in openai_as_blocks(m["content"])
+        if block["type"] == "thinking" and block["thinking"]
+    ]
+    reasoning = [m["reasoning_content"] for m in messages if "reasoning_content" in m]
+    if route.startswith("deepseek"):  # thinking mode: every assistant turn carries its reasoning
+        assert len(reasoning) == [m["role"] for m in messages].count("assistant")
+        assert all(any(text in r for r in reasoning) for text in thinking)
+    else:
+        assert reasoning == []
+    marked = '"cache_control"' in json.dumps([body.get("system"), body["messages"]])
+    assert ('"cache_control"' in json.dumps(payload)) is (marked and route.startswith("openrouter,anthropic/"))
+    assert payload.get("stream_options") == ({"include_usage": True} if body.get("stream") else None)
+    for key in ("context_management", "output_config", "metadata"):
+        assert key not in payload
+
+
+# ===========================================================================
+# Ollama (native /api/chat) and Gemini (generateContent)
+# ===========================================================================
+# Each provider has a stand-in that speaks its wire format (Ollama: JSON and NDJSON; Gemini: JSON and SSE),
+# rejects what the real API rejects, answers from a per-test script and records every request. The official
+# `ollama` and `google-genai` clients show that the stand-ins are faithful. Streamed answers pause once, in
+# the middle of their second line or frame, until the client has seen a content delta: that proves the proxy
+# handles a line split across reads.
+
+GEMINI_KEY = "AIzaSy-terraphim-test-key"
+OLLAMA_MODEL = "qwen3:8b"
+GEMINI_MODEL = "gemini-2.5-pro"
+GEMINI3_MODEL = "gemini-3-pro-preview"  # its stand-in insists on thought signatures, as Gemini 3 does
+NATIVE_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
+OLLAMA_KNOWN_MODELS = frozenset({OLLAMA_MODEL})
+GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL})
+NATIVE_PROVIDERS = ["ollama", "gemini"]
+NATIVE_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+GEMINI_SIG = "terraphim:gemini-sig:"
+NATIVE_PIECE = 8  # characters of text per streamed line or frame
+GENAI_WARNINGS = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
+
+
+# ---------------------------------------------------------------------------
+# What a model answers, independent of the wire
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NativeCall:
+    name: str
+    args: dict
+    call_id: str = ""  # Gemini functionCall.id (Gemini 3 sends one; Ollama never does)
+    signature: str = ""  # Gemini thoughtSignature on this part
+
+
+@dataclass(frozen=True)
+class NativeUsage:
+    prompt: int = 812
+    output: int = 57
+    cached: int = 0
+    thoughts: int = 0
+    tool_prompt: int = 0
+
+
+@dataclass(frozen=True)
+class NativeTurn:
+    text: str = ""
+    thinking: str = ""
+    calls: tuple[NativeCall, ...] = ()
+    finish: str = "stop"  # "stop" or "length", else a raw Gemini finishReason
+    text_signature: str = ""  # Gemini thoughtSignature on the first text part
+    blocked: str = ""  # Gemini promptFeedback.blockReason: no candidates at all
+    usage: NativeUsage = field(default_factory=NativeUsage)
+
+
+GEMINI_SIG_TEXT = base64.b64encode(b"turn-1 signature on the text").decode()
+GEMINI_SIG_READ = base64.b64encode(b"turn-1 signature on Read").decode()
+NATIVE_READ_ARGS = {"file_path": "/src/a.py"}
+NATIVE_GLOB_ARGS = {"pattern": "**/*.py", "path": "/src"}
+NATIVE_TEXT_TURN = NativeTurn(
+    text="Hello, wörld ☃ from the stand-in, in pieces.",
+    usage=NativeUsage(prompt=900, output=21, cached=300, thoughts=4, tool_prompt=20),
+)
+NATIVE_CALLS_TURN = NativeTurn(
+    text="Checking both.", calls=(NativeCall("Read", NATIVE_READ_ARGS), NativeCall("Glob", NATIVE_GLOB_ARGS))
+)
+NATIVE_SIGNED_CALLS_TURN = NativeTurn(
+    text="Checking both.",
+    text_signature=GEMINI_SIG_TEXT,
+    calls=(
+        NativeCall("Read", NATIVE_READ_ARGS, "fc_read_1", GEMINI_SIG_READ),
+        NativeCall("Glob", NATIVE_GLOB_ARGS, "fc_glob_2"),
+    ),
+)
+NATIVE_THINK_TURN = NativeTurn(
+    thinking="The user says hi; a short greeting will do.", text="Hi there!", usage=NativeUsage(thoughts=33)
+)
+NATIVE_LENGTH_TURN = NativeTurn(text="This answer is cut off by the tok", finish="length")
+NATIVE_FINAL_TURN = NativeTurn(text="Both look fine.")
+
+
+# ---------------------------------------------------------------------------
+# Wire rendering: Ollama NDJSON / JSON, Gemini SSE / JSON
+# ---------------------------------------------------------------------------
+
+
+def native_json(data: Any, indent: int | None = None) -> bytes:
+    """UTF-8 JSON as both servers send it (raw non-ASCII characters, not \\u escapes)."""
+    return json.dumps(data, ensure_ascii=False, indent=indent).encode()
+
+
+OLLAMA_JSON = "application/json; charset=utf-8"
+OLLAMA_NDJSON = "application/x-ndjson"
+GEMINI_JSON = "application/json; charset=UTF-8"
+GEMINI_SSE = "text/event-stream"
+OLLAMA_DONE = {"stop": "stop", "length": "length"}
+GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
+
+
+def ollama_line(model: str, message: dict, done: bool = False) -> dict:
+    return {
+        "model": model,
+        "created_at": "2026-01-05T10:00:00.123456Z",
+        "message": {"role": "assistant", "content": "", **message},
+        "done": done,
+    }
+
+
+def ollama_final(turn: NativeTurn, model: str, message: dict | None = None) -> dict:
+    counts = {"prompt_eval_count": turn.usage.prompt, "prompt_eval_duration": 3456789}
+    counts |= {"eval_count": turn.usage.output, "eval_duration": 5678901}
+    return {
+        **ollama_line(model, message or {}, done=True),
+        "done_reason": OLLAMA_DONE[turn.finish],
+        "total_duration": 912345678,
+        "load_duration": 1234567,
+        **counts,
+    }
+
+
+def ollama_calls(turn: NativeTurn) -> list[dict]:
+    return [{"function": {"name": call.name, "arguments": call.args}} for call in turn.calls]
+
+
+def ollama_lines(turn: NativeTurn, model: str) -> list[dict]:
+    """Thinking and text in pieces, every tool call in one line (as Ollama sends them), then `done`."""
+    lines = [ollama_line(model, {"thinking": piece}) for piece in pieces(turn.thinking, NATIVE_PIECE)]
+    lines += [ollama_line(model, {"content": piece}) for piece in pieces(turn.text, NATIVE_PIECE)]
+    if turn.calls:
+        lines.append(ollama_line(model, {"tool_calls": ollama_calls(turn)}))
+    return [*lines, ollama_final(turn, model)]
+
+
+def ollama_whole(turn: NativeTurn, model: str) -> dict:
+    message: dict = {"content": turn.text}
+    if turn.thinking:
+        message["thinking"] = turn.thinking
+    if turn.calls:
+        message["tool_calls"] = ollama_calls(turn)
+    return ollama_final(turn, model, message)
+
+
+def gemini_parts(turn: NativeTurn, split: bool) -> list[dict]:
+    cut = functools.partial(pieces, size=NATIVE_PIECE) if split else (lambda text: [text] if text else [])
+    parts = [{"text": piece, "thought": True} for piece in cut(turn.thinking)]
+    texts = [{"text": piece} for piece in cut(turn.text)]
+    if texts and turn.text_signature:
+        texts[0]["thoughtSignature"] = turn.text_signature
+    parts += texts
+    for call in turn.calls:
+        function_call = {"name": call.name, "args": call.args} | ({"id": call.call_id} if call.call_id else {})
+        parts.append({"functionCall": function_call} | ({"thoughtSignature": call.signature} if call.signature else {}))
+    return parts
+
+
+def gemini_usage_metadata(usage: NativeUsage, final: bool) -> dict:
+    details = {"promptTokensDetails": [{"modality": "TEXT", "tokenCount": usage.prompt}]}
+    if not final:
+        return {"promptTokenCount": usage.prompt, "totalTokenCount": usage.prompt, **details}
+    optional = {
+        "cachedContentTokenCount": usage.cached,
+        "thoughtsTokenCount": usage.thoughts,
+        "toolUsePromptTokenCount": usage.tool_prompt,
+    }
+    total = usage.prompt + usage.output + usage.thoughts + usage.tool_prompt
+    return {
+        "promptTokenCount": usage.prompt,
+        "candidatesTokenCount": usage.output,
+        "totalTokenCount": total,
+        **{key: value for key, value in optional.items() if value},
+        **details,
+    }
+
+
+def gemini_response(model: str, candidate: dict | None, usage: dict) -> dict:
+    head = {"candidates": [candidate]} if candidate else {}
+    return {**head, "usageMetadata": usage, "modelVersion": model, "responseId": "mO8aaZ-3BqKvz7IP5pmx0Qc"}
+
+
+def gemini_candidate(parts: list[dict], finish: str | None = None) -> dict:
+    candidate: dict = {"content": {"parts": parts, "role": "model"}} if parts else {}
+    if finish:
+        candidate["finishReason"] = finish
+    if finish and finish not in GEMINI_FINISH.values():
+        candidate["safetyRatings"] = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}]
+    return {**candidate, "index": 0}
+
+
+def gemini_blocked(turn: NativeTurn, model: str) -> dict:
+    feedback = {"blockReason": turn.blocked, "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT"}]}
+    return {"promptFeedback": feedback, **gemini_response(model, None, gemini_usage_metadata(turn.usage, True))}
+
+
+def gemini_chunks(turn: NativeTurn, model: str) -> list[dict]:
+    """One part per chunk (function calls whole), then a chunk with the finishReason and the full usage."""
+    if turn.blocked:
+        return [gemini_blocked(turn, model)]
+    early = gemini_usage_metadata(turn.usage, final=False)
+    chunks = [gemini_response(model, gemini_candidate([part]), early) for part in gemini_parts(turn, split=True)]
+    finish = GEMINI_FINISH.get(turn.finish, turn.finish)
+    last_parts = [{"text": ""}] if finish in GEMINI_FINISH.values() else []
+    final = gemini_response(model, gemini_candidate(last_parts, finish), gemini_usage_metadata(turn.usage, True))
+    return [*chunks, final]
+
+
+def gemini_whole(turn: NativeTurn, model: str) -> dict:
+    if turn.blocked:
+        return gemini_blocked(turn, model)
+    finish = GEMINI_FINISH.get(turn.finish, turn.finish)
+    candidate = gemini_candidate(gemini_parts(turn, split=False), finish)
+    return gemini_response(model, candidate, gemini_usage_metadata(turn.usage, True))
+
+
+def ollama_event(data: dict) -> bytes:
+    return native_json(data) + b"\n"
+
+
+def gemini_event(data: dict) -> bytes:
+    return b"data: " + native_json(data) + b"\r\n\r\n"
+
+
+# ---------------------------------------------------------------------------
+# The stand-ins
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class NativeReply:
+    """A scripted answer: a whole body, or a streamed one (`segments`; None marks a pause until `release`)."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = OLLAMA_JSON
+    segments: list[bytes | None] | None = None
+    reset: bool = False  # drop the connection at the end instead of finishing the body
+
+
+def native_split_point(event: bytes) -> int:
+    """Where to pause inside an event: inside its first multi-byte character, else before its last byte."""
+    high = next((i for i, byte in enumerate(event) if byte >= 0x80), None)
+    return high + 1 if high is not None else len(event) - 1
+
+
+def native_stream_reply(events: list[bytes], content_type: str, reset: bool = False) -> NativeReply:
+    """The events as one streamed body that pauses in the middle of the second event."""
+    data = b"".join(events)
+    segments: list[bytes | None] = [data]
+    if len(events) >= 2:
+        at = len(events[0]) + native_split_point(events[1])
+        segments = [data[:at], None, data[at:]]
+    return NativeReply(content_type=content_type, segments=segments, reset=reset)
+
+
+GEMINI_PATH = re.compile(r"/v1beta/models/([^/:]+):(generateContent|streamGenerateContent)")
+
+
+def gemini_target(path: str) -> tuple[str, str]:
+    match = GEMINI_PATH.fullmatch(path)
+    assert match, path
+    return match.group(1), match.group(2)
+
+
+def native_events(provider: str, received: Received, turn: NativeTurn) -> list[bytes]:
+    if provider == "ollama":
+        return [ollama_event(line) for line in ollama_lines(turn, received.body["model"])]
+    return [gemini_event(chunk) for chunk in gemini_chunks(turn, gemini_target(received.path)[0])]
+
+
+def native_error_event(provider: str, message: str) -> bytes:
+    if provider == "ollama":
+        return ollama_event({"error": message})
+    return gemini_event({"error": {"code": 503, "message": message, "status": "UNAVAILABLE"}})
+
+
+def native_is_stream(provider: str, received: Received) -> bool:
+    if provider == "ollama":
+        return received.body.get("stream", True) is not False  # Ollama streams unless told not to
+    return gemini_target(received.path)[1] == "streamGenerateContent"
+
+
+def native_reply(provider: str, received: Received, turn: NativeTurn, cut: str = "") -> NativeReply:
+    """Answer `turn` in the provider's wire format; `cut` breaks it (see NATIVE_CUTS)."""
+    if not native_is_stream(provider, received):
+        if provider == "ollama":
+            return NativeReply(body=native_json(ollama_whole(turn, received.body["model"])), reset=cut == "reset")
+        body = native_json(gemini_whole(turn, gemini_target(received.path)[0]), indent=2)
+        return NativeReply(body=body, content_type=GEMINI_JSON, reset=cut == "reset")
+    events = native_events(provider, received, turn)
+    if provider == "gemini" and received.query.get("alt") != "sse":  # without alt=sse: one JSON array
+        chunks = [json.loads(event[6:]) for event in events]
+        return NativeReply(body=native_json(chunks, indent=2), content_type=GEMINI_JSON)
+    error = native_error_event(provider, "upstream went away: unexpected EOF")
+    events = {
+        "": events,
+        "eof": events[:-1],
+        "reset": events[:-1],
+        "empty": [],
+        "error": [*events[:-1], error],
+        "error-first": [error],
+    }[cut]
+    return native_stream_reply(events, OLLAMA_NDJSON if provider == "ollama" else GEMINI_SSE, reset=cut == "reset")
+
+
+def ollama_error(status: int, message: str) -> NativeReply:
+    return NativeReply(status, native_json({"error": message}))
+
+
+def gemini_error(status: int, message: str, code: str) -> NativeReply:
+    body = native_json({"error": {"code": status, "message": message, "status": code}}, indent=2)
+    return NativeReply(status, body, GEMINI_JSON)
+
+
+def ollama_check(received: Received) -> NativeReply | None:
+    """What Ollama refuses: unknown paths and models, string tool arguments, bad base64 images."""
+    if (received.method, received.path) != ("POST", "/api/chat"):
+        return NativeReply(404, b"404 page not found", "text/plain")
+    body = received.body
+    if not isinstance(body, dict) or not body.get("model"):
+        return ollama_error(400, "model is required")
+    if body["model"] not in OLLAMA_KNOWN_MODELS:
+        return ollama_error(404, f'model "{body["model"]}" not found, try pulling it first')
+    for message in body.get("messages") or ():
+        if message.get("role") not in ("system", "user", "assistant", "tool"):
+            return ollama_error(400, f"invalid role: {message.get('role')}")
+        for call in message.get("tool_calls") or ():
+            if not isinstance(call.get("function", {}).get("arguments"), dict):
+                return ollama_error(
+                    400,
+                    "json: cannot unmarshal string into Go struct field ToolCallFunction.messages.tool_calls."
+                    "function.arguments of type api.ToolCallFunctionArguments",
+                )
+        for image in message.get("images") or ():
+            try:
+                base64.b64decode(image, validate=True)
+            except ValueError:
+                return ollama_error(400, "illegal base64 data at input byte 0")
+    return None
+
+
+GEMINI_SCHEMA_ALLOWED = frozenset(  # the issue's list of the keys Gemini's `parameters` accepts
+    {"type", "format", "description", "nullable", "enum", "items", "properties", "required", "minItems"}
+    | {"maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minimum", "maximum", "pattern"}
+    | {"anyOf", "title"}
+)
+GEMINI_TYPES = frozenset({"STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT"})
+
+
+def gemini_camel(name: str) -> str:
+    """Protobuf JSON accepts a field's snake_case name as well as its camelCase one (google-genai sends the former)."""
+    return re.sub(r"_([a-z])", lambda match: match.group(1).upper(), name)
+
+
+def gemini_schema_problems(schema: Any, at: str) -> list[str]:
+    """Why Gemini would reject a `parameters` schema (in its own words), recursively; [] when it is fine."""
+    if not isinstance(schema, dict):
+        return [f"Invalid value at '{at}': a schema must be an object"]
+    problems = [
+        f"Invalid JSON payload received. Unknown name \"{key}\" at '{at}': Cannot find field."
+        for key in schema
+        if gemini_camel(key) not in GEMINI_SCHEMA_ALLOWED
+    ]
+    schema = {gemini_camel(key): value for key, value in schema.items()}
+    kind = schema.get("type")
+    if kind is None and "anyOf" not in schema:
+        problems.append(f"* GenerateContentRequest.{at}.type: must be specified")
+    elif kind is not None and (not isinstance(kind, str) or kind.upper() not in GEMINI_TYPES):
+        problems.append(f"Invalid value at '{at}.type': {kind!r}")
+    properties = schema.get("properties")
+    if properties is not None:
+        if not isinstance(properties, dict) or not properties:
+            problems.append(f"* GenerateContentRequest.{at}.properties: should be non-empty for OBJECT type")
+        else:
+            for name, sub in properties.items():
+                problems += gemini_schema_problems(sub, f"{at}.properties[{name}]")
+    for i, name in enumerate(schema.get("required") or ()):
+        if name not in (properties or {}):
+            problems.append(f"* GenerateContentRequest.{at}.required[{i}]: property is not defined")
+    enum = schema.get("enum")
+    if enum is not None and not (isinstance(enum, list) and all(isinstance(value, str) for value in enum)):
+        problems.append(f"Invalid value at '{at}.enum': only strings are allowed")
+    if "items" in schema:
+        problems += gemini_schema_problems(schema["items"], f"{at}.items")
+    for i, variant in enumerate(schema.get("anyOf") or ()):
+        problems += gemini_schema_problems(variant, f"{at}.any_of[{i}]")
+    return problems
+
+
+def gemini_request_problem(body: Any, model: str) -> str | None:
+    """The first reason Gemini would answer 400 INVALID_ARGUMENT, or None."""
+    contents = body.get("contents") if isinstance(body, dict) else None
+    if not contents:
+        return "* GenerateContentRequest.contents: contents is not specified"
+    for i, content in enumerate(contents):
+        if content.get("role") not in ("user", "model"):
+            return "Please use a valid role: user, model."
+        if not content.get("parts"):
+            return f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty."
+    for t, tool in enumerate(body.get("tools") or ()):
+        for d, declaration in enumerate(tool.get("functionDeclarations") or ()):
+            if "parameters" in declaration:
+                problems = gemini_schema_problems(
+                    declaration["parameters"], f"tools[{t}].function_declarations[{d}].parameters"
+                )
+                if problems:
+                    return problems[0]
+    if len((body.get("generationConfig") or {}).get("stopSequences") or ()) > 5:
+        return "* GenerateContentRequest.generation_config.stop_sequences: at most 5 stop sequences are allowed"
+    for previous, content in itertools.pairwise(contents):
+        calls = sum("functionCall" in part for part in previous["parts"]) if previous["role"] == "model" else 0
+        responses = sum("functionResponse" in part for part in content["parts"])
+        if responses and responses != calls:
+            return (
+                "Please ensure that the number of function response parts is equal to the number of function "
+                "call parts of the function call turn."
+            )
+    if model.startswith("gemini-3"):  # the current turn: everything after the last user text
+        starts = [i + 1 for i, c in enumerate(contents) if c["role"] == "user" and any("text" in p for p in c["parts"])]
+        for content in contents[max(starts, default=0) :]:
+            calls = [part for part in content["parts"] if "functionCall" in part]
+            if content["role"] == "model" and calls and "thoughtSignature" not in calls[0]:
+                return (
+                    "Function call is missing a thought_signature in functionCall parts. This is required for "
+                    f"tools to work correctly. Additional data, function call `default_api:"
+                    f"{calls[0]['functionCall']['name']}`. Please refer to "
+                    "https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
+                )
+    return None
+
+
+def gemini_check(received: Received) -> NativeReply | None:
+    """What Gemini refuses: a wrong key, an unknown model, and the request problems above."""
+    match = GEMINI_PATH.fullmatch(received.path)
+    if received.method != "POST" or not match:
+        page = b"<!DOCTYPE html><html lang=en><title>Error 404 (Not Found)!!1</title></html>"
+        return NativeReply(404, page, "text/html; charset=UTF-8")
+    if received.headers.get("x-goog-api-key") != GEMINI_KEY:
+        return gemini_error(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT")
+    model, method = match.groups()
+    if model not in GEMINI_KNOWN_MODELS:
+        text = f"models/{model} is not found for API version v1beta, or is not supported for {method}."
+        return gemini_error(404, text + " Call ListModels to see the list of available models.", "NOT_FOUND")
+    problem = gemini_request_problem(received.body, model)
+    return gemini_error(400, problem, "INVALID_ARGUMENT") if problem else None
+
+
+NATIVE_CHECKS: dict[str, Callable[[Received], NativeReply | None]] = {
+    "ollama": ollama_check,
+    "gemini": gemini_check,
+}
+
+
+class NativeStandIn(StandInServer):
+    """A local Ollama or Gemini API: validates each request and answers from a script."""
+
+    def __init__(self, provider: str) -> None:
+        super().__init__()
+        self.provider = provider
+        self.answer: Callable[[Received], NativeReply] = lambda received: native_reply(
+            provider, received, NativeTurn(text="ok")
+        )
+        self.pause = True  # pause streams mid-event until `release` (clients that cannot release set it False)
+
+    def script(self, turn: NativeTurn, cut: str = "") -> None:
+        self.answer = lambda received: native_reply(self.provider, received, turn, cut)
+
+    async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
+        reply = NATIVE_CHECKS[self.provider](received) or self.answer(received)
+        if reply.segments is None and not reply.reset:
+            return web.Response(status=reply.status, body=reply.body, headers={"content-type": reply.content_type})
+        self.release.clear()
+        response = web.StreamResponse(status=reply.status, headers={"content-type": reply.content_type})
+        segments = reply.segments
+        if segments is None:  # a whole body cut short: its full length announced, half of it sent
+            response.content_length = len(reply.body)
+            segments = [reply.body[: len(reply.body) // 2]]
+        await response.prepare(request)
+        for segment in segments:
+            if segment is None:
+                if self.pause:
+                    await self.release.wait()
+            else:
+                await response.write(segment)
+        if reply.reset:
+            assert request.transport is not None
+            request.transport.close()
+        else:
+            await response.write_eof()
+        return response
+
+
+# ---------------------------------------------------------------------------
+# The proxy in front of a stand-in, and the anthropic SDK in front of the proxy
+# ---------------------------------------------------------------------------
+
+
+def native_config(provider: str, url: str, model: str, **extra: Any) -> terraphim_proxy.Config:
+    """One provider at the stand-in, routed by default, no retries; `extra` adds or overrides provider keys."""
+    entry: dict[str, Any] = {"name": provider, "type": provider, "api_base_url": url, "retries": 0}
+    if provider == "gemini":
+        entry |= {"api_base_url": f"{url}/v1beta", "api_key": "${GEMINI_API_KEY}"}
+    data = {"router": {"default": f"{provider},{model}"}, "providers": [{**entry, **extra}]}
+    return build_config(data, environ={"GEMINI_API_KEY": GEMINI_KEY})
+
+
+class NativeEnv:
+    """A stand-in, the proxy routing to it, and an anthropic SDK client of the proxy."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.model = NATIVE_MODELS[provider]
+        self.stand_in = NativeStandIn(provider)
+        self.runners: list[web.AppRunner] = []
+        self.clients: list[anthropic.AsyncAnthropic] = []
+        self.url = ""
+
+    async def start(self) -> None:
+        await self.stand_in.start()
+        await self.connect()
+
+    async def start_proxy(self, model: str | None = None, **extra: Any) -> str:
+        self.model = model or self.model
+        config = native_config(self.provider, self.stand_in.url, self.model, **extra)
+        self.url = await serve_proxy(config, self.runners)
+        return self.url
+
+    async def connect(self, model: str | None = None, **extra: Any) -> None:
+        """(Re)start the proxy with this model and provider keys; `sdk` then talks to it."""
+        await self.start_proxy(model, **extra)
+        self.sdk = anthropic_client(self.url)
+        self.clients.append(self.sdk)
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            await client.close()
+        self.stand_in.release.set()
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.stand_in.stop()
+
+    async def send(self, stream: bool, **params: Any) -> anthropic.types.Message:
+        """One Messages call through the SDK: create(), or stream() and its accumulated final message."""
+        body = {"model": CLIENT_MODEL, "max_tokens": 256, **params}
+        if not stream:
+            return await self.sdk.messages.create(**body)
+
+        async def consume() -> anthropic.types.Message:
+            async with self.sdk.messages.stream(**body) as events:
+                async for event in events:
+                    if event.type == "content_block_delta":
+                        self.stand_in.release.set()
+                return await events.get_final_message()
+
+        return await asyncio.wait_for(consume(), TIMEOUT_S)
+
+
+@pytest.fixture(params=NATIVE_PROVIDERS)
+async def native(request: pytest.FixtureRequest) -> AsyncIterator[NativeEnv]:
+    env = NativeEnv(request.param)
+    await env.start()
+    yield env
+    await env.stop()
+
+
+def native_history(provider: str, body: dict) -> list[dict]:
+    return body["messages"] if provider == "ollama" else body["contents"]
+
+
+def native_has_results(provider: str, body: dict) -> bool:
+    if provider == "ollama":
+        return any(message["role"] == "tool" for message in body["messages"])
+    return any("functionResponse" in part for content in body["contents"] for part in content["parts"])
+
+
+NATIVE_RANDOM_TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
+NATIVE_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def native_blocks(message: anthropic.types.Message) -> list[dict]:
+    """The content as dicts; random tool ids (checked for shape and uniqueness) read "toolu_<random>"."""
+    blocks = [block.model_dump(exclude_none=True) for block in message.content]
+    ids = [block["id"] for block in blocks if block["type"] == "tool_use"]
+    assert len(set(ids)) == len(ids), ids
+    assert all(NATIVE_SAFE_ID.fullmatch(tool_id) for tool_id in ids), ids
+    for block in blocks:
+        if block["type"] == "tool_use" and NATIVE_RANDOM_TOOL_ID.fullmatch(block["id"]):
+            block["id"] = "toolu_<random>"
+    return blocks
+
+
+def native_proxy_signature(provider: str, thinking: str) -> str:
+    return f"terraphim:{provider}:{hashlib.sha256(thinking.encode()).hexdigest()[:16]}"
+
+
+def native_expected(provider: str, turn: NativeTurn) -> list[dict]:
+    """The Anthropic content a turn should become; Gemini signatures ride on empty thinking blocks."""
+    signed = provider == "gemini"
+    blocks: list[dict] = []
+    if turn.thinking:
+        blocks.append(
+            {
+                "type": "thinking",
+                "thinking": turn.thinking,
+                "signature": native_proxy_signature(provider, turn.thinking),
+            }
+        )
+    if turn.text_signature and signed:
+        blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + turn.text_signature})
+    if turn.text:
+        blocks.append({"type": "text", "text": turn.text})
+    for call in turn.calls:
+        if call.signature and signed:
+            blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + call.signature})
+        tool_id = f"toolu_g_{call.call_id}" if call.call_id and signed else "toolu_<random>"
+        blocks.append({"type": "tool_use", "id": tool_id, "name": call.name, "input": call.args})
+    return blocks
+
+
+def native_usage(provider: str, usage: NativeUsage) -> dict:
+    if provider == "ollama":
+        return {"input_tokens": usage.prompt, "output_tokens": usage.output}
+    return {
+        "input_tokens": usage.prompt - usage.cached + usage.tool_prompt,
+        "output_tokens": usage.output + usage.thoughts,
+        "cache_read_input_tokens": usage.cached,
+    }
+
+
+def native_assert_message(env: NativeEnv, message: anthropic.types.Message, turn: NativeTurn, stop: str) -> None:
+    assert native_blocks(message) == native_expected(env.provider, turn)
+    assert message.stop_reason == stop
+    expected = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    expected |= native_usage(env.provider, turn.usage)
+    assert {key: getattr(message.usage, key) for key in expected} == expected
+
+
+def native_assert_request(env: NativeEnv, stream: bool) -> dict:
+    """The transport of the last upstream request (URL, method, key, stream flag); returns its body."""
+    received = env.stand_in.last
+    assert received.method == "POST"
+    assert received.headers["content-type"].startswith("application/json")
+    assert not any(CLIENT_KEY in value for value in received.headers.values())
+    if env.provider == "ollama":
+        assert (received.path, received.query) == ("/api/chat", {})
+        assert "authorization" not in received.headers  # Ollama needs no key
+        assert received.body["stream"] is stream
+        assert received.body["model"] == env.model
+    else:
+        method = "streamGenerateContent" if stream else "generateContent"
+        assert received.path == f"/v1beta/models/{env.model}:{method}"
+        assert received.query == ({"alt": "sse"} if stream else {})
+        assert received.headers["x-goog-api-key"] == GEMINI_KEY
+        assert "stream" not in received.body
+    return received.body
+
+
+NATIVE_HELLO = [{"role": "user", "content": "Say hello."}]
+NATIVE_READ_TOOL = {
+    "name": "Read",
+    "description": "Read a file from the local filesystem.",
+    "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "file_path": {"type": "string", "description": "The absolute path to the file to read"},
+            "limit": {"type": "integer", "exclusiveMinimum": 0},
+        },
+        "required": ["file_path"],
+        "additionalProperties": False,
+    },
+}
+NATIVE_GLOB_TOOL = {
+    "name": "Glob",
+    "description": "Fast file pattern matching.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "path": {"type": "string"}},
+        "required": ["pattern"],
+    },
+}
+NATIVE_TOOLS = [NATIVE_READ_TOOL, NATIVE_GLOB_TOOL]
+GEMINI_READ_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "file_path": {"type": "string", "description": "The absolute path to the file to read"},
+        "limit": {"type": "integer", "minimum": 0},
+    },
+    "required": ["file_path"],
+}
+NATIVE_EXPECTED_TOOLS = {
+    "ollama": [
+        {
+            "type": "function",
+            "function": {"name": tool["name"], "description": tool["description"], "parameters": tool["input_schema"]},
+        }
+        for tool in NATIVE_TOOLS
+    ],
+    "gemini": [
+        {
+            "functionDeclarations": [
+                {"name": "Read", "description": NATIVE_READ_TOOL["description"], "parameters": GEMINI_READ_PARAMETERS},
+                {
+                    "name": "Glob",
+                    "description": NATIVE_GLOB_TOOL["description"],
+                    "parameters": NATIVE_GLOB_TOOL["input_schema"],
+                },
+            ]
+        }
+    ],
+}
+
+
+# ---------------------------------------------------------------------------
+# Through the proxy with the anthropic SDK, streamed and not
+# ---------------------------------------------------------------------------
+
+
+@NATIVE_STREAM
+async def test_native_text(native: NativeEnv, stream: bool) -> None:
+    native.stand_in.script(NATIVE_TEXT_TURN)
+
+    message = await native.send(stream, messages=NATIVE_HELLO)
+
+    native_assert_message(native, message, NATIVE_TEXT_TURN, "end_turn")
+    body = native_assert_request(native, stream)
+    expected = {
+        "ollama": [{"role": "user", "content": "Say hello."}],
+        "gemini": [{"role": "user", "parts": [{"text": "Say hello."}]}],
+    }
+    assert native_history(native.provider, body) == expected[native.provider]
+
+
+@NATIVE_STREAM
+async def test_native_parallel_tool_calls(native: NativeEnv, stream: bool) -> None:
+    """Two calls in one answer become two tool_use blocks, and stop_reason is tool_use though upstream said stop."""
+    native.stand_in.script(NATIVE_CALLS_TURN)
+
+    message = await native.send(stream, messages=NATIVE_HELLO, tools=NATIVE_TOOLS)
+
+    native_assert_message(native, message, NATIVE_CALLS_TURN, "tool_use")
+    assert native_assert_request(native, stream)["tools"] == NATIVE_EXPECTED_TOOLS[native.provider]
+
+
+def native_round_trip_history(provider: str) -> list[dict]:
+    """What the second request of test_native_tool_result_round_trip must carry upstream."""
+    question = "Check a.py and the src dir."
+    if provider == "ollama":
+        calls = [
+            {"function": {"name": "Read", "arguments": NATIVE_READ_ARGS}},
+            {"function": {"name": "Glob", "arguments": NATIVE_GLOB_ARGS}},
+        ]
+        return [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": calls},
+            {"role": "tool", "content": "print(1)", "tool_name": "Read"},
+            {"role": "tool", "content": "[tool error] no such directory", "tool_name": "Glob"},
+        ]
+    read = {
+        "functionCall": {"name": "Read", "args": NATIVE_READ_ARGS, "id": "fc_read_1"},
+        "thoughtSignature": GEMINI_SIG_READ,
+    }
+    responses = [
+        {"functionResponse": {"name": "Read", "response": {"result": "print(1)"}, "id": "fc_read_1"}},
+        {"functionResponse": {"name": "Glob", "response": {"error": "no such directory"}, "id": "fc_glob_2"}},
+    ]
+    return [
+        {"role": "user", "parts": [{"text": question}]},
+        {
+            "role": "model",
+            "parts": [
+                {"text": "Checking both.", "thoughtSignature": GEMINI_SIG_TEXT},
+                read,
+                {"functionCall": {"name": "Glob", "args": NATIVE_GLOB_ARGS, "id": "fc_glob_2"}},
+            ],
+        },
+        {"role": "user", "parts": responses},
+    ]
+
+
+@NATIVE_STREAM
+async def test_native_tool_result_round_trip(native: NativeEnv, stream: bool) -> None:
+    """Turn 1's calls (and Gemini's thought signatures) come back upstream in turn 2 with their results."""
+    if native.provider == "gemini":
+        await native.connect(model=GEMINI3_MODEL)  # rejects function calls without their signature
+    provider = native.provider
+    native.stand_in.answer = lambda received: native_reply(
+        provider,
+        received,
+        NATIVE_FINAL_TURN if native_has_results(provider, received.body) else NATIVE_SIGNED_CALLS_TURN,
+    )
+    question = [{"role": "user", "content": "Check a.py and the src dir."}]
+
+    first = await native.send(stream, messages=question, tools=NATIVE_TOOLS)
+    uses = [block for block in first.content if block.type == "tool_use"]
+    results = [
+        {"type": "tool_result", "tool_use_id": uses[0].id, "content": "print(1)"},
+        {
+            "type": "tool_result",
+            "tool_use_id": uses[1].id,
+            "content": [{"type": "text", "text": "no such directory"}],
+            "is_error": True,
+        },
+    ]
+    assistant = {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]}
+    second = await native.send(
+        stream, messages=[*question, assistant, {"role": "user", "content": results}], tools=NATIVE_TOOLS
+    )
+
+    native_assert_message(native, first, NATIVE_SIGNED_CALLS_TURN, "tool_use")
+    native_assert_message(native, second, NATIVE_FINAL_TURN, "end_turn")
+    assert len(native.stand_in.received) == 2
+    body = native_assert_request(native, stream)
+    assert native_history(provider, body) == native_round_trip_history(provider)
+
+
+NATIVE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+NATIVE_JPEG = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAA=="
+
+
+def native_image(media_type: str, data: str) -> dict:
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+NATIVE_IMAGE_MESSAGES = [
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is on screen?"}, native_image("image/png", NATIVE_PNG)],
+    },
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_shot01", "name": "Screenshot", "input": {}}]},
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_shot01",
+                "content": [{"type": "text", "text": "captured"}, native_image("image/jpeg", NATIVE_JPEG)],
+            }
+        ],
+    },
+]
+NATIVE_IMAGE_HISTORY = {
+    "ollama": [
+        {"role": "user", "content": "What is on screen?", "images": [NATIVE_PNG]},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "Screenshot", "arguments": {}}}]},
+        {"role": "tool", "content": "captured", "tool_name": "Screenshot"},
+        {"role": "user", "content": "", "images": [NATIVE_JPEG]},
+    ],
+    "gemini": [
+        {
+            "role": "user",
+            "parts": [{"text": "What is on screen?"}, {"inlineData": {"mimeType": "image/png", "data": NATIVE_PNG}}],
+        },
+        {"role": "model", "parts": [{"functionCall": {"name": "Screenshot", "args": {}}}]},
+        {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"name": "Screenshot", "response": {"result": "captured"}}},
+                {"inlineData": {"mimeType": "image/jpeg", "data": NATIVE_JPEG}},
+            ],
+        },
+    ],
+}
+
+
+@NATIVE_STREAM
+async def test_native_images(native: NativeEnv, stream: bool) -> None:
+    """Images in a user turn and inside a tool result travel inline: Ollama's base64 list, Gemini's inlineData."""
+    turn = NativeTurn(text="A red pixel.")
+    native.stand_in.script(turn)
+
+    message = await native.send(stream, messages=NATIVE_IMAGE_MESSAGES)
+
+    native_assert_message(native, message, turn, "end_turn")
+    assert (
+        native_history(native.provider, native_assert_request(native, stream)) == NATIVE_IMAGE_HISTORY[native.provider]
+    )
+
+
+@NATIVE_STREAM
+async def test_native_thinking(native: NativeEnv, stream: bool) -> None:
+    native.stand_in.script(NATIVE_THINK_TURN)
+
+    message = await native.send(
+        stream, messages=NATIVE_HELLO, max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048}
+    )
+
+    native_assert_message(native, message, NATIVE_THINK_TURN, "end_turn")
+    body = native_assert_request(native, stream)
+    if native.provider == "ollama":
+        assert body["think"] is True
+    else:
+        assert body["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 2048, "includeThoughts": True}
+
+
+@NATIVE_STREAM
+async def test_native_max_tokens(native: NativeEnv, stream: bool) -> None:
+    """The provider's output cap limits max_tokens upstream; a length stop becomes max_tokens."""
+    await native.connect(max_tokens=50)
+    native.stand_in.script(NATIVE_LENGTH_TURN)
+
+    message = await native.send(stream, messages=NATIVE_HELLO, max_tokens=64)
+
+    native_assert_message(native, message, NATIVE_LENGTH_TURN, "max_tokens")
+    body = native_assert_request(native, stream)
+    if native.provider == "ollama":
+        assert body["options"]["num_predict"] == 50
+    else:
+        assert body["generationConfig"]["maxOutputTokens"] == 50
+
+
+@dataclass(frozen=True)
+class NativeFailure:
+    """An upstream failure: reached by routing to `model` / with provider keys `config`, or scripted as `reply`."""
+
+    model: str | None = None
+    config: dict = field(default_factory=dict)
+    reply: NativeReply | None = None
+
+
+def native_failure(name: str, status: int, error_type: str, *fragments: str, **setup: Any) -> Any:
+    return pytest.param(name.split("-")[0], NativeFailure(**setup), status, error_type, fragments, id=name)
+
+
+NATIVE_FAILURES = [
+    native_failure("ollama-missing-model", 404, "not_found_error", "llama9:70b", "pull", model="llama9:70b"),
+    native_failure(
+        "ollama-missing-model-new-wording",
+        404,
+        "not_found_error",
+        "ollama pull qwen3:8b",
+        reply=ollama_error(404, "model 'qwen3:8b' not found"),
+    ),
+    native_failure(
+        "ollama-400",
+        400,
+        "invalid_request_error",
+        "does not support tools",
+        reply=ollama_error(400, "registry.ollama.ai/library/qwen3:8b does not support tools"),
+    ),
+    native_failure(
+        "ollama-500", 500, "api_error", "runner", reply=ollama_error(500, "llama runner process has terminated")
+    ),
+    native_failure(
+        "ollama-503", 529, "overloaded_error", "server busy", reply=ollama_error(503, "server busy, please try again")
+    ),
+    native_failure(
+        "gemini-bad-key", 400, "invalid_request_error", "API key not valid", config={"api_key": "AIza-wrong"}
+    ),
+    native_failure("gemini-404", 404, "not_found_error", "models/gemini-9-ultra is not found", model="gemini-9-ultra"),
+    native_failure(
+        "gemini-403",
+        403,
+        "permission_error",
+        "Permission denied",
+        reply=gemini_error(403, "Permission denied.", "PERMISSION_DENIED"),
+    ),
+    native_failure(
+        "gemini-429",
+        429,
+        "rate_limit_error",
+        "quota",
+        reply=gemini_error(429, "You exceeded your quota.", "RESOURCE_EXHAUSTED"),
+    ),
+    native_failure(
+        "gemini-500", 500, "api_error", "internal", reply=gemini_error(500, "An internal error.", "INTERNAL")
+    ),
+    native_failure(
+        "gemini-503",
+        529,
+        "overloaded_error",
+        "overloaded",
+        reply=gemini_error(503, "The model is overloaded.", "UNAVAILABLE"),
+    ),
+]
+
+
+async def native_error(env: NativeEnv, stream: bool, **params: Any) -> tuple[int, str, str]:
+    """Send a request that must fail: the HTTP status the SDK saw, the Anthropic error type and message."""
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await env.send(stream, **{"messages": NATIVE_HELLO, **params})
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["type"] == "error", body
+    assert "Traceback" not in body["error"]["message"]
+    return caught.value.status_code, body["error"]["type"], body["error"]["message"]
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize(
+    ("native", "failure", "status", "error_type", "fragments"), NATIVE_FAILURES, indirect=["native"]
+)
+async def test_native_upstream_error(
+    native: NativeEnv, stream: bool, failure: NativeFailure, status: int, error_type: str, fragments: tuple[str, ...]
+) -> None:
+    """An upstream error status becomes the Anthropic status and type, naming the provider and keeping its message."""
+    if failure.model or failure.config:
+        await native.connect(model=failure.model, **failure.config)
+    if failure.reply:
+        reply = failure.reply
+        native.stand_in.answer = lambda received: reply
+
+    got_status, got_type, text = await native_error(native, stream)
+
+    assert (got_status, got_type) == (status, error_type), text
+    for fragment in (f"{native.provider} returned HTTP", *fragments):
+        assert fragment in text, text
+    assert len(native.stand_in.received) == 1
+
+
+NATIVE_CUTS = [
+    pytest.param("eof", 200, "closed the stream before", id="closed-after-text"),
+    pytest.param("reset", 200, "stream failed", id="reset-after-text"),
+    pytest.param("empty", 502, "closed the stream before", id="closed-before-content"),
+    pytest.param("error", 200, "upstream went away", id="error-line-after-text"),
+    pytest.param("error-first", 502, "upstream went away", id="error-line-before-content"),
+]
+
+
+@pytest.mark.parametrize(("cut", "status", "fragment"), NATIVE_CUTS)
+async def test_native_truncated_stream(native: NativeEnv, cut: str, status: int, fragment: str) -> None:
+    """A stream that ends before done / finishReason is an error: an error event once content went out (the
+    SSE response's 200), else an HTTP error the client may retry."""
+    native.stand_in.script(NATIVE_TEXT_TURN, cut)
+
+    got_status, error_type, text = await native_error(native, True)
+
+    assert (got_status, error_type) == (status, "api_error"), text
+    assert native.provider in text
+    assert fragment in text
+
+
+async def test_native_truncated_json_body(native: NativeEnv) -> None:
+    native.stand_in.script(NATIVE_TEXT_TURN, "reset")
+
+    status, error_type, text = await native_error(native, False)
+
+    assert (status, error_type) == (502, "api_error"), text
+    assert native.provider in text
+
+
+NATIVE_IMAGE_URL_MESSAGE = {
+    "role": "user",
+    "content": [{"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}],
+}
+NATIVE_REFUSED_BEFORE_UPSTREAM = [
+    pytest.param({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search", id="web-search"),
+    pytest.param({"messages": [NATIVE_IMAGE_URL_MESSAGE]}, "does not fetch image URLs", id="image-url"),
+]
+
+
+@pytest.mark.parametrize(("params", "fragment"), NATIVE_REFUSED_BEFORE_UPSTREAM)
+async def test_native_unsupported_input_is_refused(native: NativeEnv, params: dict, fragment: str) -> None:
+    status, error_type, text = await native_error(native, False, **params)
+
+    assert (status, error_type) == (400, "invalid_request_error")
+    assert fragment in text
+    assert native.stand_in.received == []
+
+
+NATIVE_CONVERSATION: dict[str, Any] = {
+    "max_tokens": 1000,
+    "extra_body": {"temperature": 0.2, "top_p": 0.9, "top_k": 40},  # this SDK has no sampling parameters
+    "stop_sequences": ["</a>", "</b>", "</c>", "</d>", "</e>", "</f>"],
+    "system": [
+        {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Use tools."},
+    ],
+    "tools": NATIVE_TOOLS,
+    "messages": [
+        {"role": "user", "content": "Look at a.py and list the tests."},
+        {"role": "system", "content": "Mid-conversation reminder."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Reading."},
+                {"type": "tool_use", "id": "toolu_01A", "name": "Read", "input": NATIVE_READ_ARGS},
+                {"type": "tool_use", "id": "toolu_01B", "name": "Glob", "input": NATIVE_GLOB_ARGS},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "print(1)"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01B",
+                    "content": [{"type": "text", "text": "none"}],
+                    "is_error": True,
+                },
+                {"type": "text", "text": "Go on."},
+            ],
+        },
+    ],
+}
+NATIVE_SYSTEM = "You are terse.\n\nUse tools.\n\nMid-conversation reminder."
+NATIVE_CONVERSATION_PAYLOADS = {
+    "ollama": {
+        "model": OLLAMA_MODEL,
+        "stream": False,
+        "messages": [
+            {"role": "system", "content": NATIVE_SYSTEM},
+            {"role": "user", "content": "Look at a.py and list the tests."},
+            {
+                "role": "assistant",
+                "content": "Reading.",
+                "tool_calls": [
+                    {"function": {"name": "Read", "arguments": NATIVE_READ_ARGS}},
+                    {"function": {"name": "Glob", "arguments": NATIVE_GLOB_ARGS}},
+                ],
+            },
+            {"role": "tool", "content": "print(1)", "tool_name": "Read"},
+            {"role": "tool", "content": "[tool error] none", "tool_name": "Glob"},
+            {"role": "user", "content": "Go on."},
+        ],
+        "options": {
+            "num_ctx": 32768,
+            "num_predict": 1000,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 40,
+            "stop": ["</a>", "</b>", "</c>", "</d>", "</e>", "</f>"],
+        },
+        "tools": NATIVE_EXPECTED_TOOLS["ollama"],
+    },
+    "gemini": {
+        "systemInstruction": {"parts": [{"text": NATIVE_SYSTEM}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "Look at a.py and list the tests."}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Reading."},
+                    {"functionCall": {"name": "Read", "args": NATIVE_READ_ARGS}},
+                    {"functionCall": {"name": "Glob", "args": NATIVE_GLOB_ARGS}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "Read", "response": {"result": "print(1)"}}},
+                    {"functionResponse": {"name": "Glob", "response": {"error": "none"}}},
+                    {"text": "Go on."},
+                ],
+            },
+        ],
+        "tools": NATIVE_EXPECTED_TOOLS["gemini"],
+        "generationConfig": {
+            "maxOutputTokens": 1000,
+            "temperature": 0.2,
+            "topP": 0.9,
+            "topK": 40,
+            "stopSequences": ["</a>", "</b>", "</c>", "</d>", "</e>"],
+        },
+    },
+}
+
+
+async def test_native_request_translation(native: NativeEnv) -> None:
+    """The whole upstream payload for a conversation with system prompts, tool history, results and sampling."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+
+    message = await native.send(False, **NATIVE_CONVERSATION)
+
+    native_assert_message(native, message, NATIVE_FINAL_TURN, "end_turn")
+    assert native_assert_request(native, False) == NATIVE_CONVERSATION_PAYLOADS[native.provider]
+
+
+def native_fixture_bodies() -> list[Any]:
+    bodies = [(name.removesuffix(".json"), load_fixture(name)["body"]) for name in fixture_names("/v1/messages")]
+    return [pytest.param(body, id=stem) for stem, body in bodies if body.get("tools")]
+
+
+@pytest.mark.parametrize("body", native_fixture_bodies())
+async def test_native_claude_code_fixture_is_accepted(native: NativeEnv, body: dict) -> None:
+    """Real Claude Code requests pass the stand-in's checks; every Gemini tool schema uses only allowed keys."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+
+    answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**body, "stream": False})
+
+    assert answer.content[0].type == "text"
+    sent = native.stand_in.last.body
+    client_tools = [tool for tool in body["tools"] if "input_schema" in tool]
+    if native.provider == "ollama":
+        assert [tool["function"]["name"] for tool in sent["tools"]] == [tool["name"] for tool in client_tools]
+        assert [tool["function"]["parameters"] for tool in sent["tools"]] == [t["input_schema"] for t in client_tools]
+        assert [message["role"] for message in sent["messages"]].count("system") == 1
+        return
+    declarations = sent["tools"][0]["functionDeclarations"]
+    assert [declaration["name"] for declaration in declarations] == [tool["name"] for tool in client_tools]
+    for declaration, tool in zip(declarations, client_tools, strict=True):
+        if tool["input_schema"].get("properties"):
+            assert gemini_schema_problems(declaration["parameters"], declaration["name"]) == []
+        else:
+            assert "parameters" not in declaration
+
+
+GEMINI_TRICKY_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "$defs": {
+        "Point": {
+            "type": "object",
+            "properties": {"x": {"type": "number", "exclusiveMinimum": 0}, "y": {"type": "number"}},
+            "required": ["x", "y"],
+        }
+    },
+    "properties": {
+        "when": {"type": "string", "format": "date-time"},
+        "url": {"type": "string", "format": "uri"},
+        "mode": {"const": "fast"},
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 1},
+        "note": {"type": ["string", "null"]},
+        "where": {"$ref": "#/$defs/Point"},
+        "meta": {
+            "type": "object",
+            "properties": {},
+            "additionalProperties": {"type": "string"},
+            "propertyNames": {"pattern": "^[a-z]+$"},
+        },
+        "choice": {"oneOf": [{"type": "string"}, {"type": "integer", "multipleOf": 2}]},
+    },
+    "required": ["when", "ghost"],
+}
+GEMINI_TRICKY_EXPECTED = {
+    "type": "object",
+    "properties": {
+        "when": {"type": "string", "format": "date-time"},
+        "url": {"type": "string"},
+        "mode": {"type": "string", "enum": ["fast"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "note": {"type": "string", "nullable": True},
+        "where": {
+            "type": "object",
+            "properties": {"x": {"type": "number", "minimum": 0}, "y": {"type": "number"}},
+            "required": ["x", "y"],
+        },
+        "meta": {"type": "object"},
+        "choice": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    },
+    "required": ["when"],
+}
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_schema_is_cleaned_to_the_accepted_subset(native: NativeEnv) -> None:
+    """$ref resolved, type arrays -> nullable, const -> enum, oneOf -> anyOf, unknown keywords dropped."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+    tool = {"name": "Plan", "description": "Plan a trip.", "input_schema": GEMINI_TRICKY_SCHEMA}
+
+    await native.send(False, messages=NATIVE_HELLO, tools=[tool])
+
+    declaration = native.stand_in.last.body["tools"][0]["functionDeclarations"][0]
+    assert declaration == {"name": "Plan", "description": "Plan a trip.", "parameters": GEMINI_TRICKY_EXPECTED}
+
+
+GEMINI_TOOL_CHOICES = [
+    pytest.param({"type": "auto"}, {"mode": "AUTO"}, id="auto"),
+    pytest.param({"type": "any"}, {"mode": "ANY"}, id="any"),
+    pytest.param({"type": "tool", "name": "Glob"}, {"mode": "ANY", "allowedFunctionNames": ["Glob"]}, id="tool"),
+    pytest.param({"type": "none"}, {"mode": "NONE"}, id="none"),
+]
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+@pytest.mark.parametrize(("tool_choice", "expected"), GEMINI_TOOL_CHOICES)
+async def test_gemini_tool_choice(native: NativeEnv, tool_choice: dict, expected: dict) -> None:
+    native.stand_in.script(NATIVE_CALLS_TURN)
+
+    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS, tool_choice=tool_choice)
+
+    assert native.stand_in.last.body["toolConfig"] == {"functionCallingConfig": expected}
+
+
+GEMINI_REFUSALS = [
+    pytest.param(NativeTurn(finish="SAFETY"), "SAFETY", "", id="safety-no-content"),
+    pytest.param(
+        NativeTurn(text="Here are the lyrics: ", finish="RECITATION"),
+        "RECITATION",
+        "Here are",
+        id="recitation-after-text",
+    ),
+    pytest.param(NativeTurn(blocked="PROHIBITED_CONTENT"), "PROHIBITED_CONTENT", "", id="prompt-blocked"),
+]
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+@pytest.mark.parametrize(("turn", "reason", "partial"), GEMINI_REFUSALS)
+async def test_gemini_refusal_is_explained(
+    native: NativeEnv, stream: bool, turn: NativeTurn, reason: str, partial: str
+) -> None:
+    """SAFETY / RECITATION / PROHIBITED_CONTENT end in stop_reason refusal with text that names the reason."""
+    native.stand_in.script(turn)
+
+    message = await native.send(stream, messages=NATIVE_HELLO)
+
+    assert message.stop_reason == "refusal"
+    texts = "".join(block.text for block in message.content if block.type == "text")
+    assert texts.startswith(partial)
+    assert reason in texts, message.content
+    assert message.usage.input_tokens == turn.usage.prompt
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_malformed_function_call_is_an_error(native: NativeEnv, stream: bool) -> None:
+    native.stand_in.script(NativeTurn(finish="MALFORMED_FUNCTION_CALL"))
+
+    status, error_type, text = await native_error(native, stream)
+
+    assert (status, error_type) == (502, "api_error")
+    assert "MALFORMED_FUNCTION_CALL" in text
+
+
+# ---------------------------------------------------------------------------
+# Ollama configuration: base URL, key, num_ctx
+# ---------------------------------------------------------------------------
+
+
+async def test_ollama_defaults_to_local_keyless_server() -> None:
+    config = terraphim_proxy.build_config(
+        {"router": {"default": f"ollama,{OLLAMA_MODEL}"}, "providers": [{"name": "ollama"}]}, "test.toml", environ={}
+    )
+
+    provider = config.providers["ollama"]
+    assert (provider.type, provider.api_base_url, provider.api_key) == ("ollama", "http://127.0.0.1:11434", "")
+    assert provider.enabled
+    assert config.routes["default"] == (terraphim_proxy.Target("ollama", OLLAMA_MODEL),)
+
+
+OLLAMA_NUM_CTX = [
+    pytest.param({}, 32768, id="default"),
+    pytest.param({"num_ctx": 8192}, 8192, id="provider"),
+    pytest.param({"num_ctx": 8192, "model_num_ctx": {OLLAMA_MODEL: 65536}}, 65536, id="model"),
+    pytest.param({"model_num_ctx": {"other:1b": 4096}}, 32768, id="other-model"),
+]
+
+
+@pytest.mark.parametrize("native", ["ollama"], indirect=True)
+@pytest.mark.parametrize(("config", "num_ctx"), OLLAMA_NUM_CTX)
+async def test_ollama_num_ctx(native: NativeEnv, config: dict, num_ctx: int) -> None:
+    await native.connect(**config)
+
+    await native.send(False, messages=NATIVE_HELLO)
+
+    assert native.stand_in.last.body["options"]["num_ctx"] == num_ctx
+
+
+@pytest.mark.parametrize("native", ["ollama"], indirect=True)
+@pytest.mark.parametrize(("num_ctx", "warned"), [(100, True), (100_000, False)], ids=["over", "under"])
+async def test_ollama_warns_when_input_exceeds_num_ctx(
+    native: NativeEnv, caplog: pytest.LogCaptureFixture, num_ctx: int, warned: bool
+) -> None:
+    await native.connect(num_ctx=num_ctx)
+    long_text = "lorem ipsum dolor sit amet " * 60  # about 300 tokens
+
+    with caplog.at_level(logging.WARNING, logger="terraphim_proxy"):
+        message = await native.send(False, messages=[{"role": "user", "content": long_text}])
+
+    assert message.content[0].type == "text"  # the request still goes through
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "num_ctx" in r.getMessage()]
+    assert len(warnings) == int(warned), warnings
+    if warned:
+        counted = int(re.search(r"about (\d+) input tokens", warnings[0]).group(1))
+        assert counted > num_ctx
+        assert f"num_ctx is {num_ctx}" in warnings[0]
+        assert OLLAMA_MODEL in warnings[0]
+
+
+# ---------------------------------------------------------------------------
+# The stand-ins are faithful: the official clients parse everything they send
+# ---------------------------------------------------------------------------
+
+NATIVE_CLIENT_TURNS = [
+    pytest.param(NATIVE_TEXT_TURN, id="text"),
+    pytest.param(NATIVE_SIGNED_CALLS_TURN, id="parallel-calls"),
+    pytest.param(NATIVE_THINK_TURN, id="thinking"),
+    pytest.param(NATIVE_LENGTH_TURN, id="length"),
+]
+
+
+async def native_raw(env: NativeEnv, path: str, body: dict, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    """POST straight to the stand-in: status, content type and the raw body (releasing a paused stream)."""
+    chunks = []
+    timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.post(env.stand_in.url + path, json=body, headers=headers) as response,
+    ):
+        async for chunk in response.content.iter_any():
+            chunks.append(chunk)
+            env.stand_in.release.set()
+        return response.status, response.headers["content-type"], b"".join(chunks)
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["ollama"], indirect=True)
+@pytest.mark.parametrize("turn", NATIVE_CLIENT_TURNS)
+async def test_ollama_standin_is_faithful_to_the_ollama_client(
+    native: NativeEnv, stream: bool, turn: NativeTurn
+) -> None:
+    native.stand_in.script(turn)
+    client = ollama.AsyncClient(host=native.stand_in.url)
+    tool = {
+        "type": "function",
+        "function": {"name": "Read", "description": "Read a file.", "parameters": NATIVE_GLOB_TOOL["input_schema"]},
+    }
+    request = {
+        "model": OLLAMA_MODEL,
+        "messages": [{"role": "user", "content": "hi", "images": [NATIVE_PNG]}],
+        "tools": [tool],
+        "think": True,
+        "options": {"num_ctx": 4096},
+    }
+
+    if stream:
+        chunks = []
+        async for chunk in await client.chat(**request, stream=True):
+            chunks.append(chunk)
+            native.stand_in.release.set()
+    else:
+        chunks = [await client.chat(**request)]
+    status, content_type, raw = await native_raw(native, "/api/chat", {**request, "stream": stream}, {})
+
+    final = chunks[-1]
+    assert "".join(chunk.message.content or "" for chunk in chunks) == turn.text
+    assert "".join(chunk.message.thinking or "" for chunk in chunks) == turn.thinking
+    calls = [(c.function.name, dict(c.function.arguments)) for chunk in chunks for c in chunk.message.tool_calls or ()]
+    assert calls == [(call.name, call.args) for call in turn.calls]
+    assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert (final.done_reason, final.prompt_eval_count, final.eval_count) == (
+        OLLAMA_DONE[turn.finish],
+        turn.usage.prompt,
+        turn.usage.output,
+    )
+    sent = native.stand_in.received[0].body
+    assert (sent["stream"], sent["think"], sent["options"], sent["messages"][0]["images"]) == (
+        stream,
+        True,
+        {"num_ctx": 4096},
+        [NATIVE_PNG],
+    )
+    assert status == 200
+    assert content_type == (OLLAMA_NDJSON if stream else OLLAMA_JSON)
+    if stream:
+        lines = raw.decode().split("\n")
+        assert lines[-1] == ""
+        assert [json.loads(line)["done"] for line in lines[:-1]] == [chunk.done for chunk in chunks]
+    else:
+        assert json.loads(raw)["done"] is True
+
+
+@GENAI_WARNINGS
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+@pytest.mark.parametrize(
+    "turn",
+    [
+        *NATIVE_CLIENT_TURNS,
+        pytest.param(NativeTurn(finish="SAFETY"), id="safety"),
+        pytest.param(NativeTurn(blocked="SAFETY"), id="blocked"),
+    ],
+)
+async def test_gemini_standin_is_faithful_to_the_genai_client(
+    native: NativeEnv, stream: bool, turn: NativeTurn
+) -> None:
+    native.stand_in.script(turn)
+    client = genai.Client(
+        api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
+    )
+    read = genai_types.FunctionDeclaration(
+        name="Read",
+        description="Read a file.",
+        parameters=genai_types.Schema(
+            type="OBJECT", properties={"file_path": genai_types.Schema(type="STRING")}, required=["file_path"]
+        ),
+    )
+    config = genai_types.GenerateContentConfig(
+        tools=[genai_types.Tool(function_declarations=[read])],
+        thinking_config=genai_types.ThinkingConfig(include_thoughts=True, thinking_budget=1024),
+        max_output_tokens=256,
+    )
+    request = {"model": GEMINI_MODEL, "contents": "hi", "config": config}
+
+    if stream:
+        responses = []
+        async for response in await client.aio.models.generate_content_stream(**request):
+            responses.append(response)
+            native.stand_in.release.set()
+    else:
+        responses = [await client.aio.models.generate_content(**request)]
+    method = "streamGenerateContent" if stream else "generateContent"
+    raw_body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    status, content_type, raw = await native_raw(
+        native,
+        f"/v1beta/models/{GEMINI_MODEL}:{method}{'?alt=sse' if stream else ''}",
+        raw_body,
+        {"x-goog-api-key": GEMINI_KEY},
+    )
+
+    candidates = [response.candidates[0] for response in responses if response.candidates]
+    parts = [part for candidate in candidates if candidate.content for part in candidate.content.parts or ()]
+    assert "".join(part.text for part in parts if part.text and not part.thought) == turn.text
+    assert "".join(part.text for part in parts if part.thought) == turn.thinking
+    calls = [(p.function_call.name, p.function_call.args, p.function_call.id) for p in parts if p.function_call]
+    assert calls == [(call.name, call.args, call.call_id or None) for call in turn.calls]
+    signatures = [turn.text_signature, *(call.signature for call in turn.calls)]
+    assert [part.thought_signature for part in parts if part.thought_signature] == [
+        base64.b64decode(signature) for signature in signatures if signature
+    ]
+    final = responses[-1]
+    if turn.blocked:
+        assert final.prompt_feedback.block_reason == turn.blocked
+    else:
+        assert final.candidates[0].finish_reason == GEMINI_FINISH.get(turn.finish, turn.finish)
+        assert all(candidate.finish_reason is None for candidate in candidates[:-1])
+    assert final.usage_metadata.prompt_token_count == turn.usage.prompt
+    assert final.usage_metadata.cached_content_token_count == (turn.usage.cached or None)
+    sent = native.stand_in.received[0]
+    assert sent.path == f"/v1beta/models/{GEMINI_MODEL}:{method}"
+    thinking_config = sent.body["generationConfig"]["thinkingConfig"]
+    assert {gemini_camel(key): value for key, value in thinking_config.items()} == {
+        "includeThoughts": True,
+        "thinkingBudget": 1024,
+    }
+    assert gemini_schema_problems(sent.body["tools"][0]["functionDeclarations"][0]["parameters"], "Read") == []
+    assert status == 200
+    assert content_type.startswith(GEMINI_SSE if stream else "application/json")
+    if stream:
+        frames = raw.split(b"\r\n\r\n")
+        assert frames[-1] == b""
+        assert all(frame.startswith(b"data: {") for frame in frames[:-1])
+        assert len(frames) - 1 == len(responses)
+    else:
+        assert json.loads(raw)["usageMetadata"]["promptTokenCount"] == turn.usage.prompt
+
+
+OLLAMA_CLIENT_ERRORS = [
+    pytest.param("llama9:70b", None, 404, 'model "llama9:70b" not found, try pulling it first', id="missing-model"),
+    pytest.param(OLLAMA_MODEL, "error", None, "upstream went away: unexpected EOF", id="error-line"),
+    pytest.param(
+        OLLAMA_MODEL,
+        ollama_error(500, "llama runner process has terminated"),
+        500,
+        "llama runner process has terminated",
+        id="500",
+    ),
+]
+
+
+@pytest.mark.parametrize("native", ["ollama"], indirect=True)
+@pytest.mark.parametrize(("model", "script", "status", "message"), OLLAMA_CLIENT_ERRORS)
+async def test_ollama_standin_errors_reach_the_ollama_client(
+    native: NativeEnv, model: str, script: NativeReply | str | None, status: int | None, message: str
+) -> None:
+    if isinstance(script, NativeReply):
+        native.stand_in.answer = lambda received: script
+    elif script:
+        native.stand_in.script(NATIVE_TEXT_TURN, script)
+    client = ollama.AsyncClient(host=native.stand_in.url)
+
+    with pytest.raises(ollama.ResponseError) as caught:
+        async for _ in await client.chat(model=model, messages=[{"role": "user", "content": "hi"}], stream=True):
+            native.stand_in.release.set()
+
+    assert caught.value.error == message
+    assert caught.value.status_code == (status or -1)
+
+
+GEMINI_CLIENT_ERRORS = [
+    pytest.param(GEMINI_MODEL, "AIza-wrong", None, 400, "INVALID_ARGUMENT", id="bad-key"),
+    pytest.param("gemini-9-ultra", GEMINI_KEY, None, 404, "NOT_FOUND", id="missing-model"),
+    pytest.param(
+        GEMINI_MODEL,
+        GEMINI_KEY,
+        gemini_error(503, "The model is overloaded.", "UNAVAILABLE"),
+        503,
+        "UNAVAILABLE",
+        id="503",
+    ),
+]
+
+
+@GENAI_WARNINGS
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+@pytest.mark.parametrize(("model", "key", "reply", "code", "status"), GEMINI_CLIENT_ERRORS)
+async def test_gemini_standin_errors_reach_the_genai_client(
+    native: NativeEnv, stream: bool, model: str, key: str, reply: NativeReply | None, code: int, status: str
+) -> None:
+    if reply:
+        native.stand_in.answer = lambda received: reply
+    client = genai.Client(
+        api_key=key, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
+    )
+
+    with pytest.raises(genai_errors.APIError) as caught:
+        if stream:
+            async for _ in await client.aio.models.generate_content_stream(model=model, contents="hi"):
+                pass
+        else:
+            await client.aio.models.generate_content(model=model, contents="hi")
+
+    assert (caught.value.code, caught.value.status) == (code, status)
+    assert caught.value.message
+
+
+# ===========================================================================
+# Reliability: timeouts, retries, fallbacks, key rotation, disconnects, signals, limits, hostile input
+# ===========================================================================
+# Every fault is injected by a real server on 127.0.0.1. The stand-in upstream (RelUpstream) speaks the four
+# wire formats the proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini
+# generateContent), records every request with its arrival time, and answers from a per-test script: an async
+# function that can stall, trickle, cut the connection or send garbage. It notes when the proxy drops a
+# connection it is serving (its handler is cancelled), which is how the tests measure that the proxy closed
+# an upstream request.
+
+REL_KINDS = ("anthropic", "openai", "ollama", "gemini")
+REL_TEXT = "Hello from the reliability stand-in."
+REL_MODEL = {"anthropic": "claude-rel", "openai": "gpt-rel", "ollama": "qwen-rel", "gemini": "gemini-rel"}
+REL_CLIENT_MODEL = "claude-rel-client"  # what clients ask for; routes pick the upstream model
+
+
+def rel_key(name: str, index: int = 0) -> str:
+    key = f"rel-sk-{name}-{index}-0cc175b9c0f1b6a8"
+    SECRETS.add(key)
+    return key
+
+
+# ---------------------------------------------------------------------------
+# Wire formats of the four upstream APIs
+# ---------------------------------------------------------------------------
+
+
+def rel_anthropic_message(model: str, text: str) -> dict:
+    return {
+        "id": "msg_rel_01",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 3},
+    }
+
+
+def rel_openai_chunk(model: str, delta: dict, finish: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "chatcmpl-rel", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [choice]}
+
+
+def rel_gemini_chunk(model: str, text: str, finish: str | None = None) -> dict:
+    candidate: dict = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    chunk: dict = {"candidates": [candidate], "modelVersion": model}
+    if finish:
+        candidate["finishReason"] = finish
+        chunk["usageMetadata"] = {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8}
+    return chunk
+
+
+def rel_ollama_line(model: str, text: str, done: bool = False) -> bytes:
+    line: dict = {
+        "model": model,
+        "created_at": "2025-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": text},
+    }
+    line["done"] = done
+    if done:
+        line |= {"done_reason": "stop", "prompt_eval_count": 5, "eval_count": 3}
+    return json.dumps(line).encode() + b"\n"
+
+
+REL_STREAM_TYPES = {
+    "anthropic": "text/event-stream",
+    "openai": "text/event-stream",
+    "gemini": "text/event-stream",
+    "ollama": "application/x-ndjson",
+}
+
+
+def rel_stream_parts(kind: str, model: str, text: str = REL_TEXT) -> list[bytes]:
+    """A streamed answer in `kind`'s format; the first part already carries the first piece of text."""
+    first, *rest = pieces(text, 8)
+    if kind == "anthropic":
+        start = {**rel_anthropic_message(model, ""), "content": [], "stop_reason": None}
+        head = sse("message_start", message=start) + sse(
+            "content_block_start", index=0, content_block={"type": "text", "text": ""}
+        )
+        deltas = [sse("content_block_delta", index=0, delta={"type": "text_delta", "text": p}) for p in rest]
+        stop = {"stop_reason": "end_turn", "stop_sequence": None}
+        return [
+            head + sse("content_block_delta", index=0, delta={"type": "text_delta", "text": first}),
+            *deltas,
+            sse("content_block_stop", index=0)
+            + sse("message_delta", delta=stop, usage={"output_tokens": 3})
+            + sse("message_stop"),
+        ]
+    if kind == "openai":
+        parts = [sse_data(rel_openai_chunk(model, {"role": "assistant", "content": first}))]
+        parts += [sse_data(rel_openai_chunk(model, {"content": p})) for p in rest]
+        return [*parts, sse_data(rel_openai_chunk(model, {}, "stop")) + b"data: [DONE]\n\n"]
+    if kind == "gemini":
+        parts = [sse_data(rel_gemini_chunk(model, p)) for p in [first, *rest]]
+        return [*parts, sse_data(rel_gemini_chunk(model, "", "STOP"))]
+    return [rel_ollama_line(model, p) for p in [first, *rest]] + [rel_ollama_line(model, "", done=True)]
+
+
+def rel_json_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
+    """A whole (non-streamed) answer in `kind`'s format."""
+    if kind == "anthropic":
+        return rel_anthropic_message(model, text)
+    if kind == "openai":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        head = {"id": "chatcmpl-rel", "object": "chat.completion", "created": 1, "model": model}
+        return {**head, "choices": [choice], "usage": usage}
+    if kind == "gemini":
+        return rel_gemini_chunk(model, text, "STOP")
+    return json.loads(rel_ollama_line(model, text, done=True))
+
+
+def rel_error_json(kind: str, status: int, text: str) -> dict:
+    """An error body as each provider writes it."""
+    if kind == "anthropic":
+        return {
+            "type": "error",
+            "error": {"type": terraphim_proxy.ERROR_TYPES.get(status, "api_error"), "message": text},
+        }
+    if kind == "openai":
+        return {"error": {"message": text, "type": "server_error", "code": None}}
+    if kind == "gemini":
+        return {"error": {"code": status, "message": text, "status": "UNAVAILABLE"}}
+    return {"error": text}
+
+
+# ---------------------------------------------------------------------------
+# The stand-in upstream
+# ---------------------------------------------------------------------------
+
+
+class RelSeen(Received):
+    """One request the stand-in got, read in whichever of the four formats it came."""
+
+    @property
+    def kind(self) -> str:
+        return rel_kind_of(self.path)
+
+    @property
+    def model(self) -> str:
+        if self.kind == "gemini":
+            return self.path.rsplit("/", 1)[-1].split(":", 1)[0]
+        return self.body.get("model", "") if isinstance(self.body, dict) else ""
+
+    @property
+    def stream(self) -> bool:
+        if self.kind == "gemini":
+            return "streamGenerateContent" in self.path
+        return isinstance(self.body, dict) and self.body.get("stream") is True
+
+    @property
+    def key(self) -> str:
+        """The provider key the proxy sent, whatever header the format uses."""
+        if "x-api-key" in self.headers:
+            return self.headers["x-api-key"]
+        if "x-goog-api-key" in self.headers:
+            return self.headers["x-goog-api-key"]
+        return self.headers.get("authorization", "").removeprefix("Bearer ")
+
+
+RelScript = Callable[["RelUpstream", RelSeen, web.Request], Awaitable[web.StreamResponse]]
+
+
+def rel_kind_of(path: str) -> str:
+    if path.endswith("/chat/completions"):
+        return "openai"
+    if path.endswith("/api/chat"):
+        return "ollama"
+    if ":generateContent" in path or ":streamGenerateContent" in path:
+        return "gemini"
+    return "anthropic"
+
+
+class RelUpstream(StandInServer):
+    """Answers from `script`; a dropped connection cancels the handler, which is how `gone` is noticed."""
+
+    received_type = RelSeen
+    shutdown_timeout = 0.2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.script: RelScript = rel_ok
+        self.arrived = asyncio.Event()  # set by every request
+        self.gone = asyncio.Event()  # the proxy dropped a connection while the stand-in was serving it
+        self.gone_at = 0.0
+        self.fault_at = 0.0  # when the stand-in broke an answer on purpose
+
+    def models(self) -> list[str]:
+        return [seen.model for seen in self.received]
+
+    async def handle(self, request: web.Request, seen: RelSeen) -> web.StreamResponse:
+        self.arrived.set()
+        try:
+            return await self.script(self, seen, request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.gone_at = time.monotonic()
+            self.gone.set()
+            raise
+
+
+async def rel_ok(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    """Answer as the real API would: a stream when one was asked for, else a whole answer."""
+    if seen.stream:
+        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], rel_stream_parts(seen.kind, seen.model))
+    return web.json_response(rel_json_answer(seen.kind, seen.model))
+
+
+def rel_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> RelScript:
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return web.json_response(rel_error_json(seen.kind, status, text), status=status, headers=headers)
+
+    return script
+
+
+def rel_sequence(*scripts: RelScript) -> RelScript:
+    """The i-th request gets scripts[i]; the last script answers every later one."""
+
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return await scripts[min(len(up.received), len(scripts)) - 1](up, seen, request)
+
+    return script
+
+
+async def rel_forever() -> None:
+    """Wait until cancelled (the stand-in's handler is cancelled when the proxy drops the connection)."""
+    await asyncio.Event().wait()
+
+
+async def rel_write(
+    up: RelUpstream,
+    request: web.Request,
+    content_type: str,
+    parts: list[bytes],
+    *,
+    hold_at: int | None = None,
+    then: str = "eof",
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Stream `parts`; wait for up.release before part `hold_at`; then end ("eof"), close the connection
+    without ending the body ("cut"), or stay silent ("hang")."""
+    response = web.StreamResponse(status=status, headers={"content-type": content_type, **(headers or {})})
+    await response.prepare(request)
+    for index, part in enumerate(parts):
+        if index == hold_at:
+            await up.release.wait()
+        await response.write(part)
+    up.fault_at = time.monotonic()  # a "cut" or a "hang" starts now
+    if then == "cut":
+        assert request.transport is not None
+        request.transport.close()
+        await rel_forever()
+    if then == "hang":
+        await rel_forever()
+    await response.write_eof()
+    return response
+
+
+RelServers = Callable[[], Awaitable[RelUpstream]]
+
+
+@pytest.fixture
+async def rel_servers() -> AsyncIterator[RelServers]:
+    """A factory of started stand-ins, all stopped at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def new() -> RelUpstream:
+            return await stack.enter_async_context(running(RelUpstream()))
+
+        yield new
+
+
+@pytest.fixture
+async def rel_up(rel_servers: RelServers) -> RelUpstream:
+    return await rel_servers()
+
+
+# ---------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------
+
+REL_BASE_PATH = {"anthropic": "", "openai": "/v1", "ollama": "", "gemini": "/v1beta"}
+
+
+def rel_provider(name: str, kind: str, url: str, *, keys: int = 1, **extra: Any) -> dict:
+    """A provider of `kind` at a stand-in, with `keys` distinct registered keys."""
+    provider = {"name": name, "type": kind, "api_base_url": url + REL_BASE_PATH[kind], **extra}
+    if keys == 1:
+        provider["api_key"] = rel_key(name)
+    elif keys > 1:
+        provider["api_keys"] = [rel_key(name, i) for i in range(keys)]
+    return provider
+
+
+def rel_doc(
+    providers: list[dict],
+    default: str,
+    proxy: Mapping[str, Any] | None = None,
+    router: Mapping[str, Any] | None = None,
+) -> dict:
+    """A config document; no retries and 1 ms backoff unless a test says otherwise."""
+    settings_ = {"retries": 0, "retry_base_ms": 1, **(proxy or {})}
+    return {"proxy": settings_, "router": {"default": default, **(router or {})}, "providers": providers}
+
+
+def rel_config(
+    providers: list[dict],
+    default: str,
+    proxy: Mapping[str, Any] | None = None,
+    router: Mapping[str, Any] | None = None,
+) -> terraphim_proxy.Config:
+    return build_config(rel_doc(providers, default, proxy, router), "rel.toml", environ={})
+
+
+def rel_single_doc(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> dict:
+    """One provider named after its kind, the default route to it."""
+    return rel_doc([rel_provider(kind, kind, url, **extra)], f"{kind},{REL_MODEL[kind]}", proxy)
+
+
+def rel_single(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> terraphim_proxy.Config:
+    return build_config(rel_single_doc(kind, url, proxy, **extra), "rel.toml", environ={})
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+
+def rel_body(text: str | list = "Hello", *, stream: bool = False, **fields: Any) -> dict:
+    body = request(text, **{"model": REL_CLIENT_MODEL, **fields})
+    return body | ({"stream": True} if stream else {})
+
+
+@dataclass
+class RelReply(Answer):
+    times: list[float] = field(default_factory=list)  # arrival of each SSE event
+    ended: str = "eof"  # "eof", or "broken" when the connection ended without a complete body
+
+    @property
+    def frames(self) -> list[tuple[str, Any]]:
+        """Whatever events the text holds (unparsable data kept raw): the answer may be anything."""
+        return parse_sse(self.text, strict=False)
+
+    def stream_error(self, *fragments: str) -> dict:
+        """Assert a 200 stream that ends in an error event and holds no message_stop; return the error."""
+        assert self.status == 200, self.text
+        names = [name for name, _ in self.frames]
+        assert "message_stop" not in names, names
+        assert names and names[-1] == "error", names
+        assert self.text.startswith(("event:", ":")), self.text[:200]  # nothing but events was relayed
+        unparsable = [(name, data) for name, data in self.frames if not isinstance(data, dict)]
+        assert unparsable == [], unparsable
+        error = self.frames[-1][1]["error"]
+        for fragment in fragments:
+            assert fragment in error["message"], error
+        return error
+
+
+async def rel_post(
+    http: aiohttp.ClientSession,
+    url: str,
+    body: Any = None,
+    *,
+    data: Any = None,
+    headers: Mapping[str, str] | None = None,
+    on_event: Callable[[str, dict], Awaitable[None]] | None = None,
+) -> RelReply:
+    """POST /v1/messages; SSE answers are read as they arrive, each event timed and handed to `on_event`."""
+    async with http.post(f"{url}/v1/messages", json=body, data=data, headers=headers) as response:
+        reply = RelReply(response.status, response.headers, "")
+        if not response.content_type.startswith("text/event-stream"):
+            reply.text = await response.text()
+            CAPTURED_BODIES.append(reply.text)
+            return reply
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        try:
+            async for chunk in response.content.iter_any():
+                now = time.monotonic()
+                text = decoder.decode(chunk)
+                reply.text += text
+                pending += text
+                while "\n\n" in pending:
+                    frame, pending = pending.split("\n\n", 1)
+                    for name, data_ in parse_sse(frame + "\n\n", strict=False):
+                        reply.times.append(now)
+                        if on_event:
+                            await on_event(name, data_)
+        except aiohttp.ClientPayloadError:
+            reply.ended = "broken"
+        CAPTURED_BODIES.append(reply.text)
+        return reply
+
+
+@contextlib.contextmanager
+def rel_black_hole() -> Iterator[str]:
+    """An address whose TCP connects hang: a listener with a full accept queue drops further SYNs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{address[1]}"
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> RelScript:
+    """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
+
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        parts = rel_stream_parts(kind or seen.kind, seen.model)[:upto]
+        return await rel_write(up, request, REL_STREAM_TYPES[kind or seen.kind], parts, **write)
+
+    return script
+
+
+async def rel_silent(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    """Take the request and never answer."""
+    await rel_forever()
+    raise AssertionError("unreachable")
+
+
+async def rel_drop(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    """A connection error: close the connection without an answer."""
+    assert request.transport is not None
+    request.transport.close()
+    await rel_forever()
+    raise AssertionError("unreachable")
+
+
+async def rel_streaming(http: aiohttp.ClientSession, url: str) -> asyncio.Task[RelReply]:
+    """A streamed request left running in the background, returned once its first content delta has arrived."""
+    first_delta = asyncio.Event()
+
+    async def on_event(name: str, data: dict) -> None:
+        if name == "content_block_delta":
+            first_delta.set()
+
+    task = asyncio.create_task(rel_post(http, url, rel_body(stream=True), on_event=on_event))
+    await wait_set(first_delta)
+    return task
+
+
+# ---------------------------------------------------------------------------
+# Upstream timeouts, each configurable per provider
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_rel_connect_timeout_is_per_provider(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """[proxy] sets 20 s for everyone; the provider's own 150 ms wins, once per attempt (2 attempts)."""
+    with rel_black_hole() as url:
+        config = rel_single("anthropic", url, {"connect_timeout_ms": 20_000}, connect_timeout_ms=150, retries=1)
+        proxy = await start_proxy(config)
+        started = time.monotonic()
+        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        elapsed = time.monotonic() - started
+
+    reply.assert_error(504, "timeout_error", "anthropic")
+    assert 0.28 <= elapsed < 2.0, elapsed
+
+
+@pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "headers-but-no-frame"])
+async def test_rel_first_byte_timeout(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+) -> None:
+    """No first frame within first_byte_timeout_ms is a timeout, retried; the idle limit is far away.
+
+    (A non-streaming answer's first byte comes when it is complete, so timeout_ms governs those.)"""
+
+    async def silent(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        if headers_sent:
+            await web.StreamResponse(headers={"content-type": "text/event-stream"}).prepare(request)
+        await rel_forever()
+        raise AssertionError("unreachable")
+
+    rel_up.script = silent
+    limits = {"first_byte_timeout_ms": 150, "idle_timeout_ms": 5000, "timeout_ms": 5000}
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=1, **limits))
+    started = time.monotonic()
+
+    reply = await rel_post(http, proxy, rel_body(stream=True))
+
+    elapsed = time.monotonic() - started
+    reply.assert_error(504, "timeout_error", "anthropic")
+    assert len(rel_up.received) == 2  # a timeout is retried
+    assert 0.28 <= elapsed < 1.5, elapsed
+    await wait_set(rel_up.gone)  # the silent attempts were closed, not left open
+
+
+@pytest.mark.parametrize("kind", REL_KINDS)
+async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+) -> None:
+    """The first chunk arrives, then silence: at idle_timeout_ms the client gets an error event, no retry."""
+    rel_up.script = rel_stream_script(upto=1, then="hang")
+    limits = {"idle_timeout_ms": 200, "first_byte_timeout_ms": 5000, "stream_timeout_ms": 60_000}
+    proxy = await start_proxy(rel_single(kind, rel_up.url, retries=2, **limits))
+
+    reply = await rel_post(http, proxy, rel_body(stream=True))
+
+    error = reply.stream_error(kind)
+    assert error["type"] == "timeout_error"
+    silence = reply.times[-1] - rel_up.fault_at
+    assert 0.19 <= silence < 0.2 + 0.1, silence
+    assert len(rel_up.received) == 1
+    await wait_set(rel_up.gone)
+
+
+@pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "body-trickles"])
+async def test_rel_total_timeout_bounds_a_non_streaming_request(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+) -> None:
+    """A body that trickles in (so the idle limit never fires) is cut at timeout_ms, and retried."""
+
+    async def trickle(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        if not headers_sent:
+            await rel_forever()
+        response = web.StreamResponse(headers={"content-type": "application/json", "content-length": "100000"})
+        await response.prepare(request)
+        while True:
+            await response.write(b" ")
+            await asyncio.sleep(0.02)  # pacing of the stand-in's answer, not synchronisation
+
+    rel_up.script = trickle
+    limits = {"timeout_ms": 250, "idle_timeout_ms": 2000, "first_byte_timeout_ms": 2000}
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=1, **limits))
+    started = time.monotonic()
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    elapsed = time.monotonic() - started
+    reply.assert_error(504, "timeout_error", "anthropic")
+    assert 0.45 <= elapsed < 1.5, elapsed
+    assert len(rel_up.received) == 2  # nothing had gone to the client, so the timeout is retried
+
+
+# ---------------------------------------------------------------------------
+# Retries: only before any byte went to the client; backoff with jitter; Retry-After up to a cap
+# ---------------------------------------------------------------------------
+
+REL_RETRYABLE = [408, 429, 500, 502, 503, 504, 529]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("failure", [*REL_RETRYABLE, "connection-closed"])
+async def test_rel_retryable_failure_is_retried(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
+) -> None:
+    fail = rel_drop if failure == "connection-closed" else rel_status(int(failure))
+    rel_up.script = rel_sequence(fail, fail, rel_ok)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=2))
+
+    with log_waiter("retries=2") as logged:
+        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        await wait_set(logged)
+
+    assert reply.status == 200, reply.text
+    assert len(rel_up.received) == 3
+    assert reply.headers["x-terraphim-route"] == "anthropic,claude-rel"
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+async def test_rel_retries_stop_at_the_configured_count(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
+) -> None:
+    rel_up.script = rel_status(503, text="busy")
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=retries))
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    reply.assert_error(529, "overloaded_error", "anthropic", "503", "busy")
+    assert len(rel_up.received) == retries + 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+    ],
+)
+async def test_rel_client_errors_are_never_retried(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
+) -> None:
+    rel_up.script = rel_status(status, {"retry-after": "0"})  # a retry-after does not make them retryable
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=3))
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    reply.assert_error(status, error_type, "anthropic", str(status))
+    assert len(rel_up.received) == 1
+
+
+async def test_rel_backoff_grows_exponentially(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """retry_base_ms 40: the waits before attempts 2, 3, 4 are 40, 80, 160 ms times a jitter in [0.5, 1]."""
+    rel_up.script = rel_status(503)
+    proxy = await start_proxy(
+        rel_single("anthropic", rel_up.url, {"retry_base_ms": 40, "retry_max_wait_ms": 5000}, retries=3)
+    )
+
+    await rel_post(http, proxy, rel_body())
+
+    arrivals = [seen.at for seen in rel_up.received]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert len(gaps) == 3
+    for attempt, gap in enumerate(gaps):
+        full = 0.040 * 2**attempt
+        assert full * 0.5 * 0.95 <= gap <= full + 0.15, (attempt, gaps)
+    assert gaps[2] > gaps[0]
+
+
+async def test_rel_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> None:
+    """retry_delay is a pure function of its inputs; sampled here to see the jitter's spread and the cap."""
+    provider = rel_provider("anthropic", "anthropic", "http://127.0.0.1:9")
+    config = rel_config([provider], "anthropic,m", {"retry_base_ms": 100, "retry_max_wait_ms": 1000})
+    retryable = terraphim_proxy.ProxyError(503, "busy", retryable=True)
+    delay = terraphim_proxy.retry_delay
+    for attempt in range(3):
+        samples = [delay(retryable, attempt, 5, config) for _ in range(200)]
+        full = 0.1 * 2**attempt
+        assert all(s is not None and full * 0.5 <= s <= full for s in samples), samples
+        assert len(set(samples)) > 150  # jittered, not a fixed schedule
+    capped = [delay(retryable, 4, 5, config) for _ in range(200)]  # 1.6 s * jitter, capped at 1 s
+    assert max(s or 0 for s in capped) == 1.0
+    assert all(s is not None and 0.8 <= s <= 1.0 for s in capped)
+    assert delay(retryable, 5, 5, config) is None  # out of retries
+    assert delay(terraphim_proxy.ProxyError(400, "bad"), 0, 5, config) is None
+    waits = terraphim_proxy.ProxyError(429, "slow down", retryable=True, retry_after=0.3)
+    assert delay(waits, 0, 5, config) == 0.3
+    too_long = terraphim_proxy.ProxyError(429, "slow down", retryable=True, retry_after=5.0)
+    assert delay(too_long, 0, 5, config) is None  # over retry_max_wait_ms: no retry on this target
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        pytest.param(429, {"retry-after-ms": "250"}, 0.25, id="retry-after-ms"),
+        pytest.param(503, {"retry-after": "1"}, 1.0, id="retry-after-seconds"),
+        pytest.param(529, {"retry-after-ms": "250", "retry-after": "30"}, 0.25, id="ms-wins-over-seconds"),
+    ],
+)
+async def test_rel_retry_after_is_honoured(
+    rel_up: RelUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    status: int,
+    headers: dict[str, str],
+    wait: float,
+) -> None:
+    rel_up.script = rel_sequence(rel_status(status, headers), rel_ok)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_max_wait_ms": 2000}, retries=1))
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    assert reply.status == 200, reply.text
+    gap = rel_up.received[1].at - rel_up.received[0].at
+    assert wait <= gap < wait + 0.3, gap
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["single-target", "with-fallback"])
+async def test_rel_retry_after_over_the_cap_is_not_waited_for(
+    rel_servers: RelServers,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    fallback: bool,
+) -> None:
+    """retry-after 30 s is over retry_max_wait_ms: no wait, no retry; the next target, else the 429 itself."""
+    a, b = await rel_servers(), await rel_servers()
+    a.script = rel_status(429, {"retry-after": "30"})
+    providers = [rel_provider("a", "anthropic", a.url, retries=3), rel_provider("b", "anthropic", b.url)]
+    route = "a,model-a | b,model-b" if fallback else "a,model-a"
+    proxy = await start_proxy(rel_config(providers, route, {"retry_max_wait_ms": 200}))
+    started = time.monotonic()
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    assert time.monotonic() - started < 1.0
+    assert len(a.received) == 1
+    if fallback:
+        assert reply.status == 200, reply.text
+        assert reply.headers["x-terraphim-route"] == "b,model-b"
+    else:
+        reply.assert_error(429, "rate_limit_error", "a returned HTTP 429")
+        assert reply.headers["retry-after"] == "30"
+
+
+# ---------------------------------------------------------------------------
+# Fallback chains: each target with its own retries; the answer says who served it
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_rel_fallback_chain_tries_each_target_with_its_own_retries(
+    rel_servers: RelServers, start_proxy: StartProxy, stream: bool
+) -> None:
+    a, b = await rel_servers(), await rel_servers()
+    a.script = rel_status(503)
+    b.script = rel_sequence(rel_status(500), rel_status(500), rel_ok)
+    providers = [rel_provider("a", "anthropic", a.url, retries=1), rel_provider("b", "openai", b.url, retries=2)]
+    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
+    request = {"model": REL_CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+
+    with log_waiter("fallbacks=1") as logged:
+        async with anthropic_client(proxy) as sdk:
+            if stream:
+                async with sdk.messages.stream(**request) as events:
+                    message = await events.get_final_message()
+                    headers = events.response.headers
+            else:
+                raw = await sdk.messages.with_raw_response.create(**request)
+                message, headers = await raw.parse(), raw.headers
+        await wait_set(logged)
+
+    CAPTURED_BODIES.append(message.model_dump_json())
+    assert message.content[0].text == REL_TEXT
+    assert headers["x-terraphim-route"] == "b,model-b"
+    assert a.models() == ["model-a"] * 2
+    assert b.models() == ["model-b"] * 3
+    (line,) = log_lines(headers["request-id"])
+    assert "provider=b model=model-b" in line
+    assert "status=200" in line
+    assert "retries=3 fallbacks=1" in line
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "status", "error_type", "fragment"),
+    [
+        pytest.param(
+            rel_status(500),
+            rel_status(429, {"retry-after": "7"}),
+            429,
+            "rate_limit_error",
+            "b returned HTTP 429",
+            id="500-then-429",
+        ),
+        pytest.param(
+            rel_status(429), rel_status(503, text="b is busy"), 529, "overloaded_error", "b is busy", id="429-then-503"
+        ),
+        pytest.param(
+            rel_status(503),
+            rel_status(404, text="no such model"),
+            404,
+            "not_found_error",
+            "no such model",
+            id="503-then-404",
+        ),
+        pytest.param(rel_status(401), None, 502, "api_error", "cannot reach b", id="401-then-unreachable"),
+    ],
+)
+async def test_rel_all_targets_failing_gives_the_last_error(
+    rel_servers: RelServers,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    first: RelScript,
+    last: RelScript | None,
+    status: int,
+    error_type: str,
+    fragment: str,
+) -> None:
+    a, b = await rel_servers(), await rel_servers()
+    a.script = first
+    b_url = b.url
+    if last is None:
+        await b.stop()  # nothing listens there any more
+    else:
+        b.script = last
+    providers = [rel_provider("a", "anthropic", a.url), rel_provider("b", "openai", b_url)]
+    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    message = reply.assert_error(status, error_type, fragment)
+    assert "a returned" not in message
+    if status == 429:
+        assert reply.headers["retry-after"] == "7"
+    assert len(a.received) == 1
+
+
+# ---------------------------------------------------------------------------
+# A failure once streaming has begun: an error event, then the end; never message_stop
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", REL_KINDS)
+async def test_rel_mid_stream_cut_becomes_an_error_event_within_100ms(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+) -> None:
+    rel_up.script = rel_stream_script(upto=2, then="cut")
+    proxy = await start_proxy(rel_single(kind, rel_up.url, retries=2))
+
+    reply = await rel_post(http, proxy, rel_body(stream=True))
+
+    reply.stream_error(kind)
+    texts = [data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta"]
+    assert "".join(texts) == REL_TEXT[:16]
+    assert reply.times[-1] - rel_up.fault_at < 0.1, reply.times[-1] - rel_up.fault_at
+    assert reply.ended == "eof"  # the proxy ended its own response properly
+    assert len(rel_up.received) == 1  # bytes had gone to the client: no retry
+
+
+async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: RelUpstream, start_proxy: StartProxy) -> None:
+    rel_up.script = rel_stream_script(upto=2, then="cut")
+    proxy = await start_proxy(rel_single("openai", rel_up.url))
+    texts = []
+
+    async with anthropic_client(proxy) as sdk:
+        with pytest.raises(anthropic.APIStatusError, match="openai") as caught:
+            async with sdk.messages.stream(**rel_body()) as events:
+                async for event in events:
+                    if event.type == "text":
+                        texts.append(event.text)
+
+    CAPTURED_BODIES.append(str(caught.value))
+    assert "".join(texts) == REL_TEXT[:16]
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
+async def test_rel_transport_fault_after_the_end_marker_is_not_a_failure(
+    rel_up: RelUpstream, start_proxy: StartProxy, kind: str
+) -> None:
+    """The whole answer, its end marker included, then the connection breaks: the client has a complete
+    message and must not get an error event after message_stop (the SDK would raise)."""
+    rel_up.script = rel_stream_script(then="cut")
+    proxy = await start_proxy(rel_single(kind, rel_up.url))
+
+    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**rel_body()) as events:
+        names = [event.type async for event in events]
+        final = await events.get_final_message()
+
+    assert names[-1] == "message_stop", names
+    assert final.content[0].text == REL_TEXT
+
+
+# ---------------------------------------------------------------------------
+# Several keys per provider: round-robin, and a key that failed rests
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", REL_KINDS)
+async def test_rel_keys_rotate_round_robin(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+) -> None:
+    proxy = await start_proxy(rel_single(kind, rel_up.url, keys=3))
+
+    for _ in range(6):
+        assert (await rel_post(http, proxy, rel_body())).status == 200
+
+    keys = [rel_key(kind, i) for i in range(3)]
+    assert [seen.key for seen in rel_up.received] == keys * 2
+
+
+@pytest.mark.parametrize("status", [401, 403, 429])
+async def test_rel_key_that_failed_is_skipped_during_its_cool_down(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
+) -> None:
+    k0, k1, k2 = (rel_key("anthropic", i) for i in range(3))
+
+    async def k1_fails(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return await (rel_status(status) if seen.key == k1 else rel_ok)(up, seen, request)
+
+    rel_up.script = k1_fails
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, keys=3, retries=1))
+
+    replies = [await rel_post(http, proxy, rel_body()) for _ in range(8)]
+
+    keys = [seen.key for seen in rel_up.received]
+    assert keys[:2] == [k0, k1]
+    assert keys.count(k1) == 1, keys  # resting for the default cool-down (60 s) after its failure
+    assert set(keys[2:]) == {k0, k2}
+    if status == 429:
+        assert replies[1].status == 200  # retried at once with the next key
+    else:
+        assert replies[1].status == status  # never retried, not even with another key
+    assert all(reply.status == 200 for reply in replies[2:])
+
+
+async def test_rel_key_cool_down_follows_retry_after(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    k1 = rel_key("anthropic", 1)
+    rel_up.script = rel_sequence(rel_ok, rel_status(429, {"retry-after-ms": "200"}), rel_ok)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, keys=3, retries=1))
+
+    for _ in range(4):
+        assert (await rel_post(http, proxy, rel_body())).status == 200
+
+    uses = [seen.at for seen in rel_up.received if seen.key == k1]
+    assert len(uses) == 2, [seen.key for seen in rel_up.received]
+    assert uses[1] - uses[0] >= 0.2  # back in the rotation once its 200 ms rest is over
+
+
+# ---------------------------------------------------------------------------
+# Client disconnects: the upstream request is cancelled and its connection closed within 100 ms
+# ---------------------------------------------------------------------------
+
+
+async def rel_raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send POST /v1/messages over a plain socket, so the test decides exactly when the client goes away."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = json.dumps(body).encode()
+    head = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(data)}\r\n\r\n"
+    writer.write(head.encode() + data)
+    await writer.drain()
+    return reader, writer
+
+
+async def rel_read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+    seen = b""
+    while marker not in seen:
+        chunk = await asyncio.wait_for(reader.read(65536), TIMEOUT_S)
+        assert chunk, f"connection ended before {marker!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
+async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
+    rel_up: RelUpstream, start_proxy: StartProxy, phase: str
+) -> None:
+    rel_up.script = rel_stream_script(upto=1, then="hang") if phase == "mid-stream" else rel_silent
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url))
+    reader, writer = await rel_raw_request(proxy, rel_body(stream=phase != "waiting-json"))
+    if phase == "mid-stream":
+        await rel_read_until(reader, b"text_delta")
+    else:
+        await wait_set(rel_up.arrived)
+
+    with log_waiter("outcome=client_closed") as logged:
+        closed_at = time.monotonic()
+        writer.close()  # the client goes away (FIN), as a killed Claude Code would
+        await wait_set(rel_up.gone)
+        await wait_set(logged)
+
+    assert rel_up.gone_at - closed_at < 0.1, rel_up.gone_at - closed_at
+    assert len(rel_up.received) == 1
+
+
+async def test_rel_client_disconnect_during_backoff_stops_the_retries(
+    rel_up: RelUpstream, start_proxy: StartProxy
+) -> None:
+    """The first attempt failed and the proxy waits >= 1 s before the next: the client leaves meanwhile."""
+    rel_up.script = rel_status(503)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_base_ms": 2000}, retries=3))
+    with log_waiter("retry 1 on") as backing_off:
+        _, writer = await rel_raw_request(proxy, rel_body())
+        await wait_set(backing_off)
+
+    with log_waiter("outcome=client_closed") as logged:
+        closed_at = time.monotonic()
+        writer.close()
+        await wait_set(logged)
+        noticed = time.monotonic() - closed_at
+
+    assert noticed < 0.5, noticed  # well before the backoff (>= 1 s) would have ended
+    assert len(rel_up.received) == 1
+
+
+async def test_rel_disconnect_frees_the_in_flight_slot(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    rel_up.script = rel_stream_script(upto=1, then="hang")
+    config = rel_single("anthropic", rel_up.url, {"max_in_flight": 1}, max_in_flight=1)
+    proxy = await start_proxy(config)
+    await abandon_stream(http, proxy, rel_body(stream=True))
+    await wait_set(rel_up.gone)
+    rel_up.script = rel_ok
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    assert reply.status == 200, reply.text
+
+
+# ---------------------------------------------------------------------------
+# Concurrency and rate limits
+# ---------------------------------------------------------------------------
+
+
+async def test_rel_global_max_in_flight(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
+    held = await rel_streaming(http, proxy)
+
+    async with anthropic_client(proxy) as sdk:
+        with pytest.raises(anthropic.RateLimitError, match="max_in_flight") as caught:
+            await sdk.messages.create(**rel_body())
+    CAPTURED_BODIES.append(caught.value.response.text)
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert len(rel_up.received) == 1
+
+    rel_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert (await rel_post(http, proxy, rel_body())).status == 200  # the slot is free again
+
+
+@pytest.mark.parametrize("fallback", [True, False], ids=["falls-back", "single-target"])
+async def test_rel_provider_max_in_flight(
+    rel_servers: RelServers,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    fallback: bool,
+) -> None:
+    a, b = await rel_servers(), await rel_servers()
+    a.script = rel_stream_script(hold_at=1)
+    providers = [rel_provider("a", "anthropic", a.url, max_in_flight=1), rel_provider("b", "anthropic", b.url)]
+    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
+    held = await rel_streaming(http, proxy)
+
+    reply = await rel_post(http, proxy, rel_body(model=REL_CLIENT_MODEL if fallback else "a,model-a"))
+
+    if fallback:
+        assert reply.status == 200, reply.text
+        assert reply.headers["x-terraphim-route"] == "b,model-b"
+        assert len(b.received) == 1
+    else:
+        reply.assert_error(429, "rate_limit_error", "a", "max_in_flight")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert b.received == []
+    assert len(a.received) == 1
+    a.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+
+
+async def test_rel_rate_limit_per_client_key(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    config = rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
+    proxy = await start_proxy(config)
+    key = {"x-api-key": PROXY_KEY}
+
+    replies = [await rel_post(http, proxy, rel_body(), headers=key) for _ in range(4)]
+
+    assert [reply.status for reply in replies[:3]] == [200, 200, 200]
+    replies[3].assert_error(429, "rate_limit_error", "3 requests per minute")
+    assert 1 <= int(replies[3].headers["retry-after"]) <= 20  # a token comes back every 60/3 s
+    assert len(rel_up.received) == 3
+    async with anthropic_client(proxy, PROXY_KEY) as sdk:
+        with pytest.raises(anthropic.RateLimitError):
+            await sdk.messages.create(**rel_body())
+    assert len(rel_up.received) == 3
+
+
+# ---------------------------------------------------------------------------
+# The proxy as a real process: SIGTERM / SIGINT drain, SIGHUP reload
+# ---------------------------------------------------------------------------
+
+
+class RelProcess:
+    """terraphim_proxy.py run as `python terraphim_proxy.py --config ... --port ...`, its stderr read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, config: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = config
+        self.lines: list[str] = []
+        self.grew = asyncio.Event()
+        self.pump = asyncio.create_task(self.read_stderr())
+
+    async def read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            CAPTURED_LOG.append("subprocess " + line)
+            self.grew.set()
+
+    async def wait_for_line(self, fragment: str, start: int = 0) -> str:
+        async def find() -> str:
+            while True:
+                for line in self.lines[start:]:
+                    if fragment in line:
+                        return line
+                assert not self.pump.done(), f"the proxy exited before logging {fragment!r}: {self.lines}"
+                self.grew.clear()
+                await self.grew.wait()
+
+        return await asyncio.wait_for(find(), TIMEOUT_S)
+
+    async def reload(self, doc: dict | str, outcome: str) -> str:
+        """Write a new config, send SIGHUP, and return the log line that says how the reload went."""
+        self.config.write_text(doc if isinstance(doc, str) else to_toml(doc))
+        mark = len(self.lines)
+        self.proc.send_signal(signal.SIGHUP)
+        return await self.wait_for_line(outcome, mark)
+
+    async def refuses_connections(self) -> None:
+        """Poll (bounded) until a new connection is refused; a connect that races the close is retried."""
+        deadline = time.monotonic() + TIMEOUT_S
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                try:
+                    async with http.get(f"{self.url}/health") as response:
+                        await response.read()
+                except aiohttp.ClientConnectorError:
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                assert time.monotonic() < deadline, "the proxy still accepts new connections"
+                await asyncio.sleep(0.02)  # polling interval
+
+
+@contextlib.asynccontextmanager
+async def rel_process(tmp_path: Path, doc: dict) -> AsyncIterator[RelProcess]:
+    config = tmp_path / "proxy.toml"
+    config.write_text(to_toml(doc))
+    port = free_port()
+    proc = await spawn_proxy("--config", str(config), "--port", str(port), cwd=tmp_path)
+    process = RelProcess(proc, port, config)
+    try:
+        await wait_healthy(process.url, proc, process.lines)
+        yield process
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await process.pump
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_rel_signal_drains_the_stream_in_flight_then_exits_0(
+    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
+) -> None:
+    rel_up.script = rel_stream_script(hold_at=1)
+    async with rel_process(tmp_path, rel_single_doc("anthropic", rel_up.url, {"drain_timeout_ms": 10_000})) as proxy:
+        streaming = await rel_streaming(http, proxy.url)
+
+        proxy.proc.send_signal(sig)
+        await proxy.wait_for_line("shutting down")
+        await proxy.refuses_connections()
+        assert not streaming.done()
+        rel_up.release.set()
+        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
+        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
+
+    assert reply.status == 200
+    assert [name for name, _ in reply.frames][-1] == "message_stop"
+    assert "".join(d["delta"]["text"] for n, d in reply.frames if n == "content_block_delta") == REL_TEXT
+    assert code == 0
+    assert not any("Traceback" in line for line in proxy.lines), proxy.lines
+
+
+async def test_rel_drain_timeout_bounds_the_shutdown(
+    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
+    rel_up.script = rel_stream_script(upto=1, then="hang")
+    async with rel_process(tmp_path, rel_single_doc("anthropic", rel_up.url, {"drain_timeout_ms": 400})) as proxy:
+        streaming = await rel_streaming(http, proxy.url)
+
+        signalled = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
+        took = time.monotonic() - signalled
+        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
+
+    assert code == 0
+    assert 0.35 <= took < 5, took
+    names = [name for name, _ in reply.frames]
+    assert "message_stop" not in names
+    assert names[-1] == "error", (names, reply.ended)  # the cut stream says why instead of just breaking off
+    await wait_set(rel_up.gone)
+
+
+async def test_rel_sighup_reload_valid_takes_effect_invalid_is_rejected(
+    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    provider = rel_provider("anthropic", "anthropic", rel_up.url)
+    async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one")) as proxy:
+        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+
+        await proxy.reload(rel_doc([provider], "anthropic,model-two"), "config reloaded")
+        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+
+        problems = []
+        invalid = {
+            "invalid TOML": "[router\ndefault = 'anthropic,model-three'\n",
+            "unknown provider 'nobody'": to_toml(rel_doc([provider], "nobody,model-three")),
+            "proxy.retries": to_toml(rel_doc([provider], "anthropic,model-three", {"retries": -1})),
+        }
+        for fragment, text in invalid.items():
+            problems.append(await proxy.reload(text, "reload rejected"))
+            assert fragment in problems[-1], problems[-1]
+            assert (await rel_post(http, proxy.url, rel_body())).status == 200
+
+    assert rel_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
+
+
+async def test_rel_sighup_request_in_flight_keeps_its_config(
+    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Held at its first target while the config changes, the request falls back to its *old* second target."""
+
+    async def first_attempt_fails_late(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        if seen.model == "model-a1":
+            await up.release.wait()
+            return await rel_status(500)(up, seen, request)
+        return await rel_ok(up, seen, request)
+
+    rel_up.script = first_attempt_fails_late
+    a = rel_provider("a", "anthropic", rel_up.url)
+    old_b, new_b = (
+        rel_provider("b", "anthropic", rel_up.url),
+        {**rel_provider("b", "anthropic", rel_up.url), "api_key": rel_key("b", 1)},
+    )
+    async with rel_process(tmp_path, rel_doc([a, old_b], "a,model-a1 | b,model-b1")) as proxy:
+        in_flight = asyncio.create_task(rel_post(http, proxy.url, rel_body()))
+        await wait_set(rel_up.arrived)
+
+        await proxy.reload(rel_doc([a, new_b], "a,model-a2 | b,model-b2"), "config reloaded")
+        rel_up.release.set()
+        reply = await asyncio.wait_for(in_flight, TIMEOUT_S)
+        after = await rel_post(http, proxy.url, rel_body())
+
+    assert reply.status == 200, reply.text
+    assert reply.headers["x-terraphim-route"] == "b,model-b1"
+    assert rel_up.models() == ["model-a1", "model-b1", "model-a2"]
+    assert rel_up.received[1].key == rel_key("b")  # the old config's key, too
+    assert after.headers["x-terraphim-route"] == "a,model-a2"
+
+
+# ---------------------------------------------------------------------------
+# Hostile client input: property-based
+# ---------------------------------------------------------------------------
+# How the property test runs: the proxy and its stand-in are started once per test by ordinary fixtures, and
+# pytest-asyncio runs every Hypothesis example as a coroutine on that same event loop, so all examples hit
+# one long-lived proxy; that is the point ("the proxy stays up"), so the function-scoped-fixture health check
+# is switched off on purpose. The strategy draws a small *recipe* (which fields to break and how, which
+# framing, which content type) and the bytes are built from it, so a failing example prints short.
+# Hypothesis' example database is off (database=None): nothing is written into the checkout.
+
+REL_RICH_BODY: dict = {
+    "model": REL_CLIENT_MODEL,
+    "max_tokens": 64,
+    "system": [{"type": "text", "text": "Be brief."}],
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look at this and run the check."},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "Run it.", "signature": "c2ln"},
+                {"type": "text", "text": "Running."},
+                {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "make check"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "ok"}]}
+            ],
+        },
+    ],
+    "tools": [
+        {
+            "name": "Bash",
+            "description": "Run a command",
+            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+        }
+    ],
+    "tool_choice": {"type": "auto"},
+    "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 5,
+    "stop_sequences": ["END"],
+    "metadata": {"user_id": "user_1"},
+    "stream": False,
+}
+REL_FUZZ_MODELS = [
+    REL_CLIENT_MODEL,
+    "claude-haiku-rel",
+    "oa,gpt-rel",
+    "ol,qwen-rel",
+    "gm,gemini-rel",
+    "nobody,model",
+    "oa,",
+    ",",
+    " ",
+]
+
+
+def rel_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value (dict keys and list indices)."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += rel_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths += rel_paths(item, (*prefix, index))
+    return paths
+
+
+REL_RICH_PATHS = rel_paths(REL_RICH_BODY)
+REL_NEST = "\x00rel-nest\x00"  # placeholder replaced by raw deep nesting after serialising
+REL_JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and Infinity too: Python's json reads them
+    | st.text(st.characters(codec="utf-8", exclude_categories=()), max_size=12)
+    | st.text(st.characters(categories=["Cs"]), max_size=2)  # lone surrogates, sent as \\udXXX escapes
+)
+REL_JSON = st.recursive(
+    REL_JSON_SCALARS,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=8,
+)
+REL_MUTATION = st.one_of(
+    st.tuples(st.just("replace"), st.sampled_from(REL_RICH_PATHS), REL_JSON),
+    st.tuples(st.just("delete"), st.sampled_from(REL_RICH_PATHS), st.none()),
+    st.tuples(st.just("nest"), st.sampled_from(REL_RICH_PATHS), st.sampled_from([50, 500, 990, 5000])),
+    st.tuples(st.just("huge"), st.sampled_from(REL_RICH_PATHS), st.sampled_from([70_000, 400_000, 1_100_000])),
+)
+REL_AS_IS = st.tuples(st.just("as-is"), st.none())
+REL_FRAMING = st.one_of(
+    REL_AS_IS,  # well-formed JSON half of the time, so the broken fields reach the transformers
+    REL_AS_IS,
+    REL_AS_IS,
+    REL_AS_IS,
+    REL_AS_IS,
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(
+        st.just("invalid-utf8"), st.tuples(st.floats(0, 1), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
+    ),
+    st.tuples(st.just("random-json"), REL_JSON),
+    st.tuples(st.just("raw-nesting"), st.sampled_from([b"[" * 100_000, b'{"a":' * 3000 + b"1" + b"}" * 3000])),
+    st.tuples(st.just("bytes"), st.binary(max_size=64)),
+)
+REL_CONTENT_TYPES = [
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=rel",
+    "application/json; charset=latin-1",
+    None,
+]
+REL_HOSTILE = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(REL_FUZZ_MODELS),
+        "stream": st.booleans(),
+        "mutations": st.lists(REL_MUTATION, max_size=3),
+        "framing": REL_FRAMING,
+        "content_type": st.sampled_from(REL_CONTENT_TYPES),
+    }
+)
+
+
+def rel_recipe(
+    model: str,
+    *mutations: tuple,
+    framing: tuple = ("as-is", None),
+    content_type: str | None = "application/json",
+    stream: bool = False,
+) -> dict:
+    return {
+        "model": model,
+        "stream": stream,
+        "mutations": list(mutations),
+        "framing": framing,
+        "content_type": content_type,
+    }
+
+
+def rel_has(container: Any, step: Any) -> bool:
+    if isinstance(container, dict):
+        return step in container
+    return isinstance(container, list) and isinstance(step, int) and step < len(container)
+
+
+def rel_apply(body: Any, kind: str, path: tuple, value: Any) -> Any:
+    """The body with one mutation applied at `path` (skipped when an earlier mutation removed the path)."""
+    if kind == "nest":
+        value = REL_NEST + str(value)
+    elif kind == "huge":
+        value = "x" * value
+    parent = body
+    for step in path[:-1]:
+        if not rel_has(parent, step):
+            return body
+        parent = parent[step]
+    if not rel_has(parent, path[-1]):
+        return body
+    if kind == "delete":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return body
+
+
+def rel_hostile_bytes(recipe: dict) -> bytes:
+    body = json.loads(json.dumps(REL_RICH_BODY)) | {"model": recipe["model"], "stream": recipe["stream"]}
+    for mutation in recipe["mutations"]:
+        body = rel_apply(body, *mutation)
+    data = json.dumps(body).encode()
+    while REL_NEST.encode("unicode_escape") in data or b"\\u0000rel-nest\\u0000" in data:
+        head, _, rest = data.partition(b'"\\u0000rel-nest\\u0000')
+        depth, _, tail = rest.partition(b'"')
+        data = head + b"[" * int(depth) + b"]" * int(depth) + tail
+    how, arg = recipe["framing"]
+    if how == "truncate":
+        return data[: int(len(data) * arg)]
+    if how == "invalid-utf8":
+        cut = int(len(data) * arg[0])
+        return data[:cut] + arg[1] + data[cut:]
+    if how == "random-json":
+        return json.dumps(arg).encode()
+    if how in ("raw-nesting", "bytes"):
+        return arg
+    return data
+
+
+def rel_assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -> None:
+    """An Anthropic error with a 4xx status, or a valid answer; never a traceback or a key."""
+    assert "Traceback" not in text
+    for secret in SECRETS:
+        assert secret not in text
+    if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
+        names = [name for name, _ in parse_sse(text, strict=False)]
+        assert names and names[0] == "message_start", names
+        assert names[-1] in ("message_stop", "error"), names
+        assert "message_stop" not in names or names.index("message_stop") == len(names) - 1
+        return
+    body = json.loads(text)  # a body, and JSON, whatever the status
+    if status == 200:
+        assert body["type"] == "message", body
+        return
+    assert 400 <= status < 500, (status, text[:500])
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    assert body["type"] == "error", body
+    assert body["error"]["type"] in set(terraphim_proxy.ERROR_TYPES.values()), body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+
+
+@pytest.fixture
+async def rel_fuzz_proxy(rel_up: RelUpstream, start_proxy: StartProxy) -> str:
+    """One provider of each kind at the stand-in, a proxy key, and a 1 MiB body limit."""
+    providers = [
+        rel_provider("anthropic", "anthropic", rel_up.url),
+        rel_provider("oa", "openai", rel_up.url),
+        rel_provider("ol", "ollama", rel_up.url),
+        rel_provider("gm", "gemini", rel_up.url),
+    ]
+    proxy = {"api_key": PROXY_KEY, "max_body_bytes": 1024 * 1024}
+    return await start_proxy(rel_config(providers, "anthropic,claude-rel", proxy, {"background": "oa,gpt-rel"}))
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(recipe=REL_HOSTILE)
+# Explicit examples: one per class of input that must always be tried (the random search finds the rest).
+@example(recipe=rel_recipe("oa,gpt-rel", ("replace", ("messages", 1, "content", 2, "id"), None)))
+@example(recipe=rel_recipe("ol,qwen-rel", ("replace", ("messages", 2, "content", 0, "content"), 5)))
+@example(recipe=rel_recipe("gm,gemini-rel", ("replace", ("messages", 0, "content", 1, "source"), "x")))
+@example(recipe=rel_recipe("gm,gemini-rel", ("replace", ("tools", 0, "input_schema", "required"), [[]])))
+@example(recipe=rel_recipe(REL_CLIENT_MODEL, ("nest", ("metadata", "user_id"), 990)))
+@example(recipe=rel_recipe(REL_CLIENT_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
+@example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("raw-nesting", b"[" * 100_000)))
+@example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
+async def test_rel_hostile_bodies_get_4xx_or_a_valid_answer(
+    rel_fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
+) -> None:
+    data = rel_hostile_bytes(recipe)
+    headers = {"x-api-key": PROXY_KEY}
+    skip = ()
+    if recipe["content_type"] is None:
+        skip = ("Content-Type",)
+    else:
+        headers["content-type"] = recipe["content_type"]
+
+    async with http.post(
+        f"{rel_fuzz_proxy}/v1/messages", data=data, headers=headers, skip_auto_headers=skip
+    ) as response:
+        text = await response.text(errors="replace")
+    CAPTURED_BODIES.append(text)
+
+    rel_assert_sane_answer(response.status, response.headers, text)
+    async with http.get(f"{rel_fuzz_proxy}/health") as health:
+        assert health.status == 200  # the proxy stays up
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "how"),
+    [
+        pytest.param(
+            "Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "half-close", id="short-body-half-close"
+        ),
+        pytest.param("Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "close", id="short-body-close"),
+        pytest.param("Transfer-Encoding: chunked", b'40\r\n{"model": "x", "max_tok', "half-close", id="cut-chunk"),
+        pytest.param("Transfer-Encoding: chunked", b"zz\r\nnot hex\r\n0\r\n\r\n", "wait", id="bad-chunk-size"),
+        pytest.param("Content-Length: -5", b"{}", "wait", id="negative-length"),
+        pytest.param("Content-Length: 2\r\nContent-Length: 9", b"{}", "wait", id="two-lengths"),
+    ],
+)
+async def test_rel_truncated_or_malformed_framing(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
+) -> None:
+    """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"api_key": PROXY_KEY}))
+    host, port = proxy.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {PROXY_KEY}\r\n"
+    writer.write(f"{request}Content-Type: application/json\r\n{head}\r\n\r\n".encode() + body)
+    await writer.drain()
+    if how == "half-close":
+        writer.write_eof()
+    elif how == "close":
+        writer.close()
+    answer = b"" if how == "close" else await asyncio.wait_for(reader.read(), TIMEOUT_S)
+    writer.close()
+
+    if answer:
+        status_line, _, rest = answer.partition(b"\r\n")
+        status = int(status_line.split()[1])
+        text = rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+        CAPTURED_BODIES.append(text)
+        assert 400 <= status < 500, answer
+        assert "Traceback" not in text
+    assert rel_up.received == []
+    assert (await rel_post(http, proxy, rel_body(), headers={"x-api-key": PROXY_KEY})).status == 200
+
+
+# ---------------------------------------------------------------------------
+# Upstream garbage: each gives a clear error, mapped, naming the provider
+# ---------------------------------------------------------------------------
+
+REL_NGINX_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+def rel_garbage(status: int, body: bytes, content_type: str, **headers: str) -> RelScript:
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=body, headers={"content-type": content_type, **headers})
+
+    return script
+
+
+def rel_gzip_answer(damage: str) -> RelScript:
+    """The request's proper answer, gzip-encoded, then truncated, corrupted, or with a wrong length."""
+
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        if seen.stream:
+            content_type, plain = REL_STREAM_TYPES[seen.kind], b"".join(rel_stream_parts(seen.kind, seen.model))
+        else:
+            content_type, plain = "application/json", json.dumps(rel_json_answer(seen.kind, seen.model)).encode()
+        packed = gzip.compress(plain)
+        headers = {"content-type": content_type, "content-encoding": "gzip"}
+        if damage == "truncated":
+            return web.Response(body=packed[: len(packed) // 2], headers=headers)
+        if damage == "corrupt":
+            return web.Response(body=packed[:10] + bytes(range(256)) * 4, headers=headers)
+        if damage == "short-length":  # the length header says less than was packed; the client reads only that
+            response = web.StreamResponse(headers={**headers, "content-length": str(len(packed) // 2)})
+            await response.prepare(request)
+            await response.write(packed[: len(packed) // 2])
+            await response.write_eof()
+            return response
+        response = web.StreamResponse(headers={**headers, "content-length": str(len(packed) + 500)})
+        await response.prepare(request)
+        await response.write(packed)
+        up.fault_at = time.monotonic()
+        assert request.transport is not None
+        request.transport.close()  # 500 bytes short of the length it announced
+        await rel_forever()
+        raise AssertionError("unreachable")
+
+    return script
+
+
+REL_GARBAGE = {
+    "html-page-200": rel_garbage(200, REL_NGINX_PAGE, "text/html"),
+    "html-page-503": rel_garbage(503, REL_NGINX_PAGE, "text/html"),
+    "invalid-json": rel_garbage(200, b'{"id": "msg_01", "content": [', "application/json"),
+    "json-array": rel_garbage(200, b"[1, 2, 3]", "application/json"),
+    "json-object-not-an-answer": rel_garbage(200, b'{"unexpected": true}', "application/json"),
+    "empty-body": rel_garbage(200, b"", "application/json"),
+    "nonsense-sse": rel_garbage(
+        200, b"event: hello\ndata: {not json\n\nevent: what\ndata: ???\n\n", "text/event-stream"
+    ),
+    "binary-noise": rel_garbage(200, bytes(range(256)) * 8, "application/octet-stream"),
+    "gzip-truncated": rel_gzip_answer("truncated"),
+    "gzip-corrupt": rel_gzip_answer("corrupt"),
+    "gzip-short-length": rel_gzip_answer("short-length"),
+    "gzip-long-length": rel_gzip_answer("long-length"),
+}
+REL_COMPLETE_BEFORE_FAULT = {"gzip-long-length"}  # the whole answer arrived before the transport fault
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("garbage", list(REL_GARBAGE))
+async def test_rel_upstream_garbage_gives_a_mapped_error(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, garbage: str, kind: str, stream: bool
+) -> None:
+    rel_up.script = REL_GARBAGE[garbage]
+    proxy = await start_proxy(rel_single(kind, rel_up.url))
+
+    reply = await rel_post(http, proxy, rel_body(stream=stream))
+
+    assert "<h1>" not in reply.text  # the page is summarised, not relayed
+    names = [name for name, _ in reply.frames]
+    if garbage in REL_COMPLETE_BEFORE_FAULT and "message_stop" in names:
+        assert names[-1] == "message_stop", names  # complete: a later transport fault must not add an error
+    elif reply.status == 200:  # streaming had begun: the failure is the stream's last event
+        assert stream, reply.text
+        reply.stream_error(kind)
+    else:
+        assert reply.status in (502, 504, 529), reply.text
+        reply.assert_error(reply.status, terraphim_proxy.ERROR_TYPES[reply.status], kind)
+
+
+REL_ENDLESS = [
+    pytest.param("anthropic", "text-forever", id="anthropic-text-forever"),
+    pytest.param("openai", "text-forever", id="openai-text-forever"),
+    pytest.param("anthropic", "keepalive-comments", id="anthropic-keepalive-comments"),
+    pytest.param("openai", "keepalive-comments", id="openai-keepalive-comments"),
+    pytest.param("anthropic", "no-frame-end", id="anthropic-no-frame-end"),
+    pytest.param("anthropic", "silence", id="anthropic-silence"),
+]
+
+
+@pytest.mark.parametrize(("kind", "mode"), REL_ENDLESS)
+async def test_rel_endless_stream_is_cut_at_stream_timeout(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
+) -> None:
+    """stream_timeout_ms (400 ms) bounds the whole stream, whatever the upstream keeps doing after its start."""
+    more = {
+        "text-forever": rel_stream_parts(kind, REL_MODEL[kind], "........")[0],
+        "keepalive-comments": b": keep-alive\n\n",
+        "no-frame-end": b"data: xxxxxxxx",
+        "silence": b"",
+    }[mode]
+
+    async def endless(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(rel_stream_parts(kind, seen.model)[0])
+        while True:
+            if more:
+                await response.write(more)
+            await asyncio.sleep(0.02)  # pacing of the stand-in's stream, not synchronisation
+
+    rel_up.script = endless
+    limits = {"stream_timeout_ms": 400, "idle_timeout_ms": 3000, "first_byte_timeout_ms": 3000}
+    proxy = await start_proxy(rel_single(kind, rel_up.url, **limits))
+
+    try:
+        reply = await asyncio.wait_for(rel_post(http, proxy, rel_body(stream=True)), 2.5)
+    except asyncio.TimeoutError:
+        pytest.fail(f"{mode}: the stream was still open after 2.5 s (stream_timeout_ms is 400)")
+
+    reply.stream_error(kind)
+    took = reply.times[-1] - reply.times[0]  # the deadline runs from the first frame the client gets
+    assert 0.35 <= took < 0.4 + 0.25, took
+    await wait_set(rel_up.gone)  # and the endless upstream was closed
+
+
+@pytest.mark.parametrize("kind", REL_KINDS)
+async def test_rel_json_answer_to_a_stream_request_becomes_sse(
+    rel_up: RelUpstream, start_proxy: StartProxy, kind: str
+) -> None:
+    async def json_anyway(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return web.json_response(rel_json_answer(seen.kind, seen.model))
+
+    rel_up.script = json_anyway
+    proxy = await start_proxy(rel_single(kind, rel_up.url))
+
+    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**rel_body()) as events:
+        names = [event.type async for event in events]
+        final = await events.get_final_message()
+        content_type = events.response.headers["content-type"]
+
+    CAPTURED_BODIES.append(final.model_dump_json())
+    assert rel_up.received[0].stream
+    assert content_type.startswith("text/event-stream")
+    assert names[0] == "message_start" and names[-1] == "message_stop", names
+    assert final.content[0].text == REL_TEXT
+
+
+# ---------------------------------------------------------------------------
+# Keys never reach logs or responses
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", REL_KINDS)
+async def test_rel_upstream_echoing_the_key_does_not_leak_it(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
+) -> None:
+    """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
+    see it. A retry and a fallback put the message in the log too."""
+
+    async def echo(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        text = f"Incorrect API key provided: {seen.key}. Find your key at https://example.invalid/keys"
+        return await rel_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
+
+    rel_up.script = echo
+    providers = [rel_provider(kind, kind, rel_up.url, retries=1), rel_provider("spare", kind, rel_up.url)]
+    proxy = await start_proxy(rel_config(providers, f"{kind},{REL_MODEL[kind]} | spare,{REL_MODEL[kind]}"))
+
+    reply = await rel_post(http, proxy, rel_body(stream=stream))
+
+    message = reply.assert_error(401, "authentication_error", "Incorrect API key provided")
+    for seen in rel_up.received:
+        assert seen.key not in message
+    assert len(rel_up.received) == 3
+
+
+# ---------------------------------------------------------------------------
+# Redirects, provider URLs and image URLs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_rel_upstream_redirect_is_not_followed(
+    rel_servers: RelServers,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    status: int,
+    stream: bool,
+) -> None:
+    up, elsewhere = await rel_servers(), await rel_servers()
+
+    async def redirect(server: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, headers={"location": elsewhere.url + request.path})
+
+    up.script = redirect
+    proxy = await start_proxy(rel_single("anthropic", up.url, retries=2))
+
+    reply = await rel_post(http, proxy, rel_body(stream=stream))
+
+    reply.assert_error(502, "api_error", "anthropic", "redirect")
+    assert elsewhere.received == []  # neither the request nor the key went to the other host
+    assert len(up.received) == 1  # and a redirect is not retried
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://127.0.0.1/v1",
+        "file:///etc/passwd",
+        "127.0.0.1:8080",
+        "unix:///run/ollama.sock",
+        "ws://127.0.0.1:9/",
+        "http://",
+        "javascript:alert(1)",
+        "${REL_BASE}/v1",  # an env variable that expands to a non-http URL
+    ],
+)
+async def test_rel_provider_url_must_be_http_or_https(url: str) -> None:
+    provider = {"name": "anthropic", "api_key": "rel-unused", "api_base_url": url}
+    doc = {"router": {"default": "anthropic,m"}, "providers": [provider]}
+
+    with pytest.raises(terraphim_proxy.ConfigError) as caught:
+        terraphim_proxy.build_config(doc, "rel.toml", environ={"REL_BASE": "gopher://127.0.0.1"})
+
+    assert any("api_base_url" in problem and "http" in problem for problem in caught.value.problems), caught.value
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", "https://api.example.invalid/v1"])
+async def test_rel_provider_url_http_and_https_are_accepted(url: str) -> None:
+    provider = {"name": "openai", "api_key": "rel-unused", "api_base_url": url}
+    config = terraphim_proxy.build_config({"router": {"default": "openai,m"}, "providers": [provider]}, "rel.toml", {})
+    assert config.providers["openai"].api_base_url == url
+
+
+def rel_image_body(url: str) -> dict:
+    image = {"type": "image", "source": {"type": "url", "url": url}}
+    return rel_body([image, {"type": "text", "text": "What is in this picture?"}])
+
+
+async def rel_png(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b"\x89PNG\r\n\x1a\n" + bytes(64), content_type="image/png")
+
+
+@pytest.mark.parametrize("fetch", [False, True], ids=["fetch-off", "fetch-on"])
+async def test_rel_image_url_goes_to_openai_as_a_url(
+    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, fetch: bool
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png
+    url = f"{images.url}/cat.png"
+    proxy = await start_proxy(rel_single("openai", up.url, {"fetch_image_urls": fetch}))
+
+    reply = await rel_post(http, proxy, rel_image_body(url))
+
+    assert reply.status == 200, reply.text
+    parts = up.received[0].body["messages"][-1]["content"]
+    assert [part["image_url"]["url"] for part in parts if part["type"] == "image_url"] == [url], parts
+    assert images.received == []  # passed on, never fetched by the proxy
+
+
+@pytest.mark.parametrize("kind", ["ollama", "gemini"])
+async def test_rel_image_url_is_refused_for_inline_only_providers(
+    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png
+    proxy = await start_proxy(rel_single(kind, up.url))
+
+    reply = await rel_post(http, proxy, rel_image_body(f"{images.url}/cat.png"))
+
+    reply.assert_error(400, "invalid_request_error", kind, "fetch_image_urls")
+    assert up.received == [] and images.received == []
+
+
+# With fetch_image_urls on, a URL must never make the proxy reach a loopback, private or link-local host.
+# Loopback forms point at a real stand-in, so a fetch would be seen; private and link-local ones are IP
+# literals, refused before any connection is tried. A successful fetch needs a public address, which this
+# offline machine does not have, so the positive path is not tested here.
+REL_LOCAL_IMAGE_URLS = [
+    "http://127.0.0.1:{port}/cat.png",
+    "http://localhost:{port}/cat.png",
+    "http://127.1:{port}/cat.png",
+    "http://2130706433:{port}/cat.png",
+    "http://0x7f000001:{port}/cat.png",
+    "http://0.0.0.0:{port}/cat.png",
+    "http://[::1]:{port}/cat.png",
+    "http://[::ffff:127.0.0.1]:{port}/cat.png",
+    "http://10.0.0.1/cat.png",
+    "http://172.16.0.1/cat.png",
+    "http://192.168.1.1/cat.png",
+    "http://100.64.0.1/cat.png",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fe80::1]/cat.png",
+    "http://[fd00::1]/cat.png",
+    "ftp://127.0.0.1:{port}/cat.png",
+    "file:///etc/passwd",
+]
+
+
+@pytest.mark.parametrize("template", REL_LOCAL_IMAGE_URLS)
+@pytest.mark.parametrize("kind", ["ollama", "gemini"])
+async def test_rel_image_fetch_refuses_local_addresses(
+    rel_servers: RelServers,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    kind: str,
+    template: str,
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png
+    url = template.format(port=images.url.rsplit(":", 1)[1])
+    proxy = await start_proxy(rel_single(kind, up.url, {"fetch_image_urls": True}))
+
+    reply = await rel_post(http, proxy, rel_image_body(url))
+
+    reply.assert_error(400, "invalid_request_error", "image URL")
+    assert images.received == []
+    assert up.received == []
+
+
+# ===========================================================================
+# Ecosystem: the OpenAI client dialect, keyword rules, router.module, session memory, /routes, /metrics,
+# --log-format json and the env, code and import-ccr commands
+# ===========================================================================
+# `EcoUpstream` is one server that speaks both upstream wire formats: Anthropic's Messages API (POST
+# /v1/messages: JSON messages, SSE events, Anthropic error bodies) and OpenAI's chat completions (POST
+# .../chat/completions: JSON completions, `data:` chunks ending in [DONE], OpenAI error bodies). It answers from
+# a per-model script.
+
+tomllib = terraphim_proxy.tomllib  # tomllib on 3.11+, tomli on 3.10
+
+ECO_USAGE = {"input_tokens": 10, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2, "output_tokens": 7}
+ECO_PROMPT_TOKENS = 15  # the sum of ECO_USAGE's three input figures
+ECO_KINDS = ("anthropic", "openai")  # the upstream wire formats
+ECO_UPSTREAM_PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
+ECO_HAIKU_MODEL = "claude-haiku-4-8"  # a background (haiku) model name
+
+
+def eco_default_route(kind: str) -> str:
+    return "anthropic,model-default" if kind == "anthropic" else "openai,gpt-default"
+
+
+def eco_text_of(content: Any) -> str:
+    """The text of a string, or of a list of Anthropic text blocks / OpenAI text parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+
+
+# ---------------------------------------------------------------------------
+# The upstream stand-in: Anthropic Messages and OpenAI chat completions
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EcoAnswer:
+    """One scripted answer, written in the wire format of whichever API was called."""
+
+    text: str = STANDIN_TEXT
+    tools: list[tuple[str, str, dict]] = field(default_factory=list)  # (id, name, input) per call
+    usage: dict = field(default_factory=lambda: dict(ECO_USAGE))
+    status: int = 200
+    error_type: str = "api_error"
+    failure: str = ""  # streams only: "cut" ends the stream after the first text; "error" sends an error there
+    hold: bool = False  # streams only: pause after the first text until `release` is set
+
+
+def eco_pieces(text: str) -> list[str]:
+    middle = max(1, len(text) // 2)
+    return [text[:middle], text[middle:]] if len(text) > 1 else [text]
+
+
+def eco_anthropic_message(model: str, answer: EcoAnswer) -> dict:
+    content: list[dict] = [{"type": "text", "text": answer.text}] if answer.text else []
+    for tool_id, name, tool_input in answer.tools:
+        content.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
+    return {
+        "id": "msg_eco_01",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": "tool_use" if answer.tools else "end_turn",
+        "stop_sequence": None,
+        "usage": answer.usage,
+    }
+
+
+def eco_anthropic_stream(model: str, answer: EcoAnswer) -> tuple[list[bytes], list[bytes]]:
+    """The SSE frames before the failure point (just after the first text delta) and after it."""
+    message = eco_anthropic_message(model, answer)
+    start = {**message, "content": [], "stop_reason": None, "usage": {**answer.usage, "output_tokens": 1}}
+    head, tail = [sse("message_start", message=start), sse("ping")], []
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            opening = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": piece} for piece in eco_pieces(block["text"])]
+        else:
+            opening = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in eco_pieces(json.dumps(block["input"]))]
+        frames = [sse("content_block_start", index=index, content_block=opening)]
+        frames += [sse("content_block_delta", index=index, delta=delta) for delta in deltas]
+        frames.append(sse("content_block_stop", index=index))
+        if not tail and block["type"] == "text":
+            head, tail = head + frames[:2], frames[2:]
+        else:
+            (tail if tail else head).extend(frames)
+    stop = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+    tail += [sse("message_delta", delta=stop, usage={"output_tokens": answer.usage["output_tokens"]})]
+    tail.append(sse("message_stop"))
+    return head, tail
+
+
+def eco_openai_usage(usage: dict) -> dict:
+    prompt = usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage["output_tokens"],
+        "total_tokens": prompt + usage["output_tokens"],
+        "prompt_tokens_details": {"cached_tokens": usage["cache_read_input_tokens"]},
+    }
+
+
+def eco_openai_completion(model: str, answer: EcoAnswer) -> dict:
+    reply: dict = {"role": "assistant", "content": answer.text or None}
+    if answer.tools:
+        reply["tool_calls"] = [
+            {"id": tool_id, "type": "function", "function": {"name": name, "arguments": json.dumps(tool_input)}}
+            for tool_id, name, tool_input in answer.tools
+        ]
+    return {
+        "id": "chatcmpl-eco",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": eco_finish(answer)}],
+        "usage": eco_openai_usage(answer.usage),
+    }
+
+
+def eco_finish(answer: EcoAnswer) -> str:
+    return "tool_calls" if answer.tools else "stop"
+
+
+def eco_openai_stream(model: str, answer: EcoAnswer, include_usage: bool) -> tuple[list[bytes], list[bytes]]:
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        data = {"id": "chatcmpl-eco", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
+        return sse_data({**data, "choices": choices, "usage": usage})
+
+    head = [chunk({"role": "assistant", "content": ""})]
+    pieces = eco_pieces(answer.text) if answer.text else []
+    head += [chunk({"content": piece}) for piece in pieces[:1]]
+    tail = [chunk({"content": piece}) for piece in pieces[1:]]
+    for index, (tool_id, name, tool_input) in enumerate(answer.tools):
+        opening = {"index": index, "id": tool_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        tail.append(chunk({"tool_calls": [opening]}))
+        for piece in eco_pieces(json.dumps(tool_input)):
+            tail.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+    tail.append(chunk({}, eco_finish(answer)))
+    if include_usage:
+        tail.append(chunk(None, usage=eco_openai_usage(answer.usage)))
+    tail.append(sse_data(b"[DONE]"))
+    return head, tail
+
+
+class EcoUpstream(StandInServer):
+    """A local upstream speaking Anthropic Messages and OpenAI chat completions; scripted per upstream model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: dict[str, list[EcoAnswer]] = {}
+        self.holding = asyncio.Event()  # set when a stream reaches its hold point
+
+    def script(self, model: str, *answers: EcoAnswer) -> None:
+        """Answers for the next requests for `model`, in order; then the default answer."""
+        self.scripts[model] = list(answers)
+
+    async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
+        body = received.body
+        model = (body or {}).get("model", "")
+        queue = self.scripts.get(model) or []
+        answer = queue.pop(0) if queue else EcoAnswer()
+        if request.method == "POST" and request.path == "/v1/messages":
+            if answer.status != 200:
+                error = {"type": "error", "error": {"type": answer.error_type, "message": f"scripted {answer.status}"}}
+                return web.json_response(error, status=answer.status)
+            if not body.get("stream"):
+                return web.json_response(eco_anthropic_message(model, answer))
+            head, tail = eco_anthropic_stream(model, answer)
+            error = sse("error", error={"type": "overloaded_error", "message": "scripted mid-stream failure"})
+            return await self.stream(request, answer, head, tail, error)
+        if request.method == "POST" and request.path.endswith("/chat/completions"):
+            if answer.status != 200:
+                error = {"message": f"scripted {answer.status}", "type": answer.error_type, "param": None, "code": None}
+                return web.json_response({"error": error}, status=answer.status)
+            if not body.get("stream"):
+                return web.json_response(eco_openai_completion(model, answer))
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            head, tail = eco_openai_stream(model, answer, include_usage)
+            error = sse_data({"error": {"message": "scripted mid-stream failure", "type": "server_error"}})
+            return await self.stream(request, answer, head, tail, error)
+        return web.json_response({"error": {"message": f"no route {request.path}"}}, status=404)
+
+    async def stream(
+        self, request: web.Request, answer: EcoAnswer, head: list[bytes], tail: list[bytes], error: bytes
+    ) -> web.StreamResponse:
+        headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        response = web.StreamResponse(status=200, headers=headers)
+        await response.prepare(request)
+        for frame in head:
+            await response.write(frame)
+        if answer.hold:
+            self.holding.set()
+            await self.release.wait()
+        if answer.failure == "error":
+            await response.write(error)
+        elif answer.failure != "cut":
+            for frame in tail:
+                await response.write(frame)
+        await response.write_eof()
+        return response
+
+
+# ---------------------------------------------------------------------------
+# The proxy and its clients
+# ---------------------------------------------------------------------------
+
+
+def eco_config(
+    upstream_url: str,
+    *,
+    router: Mapping[str, Any] | None = None,
+    rules: list[dict] | None = None,
+    proxy: Mapping[str, Any] | None = None,
+    source: str = "eco.toml",
+) -> terraphim_proxy.Config:
+    """Providers at the stand-in (anthropic, openai, pinned with a models list), one disabled (offline) and one
+    whose port is closed (down); ROUTES, overridable per scenario (None removes one)."""
+    at_stand_in = {"type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"}
+    providers = [
+        {**at_stand_in, "name": "anthropic"},
+        {"name": "openai", "type": "openai", "api_base_url": f"{upstream_url}/v1", "api_key": "$OPENAI_API_KEY"},
+        {**at_stand_in, "name": "pinned", "models": ["model-pinned-a", "model-pinned-b"]},
+        {**at_stand_in, "name": "offline", "api_key": "${ECO_UNSET_KEY}", "models": ["model-offline"]},
+        {**at_stand_in, "name": "down", "api_base_url": closed_port_url()},
+    ]
+    routes = {**ROUTES, "long_context_threshold": SMALL_THRESHOLD, **(router or {})}
+    if rules:
+        routes["rules"] = rules
+    data = {
+        "proxy": {"retries": 0, **(proxy or {})},
+        "router": {key: value for key, value in routes.items() if value is not None},
+        "providers": providers,
+    }
+    return build_config(data, source)
+
+
+@pytest.fixture
+async def eco_upstream() -> AsyncIterator[EcoUpstream]:
+    async with running(EcoUpstream()) as server:
+        yield server
+
+
+@pytest.fixture
+def eco_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict]]:
+    """The proxy's request log lines so far, as their fields (what --log-format json writes)."""
+    caplog.set_level(logging.INFO, logger="terraphim_proxy")
+    return lambda: [{**r.fields, "message": r.getMessage()} for r in caplog.records if hasattr(r, "fields")]
+
+
+@dataclass
+class EcoChat:
+    """What an openai SDK client got back from one chat completion, streamed or not."""
+
+    text: str
+    calls: list[dict]
+    finish: str | None
+    usage: Any
+    model: str
+    headers: Mapping[str, str]
+
+
+async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> EcoChat:
+    """One chat completion via the SDK; a stream asks for include_usage and is checked chunk by chunk."""
+    kwargs = {"model": "gpt-4o", "max_tokens": 100, **kwargs}
+    if not stream:
+        raw = await client.chat.completions.with_raw_response.create(**kwargs)
+        completion = raw.parse()
+        assert completion.object == "chat.completion"
+        choice = completion.choices[0]
+        calls = [call.model_dump() for call in choice.message.tool_calls or ()]
+        text = choice.message.content or ""
+        return EcoChat(text, calls, choice.finish_reason, completion.usage, completion.model, raw.headers)
+    options = {"include_usage": True}
+    raw = await client.chat.completions.with_raw_response.create(stream=True, stream_options=options, **kwargs)
+    chunks = [chunk async for chunk in raw.parse()]
+    assert chunks, "empty stream"
+    assert {chunk.id for chunk in chunks} == {chunks[0].id}
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None, usage_chunk
+    assert all(chunk.usage is None and len(chunk.choices) == 1 for chunk in chunks[:-1])
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks[:-1] if chunk.choices[0].finish_reason]
+    assert len(finishes) == 1, finishes
+    text, calls = "", {}
+    for chunk in chunks[:-1]:
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        for fragment in delta.tool_calls or ():
+            call = calls.setdefault(fragment.index, {"id": None, "type": "function", "function": {}})
+            call["id"] = call["id"] or fragment.id
+            function = call["function"]
+            if fragment.function and fragment.function.name:
+                function["name"] = fragment.function.name
+            if fragment.function and fragment.function.arguments:
+                function["arguments"] = function.get("arguments", "") + fragment.function.arguments
+    ordered = [calls[index] for index in sorted(calls)]
+    return EcoChat(text, ordered, finishes[0], usage_chunk.usage, chunks[0].model, raw.headers)
+
+
+# ---------------------------------------------------------------------------
+# OpenAI client dialect: /v1/chat/completions and /v1/models through the openai SDK
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", ECO_KINDS)
+async def test_eco_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool) -> None:
+    route = eco_default_route(kind)
+    model = route.split(",")[1]
+    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    usage = {"input_tokens": 40, "cache_read_input_tokens": 8, "cache_creation_input_tokens": 0, "output_tokens": 11}
+    eco_upstream.script(model, EcoAnswer(text="Hello there, OpenAI client.", usage=usage))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+
+    async with openai_client(url) as client:
+        chat = await eco_chat(client, stream, messages=messages, max_tokens=50)
+
+    assert chat.text == "Hello there, OpenAI client."
+    assert chat.finish == "stop"
+    assert chat.calls == []
+    assert chat.model == "gpt-4o"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (48, 11, 59)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 8
+    assert chat.headers["x-terraphim-route"] == route
+    received = eco_upstream.last
+    assert received.path == ECO_UPSTREAM_PATH[kind]
+    assert received.body["model"] == model
+    assert bool(received.body.get("stream")) is stream
+    if kind == "anthropic":
+        assert received.headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
+        assert received.body["system"] == [{"type": "text", "text": "Be brief."}]
+        assert received.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}]
+        assert received.body["max_tokens"] == 50
+    else:
+        assert received.headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
+        roles = [(m["role"], eco_text_of(m["content"])) for m in received.body["messages"]]
+        assert roles == [("system", "Be brief."), ("user", "Say hello")]
+    assert all(CLIENT_KEY not in value for value in received.headers.values())
+
+
+ECO_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "units": {"type": "object"}},
+            "required": ["city"],
+        },
+    },
+}
+ECO_TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+    },
+}
+ECO_CALLS = {  # per upstream format: the calls it makes, with its own ids; and what the client answers
+    "anthropic": [
+        ("toolu_01EcoWeather", "get_weather", {"city": "Paris", "days": 2, "units": {"temperature": "C"}}),
+        ("toolu_02EcoTime", "get_time", {"zone": "Europe/Paris"}),
+    ],
+    "openai": [
+        ("call_EcoWeather01", "get_weather", {"city": "Paris", "days": 2, "units": {"temperature": "C"}}),
+        ("call_EcoTime02", "get_time", {"zone": "Europe/Paris"}),
+    ],
+}
+ECO_TOOL_RESULTS = ["18C, sunny", "14:05"]
+
+
+@pytest.mark.parametrize("count", [1, 2], ids=["one-call", "parallel-calls"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", ECO_KINDS)
+async def test_eco_openai_tool_round_trip(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool, count: int
+) -> None:
+    route = eco_default_route(kind)
+    model, upstream_calls = route.split(",")[1], ECO_CALLS[kind][:count]
+    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    eco_upstream.script(
+        model, EcoAnswer(text="Let me check.", tools=upstream_calls), EcoAnswer(text="It is 18C and sunny in Paris.")
+    )
+    question = [{"role": "user", "content": "Weather and time in Paris?"}]
+    tools = [ECO_TOOL, ECO_TIME_TOOL]
+
+    async with openai_client(url) as client:
+        first = await eco_chat(client, stream, messages=question, tools=tools)
+        asked = eco_upstream.last.body
+        assert first.finish == "tool_calls"
+        assert first.text == "Let me check."
+        got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in first.calls]
+        assert got == [(name, tool_input) for _, name, tool_input in upstream_calls]
+        ids = [c["id"] for c in first.calls]
+        assert all(ids) and len(set(ids)) == count
+        assistant = {"role": "assistant", "content": first.text, "tool_calls": first.calls}
+        results = [
+            {"role": "tool", "tool_call_id": call_id, "content": text}
+            for call_id, text in zip(ids, ECO_TOOL_RESULTS, strict=False)
+        ]
+        second = await eco_chat(client, stream, messages=[*question, assistant, *results], tools=tools)
+
+    assert (second.text, second.calls, second.finish) == ("It is 18C and sunny in Paris.", [], "stop")
+    body = eco_upstream.last.body
+    upstream_ids = [call_id for call_id, _, _ in upstream_calls]
+    if kind == "anthropic":
+        assert [t["name"] for t in asked["tools"]] == ["get_weather", "get_time"]
+        assert asked["tools"][0]["input_schema"] == ECO_TOOL["function"]["parameters"]
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+        uses = [b for b in body["messages"][1]["content"] if b["type"] == "tool_use"]
+        assert uses == [{"type": "tool_use", "id": i, "name": n, "input": x} for i, n, x in upstream_calls]
+        returned = [b for b in body["messages"][2]["content"] if b["type"] == "tool_result"]
+        assert [(r["tool_use_id"], eco_text_of(r["content"])) for r in returned] == list(
+            zip(upstream_ids, ECO_TOOL_RESULTS, strict=False)
+        )
+    else:
+        assert [t["function"]["name"] for t in asked["tools"]] == ["get_weather", "get_time"]
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", *["tool"] * count]
+        calls = body["messages"][1]["tool_calls"]
+        assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == (
+            upstream_calls
+        )
+        returned = body["messages"][2:]
+        assert [(m["tool_call_id"], eco_text_of(m["content"])) for m in returned] == list(
+            zip(upstream_ids, ECO_TOOL_RESULTS, strict=False)
+        )
+
+
+ECO_STATUS_ERRORS = {
+    400: ("invalid_request_error", openai.BadRequestError),
+    401: ("authentication_error", openai.AuthenticationError),
+    404: ("not_found_error", openai.NotFoundError),
+    429: ("rate_limit_error", openai.RateLimitError),
+}
+
+
+async def eco_assert_openai_error(request: Awaitable[Any], status: int, *fragments: str) -> openai.APIStatusError:
+    """The SDK raised the class for `status`, from a body in OpenAI's error shape."""
+    error_type, error_class = ECO_STATUS_ERRORS[status]
+    with pytest.raises(error_class) as raised:
+        await request
+    err = raised.value
+    assert err.status_code == status
+    body = err.response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert (err.type, err.code) == (error_type, error_type)
+    for fragment in fragments:
+        assert fragment in err.message, err.message
+    return err
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", ECO_KINDS)
+@pytest.mark.parametrize("status", sorted(ECO_STATUS_ERRORS))
+async def test_eco_openai_upstream_error_raises_sdk_class(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, status: int, kind: str, stream: bool
+) -> None:
+    route = eco_default_route(kind)
+    error_type = "rate_limit_error" if status == 429 else ECO_STATUS_ERRORS[status][0]
+    eco_upstream.script(route.split(",")[1], EcoAnswer(status=status, error_type=error_type))
+    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+
+    async with openai_client(url) as client:
+        request = eco_chat(client, stream, messages=[{"role": "user", "content": "hi"}])
+        await eco_assert_openai_error(request, status, f"returned HTTP {status}", "scripted")
+
+    assert len(eco_upstream.received) == 1
+
+
+ECO_PROXY_ERRORS = [
+    pytest.param({"messages": [{"role": "wizard", "content": "hi"}]}, {}, None, 400, "unsupported role", id="400"),
+    pytest.param({}, {"api_key": PROXY_KEY}, None, 401, "invalid proxy key", id="401"),
+    pytest.param({"model": "nobody,gpt-x"}, {}, None, 404, "unknown provider 'nobody'", id="404-provider"),
+    pytest.param({"model": "pinned,model-z"}, {}, None, 404, "unknown model 'model-z'", id="404-model"),
+    pytest.param({}, {"rate_limit_rpm": 1}, "first", 429, "rate limit", id="429"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("fields", "proxy", "warm_up", "status", "fragment"), ECO_PROXY_ERRORS)
+async def test_eco_openai_proxy_error_raises_sdk_class(
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+    fields: dict,
+    proxy: dict,
+    warm_up: str | None,
+    status: int,
+    fragment: str,
+    stream: bool,
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url, proxy=proxy))
+    kwargs = {"messages": [{"role": "user", "content": "hi"}], **fields}
+
+    async with openai_client(url) as client:
+        if warm_up:
+            assert (await eco_chat(client, False, **kwargs)).text == STANDIN_TEXT
+        err = await eco_assert_openai_error(eco_chat(client, stream, **kwargs), status, fragment)
+
+    assert len(eco_upstream.received) == (1 if warm_up else 0)
+    if status == 429:
+        assert int(err.response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "failure"),
+    [("anthropic", "cut"), ("anthropic", "error"), ("openai", "cut"), ("openai", "error")],
+)
+async def test_eco_openai_mid_stream_failure_raises_api_error(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, failure: str
+) -> None:
+    route = eco_default_route(kind)
+    eco_upstream.script(route.split(",")[1], EcoAnswer(text="Partial answer, then trouble.", failure=failure))
+    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    seen: list[str] = []
+
+    async with openai_client(url) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o", max_tokens=50, stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
+        with pytest.raises(openai.APIError) as raised:
+            async for chunk in stream:
+                seen.append(chunk.choices[0].delta.content or "")
+
+    assert not isinstance(raised.value, openai.APIStatusError)  # the HTTP status was 200: the failure came later
+    assert "".join(seen) == eco_pieces("Partial answer, then trouble.")[0]
+    assert raised.value.message
+
+
+async def test_eco_openai_stream_without_include_usage_has_no_usage_chunk(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+
+    async with openai_client(url) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o", max_tokens=50, stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
+        chunks = [chunk async for chunk in stream]
+
+    assert all(chunk.usage is None and len(chunk.choices) == 1 for chunk in chunks)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == STANDIN_TEXT
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_eco_openai_models_list(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+
+    async with openai_client(url) as client:
+        models = [model async for model in client.models.list()]
+        chat = await eco_chat(client, False, model="pinned,model-pinned-b", messages=[{"role": "user", "content": "x"}])
+
+    # Only providers with a models list are listed; the disabled one (offline) is left out.
+    assert [m.id for m in models] == ["pinned,model-pinned-a", "pinned,model-pinned-b"]
+    assert {(m.object, m.owned_by) for m in models} == {("model", "pinned")}
+    assert chat.headers["x-terraphim-route"] == "pinned,model-pinned-b"
+    assert eco_upstream.last.body["model"] == "model-pinned-b"
+
+
+async def test_eco_openai_models_list_error_in_openai_shape(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+    # /v1/models answers OpenAI clients (no anthropic-version header) in OpenAI's shape; so must its errors.
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"api_key": PROXY_KEY}))
+
+    async with openai_client(url, key="wrong") as client:
+        await eco_assert_openai_error(client.models.list(), 401, "invalid proxy key")
+
+
+ECO_RUST_RULE = {"name": "rust", "keywords": ["rust", "cargo"], "route": "openai,gpt-rust"}
+
+
+def eco_openai_route_case(case_id: str, fields: dict, scenario: str, route: str) -> Any:
+    return pytest.param(fields, scenario, route, id=case_id)
+
+
+ECO_OPENAI_ROUTE_CASES = [
+    eco_openai_route_case("default", {}, "default", "anthropic,model-default"),
+    eco_openai_route_case(
+        "background", {"model": "claude-3-5-haiku-latest"}, "background", "anthropic,model-background"
+    ),
+    eco_openai_route_case(
+        "long-context",
+        {"messages": [{"role": "user", "content": LONG_TEXT}]},
+        "long_context",
+        "anthropic,model-long",
+    ),
+    eco_openai_route_case(
+        "image",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_DATA}"}},
+                    ],
+                }
+            ]
+        },
+        "image",
+        "anthropic,model-image",
+    ),
+    eco_openai_route_case(
+        "rule", {"messages": [{"role": "user", "content": "Fix my Rust code"}]}, "rule:rust", "openai,gpt-rust"
+    ),
+    eco_openai_route_case("explicit", {"model": "pinned,model-pinned-a"}, "explicit", "pinned,model-pinned-a"),
+    eco_openai_route_case(
+        "subagent",
+        {
+            "messages": [
+                {"role": "system", "content": "<CCR-SUBAGENT-MODEL>openai,gpt-sub</CCR-SUBAGENT-MODEL>You review."},
+                {"role": "user", "content": "hi"},
+            ]
+        },
+        "subagent",
+        "openai,gpt-sub",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "scenario", "route"), ECO_OPENAI_ROUTE_CASES)
+async def test_eco_openai_requests_are_routed_like_messages(
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+    eco_log: Callable[[], list[dict]],
+    fields: dict,
+    scenario: str,
+    route: str,
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url, rules=[ECO_RUST_RULE]))
+    provider, model = route.split(",")
+
+    async with openai_client(url) as client:
+        chat = await eco_chat(client, False, **{"messages": [{"role": "user", "content": "hi"}], **fields})
+
+    assert chat.text == STANDIN_TEXT
+    assert chat.headers["x-terraphim-route"] == route
+    kind = "openai" if provider == "openai" else "anthropic"
+    assert (eco_upstream.last.path, eco_upstream.last.body["model"]) == (ECO_UPSTREAM_PATH[kind], model)
+    [line] = eco_log()
+    assert (line["path"], line["scenario"], line["provider"], line["model"]) == (
+        "/v1/chat/completions",
+        scenario,
+        provider,
+        model,
+    )
+    if scenario == "subagent":
+        system = eco_upstream.last.body["messages"][0]
+        assert system["role"] == "system" and eco_text_of(system["content"]) == "You review."
+
+
+# ---------------------------------------------------------------------------
+# Keyword rules
+# ---------------------------------------------------------------------------
+
+ECO_RULES = [  # in config order; the router orders them by priority
+    {"name": "cpp", "keywords": ["c++", "C#"], "route": "anthropic,model-cpp"},
+    {"name": "rust", "keywords": ["rust", "cargo"], "route": "anthropic,model-rust", "priority": 1},
+    {"name": "ship", "keywords": ["deploy"], "pattern": "ship ?it", "route": "anthropic,model-ship", "priority": 2},
+    {"name": "ticket", "pattern": r"\bURGENT-\d+\b", "route": "anthropic,model-urgent", "priority": 5},
+    {"name": "local", "keywords": ["offline"], "route": "offline,model-offline", "priority": 10},
+    {"name": "spare", "keywords": ["spare"], "route": "offline,model-offline | pinned,model-pinned-a", "priority": 3},
+]
+
+
+def eco_rule_case(case_id: str, body: dict, route: str, scenario: str | None = None) -> Any:
+    rule = re.fullmatch(r"anthropic,model-(cpp|rust|ship|urgent)", route)
+    names = {"cpp": "cpp", "rust": "rust", "ship": "ship", "urgent": "ticket"}
+    expected = scenario or (f"rule:{names[rule.group(1)]}" if rule else "default")
+    return pytest.param(body, route, expected, id=case_id)
+
+
+ECO_RULE_CASES = [
+    eco_rule_case("keyword", request("How do I write rust macros?"), "anthropic,model-rust"),
+    eco_rule_case("keyword-case-insensitive", request("CARGO build fails"), "anthropic,model-rust"),
+    eco_rule_case("keyword-second-of-list", request("Is cargo slow?"), "anthropic,model-rust"),
+    eco_rule_case("word-boundary-trust", request("I trust you"), "anthropic,model-default"),
+    eco_rule_case("word-boundary-rusty", request("a rusty nail"), "anthropic,model-default"),
+    eco_rule_case("symbols-c++", request("Explain c++ templates"), "anthropic,model-cpp"),
+    eco_rule_case("symbols-at-end", request("I write C++"), "anthropic,model-cpp"),
+    eco_rule_case("symbols-c#", request("is c# managed?"), "anthropic,model-cpp"),
+    eco_rule_case("symbols-inside-word", request("the abc++ operator"), "anthropic,model-default"),
+    eco_rule_case("symbols-not-c", request("grade c only"), "anthropic,model-default"),
+    eco_rule_case("priority-beats-config-order", request("port c++ to rust"), "anthropic,model-rust"),
+    eco_rule_case("priority-pattern-first", request("URGENT-42: rust deploy broke"), "anthropic,model-urgent"),
+    eco_rule_case("pattern", request("ok, ship it"), "anthropic,model-ship"),
+    eco_rule_case("pattern-no-space", request("shipit!"), "anthropic,model-ship"),
+    eco_rule_case("pattern-or-keyword", request("Deploy now"), "anthropic,model-ship"),
+    eco_rule_case("pattern-is-case-sensitive", request("urgent-42"), "anthropic,model-default"),
+    eco_rule_case("disabled-provider-falls-through", request("work offline"), "anthropic,model-default"),
+    eco_rule_case("disabled-provider-next-rule", request("offline rust"), "anthropic,model-rust"),
+    eco_rule_case("disabled-target-skipped", request("a spare one"), "pinned,model-pinned-a", "rule:spare"),
+    eco_rule_case(
+        "last-user-message-only",
+        {
+            **request(),
+            "messages": [
+                {"role": "user", "content": "Tell me about rust"},
+                {"role": "assistant", "content": "Rust is a language."},
+                {"role": "user", "content": "thanks"},
+            ],
+        },
+        "anthropic,model-default",
+    ),
+    eco_rule_case(
+        "text-blocks",
+        request([{"type": "text", "text": "see"}, {"type": "text", "text": "rust"}]),
+        "anthropic,model-rust",
+    ),
+    eco_rule_case("rule-before-image", request([IMAGE, {"type": "text", "text": "rust?"}]), "anthropic,model-rust"),
+    eco_rule_case(
+        "image-without-keyword",
+        request([IMAGE, {"type": "text", "text": "what?"}]),
+        "anthropic,model-image",
+        "image",
+    ),
+    eco_rule_case("rule-before-background", request("rust", model=ECO_HAIKU_MODEL), "anthropic,model-rust"),
+    eco_rule_case(
+        "rule-before-think",
+        request("rust", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+        "anthropic,model-rust",
+    ),
+    eco_rule_case(
+        "explicit-first", request("rust", model="pinned,model-pinned-b"), "pinned,model-pinned-b", "explicit"
+    ),
+    eco_rule_case("long-context-first", request(LONG_TEXT + " rust"), "anthropic,model-long", "long_context"),
+    eco_rule_case(
+        "subagent-first",
+        request("rust", system="<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>Review."),
+        "anthropic,model-sub",
+        "subagent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "route", "scenario"), ECO_RULE_CASES)
+async def test_eco_keyword_rules(
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    eco_log: Callable[[], list[dict]],
+    body: dict,
+    route: str,
+    scenario: str,
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url, rules=ECO_RULES))
+
+    async with http.post(f"{url}/v1/messages", json=body) as response:
+        assert response.status == 200, await response.text()
+        header = response.headers["x-terraphim-route"]
+
+    assert header == route
+    assert eco_upstream.last.body["model"] == route.split(",")[1]
+    [line] = eco_log()
+    assert (line["scenario"], f"{line['provider']},{line['model']}") == (scenario, route)
+    assert f" scenario={scenario} " in line["message"]
+
+
+ECO_VALID_TOML = """
+[router]
+default = "anthropic,model-default"
+
+[[providers]]
+name = "anthropic"
+api_key = "sk-ant-check"
+"""
+
+
+def eco_rule_toml(**rule: Any) -> str:
+    lines = [f"{key} = {json.dumps(value)}" for key, value in rule.items()]
+    return ECO_VALID_TOML + "\n[[router.rules]]\n" + "\n".join(lines) + "\n"
+
+
+ECO_RULE_MISTAKES = [
+    pytest.param(
+        eco_rule_toml(name="r", pattern="([a-z", route="anthropic,x"),
+        "router.rules[0].pattern: ",
+        "invalid regular expression",
+        id="bad-regex",
+    ),
+    pytest.param(eco_rule_toml(name="r", keywords=["rust"]), "router.rules[0].route: ", "required", id="no-route"),
+    pytest.param(
+        eco_rule_toml(keywords=["rust"], route="anthropic,x"), "router.rules[0].name: ", "required", id="no-name"
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", route="anthropic,x"),
+        "router.rules[0]: ",
+        "needs keywords, a pattern, or both",
+        id="no-keywords-no-pattern",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=[], pattern="", route="anthropic,x"),
+        "router.rules[0]: ",
+        "needs keywords, a pattern, or both",
+        id="empty-keywords-and-pattern",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=["rust"], route="nobody,x"),
+        "router.rules[0].route: ",
+        "unknown provider 'nobody'",
+        id="unknown-provider",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=["rust"], route="anthropic"),
+        "router.rules[0].route: ",
+        "not of the form 'provider,model'",
+        id="route-without-model",
+    ),
+    # One mistake, one line: a mistyped keywords must not also say the rule "needs keywords".
+    pytest.param(
+        eco_rule_toml(name="r", keywords="rust", route="anthropic,x"),
+        "router.rules[0].keywords: ",
+        "expected an array",
+        id="keywords-string",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=["rust", 7], route="anthropic,x"),
+        "router.rules[0].keywords[1]: ",
+        "expected a string",
+        id="keyword-not-string",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=["rust"], route="anthropic,x", priority="high"),
+        "router.rules[0].priority: ",
+        "expected an integer",
+        id="priority-string",
+    ),
+    pytest.param(
+        eco_rule_toml(name="r", keywords=["rust"], route="anthropic,x", model="m"),
+        "router.rules[0].model: ",
+        "unknown key",
+        id="unknown-key",
+    ),
+    pytest.param(
+        ECO_VALID_TOML.replace("[router]", '[router]\nrules = ["rust"]'),
+        "router.rules[0]: ",
+        "expected a table",
+        id="rule-not-table",
+    ),
+    # An empty keyword would match at any non-word boundary, i.e. nearly every message.
+    pytest.param(
+        eco_rule_toml(name="r", keywords=[""], route="anthropic,x"),
+        "router.rules[0].keywords",
+        "",
+        id="empty-keyword",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), ECO_RULE_MISTAKES)
+def test_eco_rule_config_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, problem: str
+) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+
+    code, out, err = run_check(path, capsys)
+
+    assert_one_problem(code, out, err, str(path), key, problem)
+
+
+def test_eco_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(eco_rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line.strip().startswith("rule ")]
+    assert "cpp" in line and "anthropic,x" in line and "c++, rust /ship ?it/" in line
+    assert out.index("subagent") < out.index("rule cpp") < out.index("image")
+
+
+# ---------------------------------------------------------------------------
+# router.module: a custom router file
+# ---------------------------------------------------------------------------
+
+ECO_ROUTER_FILE = """
+def route(request, hints):
+    content = request["messages"][-1]["content"]
+    text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content)
+    if "crash" in text:
+        raise RuntimeError("router exploded")
+    if "unknown" in text:
+        return "nobody,model-x"
+    if "disabled" in text:
+        return "offline,model-offline"
+    if "number" in text:
+        return 42
+    if "hints" in text:
+        flags = [hints["session_id"], hints["is_background"], hints["token_count"] > 0, hints["has_images"]]
+        return "anthropic,model-" + "-".join(str(flag).lower() for flag in flags)
+    if "custom" in text:
+        return "openai,gpt-custom"
+    return None
+"""
+ECO_SESSION_USER = json.dumps({"device_id": "dev-1", "account_uuid": "", "session_id": "sess-a"})
+
+
+def eco_module_case(case_id: str, body: dict, route: str, scenario: str, warning: str = "") -> Any:
+    return pytest.param(body, route, scenario, warning, id=case_id)
+
+
+ECO_MODULE_CASES = [
+    eco_module_case("string-wins", request("custom please"), "openai,gpt-custom", "custom"),
+    eco_module_case("before-rules", request("custom rust"), "openai,gpt-custom", "custom"),
+    eco_module_case("before-explicit", request("custom", model="pinned,model-pinned-a"), "openai,gpt-custom", "custom"),
+    eco_module_case("before-long-context", request(LONG_TEXT + " custom"), "openai,gpt-custom", "custom"),
+    eco_module_case(
+        "gets-hints",
+        request(
+            [IMAGE, {"type": "text", "text": "hints"}],
+            model=ECO_HAIKU_MODEL,
+            metadata={"user_id": ECO_SESSION_USER},
+        ),
+        "anthropic,model-sess-a-true-true-true",
+        "custom",
+    ),
+    eco_module_case("none-falls-to-rules", request("rust"), "anthropic,model-rust", "rule:rust"),
+    eco_module_case("none-falls-to-default", request("hello"), "anthropic,model-default", "default"),
+    eco_module_case(
+        "raises", request("crash rust"), "anthropic,model-rust", "rule:rust", "RuntimeError: router exploded"
+    ),
+    eco_module_case(
+        "unknown-provider", request("unknown"), "anthropic,model-default", "default", "unknown provider 'nobody'"
+    ),
+    eco_module_case(
+        "disabled-provider",
+        request("disabled"),
+        "anthropic,model-default",
+        "default",
+        "provider 'offline' is disabled",
+    ),
+    eco_module_case("not-a-string", request("number"), "anthropic,model-default", "default", "returned int"),
+]
+
+
+@pytest.mark.parametrize(("body", "route", "scenario", "warning"), ECO_MODULE_CASES)
+async def test_eco_router_module(
+    tmp_path: Path,
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    eco_log: Callable[[], list[dict]],
+    caplog: pytest.LogCaptureFixture,
+    body: dict,
+    route: str,
+    scenario: str,
+    warning: str,
+) -> None:
+    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
+    config = eco_config(
+        eco_upstream.url,
+        router={"module": "router.py"},  # relative to the config file
+        rules=[{"name": "rust", "keywords": ["rust"], "route": "anthropic,model-rust"}],
+        source=str(tmp_path / "eco.toml"),
+    )
+    url = await start_proxy(config)
+
+    async with http.post(f"{url}/v1/messages", json=body) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["x-terraphim-route"] == route
+
+    assert eco_upstream.last.body["model"] == route.split(",")[1]
+    [line] = eco_log()
+    assert line["scenario"] == scenario
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warning:
+        assert any("router.module" in w and warning in w and "built-in rules" in w for w in warnings), warnings
+    else:
+        assert not any("router.module" in w for w in warnings), warnings
+
+
+ECO_BAD_ROUTERS = [
+    pytest.param(None, "cannot load", id="missing-file"),
+    pytest.param("def route(request, hints)\n    return None\n", "SyntaxError", id="syntax-error"),
+    pytest.param("def choose(request, hints):\n    return None\n", "defines no function route", id="no-route"),
+    pytest.param("route = 'anthropic,x'\n", "defines no function route", id="route-not-callable"),
+    pytest.param("raise ImportError('needs numpy')\n", "ImportError: needs numpy", id="fails-on-import"),
+]
+
+
+@pytest.mark.parametrize(("source", "problem"), ECO_BAD_ROUTERS)
+def test_eco_router_module_load_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str | None, problem: str
+) -> None:
+    if source is not None:
+        (tmp_path / "router.py").write_text(source)
+    path = tmp_path / "eco.toml"
+    path.write_text(ECO_VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+
+    code, out, err = run_check(path, capsys)
+
+    assert_one_problem(code, out, err, str(path), "router.module: ", str(tmp_path / "router.py"), problem)
+
+
+def test_eco_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
+    path = tmp_path / "eco.toml"
+    path.write_text(ECO_VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    routes = out.split("routes (first match wins):")[1].splitlines()
+    assert routes[1].split() == [
+        "module",
+        "router.py:",
+        "route(request,",
+        "hints),",
+        "when",
+        "it",
+        "returns",
+        "a",
+        "route",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Session memory: the upstream's own input count of a session's last answer
+# ---------------------------------------------------------------------------
+
+
+def eco_user_id(session: str, style: str) -> str:
+    if style == "json":
+        return json.dumps({"device_id": "dev-1", "account_uuid": "acct-1", "session_id": session})
+    return f"user_{'a' * 64}_account_acct-1_session_{session}"
+
+
+async def eco_session_request(url: str, client: str, stream: bool, user_id: str) -> str:
+    """One small request of a session; returns the route the proxy chose."""
+    if client == "openai":
+        async with openai_client(url) as sdk:
+            chat = await eco_chat(sdk, stream, user=user_id, messages=[{"role": "user", "content": "small"}])
+        return chat.headers["x-terraphim-route"]
+    async with anthropic_client(url) as sdk:
+        args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
+        args["metadata"] = {"user_id": user_id}
+        if stream:
+            async with sdk.messages.stream(**args) as events:
+                await events.get_final_message()
+                return events.response.headers["x-terraphim-route"]
+        raw = await sdk.messages.with_raw_response.create(**args)
+        await raw.parse()
+        return raw.headers["x-terraphim-route"]
+
+
+@pytest.mark.parametrize(
+    ("client", "style", "stream"),
+    [
+        ("anthropic", "json", False),
+        ("anthropic", "json", True),
+        ("anthropic", "legacy", False),
+        ("openai", "json", False),
+        ("openai", "json", True),
+    ],
+)
+async def test_eco_session_memory_routes_long_context(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+    # Each figure is under the threshold; only their sum (the prompt's size) is over it.
+    large = {
+        "input_tokens": 700,
+        "cache_read_input_tokens": 800,
+        "cache_creation_input_tokens": 600,
+        "output_tokens": 5,
+    }
+    small = {**large, "input_tokens": 10, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    eco_upstream.script("model-default", EcoAnswer(usage=large))
+    eco_upstream.script("model-long", EcoAnswer(usage=small))
+    session_a, session_b = eco_user_id("sess-a", style), eco_user_id("sess-b", style)
+
+    routes = [
+        await eco_session_request(url, client, stream, session_a),  # small: default; upstream reports 2100
+        await eco_session_request(url, client, stream, session_a),  # small, but the session is large
+        await eco_session_request(url, client, stream, session_b),  # another session
+        await eco_session_request(url, client, stream, session_a),  # the last answer said 10
+    ]
+
+    assert routes == [
+        "anthropic,model-default",
+        "anthropic,model-long",
+        "anthropic,model-default",
+        "anthropic,model-default",
+    ]
+
+
+async def test_eco_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+    eco_upstream.script("model-default", EcoAnswer(usage=large), EcoAnswer(usage=large))
+    body = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
+
+    async with anthropic_client(url) as sdk:
+        routes = []
+        for _ in range(2):
+            raw = await sdk.messages.with_raw_response.create(**body, metadata={"user_id": "not-a-session"})
+            routes.append(raw.headers["x-terraphim-route"])
+
+    assert routes == ["anthropic,model-default", "anthropic,model-default"]
+
+
+def test_eco_session_memory_is_bounded() -> None:
+    memory = terraphim_proxy.SessionMemory(size=2)
+    memory.remember("a", 1)
+    memory.remember("b", 2)
+    memory.remember("a", 3)  # a is now the most recent
+    memory.remember("c", 4)
+
+    assert [memory.get(key) for key in "abc"] == [3, None, 4]
+    assert len(memory.tokens) == 2
+
+
+# ---------------------------------------------------------------------------
+# /routes and /metrics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/routes", "/metrics"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({}, 401, id="no-key"),
+        pytest.param({"x-api-key": "wrong"}, 401, id="wrong-key"),
+        pytest.param({"x-api-key": PROXY_KEY}, 200, id="x-api-key"),
+        pytest.param({"authorization": f"Bearer {PROXY_KEY}"}, 200, id="bearer"),
+    ],
+)
+async def test_eco_admin_endpoints_need_the_proxy_key(
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    path: str,
+    headers: dict,
+    status: int,
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"api_key": PROXY_KEY}))
+
+    async with http.get(f"{url}{path}", headers=headers) as response:
+        assert response.status == status
+        text = await response.text()
+
+    if status == 401:
+        assert json.loads(text)["error"]["type"] == "authentication_error"
+    else:
+        assert ("routes" in json.loads(text)) if path == "/routes" else text.startswith("# HELP")
+
+
+async def test_eco_routes_shows_the_effective_table(
+    tmp_path: Path, eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
+    router = {"module": "router.py", "think": "offline,model-offline | pinned,model-pinned-a", "web_search": None}
+    config = eco_config(eco_upstream.url, router=router, rules=ECO_RULES, source=str(tmp_path / "eco.toml"))
+    url = await start_proxy(config)
+
+    async with http.get(f"{url}/routes") as response:
+        assert response.status == 200
+        table = await response.json()
+
+    assert table["order"] == [
+        "module",
+        "explicit",
+        "long_context",
+        "subagent",
+        "rules",
+        "image",
+        "web_search",
+        "background",
+        "think",
+        "default",
+    ]
+    assert table["module"] == "router.py"
+    assert table["routes"] == {
+        "default": ["anthropic,model-default"],
+        "background": ["anthropic,model-background"],
+        "think": ["pinned,model-pinned-a"],  # the disabled target is dropped
+        "long_context": ["anthropic,model-long"],
+        "image": ["anthropic,model-image"],
+    }
+    assert [(r["name"], r["priority"], r["route"]) for r in table["rules"]] == [
+        ("local", 10, []),  # every target disabled: shown, never fires
+        ("ticket", 5, ["anthropic,model-urgent"]),
+        ("spare", 3, ["pinned,model-pinned-a"]),
+        ("ship", 2, ["anthropic,model-ship"]),
+        ("rust", 1, ["anthropic,model-rust"]),
+        ("cpp", 0, ["anthropic,model-cpp"]),
+    ]
+    ship = table["rules"][3]
+    assert (ship["keywords"], ship["pattern"]) == (["deploy"], "ship ?it")
+    assert (table["long_context_threshold"], table["think_efforts"]) == (SMALL_THRESHOLD, ["max"])
+
+
+ECO_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+ECO_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+
+@dataclass
+class EcoMetrics:
+    samples: list[tuple[str, dict[str, str], float]]
+    types: dict[str, str]
+
+    def series(self, name: str) -> dict[tuple, float]:
+        """name's samples keyed by their label values (in label order)."""
+        return {tuple(labels.values()): value for sample, labels, value in self.samples if sample == name}
+
+    def value(self, name: str, **labels: str) -> float:
+        found = [value for sample, have, value in self.samples if sample == name and have == labels]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+
+def eco_parse_metrics(text: str) -> EcoMetrics:
+    """Prometheus text format: `# HELP`/`# TYPE` comments, else `name{labels} value`; histograms checked."""
+    samples, types = [], {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        match = ECO_SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, label_text, value = match.groups()
+        labels = {}
+        if label_text:
+            pairs = list(ECO_LABEL.finditer(label_text))
+            assert "".join(p.group(0) for p in pairs) == label_text, f"bad labels: {line!r}"
+            labels = {p.group(1): p.group(2) for p in pairs}
+        samples.append((name, labels, float(value)))
+    for name, _, _ in samples:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in types or types.get(base) == "histogram", f"{name} has no # TYPE"
+    metrics = EcoMetrics(samples, types)
+    for family, kind in types.items():
+        if kind != "histogram":
+            continue
+        buckets: dict[tuple, list[tuple[float, float]]] = {}
+        for name, labels, value in samples:
+            if name == f"{family}_bucket":
+                key = tuple((k, v) for k, v in labels.items() if k != "le")
+                buckets.setdefault(key, []).append((float(labels["le"]), value))
+        for key, rows in buckets.items():
+            bounds, counts = [b for b, _ in rows], [c for _, c in rows]
+            assert bounds == sorted(bounds) and bounds[-1] == math.inf, rows
+            assert counts == sorted(counts), f"{family}{key}: buckets not cumulative: {counts}"
+            assert counts[-1] == metrics.value(f"{family}_count", **dict(key)), key
+            assert metrics.value(f"{family}_sum", **dict(key)) >= 0
+    return metrics
+
+
+async def eco_metrics(http: aiohttp.ClientSession, url: str) -> EcoMetrics:
+    async with http.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return eco_parse_metrics(await response.text())
+
+
+ECO_FALLBACK_RULE = {"name": "fallback", "keywords": ["fallback"], "route": "down,model-down | anthropic,model-backup"}
+
+
+async def eco_metrics_sequence(upstream: EcoUpstream, start: StartProxy) -> str:
+    """Five requests: two plain (one streamed), one retried, one served by a fallback, one failing with 400."""
+    url = await start(eco_config(upstream.url, rules=[ECO_FALLBACK_RULE], proxy={"retries": 1, "retry_base_ms": 1}))
+    upstream.script("model-flaky", EcoAnswer(status=529, error_type="overloaded_error"), EcoAnswer())
+    upstream.script("model-bad", EcoAnswer(status=400, error_type="invalid_request_error"))
+    hello = [{"role": "user", "content": "hello"}]
+    async with anthropic_client(url) as sdk:
+        await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
+        async with sdk.messages.stream(model=CLIENT_MODEL, max_tokens=64, messages=hello) as events:
+            await events.get_final_message()
+        await sdk.messages.create(model="anthropic,model-flaky", max_tokens=64, messages=hello)
+        fallback = [{"role": "user", "content": "use the fallback"}]
+        await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=fallback)
+        with pytest.raises(anthropic.BadRequestError):
+            await sdk.messages.create(model="anthropic,model-bad", max_tokens=64, messages=hello)
+    return url
+
+
+async def test_eco_metrics_after_known_requests(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await eco_metrics_sequence(eco_upstream, start_proxy)
+
+    metrics = await eco_metrics(http, url)
+
+    assert metrics.types == {
+        "terraphim_requests_total": "counter",
+        "terraphim_request_seconds": "histogram",
+        "terraphim_first_byte_seconds": "histogram",
+        "terraphim_input_tokens_total": "counter",
+        "terraphim_output_tokens_total": "counter",
+        "terraphim_upstream_errors_total": "counter",
+        "terraphim_retries_total": "counter",
+        "terraphim_fallbacks_total": "counter",
+        "terraphim_in_flight": "gauge",
+    }
+    assert metrics.series("terraphim_requests_total") == {
+        ("default", "anthropic", "model-default", "200"): 2,
+        ("explicit", "anthropic", "model-flaky", "200"): 1,
+        ("rule:fallback", "anthropic", "model-backup", "200"): 1,
+        ("explicit", "anthropic", "model-bad", "400"): 1,
+    }
+    assert metrics.series("terraphim_request_seconds_count") == {
+        ("anthropic", "model-default"): 2,
+        ("anthropic", "model-flaky"): 1,
+        ("anthropic", "model-backup"): 1,
+        ("anthropic", "model-bad"): 1,
+    }
+    assert metrics.series("terraphim_first_byte_seconds_count") == {("anthropic", "model-default"): 1}
+    served = {("anthropic", m): n for m, n in (("model-default", 2), ("model-flaky", 1), ("model-backup", 1))}
+    input_tokens = {key: n * ECO_PROMPT_TOKENS for key, n in served.items()}
+    output_tokens = {key: n * ECO_USAGE["output_tokens"] for key, n in served.items()}
+    assert {k: v for k, v in metrics.series("terraphim_input_tokens_total").items() if v} == input_tokens
+    assert {k: v for k, v in metrics.series("terraphim_output_tokens_total").items() if v} == output_tokens
+    assert metrics.series("terraphim_upstream_errors_total") == {
+        ("anthropic", "overloaded_error"): 1,  # the retried 529
+        ("down", "api_error"): 2,  # refused, retried, refused: then the fallback
+        ("anthropic", "invalid_request_error"): 1,  # the 400, not retried
+    }
+    assert sum(metrics.series("terraphim_retries_total").values()) == 2
+    assert metrics.value("terraphim_retries_total", provider="anthropic", model="model-flaky") == 1
+    assert {k: v for k, v in metrics.series("terraphim_fallbacks_total").items() if v} == {
+        ("anthropic", "model-backup"): 1
+    }
+    assert metrics.value("terraphim_in_flight") == 0
+
+
+async def test_eco_metrics_retries_are_counted_on_the_retried_target(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await eco_metrics_sequence(eco_upstream, start_proxy)
+
+    metrics = await eco_metrics(http, url)
+
+    # The fallback request's retry happened on down,model-down; model-backup answered at its first attempt.
+    retries = {key: value for key, value in metrics.series("terraphim_retries_total").items() if value}
+    assert retries == {("anthropic", "model-flaky"): 1, ("down", "model-down"): 1}
+
+
+async def test_eco_metrics_in_flight_gauge(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+    eco_upstream.script("model-default", EcoAnswer(hold=True))
+
+    async with anthropic_client(url) as sdk:
+        args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+        async with sdk.messages.stream(**args) as events:
+            await wait_set(eco_upstream.holding)
+            during = await eco_metrics(http, url)
+            eco_upstream.release.set()
+            final = await events.get_final_message()
+
+    after = await eco_metrics(http, url)
+    assert during.value("terraphim_in_flight") == 1
+    assert during.series("terraphim_requests_total") == {}
+    assert final.content[0].text == STANDIN_TEXT
+    assert after.value("terraphim_in_flight") == 0
+    assert after.series("terraphim_requests_total") == {("default", "anthropic", "model-default", "200"): 1}
+
+
+# ---------------------------------------------------------------------------
+# --log-format json (the proxy as a subprocess)
+# ---------------------------------------------------------------------------
+
+
+def eco_subprocess_env(**extra: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **extra}
+
+
+async def test_eco_json_log_format(tmp_path: Path, eco_upstream: EcoUpstream) -> None:
+    port = free_port()
+    config = tmp_path / "eco.toml"
+    config.write_text(
+        f"""
+[proxy]
+port = {port}
+retries = 0
+
+[router]
+default = "anthropic,model-default"
+
+[[providers]]
+name = "anthropic"
+api_base_url = "{eco_upstream.url}"
+api_key = "${{ECO_UPSTREAM_KEY}}"
+
+[[providers]]
+name = "spare"
+type = "openai"
+api_key = "${{ECO_UNSET_KEY}}"
+"""
+    )
+    upstream_key = "sk-ant-eco-json-log-secret"
+    env = eco_subprocess_env(ECO_UPSTREAM_KEY=upstream_key)
+    process = await spawn_proxy("--config", str(config), "--log-format", "json", env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        health = await wait_healthy(base_url, process)
+        hello = [{"role": "user", "content": "hello"}]
+        async with anthropic_client(base_url) as sdk:
+            raw = await sdk.messages.with_raw_response.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
+            ok_id = raw.headers["request-id"]
+            with pytest.raises(anthropic.NotFoundError) as missing:
+                await sdk.messages.create(model="nobody,x", max_tokens=64, messages=hello)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 0
+    assert health["pid"] == process.pid
+    lines = stderr.decode().splitlines()
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(entry, dict) and {"time", "level", "message"} <= set(entry) for entry in entries)
+    assert any(e["level"] == "warning" and "spare" in e["message"] for e in entries)  # start-up warnings too
+    requests = {e["request_id"]: e for e in entries if "request_id" in e}
+    assert set(requests) == {ok_id, missing.value.response.headers["request-id"]}
+    ok = requests[ok_id]
+    assert (ok["path"], ok["scenario"], ok["provider"], ok["model"], ok["status"]) == (
+        "/v1/messages",
+        "default",
+        "anthropic",
+        "model-default",
+        200,
+    )
+    assert isinstance(ok["tokens"], int) and ok["tokens"] > 0
+    assert isinstance(ok["ms"], (int, float)) and ok["ms"] >= 0
+    failed = requests[missing.value.response.headers["request-id"]]
+    assert (failed["status"], failed["outcome"]) == (404, "not_found_error")
+    assert upstream_key not in stderr.decode()
+
+
+# ---------------------------------------------------------------------------
+# The env and code commands
+# ---------------------------------------------------------------------------
+
+ECO_CLAUDE_VARS = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS")
+ECO_ODD_KEY = "s3cr3t 'quoted' $HOME;`id`"
+
+
+def eco_cli_toml(port: int, proxy: str = "", provider: str = "") -> str:
+    return f"""
+[proxy]
+port = {port}
+{proxy}
+
+[router]
+default = "anthropic,model-default"
+
+[[providers]]
+name = "anthropic"
+api_base_url = "http://127.0.0.1:9"
+api_key = "${{ANTHROPIC_API_KEY}}"
+{provider}
+
+[[providers]]
+name = "openai"
+api_key = "${{OPENAI_API_KEY}}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("proxy", "provider", "token", "timeout"),
+    [
+        pytest.param("", "", "terraphim-proxy", "600000", id="loopback-no-key"),
+        pytest.param(
+            'host = "0.0.0.0"\napi_key = "${ECO_PROXY_KEY}"',
+            "timeout_ms = 900000",
+            ECO_ODD_KEY,
+            "900000",
+            id="public-key",
+        ),
+    ],
+)
+def test_eco_env_command(tmp_path: Path, proxy: str, provider: str, token: str, timeout: str) -> None:
+    port = free_port()
+    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, proxy, provider))
+    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-env", ECO_PROXY_KEY=ECO_ODD_KEY)
+
+    done = run_cli(["--config", "eco.toml", "env"], tmp_path, env)
+
+    assert done.returncode == 0, done.stderr
+    expected = {
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "ANTHROPIC_AUTH_TOKEN": token,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "DISABLE_TELEMETRY": "1",
+        "API_TIMEOUT_MS": timeout,
+    }
+    parsed = {}
+    for line in done.stdout.splitlines():
+        words = shlex.split(line)
+        assert len(words) == 2 and words[0] == "export", line
+        name, _, value = words[1].partition("=")
+        parsed[name] = value
+    assert parsed == expected
+    # Source the output in a real shell: the quoting must survive it unchanged.
+    (tmp_path / "exports.sh").write_text(done.stdout)
+    show = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(ECO_CLAUDE_VARS)!r}}}))"
+    sourced = subprocess.run(
+        ["sh", "-c", '. ./exports.sh && exec "$0" -c "$1"', sys.executable, show],
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent-home"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(sourced.stdout) == expected
+
+
+ECO_FAKE_CLAUDE = """
+import json, os, sys, urllib.request
+base = os.environ["ANTHROPIC_BASE_URL"]
+with urllib.request.urlopen(base + "/health", timeout=5) as answer:
+    status, health = answer.status, json.load(answer)
+names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS", "ECO_MARKER")
+report = {"argv": sys.argv[1:], "env": {n: os.environ.get(n) for n in names}, "status": status, "pid": health["pid"]}
+print(json.dumps(report))
+"""
+
+
+def eco_health(base_url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as answer:
+            return json.load(answer)
+    except OSError:
+        return None
+
+
+def eco_stop_background_proxy(base_url: str) -> None:
+    """SIGTERM the proxy answering at base_url (its pid from /health), then wait until it stops answering."""
+    health = eco_health(base_url)
+    if health is None:
+        return
+    os.kill(health["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + TIMEOUT_S
+    while eco_health(base_url) is not None:
+        assert time.monotonic() < deadline, f"the proxy at {base_url} did not stop"
+        time.sleep(0.05)
+
+
+def test_eco_code_command(tmp_path: Path) -> None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"', "timeout_ms = 700000"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text(f"#!{sys.executable}\n{ECO_FAKE_CLAUDE}")
+    claude.chmod(0o755)
+    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", ECO_PROXY_KEY=PROXY_KEY, ECO_MARKER="kept")
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
+    assert eco_health(base_url) is None
+    try:
+        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose", "--help"], tmp_path, env)
+        assert first.returncode == 0, first.stderr
+        report = json.loads(first.stdout)
+        assert report["argv"] == ["-p", "hello", "--verbose", "--help"]
+        assert report["env"] == {
+            "ANTHROPIC_BASE_URL": base_url,
+            "ANTHROPIC_AUTH_TOKEN": PROXY_KEY,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "DISABLE_TELEMETRY": "1",
+            "API_TIMEOUT_MS": "700000",
+            "ECO_MARKER": "kept",
+        }
+        assert report["status"] == 200
+        assert f"terraphim-proxy started on {base_url}" in first.stderr
+        assert (tmp_path / f"terraphim-proxy-{port}.log").is_file()
+        # A second run finds the proxy up and reuses it.
+        second = run_cli(["--config", "eco.toml", "code", "--continue"], tmp_path, env)
+        assert second.returncode == 0, second.stderr
+        assert json.loads(second.stdout)["argv"] == ["--continue"]
+        assert json.loads(second.stdout)["pid"] == report["pid"]
+        assert "started" not in second.stderr
+        # Without claude on PATH: a clear message and 127.
+        missing = run_cli(["--config", "eco.toml", "code"], tmp_path, {**env, "PATH": str(tmp_path / "empty")})
+        assert missing.returncode == 127
+        assert "claude not found" in missing.stderr
+    finally:
+        eco_stop_background_proxy(base_url)
+    assert eco_health(base_url) is None
+
+
+# ---------------------------------------------------------------------------
+# import-ccr: claude-code-router config.json to TOML
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EcoCcr:
+    """A claude-code-router config and what its conversion must hold."""
+
+    text: str
+    env: dict[str, str]
+    providers: dict[str, dict]  # name -> expected keys (type, api_base_url, ...) and "endpoint"
+    router: dict[str, Any]
+    proxy: dict[str, Any] = field(default_factory=dict)
+    comments: tuple[str, ...] = ()
+
+
+ECO_CCR_MULTI = EcoCcr(
+    text="""
+// ~/.claude-code-router/config.json, after the README's example
+{
+  // Don't commit real keys: they come from the environment ("$VAR" or "${VAR}").
+  LOG: true,
+  API_TIMEOUT_MS: 600000,
+  /* OpenRouter: several vendors behind one key */
+  Providers: [
+    {
+      name: 'openrouter',
+      api_base_url: 'https://openrouter.ai/api/v1/chat/completions',
+      api_key: '$OPENROUTER_API_KEY',
+      models: ['google/gemini-2.5-pro-preview', 'anthropic/claude-sonnet-4', "anthropic/claude-3.5-sonnet",],
+      transformer: { use: ['openrouter'] },
+    },
+    {
+      "name": "deepseek",
+      "api_base_url": "https://api.deepseek.com/chat/completions",
+      "api_key": "${DEEPSEEK_API_KEY}",
+      "models": ["deepseek-chat", "deepseek-reasoner"],
+      "transformer": {
+        "use": ["deepseek"],
+        "deepseek-chat": { "use": ["tooluse", ["maxtoken", { "max_tokens": 8192 }]] }, // per-model cap
+      },
+    },
+    {
+      name: "ollama",
+      api_base_url: "http://localhost:11434/v1/chat/completions",
+      api_key: "ollama",
+      models: ["qwen2.5-coder:latest"],
+    },
+    {
+      name: "gemini",
+      api_base_url: "https://generativelanguage.googleapis.com/v1beta/models/",
+      api_key: "$GEMINI_API_KEY",
+      models: ["gemini-2.5-flash", "gemini-2.5-pro"],
+      transformer: { use: ["gemini"] },
+    },
+    {
+      name: "siliconflow",
+      api_base_url: "https://api.siliconflow.cn/v1/chat/completions",
+      api_key: "${SILICONFLOW_API_KEY}",
+      models: ["moonshotai/Kimi-K2-Instruct"],
+      transformer: { use: [["maxtoken", { max_tokens: 16384 }]] },
+    },
+  ],
+  Router: {
+    default: "deepseek,deepseek-chat",
+    background: "ollama,qwen2.5-coder:latest",
+    think: "deepseek,deepseek-reasoner",
+    longContext: "openrouter,google/gemini-2.5-pro-preview",
+    longContextThreshold: 60000,
+    webSearch: "gemini,gemini-2.5-flash",
+  },
+}
+""",
+    env={
+        "OPENROUTER_API_KEY": "sk-or-eco",
+        "DEEPSEEK_API_KEY": "sk-ds-eco",
+        "GEMINI_API_KEY": "gm-eco",
+        "SILICONFLOW_API_KEY": "sk-sf-eco",
+    },
+    providers={
+        "openrouter": {
+            "type": "openrouter",
+            "api_base_url": "https://openrouter.ai/api/v1",
+            "api_key": "$OPENROUTER_API_KEY",
+            "models": ["google/gemini-2.5-pro-preview", "anthropic/claude-sonnet-4", "anthropic/claude-3.5-sonnet"],
+            "endpoint": "https://openrouter.ai/api/v1/chat/completions",
+        },
+        "deepseek": {
+            "type": "deepseek",
+            "api_base_url": "https://api.deepseek.com",
+            "api_key": "${DEEPSEEK_API_KEY}",
+            "model_max_tokens": {"deepseek-chat": 8192},
+            "endpoint": "https://api.deepseek.com/chat/completions",
+        },
+        "ollama": {
+            "type": "ollama",
+            "api_base_url": "http://localhost:11434",
+            "models": ["qwen2.5-coder:latest"],
+            "endpoint": "http://localhost:11434/api/chat",  # Ollama's own API, not its OpenAI-compatible one
+        },
+        "gemini": {
+            "type": "gemini",
+            "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
+            "endpoint": "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent",
+        },
+        "siliconflow": {
+            "type": "openai",
+            "api_base_url": "https://api.siliconflow.cn/v1",
+            "max_tokens": 16384,
+            "endpoint": "https://api.siliconflow.cn/v1/chat/completions",
+        },
+    },
+    router={
+        "default": "deepseek,deepseek-chat",
+        "background": "ollama,qwen2.5-coder:latest",
+        "think": "deepseek,deepseek-reasoner",
+        "long_context": "openrouter,google/gemini-2.5-pro-preview",
+        "long_context_threshold": 60000,
+        "web_search": "gemini,gemini-2.5-flash",
+    },
+    comments=("API_TIMEOUT_MS = 600000", '"tooluse"', '"openrouter"'),
+)
+
+ECO_CCR_ANTHROPIC = EcoCcr(
+    text="""{
+  "Providers": [
+    {
+      "name": "anthropic",
+      "api_base_url": "https://api.anthropic.com/v1/messages",
+      "api_key": "sk-ant-literal-key",
+      "models": ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"],
+      "transformer": { "use": ["Anthropic"] }
+    },
+    {
+      "name": "kimi",
+      "api_base_url": "https://api.moonshot.ai/anthropic/v1/messages",
+      "api_key": "$MOONSHOT_API_KEY",
+      "models": ["kimi-k2-0905-preview"],
+      "transformer": { "use": [["Anthropic", { "UseBearer": true }]] }
+    }
+  ],
+  "Router": {
+    "default": "anthropic,claude-sonnet-4-5",
+    "background": "anthropic,claude-haiku-4-5",
+    "think": "anthropic,claude-opus-4-1",
+    "longContext": "kimi,kimi-k2-0905-preview",
+    "longContextThreshold": 100000,
+    "webSearch": "",
+    "image": "anthropic,claude-sonnet-4-5"
+  }
+}""",
+    env={"MOONSHOT_API_KEY": "sk-moonshot-eco"},
+    providers={
+        "anthropic": {
+            "type": "anthropic",
+            "api_base_url": "https://api.anthropic.com",
+            "api_key": "sk-ant-literal-key",
+            "endpoint": "https://api.anthropic.com/v1/messages",
+        },
+        "kimi": {
+            "type": "anthropic",
+            "api_base_url": "https://api.moonshot.ai/anthropic",
+            "endpoint": "https://api.moonshot.ai/anthropic/v1/messages",
+        },
+    },
+    router={
+        "default": "anthropic,claude-sonnet-4-5",
+        "background": "anthropic,claude-haiku-4-5",
+        "think": "anthropic,claude-opus-4-1",
+        "long_context": "kimi,kimi-k2-0905-preview",
+        "long_context_threshold": 100000,
+        "image": "anthropic,claude-sonnet-4-5",
+    },
+    comments=('"UseBearer": true',),
+)
+
+ECO_CCR_SERVICE = EcoCcr(
+    text="""{
+  APIKEY: "$CCR_APIKEY",
+  HOST: "0.0.0.0",
+  PORT: 3457,
+  LOG: true,
+  LOG_LEVEL: "warn",
+  NON_INTERACTIVE_MODE: false,
+  CUSTOM_ROUTER_PATH: "/home/me/.claude-code-router/custom-router.js",
+  PROXY_URL: "http://127.0.0.1:7890",
+  transformers: [
+    { path: "/home/me/.claude-code-router/plugins/gemini-cli.js", options: { project: "my-project" } },
+  ],
+  StatusLine: {
+    enabled: true,
+    currentStyle: "default",
+    default: { modules: [{ type: "model", icon: "M", text: 'it\\'s {{model}} "live"', color: "bright_yellow" }] },
+  },
+  Providers: [
+    {
+      name: "volcengine",
+      api_base_url: "https://ark.cn-beijing.volces.com/api/v3/chat/completions",
+      api_key: "${ARK_API_KEY}",
+      models: ["deepseek-v3-250324", "deepseek-r1-250528"],
+      transformer: { use: ["deepseek"] },
+    },
+  ],
+  Router: { default: "volcengine,deepseek-v3-250324", think: "volcengine,deepseek-r1-250528" },
+}""",
+    env={"CCR_APIKEY": "ccr-secret", "ARK_API_KEY": "ark-eco"},
+    providers={
+        "volcengine": {
+            "type": "deepseek",
+            "api_base_url": "https://ark.cn-beijing.volces.com/api/v3",
+            "endpoint": "https://ark.cn-beijing.volces.com/api/v3/chat/completions",
+        },
+    },
+    router={"default": "volcengine,deepseek-v3-250324", "think": "volcengine,deepseek-r1-250528"},
+    proxy={"api_key": "$CCR_APIKEY", "host": "0.0.0.0", "port": 3457, "log_level": "warning"},
+    comments=(
+        "CUSTOM_ROUTER_PATH",
+        "custom-router.js",
+        "transformers",
+        "gemini-cli.js",
+        "StatusLine",
+        "PROXY_URL",
+        "NON_INTERACTIVE_MODE = false",
+    ),
+)
+
+ECO_CCR_MINIMAL = EcoCcr(
+    text="""{
+  "Providers": [
+    {
+      "name": "openai",
+      "api_base_url": "https://api.openai.com/v1/chat/completions",
+      "api_key": "sk-xxx",
+      "models": ["gpt-4o"]
+    }
+  ],
+  "Router": { "default": "openai,gpt-4o" }
+}""",
+    env={},
+    providers={
+        "openai": {
+            "type": "openai",
+            "api_base_url": "https://api.openai.com/v1",
+            "api_key": "sk-xxx",
+            "models": ["gpt-4o"],
+            "endpoint": "https://api.openai.com/v1/chat/completions",
+        }
+    },
+    router={"default": "openai,gpt-4o"},
+)
+
+ECO_ENDPOINT_SUFFIX = {  # what the proxy appends to each type's base URL for a request to `model`
+    "openai": "/chat/completions",
+    "openrouter": "/chat/completions",
+    "deepseek": "/chat/completions",
+    "anthropic": "/v1/messages",
+    "ollama": "/api/chat",
+    "gemini": "/models/{model}:generateContent",
+}
+
+
+def eco_import(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = terraphim_proxy.main(["import-ccr", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(ECO_CCR_MULTI, id="deepseek-openrouter-ollama-gemini"),
+        pytest.param(ECO_CCR_ANTHROPIC, id="anthropic-passthrough"),
+        pytest.param(ECO_CCR_SERVICE, id="service-settings-and-plugins"),
+        pytest.param(ECO_CCR_MINIMAL, id="minimal"),
+    ],
+)
+def test_eco_import_ccr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: EcoCcr
+) -> None:
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
+    source = tmp_path / "config.json"
+    source.write_text(case.text)
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    assert set(doc) <= {"proxy", "router", "providers"}
+    assert doc.get("proxy", {}) == case.proxy
+    assert doc["router"] == case.router
+    converted = {p["name"]: p for p in doc["providers"]}
+    assert list(converted) == list(case.providers)
+    for name, expected in case.providers.items():
+        provider = converted[name]
+        for key, value in expected.items():
+            if key != "endpoint":
+                assert provider[key] == value, (name, key)
+        model = (provider.get("models") or ["m"])[0]
+        endpoint = provider["api_base_url"] + ECO_ENDPOINT_SUFFIX[provider["type"]].format(model=model)
+        assert endpoint == expected["endpoint"], name
+    comments = [line for line in out.splitlines() if line.startswith("#")]
+    for fragment in case.comments:
+        assert any(fragment in line for line in comments), (fragment, comments)
+    assert not any(line.startswith("# check:") for line in comments), comments  # it passes, with the env set
+
+    target = tmp_path / "converted.toml"
+    target.write_text(out)
+    assert terraphim_proxy.main(["--config", str(target), "--check"]) == 0
+    table, problems = capsys.readouterr()
+    assert "warning" not in table and problems == ""
+    config = terraphim_proxy.load_config(target)
+    assert all(p.enabled for p in config.providers.values())
+    raw_keys = {name: p.get("api_key", "") for name, p in converted.items()}
+    for name, raw in raw_keys.items():  # $VAR and ${VAR} survive into the TOML and expand on load
+        var = re.fullmatch(r"\$\{?([A-Z_]+)\}?", raw)
+        assert config.providers[name].api_key == (case.env[var.group(1)] if var else raw)
+
+
+def test_eco_import_ccr_without_env_reports_disabled_providers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ECO_CCR_MULTI.env:
+        monkeypatch.delenv(name, raising=False)
+    source = tmp_path / "config.json"
+    source.write_text(ECO_CCR_MULTI.text)
+
+    code, out, _ = eco_import(source, capsys)
+
+    assert code == 0
+    checks = [line for line in out.splitlines() if line.startswith("# check:")]
+    for var in ECO_CCR_MULTI.env:
+        assert any(f"${var} is not set" in line for line in checks), (var, checks)
+    tomllib.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param("{ Providers: [ }", "not valid JSON5", id="unclosed-array"),
+        pytest.param("{ Router: { default: 'a,b' }", "not valid JSON5", id="unclosed-object"),
+        pytest.param("{ PORT: }", "not valid JSON5", id="missing-value"),
+        pytest.param("{ PORT: 3456 } extra", "not valid JSON5", id="trailing-text"),
+        pytest.param("", "not valid JSON5", id="empty"),
+        pytest.param("[1, 2]", "expected a JSON object", id="array"),
+        pytest.param(None, "cannot read", id="missing-file"),
+    ],
+)
+def test_eco_import_ccr_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, problem: str
+) -> None:
+    source = tmp_path / "config.json"
+    if text is not None:
+        source.write_text(text)
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 2
+    assert out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {source}: ") and problem in line, line
+
+
+async def test_eco_imported_ccr_config_reaches_both_upstream_formats(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    eco_upstream: EcoUpstream,
+    start_proxy: StartProxy,
+) -> None:
+    source = tmp_path / "config.json"
+    source.write_text(
+        f"""{{
+  Providers: [
+    {{ name: "local-openai", api_base_url: "{eco_upstream.url}/v1/chat/completions", api_key: "$OPENAI_API_KEY",
+       models: ["gpt-eco"] }},
+    {{ name: "local-claude", api_base_url: "{eco_upstream.url}/v1/messages", api_key: "${{ANTHROPIC_API_KEY}}",
+       models: ["claude-eco"], transformer: {{ use: ["Anthropic"] }} }},
+  ],
+  Router: {{ default: "local-openai,gpt-eco", background: "local-claude,claude-eco" }},
+}}"""
+    )
+    assert terraphim_proxy.main(["import-ccr", str(source)]) == 0
+    converted = tmp_path / "converted.toml"
+    converted.write_text(capsys.readouterr().out)
+    url = await start_proxy(terraphim_proxy.load_config(converted, environ=ENVIRON))
+
+    async with anthropic_client(url) as sdk:
+        hello = [{"role": "user", "content": "hello"}]
+        main = await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
+        background = await sdk.messages.create(model=ECO_HAIKU_MODEL, max_tokens=64, messages=hello)
+
+    assert main.content[0].text == background.content[0].text == STANDIN_TEXT
+    seen = [(r.path, r.body["model"]) for r in eco_upstream.received]
+    assert seen == [("/v1/chat/completions", "gpt-eco"), ("/v1/messages", "claude-eco")]
+    assert eco_upstream.received[0].headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
+    assert eco_upstream.received[1].headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
+
+
+# ===========================================================================
+# End to end: the real Claude Code CLI through the proxy
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Through the proxy to the Anthropic stand-in
+# ---------------------------------------------------------------------------
+
 E2E_MODEL = "claude-e2e-routed"
 E2E_CONTENT = "terraphim e2e\n"
 E2E_FINAL = "Done: hello.txt written through terraphim-proxy."
-
-
-def find_claude_cli() -> str:
-    """$CLAUDE_BIN, the checkout's .e2e install, or `claude` on PATH; skip only without Node.js."""
-    if shutil.which("node") is None:
-        pytest.skip("Node.js (node) is not installed, so the Claude Code CLI cannot run")
-    candidates = [
-        os.environ.get("CLAUDE_BIN"),
-        str(CHECKOUT / ".e2e/node/node_modules/.bin/claude"),
-        shutil.which("claude"),
-    ]
-    for candidate in filter(None, candidates):
-        path = Path(candidate)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            continue
-        real = path.resolve()
-        if real.stat().st_size >= 64 * 1024:
-            return str(path)
-        # npm skipped the postinstall: bin/claude.exe is a stub; use the platform package's native binary.
-        for native in real.parent.parent.parent.glob("claude-code-linux-*/claude"):
-            if os.access(native, os.X_OK):
-                return str(native)
-    pytest.fail(
-        "Claude Code CLI not found: run `npm install --prefix .e2e/node "
-        f"@anthropic-ai/claude-code@{CLI_VERSION}` in {CHECKOUT} (or set CLAUDE_BIN)"
-    )
+E2E_PROMPT = "Create hello.txt containing 'terraphim e2e'."
 
 
 def e2e_answer(target: Path) -> Callable[[Received], Reply]:
@@ -1444,70 +9985,175 @@ def has_tool_result(body: dict) -> bool:
     return bool(tool_results(body))
 
 
-def claude_env(proxy: str, home: Path) -> dict[str, str]:
-    """A clean, offline environment for the CLI."""
-    (home / "tmp").mkdir(parents=True)
-    quiet = (
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-        "DISABLE_TELEMETRY",
-        "DISABLE_AUTOUPDATER",
-        "DISABLE_ERROR_REPORTING",
-    )
-    return {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(home),
-        "CLAUDE_CONFIG_DIR": str(home / ".claude"),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "TMPDIR": str(home / "tmp"),
-        "LANG": "C.UTF-8",
-        "TERM": "dumb",
-        "NO_COLOR": "1",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "ANTHROPIC_BASE_URL": proxy,
-        "ANTHROPIC_API_KEY": CLIENT_KEY,
-        **dict.fromkeys(quiet, "1"),
-    }
-
-
 async def test_claude_code_cli_writes_file_through_proxy(
     stand_in: StandIn, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    claude = find_claude_cli()
-    workdir, home = tmp_path / "work", tmp_path / "home"
-    workdir.mkdir()
-    target = workdir / "hello.txt"
+    target = tmp_path / "work" / "hello.txt"
     stand_in.answer = e2e_answer(target)
     proxy = await start_proxy(make_config(stand_in.url, router={"default": f"anthropic,{E2E_MODEL}"}))
-    argv = [claude, "-p", "Create hello.txt containing 'terraphim e2e'.", "--model", "terraphim-proxy-model"]
-    argv += ["--output-format", "text", "--permission-mode", "acceptEdits", "--allowedTools", "Write"]
-    argv += ["--max-turns", "4", "--no-session-persistence"]
 
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=workdir,
-        env=claude_env(proxy, home),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        process.kill()  # the assertions below then report what the CLI and the stand-in got so far
-        out, err = await process.communicate()
+    run = await run_claude_cli(proxy, tmp_path, E2E_PROMPT)
 
     main_turns = [r.body for r in stand_in.received if r.path == "/v1/messages" and r.body.get("tools")]
-    diag = f"rc={process.returncode} upstream={[(r.path, (r.body or {}).get('model')) for r in stand_in.received]}\n"
-    diag += f"stdout={out.decode(errors='replace')[-2000:]!r}\nstderr={err.decode(errors='replace')[-2000:]!r}"
-    assert process.returncode == 0, diag
+    diag = run.diag([(r.path, (r.body or {}).get("model")) for r in stand_in.received])
+    assert run.returncode == 0, diag
     assert target.is_file(), diag
     assert target.read_text() == E2E_CONTENT, diag
-    assert E2E_FINAL in out.decode(), diag
+    assert E2E_FINAL in run.out, diag
     assert [has_tool_result(body) for body in main_turns] == [False, True], diag
     results = tool_results(main_turns[1])
     assert results, diag
     assert not any(result.get("is_error") for result in results), diag
     assert all(r.body["model"] == E2E_MODEL for r in stand_in.received if r.path == "/v1/messages"), diag
     assert all(r.headers["x-api-key"] == UPSTREAM_KEY for r in stand_in.received), diag
+
+
+# ---------------------------------------------------------------------------
+# Through the proxy to the OpenAI-format stand-in
+# ---------------------------------------------------------------------------
+
+OPENAI_E2E_CONTENT = "terraphim openai e2e\n"
+OPENAI_E2E_FINAL = "Done: hello.txt written through an OpenAI-format upstream."
+OPENAI_E2E_CALL_ID = "call_e2eWrite01"
+
+
+def openai_e2e_answer(target: Path) -> Callable[[Received], OpenAIReply]:
+    """Main turn 1: a streamed Write of `target`; turn 2 (with the role:"tool" result): the final text; others: 'ok'."""
+
+    def answer(received: Received) -> OpenAIReply:
+        body = received.body
+        if not body.get("tools"):
+            return openai_reply_for(received, openai_text_chunks("ok"))
+        if any(message["role"] == "tool" for message in body["messages"]):
+            return openai_reply_for(received, openai_text_chunks(OPENAI_E2E_FINAL))
+        arguments = json.dumps({"file_path": str(target), "content": OPENAI_E2E_CONTENT})
+        chunks = [
+            OPENAI_ROLE,
+            openai_chunk({"content": "I'll create the file."}),
+            *openai_split_args(0, OPENAI_E2E_CALL_ID, "Write", arguments, 16),
+            openai_chunk({}, "tool_calls"),
+            openai_chunk(usage=OPENAI_USAGE),
+        ]
+        return openai_reply_for(received, chunks)
+
+    return answer
+
+
+async def test_openai_claude_code_cli_writes_file_through_openai_upstream(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    target = tmp_path / "work" / "hello.txt"
+    openai_upstream.answer = openai_e2e_answer(target)
+    proxy = await start_proxy(openai_config(openai_upstream.url, default="openai,gpt-4o"))
+
+    run = await run_claude_cli(proxy, tmp_path, "Create hello.txt containing 'terraphim openai e2e'.")
+
+    chats = openai_upstream.chat
+    main_turns = [r.body for r in chats if r.body.get("tools")]
+    diag = run.diag([(r.path, (r.body or {}).get("stream")) for r in openai_upstream.received])
+    assert run.returncode == 0, diag
+    assert target.read_text() == OPENAI_E2E_CONTENT, diag
+    assert OPENAI_E2E_FINAL in run.out, diag
+    assert [any(m["role"] == "tool" for m in body["messages"]) for body in main_turns] == [False, True], diag
+    assert all(body.get("stream") is True for body in main_turns), diag
+    turn2 = main_turns[1]["messages"]
+    tool_index = next(i for i, m in enumerate(turn2) if m["role"] == "tool")
+    assert turn2[tool_index - 1]["tool_calls"][0]["id"] == OPENAI_E2E_CALL_ID, diag
+    assert turn2[tool_index - 1]["tool_calls"][0]["function"]["name"] == "Write", diag
+    assert turn2[tool_index]["tool_call_id"] == OPENAI_E2E_CALL_ID, diag
+    assert not str(turn2[tool_index]["content"]).startswith("[tool error]"), diag
+    assert all(r.body["model"] == "gpt-4o" for r in chats), diag
+    assert all(r.headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}" for r in chats), diag
+    assert all(r.path == "/chat/completions" for r in openai_upstream.received), diag
+
+
+# ---------------------------------------------------------------------------
+# Through the proxy to the Ollama and Gemini stand-ins
+# ---------------------------------------------------------------------------
+
+NATIVE_E2E_FINAL = "Done: hello.txt written through a native provider."
+NATIVE_E2E_SIGNATURE = base64.b64encode(b"e2e signature for Write").decode()
+
+
+def native_cli_answer(provider: str, target: Path, signature: str) -> Callable[[Received], NativeReply]:
+    """Main turn 1 (tools, no results): text and a Write call; turn 2 (with the result): the final text; else 'ok'."""
+    write = NativeCall("Write", {"file_path": str(target), "content": E2E_CONTENT}, "fc_write_1", signature)
+    first = NativeTurn(text="I'll create the file.", calls=(write,))
+
+    def answer(received: Received) -> NativeReply:
+        body = received.body
+        if not body.get("tools"):
+            return native_reply(provider, received, NativeTurn(text="ok"))
+        final = native_has_results(provider, body)
+        return native_reply(provider, received, NativeTurn(text=NATIVE_E2E_FINAL) if final else first)
+
+    return answer
+
+
+def native_written_call_and_result(provider: str, body: dict) -> tuple[dict, dict]:
+    """Turn 2's record of the Write call and its result, as the provider sees them."""
+    history = native_history(provider, body)
+    if provider == "ollama":
+        call = next(m for m in history if m.get("tool_calls"))["tool_calls"][0]
+        result = next(m for m in history if m["role"] == "tool")
+        return call, {"tool_name": result["tool_name"]}
+    parts = [part for content in history for part in content["parts"]]
+    call = next(part for part in parts if "functionCall" in part)
+    result = next(part["functionResponse"] for part in parts if "functionResponse" in part)
+    return call, {"name": result["name"], "id": result["id"]}
+
+
+def native_cli_expected(provider: str, args: dict, signature: str) -> tuple[dict, dict]:
+    if provider == "ollama":
+        return {"function": {"name": "Write", "arguments": args}}, {"tool_name": "Write"}
+    call = {"functionCall": {"name": "Write", "args": args, "id": "fc_write_1"}}
+    return call | ({"thoughtSignature": signature} if signature else {}), {"name": "Write", "id": "fc_write_1"}
+
+
+NATIVE_CLI_TARGETS = [
+    pytest.param("ollama", OLLAMA_MODEL, "", id="ollama"),
+    pytest.param("gemini", GEMINI_MODEL, "", id="gemini-2.5"),
+    pytest.param("gemini", GEMINI3_MODEL, NATIVE_E2E_SIGNATURE, id="gemini-3-thought-signature"),
+]
+
+
+@pytest.mark.parametrize(("native", "model", "signature"), NATIVE_CLI_TARGETS, indirect=["native"])
+async def test_claude_code_cli_writes_file_through_native_provider(
+    native: NativeEnv, tmp_path: Path, model: str, signature: str
+) -> None:
+    """Turn 1 streams a Write call, turn 2 carries its result (and, for Gemini 3, its thought signature)."""
+    target = tmp_path / "work" / "hello.txt"
+    native.stand_in.answer = native_cli_answer(native.provider, target, signature)
+    native.stand_in.pause = False  # nothing here can tell the stand-in that the CLI has seen a delta
+    proxy = await native.start_proxy(model=model)
+
+    run = await run_claude_cli(proxy, tmp_path, E2E_PROMPT)
+
+    main = [r for r in native.stand_in.received if isinstance(r.body, dict) and r.body.get("tools")]
+    diag = run.diag([(r.path, r.query) for r in native.stand_in.received])
+    assert run.returncode == 0, diag
+    assert target.read_text() == E2E_CONTENT, diag
+    assert NATIVE_E2E_FINAL in run.out, diag
+    assert [native_has_results(native.provider, r.body) for r in main] == [False, True], diag
+    assert all(native_is_stream(native.provider, r) for r in main), diag
+    write_args = {"file_path": str(target), "content": E2E_CONTENT}
+    expected = native_cli_expected(native.provider, write_args, signature)
+    assert native_written_call_and_result(native.provider, main[1].body) == expected, diag
+
+
+# ===========================================================================
+# Last: nothing any test of this file logged or received holds a configured key
+# ===========================================================================
+
+
+async def test_rel_zz_no_key_in_any_log_or_response() -> None:
+    """Runs last (file order): greps every captured log record (in-process and subprocess stderr) and every
+    noted response body of this file for every key a config here held, and for the client key."""
+    assert CAPTURED_LOG and CAPTURED_BODIES  # the capture itself worked
+    leaks = [
+        (secret, where[:300])
+        for secret in sorted(SECRETS)
+        for where in [*CAPTURED_LOG, *CAPTURED_BODIES]
+        if secret in where
+    ]
+    assert leaks == []
