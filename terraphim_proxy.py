@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import collections
 import contextlib
@@ -3763,25 +3764,22 @@ class Histogram:
 
     def __init__(self, buckets: tuple[float, ...]):
         self.buckets = buckets
-        self.series: dict[tuple, list[float]] = {}  # labels -> bucket counts, then sum, then count
+        self.series: dict[tuple, list[float]] = {}  # labels -> counts per bucket (+Inf last), then the sum
 
     def observe(self, labels: tuple, value: float) -> None:
         row = self.series.setdefault(labels, [0.0] * (len(self.buckets) + 2))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                row[i] += 1
-        row[-2] += value
-        row[-1] += 1
+        row[bisect.bisect_left(self.buckets, value)] += 1
+        row[-1] += value
 
     def render(self, name: str, label_names: tuple[str, ...]) -> list[str]:
         lines = [f"# TYPE {name} histogram"]
         for labels, row in self.series.items():
             base = prom_labels(label_names, labels)
-            for bound, count in zip(self.buckets, row, strict=False):
+            cumulative = list(itertools.accumulate(row[:-1]))
+            for bound, count in zip((*self.buckets, "+Inf"), cumulative, strict=True):
                 lines.append(f'{name}_bucket{{{base},le="{bound}"}} {count:.0f}')
-            lines.append(f'{name}_bucket{{{base},le="+Inf"}} {row[-1]:.0f}')
-            lines.append(f"{name}_sum{{{base}}} {row[-2]:.6f}")
-            lines.append(f"{name}_count{{{base}}} {row[-1]:.0f}")
+            lines.append(f"{name}_sum{{{base}}} {row[-1]:.6f}")
+            lines.append(f"{name}_count{{{base}}} {cumulative[-1]:.0f}")
         return lines
 
 
@@ -3956,7 +3954,12 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
 
 
 def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> None:
-    """The one INFO line per request; with --log-format json its fields also go out as JSON keys."""
+    """The one INFO line per request; with --log-format json its fields also go out as JSON keys. The text is
+    formatted only if a handler takes the record."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    tokens = exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"
+    ms = round(seconds * 1000, 1)
     fields = {
         "request_id": exchange.request_id,
         "path": path,
@@ -3969,11 +3972,23 @@ def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> 
         "outcome": exchange.outcome,
         "retries": exchange.retries,
         "fallbacks": exchange.fallbacks,
-        "ms": round(seconds * 1000, 1),
+        "ms": ms,
     }
-    shown = {**fields, "tokens": exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"}
-    text = " ".join(f"{k}={v}" for k, v in shown.items() if k not in ("request_id", "path", "tokens_exact"))
-    log.info("%s %s %s", exchange.request_id, path, text, extra={"fields": fields})
+    log.info(
+        "%s %s scenario=%s provider=%s model=%s tokens=%s status=%d outcome=%s retries=%d fallbacks=%d ms=%s",
+        exchange.request_id,
+        path,
+        exchange.scenario,
+        exchange.provider,
+        exchange.model,
+        tokens,
+        status,
+        exchange.outcome,
+        exchange.retries,
+        exchange.fallbacks,
+        ms,
+        extra={"fields": fields},
+    )
 
 
 def speaks_openai(request: web.Request) -> bool:
@@ -4016,15 +4031,21 @@ def check_auth(request: web.Request, config: Config) -> str:
 
 async def read_json_body(request: web.Request, limit: int) -> RawBody:
     """Read at most `limit` bytes and parse one JSON object."""
-    if request.content_length is not None and request.content_length > limit:
-        raise ProxyError(413, f"request body is {request.content_length} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ProxyError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise ProxyError(413, f"request body is {request.content_length} bytes; the limit is {limit}")
+        try:
+            raw = await request.content.readexactly(request.content_length) if request.content_length else b""
+        except asyncio.IncompleteReadError:
+            raise ProxyError(400, "request body ended before its content-length") from None
+    else:
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
     if not raw.strip():
         raise ProxyError(400, "request body is empty; expected a JSON object")
     try:
