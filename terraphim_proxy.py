@@ -3082,9 +3082,9 @@ MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
 KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long as retry-after says)
 
 
-def client_timeout(provider: Provider, stream: bool) -> aiohttp.ClientTimeout:
+@functools.lru_cache(maxsize=64)
+def client_timeout(limits: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
     """aiohttp's part of the limits: connect, the silence between reads and, without streaming, the total."""
-    limits = provider.timeouts
     total = None if stream else limits.total_ms / 1000
     return aiohttp.ClientTimeout(total=total, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000)
 
@@ -3261,7 +3261,7 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
     """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
     provider = call.provider
     upstream = await open_upstream(
-        session, translated_request(transformer, call), provider, client_timeout(provider, stream)
+        session, translated_request(transformer, call), provider, client_timeout(provider.timeouts, stream)
     )
     try:
         if not stream:
@@ -3334,8 +3334,8 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
-        call = Call(body, target.model, provider, request.headers, incoming.hints.token_count, exchange)
-        call = replace(call, api_key=ring.pick(), raw=incoming.raw)
+        tokens = incoming.hints.token_count
+        call = Call(body, target.model, provider, request.headers, tokens, exchange, ring.pick(), incoming.raw)
         try:
             starting = start_answer(request.app[SESSION], transformer, call, stream)
             if stream:
