@@ -780,6 +780,14 @@ class RawBody:
     size: int  # bytes on the wire
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     message_spans: tuple[tuple[int, int], ...] = ()
+    keys: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
+        """A cache key for the text at `span`: its length and hash, computed once per request."""
+        if span not in self.keys:
+            piece = self.text[span[0] : span[1]]
+            self.keys[span] = (len(piece), hash(piece))
+        return self.keys[span]
 
     def with_model(self, model: str) -> bytes | None:
         """The body with only `model` replaced, as bytes; None when the spans are unknown."""
@@ -986,8 +994,7 @@ class TokenCounter:
             span = next(message_spans, None) if name == "messages" else raw.spans.get(name)
             key = None
             if span is not None:
-                piece = raw.text[span[0] : span[1]]
-                key = (len(piece), hash(piece))
+                key = raw.key_of(span)
                 if key in self.cache:
                     total += self.cache[key]
                     continue
@@ -1542,6 +1549,28 @@ def message_to_frames(message: dict) -> bytes:
     )
     frames.append(sse_frame("message_stop", {"type": "message_stop"}))
     return b"".join(frames)
+
+
+TOOLS_JSON_CACHE: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+TOOLS_JSON_CACHE_SIZE = 64
+
+
+def payload_json(payload: dict, tools_key: str, call: Call) -> bytes:
+    """A translated payload as JSON. Its tools, the same ~65 KB that Claude Code sends every turn, are serialised
+    once per provider type and distinct client tools text (keyed like the token cache) and spliced in."""
+    raw = call.raw
+    tools = payload.get(tools_key)
+    if not tools or raw is None or "tools" not in raw.spans or call.body.get("tools") is not raw.data.get("tools"):
+        return dump_json(payload)
+    key = (call.provider.type, *raw.key_of(raw.spans["tools"]))
+    cached = TOOLS_JSON_CACHE.get(key)
+    if cached is None:
+        cached = TOOLS_JSON_CACHE[key] = dump_json(tools)
+        if len(TOOLS_JSON_CACHE) > TOOLS_JSON_CACHE_SIZE:
+            TOOLS_JSON_CACHE.popitem(last=False)
+    rest = dump_json({k: v for k, v in payload.items() if k != tools_key})
+    joint = b"," if len(rest) > 2 else b""
+    return rest[:-1] + joint + dump_json(tools_key) + b":" + cached + b"}"
 
 
 def capped(requested: int, cap: int | None) -> int:
@@ -2495,7 +2524,7 @@ def openai_family_build_request(call: Call) -> UpstreamRequest:
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
     headers |= provider.headers
-    return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, dump_json(payload))
+    return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, payload_json(payload, "tools", call))
 
 
 def openai_family_parse_response(data: dict, call: Call) -> dict:
@@ -2706,7 +2735,9 @@ def ollama_build_request(call: Call) -> UpstreamRequest:
     if call.api_key:
         headers["authorization"] = f"Bearer {call.api_key}"
     hint = f"pull the model first: ollama pull {call.model}"
-    return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, dump_json(payload), hint)
+    return UpstreamRequest(
+        f"{call.provider.api_base_url}/api/chat", headers, payload_json(payload, "tools", call), hint
+    )
 
 
 # --- Gemini: generateContent / streamGenerateContent?alt=sse.
@@ -3038,7 +3069,8 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
     method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
     headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
     payload = anthropic_to_gemini_request(call.body, call.model, provider)
-    return UpstreamRequest(f"{provider.api_base_url}/models/{call.model}:{method}", headers, dump_json(payload))
+    url = f"{provider.api_base_url}/models/{call.model}:{method}"
+    return UpstreamRequest(url, headers, payload_json(payload, "tools", call))
 
 
 def converter_transformer(
