@@ -986,8 +986,9 @@ class TokenCounter:
         return total
 
     async def count(self, raw: RawBody) -> int:
-        """Tokens of a request; when the uncached text is large, the encode runs in a thread."""
-        total = count_images(raw.data) * IMAGE_TOKENS
+        """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
+        thread."""
+        total = 0
         misses: list[tuple[tuple[int, int] | None, list[str]]] = []
         message_spans = iter(raw.message_spans)
         for name, texts in request_parts(raw.data):
@@ -1100,9 +1101,10 @@ async def analyse(raw: RawBody, config: Config, counter: TokenCounter, exact: bo
     """
     subagent, body = take_subagent_route(raw.data)
     model = body.get("model", "")
-    upper_bound = raw.size + count_images(body) * IMAGE_TOKENS
+    images = count_images(body) * IMAGE_TOKENS
+    upper_bound = raw.size + images
     if exact or upper_bound > config.long_context_threshold:
-        tokens, is_exact = await counter.count(raw), True
+        tokens, is_exact = images + await counter.count(raw), True
     else:
         tokens, is_exact = upper_bound // 4, False
     hints = Hints(
@@ -1482,6 +1484,14 @@ class AnthropicStream:
         return frames + sse_frame("message_stop", {"type": "message_stop"})
 
 
+def frame_events(frames: bytes) -> Iterator[dict]:
+    """The events of whole SSE frames that the proxy itself wrote (one data line each)."""
+    for frame in frames.split(b"\n\n"):
+        _, _, data = frame.partition(b"data: ")
+        if data.strip():
+            yield json.loads(data)
+
+
 def message_from_frames(frames: bytes) -> dict:
     """Read Anthropic SSE frames back into the message they describe; an error frame raises TranslationError.
 
@@ -1490,11 +1500,7 @@ def message_from_frames(frames: bytes) -> dict:
     """
     message: dict = {}
     partial: dict[int, str] = {}
-    for frame in frames.split(b"\n\n"):
-        _, _, data = frame.partition(b"\ndata: ")
-        if not data:
-            continue
-        event = json.loads(data)
+    for event in frame_events(frames):
         kind = event["type"]
         if kind == "error":
             raise TranslationError(event["error"]["message"], event["error"]["type"])
@@ -2287,13 +2293,17 @@ class ChunkConverter(Protocol):
 
     def feed(self, data: Any) -> bytes: ...
 
-    def end(self) -> bytes: ...
+    def end(self, clean: bool = False) -> bytes:
+        """The closing frames; `clean`: the upstream sent its end-of-stream marker (SSE `[DONE]`)."""
+        ...
 
 
 async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
     """Feed each JSON payload (an NDJSON line, an SSE data field) to a provider's converter, then end it."""
+    clean = False
     async for payload in payloads:
         if payload == "[DONE]":
+            clean = True
             break
         try:
             data = json.loads(payload)
@@ -2304,7 +2314,7 @@ async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIte
             yield frames
         if converter.stream.done:
             return
-    yield converter.end()
+    yield converter.end(clean)
 
 
 @dataclass
@@ -2336,22 +2346,14 @@ class OpenAIChunkConverter:
         self.details: list[dict] = []
         self.finish_reason: str | None = None
         self.usage: dict | None = None
-        self.saw_done = False
         self.refused = False
 
-    def feed(self, data: str) -> bytes:
-        """Frames for one upstream data payload ("[DONE]" only marks a clean end)."""
+    def feed(self, chunk: Any) -> bytes:
+        """Frames for one parsed upstream chunk."""
         if self.stream.done:
             return b""
-        if data.strip() == "[DONE]":
-            self.saw_done = True
-            return b""
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return self.fail("api_error", f"upstream sent invalid JSON: {data[:200]!r}")
         if not isinstance(chunk, dict):
-            return self.fail("api_error", f"upstream sent an unexpected chunk: {data[:200]!r}")
+            return self.fail("api_error", f"upstream sent an unexpected chunk: {str(chunk)[:200]!r}")
         if chunk.get("error"):
             return self.fail(error_object_type(chunk["error"]), error_object_message(chunk["error"]))
         if chunk.get("usage"):
@@ -2451,11 +2453,11 @@ class OpenAIChunkConverter:
         call.state, self.live = "live", call
         return frames + self.stream.tool_args(call.key, arguments)
 
-    def end(self) -> bytes:
-        """Final frames: message_delta + message_stop after a clean end, else an error event."""
+    def end(self, clean: bool = False) -> bytes:
+        """Final frames: message_delta + message_stop after [DONE] or a finish_reason, else an error."""
         if self.stream.done:
             return b""
-        if not (self.saw_done or self.finish_reason):
+        if not (clean or self.finish_reason):
             return self.fail("api_error", "upstream stream ended before the response was complete")
         frames = b""
         if self.live is not None:
@@ -2475,7 +2477,7 @@ class OpenAIChunkConverter:
         return frames + self.transition() + self.stream.finish(stop_reason, usage)
 
 
-async def openai_stream_to_anthropic(
+def openai_stream_to_anthropic(
     events: AsyncIterator[str],
     model: str,
     input_tokens: int,
@@ -2487,16 +2489,7 @@ async def openai_stream_to_anthropic(
     message_start goes out with the first content, so a failure before any output raises
     TranslationError (the caller can still answer with an HTTP error); later ones end in an error event.
     """
-    converter = OpenAIChunkConverter(model, input_tokens, tool_names or {}, flavor)
-    async for data in events:
-        frames = converter.feed(data)
-        if frames:
-            yield frames
-        if converter.stream.done or converter.saw_done:
-            break
-    frames = converter.end()
-    if frames:
-        yield frames
+    return json_chunks_to_anthropic(OpenAIChunkConverter(model, input_tokens, tool_names or {}, flavor), events)
 
 
 OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-proxy"}
@@ -2698,8 +2691,8 @@ class OllamaConverter:
     def fail(self, message: str) -> NoReturn:
         raise TranslationError(message)
 
-    def end(self) -> bytes:
-        """Nothing after `done`; an error when the stream closed before it."""
+    def end(self, clean: bool = False) -> bytes:
+        """Nothing after `done`; an error when the stream closed before it (NDJSON has no other end marker)."""
         return b"" if self.stream.done else self.fail("ollama closed the stream before it was done")
 
 
@@ -3042,8 +3035,9 @@ class GeminiConverter:
     def fail(self, error_type: str, message: str) -> NoReturn:
         raise TranslationError(message, error_type)
 
-    def end(self) -> bytes:
-        """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error."""
+    def end(self, clean: bool = False) -> bytes:
+        """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error;
+        Gemini streams end at EOF, so `clean` adds nothing."""
         reason = self.finish_reason
         if self.blocked and not reason:
             return self.stream.text(f"[Gemini blocked the prompt: {self.blocked}]") + self.stream.finish(
@@ -3677,12 +3671,7 @@ class OpenAIChunkWriter:
         return b"data: " + dump_json({**data, "choices": [choice]}) + b"\n\n"
 
     def feed(self, frames: bytes) -> bytes:
-        out = []
-        for frame in frames.split(b"\n\n"):
-            _, _, data = frame.partition(b"data: ")
-            if data.strip():
-                out.append(self.event(json.loads(data)))
-        return b"".join(out)
+        return b"".join(self.event(event) for event in frame_events(frames))
 
     def event(self, event: dict) -> bytes:
         kind = event.get("type")
