@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import aiohttp.abc
@@ -1134,6 +1134,25 @@ class Route:
     targets: tuple[Target, ...]
 
 
+MODEL_IN_URL = frozenset({"gemini"})  # provider types whose request URL carries the model name
+UNSAFE_URL_MODEL = re.compile(r"[/?#\x00-\x1f\x7f]")
+
+
+def url_path_value(value: str) -> str:
+    """A value for a URL path, percent-encoded whole, so nothing in it can reach another path or the query."""
+    return quote(value, safe="")
+
+
+def check_model_in_url(provider: Provider, model: str) -> None:
+    """A 400 for a model name that a provider's URL carries and that holds `/`, `?`, `#` or a control character."""
+    if provider.type in MODEL_IN_URL and UNSAFE_URL_MODEL.search(model):
+        raise ProxyError(
+            400,
+            f"model {model!r} cannot be sent to {provider.name}: its name goes into the URL and must not "
+            "hold '/', '?', '#' or control characters",
+        )
+
+
 def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ...]:
     """Check a route that a request names (explicit model or subagent tag) against the config."""
     try:
@@ -1145,6 +1164,7 @@ def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ..
         if provider is None:
             known = ", ".join(config.providers) or "none"
             raise ProxyError(404, f"{what}: unknown provider '{target.provider}' (configured: {known})")
+        check_model_in_url(provider, target.model)
         if provider.models and target.model not in provider.models:
             raise ProxyError(
                 404,
@@ -1561,14 +1581,24 @@ TOOLS_JSON_CACHE: collections.OrderedDict[tuple, bytes] = collections.OrderedDic
 TOOLS_JSON_CACHE_SIZE = 64
 
 
-def payload_json(payload: dict, tools_key: str, call: Call) -> bytes:
-    """A translated payload as JSON. Its tools, the same ~65 KB that Claude Code sends every turn, are serialised
-    once per provider type and distinct client tools text (keyed like the token cache) and spliced in."""
+def tools_text_key(call: Call) -> tuple[int, int] | None:
+    """A cache key for the client's tools text (like the token cache's), or None when the body's tools are
+    not the text as received."""
     raw = call.raw
+    if raw is None or "tools" not in raw.spans or call.body.get("tools") is not raw.data.get("tools"):
+        return None
+    return raw.key_of(raw.spans["tools"])
+
+
+def payload_json(payload: dict, tools_key: str, call: Call, variant: str = "") -> bytes:
+    """A translated payload as JSON. Its tools, the same ~65 KB that Claude Code sends every turn, are serialised
+    once per provider type, `variant` (what else the translated tools depend on) and distinct client tools text
+    (keyed like the token cache) and spliced in."""
     tools = payload.get(tools_key)
-    if not tools or raw is None or "tools" not in raw.spans or call.body.get("tools") is not raw.data.get("tools"):
+    text_key = tools_text_key(call)
+    if not tools or text_key is None:
         return dump_json(payload)
-    key = (call.provider.type, *raw.key_of(raw.spans["tools"]))
+    key = (call.provider.type, variant, *text_key)
     cached = TOOLS_JSON_CACHE.get(key)
     if cached is None:
         cached = TOOLS_JSON_CACHE[key] = dump_json(tools)
@@ -1751,7 +1781,8 @@ FINISH_ERRORS = {"error": "api_error", "insufficient_system_resource": "overload
 
 
 def openai_tool_name(name: str) -> str:
-    """The name itself when OpenAI accepts it, else a deterministic 64-char stand-in (case kept)."""
+    """The name itself when OpenAI accepts it, else a deterministic 64-char stand-in (case kept). Gemini and
+    Ollama get the same names, so one map (tool_name_map) turns every provider's answers back."""
     if OPENAI_TOOL_NAME.fullmatch(name):
         return name
     return f"{UNSAFE_ID_CHARS.sub('_', name)[:55]}_{short_hash(name, 8)}"
@@ -2584,9 +2615,13 @@ def result_images(block: dict) -> list[dict]:
 
 
 def function_tools(body: dict) -> list[dict]:
-    """Client tools as {name, description, parameters}; server tools are left out."""
+    """Client tools as {name, description, parameters} under the names sent upstream; server tools are left out."""
     return [
-        {"name": t.get("name", ""), "description": t.get("description", ""), "parameters": t.get("input_schema") or {}}
+        {
+            "name": openai_tool_name(t.get("name", "")),
+            "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {},
+        }
         for t in body.get("tools") or ()
         if not is_server_tool(t)
     ]
@@ -2613,7 +2648,7 @@ def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> d
                 "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
             }
             calls = [
-                {"function": {"name": b.get("name", ""), "arguments": b.get("input") or {}}}
+                {"function": {"name": openai_tool_name(b.get("name", "")), "arguments": b.get("input") or {}}}
                 for b in blocks
                 if b.get("type") == "tool_use"
             ]
@@ -2625,7 +2660,7 @@ def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> d
             for block in blocks:
                 kind = block.get("type")
                 if kind == "tool_result":
-                    name = names.get(block.get("tool_use_id", ""), "")
+                    name = openai_tool_name(names.get(block.get("tool_use_id", ""), ""))
                     messages.append({"role": "tool", "content": result_text(block), "tool_name": name})
                     images += [inline_image(image, provider)[1] for image in result_images(block)]
                 elif kind == "text" and block.get("text"):
@@ -2666,8 +2701,9 @@ def ollama_usage(data: dict) -> dict:
 class OllamaConverter:
     """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream."""
 
-    def __init__(self, model: str, input_tokens: int) -> None:
+    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str]) -> None:
         self.stream = AnthropicStream(model, input_tokens, "ollama")
+        self.tool_names = tool_names
 
     def feed(self, data: Any) -> bytes:
         if not isinstance(data, dict) or data.get("error"):
@@ -2681,7 +2717,8 @@ class OllamaConverter:
             if not isinstance(arguments, str):
                 arguments = dump_json(arguments or {}).decode()
             key = object()
-            frames += self.stream.tool_start(key, anthropic_tool_id(None), function.get("name", ""))
+            name = function.get("name", "")
+            frames += self.stream.tool_start(key, anthropic_tool_id(None), self.tool_names.get(name, name))
             frames += self.stream.tool_args(key, arguments)
         if data.get("done"):
             stop = OLLAMA_STOP.get(data.get("done_reason") or "stop", "end_turn")
@@ -2789,77 +2826,224 @@ GEMINI_ERRORS = frozenset(
     }
 )
 GEMINI_MAX_STOP_SEQUENCES = 5
+GEMINI_MAX_SCHEMA_BYTES = 256 * 1024  # a tool's `parameters` with every $ref written out
+GEMINI_JSON_SCHEMA_MODELS = re.compile(r"gemini-(?:2\.5|[3-9])|gemini-(?:pro|flash|flash-lite)-latest")
+GEMINI_THINKING_BUDGETS = (  # model prefix, lowest and highest thinkingBudget it accepts (0 turns thinking off)
+    ("gemini-2.5-flash-lite", 512, 24576),
+    ("gemini-2.5-flash", 0, 24576),
+    ("gemini-2.5-pro", 128, 32768),
+    ("gemini-flash-lite-latest", 512, 24576),
+    ("gemini-flash-latest", 0, 24576),
+)
+GEMINI3_LOW_THINKING_BUDGET = 4096  # Gemini 3 takes a thinkingLevel: LOW up to this budget, HIGH above
 
 
-def gemini_schema(schema: Any, defs: dict | None = None) -> dict:
+def schema_definitions(schema: Any) -> dict[str, Any]:
+    """Every $defs and definitions entry anywhere in a schema, by name; the outermost of a name wins."""
+    found: dict[str, Any] = {}
+    pending = collections.deque([schema])
+    while pending:
+        node = pending.popleft()
+        if isinstance(node, dict):
+            for key in ("$defs", "definitions"):
+                if isinstance(node.get(key), dict):
+                    for name, value in node[key].items():
+                        found.setdefault(name, value)
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return found
+
+
+class GeminiSubsetSchema:
+    """Converts a draft 2020-12 schema to the subset Gemini's `parameters` accepts. Each node, definitions
+    included, is converted once and its result shared by every $ref to it, so the work stays linear; a
+    recursive $ref becomes a plain object."""
+
+    def __init__(self, root: Any) -> None:
+        self.defs = schema_definitions(root)
+        self.done: dict[int, tuple[dict, dict]] = {}  # id(node) -> (node, result); the node kept alive
+        self.open: set[str] = set()
+
+    def convert(self, schema: Any) -> dict:
+        if not isinstance(schema, dict):
+            return {}
+        known = self.done.get(id(schema))
+        if known is not None and known[0] is schema:
+            return known[1]
+        out = self.resolve(schema)
+        self.done[id(schema)] = (schema, out)
+        return out
+
+    def resolve(self, schema: dict) -> dict:
+        """A $ref's definition (merged with the keywords beside the $ref), else the node itself."""
+        ref = schema.get("$ref")
+        name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else ""
+        if name not in self.defs:
+            return self.subset(schema)
+        if name in self.open:
+            return {"type": "object"}
+        self.open.add(name)
+        try:
+            siblings = {k: v for k, v in schema.items() if k != "$ref"}
+            return self.convert({**self.defs[name], **siblings} if siblings else self.defs[name])
+        finally:
+            self.open.discard(name)
+
+    def subset(self, schema: dict) -> dict:
+        out: dict = {}
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            others = [k for k in kind if k != "null"]
+            kind = others[0] if others else "string"
+            if "null" in schema["type"]:
+                out["nullable"] = True
+        if "const" in schema:
+            schema = {**schema, "enum": [schema["const"]]}
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+            out["enum"] = enum
+            kind = kind or "string"
+        variants = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
+        if isinstance(variants, list) and variants:
+            out["anyOf"] = [self.convert(v) for v in variants]
+        if kind:
+            out["type"] = kind
+        for key, value in schema.items():
+            if key in ("type", "enum", "anyOf") or key not in GEMINI_SCHEMA_KEYS:
+                continue
+            if key == "properties" and isinstance(value, dict):
+                if value:
+                    out["properties"] = {name: self.convert(sub) for name, sub in value.items()}
+            elif key == "items":
+                out["items"] = self.convert(value)
+            elif key == "format":
+                if kind == "string" and value in ("enum", "date-time"):
+                    out["format"] = value
+            elif key == "required" and isinstance(value, list):
+                properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+                required = [name for name in value if isinstance(name, str) and name in properties]
+                if required:
+                    out["required"] = required
+            else:
+                out[key] = value
+        if (
+            "exclusiveMinimum" in schema
+            and "minimum" not in out
+            and isinstance(schema["exclusiveMinimum"], (int, float))
+        ):
+            out["minimum"] = schema["exclusiveMinimum"]
+        if (
+            "exclusiveMaximum" in schema
+            and "maximum" not in out
+            and isinstance(schema["exclusiveMaximum"], (int, float))
+        ):
+            out["maximum"] = schema["exclusiveMaximum"]
+        if "type" not in out and "anyOf" not in out:
+            out["type"] = "object" if "properties" in out else "string"
+        return out
+
+
+def gemini_schema(schema: Any) -> dict:
     """The subset of JSON Schema that Gemini's `parameters` accepts, from a draft 2020-12 schema."""
-    if not isinstance(schema, dict):
-        return {}
-    defs = dict(defs or {})
-    for key in ("$defs", "definitions"):
-        if isinstance(schema.get(key), dict):
-            defs.update(schema[key])
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.rsplit("/", 1)[-1] in defs:
-        return gemini_schema({**defs[ref.rsplit("/", 1)[-1]], **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
-    out: dict = {}
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        others = [k for k in kind if k != "null"]
-        kind = others[0] if others else "string"
-        if "null" in schema["type"]:
-            out["nullable"] = True
-    if "const" in schema:
-        schema = {**schema, "enum": [schema["const"]]}
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-        out["enum"] = enum
-        kind = kind or "string"
-    variants = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
-    if isinstance(variants, list) and variants:
-        out["anyOf"] = [gemini_schema(v, defs) for v in variants]
-    if kind:
-        out["type"] = kind
-    for key, value in schema.items():
-        if key in ("type", "enum", "anyOf") or key not in GEMINI_SCHEMA_KEYS:
-            continue
-        if key == "properties" and isinstance(value, dict):
-            if value:
-                out["properties"] = {name: gemini_schema(sub, defs) for name, sub in value.items()}
-        elif key == "items":
-            out["items"] = gemini_schema(value, defs)
-        elif key == "format":
-            if kind == "string" and value in ("enum", "date-time"):
-                out["format"] = value
-        elif key == "required" and isinstance(value, list):
-            properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-            required = [name for name in value if isinstance(name, str) and name in properties]
-            if required:
-                out["required"] = required
-        else:
-            out[key] = value
-    if "exclusiveMinimum" in schema and "minimum" not in out and isinstance(schema["exclusiveMinimum"], (int, float)):
-        out["minimum"] = schema["exclusiveMinimum"]
-    if "exclusiveMaximum" in schema and "maximum" not in out and isinstance(schema["exclusiveMaximum"], (int, float)):
-        out["maximum"] = schema["exclusiveMaximum"]
-    if "type" not in out and "anyOf" not in out:
-        out["type"] = "object" if "properties" in out else "string"
-    return out
+    return GeminiSubsetSchema(schema).convert(schema)
 
 
-def gemini_function(tool: dict) -> dict:
-    """A functionDeclaration; a tool without parameters gets none (Gemini rejects an empty OBJECT)."""
+def expanded_json_size(value: Any, sizes: dict[int, tuple[Any, int]]) -> int:
+    """Bytes of `value` as JSON with every shared object written out where it appears; each distinct object is
+    measured once (`sizes` keeps the measured ones)."""
+    if isinstance(value, dict):
+        known = sizes.get(id(value))
+        if known is None or known[0] is not value:
+            size = 1 + sum(len(dump_json(key)) + 2 + expanded_json_size(item, sizes) for key, item in value.items())
+            known = sizes[id(value)] = (value, size)
+        return known[1]
+    if isinstance(value, list):
+        return 1 + sum(1 + expanded_json_size(item, sizes) for item in value)
+    return len(dump_json(value))
+
+
+def takes_parameters(schema: Any) -> bool:
+    """Whether a tool's schema describes any parameter (Gemini rejects an OBJECT without properties)."""
+    return isinstance(schema, dict) and any(schema.get(key) for key in ("properties", "$ref", "anyOf", "oneOf"))
+
+
+def gemini_function(tool: dict, client_name: str, json_schema: bool) -> dict:
+    """A functionDeclaration with the schema as it is in `parametersJsonSchema`, or converted to `parameters`;
+    a tool without parameters gets none. A converted schema over GEMINI_MAX_SCHEMA_BYTES is a 400."""
     declaration = {"name": tool["name"], "description": tool["description"]}
+    if json_schema:
+        if takes_parameters(tool["parameters"]):
+            declaration["parametersJsonSchema"] = tool["parameters"]
+        return declaration
     parameters = gemini_schema(tool["parameters"])
     if parameters.get("properties"):
+        if expanded_json_size(parameters, {}) > GEMINI_MAX_SCHEMA_BYTES:
+            raise ProxyError(
+                400,
+                f"tool {client_name!r}: its input_schema grows past {GEMINI_MAX_SCHEMA_BYTES // 1024} KiB once "
+                "every $ref is written out, as Gemini's `parameters` needs; simplify the schema or use a model "
+                "that takes parametersJsonSchema",
+            )
         declaration["parameters"] = parameters
     return declaration
+
+
+GEMINI_TOOLS_CACHE: collections.OrderedDict[tuple, list[dict]] = collections.OrderedDict()
+
+
+def gemini_declarations(call: Call, json_schema: bool) -> list[dict]:
+    """The functionDeclarations of the client's tools, converted once per schema form and distinct tools text."""
+    text_key = tools_text_key(call)
+    key = (json_schema, *text_key) if text_key else None
+    cached = GEMINI_TOOLS_CACHE.get(key) if key else None
+    if cached is None:
+        names = tool_name_map(call.body)
+        tools = function_tools(call.body)
+        cached = [gemini_function(tool, names.get(tool["name"], tool["name"]), json_schema) for tool in tools]
+        if key:
+            GEMINI_TOOLS_CACHE[key] = cached
+            if len(GEMINI_TOOLS_CACHE) > TOOLS_JSON_CACHE_SIZE:
+                GEMINI_TOOLS_CACHE.popitem(last=False)
+    return cached
+
+
+def gemini_takes_json_schema(model: str) -> bool:
+    """Gemini 2.5 and later take `parametersJsonSchema`; older models only the `parameters` subset."""
+    return GEMINI_JSON_SCHEMA_MODELS.match(model) is not None
+
+
+def gemini_thinking_budget(budget: int, model: str) -> int:
+    """A thinkingBudget within the model's accepted range (-1, dynamic, fits every model)."""
+    for prefix, low, high in GEMINI_THINKING_BUDGETS:
+        if model.startswith(prefix) and budget != -1:
+            return min(max(budget, low), high)
+    return budget
+
+
+def gemini_thinking_config(thinking: dict, model: str) -> dict | None:
+    """thinkingConfig for Anthropic's `thinking`: a budget clamped to the model's range, or for Gemini 3,
+    which takes a thinkingLevel instead, the level nearest the budget."""
+    kind = thinking.get("type")
+    if kind == "adaptive":
+        return {"includeThoughts": True}
+    if kind != "enabled":
+        return None
+    budget = thinking.get("budget_tokens", -1)
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        budget = -1
+    if model.startswith("gemini-3"):
+        config: dict = {"includeThoughts": True}
+        if budget >= 0:
+            config["thinkingLevel"] = "LOW" if budget <= GEMINI3_LOW_THINKING_BUDGET else "HIGH"
+        return config
+    return {"thinkingBudget": gemini_thinking_budget(budget, model), "includeThoughts": True}
 
 
 def gemini_tool_config(choice: dict | None) -> dict | None:
     kind = (choice or {}).get("type")
     if kind == "tool":
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [choice["name"]]}}
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [openai_tool_name(choice["name"])]}}
     modes = {"auto": "AUTO", "any": "ANY", "none": "NONE"}
     return {"functionCallingConfig": {"mode": modes[kind]}} if kind in modes else None
 
@@ -2878,7 +3062,7 @@ def gemini_user_parts(blocks: list[dict], names: dict[str, str], provider: Provi
             tool_id = block.get("tool_use_id", "")
             key = "error" if block.get("is_error") else "result"
             response = {
-                "name": names.get(tool_id, ""),
+                "name": openai_tool_name(names.get(tool_id, "")),
                 "response": {key: result_text(block).removeprefix(TOOL_ERROR_PREFIX)},
             }
             if gemini_call_id(tool_id):
@@ -2911,7 +3095,7 @@ def gemini_model_parts(blocks: list[dict]) -> list[dict]:
         if kind == "text" and block.get("text"):
             part: dict = {"text": block["text"]}
         elif kind == "tool_use":
-            call = {"name": block.get("name", ""), "args": block.get("input") or {}}
+            call = {"name": openai_tool_name(block.get("name", "")), "args": block.get("input") or {}}
             if gemini_call_id(block.get("id", "")):
                 call["id"] = gemini_call_id(block["id"])
             part = {"functionCall": call}
@@ -2923,8 +3107,8 @@ def gemini_model_parts(blocks: list[dict]) -> list[dict]:
     return parts
 
 
-def anthropic_to_gemini_request(body: dict, model: str, provider: Provider) -> dict:
-    """The generateContent payload: systemInstruction, user/model contents, cleaned tool schemas, config."""
+def anthropic_to_gemini_request(body: dict, model: str, provider: Provider, declarations: list[dict]) -> dict:
+    """The generateContent payload: systemInstruction, user/model contents, the tools' declarations, config."""
     names = tool_names_by_id(body)
     contents: list[dict] = []
     for message in body.get("messages") or ():
@@ -2946,9 +3130,8 @@ def anthropic_to_gemini_request(body: dict, model: str, provider: Provider) -> d
     system = system_text(body)
     if system:
         payload["systemInstruction"] = {"parts": [{"text": system}]}
-    tools = function_tools(body)
-    if tools:
-        payload["tools"] = [{"functionDeclarations": [gemini_function(tool) for tool in tools]}]
+    if declarations:
+        payload["tools"] = [{"functionDeclarations": declarations}]
         tool_config = gemini_tool_config(body.get("tool_choice"))
         if tool_config:
             payload["toolConfig"] = tool_config
@@ -2960,11 +3143,9 @@ def anthropic_to_gemini_request(body: dict, model: str, provider: Provider) -> d
             config[name] = body[key]
     if body.get("stop_sequences"):
         config["stopSequences"] = body["stop_sequences"][:GEMINI_MAX_STOP_SEQUENCES]
-    thinking = body.get("thinking") or {}
-    if thinking.get("type") == "enabled":
-        config["thinkingConfig"] = {"thinkingBudget": thinking.get("budget_tokens", -1), "includeThoughts": True}
-    elif thinking.get("type") == "adaptive":
-        config["thinkingConfig"] = {"includeThoughts": True}
+    thinking_config = gemini_thinking_config(body.get("thinking") or {}, model)
+    if thinking_config:
+        config["thinkingConfig"] = thinking_config
     if config:
         payload["generationConfig"] = config
     return payload
@@ -2985,8 +3166,9 @@ def gemini_usage(metadata: dict | None) -> dict:
 class GeminiConverter:
     """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream."""
 
-    def __init__(self, model: str, input_tokens: int) -> None:
+    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str]) -> None:
         self.stream = AnthropicStream(model, input_tokens, "gemini")
+        self.tool_names = tool_names
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.blocked: str | None = None
@@ -3028,7 +3210,8 @@ class GeminiConverter:
                 if call.get("id")
                 else anthropic_tool_id(None)
             )
-            frames += self.stream.tool_start(key, tool_id, call.get("name", ""))
+            name = call.get("name", "")
+            frames += self.stream.tool_start(key, tool_id, self.tool_names.get(name, name))
             frames += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
         return frames
 
@@ -3061,26 +3244,31 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
     refuse_server_tools(call)
     provider = call.provider
     method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
+    check_model_in_url(provider, call.model)
     headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
-    payload = anthropic_to_gemini_request(call.body, call.model, provider)
-    url = f"{provider.api_base_url}/models/{call.model}:{method}"
-    return UpstreamRequest(url, headers, payload_json(payload, "tools", call))
+    json_schema = gemini_takes_json_schema(call.model)
+    declarations = gemini_declarations(call, json_schema)
+    payload = anthropic_to_gemini_request(call.body, call.model, provider, declarations)
+    url = f"{provider.api_base_url}/models/{url_path_value(call.model)}:{method}"
+    variant = "json-schema" if json_schema else "subset"
+    return UpstreamRequest(url, headers, payload_json(payload, "tools", call, variant))
 
 
 def converter_transformer(
     build_request: Callable[[Call], UpstreamRequest],
-    converter: Callable[[str, int], ChunkConverter],
+    converter: Callable[[str, int, dict[str, str]], ChunkConverter],
     payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[str]],
 ) -> Transformer:
     """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 
     def parse_response(data: dict, call: Call) -> dict:
-        answer = converter(call.client_model, call.input_tokens)
+        answer = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return message_from_frames(answer.feed(data) + answer.end())
 
     def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
         chunks = payloads(upstream.content.iter_any())
-        return json_chunks_to_anthropic(converter(call.client_model, call.input_tokens), chunks)
+        converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
+        return json_chunks_to_anthropic(converting, chunks)
 
     return Transformer(build_request, parse_response, stream, inline_images=True)
 
