@@ -4483,7 +4483,11 @@ GEMINI_MODEL = "gemini-2.5-pro"
 GEMINI3_MODEL = "gemini-3-pro-preview"  # its stand-in insists on thought signatures, as Gemini 3 does
 NATIVE_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
 OLLAMA_KNOWN_MODELS = frozenset({OLLAMA_MODEL})
-GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL})
+GEMINI_FLASH_MODEL = "gemini-2.5-flash"
+GEMINI_LITE_MODEL = "gemini-2.5-flash-lite"
+GEMINI2_MODEL = "gemini-2.0-flash"  # takes only the `parameters` subset
+GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL, GEMINI_FLASH_MODEL, GEMINI_LITE_MODEL, GEMINI2_MODEL})
+GEMINI_THINKING_RANGES = {GEMINI_MODEL: (128, 32768), GEMINI_FLASH_MODEL: (0, 24576), GEMINI_LITE_MODEL: (512, 24576)}
 NATIVE_PROVIDERS = ["ollama", "gemini"]
 NATIVE_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 GEMINI_SIG = "terraphim:gemini-sig:"
@@ -4867,13 +4871,24 @@ def gemini_request_problem(body: Any, model: str) -> str | None:
         if not content.get("parts"):
             return f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty."
     for t, tool in enumerate(body.get("tools") or ()):
-        for d, declaration in enumerate(tool.get("functionDeclarations") or ()):
+        for d, declaration in enumerate(tool.get("functionDeclarations") or tool.get("function_declarations") or ()):
+            declaration = {gemini_camel(key): value for key, value in declaration.items()}
+            if "parameters" in declaration and "parametersJsonSchema" in declaration:
+                return (
+                    f"* GenerateContentRequest.tools[{t}].function_declarations[{d}]: parameters and "
+                    "parameters_json_schema are mutually exclusive"
+                )
+            if "parametersJsonSchema" in declaration and not isinstance(declaration["parametersJsonSchema"], dict):
+                return f"Invalid value at 'tools[{t}].function_declarations[{d}].parameters_json_schema'"
             if "parameters" in declaration:
                 problems = gemini_schema_problems(
                     declaration["parameters"], f"tools[{t}].function_declarations[{d}].parameters"
                 )
                 if problems:
                     return problems[0]
+    problem = gemini_thinking_problem((body.get("generationConfig") or {}).get("thinkingConfig") or {}, model)
+    if problem:
+        return problem
     if len((body.get("generationConfig") or {}).get("stopSequences") or ()) > 5:
         return "* GenerateContentRequest.generation_config.stop_sequences: at most 5 stop sequences are allowed"
     for previous, content in itertools.pairwise(contents):
@@ -4895,6 +4910,19 @@ def gemini_request_problem(body: Any, model: str) -> str | None:
                     f"{calls[0]['functionCall']['name']}`. Please refer to "
                     "https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
                 )
+    return None
+
+
+def gemini_thinking_problem(config: dict, model: str) -> str | None:
+    """Why Gemini would reject a thinkingConfig for this model, or None."""
+    budget, level = config.get("thinkingBudget"), config.get("thinkingLevel")
+    if budget is not None and level is not None:
+        return "You can only set one of thinking budget and thinking level."
+    if level is not None and not model.startswith("gemini-3"):
+        return "Thinking level is not supported for this model."
+    low, high = GEMINI_THINKING_RANGES.get(model, (-1, 1 << 31))
+    if budget is not None and budget != -1 and not (low <= budget <= high or (budget == 0 and low == 512)):
+        return f"The thinking budget {budget} is invalid. Please choose a value between {low} and {high}."
     return None
 
 
@@ -5168,11 +5196,15 @@ NATIVE_EXPECTED_TOOLS = {
     "gemini": [
         {
             "functionDeclarations": [
-                {"name": "Read", "description": NATIVE_READ_TOOL["description"], "parameters": GEMINI_READ_PARAMETERS},
+                {
+                    "name": "Read",
+                    "description": NATIVE_READ_TOOL["description"],
+                    "parametersJsonSchema": NATIVE_READ_TOOL["input_schema"],
+                },
                 {
                     "name": "Glob",
                     "description": NATIVE_GLOB_TOOL["description"],
-                    "parameters": NATIVE_GLOB_TOOL["input_schema"],
+                    "parametersJsonSchema": NATIVE_GLOB_TOOL["input_schema"],
                 },
             ]
         }
@@ -5659,9 +5691,9 @@ async def test_native_claude_code_fixture_is_accepted(native: NativeEnv, body: d
     assert [declaration["name"] for declaration in declarations] == [tool["name"] for tool in client_tools]
     for declaration, tool in zip(declarations, client_tools, strict=True):
         if tool["input_schema"].get("properties"):
-            assert gemini_schema_problems(declaration["parameters"], declaration["name"]) == []
+            assert declaration["parametersJsonSchema"] == tool["input_schema"]
         else:
-            assert "parameters" not in declaration
+            assert "parametersJsonSchema" not in declaration
 
 
 GEMINI_TRICKY_SCHEMA = {
@@ -5714,7 +5746,9 @@ GEMINI_TRICKY_EXPECTED = {
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_schema_is_cleaned_to_the_accepted_subset(native: NativeEnv) -> None:
-    """$ref resolved, type arrays -> nullable, const -> enum, oneOf -> anyOf, unknown keywords dropped."""
+    """For a model that takes only `parameters`: $ref resolved, type arrays -> nullable, const -> enum,
+    oneOf -> anyOf, unknown keywords dropped."""
+    await native.connect(model=GEMINI2_MODEL)
     native.stand_in.script(NATIVE_FINAL_TURN)
     tool = {"name": "Plan", "description": "Plan a trip.", "input_schema": GEMINI_TRICKY_SCHEMA}
 
@@ -10177,3 +10211,296 @@ async def test_rel_zz_no_key_in_any_log_or_response() -> None:
         if secret in where
     ]
     assert leaks == []
+
+
+# ===========================================================================
+# ---- Issue 10: Gemini and Ollama translation: schemas, tool names, thinking budgets, model names in URLs ----
+# ===========================================================================
+
+
+def i10_ref_chain(levels: int) -> dict:
+    """A schema whose every level holds two $refs to the level below: small as text, 2**levels nodes expanded."""
+    defs: dict[str, Any] = {"L0": {"type": "object", "properties": {"v": {"type": "string", "description": "leaf"}}}}
+    for level in range(1, levels + 1):
+        below = {"$ref": f"#/$defs/L{level - 1}"}
+        defs[f"L{level}"] = {
+            "type": "object",
+            "description": f"level {level}",
+            "properties": {"a": below, "b": dict(below)},
+            "required": ["a", "b"],
+        }
+    return {"type": "object", "$defs": defs, "properties": {"root": {"$ref": f"#/$defs/L{levels}"}}}
+
+
+def i10_depth(schema: dict) -> int:
+    """How many levels of `a` lie below `root` in an expanded chain."""
+    depth, node = 0, schema["properties"]["root"]
+    while "a" in node.get("properties", {}):
+        assert node["properties"]["a"] == node["properties"]["b"]
+        assert node["required"] == ["a", "b"]
+        depth, node = depth + 1, node["properties"]["a"]
+    return depth
+
+
+I10_CHAIN_TOOL = {"name": "mcp__deep__tree", "description": "A deeply shared tree.", "input_schema": i10_ref_chain(18)}
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: NativeEnv) -> None:
+    """Gemini 2.5 takes the 18-level chain in parametersJsonSchema as it is: a request of a few KB, not 17 MB."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+
+    await native.send(False, messages=NATIVE_HELLO, tools=[I10_CHAIN_TOOL])
+
+    sent = native.stand_in.last.body
+    declaration = sent["tools"][0]["functionDeclarations"][0]
+    assert declaration == {
+        "name": "mcp__deep__tree",
+        "description": "A deeply shared tree.",
+        "parametersJsonSchema": I10_CHAIN_TOOL["input_schema"],
+    }
+    assert len(json.dumps(sent)) < 3 * len(json.dumps(I10_CHAIN_TOOL))
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_subset_expands_shared_refs_once_per_definition(native: NativeEnv) -> None:
+    """A model that needs `parameters` gets a 10-level chain written out in full and valid."""
+    await native.connect(model=GEMINI2_MODEL)
+    native.stand_in.script(NATIVE_FINAL_TURN)
+    tool = {**I10_CHAIN_TOOL, "input_schema": i10_ref_chain(10)}
+
+    await native.send(False, messages=NATIVE_HELLO, tools=[tool, NATIVE_READ_TOOL])
+
+    declarations = native.stand_in.last.body["tools"][0]["functionDeclarations"]
+    assert gemini_schema_problems(declarations[0]["parameters"], "tree") == []
+    assert i10_depth(declarations[0]["parameters"]) == 10
+    assert declarations[1]["parameters"] == GEMINI_READ_PARAMETERS
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_subset_schema_over_the_cap_is_a_400_naming_the_tool(native: NativeEnv, stream: bool) -> None:
+    """Written out for `parameters`, the 18-level chain would be 22 MB: the client gets a 400, Gemini nothing."""
+    await native.connect(model=GEMINI2_MODEL)
+
+    status, error_type, text = await native_error(native, stream, tools=[I10_CHAIN_TOOL])
+
+    assert (status, error_type) == (400, "invalid_request_error")
+    assert "mcp__deep__tree" in text
+    assert native.stand_in.received == []
+
+
+def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
+    """Converting the 18-level chain builds one node per definition, however often the definition is used."""
+    converted = terraphim_proxy.gemini_schema(i10_ref_chain(18))
+    nodes, pending = set(), [converted]
+    while pending:
+        node = pending.pop()
+        if id(node) not in nodes:
+            nodes.add(id(node))
+            pending += node.get("properties", {}).values()
+    assert len(nodes) < 40
+    assert i10_depth(converted) == 18
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_declarations_are_converted_once_per_tools_text(native: NativeEnv) -> None:
+    """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+    cache = terraphim_proxy.GEMINI_TOOLS_CACHE
+    before = len(cache)
+
+    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS)
+    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS, max_tokens=99)
+    after_same = len(cache)
+    await native.send(False, messages=NATIVE_HELLO, tools=[NATIVE_GLOB_TOOL])
+
+    assert after_same == before + 1
+    assert len(cache) == before + 2
+    first, second, third = (received.body["tools"] for received in native.stand_in.received)
+    assert first == second == NATIVE_EXPECTED_TOOLS["gemini"]
+    assert [d["name"] for d in third[0]["functionDeclarations"]] == ["Glob"]
+
+
+@GENAI_WARNINGS
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: NativeEnv) -> None:
+    """The stand-in accepts parametersJsonSchema as google-genai sends it, and refuses it beside `parameters`."""
+    native.stand_in.script(NATIVE_FINAL_TURN)
+    client = genai.Client(
+        api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
+    )
+    schema = NATIVE_READ_TOOL["input_schema"]
+    declaration = genai_types.FunctionDeclaration(name="Read", description="Read.", parameters_json_schema=schema)
+    config = genai_types.GenerateContentConfig(tools=[genai_types.Tool(function_declarations=[declaration])])
+
+    response = await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi", config=config)
+
+    assert response.text == NATIVE_FINAL_TURN.text
+    sent = native.stand_in.last.body["tools"][0]
+    sent_declaration = (sent.get("functionDeclarations") or sent["function_declarations"])[0]
+    assert {gemini_camel(key): value for key, value in sent_declaration.items()}["parametersJsonSchema"] == schema
+    both = {"name": "Read", "description": "Read.", "parameters": GEMINI_READ_PARAMETERS}
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    body["tools"] = [{"functionDeclarations": [{**both, "parametersJsonSchema": schema}]}]
+    status, _, raw = await native_raw(
+        native, f"/v1beta/models/{GEMINI_MODEL}:generateContent", body, {"x-goog-api-key": GEMINI_KEY}
+    )
+    assert status == 400
+    assert b"mutually exclusive" in raw
+
+
+I10_LONG_NAME = "mcp__claude_ai_workspace_integration__search_documents_and_spreadsheets_by_owner"
+I10_LONG_TOOL = {
+    "name": I10_LONG_NAME,
+    "description": "Search the workspace.",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+}
+I10_LONG_HISTORY = [
+    {"role": "user", "content": "Find the budget sheet."},
+    {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "toolu_01L", "name": I10_LONG_NAME, "input": {"query": "budget"}}],
+    },
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01L", "content": "none found"}]},
+]
+
+
+def i10_upstream_names(provider: str, body: dict) -> dict[str, list[str]]:
+    """The tool names a native request declares, calls in its history and answers results for."""
+    if provider == "ollama":
+        messages = body["messages"]
+        return {
+            "declared": [tool["function"]["name"] for tool in body["tools"]],
+            "called": [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()],
+            "answered": [m["tool_name"] for m in messages if m["role"] == "tool"],
+        }
+    parts = [part for content in body["contents"] for part in content["parts"]]
+    return {
+        "declared": [d["name"] for d in body["tools"][0]["functionDeclarations"]],
+        "called": [part["functionCall"]["name"] for part in parts if "functionCall" in part],
+        "answered": [part["functionResponse"]["name"] for part in parts if "functionResponse" in part],
+        "allowed": body["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"],
+    }
+
+
+@NATIVE_STREAM
+async def test_native_long_tool_names_are_shortened_and_mapped_back(native: NativeEnv, stream: bool) -> None:
+    """A tool name over 64 characters goes upstream shortened (declared, in history, in results, in
+    tool_choice) and comes back to the client under its own name."""
+    called: list[str] = []
+
+    def answer(received: Received) -> NativeReply:
+        names = i10_upstream_names(native.provider, received.body)
+        called.append(names["declared"][1])
+        turn = NativeTurn(calls=(NativeCall(names["declared"][1], {"query": "budget 2026"}),))
+        return native_reply(native.provider, received, turn)
+
+    native.stand_in.answer = answer
+
+    message = await native.send(
+        stream,
+        messages=I10_LONG_HISTORY,
+        tools=[NATIVE_GLOB_TOOL, I10_LONG_TOOL],
+        tool_choice={"type": "tool", "name": I10_LONG_NAME},
+    )
+
+    names = i10_upstream_names(native.provider, native.stand_in.last.body)
+    short = names["declared"][1]
+    assert names["declared"][0] == "Glob"
+    assert len(short) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", short) and short != I10_LONG_NAME
+    assert short.startswith(I10_LONG_NAME[:40])
+    assert {key: value for key, value in names.items() if key != "declared"} == {
+        "called": [short],
+        "answered": [short],
+        **({"allowed": [short]} if native.provider == "gemini" else {}),
+    }
+    assert called == [short]
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert [(block.name, block.input) for block in uses] == [(I10_LONG_NAME, {"query": "budget 2026"})]
+    assert message.stop_reason == "tool_use"
+
+
+I10_HAIKU = load_fixture("07_haiku_main_turn1.json")["body"]
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking_config"),
+    [
+        pytest.param(GEMINI_FLASH_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash"),
+        pytest.param(GEMINI_LITE_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash-lite"),
+        pytest.param(GEMINI_MODEL, {"thinkingBudget": 31999, "includeThoughts": True}, id="2.5-pro"),
+        pytest.param(GEMINI3_MODEL, {"thinkingLevel": "HIGH", "includeThoughts": True}, id="3-pro"),
+    ],
+)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
+    native: NativeEnv, model: str, thinking_config: dict
+) -> None:
+    """Claude Code's budget_tokens 31999 is clamped to the model's range (Gemini 3 gets a thinkingLevel), so
+    Gemini accepts the request."""
+    assert I10_HAIKU["thinking"] == {"budget_tokens": 31999, "type": "enabled"}
+    await native.connect(model=model)
+    native.stand_in.script(NATIVE_FINAL_TURN)
+
+    answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**I10_HAIKU, "stream": False})
+
+    assert answer.content[-1].text == NATIVE_FINAL_TURN.text
+    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == thinking_config
+
+
+@pytest.mark.parametrize(
+    ("model", "budget", "expected"),
+    [
+        pytest.param(GEMINI_MODEL, 64, {"thinkingBudget": 128}, id="pro-raised-to-128"),
+        pytest.param(GEMINI_LITE_MODEL, 100, {"thinkingBudget": 512}, id="lite-raised-to-512"),
+        pytest.param(GEMINI_FLASH_MODEL, 2000, {"thinkingBudget": 2000}, id="flash-in-range"),
+        pytest.param(GEMINI3_MODEL, 2048, {"thinkingLevel": "LOW"}, id="3-low"),
+    ],
+)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_thinking_budget_is_clamped_per_model(
+    native: NativeEnv, model: str, budget: int, expected: dict
+) -> None:
+    await native.connect(model=model)
+    native.stand_in.script(NATIVE_FINAL_TURN)
+
+    await native.send(
+        False, messages=NATIVE_HELLO, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
+    )
+
+    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == {**expected, "includeThoughts": True}
+
+
+I10_ESCAPING_MODELS = [
+    pytest.param("gemini,x/../../v1/files#", id="dot-segments-and-fragment"),
+    pytest.param("gemini,gemini-2.5-pro?alt=media", id="query"),
+    pytest.param("gemini,a#b", id="fragment"),
+    pytest.param("gemini,gemini-2.5-pro\r\nx-goog-api-key: x", id="control-characters"),
+]
+
+
+@NATIVE_STREAM
+@pytest.mark.parametrize("model", I10_ESCAPING_MODELS)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_model_name_that_would_leave_its_url_path_is_a_400(
+    native: NativeEnv, stream: bool, model: str
+) -> None:
+    """A model holding `/`, `?`, `#` or a control character never reaches Gemini (nor another path there)."""
+    status, error_type, text = await native_error(native, stream, model=model)
+
+    assert (status, error_type) == (400, "invalid_request_error")
+    assert "URL" in text
+    assert native.stand_in.received == []
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_model_name_is_percent_encoded_in_the_url(native: NativeEnv) -> None:
+    """Percent signs and spaces in a model name arrive as that name, inside its own path segment."""
+    model = "x%2F..%2F..%2Fv1%2Ffiles pro"
+
+    status, error_type, text = await native_error(native, False, model=f"gemini,{model}")
+
+    assert (status, error_type) == (404, "not_found_error")
+    assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
+    assert f"models/{model} is not found" in text
