@@ -2965,7 +2965,9 @@ def expanded_json_size(value: Any, sizes: dict[int, tuple[Any, int]]) -> int:
 
 def takes_parameters(schema: Any) -> bool:
     """Whether a tool's schema describes any parameter (Gemini rejects an OBJECT without properties)."""
-    return isinstance(schema, dict) and any(schema.get(key) for key in ("properties", "$ref", "anyOf", "oneOf"))
+    return isinstance(schema, dict) and any(
+        schema.get(key) for key in ("properties", "$ref", "anyOf", "oneOf", "allOf")
+    )
 
 
 def gemini_function(tool: dict, client_name: str, json_schema: bool) -> dict:
