@@ -2828,7 +2828,7 @@ GEMINI_ERRORS = frozenset(
 GEMINI_MAX_STOP_SEQUENCES = 5
 GEMINI_MAX_SCHEMA_BYTES = 256 * 1024  # a tool's `parameters` with every $ref written out
 GEMINI_JSON_SCHEMA_MODELS = re.compile(r"gemini-(?:2\.5|[3-9])|gemini-(?:pro|flash|flash-lite)-latest")
-GEMINI_THINKING_BUDGETS = (  # model prefix, lowest and highest thinkingBudget it accepts (0 turns thinking off)
+GEMINI_THINKING_BUDGETS = (  # model prefix, lowest and highest thinkingBudget it accepts besides -1 (dynamic)
     ("gemini-2.5-flash-lite", 512, 24576),
     ("gemini-2.5-flash", 0, 24576),
     ("gemini-2.5-pro", 128, 32768),
@@ -2891,6 +2891,7 @@ class GeminiSubsetSchema:
             self.open.discard(name)
 
     def subset(self, schema: dict) -> dict:
+        """The node's own keywords that Gemini knows, its subschemas converted; every node gets a type."""
         out: dict = {}
         kind = schema.get("type")
         if isinstance(kind, list):
