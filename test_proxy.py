@@ -10307,19 +10307,24 @@ def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
 async def test_gemini_declarations_are_converted_once_per_tools_text(native: NativeEnv) -> None:
     """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
     native.stand_in.script(NATIVE_FINAL_TURN)
-    cache = terraphim_proxy.GEMINI_TOOLS_CACHE
-    before = len(cache)
+    description = f"Read a file ({os.urandom(8).hex()})."
+    tools = [{**NATIVE_READ_TOOL, "description": description}, NATIVE_GLOB_TOOL]
 
-    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS)
-    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS, max_tokens=99)
-    after_same = len(cache)
-    await native.send(False, messages=NATIVE_HELLO, tools=[NATIVE_GLOB_TOOL])
+    def entries() -> list[list[dict]]:
+        cached = terraphim_proxy.GEMINI_TOOLS_CACHE.values()
+        return [value for value in cached if value and value[0]["description"] == description]
 
-    assert after_same == before + 1
-    assert len(cache) == before + 2
-    first, second, third = (received.body["tools"] for received in native.stand_in.received)
-    assert first == second == NATIVE_EXPECTED_TOOLS["gemini"]
-    assert [d["name"] for d in third[0]["functionDeclarations"]] == ["Glob"]
+    await native.send(False, messages=NATIVE_HELLO, tools=tools)
+    await native.send(False, messages=NATIVE_HELLO, tools=tools, max_tokens=99)
+    after_same = entries()
+    await native.send(False, messages=NATIVE_HELLO, tools=tools[:1])
+
+    assert len(after_same) == 1
+    assert len(entries()) == 2
+    first, second, third = (received.body["tools"][0]["functionDeclarations"] for received in native.stand_in.received)
+    assert first == second == after_same[0]
+    assert [declaration["name"] for declaration in first] == ["Read", "Glob"]
+    assert third == first[:1]
 
 
 @GENAI_WARNINGS
