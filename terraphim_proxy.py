@@ -962,11 +962,12 @@ def _images_in(blocks: list) -> Iterator[dict]:
 class TokenCounter:
     """cl100k_base counts, cached per part of a request (the system prompt, each message, the tools) under a
     fast hash of the part's raw JSON text: Claude Code resends the whole conversation every turn, so a turn
-    that adds one message costs one message's encode."""
+    that adds one message costs one message's encode. The cache is read and written on the event loop only
+    (a thread only encodes) and drops the part used least recently, so the system prompt and tools stay."""
 
     def __init__(self, encoding: Any, cache_entries: int = 16384):
         self.encoding = encoding
-        self.cache: dict[tuple[int, int], int] = {}
+        self.cache: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
         self.cache_entries = cache_entries
 
     def encode_len(self, text: str) -> int:
@@ -974,16 +975,14 @@ class TokenCounter:
             return (len(text.encode("utf-8")) + 3) // 4
         return len(self.encoding.encode_ordinary(text))
 
-    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> int:
-        total = 0
-        for key, texts in parts:
-            count = sum(self.encode_len(text) for text in texts)
-            if key is not None:
-                if len(self.cache) >= self.cache_entries:
-                    del self.cache[next(iter(self.cache))]
-                self.cache[key] = count
-            total += count
-        return total
+    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> list[int]:
+        """Each part's count; touches no shared state, so it can run in a thread."""
+        return [sum(self.encode_len(text) for text in texts) for _, texts in parts]
+
+    def _remember(self, key: tuple[int, int], count: int) -> None:
+        if len(self.cache) >= self.cache_entries:
+            self.cache.popitem(last=False)
+        self.cache[key] = count
 
     async def count(self, raw: RawBody) -> int:
         """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
@@ -997,12 +996,18 @@ class TokenCounter:
             if span is not None:
                 key = raw.key_of(span)
                 if key in self.cache:
+                    self.cache.move_to_end(key)
                     total += self.cache[key]
                     continue
             misses.append((key, list(texts)))
         if sum(len(text) for _, texts in misses for text in texts) >= THREAD_ENCODE_MIN:
-            return total + await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
-        return total + self._count_parts(misses)
+            counts = await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
+        else:
+            counts = self._count_parts(misses)
+        for (key, _), count in zip(misses, counts, strict=True):
+            if key is not None:
+                self._remember(key, count)
+        return total + sum(counts)
 
 
 # ---------------------------------------------------------------------------

@@ -10162,6 +10162,48 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 
 
 # ===========================================================================
+# Issue 10: resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
+# ===========================================================================
+
+
+def lim_raw_body(*texts: str) -> terraphim_proxy.RawBody:
+    """A Messages body with one user message per text, parsed as the proxy parses what it receives."""
+    messages = [{"role": "user", "content": text} for text in texts]
+    return terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode())
+
+
+async def test_token_cache_keeps_a_reused_entry_when_full() -> None:
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=2)
+    system, first, second = "the system prompt, reused every turn", "turn one", "turn two"
+    await counter.count(lim_raw_body(system, first))
+    await counter.count(lim_raw_body(system, second))  # the full cache evicts `first`, used least recently
+
+    reused = lim_raw_body(system)
+    key = reused.key_of(reused.message_spans[0])
+    assert key in counter.cache
+    assert lim_raw_body(first).key_of(lim_raw_body(first).message_spans[0]) not in counter.cache
+    assert len(counter.cache) == 2
+
+
+async def test_token_cache_survives_concurrent_large_counts_when_full() -> None:
+    """Large counts run in threads while others read the cache on the loop; a full cache evicts on every miss.
+    A short switch interval lets the threads interleave between any two bytecodes, as a busy server may."""
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=8)
+    shared = lim_raw_body(*(f"shared {i}" for i in range(8)))
+    parts = terraphim_proxy.THREAD_ENCODE_MIN // 64
+    bodies = [lim_raw_body(*(f"{i} {j} " + "x" * 64 for j in range(parts))) for i in range(32)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(4):
+            counts = await asyncio.gather(*(counter.count(body) for body in [*bodies, *[shared] * 32]))
+            assert all(count > 0 for count in counts)
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(counter.cache) <= 8
+
+
+# ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
 
