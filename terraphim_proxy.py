@@ -4199,9 +4199,8 @@ class Incoming:
     dialect: Dialect = ANTHROPIC_DIALECT
 
 
-async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: bool = False) -> Incoming:
-    """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route.
-    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
+def admit(request: web.Request) -> Snapshot:
+    """Auth and the per-client rate limit, checked before any of the body is read; the config snapshot."""
     snapshot = request.app[STATE].current
     config = snapshot.config
     client = check_auth(request, config)
@@ -4210,6 +4209,29 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: 
         if wait:
             limit = f"{config.rate_limit_rpm} requests per minute"
             raise ProxyError(429, f"rate limit of {limit} reached", headers={"retry-after": str(math.ceil(wait))})
+    return snapshot
+
+
+@contextlib.contextmanager
+def in_flight_slot(state: ProxyState, config: Config) -> Iterator[None]:
+    """Hold one of the max_in_flight slots from before the body is read until the answer ends; 429 when none
+    is free, so the proxy never holds more than max_in_flight request bodies at once."""
+    if state.in_flight >= config.max_in_flight:
+        limit = config.max_in_flight
+        raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
+    state.in_flight += 1
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+
+
+async def prepare_exchange(
+    request: web.Request, snapshot: Snapshot, need_max_tokens: bool, openai: bool = False
+) -> Incoming:
+    """The shared front half of the API handlers after `admit`: parse, validate, analyse, route.
+    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
+    config = snapshot.config
     raw = await read_json_body(request, config.max_body_bytes)
     dialect = ANTHROPIC_DIALECT
     if openai:
@@ -4241,15 +4263,10 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
 async def serve_request(request: web.Request, openai: bool) -> web.StreamResponse:
     """A Messages or chat-completions request: prepared, held to the in-flight limit, served by its route."""
     state = request.app[STATE]
-    incoming = await prepare_exchange(request, need_max_tokens=True, openai=openai)
-    limit = incoming.snapshot.config.max_in_flight
-    if state.in_flight >= limit:
-        raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
-    state.in_flight += 1
-    try:
+    snapshot = admit(request)
+    with in_flight_slot(state, snapshot.config):
+        incoming = await prepare_exchange(request, snapshot, need_max_tokens=True, openai=openai)
         return await serve_route(request, state, incoming)
-    finally:
-        state.in_flight -= 1
 
 
 async def serve_route(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
@@ -4311,7 +4328,13 @@ async def respond(
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
-    incoming = await prepare_exchange(request, need_max_tokens=False)
+    snapshot = admit(request)
+    with in_flight_slot(request.app[STATE], snapshot.config):
+        return await count_tokens(request, await prepare_exchange(request, snapshot, need_max_tokens=False))
+
+
+async def count_tokens(request: web.Request, incoming: Incoming) -> web.Response:
+    """The count_tokens answer: the provider's exact figure where configured and available, else the local one."""
     snapshot, hints = incoming.snapshot, incoming.hints
     exchange = request[EXCHANGE]
     target = incoming.route.targets[0]

@@ -10203,6 +10203,48 @@ async def test_token_cache_survives_concurrent_large_counts_when_full() -> None:
     assert len(counter.cache) <= 8
 
 
+async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, asyncio.StreamWriter]:
+    """POST `path` announcing a `length`-byte body of which only a few bytes are sent; the answer's head, read
+    while the rest of the body is still owed."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode() + b'{"model": "')
+    await writer.drain()
+    return await rel_read_until(reader, b"\r\n\r\n"), writer
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
+async def test_max_in_flight_refuses_before_reading_the_body(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
+) -> None:
+    rel_up.script = rel_stream_script(hold_at=1)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
+    held = await rel_streaming(http, proxy)
+
+    head, writer = await lim_unfinished_body(proxy, path, 1024 * 1024)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert b"retry-after: 1" in head.lower(), head
+    rel_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert len(rel_up.received) == 1
+
+
+async def test_rate_limit_refuses_before_reading_the_body(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 1}))
+    assert (await rel_post(http, proxy, rel_body())).status == 200
+
+    head, writer = await lim_unfinished_body(proxy, "/v1/messages", 1024 * 1024)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert len(rel_up.received) == 1
+
+
 # ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
