@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -120,6 +120,8 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "rate_limit_rpm": int,
     "drain_timeout_ms": int,
     "fetch_image_urls": bool,
+    "fetch_image_max_count": int,
+    "fetch_image_max_bytes": int,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -151,7 +153,17 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "model_num_ctx": dict,
 }
 POSITIVE_INT_KEYS = frozenset(
-    {"port", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx", "max_in_flight", "rate_limit_rpm"}
+    {
+        "port",
+        "max_body_bytes",
+        "long_context_threshold",
+        "max_tokens",
+        "num_ctx",
+        "max_in_flight",
+        "rate_limit_rpm",
+        "fetch_image_max_count",
+        "fetch_image_max_bytes",
+    }
     | set(TIMEOUT_KEYS)
 )
 NON_NEGATIVE_INT_KEYS = frozenset({"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms"})
@@ -234,6 +246,8 @@ class Config:
     rate_limit_rpm: int | None = None
     drain_timeout_ms: int = 30_000
     fetch_image_urls: bool = False
+    fetch_image_max_count: int = 20  # distinct image URLs fetched for one request
+    fetch_image_max_bytes: int = 32 * 1024 * 1024  # their bytes together
     rules: tuple[Rule, ...] = ()
     router_module: str = ""
     custom_router: CustomRouter | None = None
@@ -517,6 +531,8 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "rate_limit_rpm",
                 "drain_timeout_ms",
                 "fetch_image_urls",
+                "fetch_image_max_count",
+                "fetch_image_max_bytes",
             )
             if key in proxy
         },
@@ -3153,14 +3169,16 @@ def is_public_address(host: str) -> bool:
         return False
 
 
-def new_image_session() -> aiohttp.ClientSession:
-    """The session for fetch_image_urls: public addresses only, no redirects followed, no cookies kept."""
-    connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), limit=16)
+def new_image_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """The session for fetch_image_urls: public addresses only, no redirects followed, no cookies kept.
+    `resolver` replaces the public-only DNS guard; only tests pass one, to reach a local image server."""
+    connector = aiohttp.TCPConnector(resolver=resolver or PublicOnlyResolver(), limit=16)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=IMAGE_FETCH_TIMEOUT)
 
 
-async def fetch_image(session: aiohttp.ClientSession, url: str) -> dict:
-    """A base64 image source for a public http(s) URL, at most MAX_IMAGE_BYTES; ProxyError 400 otherwise."""
+async def fetch_image(session: aiohttp.ClientSession, url: str, limit: int) -> tuple[str, bytes]:
+    """The media type and the bytes (at most `limit` + 1 of them) of a public http(s) image URL; ProxyError 400
+    otherwise."""
     host = urlsplit(url).hostname or ""
     try:
         ipaddress.ip_address(host)
@@ -3169,19 +3187,53 @@ async def fetch_image(session: aiohttp.ClientSession, url: str) -> dict:
         literal = False
     if not is_http_url(url) or (literal and not is_public_address(host)):
         raise ProxyError(400, "image URL refused: only public http(s) addresses are fetched")
+    data = bytearray()
     try:
         async with session.get(url, allow_redirects=False) as response:
             if response.status != 200 or not response.content_type.startswith("image/"):
                 raise ProxyError(400, f"image URL gave HTTP {response.status} ({response.content_type}), not an image")
-            data = await response.content.read(MAX_IMAGE_BYTES + 1)
+            async for chunk in response.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    break
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise ProxyError(400, f"image URL could not be fetched: {type(exc).__name__}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ProxyError(413, f"image URL is larger than {MAX_IMAGE_BYTES} bytes")
-    return {"type": "base64", "media_type": response.content_type, "data": base64.b64encode(data).decode()}
+    return response.content_type, bytes(data)
 
 
-async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
+@dataclass
+class FetchedImages:
+    """The image URLs of one request, each fetched at most once (a failure included) whichever targets need
+    the bytes, at most MAX_IMAGE_BYTES each and `fetch_image_max_bytes` together."""
+
+    sources: dict[str, dict | ProxyError] = field(default_factory=dict)
+    size: int = 0
+
+    async def source(self, session: aiohttp.ClientSession, config: Config, url: str) -> dict:
+        """A base64 image source for the URL."""
+        if url not in self.sources:
+            try:
+                self.sources[url] = await self._fetch(session, config, url)
+            except ProxyError as err:
+                self.sources[url] = err
+        found = self.sources[url]
+        if isinstance(found, ProxyError):
+            raise found
+        return found
+
+    async def _fetch(self, session: aiohttp.ClientSession, config: Config, url: str) -> dict:
+        room = config.fetch_image_max_bytes - self.size
+        media_type, data = await fetch_image(session, url, min(MAX_IMAGE_BYTES, room))
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ProxyError(413, f"image URL is larger than {MAX_IMAGE_BYTES} bytes")
+        if len(data) > room:
+            limit = config.fetch_image_max_bytes
+            raise ProxyError(413, f"the request's image URLs hold more than {limit} bytes (fetch_image_max_bytes)")
+        self.size += len(data)
+        return {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}
+
+
+async def inline_image_urls(body: dict, fetched: Callable[[str], Awaitable[dict]]) -> dict:
     """The body with every URL image (also inside tool results) replaced by its fetched bytes (copy-on-write)."""
 
     async def blocks_with_bytes(blocks: list) -> list:
@@ -3192,7 +3244,7 @@ async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
                 and block.get("type") == "image"
                 and (block.get("source") or {}).get("type") == "url"
             ):
-                block = {**block, "source": await fetch_image(session, block["source"].get("url", ""))}
+                block = {**block, "source": await fetched(block["source"].get("url", ""))}
             elif (
                 isinstance(block, dict)
                 and block.get("type") == "tool_result"
@@ -3208,6 +3260,20 @@ async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
             message = {**message, "content": await blocks_with_bytes(message["content"])}
         messages.append(message)
     return {**body, "messages": messages}
+
+
+def check_image_url_count(body: dict, config: Config) -> None:
+    """400 when a request holds more distinct image URLs than `fetch_image_max_count`, before any is fetched."""
+    urls = {
+        str(source.get("url"))
+        for image in _iter_images(body.get("messages") or ())
+        if (source := image.get("source") or {}).get("type") == "url"
+    }
+    if len(urls) > config.fetch_image_max_count:
+        limit = config.fetch_image_max_count
+        raise ProxyError(
+            400, f"the request has {len(urls)} image URLs; at most {limit} are fetched (fetch_image_max_count)"
+        )
 
 
 def has_url_images(body: dict) -> bool:
@@ -3361,7 +3427,10 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
-        body = await inline_image_urls(body, request.app[IMAGE_SESSION])
+        check_image_url_count(body, config)
+        body = await inline_image_urls(
+            body, functools.partial(incoming.images.source, request.app[IMAGE_SESSION], config)
+        )
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
@@ -4197,6 +4266,7 @@ class Incoming:
     hints: Hints
     route: Route
     dialect: Dialect = ANTHROPIC_DIALECT
+    images: FetchedImages = field(default_factory=FetchedImages, compare=False)  # its image URLs, once fetched
 
 
 def admit(request: web.Request) -> Snapshot:
@@ -4451,22 +4521,27 @@ async def handle_root(request: web.Request) -> web.Response:
     return web.json_response({"name": "terraphim-proxy", "version": __version__})
 
 
-async def _client_session_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _client_session_ctx(
+    app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
+) -> AsyncIterator[None]:
     app[SESSION] = new_client_session()
-    app[IMAGE_SESSION] = new_image_session()
+    app[IMAGE_SESSION] = new_image_session(image_resolver)
     yield
     await app[SESSION].close()
     await app[IMAGE_SESSION].close()
 
 
-def create_app(config: Config, counter: TokenCounter | None = None) -> web.Application:
-    """The aiohttp application for a config; the token counter can be shared between apps."""
+def create_app(
+    config: Config, counter: TokenCounter | None = None, image_resolver: aiohttp.abc.AbstractResolver | None = None
+) -> web.Application:
+    """The aiohttp application for a config; the token counter can be shared between apps. `image_resolver` is
+    a test seam: the DNS that image URL fetches use instead of the public-only guard."""
     app = web.Application(middlewares=[exchange_middleware])
     app[STATE] = ProxyState(config)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
     app[STARTED_WALL] = time.time()
-    app.cleanup_ctx.append(_client_session_ctx)
+    app.cleanup_ctx.append(functools.partial(_client_session_ctx, image_resolver=image_resolver))
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", handle_models)

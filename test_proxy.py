@@ -7921,7 +7921,7 @@ async def test_rel_image_url_is_refused_for_inline_only_providers(
 # With fetch_image_urls on, a URL must never make the proxy reach a loopback, private or link-local host.
 # Loopback forms point at a real stand-in, so a fetch would be seen; private and link-local ones are IP
 # literals, refused before any connection is tried. A successful fetch needs a public address, which this
-# offline machine does not have, so the positive path is not tested here.
+# offline machine does not have, so the positive path is tested with a DNS stand-in (Issue 10 section).
 REL_LOCAL_IMAGE_URLS = [
     "http://127.0.0.1:{port}/cat.png",
     "http://localhost:{port}/cat.png",
@@ -10243,6 +10243,100 @@ async def test_rate_limit_refuses_before_reading_the_body(
 
     assert head.startswith(b"HTTP/1.1 429 "), head
     assert len(rel_up.received) == 1
+
+
+# With fetch_image_urls on, a fetch reaches only public addresses, which this offline machine lacks. These
+# tests start the proxy with create_app's `image_resolver` seam and a DNS stand-in that names 127.0.0.1, where
+# an image stand-in listens; every other part of the fetch (the session, limits, caching) is the proxy's own.
+
+
+class LimLoopbackResolver(aiohttp.abc.AbstractResolver):
+    """The DNS stand-in for image fetches: every host name is 127.0.0.1."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        address = {"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET}
+        return [address | {"proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def lim_image_proxy() -> AsyncIterator[StartProxy]:
+    """Starts proxies whose image URL fetches resolve every host name to 127.0.0.1."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: terraphim_proxy.Config) -> str:
+        app = terraphim_proxy.create_app(config, shared_counter(), image_resolver=LimLoopbackResolver())
+        runner, url = await serve_app(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def lim_image_body(*urls: str) -> dict:
+    images = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
+    return rel_body([*images, {"type": "text", "text": "What is in these pictures?"}])
+
+
+def lim_image_url(images: RelUpstream, name: str) -> str:
+    """A URL of the image stand-in under a host name, as a public image would have."""
+    return f"http://images.example:{images.url.rsplit(':', 1)[1]}/{name}"
+
+
+async def test_image_url_is_fetched_once_per_request_across_fallbacks(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    first, second, images = await rel_servers(), await rel_servers(), await rel_servers()
+    first.script, images.script = rel_status(503), rel_png
+    providers = [rel_provider("first", "ollama", first.url), rel_provider("second", "ollama", second.url)]
+    config = rel_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
+    proxy = await lim_image_proxy(config)
+    url = lim_image_url(images, "cat.png")
+
+    reply = await rel_post(http, proxy, lim_image_body(url, url))
+
+    assert reply.status == 200, reply.text
+    assert reply.headers["x-terraphim-route"] == "second,qwen-b"
+    assert len(images.received) == 1
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    assert second.received[0].body["messages"][-1]["images"] == [png, png]
+    assert first.received[0].body["messages"][-1]["images"] == [png, png]
+
+
+async def test_image_urls_over_fetch_image_max_count_are_refused_before_any_fetch(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png
+    proxy = await lim_image_proxy(rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2}))
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b", "c")]
+
+    reply = await rel_post(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(400, "invalid_request_error", "3 image URLs", "fetch_image_max_count")
+    assert images.received == [] and up.received == []
+    assert (await rel_post(http, proxy, lim_image_body(*urls[:2]))).status == 200
+
+
+async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png  # 72 bytes each
+    proxy = await lim_image_proxy(
+        rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
+    )
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b")]
+
+    reply = await rel_post(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(413, "request_too_large", "100 bytes", "fetch_image_max_bytes")
+    assert up.received == []
+    assert (await rel_post(http, proxy, lim_image_body(urls[0]))).status == 200
 
 
 # ===========================================================================
