@@ -98,6 +98,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 TIMEOUT_KEYS = {  # config key -> Timeouts field
     "connect_timeout_ms": "connect_ms",
+    "pool_timeout_ms": "pool_ms",
     "first_byte_timeout_ms": "first_byte_ms",
     "idle_timeout_ms": "idle_ms",
     "timeout_ms": "total_ms",
@@ -122,6 +123,7 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "fetch_image_urls": bool,
     "fetch_image_max_count": int,
     "fetch_image_max_bytes": int,
+    "upstream_connections": int,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -163,6 +165,7 @@ POSITIVE_INT_KEYS = frozenset(
         "rate_limit_rpm",
         "fetch_image_max_count",
         "fetch_image_max_bytes",
+        "upstream_connections",
     }
     | set(TIMEOUT_KEYS)
 )
@@ -186,6 +189,7 @@ class Timeouts:
     """Upstream time limits, in milliseconds."""
 
     connect_ms: int = 10_000  # TCP and TLS
+    pool_ms: int = 10_000  # waiting for a free pooled connection when all `upstream_connections` are busy
     first_byte_ms: int = 300_000  # until the first answer frame (slow reasoning models need minutes)
     idle_ms: int = 300_000  # the longest silence while an answer arrives
     total_ms: int = DEFAULT_TIMEOUT_MS  # a whole non-streaming answer
@@ -248,6 +252,7 @@ class Config:
     fetch_image_urls: bool = False
     fetch_image_max_count: int = 20  # distinct image URLs fetched for one request
     fetch_image_max_bytes: int = 32 * 1024 * 1024  # their bytes together
+    upstream_connections: int | None = None  # the upstream pool's size; unset, only the max_in_flight limits cap it
     rules: tuple[Rule, ...] = ()
     router_module: str = ""
     custom_router: CustomRouter | None = None
@@ -533,6 +538,7 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "fetch_image_urls",
                 "fetch_image_max_count",
                 "fetch_image_max_bytes",
+                "upstream_connections",
             )
             if key in proxy
         },
@@ -3131,13 +3137,20 @@ KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long 
 
 @functools.lru_cache(maxsize=64)
 def client_timeout(limits: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
-    """aiohttp's part of the limits: connect, the silence between reads and, without streaming, the total."""
+    """aiohttp's part of the limits: the wait for a pooled connection plus its connect, the connect alone, the
+    silence between reads and, without streaming, the total."""
     total = None if stream else limits.total_ms / 1000
-    return aiohttp.ClientTimeout(total=total, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000)
+    connect = (limits.pool_ms + limits.connect_ms) / 1000
+    return aiohttp.ClientTimeout(
+        total=total, connect=connect, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000
+    )
 
 
-def new_client_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=60, ttl_dns_cache=300)
+def new_client_session(config: Config) -> aiohttp.ClientSession:
+    """The upstream session. Its pool has no per-host cap, and no cap at all unless `upstream_connections` sets
+    one, so it never holds requests back below the max_in_flight limits."""
+    limit = config.upstream_connections or 0
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
 
 
@@ -4524,7 +4537,7 @@ async def handle_root(request: web.Request) -> web.Response:
 async def _client_session_ctx(
     app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
 ) -> AsyncIterator[None]:
-    app[SESSION] = new_client_session()
+    app[SESSION] = new_client_session(app[STATE].current.config)
     app[IMAGE_SESSION] = new_image_session(image_resolver)
     yield
     await app[SESSION].close()
@@ -4683,8 +4696,8 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
             for problem in err.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             return
-        if (new.host, new.port) != (config.host, config.port):
-            log.warning("reload: a new host or port takes effect only after a restart")
+        if (new.host, new.port, new.upstream_connections) != (config.host, config.port, config.upstream_connections):
+            log.warning("reload: a new host, port or upstream_connections takes effect only after a restart")
         app[STATE].reload(new)
         log.info("config reloaded from %s", new.source)
         for warning in new.warnings:

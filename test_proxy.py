@@ -10339,6 +10339,43 @@ async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
     assert (await rel_post(http, proxy, lim_image_body(urls[0]))).status == 200
 
 
+async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
+    rel_up: RelUpstream, start_proxy: StartProxy
+) -> None:
+    """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
+    streams = 130
+    rel_up.script = rel_stream_script(hold_at=1)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": streams}))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as client:
+        held = await asyncio.gather(*(rel_streaming(client, proxy) for _ in range(streams)))
+
+        assert len(rel_up.received) == streams
+        rel_up.release.set()
+        replies = await asyncio.gather(*held)
+    assert all(reply.frames[-1][0] == "message_stop" for reply in replies)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_waiting_for_a_pooled_upstream_connection_times_out(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
+    limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, limits))
+    held = await rel_streaming(http, proxy)  # holds the only pooled connection
+
+    started = time.monotonic()
+    reply = await rel_post(http, proxy, rel_body(stream=stream))
+
+    reply.assert_error(504, "timeout_error", "did not answer in time")
+    assert time.monotonic() - started < TIMEOUT_S / 2
+    assert len(rel_up.received) == 1
+    rel_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert (await rel_post(http, proxy, rel_body(stream=stream))).status == 200
+
+
 # ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
