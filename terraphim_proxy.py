@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -98,6 +98,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 TIMEOUT_KEYS = {  # config key -> Timeouts field
     "connect_timeout_ms": "connect_ms",
+    "pool_timeout_ms": "pool_ms",
     "first_byte_timeout_ms": "first_byte_ms",
     "idle_timeout_ms": "idle_ms",
     "timeout_ms": "total_ms",
@@ -120,6 +121,9 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "rate_limit_rpm": int,
     "drain_timeout_ms": int,
     "fetch_image_urls": bool,
+    "fetch_image_max_count": int,
+    "fetch_image_max_bytes": int,
+    "upstream_connections": int,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -151,7 +155,18 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "model_num_ctx": dict,
 }
 POSITIVE_INT_KEYS = frozenset(
-    {"port", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx", "max_in_flight", "rate_limit_rpm"}
+    {
+        "port",
+        "max_body_bytes",
+        "long_context_threshold",
+        "max_tokens",
+        "num_ctx",
+        "max_in_flight",
+        "rate_limit_rpm",
+        "fetch_image_max_count",
+        "fetch_image_max_bytes",
+        "upstream_connections",
+    }
     | set(TIMEOUT_KEYS)
 )
 NON_NEGATIVE_INT_KEYS = frozenset({"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms"})
@@ -174,6 +189,7 @@ class Timeouts:
     """Upstream time limits, in milliseconds."""
 
     connect_ms: int = 10_000  # TCP and TLS
+    pool_ms: int = 10_000  # waiting for a free pooled connection when all `upstream_connections` are busy
     first_byte_ms: int = 300_000  # until the first answer frame (slow reasoning models need minutes)
     idle_ms: int = 300_000  # the longest silence while an answer arrives
     total_ms: int = DEFAULT_TIMEOUT_MS  # a whole non-streaming answer
@@ -234,6 +250,9 @@ class Config:
     rate_limit_rpm: int | None = None
     drain_timeout_ms: int = 30_000
     fetch_image_urls: bool = False
+    fetch_image_max_count: int = 20  # distinct image URLs fetched for one request
+    fetch_image_max_bytes: int = 32 * 1024 * 1024  # their bytes together
+    upstream_connections: int | None = None  # the upstream pool's size; unset, only the max_in_flight limits cap it
     rules: tuple[Rule, ...] = ()
     router_module: str = ""
     custom_router: CustomRouter | None = None
@@ -517,6 +536,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "rate_limit_rpm",
                 "drain_timeout_ms",
                 "fetch_image_urls",
+                "fetch_image_max_count",
+                "fetch_image_max_bytes",
+                "upstream_connections",
             )
             if key in proxy
         },
@@ -962,11 +984,12 @@ def _images_in(blocks: list) -> Iterator[dict]:
 class TokenCounter:
     """cl100k_base counts, cached per part of a request (the system prompt, each message, the tools) under a
     fast hash of the part's raw JSON text: Claude Code resends the whole conversation every turn, so a turn
-    that adds one message costs one message's encode."""
+    that adds one message costs one message's encode. The cache is read and written on the event loop only
+    (a thread only encodes) and drops the part used least recently, so the system prompt and tools stay."""
 
     def __init__(self, encoding: Any, cache_entries: int = 16384):
         self.encoding = encoding
-        self.cache: dict[tuple[int, int], int] = {}
+        self.cache: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
         self.cache_entries = cache_entries
 
     def encode_len(self, text: str) -> int:
@@ -974,16 +997,14 @@ class TokenCounter:
             return (len(text.encode("utf-8")) + 3) // 4
         return len(self.encoding.encode_ordinary(text))
 
-    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> int:
-        total = 0
-        for key, texts in parts:
-            count = sum(self.encode_len(text) for text in texts)
-            if key is not None:
-                if len(self.cache) >= self.cache_entries:
-                    del self.cache[next(iter(self.cache))]
-                self.cache[key] = count
-            total += count
-        return total
+    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> list[int]:
+        """Each part's count; touches no shared state, so it can run in a thread."""
+        return [sum(self.encode_len(text) for text in texts) for _, texts in parts]
+
+    def _remember(self, key: tuple[int, int], count: int) -> None:
+        if len(self.cache) >= self.cache_entries:
+            self.cache.popitem(last=False)
+        self.cache[key] = count
 
     async def count(self, raw: RawBody) -> int:
         """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
@@ -997,12 +1018,18 @@ class TokenCounter:
             if span is not None:
                 key = raw.key_of(span)
                 if key in self.cache:
+                    self.cache.move_to_end(key)
                     total += self.cache[key]
                     continue
             misses.append((key, list(texts)))
         if sum(len(text) for _, texts in misses for text in texts) >= THREAD_ENCODE_MIN:
-            return total + await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
-        return total + self._count_parts(misses)
+            counts = await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
+        else:
+            counts = self._count_parts(misses)
+        for (key, _), count in zip(misses, counts, strict=True):
+            if key is not None:
+                self._remember(key, count)
+        return total + sum(counts)
 
 
 # ---------------------------------------------------------------------------
@@ -3301,13 +3328,20 @@ KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long 
 
 @functools.lru_cache(maxsize=64)
 def client_timeout(limits: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
-    """aiohttp's part of the limits: connect, the silence between reads and, without streaming, the total."""
+    """aiohttp's part of the limits: the wait for a pooled connection plus its connect, the connect alone, the
+    silence between reads and, without streaming, the total."""
     total = None if stream else limits.total_ms / 1000
-    return aiohttp.ClientTimeout(total=total, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000)
+    connect = (limits.pool_ms + limits.connect_ms) / 1000
+    return aiohttp.ClientTimeout(
+        total=total, connect=connect, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000
+    )
 
 
-def new_client_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=60, ttl_dns_cache=300)
+def new_client_session(config: Config) -> aiohttp.ClientSession:
+    """The upstream session. Its pool has no per-host cap, and no cap at all unless `upstream_connections` sets
+    one, so it never holds requests back below the max_in_flight limits."""
+    limit = config.upstream_connections or 0
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
 
 
@@ -3339,14 +3373,16 @@ def is_public_address(host: str) -> bool:
         return False
 
 
-def new_image_session() -> aiohttp.ClientSession:
-    """The session for fetch_image_urls: public addresses only, no redirects followed, no cookies kept."""
-    connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), limit=16)
+def new_image_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """The session for fetch_image_urls: public addresses only, no redirects followed, no cookies kept.
+    `resolver` replaces the public-only DNS guard; only tests pass one, to reach a local image server."""
+    connector = aiohttp.TCPConnector(resolver=resolver or PublicOnlyResolver(), limit=16)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=IMAGE_FETCH_TIMEOUT)
 
 
-async def fetch_image(session: aiohttp.ClientSession, url: str) -> dict:
-    """A base64 image source for a public http(s) URL, at most MAX_IMAGE_BYTES; ProxyError 400 otherwise."""
+async def fetch_image(session: aiohttp.ClientSession, url: str, limit: int) -> tuple[str, bytes]:
+    """The media type and the bytes (at most `limit` + 1 of them) of a public http(s) image URL; ProxyError 400
+    otherwise."""
     host = urlsplit(url).hostname or ""
     try:
         ipaddress.ip_address(host)
@@ -3355,19 +3391,53 @@ async def fetch_image(session: aiohttp.ClientSession, url: str) -> dict:
         literal = False
     if not is_http_url(url) or (literal and not is_public_address(host)):
         raise ProxyError(400, "image URL refused: only public http(s) addresses are fetched")
+    data = bytearray()
     try:
         async with session.get(url, allow_redirects=False) as response:
             if response.status != 200 or not response.content_type.startswith("image/"):
                 raise ProxyError(400, f"image URL gave HTTP {response.status} ({response.content_type}), not an image")
-            data = await response.content.read(MAX_IMAGE_BYTES + 1)
+            async for chunk in response.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    break
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise ProxyError(400, f"image URL could not be fetched: {type(exc).__name__}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ProxyError(413, f"image URL is larger than {MAX_IMAGE_BYTES} bytes")
-    return {"type": "base64", "media_type": response.content_type, "data": base64.b64encode(data).decode()}
+    return response.content_type, bytes(data)
 
 
-async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
+@dataclass
+class FetchedImages:
+    """The image URLs of one request, each fetched at most once (a failure included) whichever targets need
+    the bytes, at most MAX_IMAGE_BYTES each and `fetch_image_max_bytes` together."""
+
+    sources: dict[str, dict | ProxyError] = field(default_factory=dict)
+    size: int = 0
+
+    async def source(self, session: aiohttp.ClientSession, config: Config, url: str) -> dict:
+        """A base64 image source for the URL."""
+        if url not in self.sources:
+            try:
+                self.sources[url] = await self._fetch(session, config, url)
+            except ProxyError as err:
+                self.sources[url] = err
+        found = self.sources[url]
+        if isinstance(found, ProxyError):
+            raise found
+        return found
+
+    async def _fetch(self, session: aiohttp.ClientSession, config: Config, url: str) -> dict:
+        room = config.fetch_image_max_bytes - self.size
+        media_type, data = await fetch_image(session, url, min(MAX_IMAGE_BYTES, room))
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ProxyError(413, f"image URL is larger than {MAX_IMAGE_BYTES} bytes")
+        if len(data) > room:
+            limit = config.fetch_image_max_bytes
+            raise ProxyError(413, f"the request's image URLs hold more than {limit} bytes (fetch_image_max_bytes)")
+        self.size += len(data)
+        return {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}
+
+
+async def inline_image_urls(body: dict, fetched: Callable[[str], Awaitable[dict]]) -> dict:
     """The body with every URL image (also inside tool results) replaced by its fetched bytes (copy-on-write)."""
 
     async def blocks_with_bytes(blocks: list) -> list:
@@ -3378,7 +3448,7 @@ async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
                 and block.get("type") == "image"
                 and (block.get("source") or {}).get("type") == "url"
             ):
-                block = {**block, "source": await fetch_image(session, block["source"].get("url", ""))}
+                block = {**block, "source": await fetched(block["source"].get("url", ""))}
             elif (
                 isinstance(block, dict)
                 and block.get("type") == "tool_result"
@@ -3394,6 +3464,20 @@ async def inline_image_urls(body: dict, session: aiohttp.ClientSession) -> dict:
             message = {**message, "content": await blocks_with_bytes(message["content"])}
         messages.append(message)
     return {**body, "messages": messages}
+
+
+def check_image_url_count(body: dict, config: Config) -> None:
+    """400 when a request holds more distinct image URLs than `fetch_image_max_count`, before any is fetched."""
+    urls = {
+        str(source.get("url"))
+        for image in _iter_images(body.get("messages") or ())
+        if (source := image.get("source") or {}).get("type") == "url"
+    }
+    if len(urls) > config.fetch_image_max_count:
+        limit = config.fetch_image_max_count
+        raise ProxyError(
+            400, f"the request has {len(urls)} image URLs; at most {limit} are fetched (fetch_image_max_count)"
+        )
 
 
 def has_url_images(body: dict) -> bool:
@@ -3547,7 +3631,10 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
-        body = await inline_image_urls(body, request.app[IMAGE_SESSION])
+        check_image_url_count(body, config)
+        body = await inline_image_urls(
+            body, functools.partial(incoming.images.source, request.app[IMAGE_SESSION], config)
+        )
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
@@ -4383,11 +4470,11 @@ class Incoming:
     hints: Hints
     route: Route
     dialect: Dialect = ANTHROPIC_DIALECT
+    images: FetchedImages = field(default_factory=FetchedImages, compare=False)  # its image URLs, once fetched
 
 
-async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: bool = False) -> Incoming:
-    """The shared front half of the API handlers: auth, rate limit, parse, validate, analyse, route.
-    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
+def admit(request: web.Request) -> Snapshot:
+    """Auth and the per-client rate limit, checked before any of the body is read; the config snapshot."""
     snapshot = request.app[STATE].current
     config = snapshot.config
     client = check_auth(request, config)
@@ -4396,6 +4483,29 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: 
         if wait:
             limit = f"{config.rate_limit_rpm} requests per minute"
             raise ProxyError(429, f"rate limit of {limit} reached", headers={"retry-after": str(math.ceil(wait))})
+    return snapshot
+
+
+@contextlib.contextmanager
+def in_flight_slot(state: ProxyState, config: Config) -> Iterator[None]:
+    """Hold one of the max_in_flight slots from before the body is read until the answer ends; 429 when none
+    is free, so the proxy never holds more than max_in_flight request bodies at once."""
+    if state.in_flight >= config.max_in_flight:
+        limit = config.max_in_flight
+        raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
+    state.in_flight += 1
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+
+
+async def prepare_exchange(
+    request: web.Request, snapshot: Snapshot, need_max_tokens: bool, openai: bool = False
+) -> Incoming:
+    """The shared front half of the API handlers after `admit`: parse, validate, analyse, route.
+    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
+    config = snapshot.config
     raw = await read_json_body(request, config.max_body_bytes)
     dialect = ANTHROPIC_DIALECT
     if openai:
@@ -4427,15 +4537,10 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
 async def serve_request(request: web.Request, openai: bool) -> web.StreamResponse:
     """A Messages or chat-completions request: prepared, held to the in-flight limit, served by its route."""
     state = request.app[STATE]
-    incoming = await prepare_exchange(request, need_max_tokens=True, openai=openai)
-    limit = incoming.snapshot.config.max_in_flight
-    if state.in_flight >= limit:
-        raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
-    state.in_flight += 1
-    try:
+    snapshot = admit(request)
+    with in_flight_slot(state, snapshot.config):
+        incoming = await prepare_exchange(request, snapshot, need_max_tokens=True, openai=openai)
         return await serve_route(request, state, incoming)
-    finally:
-        state.in_flight -= 1
 
 
 async def serve_route(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
@@ -4497,7 +4602,13 @@ async def respond(
 
 
 async def handle_count_tokens(request: web.Request) -> web.Response:
-    incoming = await prepare_exchange(request, need_max_tokens=False)
+    snapshot = admit(request)
+    with in_flight_slot(request.app[STATE], snapshot.config):
+        return await count_tokens(request, await prepare_exchange(request, snapshot, need_max_tokens=False))
+
+
+async def count_tokens(request: web.Request, incoming: Incoming) -> web.Response:
+    """The count_tokens answer: the provider's exact figure where configured and available, else the local one."""
     snapshot, hints = incoming.snapshot, incoming.hints
     exchange = request[EXCHANGE]
     target = incoming.route.targets[0]
@@ -4614,22 +4725,27 @@ async def handle_root(request: web.Request) -> web.Response:
     return web.json_response({"name": "terraphim-proxy", "version": __version__})
 
 
-async def _client_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SESSION] = new_client_session()
-    app[IMAGE_SESSION] = new_image_session()
+async def _client_session_ctx(
+    app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
+) -> AsyncIterator[None]:
+    app[SESSION] = new_client_session(app[STATE].current.config)
+    app[IMAGE_SESSION] = new_image_session(image_resolver)
     yield
     await app[SESSION].close()
     await app[IMAGE_SESSION].close()
 
 
-def create_app(config: Config, counter: TokenCounter | None = None) -> web.Application:
-    """The aiohttp application for a config; the token counter can be shared between apps."""
+def create_app(
+    config: Config, counter: TokenCounter | None = None, image_resolver: aiohttp.abc.AbstractResolver | None = None
+) -> web.Application:
+    """The aiohttp application for a config; the token counter can be shared between apps. `image_resolver` is
+    a test seam: the DNS that image URL fetches use instead of the public-only guard."""
     app = web.Application(middlewares=[exchange_middleware])
     app[STATE] = ProxyState(config)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
     app[STARTED_WALL] = time.time()
-    app.cleanup_ctx.append(_client_session_ctx)
+    app.cleanup_ctx.append(functools.partial(_client_session_ctx, image_resolver=image_resolver))
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", handle_models)
@@ -4771,8 +4887,8 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
             for problem in err.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             return
-        if (new.host, new.port) != (config.host, config.port):
-            log.warning("reload: a new host or port takes effect only after a restart")
+        if (new.host, new.port, new.upstream_connections) != (config.host, config.port, config.upstream_connections):
+            log.warning("reload: a new host, port or upstream_connections takes effect only after a restart")
         app[STATE].reload(new)
         log.info("config reloaded from %s", new.source)
         for warning in new.warnings:

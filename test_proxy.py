@@ -7955,7 +7955,7 @@ async def test_rel_image_url_is_refused_for_inline_only_providers(
 # With fetch_image_urls on, a URL must never make the proxy reach a loopback, private or link-local host.
 # Loopback forms point at a real stand-in, so a fetch would be seen; private and link-local ones are IP
 # literals, refused before any connection is tried. A successful fetch needs a public address, which this
-# offline machine does not have, so the positive path is not tested here.
+# offline machine does not have, so the positive path is tested with a DNS stand-in (Issue 10 section).
 REL_LOCAL_IMAGE_URLS = [
     "http://127.0.0.1:{port}/cat.png",
     "http://localhost:{port}/cat.png",
@@ -10193,6 +10193,221 @@ async def test_claude_code_cli_writes_file_through_native_provider(
     write_args = {"file_path": str(target), "content": E2E_CONTENT}
     expected = native_cli_expected(native.provider, write_args, signature)
     assert native_written_call_and_result(native.provider, main[1].body) == expected, diag
+
+
+# ===========================================================================
+# Issue 10: resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
+# ===========================================================================
+
+
+def lim_raw_body(*texts: str) -> terraphim_proxy.RawBody:
+    """A Messages body with one user message per text, parsed as the proxy parses what it receives."""
+    messages = [{"role": "user", "content": text} for text in texts]
+    return terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode())
+
+
+async def test_token_cache_keeps_a_reused_entry_when_full() -> None:
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=2)
+    system, first, second = "the system prompt, reused every turn", "turn one", "turn two"
+    await counter.count(lim_raw_body(system, first))
+    await counter.count(lim_raw_body(system, second))  # the full cache evicts `first`, used least recently
+
+    reused = lim_raw_body(system)
+    key = reused.key_of(reused.message_spans[0])
+    assert key in counter.cache
+    assert lim_raw_body(first).key_of(lim_raw_body(first).message_spans[0]) not in counter.cache
+    assert len(counter.cache) == 2
+
+
+async def test_token_cache_survives_concurrent_large_counts_when_full() -> None:
+    """Large counts run in threads while others read the cache on the loop; a full cache evicts on every miss.
+    A short switch interval lets the threads interleave between any two bytecodes, as a busy server may."""
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=8)
+    shared = lim_raw_body(*(f"shared {i}" for i in range(8)))
+    parts = terraphim_proxy.THREAD_ENCODE_MIN // 64
+    bodies = [lim_raw_body(*(f"{i} {j} " + "x" * 64 for j in range(parts))) for i in range(32)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(4):
+            counts = await asyncio.gather(*(counter.count(body) for body in [*bodies, *[shared] * 32]))
+            assert all(count > 0 for count in counts)
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(counter.cache) <= 8
+
+
+async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, asyncio.StreamWriter]:
+    """POST `path` announcing a `length`-byte body of which only a few bytes are sent; the answer's head, read
+    while the rest of the body is still owed."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode() + b'{"model": "')
+    await writer.drain()
+    return await rel_read_until(reader, b"\r\n\r\n"), writer
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
+async def test_max_in_flight_refuses_before_reading_the_body(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
+) -> None:
+    rel_up.script = rel_stream_script(hold_at=1)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
+    held = await rel_streaming(http, proxy)
+
+    head, writer = await lim_unfinished_body(proxy, path, 1024 * 1024)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert b"retry-after: 1" in head.lower(), head
+    rel_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert len(rel_up.received) == 1
+
+
+async def test_rate_limit_refuses_before_reading_the_body(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 1}))
+    assert (await rel_post(http, proxy, rel_body())).status == 200
+
+    head, writer = await lim_unfinished_body(proxy, "/v1/messages", 1024 * 1024)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert len(rel_up.received) == 1
+
+
+# With fetch_image_urls on, a fetch reaches only public addresses, which this offline machine lacks. These
+# tests start the proxy with create_app's `image_resolver` seam and a DNS stand-in that names 127.0.0.1, where
+# an image stand-in listens; every other part of the fetch (the session, limits, caching) is the proxy's own.
+
+
+class LimLoopbackResolver(aiohttp.abc.AbstractResolver):
+    """The DNS stand-in for image fetches: every host name is 127.0.0.1."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        address = {"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET}
+        return [address | {"proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def lim_image_proxy() -> AsyncIterator[StartProxy]:
+    """Starts proxies whose image URL fetches resolve every host name to 127.0.0.1."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: terraphim_proxy.Config) -> str:
+        app = terraphim_proxy.create_app(config, shared_counter(), image_resolver=LimLoopbackResolver())
+        runner, url = await serve_app(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def lim_image_body(*urls: str) -> dict:
+    images = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
+    return rel_body([*images, {"type": "text", "text": "What is in these pictures?"}])
+
+
+def lim_image_url(images: RelUpstream, name: str) -> str:
+    """A URL of the image stand-in under a host name, as a public image would have."""
+    return f"http://images.example:{images.url.rsplit(':', 1)[1]}/{name}"
+
+
+async def test_image_url_is_fetched_once_per_request_across_fallbacks(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    first, second, images = await rel_servers(), await rel_servers(), await rel_servers()
+    first.script, images.script = rel_status(503), rel_png
+    providers = [rel_provider("first", "ollama", first.url), rel_provider("second", "ollama", second.url)]
+    config = rel_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
+    proxy = await lim_image_proxy(config)
+    url = lim_image_url(images, "cat.png")
+
+    reply = await rel_post(http, proxy, lim_image_body(url, url))
+
+    assert reply.status == 200, reply.text
+    assert reply.headers["x-terraphim-route"] == "second,qwen-b"
+    assert len(images.received) == 1
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    assert second.received[0].body["messages"][-1]["images"] == [png, png]
+    assert first.received[0].body["messages"][-1]["images"] == [png, png]
+
+
+async def test_image_urls_over_fetch_image_max_count_are_refused_before_any_fetch(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png
+    proxy = await lim_image_proxy(rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2}))
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b", "c")]
+
+    reply = await rel_post(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(400, "invalid_request_error", "3 image URLs", "fetch_image_max_count")
+    assert images.received == [] and up.received == []
+    assert (await rel_post(http, proxy, lim_image_body(*urls[:2]))).status == 200
+
+
+async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
+    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await rel_servers(), await rel_servers()
+    images.script = rel_png  # 72 bytes each
+    proxy = await lim_image_proxy(
+        rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
+    )
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b")]
+
+    reply = await rel_post(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(413, "request_too_large", "100 bytes", "fetch_image_max_bytes")
+    assert up.received == []
+    assert (await rel_post(http, proxy, lim_image_body(urls[0]))).status == 200
+
+
+async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
+    rel_up: RelUpstream, start_proxy: StartProxy
+) -> None:
+    """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
+    streams = 130
+    rel_up.script = rel_stream_script(hold_at=1)
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": streams}))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as client:
+        held = await asyncio.gather(*(rel_streaming(client, proxy) for _ in range(streams)))
+
+        assert len(rel_up.received) == streams
+        rel_up.release.set()
+        replies = await asyncio.gather(*held)
+    assert all(reply.frames[-1][0] == "message_stop" for reply in replies)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_waiting_for_a_pooled_upstream_connection_times_out(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
+    limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, limits))
+    held = await rel_streaming(http, proxy)  # holds the only pooled connection
+
+    started = time.monotonic()
+    reply = await rel_post(http, proxy, rel_body(stream=stream))
+
+    reply.assert_error(504, "timeout_error", "did not answer in time")
+    assert time.monotonic() - started < TIMEOUT_S / 2
+    assert len(rel_up.received) == 1
+    rel_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert (await rel_post(http, proxy, rel_body(stream=stream))).status == 200
 
 
 # ===========================================================================
