@@ -4214,7 +4214,8 @@ async def prepare_exchange(request: web.Request, need_max_tokens: bool, openai: 
     validate_messages_request(raw.data, need_max_tokens)
     exchange = request[EXCHANGE]
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
-    if hints.session_id is not None:
+    if hints.session_id is not None and not hints.is_background:
+        # Session memory is the main model's: a background (haiku) request neither reads nor updates it.
         hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
         exchange.session_id = hints.session_id
     exchange.tokens, exchange.tokens_exact = hints.token_count, hints.token_count_exact
@@ -4481,7 +4482,7 @@ def routing_table(config: Config) -> str:
         targets = config.routes.get(scenario)
         text = " | ".join(map(str, targets)) if targets else "(not set: falls through)"
         if scenario == "long_context":
-            text += f"  when tokens > {config.long_context_threshold} (or the session's last answer said so)"
+            text += f"  when tokens > {config.long_context_threshold} (or, for the main model, the session's last answer said so)"
         elif scenario == "think":
             text += f"  when thinking.type=enabled or effort in {list(config.think_efforts)}"
         lines.append(f"  {scenario:<13} {text}")

@@ -10162,6 +10162,44 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 
 
 # ===========================================================================
+# Issue 10: routing and streams (session memory, keep-alive pings, unreachable upstreams)
+# ===========================================================================
+
+
+async def routed_session_request(url: str, model: str, user_id: str) -> str:
+    """One small non-streamed request of a session for `model`; returns the route the proxy chose."""
+    async with anthropic_client(url) as sdk:
+        raw = await sdk.messages.with_raw_response.create(
+            model=model,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "small"}],
+            metadata={"user_id": user_id},
+        )
+        await raw.parse()
+        return raw.headers["x-terraphim-route"]
+
+
+async def test_background_request_neither_uses_nor_updates_session_memory(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+    small = {**large, "input_tokens": 10}
+    eco_upstream.script("model-default", EcoAnswer(usage=large))
+    eco_upstream.script("model-background", EcoAnswer(usage=small))
+    eco_upstream.script("model-long", EcoAnswer(usage=large))
+    session = eco_user_id("sess-main", "json")
+
+    routes = [
+        await routed_session_request(url, CLIENT_MODEL, session),  # main, small: default; upstream reports 5000
+        await routed_session_request(url, "claude-haiku-4-5", session),  # background: the session's size is not its
+        await routed_session_request(url, CLIENT_MODEL, session),  # main: the haiku answer's 10 did not overwrite
+    ]
+
+    assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
+
+
+# ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
 
