@@ -120,6 +120,9 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "rate_limit_rpm": int,
     "drain_timeout_ms": int,
     "fetch_image_urls": bool,
+    "stream_ping_ms": int,
+    "cooldown_after_failures": int,
+    "cooldown_ms": int,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -154,7 +157,10 @@ POSITIVE_INT_KEYS = frozenset(
     {"port", "max_body_bytes", "long_context_threshold", "max_tokens", "num_ctx", "max_in_flight", "rate_limit_rpm"}
     | set(TIMEOUT_KEYS)
 )
-NON_NEGATIVE_INT_KEYS = frozenset({"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms"})
+NON_NEGATIVE_INT_KEYS = frozenset(
+    {"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms", "stream_ping_ms"}
+    | {"cooldown_after_failures", "cooldown_ms"}
+)
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -234,6 +240,9 @@ class Config:
     rate_limit_rpm: int | None = None
     drain_timeout_ms: int = 30_000
     fetch_image_urls: bool = False
+    stream_ping_ms: int = 15_000  # a ping goes to a client stream silent this long; 0: never
+    cooldown_after_failures: int = 3  # failed connections in a row that mark a provider down; 0: never
+    cooldown_ms: int = 30_000  # how long a provider marked down is skipped
     rules: tuple[Rule, ...] = ()
     router_module: str = ""
     custom_router: CustomRouter | None = None
@@ -517,6 +526,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "rate_limit_rpm",
                 "drain_timeout_ms",
                 "fetch_image_urls",
+                "stream_ping_ms",
+                "cooldown_after_failures",
+                "cooldown_ms",
             )
             if key in proxy
         },
@@ -3231,6 +3243,75 @@ class KeyRing:
             self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
 
 
+class Cooldowns:
+    """Connection failures in a row per provider: at `limit` of them the provider is marked down for `seconds`,
+    and each failure after that (the first try once the cool-down is over) marks it down again. A connection
+    made clears the count."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.limit = limit
+        self.seconds = seconds
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.until: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
+
+    def remaining(self, name: str) -> float:
+        """Seconds left of the provider's cool-down; 0.0 when it is not down."""
+        return max(self.until.get(name, 0.0) - time.monotonic(), 0.0)
+
+    def failed(self, name: str, reason: str) -> bool:
+        """Count a failed connection; True when it marks the provider down."""
+        self.failures[name] += 1
+        if not self.limit or self.failures[name] < self.limit or not self.seconds:
+            return False
+        self.until[name] = time.monotonic() + self.seconds
+        self.reasons[name] = reason
+        return True
+
+    def connected(self, name: str) -> None:
+        if name in self.failures:
+            del self.failures[name]
+
+    def down(self) -> dict[str, float]:
+        """The providers marked down now, with the seconds left."""
+        return {name: round(left, 1) for name in self.until if (left := self.remaining(name)) > 0}
+
+
+class ConnectFailure(ProxyError):
+    """No connection to the upstream was made: its host name did not resolve, or its port refused or timed out."""
+
+
+# aiohttp 3.10+ tells a connect timeout from a read timeout; older versions raise ServerTimeoutError for both.
+CONNECT_TIMEOUT_ERROR = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
+
+
+def public_url(url: str) -> str:
+    """The URL without user info, query or fragment, fit to show in an error message."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFailure:
+    """The error for a connection that was not made, naming the URL; a name that does not resolve is not retried."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, socket.gaierror):
+        reason = "its host name does not resolve"
+    elif isinstance(exc, CONNECT_TIMEOUT_ERROR):
+        reason = f"no connection within {provider.timeouts.connect_ms} ms"
+    elif isinstance(os_error, ConnectionRefusedError):
+        reason = "connection refused"
+    else:
+        reason = type(exc).__name__
+    message = f"cannot reach {provider.name} at {public_url(url)}: {reason}"
+    if provider.type == "ollama":
+        message += " (is Ollama running there? Start it with `ollama serve`)"
+    return ConnectFailure(502, message, retryable=not isinstance(os_error, socket.gaierror))
+
+
 async def open_upstream(
     session: aiohttp.ClientSession, request: UpstreamRequest, provider: Provider, timeout: aiohttp.ClientTimeout
 ) -> aiohttp.ClientResponse:
@@ -3239,6 +3320,8 @@ async def open_upstream(
         response = await session.post(
             request.url, data=request.payload, headers=request.headers, timeout=timeout, allow_redirects=False
         )
+    except (aiohttp.ClientConnectorError, CONNECT_TIMEOUT_ERROR) as exc:
+        raise connect_failure(provider, request.url, exc) from None
     except asyncio.TimeoutError:
         raise ProxyError(504, f"{provider.name} did not answer in time", retryable=True) from None
     except aiohttp.ClientError as exc:
@@ -3355,6 +3438,11 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     provider = config.providers[target.provider]
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
+    cooldowns = snapshot.cooldowns
+    resting = cooldowns.remaining(provider.name)
+    if resting:
+        reason = cooldowns.reasons[provider.name]
+        raise ProxyError(502, f"{provider.name} is marked down for {resting:.0f} s more after: {reason}")
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
         body = await inline_image_urls(body, request.app[IMAGE_SESSION])
     stream = body.get("stream") is True
@@ -3365,8 +3453,11 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         try:
             starting = start_answer(request.app[SESSION], transformer, call, stream)
             if stream:
-                return await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
-            return await starting
+                answer = await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
+            else:
+                answer = await starting
+            cooldowns.connected(provider.name)
+            return answer
         except asyncio.TimeoutError:
             err = ProxyError(504, f"{provider.name} sent no answer within first_byte_timeout_ms", retryable=True)
         except ProxyError as failure:
@@ -3374,6 +3465,12 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         ring.report(call.api_key, err)
         metrics = request.app[STATE].metrics
         metrics.upstream_errors[(provider.name, err.error_type)] += 1
+        if not isinstance(err, ConnectFailure):
+            cooldowns.connected(provider.name)
+        elif cooldowns.failed(provider.name, err.message):
+            metrics.cooldowns[(provider.name,)] += 1
+            log.warning("%s marked down for %d ms: %s", provider.name, config.cooldown_ms, err.message)
+            raise err
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
@@ -3825,6 +3922,7 @@ class Metrics:
         self.upstream_errors: collections.Counter[tuple] = collections.Counter()
         self.retries: collections.Counter[tuple] = collections.Counter()
         self.fallbacks: collections.Counter[tuple] = collections.Counter()
+        self.cooldowns: collections.Counter[tuple] = collections.Counter()
 
     def observe(self, exchange: Exchange, status: int, seconds: float) -> None:
         target = (exchange.provider, exchange.model)
@@ -3837,7 +3935,8 @@ class Metrics:
         self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
         self.fallbacks[target] += exchange.fallbacks
 
-    def render(self, in_flight: int) -> str:
+    def render(self, in_flight: int, down: Mapping[str, float]) -> str:
+        """The exposition; `down`: the providers marked down now, with the seconds left (see Cooldowns)."""
         lines: list[str] = []
 
         def counter(name: str, help_text: str, values: collections.Counter[tuple], labels: tuple[str, ...]) -> None:
@@ -3868,6 +3967,16 @@ class Metrics:
         counter(
             "terraphim_fallbacks_total", "Requests served by a fallback target.", self.fallbacks, self.TARGET_LABELS
         )
+        counter(
+            "terraphim_upstream_cooldowns_total",
+            "Times a provider was marked down after failed connections.",
+            self.cooldowns,
+            ("provider",),
+        )
+        lines.append("# HELP terraphim_upstream_cooldown_seconds Seconds until a provider marked down is tried again.")
+        lines.append("# TYPE terraphim_upstream_cooldown_seconds gauge")
+        for name, left in down.items():
+            lines.append(f"terraphim_upstream_cooldown_seconds{{{prom_labels(('provider',), (name,))}}} {left}")
         lines += ["# HELP terraphim_in_flight Requests being served.", "# TYPE terraphim_in_flight gauge"]
         lines.append(f"terraphim_in_flight {in_flight}")
         return "\n".join(lines) + "\n"
@@ -3897,11 +4006,13 @@ class Snapshot:
     config: Config
     keyrings: dict[str, KeyRing]
     limiter: RateLimiter | None
+    cooldowns: Cooldowns
 
     @classmethod
     def of(cls, config: Config) -> Snapshot:
         keyrings = {name: KeyRing(p.api_keys) for name, p in config.providers.items()}
-        return cls(config, keyrings, RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None)
+        limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
+        return cls(config, keyrings, limiter, Cooldowns(config.cooldown_after_failures, config.cooldown_ms / 1000))
 
 
 class ProxyState:
@@ -4359,6 +4470,7 @@ async def handle_health(request: web.Request) -> web.Response:
             "providers": {
                 "enabled": [p.name for p in providers if p.enabled],
                 "disabled": {p.name: p.disabled_reason for p in providers if not p.enabled},
+                "down": state.current.cooldowns.down(),
             },
         }
     )
@@ -4415,7 +4527,7 @@ async def handle_routes(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     check_auth(request, state.current.config)
-    body = state.metrics.render(state.in_flight).encode()
+    body = state.metrics.render(state.in_flight, state.current.cooldowns.down()).encode()
     return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -4482,7 +4594,7 @@ def routing_table(config: Config) -> str:
         targets = config.routes.get(scenario)
         text = " | ".join(map(str, targets)) if targets else "(not set: falls through)"
         if scenario == "long_context":
-            text += f"  when tokens > {config.long_context_threshold} (or, for the main model, the session's last answer said so)"
+            text += f"  when tokens > {config.long_context_threshold} (or the session's last main answer did)"
         elif scenario == "think":
             text += f"  when thinking.type=enabled or effort in {list(config.think_efforts)}"
         lines.append(f"  {scenario:<13} {text}")

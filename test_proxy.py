@@ -1608,6 +1608,7 @@ async def test_health(proxy_url: str, http: aiohttp.ClientSession) -> None:
     assert health["providers"] == {
         "enabled": ["anthropic", "pinned"],
         "disabled": {"offline": "$OFFLINE_API_KEY is not set"},
+        "down": {},
     }
 
 
@@ -9263,6 +9264,8 @@ async def test_eco_metrics_after_known_requests(
         "terraphim_upstream_errors_total": "counter",
         "terraphim_retries_total": "counter",
         "terraphim_fallbacks_total": "counter",
+        "terraphim_upstream_cooldowns_total": "counter",
+        "terraphim_upstream_cooldown_seconds": "gauge",
         "terraphim_in_flight": "gauge",
     }
     assert metrics.series("terraphim_requests_total") == {
@@ -10197,6 +10200,84 @@ async def test_background_request_neither_uses_nor_updates_session_memory(
     ]
 
     assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
+
+
+# ---- unreachable upstreams: no retry of a name that does not resolve, a cool-down after failed connections
+
+
+def unreachable_config(
+    upstream_url: str, down_url: str, *, proxy: Mapping[str, Any], down_type: str = "anthropic"
+) -> terraphim_proxy.Config:
+    """`down` (at an address that cannot be reached) first, the stand-in as the fallback of the default route."""
+    providers = [
+        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
+        {"name": "down", "type": down_type, "api_base_url": down_url, "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    router = {"default": "down,model-down | anthropic,model-backup", "background": "down,model-down"}
+    return build_config({"proxy": dict(proxy), "router": router, "providers": providers})
+
+
+async def test_name_resolution_failure_is_tried_once_and_names_the_url(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # .invalid never resolves (RFC 6761): the resolver answers locally, without network traffic.
+    config = unreachable_config(eco_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", "cannot reach down at http://upstream.invalid/v1/messages: its host name does not resolve"
+    )
+    metrics = await eco_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 1}
+    assert sum(metrics.series("terraphim_retries_total").values()) == 0
+
+
+async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_falls_back(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    proxy = {"retries": 1, "retry_base_ms": 1, "cooldown_after_failures": 3, "cooldown_ms": 60_000}
+    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy=proxy))
+    refused = f"cannot reach down at {down_url}/v1/messages: connection refused"
+
+    first = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # refused, retried, refused
+    second = await call(http, f"{url}/v1/messages", request())  # refused a third time: down; falls back
+    third = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # down: fails fast
+    fourth = await call(http, f"{url}/v1/messages", request())  # down: straight to the fallback
+
+    first.assert_error(502, "api_error", refused)
+    assert (second.status, second.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    third.assert_error(502, "api_error", "down is marked down for", refused)
+    assert (fourth.status, fourth.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    metrics = await eco_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 3}
+    assert metrics.series("terraphim_retries_total") == {("down", "model-down"): 1}
+    assert metrics.series("terraphim_upstream_cooldowns_total") == {("down",): 1}
+    assert 0 < metrics.value("terraphim_upstream_cooldown_seconds", provider="down") <= 60
+    health = (await call(http, f"{url}/health", method="GET")).json()
+    assert list(health["providers"]["down"]) == ["down"]
+    assert 0 < health["providers"]["down"]["down"] <= 60
+
+
+async def test_unreachable_ollama_error_asks_whether_ollama_is_running(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama"))
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", f"cannot reach down at {down_url}/api/chat: connection refused", "is Ollama running there?"
+    )
+
+
+def test_public_url_drops_user_info_query_and_fragment() -> None:
+    url = "https://user:pass-secret@gen.example:8443/v1beta/models/m:streamGenerateContent?alt=sse&key=k-secret#frag"
+
+    assert terraphim_proxy.public_url(url) == "https://gen.example:8443/v1beta/models/m:streamGenerateContent"
 
 
 # ===========================================================================
