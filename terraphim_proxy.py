@@ -3298,10 +3298,11 @@ def public_url(url: str) -> str:
 def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFailure:
     """The error for a connection that was not made, naming the URL; a name that does not resolve is not retried."""
     os_error = getattr(exc, "os_error", None)
+    status = 502
     if isinstance(os_error, socket.gaierror):
         reason = "its host name does not resolve"
     elif isinstance(exc, CONNECT_TIMEOUT_ERROR):
-        reason = f"no connection within {provider.timeouts.connect_ms} ms"
+        reason, status = f"no connection within {provider.timeouts.connect_ms} ms", 504
     elif isinstance(os_error, ConnectionRefusedError):
         reason = "connection refused"
     else:
@@ -3309,7 +3310,7 @@ def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFail
     message = f"cannot reach {provider.name} at {public_url(url)}: {reason}"
     if provider.type == "ollama":
         message += " (is Ollama running there? Start it with `ollama serve`)"
-    return ConnectFailure(502, message, retryable=not isinstance(os_error, socket.gaierror))
+    return ConnectFailure(status, message, retryable=not isinstance(os_error, socket.gaierror))
 
 
 async def open_upstream(
@@ -3489,16 +3490,73 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 
-async def relay_sse(
-    request: web.Request, answer: Answer, headers: dict[str, str], deadline: float, dialect: Dialect
-) -> web.StreamResponse:
+class ClientStream:
+    """The event stream to one client. It begins at its first write: the answer's first frame, or a ping once
+    the wait for that frame has been silent for `ping_s`. While it is kept alive (keep_alive), a ping goes out
+    after every `ping_s` of silence, before the first upstream byte as after it, so that proxies and clients in
+    between do not time out while a model thinks. One lock keeps a ping from cutting into a frame."""
+
+    def __init__(self, request: web.Request, dialect: Dialect, ping_s: float):
+        self.request = request
+        self.dialect = dialect
+        self.ping_s = ping_s
+        self.headers: dict[str, str] = {}  # for the response, if it begins now
+        self.response: web.StreamResponse | None = None
+        self.lock = asyncio.Lock()
+        self.loop = asyncio.get_running_loop()
+        self.last_write = self.loop.time()
+        self.pinger: asyncio.Task | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
+
+    async def write(self, data: bytes) -> None:
+        async with self.lock:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        if self.response is None:
+            self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self.headers})
+            await self.response.prepare(self.request)
+        await self.response.write(data)
+        self.last_write = self.loop.time()
+
+    def keep_alive(self) -> None:
+        if self.ping_s > 0 and self.pinger is None:
+            self.pinger = asyncio.create_task(self._ping_when_silent())
+
+    async def _ping_when_silent(self) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                await asyncio.sleep(self.last_write + self.ping_s - self.loop.time())
+                async with self.lock:
+                    if self.loop.time() - self.last_write >= self.ping_s:
+                        await self._write(self.dialect.ping)
+
+    def stop_pings(self) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
+            self.pinger = None
+
+    async def end(self, err: ProxyError | None = None) -> web.StreamResponse:
+        """Stop the pings, write the error event if there is one, and end the stream."""
+        self.stop_pings()
+        if err is not None:
+            await write_error_event(self, self.request[EXCHANGE], err)
+        assert self.response is not None
+        await self.response.write_eof()
+        return self.response
+
+
+async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, deadline: float) -> web.StreamResponse:
     """Write the answer's frames as they come; a failure after the first one becomes an `error` event that ends
     the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream: when it passes, the
     upstream connection is closed, whatever it is doing."""
     assert answer.frames is not None
     exchange = request[EXCHANGE]
+    dialect = stream.dialect
     translate = dialect.frames() if dialect.frames is not None else bytes
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
 
     def failure(err: ProxyError) -> ProxyError:
@@ -3508,42 +3566,43 @@ async def relay_sse(
             return ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
         return named(err, exchange.provider)
 
+    ending: ProxyError | None = None
     try:
-        await response.prepare(request)
-        await response.write(translate(answer.first))
+        await stream.write(translate(answer.first))
         exchange.first_byte_s = time.perf_counter() - exchange.started
         exchange.note_usage(answer.first)
         try:
             async for frame in answer.frames:
-                await response.write(translate(frame))
+                await stream.write(translate(frame))
                 exchange.note_usage(frame)
         except ProxyError as err:
-            await write_error_event(response, exchange, failure(err), dialect)
+            ending = failure(err)
         except asyncio.TimeoutError:
-            await write_error_event(response, exchange, failure(ProxyError(504, "stream went silent")), dialect)
+            ending = failure(ProxyError(504, "stream went silent"))
         except aiohttp.ClientError as exc:
-            broken = ProxyError(502, f"stream failed: {type(exc).__name__}")
-            await write_error_event(response, exchange, failure(broken), dialect)
-        await response.write_eof()
+            ending = failure(ProxyError(502, f"stream failed: {type(exc).__name__}"))
+        response = await stream.end(ending)
     except ConnectionResetError:
         exchange.outcome = "client_closed"
+        stream.stop_pings()
+        response = stream.response
     except asyncio.CancelledError:
         # The client left, or shutdown's drain time ran out: say so if anyone is still listening.
-        ending = ProxyError(529, "the proxy is shutting down", "overloaded_error")
+        stream.stop_pings()
+        shutdown = ProxyError(529, "the proxy is shutting down", "overloaded_error")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(write_error_event(response, exchange, ending, dialect), 1)
+            await asyncio.wait_for(write_error_event(stream, exchange, shutdown), 1)
         raise
     finally:
         watchdog.cancel()
         await answer.frames.aclose()
+    assert response is not None
     return response
 
 
-async def write_error_event(
-    response: web.StreamResponse, exchange: Exchange, err: ProxyError, dialect: Dialect
-) -> None:
+async def write_error_event(stream: ClientStream, exchange: Exchange, err: ProxyError) -> None:
     exchange.outcome = err.error_type
-    await response.write(dialect.error_event(err, exchange.request_id))
+    await stream.write(stream.dialect.error_event(err, exchange.request_id))
 
 
 # ---------------------------------------------------------------------------
@@ -3558,14 +3617,20 @@ OPENAI_FINISH |= {"refusal": "content_filter", "pause_turn": "stop", "model_cont
 OPENAI_DEFAULT_MAX_TOKENS = 4096
 
 
+ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+OPENAI_PING = b": ping\n\n"  # an SSE comment line: clients skip it
+
+
 @dataclass(frozen=True)
 class Dialect:
     """How one client's answers and errors are written: `message` maps a whole message, `frames` returns a
-    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream."""
+    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream,
+    `ping` keeps a silent stream alive."""
 
     message: Callable[[dict], dict]
     frames: Callable[[], Callable[[bytes], bytes]] | None
     error_event: Callable[[ProxyError, str], bytes]
+    ping: bytes = ANTHROPIC_PING
 
 
 def anthropic_error_event(err: ProxyError, request_id: str) -> bytes:
@@ -3588,7 +3653,9 @@ def openai_dialect(model: str, include_usage: bool) -> Dialect:
     def frames() -> Callable[[bytes], bytes]:
         return OpenAIChunkWriter(model, include_usage).feed
 
-    return Dialect(lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event)
+    return Dialect(
+        lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event, OPENAI_PING
+    )
 
 
 def openai_content_blocks(content: Any) -> list[dict]:
@@ -4354,18 +4421,39 @@ async def serve_request(request: web.Request, openai: bool) -> web.StreamRespons
         raise ProxyError(429, f"the proxy is at its max_in_flight limit ({limit})", headers={"retry-after": "1"})
     state.in_flight += 1
     try:
+        if incoming.body.get("stream") is True:
+            return await serve_stream(request, state, incoming)
         return await serve_route(request, state, incoming)
     finally:
         state.in_flight -= 1
 
 
-async def serve_route(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
+async def serve_stream(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
+    """A streamed request's route, its client stream kept alive with pings from the start; a failure after the
+    pings began that stream becomes its error event."""
+    stream = ClientStream(request, incoming.dialect, incoming.snapshot.config.stream_ping_ms / 1000)
+    stream.keep_alive()
+    try:
+        return await serve_route(request, state, incoming, stream)
+    except ProxyError as err:
+        if not stream.started:
+            raise
+        return await stream.end(err)
+    finally:
+        stream.stop_pings()
+
+
+async def serve_route(
+    request: web.Request, state: ProxyState, incoming: Incoming, stream: ClientStream | None = None
+) -> web.StreamResponse:
     """Try the route's targets in order, each with its own retries; the client gets the last failure if all fail."""
     exchange = request[EXCHANGE]
     failure = ProxyError(503, "the route has no target")
     for number, target in enumerate(incoming.route.targets):
         provider = incoming.snapshot.config.providers[target.provider]
         exchange.provider, exchange.model = provider.name, target.model
+        if stream is not None:
+            stream.headers = response_headers(exchange, target)  # if a ping begins the stream
         if number:
             exchange.fallbacks += 1
             log.warning("%s falling back to %s after: %s", exchange.request_id, target, failure.message)
@@ -4377,7 +4465,7 @@ async def serve_route(request: web.Request, state: ProxyState, incoming: Incomin
         try:
             answer = await answer_from(incoming, target, request)
             deadline = time.monotonic() + provider.timeouts.stream_ms / 1000
-            response = await respond(request, answer, target, deadline, incoming.dialect)
+            response = await respond(request, answer, target, deadline, incoming.dialect, stream)
         except ProxyError as err:
             failure = err
             continue
@@ -4391,17 +4479,25 @@ async def serve_route(request: web.Request, state: ProxyState, incoming: Incomin
 
 
 async def respond(
-    request: web.Request, answer: Answer, target: Target, deadline: float, dialect: Dialect
+    request: web.Request,
+    answer: Answer,
+    target: Target,
+    deadline: float,
+    dialect: Dialect,
+    stream: ClientStream | None = None,
 ) -> web.StreamResponse:
-    """Send a started answer to the client; the upstream connection goes back to the pool when it is complete."""
+    """Send a started answer to the client (a stream's frames go to `stream`); the upstream connection goes
+    back to the pool when it is complete."""
     exchange = request[EXCHANGE]
     headers = response_headers(exchange, target)
     try:
         if answer.frames is not None:
+            assert stream is not None
+            stream.headers = headers
             open_streams = request.app[STATE].open_streams
             open_streams.add(answer)
             try:
-                response = await relay_sse(request, answer, headers, deadline, dialect)
+                response = await relay_sse(request, answer, stream, deadline)
             finally:
                 open_streams.discard(answer)
         else:
