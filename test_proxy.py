@@ -10202,6 +10202,95 @@ async def test_background_request_neither_uses_nor_updates_session_memory(
     assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
 
 
+# ---- keep-alive pings on a client stream that has been silent for stream_ping_ms
+
+PING_FRAME = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+async def read_stream_releasing_on(response: aiohttp.ClientResponse, ping: bytes, release: asyncio.Event) -> str:
+    """A streamed answer's whole body; `release` (what holds the upstream silent) is set when `ping` arrives."""
+    body = b""
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if ping in body:
+            release.set()
+    return body.decode()
+
+
+@pytest.mark.parametrize("hold_at", [0, 1], ids=["before-first-upstream-byte", "after-message-start"])
+async def test_silent_pass_through_stream_gets_ping_events(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, hold_at: int
+) -> None:
+    # The upstream's own ping is left out; its model is the client's, as the proxy rewrites message_start.
+    frames = [f for f in stream_frames(CLIENT_MODEL, [{"type": "text", "text": STANDIN_TEXT}]) if b"ping" not in f]
+    stand_in.reply_with(Reply(frames=frames, hold_at=hold_at))  # silent until the test sees a ping
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status, route = response.status, response.headers["x-terraphim-route"]
+
+    assert (status, route) == (200, "anthropic,model-default")
+    events = parse_sse(text)
+    names = [name for name, _ in events]
+    first_ping = names.index("ping")
+    assert first_ping == hold_at  # the pings fill the silence: before the first frame, or after message_start
+    assert [event for event in events if event[0] != "ping"] == parse_sse(b"".join(frames).decode())
+    assert all(data == {"type": "ping"} for name, data in events if name == "ping")
+
+
+async def test_silent_translated_stream_gets_ping_events(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    eco_upstream.script("model-x", EcoAnswer(hold=True))  # OpenAI chunks: the first text, then silence
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, eco_upstream.release)
+
+    names = [name for name, _ in parse_sse(text)]
+    assert "ping" in names[names.index("content_block_delta") :]  # in the silence after the first text
+    assert [name for name in names if name != "ping"][-2:] == ["message_delta", "message_stop"]
+    pieces = [data["delta"]["text"] for name, data in parse_sse(text) if name == "content_block_delta"]
+    assert "".join(pieces) == STANDIN_TEXT
+
+
+async def test_silent_openai_dialect_stream_gets_comment_pings(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    eco_upstream.script("model-default", EcoAnswer(hold=True))
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+    body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", eco_upstream.release)
+
+    frames = [frame for frame in text.split("\n\n") if frame]
+    assert ": ping" in frames and "event: ping" not in text
+    data = [frame.removeprefix("data: ") for frame in frames if frame != ": ping"]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == STANDIN_TEXT
+
+
+async def test_failure_after_pings_began_the_stream_is_an_error_event(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    stand_in.reply_with(Reply(frames=[b""], hold_at=0))  # headers, silence until the ping, then an empty stream
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status = response.status
+
+    events = parse_sse(text)
+    assert status == 200
+    assert {name for name, _ in events[:-1]} == {"ping"}
+    name, data = events[-1]
+    assert (name, data["error"]["type"]) == ("error", "api_error")
+    assert "anthropic did not answer with an event stream" in data["error"]["message"]
+
+
 # ---- unreachable upstreams: no retry of a name that does not resolve, a cool-down after failed connections
 
 
