@@ -3440,15 +3440,15 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
     cooldowns = snapshot.cooldowns
-    resting = cooldowns.remaining(provider.name)
-    if resting:
-        reason = cooldowns.reasons[provider.name]
-        raise ProxyError(502, f"{provider.name} is marked down for {resting:.0f} s more after: {reason}")
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
         body = await inline_image_urls(body, request.app[IMAGE_SESSION])
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
+        resting = cooldowns.remaining(provider.name)
+        if resting:  # marked down, maybe by another request while this one waited to retry: fail fast
+            reason = cooldowns.reasons[provider.name]
+            raise ProxyError(502, f"{provider.name} is marked down for {math.ceil(resting)} s more after: {reason}")
         tokens = incoming.hints.token_count
         call = Call(body, target.model, provider, request.headers, tokens, exchange, ring.pick(), incoming.raw)
         try:
