@@ -124,6 +124,9 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "fetch_image_max_count": int,
     "fetch_image_max_bytes": int,
     "upstream_connections": int,
+    "stream_ping_ms": int,
+    "cooldown_after_failures": int,
+    "cooldown_ms": int,
     **UPSTREAM_KEYS,
 }
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -169,7 +172,10 @@ POSITIVE_INT_KEYS = frozenset(
     }
     | set(TIMEOUT_KEYS)
 )
-NON_NEGATIVE_INT_KEYS = frozenset({"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms"})
+NON_NEGATIVE_INT_KEYS = frozenset(
+    {"retries", "retry_base_ms", "retry_max_wait_ms", "drain_timeout_ms", "stream_ping_ms"}
+    | {"cooldown_after_failures", "cooldown_ms"}
+)
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -253,6 +259,9 @@ class Config:
     fetch_image_max_count: int = 20  # distinct image URLs fetched for one request
     fetch_image_max_bytes: int = 32 * 1024 * 1024  # their bytes together
     upstream_connections: int | None = None  # the upstream pool's size; unset, only the max_in_flight limits cap it
+    stream_ping_ms: int = 15_000  # a ping goes to a client stream silent this long; 0: never
+    cooldown_after_failures: int = 3  # failed connections in a row that mark a provider down; 0: never
+    cooldown_ms: int = 30_000  # how long a provider marked down is skipped
     rules: tuple[Rule, ...] = ()
     router_module: str = ""
     custom_router: CustomRouter | None = None
@@ -539,6 +548,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "fetch_image_max_count",
                 "fetch_image_max_bytes",
                 "upstream_connections",
+                "stream_ping_ms",
+                "cooldown_after_failures",
+                "cooldown_ms",
             )
             if key in proxy
         },
@@ -3506,14 +3518,100 @@ class KeyRing:
             self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
 
 
+class Cooldowns:
+    """Connection failures in a row per provider: at `limit` of them the provider is marked down for `seconds`,
+    and each failure after that (the first try once the cool-down is over) marks it down again. A connection
+    made clears the count."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.limit = limit
+        self.seconds = seconds
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.until: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
+
+    def remaining(self, name: str) -> float:
+        """Seconds left of the provider's cool-down; 0.0 when it is not down."""
+        return max(self.until.get(name, 0.0) - time.monotonic(), 0.0)
+
+    def failed(self, name: str, reason: str) -> bool:
+        """Count a failed connection; True when it marks the provider down."""
+        self.failures[name] += 1
+        if not self.limit or self.failures[name] < self.limit or not self.seconds:
+            return False
+        self.until[name] = time.monotonic() + self.seconds
+        self.reasons[name] = reason
+        return True
+
+    def connected(self, name: str) -> None:
+        if name in self.failures:
+            del self.failures[name]
+
+    def down(self) -> dict[str, float]:
+        """The providers marked down now, with the seconds left."""
+        return {name: round(left, 1) for name in self.until if (left := self.remaining(name)) > 0}
+
+
+class ConnectFailure(ProxyError):
+    """No connection to the upstream was made: its host name did not resolve, or its port refused or timed out."""
+
+
+# aiohttp 3.10+ tells a connect timeout from a read timeout; older versions raise ServerTimeoutError for both.
+CONNECT_TIMEOUT_ERROR = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
+
+
+def public_url(url: str) -> str:
+    """The URL without user info, query or fragment, fit to show in an error message."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFailure:
+    """The error for a connection that was not made, naming the URL; a name that does not resolve is not retried."""
+    os_error = getattr(exc, "os_error", None)
+    status = 502
+    if isinstance(os_error, socket.gaierror):
+        reason = "its host name does not resolve"
+    elif isinstance(exc, CONNECT_TIMEOUT_ERROR):
+        reason, status = f"no connection within {provider.timeouts.connect_ms} ms", 504
+    elif isinstance(os_error, ConnectionRefusedError):
+        reason = "connection refused"
+    else:
+        reason = type(exc).__name__
+    message = f"cannot reach {provider.name} at {public_url(url)}: {reason}"
+    if provider.type == "ollama":
+        message += " (is Ollama running there? Start it with `ollama serve`)"
+    return ConnectFailure(status, message, retryable=not isinstance(os_error, socket.gaierror))
+
+
+def waited_for_pool(session: aiohttp.ClientSession, limits: Timeouts, waited_s: float) -> bool:
+    """Whether a connect timeout was spent waiting for a pooled connection rather than connecting: aiohttp raises
+    the same error for both, but the socket's own connect gives up after connect_ms, the pool wait only later."""
+    capped = session.connector is not None and session.connector.limit > 0
+    return capped and waited_s * 1000 >= limits.connect_ms + limits.pool_ms / 2
+
+
 async def open_upstream(
     session: aiohttp.ClientSession, request: UpstreamRequest, provider: Provider, timeout: aiohttp.ClientTimeout
 ) -> aiohttp.ClientResponse:
     """Send the request; a transport failure or an error status becomes a ProxyError naming the provider."""
+    started = time.monotonic()
     try:
         response = await session.post(
             request.url, data=request.payload, headers=request.headers, timeout=timeout, allow_redirects=False
         )
+    except CONNECT_TIMEOUT_ERROR as exc:
+        if waited_for_pool(session, provider.timeouts, time.monotonic() - started):
+            limit = session.connector.limit if session.connector else 0
+            message = f"{provider.name}: no free upstream connection within {provider.timeouts.pool_ms} ms"
+            raise ProxyError(504, f"{message} (all {limit} of upstream_connections busy)", retryable=True) from None
+        raise connect_failure(provider, request.url, exc) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise connect_failure(provider, request.url, exc) from None
     except asyncio.TimeoutError:
         raise ProxyError(504, f"{provider.name} did not answer in time", retryable=True) from None
     except aiohttp.ClientError as exc:
@@ -3630,6 +3728,7 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     provider = config.providers[target.provider]
     exchange = request[EXCHANGE]
     transformer = TRANSFORMERS[provider.type]
+    cooldowns = snapshot.cooldowns
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
         check_image_url_count(body, config)
         body = await inline_image_urls(
@@ -3638,13 +3737,20 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
     for attempt in itertools.count():
+        resting = cooldowns.remaining(provider.name)
+        if resting:  # marked down, maybe by another request while this one waited to retry: fail fast
+            reason = cooldowns.reasons[provider.name]
+            raise ProxyError(502, f"{provider.name} is marked down for {math.ceil(resting)} s more after: {reason}")
         tokens = incoming.hints.token_count
         call = Call(body, target.model, provider, request.headers, tokens, exchange, ring.pick(), incoming.raw)
         try:
             starting = start_answer(request.app[SESSION], transformer, call, stream)
             if stream:
-                return await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
-            return await starting
+                answer = await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
+            else:
+                answer = await starting
+            cooldowns.connected(provider.name)
+            return answer
         except asyncio.TimeoutError:
             err = ProxyError(504, f"{provider.name} sent no answer within first_byte_timeout_ms", retryable=True)
         except ProxyError as failure:
@@ -3652,6 +3758,12 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         ring.report(call.api_key, err)
         metrics = request.app[STATE].metrics
         metrics.upstream_errors[(provider.name, err.error_type)] += 1
+        if not isinstance(err, ConnectFailure):
+            cooldowns.connected(provider.name)
+        elif cooldowns.failed(provider.name, err.message):
+            metrics.cooldowns[(provider.name,)] += 1
+            log.warning("%s marked down for %d ms: %s", provider.name, config.cooldown_ms, err.message)
+            raise err
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
@@ -3670,16 +3782,73 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 
-async def relay_sse(
-    request: web.Request, answer: Answer, headers: dict[str, str], deadline: float, dialect: Dialect
-) -> web.StreamResponse:
+class ClientStream:
+    """The event stream to one client. It begins at its first write: the answer's first frame, or a ping once
+    the wait for that frame has been silent for `ping_s`. While it is kept alive (keep_alive), a ping goes out
+    after every `ping_s` of silence, before the first upstream byte as after it, so that proxies and clients in
+    between do not time out while a model thinks. One lock keeps a ping from cutting into a frame."""
+
+    def __init__(self, request: web.Request, dialect: Dialect, ping_s: float):
+        self.request = request
+        self.dialect = dialect
+        self.ping_s = ping_s
+        self.headers: dict[str, str] = {}  # for the response, if it begins now
+        self.response: web.StreamResponse | None = None
+        self.lock = asyncio.Lock()
+        self.loop = asyncio.get_running_loop()
+        self.last_write = self.loop.time()
+        self.pinger: asyncio.Task | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None
+
+    async def write(self, data: bytes) -> None:
+        async with self.lock:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        if self.response is None:
+            self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self.headers})
+            await self.response.prepare(self.request)
+        await self.response.write(data)
+        self.last_write = self.loop.time()
+
+    def keep_alive(self) -> None:
+        if self.ping_s > 0 and self.pinger is None:
+            self.pinger = asyncio.create_task(self._ping_when_silent())
+
+    async def _ping_when_silent(self) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                await asyncio.sleep(self.last_write + self.ping_s - self.loop.time())
+                async with self.lock:
+                    if self.loop.time() - self.last_write >= self.ping_s:
+                        await self._write(self.dialect.ping)
+
+    def stop_pings(self) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
+            self.pinger = None
+
+    async def end(self, err: ProxyError | None = None) -> web.StreamResponse:
+        """Stop the pings, write the error event if there is one, and end the stream."""
+        self.stop_pings()
+        if err is not None:
+            await write_error_event(self, self.request[EXCHANGE], err)
+        assert self.response is not None
+        await self.response.write_eof()
+        return self.response
+
+
+async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, deadline: float) -> web.StreamResponse:
     """Write the answer's frames as they come; a failure after the first one becomes an `error` event that ends
     the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream: when it passes, the
     upstream connection is closed, whatever it is doing."""
     assert answer.frames is not None
     exchange = request[EXCHANGE]
+    dialect = stream.dialect
     translate = dialect.frames() if dialect.frames is not None else bytes
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
 
     def failure(err: ProxyError) -> ProxyError:
@@ -3689,42 +3858,43 @@ async def relay_sse(
             return ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
         return named(err, exchange.provider)
 
+    ending: ProxyError | None = None
     try:
-        await response.prepare(request)
-        await response.write(translate(answer.first))
+        await stream.write(translate(answer.first))
         exchange.first_byte_s = time.perf_counter() - exchange.started
         exchange.note_usage(answer.first)
         try:
             async for frame in answer.frames:
-                await response.write(translate(frame))
+                await stream.write(translate(frame))
                 exchange.note_usage(frame)
         except ProxyError as err:
-            await write_error_event(response, exchange, failure(err), dialect)
+            ending = failure(err)
         except asyncio.TimeoutError:
-            await write_error_event(response, exchange, failure(ProxyError(504, "stream went silent")), dialect)
+            ending = failure(ProxyError(504, "stream went silent"))
         except aiohttp.ClientError as exc:
-            broken = ProxyError(502, f"stream failed: {type(exc).__name__}")
-            await write_error_event(response, exchange, failure(broken), dialect)
-        await response.write_eof()
+            ending = failure(ProxyError(502, f"stream failed: {type(exc).__name__}"))
+        response = await stream.end(ending)
     except ConnectionResetError:
         exchange.outcome = "client_closed"
+        stream.stop_pings()
+        response = stream.response
     except asyncio.CancelledError:
         # The client left, or shutdown's drain time ran out: say so if anyone is still listening.
-        ending = ProxyError(529, "the proxy is shutting down", "overloaded_error")
+        stream.stop_pings()
+        shutdown = ProxyError(529, "the proxy is shutting down", "overloaded_error")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(write_error_event(response, exchange, ending, dialect), 1)
+            await asyncio.wait_for(write_error_event(stream, exchange, shutdown), 1)
         raise
     finally:
         watchdog.cancel()
         await answer.frames.aclose()
+    assert response is not None
     return response
 
 
-async def write_error_event(
-    response: web.StreamResponse, exchange: Exchange, err: ProxyError, dialect: Dialect
-) -> None:
+async def write_error_event(stream: ClientStream, exchange: Exchange, err: ProxyError) -> None:
     exchange.outcome = err.error_type
-    await response.write(dialect.error_event(err, exchange.request_id))
+    await stream.write(stream.dialect.error_event(err, exchange.request_id))
 
 
 # ---------------------------------------------------------------------------
@@ -3739,14 +3909,20 @@ OPENAI_FINISH |= {"refusal": "content_filter", "pause_turn": "stop", "model_cont
 OPENAI_DEFAULT_MAX_TOKENS = 4096
 
 
+ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+OPENAI_PING = b": ping\n\n"  # an SSE comment line: clients skip it
+
+
 @dataclass(frozen=True)
 class Dialect:
     """How one client's answers and errors are written: `message` maps a whole message, `frames` returns a
-    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream."""
+    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream,
+    `ping` keeps a silent stream alive."""
 
     message: Callable[[dict], dict]
     frames: Callable[[], Callable[[bytes], bytes]] | None
     error_event: Callable[[ProxyError, str], bytes]
+    ping: bytes = ANTHROPIC_PING
 
 
 def anthropic_error_event(err: ProxyError, request_id: str) -> bytes:
@@ -3769,7 +3945,9 @@ def openai_dialect(model: str, include_usage: bool) -> Dialect:
     def frames() -> Callable[[bytes], bytes]:
         return OpenAIChunkWriter(model, include_usage).feed
 
-    return Dialect(lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event)
+    return Dialect(
+        lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event, OPENAI_PING
+    )
 
 
 def openai_content_blocks(content: Any) -> list[dict]:
@@ -4103,6 +4281,7 @@ class Metrics:
         self.upstream_errors: collections.Counter[tuple] = collections.Counter()
         self.retries: collections.Counter[tuple] = collections.Counter()
         self.fallbacks: collections.Counter[tuple] = collections.Counter()
+        self.cooldowns: collections.Counter[tuple] = collections.Counter()
 
     def observe(self, exchange: Exchange, status: int, seconds: float) -> None:
         target = (exchange.provider, exchange.model)
@@ -4115,7 +4294,8 @@ class Metrics:
         self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
         self.fallbacks[target] += exchange.fallbacks
 
-    def render(self, in_flight: int) -> str:
+    def render(self, in_flight: int, down: Mapping[str, float]) -> str:
+        """The exposition; `down`: the providers marked down now, with the seconds left (see Cooldowns)."""
         lines: list[str] = []
 
         def counter(name: str, help_text: str, values: collections.Counter[tuple], labels: tuple[str, ...]) -> None:
@@ -4146,6 +4326,16 @@ class Metrics:
         counter(
             "terraphim_fallbacks_total", "Requests served by a fallback target.", self.fallbacks, self.TARGET_LABELS
         )
+        counter(
+            "terraphim_upstream_cooldowns_total",
+            "Times a provider was marked down after failed connections.",
+            self.cooldowns,
+            ("provider",),
+        )
+        lines.append("# HELP terraphim_upstream_cooldown_seconds Seconds until a provider marked down is tried again.")
+        lines.append("# TYPE terraphim_upstream_cooldown_seconds gauge")
+        for name, left in down.items():
+            lines.append(f"terraphim_upstream_cooldown_seconds{{{prom_labels(('provider',), (name,))}}} {left}")
         lines += ["# HELP terraphim_in_flight Requests being served.", "# TYPE terraphim_in_flight gauge"]
         lines.append(f"terraphim_in_flight {in_flight}")
         return "\n".join(lines) + "\n"
@@ -4175,11 +4365,13 @@ class Snapshot:
     config: Config
     keyrings: dict[str, KeyRing]
     limiter: RateLimiter | None
+    cooldowns: Cooldowns
 
     @classmethod
     def of(cls, config: Config) -> Snapshot:
         keyrings = {name: KeyRing(p.api_keys) for name, p in config.providers.items()}
-        return cls(config, keyrings, RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None)
+        limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
+        return cls(config, keyrings, limiter, Cooldowns(config.cooldown_after_failures, config.cooldown_ms / 1000))
 
 
 class ProxyState:
@@ -4515,7 +4707,8 @@ async def prepare_exchange(
     validate_messages_request(raw.data, need_max_tokens)
     exchange = request[EXCHANGE]
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
-    if hints.session_id is not None:
+    if hints.session_id is not None and not hints.is_background:
+        # Session memory is the main model's: a background (haiku) request neither reads nor updates it.
         hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
         exchange.session_id = hints.session_id
     exchange.tokens, exchange.tokens_exact = hints.token_count, hints.token_count_exact
@@ -4540,16 +4733,37 @@ async def serve_request(request: web.Request, openai: bool) -> web.StreamRespons
     snapshot = admit(request)
     with in_flight_slot(state, snapshot.config):
         incoming = await prepare_exchange(request, snapshot, need_max_tokens=True, openai=openai)
+        if incoming.body.get("stream") is True:
+            return await serve_stream(request, state, incoming)
         return await serve_route(request, state, incoming)
 
 
-async def serve_route(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
+async def serve_stream(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
+    """A streamed request's route, its client stream kept alive with pings from the start; a failure after the
+    pings began that stream becomes its error event."""
+    stream = ClientStream(request, incoming.dialect, incoming.snapshot.config.stream_ping_ms / 1000)
+    stream.keep_alive()
+    try:
+        return await serve_route(request, state, incoming, stream)
+    except ProxyError as err:
+        if not stream.started:
+            raise
+        return await stream.end(err)
+    finally:
+        stream.stop_pings()
+
+
+async def serve_route(
+    request: web.Request, state: ProxyState, incoming: Incoming, stream: ClientStream | None = None
+) -> web.StreamResponse:
     """Try the route's targets in order, each with its own retries; the client gets the last failure if all fail."""
     exchange = request[EXCHANGE]
     failure = ProxyError(503, "the route has no target")
     for number, target in enumerate(incoming.route.targets):
         provider = incoming.snapshot.config.providers[target.provider]
         exchange.provider, exchange.model = provider.name, target.model
+        if stream is not None:
+            stream.headers = response_headers(exchange, target)  # if a ping begins the stream
         if number:
             exchange.fallbacks += 1
             log.warning("%s falling back to %s after: %s", exchange.request_id, target, failure.message)
@@ -4561,7 +4775,7 @@ async def serve_route(request: web.Request, state: ProxyState, incoming: Incomin
         try:
             answer = await answer_from(incoming, target, request)
             deadline = time.monotonic() + provider.timeouts.stream_ms / 1000
-            response = await respond(request, answer, target, deadline, incoming.dialect)
+            response = await respond(request, answer, target, deadline, incoming.dialect, stream)
         except ProxyError as err:
             failure = err
             continue
@@ -4575,17 +4789,25 @@ async def serve_route(request: web.Request, state: ProxyState, incoming: Incomin
 
 
 async def respond(
-    request: web.Request, answer: Answer, target: Target, deadline: float, dialect: Dialect
+    request: web.Request,
+    answer: Answer,
+    target: Target,
+    deadline: float,
+    dialect: Dialect,
+    stream: ClientStream | None = None,
 ) -> web.StreamResponse:
-    """Send a started answer to the client; the upstream connection goes back to the pool when it is complete."""
+    """Send a started answer to the client (a stream's frames go to `stream`); the upstream connection goes
+    back to the pool when it is complete."""
     exchange = request[EXCHANGE]
     headers = response_headers(exchange, target)
     try:
         if answer.frames is not None:
+            assert stream is not None
+            stream.headers = headers
             open_streams = request.app[STATE].open_streams
             open_streams.add(answer)
             try:
-                response = await relay_sse(request, answer, headers, deadline, dialect)
+                response = await relay_sse(request, answer, stream, deadline)
             finally:
                 open_streams.discard(answer)
         else:
@@ -4660,6 +4882,7 @@ async def handle_health(request: web.Request) -> web.Response:
             "providers": {
                 "enabled": [p.name for p in providers if p.enabled],
                 "disabled": {p.name: p.disabled_reason for p in providers if not p.enabled},
+                "down": state.current.cooldowns.down(),
             },
         }
     )
@@ -4716,7 +4939,7 @@ async def handle_routes(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     check_auth(request, state.current.config)
-    body = state.metrics.render(state.in_flight).encode()
+    body = state.metrics.render(state.in_flight, state.current.cooldowns.down()).encode()
     return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -4788,7 +5011,7 @@ def routing_table(config: Config) -> str:
         targets = config.routes.get(scenario)
         text = " | ".join(map(str, targets)) if targets else "(not set: falls through)"
         if scenario == "long_context":
-            text += f"  when tokens > {config.long_context_threshold} (or the session's last answer said so)"
+            text += f"  when tokens > {config.long_context_threshold} (or the session's last main answer did)"
         elif scenario == "think":
             text += f"  when thinking.type=enabled or effort in {list(config.think_efforts)}"
         lines.append(f"  {scenario:<13} {text}")

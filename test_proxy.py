@@ -1608,6 +1608,7 @@ async def test_health(proxy_url: str, http: aiohttp.ClientSession) -> None:
     assert health["providers"] == {
         "enabled": ["anthropic", "pinned"],
         "disabled": {"offline": "$OFFLINE_API_KEY is not set"},
+        "down": {},
     }
 
 
@@ -9297,6 +9298,8 @@ async def test_eco_metrics_after_known_requests(
         "terraphim_upstream_errors_total": "counter",
         "terraphim_retries_total": "counter",
         "terraphim_fallbacks_total": "counter",
+        "terraphim_upstream_cooldowns_total": "counter",
+        "terraphim_upstream_cooldown_seconds": "gauge",
         "terraphim_in_flight": "gauge",
     }
     assert metrics.series("terraphim_requests_total") == {
@@ -10396,18 +10399,223 @@ async def test_waiting_for_a_pooled_upstream_connection_times_out(
 ) -> None:
     rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
     limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
+    limits |= {"cooldown_after_failures": 1}  # a busy pool is no failed connection: the provider stays up
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, limits))
     held = await rel_streaming(http, proxy)  # holds the only pooled connection
 
     started = time.monotonic()
     reply = await rel_post(http, proxy, rel_body(stream=stream))
 
-    reply.assert_error(504, "timeout_error", "did not answer in time")
+    reply.assert_error(504, "timeout_error", "no free upstream connection within 100 ms")
     assert time.monotonic() - started < TIMEOUT_S / 2
     assert len(rel_up.received) == 1
     rel_up.release.set()
     assert (await held).frames[-1][0] == "message_stop"
     assert (await rel_post(http, proxy, rel_body(stream=stream))).status == 200
+
+
+# Issue 10: routing and streams (session memory, keep-alive pings, unreachable upstreams)
+# ===========================================================================
+
+
+async def routed_session_request(url: str, model: str, user_id: str) -> str:
+    """One small non-streamed request of a session for `model`; returns the route the proxy chose."""
+    async with anthropic_client(url) as sdk:
+        raw = await sdk.messages.with_raw_response.create(
+            model=model,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "small"}],
+            metadata={"user_id": user_id},
+        )
+        await raw.parse()
+        return raw.headers["x-terraphim-route"]
+
+
+async def test_background_request_neither_uses_nor_updates_session_memory(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(eco_config(eco_upstream.url))
+    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+    small = {**large, "input_tokens": 10}
+    eco_upstream.script("model-default", EcoAnswer(usage=large))
+    eco_upstream.script("model-background", EcoAnswer(usage=small))
+    eco_upstream.script("model-long", EcoAnswer(usage=large))
+    session = eco_user_id("sess-main", "json")
+
+    routes = [
+        await routed_session_request(url, CLIENT_MODEL, session),  # main, small: default; upstream reports 5000
+        await routed_session_request(url, "claude-haiku-4-5", session),  # background: the session's size is not its
+        await routed_session_request(url, CLIENT_MODEL, session),  # main: the haiku answer's 10 did not overwrite
+    ]
+
+    assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
+
+
+# ---- keep-alive pings on a client stream that has been silent for stream_ping_ms
+
+PING_FRAME = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+async def read_stream_releasing_on(response: aiohttp.ClientResponse, ping: bytes, release: asyncio.Event) -> str:
+    """A streamed answer's whole body; `release` (what holds the upstream silent) is set when `ping` arrives."""
+    body = b""
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if ping in body:
+            release.set()
+    return body.decode()
+
+
+@pytest.mark.parametrize("hold_at", [0, 1], ids=["before-first-upstream-byte", "after-message-start"])
+async def test_silent_pass_through_stream_gets_ping_events(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, hold_at: int
+) -> None:
+    # The upstream's own ping is left out; its model is the client's, as the proxy rewrites message_start.
+    frames = [f for f in stream_frames(CLIENT_MODEL, [{"type": "text", "text": STANDIN_TEXT}]) if b"ping" not in f]
+    stand_in.reply_with(Reply(frames=frames, hold_at=hold_at))  # silent until the test sees a ping
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status, route = response.status, response.headers["x-terraphim-route"]
+
+    assert (status, route) == (200, "anthropic,model-default")
+    events = parse_sse(text)
+    names = [name for name, _ in events]
+    first_ping = names.index("ping")
+    assert first_ping == hold_at  # the pings fill the silence: before the first frame, or after message_start
+    assert [event for event in events if event[0] != "ping"] == parse_sse(b"".join(frames).decode())
+    assert all(data == {"type": "ping"} for name, data in events if name == "ping")
+
+
+async def test_silent_translated_stream_gets_ping_events(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    eco_upstream.script("model-x", EcoAnswer(hold=True))  # OpenAI chunks: the first text, then silence
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, eco_upstream.release)
+
+    names = [name for name, _ in parse_sse(text)]
+    assert "ping" in names[names.index("content_block_delta") :]  # in the silence after the first text
+    assert [name for name in names if name != "ping"][-2:] == ["message_delta", "message_stop"]
+    pieces = [data["delta"]["text"] for name, data in parse_sse(text) if name == "content_block_delta"]
+    assert "".join(pieces) == STANDIN_TEXT
+
+
+async def test_silent_openai_dialect_stream_gets_comment_pings(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    eco_upstream.script("model-default", EcoAnswer(hold=True))
+    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+    body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", eco_upstream.release)
+
+    frames = [frame for frame in text.split("\n\n") if frame]
+    assert ": ping" in frames and "event: ping" not in text
+    data = [frame.removeprefix("data: ") for frame in frames if frame != ": ping"]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == STANDIN_TEXT
+
+
+async def test_failure_after_pings_began_the_stream_is_an_error_event(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    stand_in.reply_with(Reply(frames=[b""], hold_at=0))  # headers, silence until the ping, then an empty stream
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status = response.status
+
+    events = parse_sse(text)
+    assert status == 200
+    assert {name for name, _ in events[:-1]} == {"ping"}
+    name, data = events[-1]
+    assert (name, data["error"]["type"]) == ("error", "api_error")
+    assert "anthropic did not answer with an event stream" in data["error"]["message"]
+
+
+# ---- unreachable upstreams: no retry of a name that does not resolve, a cool-down after failed connections
+
+
+def unreachable_config(
+    upstream_url: str, down_url: str, *, proxy: Mapping[str, Any], down_type: str = "anthropic"
+) -> terraphim_proxy.Config:
+    """`down` (at an address that cannot be reached) first, the stand-in as the fallback of the default route."""
+    providers = [
+        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
+        {"name": "down", "type": down_type, "api_base_url": down_url, "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    router = {"default": "down,model-down | anthropic,model-backup", "background": "down,model-down"}
+    return build_config({"proxy": dict(proxy), "router": router, "providers": providers})
+
+
+async def test_name_resolution_failure_is_tried_once_and_names_the_url(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # .invalid never resolves (RFC 6761): the resolver answers locally, without network traffic.
+    config = unreachable_config(eco_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", "cannot reach down at http://upstream.invalid/v1/messages: its host name does not resolve"
+    )
+    metrics = await eco_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 1}
+    assert sum(metrics.series("terraphim_retries_total").values()) == 0
+
+
+async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_falls_back(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    proxy = {"retries": 1, "retry_base_ms": 1, "cooldown_after_failures": 3, "cooldown_ms": 60_000}
+    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy=proxy))
+    refused = f"cannot reach down at {down_url}/v1/messages: connection refused"
+
+    first = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # refused, retried, refused
+    second = await call(http, f"{url}/v1/messages", request())  # refused a third time: down; falls back
+    third = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # down: fails fast
+    fourth = await call(http, f"{url}/v1/messages", request())  # down: straight to the fallback
+
+    first.assert_error(502, "api_error", refused)
+    assert (second.status, second.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    third.assert_error(502, "api_error", "down is marked down for", refused)
+    assert (fourth.status, fourth.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    metrics = await eco_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 3}
+    assert metrics.series("terraphim_retries_total") == {("down", "model-down"): 1}
+    assert metrics.series("terraphim_upstream_cooldowns_total") == {("down",): 1}
+    assert 0 < metrics.value("terraphim_upstream_cooldown_seconds", provider="down") <= 60
+    health = (await call(http, f"{url}/health", method="GET")).json()
+    assert list(health["providers"]["down"]) == ["down"]
+    assert 0 < health["providers"]["down"]["down"] <= 60
+
+
+async def test_unreachable_ollama_error_asks_whether_ollama_is_running(
+    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama"))
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", f"cannot reach down at {down_url}/api/chat: connection refused", "is Ollama running there?"
+    )
+
+
+def test_public_url_drops_user_info_query_and_fragment() -> None:
+    url = "https://user:pass-secret@gen.example:8443/v1beta/models/m:streamGenerateContent?alt=sse&key=k-secret#frag"
+
+    assert terraphim_proxy.public_url(url) == "https://gen.example:8443/v1beta/models/m:streamGenerateContent"
 
 
 # ===========================================================================
