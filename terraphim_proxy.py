@@ -4015,7 +4015,7 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
 
 def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> None:
     """The one INFO line per request; with --log-format json its fields also go out as JSON keys. The text is
-    formatted only if a handler takes the record."""
+    formatted once, by the redacting filter, which also escapes its control characters."""
     if not log.isEnabledFor(logging.INFO):
         return
     tokens = exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"
