@@ -177,6 +177,7 @@ NON_NEGATIVE_INT_KEYS = frozenset(
     | {"cooldown_after_failures", "cooldown_ms"}
 )
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+MIN_REDACTED_LENGTH = 8  # shorter keys (a local server's "ollama") are ordinary words, so they are not redacted
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,12 @@ class Config:
     router_module: str = ""
     custom_router: CustomRouter | None = None
     warnings: tuple[str, ...] = ()
+    no_default_reason: str = ""  # why router.default has no enabled target and what to set; "" when it has one
 
     def secrets(self) -> list[str]:
-        """Every configured key, for redaction."""
+        """Every configured key of MIN_REDACTED_LENGTH characters or more, for redaction."""
         keys = [self.api_key] + [key for p in self.providers.values() for key in p.api_keys]
-        return [k for k in keys if k]
+        return [k for k in keys if len(k) >= MIN_REDACTED_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -370,15 +372,27 @@ class _Checker:
                 self.problem(path, f"must be a positive integer, got {value}")
             elif key in NON_NEGATIVE_INT_KEYS and value < 0:
                 self.problem(path, f"must be zero or more, got {value}")
-            elif isinstance(value, str) and key != "api_key":
-                expanded, missing = expand_env(value, self.environ)
-                if missing:
-                    self.problem(path, f"uses ${missing[0]}, which is not set")
-                else:
+            elif (isinstance(value, str) and key != "api_key") or (isinstance(value, dict) and name):
+                expanded = self.expanded(value, path)
+                if expanded is not None:
                     values[key] = expanded
             else:
                 values[key] = value
         return values
+
+    def expanded(self, value: Any, path: str) -> Any:
+        """A string with $VAR expanded, or a nested table (headers, model_max_tokens, ...) with every string in it
+        expanded; None, and a problem for each, when a variable is not set."""
+        if isinstance(value, dict):
+            items = {key: self.expanded(item, f"{path}.{key}") for key, item in value.items()}
+            return None if None in items.values() else items
+        if not isinstance(value, str):
+            return value
+        text, missing = expand_env(value, self.environ)
+        if missing:
+            self.problem(path, f"uses ${missing[0]}, which is not set")
+            return None
+        return text
 
     def entry(self, data: Any, path: str, allowed: dict[str, Any], required: tuple[str, ...]) -> dict | None:
         """One table of an array of tables: its checked values, or None when it is not a table."""
@@ -555,6 +569,7 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
             if key in proxy
         },
         warnings=tuple(check.warnings),
+        no_default_reason="" if "default" in routes else no_default_reason(configured["default"], providers),
     )
 
 
@@ -634,10 +649,18 @@ def _effective_routes(
             if disabled:
                 check.warn(f"router.{scenario}", f"skipping disabled {disabled}; using '{usable[0]}'")
         elif scenario == "default":
-            check.warn("router.default", f"every target is disabled ({disabled}); requests that reach it get 503")
+            check.warn("router.default", no_default_reason(targets, providers))
         else:
             check.warn(f"router.{scenario}", f"every target is disabled ({disabled}); requests fall through to default")
     return routes
+
+
+def no_default_reason(targets: tuple[Target, ...], providers: dict[str, Provider]) -> str:
+    """What --check and a request that reaches the default route are told when none of its targets is enabled:
+    why each provider is disabled (the variable it needs), and what to do."""
+    names = dict.fromkeys(target.provider for target in targets)
+    reasons = "; ".join(f"{name}: {providers[name].disabled_reason}" for name in names)
+    return f"no enabled provider for the default route ({reasons}); set one of these and restart the proxy"
 
 
 def builtin_config(environ: Mapping[str, str] | None = None) -> Config:
@@ -655,7 +678,12 @@ def builtin_config(environ: Mapping[str, str] | None = None) -> Config:
         "background": f"{remote[0]},{BUILTIN_MODELS[remote[0]][1]}",
     }
     config = build_config({"router": router, "providers": providers}, "<built-in>", environ)
-    return replace(config, warnings=())
+    if remote != ["ollama"]:
+        return replace(config, warnings=())
+    keys = ", ".join(f"${var}" for var in KEY_ENV_VARS.values())
+    where = DEFAULT_BASE_URLS["ollama"]
+    note = f"<built-in>: router.default: no provider key is set ({keys}); every request goes to the Ollama at {where}"
+    return replace(config, warnings=(note,))
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -781,16 +809,27 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """The text with each control character (newlines included) written as an escape, so a logged value such as
+    a percent-decoded path or a model name cannot start a forged log line."""
+    if CONTROL_CHARACTERS.search(text) is None:
+        return text
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class RedactingFilter(logging.Filter):
-    """Replaces configured keys in log records, whatever the level."""
+    """Replaces configured keys in log records and escapes their control characters, whatever the level."""
 
     def __init__(self) -> None:
         super().__init__()
         self.secrets: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg, record.args = redact(record.getMessage()), None
+        text = record.getMessage()
+        record.msg, record.args = escape_controls(redact(text) if self.secrets else text), None
         return True
 
 
@@ -1274,7 +1313,7 @@ def choose_route(hints: Hints, config: Config, body: dict) -> Route:
         if matched and scenario in config.routes:
             return Route(scenario, config.routes[scenario])
     if "default" not in config.routes:
-        raise ProxyError(503, "no enabled provider for the default route; see the proxy's start-up warnings")
+        raise ProxyError(400, config.no_default_reason)
     return Route("default", config.routes["default"])
 
 
@@ -4446,7 +4485,7 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
 
 def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> None:
     """The one INFO line per request; with --log-format json its fields also go out as JSON keys. The text is
-    formatted only if a handler takes the record."""
+    formatted once, by the redacting filter, which also escapes its control characters."""
     if not log.isEnabledFor(logging.INFO):
         return
     tokens = exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"
@@ -4518,6 +4557,15 @@ def check_auth(request: web.Request, config: Config) -> str:
     if not hmac.compare_digest(offered.encode(), config.api_key.encode()):
         raise ProxyError(401, "invalid proxy key")
     return offered
+
+
+def is_authenticated(request: web.Request, config: Config) -> bool:
+    """Whether the request may see details: it carries the proxy key, or no key is configured."""
+    try:
+        check_auth(request, config)
+    except ProxyError:
+        return False
+    return True
 
 
 async def read_json_body(request: web.Request, limit: int) -> RawBody:
@@ -4869,8 +4917,12 @@ async def upstream_token_count(session: aiohttp.ClientSession, call: Call, url: 
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """Liveness for anyone; the details (providers and why they are disabled, pid) only for an authenticated
+    request when proxy.api_key is set."""
     state = request.app[STATE]
     config = state.current.config
+    if not is_authenticated(request, config):
+        return web.json_response({"status": "ok"})
     providers = config.providers.values()
     return web.json_response(
         {
@@ -5009,7 +5061,8 @@ def routing_table(config: Config) -> str:
                 lines.append(f"  rule {rule.name:<8} {route}  when the last user message has: {what.strip()}")
             continue
         targets = config.routes.get(scenario)
-        text = " | ".join(map(str, targets)) if targets else "(not set: falls through)"
+        unset = "(no enabled target)" if scenario == "default" else "(not set: falls through)"
+        text = " | ".join(map(str, targets)) if targets else unset
         if scenario == "long_context":
             text += f"  when tokens > {config.long_context_threshold} (or the session's last main answer did)"
         elif scenario == "think":
@@ -5080,10 +5133,14 @@ def setup_logging(level: str, with_pid: bool = False, log_format: str = "text") 
     text = logging.Formatter(f"%(asctime)s %(levelname)s{pid} %(message)s")
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
     handler.addFilter(REDACTOR)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    logging.getLogger().handlers[:] = [handler]
+    apply_log_level(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def apply_log_level(level: str) -> None:
+    """Set the level of the root logger, at start-up and on each reload."""
+    logging.getLogger().setLevel(level.upper())
 
 
 async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool = False) -> None:
@@ -5113,6 +5170,7 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
         if (new.host, new.port, new.upstream_connections) != (config.host, config.port, config.upstream_connections):
             log.warning("reload: a new host, port or upstream_connections takes effect only after a restart")
         app[STATE].reload(new)
+        apply_log_level(new.log_level)
         log.info("config reloaded from %s", new.source)
         for warning in new.warnings:
             log.warning("%s", warning)
@@ -5425,6 +5483,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         print(routing_table(config))
+        if config.no_default_reason:
+            print(f"error: {config.source}: router.default: {config.no_default_reason}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "env":
         return print_env(config)

@@ -46,6 +46,7 @@ import ollama
 import openai
 import pytest
 import tiktoken
+import yarl
 from aiohttp import web
 from google import genai
 from google.genai import errors as genai_errors
@@ -9523,7 +9524,9 @@ def test_eco_env_command(tmp_path: Path, proxy: str, provider: str, token: str, 
 ECO_FAKE_CLAUDE = """
 import json, os, sys, urllib.request
 base = os.environ["ANTHROPIC_BASE_URL"]
-with urllib.request.urlopen(base + "/health", timeout=5) as answer:
+token = os.environ["ANTHROPIC_AUTH_TOKEN"]
+health_request = urllib.request.Request(base + "/health", headers={"authorization": "Bearer " + token})
+with urllib.request.urlopen(health_request, timeout=5) as answer:
     status, health = answer.status, json.load(answer)
 names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS", "ECO_MARKER")
 report = {"argv": sys.argv[1:], "env": {n: os.environ.get(n) for n in names}, "status": status, "pid": health["pid"]}
@@ -9531,9 +9534,11 @@ print(json.dumps(report))
 """
 
 
-def eco_health(base_url: str) -> dict | None:
+def eco_health(base_url: str, key: str = PROXY_KEY) -> dict | None:
+    """/health with the proxy key (its details, pid included); None when nothing answers."""
+    health_request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": key})
     try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as answer:
+        with urllib.request.urlopen(health_request, timeout=2) as answer:
             return json.load(answer)
     except OSError:
         return None
@@ -10196,6 +10201,203 @@ async def test_claude_code_cli_writes_file_through_native_provider(
     write_args = {"file_path": str(target), "content": E2E_CONTENT}
     expected = native_cli_expected(native.provider, write_args, signature)
     assert native_written_call_and_result(native.provider, main[1].body) == expected, diag
+
+
+# ---- Issue 10: logs, redaction, /health, config expansion, a default route without an enabled target ----
+
+
+def request_log_lines_since(mark: int) -> list[str]:
+    """The one-line request summaries logged after CAPTURED_LOG had `mark` entries."""
+    return [line for line in CAPTURED_LOG[mark:] if " scenario=" in line]
+
+
+async def test_log_line_escapes_a_newline_from_a_percent_decoded_path(
+    proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    forged = "2026-01-01 00:00:00,000 INFO req_forged /v1/messages status=200 outcome=ok"
+    url = yarl.URL(f"{proxy_url}/v1/messages%0A{forged.replace(' ', '%20')}", encoded=True)
+    async with http.post(url, json=request()) as response:
+        request_id = response.headers["request-id"]
+        status = response.status
+
+    lines = log_lines(request_id)
+    assert status == 404
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0] and f"/v1/messages\\n{forged}" in lines[0], lines[0]
+
+
+async def test_log_line_escapes_control_characters_in_a_model_name(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    model = "anthropic,evil\r\n2026-01-01 00:00:00,000 INFO forged\u2028\x1b[31m"
+    stand_in.reply_with(anthropic_error(400, "invalid_request_error", "unknown model"))  # no route header to send
+    answer = await call(http, f"{proxy_url}/v1/messages", request(model=model))
+
+    lines = log_lines(answer.headers["request-id"])
+    assert answer.status == 400, answer.text
+    assert len(lines) == 1, lines
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lines[0]), repr(lines[0])
+    assert "model=evil\\r\\n2026-01-01 00:00:00,000 INFO forged\\u2028\\x1b[31m " in lines[0], lines[0]
+
+
+async def test_short_key_is_not_redacted_inside_words_but_a_long_key_is(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    at_stand_in = {"type": "anthropic", "api_base_url": stand_in.url}
+    providers = [
+        {**at_stand_in, "name": "local", "api_key": "ollama"},  # what local OpenAI-compatible servers take
+        {**at_stand_in, "name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    config = build_config({"router": {"default": "local,model-x"}, "providers": providers})
+    text = f"model-x not found: run `ollama pull model-x`; the ollama key and {UPSTREAM_KEY} are fine"
+    stand_in.reply_with(anthropic_error(404, "not_found_error", text))
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    message = answer.assert_error(404, "not_found_error")
+    assert "run `ollama pull model-x`; the ollama key and [redacted] are fine" in message, message
+    assert config.secrets() == [UPSTREAM_KEY]
+
+
+async def test_health_without_the_proxy_key_says_only_ok_and_with_it_gives_details(
+    keyed_proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    health = f"{keyed_proxy_url}/health"
+    anonymous = await call(http, health, method="GET")
+    wrong_key = await call(http, health, method="GET", headers={"x-api-key": "not-the-proxy-key"})
+    with_key = await call(http, health, method="GET", headers={"x-api-key": PROXY_KEY})
+    with_bearer = await call(http, health, method="GET", headers={"authorization": f"Bearer {PROXY_KEY}"})
+
+    assert (anonymous.status, anonymous.json()) == (200, {"status": "ok"})
+    assert (wrong_key.status, wrong_key.json()) == (200, {"status": "ok"})
+    for answer in (with_key, with_bearer):
+        assert answer.status == 200
+        details = answer.json()
+        assert details["pid"] == os.getpid()
+        assert details["providers"]["disabled"] == {"offline": "$OFFLINE_API_KEY is not set"}
+
+
+async def test_env_vars_expand_in_nested_tables_so_headers_reach_the_upstream(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    provider = {
+        "name": "anthropic",
+        "api_base_url": stand_in.url,
+        "api_key": "${ANTHROPIC_API_KEY}",
+        "headers": {"X-Title": "${APP_TITLE}", "X-Team": "team-$APP_TEAM"},
+        "model_max_tokens": {"model-default": 100},
+    }
+    environ = {**ENVIRON, "APP_TITLE": "terraphim", "APP_TEAM": "blue"}
+    config = build_config({"router": {"default": "anthropic,model-default"}, "providers": [provider]}, environ=environ)
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    assert answer.status == 200, answer.text
+    assert config.providers["anthropic"].headers == {"X-Title": "terraphim", "X-Team": "team-blue"}
+    assert (stand_in.last.headers["x-title"], stand_in.last.headers["x-team"]) == ("terraphim", "team-blue")
+
+
+def test_env_var_unset_in_a_nested_table_is_a_problem_naming_the_key() -> None:
+    provider = {"name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}", "headers": {"X-Title": "${APP_TITLE}"}}
+
+    with pytest.raises(terraphim_proxy.ConfigError) as raised:
+        build_config({"router": {"default": "anthropic,m"}, "providers": [provider]})
+
+    assert raised.value.problems == ["test.toml: providers[0].headers.X-Title: uses $APP_TITLE, which is not set"]
+
+
+async def test_sighup_applies_a_changed_log_level(
+    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    provider = rel_provider("anthropic", "anthropic", rel_up.url)
+    async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one", {"log_level": "info"})) as proxy:
+        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+        await proxy.wait_for_line(" scenario=")
+        assert not any(" DEBUG " in line for line in proxy.lines), proxy.lines
+
+        mark = len(proxy.lines)
+        await proxy.reload(rel_doc([provider], "anthropic,model-one", {"log_level": "debug"}), "config reloaded")
+        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+        debug_line = await proxy.wait_for_line(" hints=", mark)
+
+    assert " DEBUG " in debug_line, debug_line
+
+
+NO_DEFAULT_TOML = """
+[router]
+default = "anthropic,claude-sonnet-4-5 | openrouter,anthropic/claude-sonnet-4.5"
+
+[[providers]]
+name = "anthropic"
+api_key = "${ANTHROPIC_API_KEY}"
+
+[[providers]]
+name = "openrouter"
+api_key = "${OPENROUTER_API_KEY}"
+"""
+
+
+def test_check_exits_2_when_the_default_route_has_no_enabled_target_naming_the_variables(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text(NO_DEFAULT_TOML)
+
+    done = run_cli(["--config", "keys.toml", "--check"], tmp_path, {})
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert check_sections(done.stdout)["routes"]["default"] == "(no enabled target)"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in ("router.default", "$ANTHROPIC_API_KEY is not set", "$OPENROUTER_API_KEY is not set"):
+        assert fragment in errors[0], errors[0]
+
+
+def test_check_builtin_without_keys_routes_to_local_ollama_and_names_the_key_variables(tmp_path: Path) -> None:
+    done = run_cli(["--check"], tmp_path, {})
+
+    assert done.returncode == 0, done.stderr
+    assert check_sections(done.stdout)["routes"]["default"] == "ollama,qwen2.5-coder:7b"
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, done.stdout
+    assert "http://127.0.0.1:11434" in warnings[0]
+    for var in terraphim_proxy.KEY_ENV_VARS.values():
+        assert f"${var}" in warnings[0], warnings[0]
+
+
+async def test_request_to_a_default_route_without_enabled_target_gets_400_naming_the_variable_and_no_retry(
+    stand_in: StandIn, start_proxy: StartProxy
+) -> None:
+    """400 invalid_request_error: Anthropic's SDKs (and Claude Code) retry 408, 409, 429 and >= 500 only."""
+    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
+    mark = len(CAPTURED_LOG)
+
+    async with anthropic.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=3, timeout=TIMEOUT_S) as sdk:
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await sdk.messages.create(**SDK_REQUEST)
+
+    assert raised.value.status_code == 400
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    message = raised.value.body["error"]["message"]
+    assert "default route" in message and "offline: $OFFLINE_API_KEY is not set" in message, message
+    assert len(request_log_lines_since(mark)) == 1  # the SDK did not retry
+    assert stand_in.received == []
+
+
+async def test_claude_code_cli_shows_what_to_set_when_the_default_route_has_no_enabled_target(
+    stand_in: StandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
+    mark = len(CAPTURED_LOG)
+
+    run = await run_claude_cli(url, tmp_path, "hi")
+
+    requests = request_log_lines_since(mark)
+    diag = run.diag(requests)
+    assert run.returncode != 0 and run.returncode is not None, diag
+    assert "$OFFLINE_API_KEY is not set" in run.out + run.err, diag
+    assert requests and all("status=400" in line for line in requests), diag
+    assert len(requests) <= 3, diag  # no retries: at most one try per request the CLI makes
+    assert stand_in.received == []
 
 
 # ===========================================================================
