@@ -1221,14 +1221,17 @@ def url_path_value(value: str) -> str:
     return quote(value, safe="")
 
 
-def check_model_in_url(provider: Provider, model: str) -> None:
-    """A 400 for a model name that a provider's URL carries and that holds `/`, `?`, `#` or a control character."""
+def check_model_name(provider: Provider, model: str) -> None:
+    """A 400 for a model name holding a control character (it would reach headers and logs), or, where the
+    provider's URL carries the model, `/`, `?` or `#`."""
     if provider.type in MODEL_IN_URL and UNSAFE_URL_MODEL.search(model):
         raise ProxyError(
             400,
             f"model {model!r} cannot be sent to {provider.name}: its name goes into the URL and must not "
             "hold '/', '?', '#' or control characters",
         )
+    if CONTROL_CHARACTERS.search(model):
+        raise ProxyError(400, f"model {model!r} holds a control character")
 
 
 def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ...]:
@@ -1242,7 +1245,7 @@ def resolve_route_text(text: str, config: Config, what: str) -> tuple[Target, ..
         if provider is None:
             known = ", ".join(config.providers) or "none"
             raise ProxyError(404, f"{what}: unknown provider '{target.provider}' (configured: {known})")
-        check_model_in_url(provider, target.model)
+        check_model_name(provider, target.model)
         if provider.models and target.model not in provider.models:
             raise ProxyError(
                 404,
@@ -3325,7 +3328,7 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
     refuse_server_tools(call)
     provider = call.provider
     method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
-    check_model_in_url(provider, call.model)
+    check_model_name(provider, call.model)
     headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
     json_schema = gemini_takes_json_schema(call.model)
     declarations = gemini_declarations(call, json_schema)

@@ -10226,18 +10226,35 @@ async def test_log_line_escapes_a_newline_from_a_percent_decoded_path(
     assert "\n" not in lines[0] and f"/v1/messages\\n{forged}" in lines[0], lines[0]
 
 
-async def test_log_line_escapes_control_characters_in_a_model_name(
+async def test_model_name_with_a_control_character_is_a_400_and_never_reaches_the_upstream(
     stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
 ) -> None:
-    model = "anthropic,evil\r\n2026-01-01 00:00:00,000 INFO forged\u2028\x1b[31m"
-    stand_in.reply_with(anthropic_error(400, "invalid_request_error", "unknown model"))  # no route header to send
+    model = "anthropic,evil\r\n2026-01-01 00:00:00,000 INFO forged"
     answer = await call(http, f"{proxy_url}/v1/messages", request(model=model))
 
-    lines = log_lines(answer.headers["request-id"])
-    assert answer.status == 400, answer.text
-    assert len(lines) == 1, lines
-    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lines[0]), repr(lines[0])
-    assert "model=evil\\r\\n2026-01-01 00:00:00,000 INFO forged\\u2028\\x1b[31m " in lines[0], lines[0]
+    answer.assert_error(400, "invalid_request_error", "control character")
+    assert stand_in.received == []
+    assert len(log_lines(answer.headers["request-id"])) == 1
+
+
+async def test_log_lines_escape_control_characters_an_upstream_error_carries(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    forged = "\r\n2026-01-01 00:00:00,000 INFO forged\u2028\x1b[31m"
+    stand_in.reply_with(anthropic_error(500, "api_error", f"upstream broke{forged}"))
+    provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "retries": 0}
+    provider["api_key"] = "${ANTHROPIC_API_KEY}"
+    config = build_config({"router": {"default": "anthropic,model-a | anthropic,model-b"}, "providers": [provider]})
+    url = await start_proxy(config)
+    mark = len(CAPTURED_LOG)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    answer.assert_error(500, "api_error", "upstream broke")
+    fallback = [line for line in CAPTURED_LOG[mark:] if "falling back" in line]
+    assert len(fallback) == 1, CAPTURED_LOG[mark:]
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", fallback[0]), repr(fallback[0])
+    assert "upstream broke\\r\\n2026-01-01 00:00:00,000 INFO forged\\u2028\\x1b[31m" in fallback[0], fallback[0]
 
 
 async def test_short_key_is_not_redacted_inside_words_but_a_long_key_is(
