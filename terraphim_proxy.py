@@ -88,6 +88,36 @@ BUILTIN_MODELS = {
     "gemini": ("gemini-2.5-pro", "gemini-2.5-flash"),
     "ollama": ("qwen2.5-coder:7b", "qwen2.5-coder:7b"),
 }
+# Output limits (the largest max_tokens each model accepts) of the models the shipped configs name and their
+# current siblings, keyed as output_limit_key spells a model; requests above a limit get a 400 upstream.
+# A provider's max_tokens or model_max_tokens wins over this table.
+MODEL_OUTPUT_LIMITS = {
+    "claude-opus-4-1": 32000,
+    "claude-opus-4": 32000,
+    "claude-opus-4-5": 64000,
+    "claude-sonnet-4-5": 64000,
+    "claude-sonnet-4": 64000,
+    "claude-3-7-sonnet": 64000,
+    "claude-haiku-4-5": 64000,
+    "claude-3-5-haiku": 8192,
+    "gpt-4o": 16384,
+    "gpt-4o-mini": 16384,
+    "gpt-4-1": 32768,
+    "gpt-4-1-mini": 32768,
+    "gpt-4-1-nano": 32768,
+    "o3": 100000,
+    "o3-mini": 100000,
+    "o4-mini": 100000,
+    "gpt-5": 128000,
+    "gpt-5-mini": 128000,
+    "gpt-5-nano": 128000,
+    "deepseek-chat": 8192,
+    "deepseek-reasoner": 65536,
+    "gemini-2-5-pro": 65536,
+    "gemini-2-5-flash": 65536,
+    "gemini-2-5-flash-lite": 65536,
+    "gemini-2-0-flash": 8192,
+}
 DEFAULT_PORT = 3456
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_MS = 600_000
@@ -180,6 +210,12 @@ class Timeouts:
     stream_ms: int = 3_600_000  # a whole stream
 
 
+def output_limit_key(model: str) -> str:
+    """A model as MODEL_OUTPUT_LIMITS spells it: no provider prefix or date suffix, lower case, dots as dashes."""
+    name = model.rsplit("/", 1)[-1].lower()
+    return re.sub(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$", "", name).replace(".", "-")
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
@@ -207,8 +243,9 @@ class Provider:
         return self.api_keys[0] if self.api_keys else ""
 
     def max_tokens_cap(self, model: str) -> int | None:
-        """The output cap for a model: its own entry, else the provider's."""
-        return self.model_max_tokens.get(model, self.max_tokens)
+        """The output cap for a model: its own entry, else the provider's, else the model's known limit."""
+        cap = self.model_max_tokens.get(model, self.max_tokens)
+        return MODEL_OUTPUT_LIMITS.get(output_limit_key(model)) if cap is None else cap
 
     def num_ctx_for(self, model: str) -> int:
         """Ollama's context window for a model: its own entry, the provider's, else DEFAULT_NUM_CTX."""
@@ -1649,11 +1686,24 @@ def without_proxy_thinking(body: dict) -> dict:
     return stripped
 
 
+def with_output_cap(body: dict, cap: int | None) -> dict:
+    """The body with max_tokens lowered to `cap` (and a thinking budget kept below it), or the body itself."""
+    requested = body.get("max_tokens")
+    if cap is None or not _is_int(requested) or requested <= cap:
+        return body
+    capped_body = {**body, "max_tokens": cap}
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and _is_int(thinking.get("budget_tokens")) and thinking["budget_tokens"] >= cap:
+        capped_body["thinking"] = {**thinking, "budget_tokens": cap - 1}
+    return capped_body
+
+
 def anthropic_build_request(call: Call) -> UpstreamRequest:
-    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed).
+    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed, and
+    max_tokens lowered to the model's output cap).
 
     When nothing else changed, `model` is swapped in the received text, so the body is not serialised again."""
-    body = without_proxy_thinking(call.body)
+    body = with_output_cap(without_proxy_thinking(call.body), call.provider.max_tokens_cap(call.model))
     payload = call.raw.with_model(call.model) if call.raw is not None and body is call.raw.data else None
     if payload is None:
         payload = dump_json({**body, "model": call.model})
@@ -4456,13 +4506,21 @@ def create_app(config: Config, counter: TokenCounter | None = None) -> web.Appli
 # ---------------------------------------------------------------------------
 
 
+def models_text(provider: Provider) -> str:
+    """A provider's models for --check, each with the output cap that requests to it get."""
+    if not provider.models:
+        return "any" + (f" (output cap {provider.max_tokens})" if provider.max_tokens else "")
+    caps = ((model, provider.max_tokens_cap(model)) for model in provider.models)
+    return ", ".join(model + (f" (output cap {cap})" if cap else "") for model, cap in caps)
+
+
 def routing_table(config: Config) -> str:
     """The human view of a config that --check prints."""
     auth = "proxy key required" if config.api_key else "no auth on loopback"
     lines = [f"config: {config.source}", f"listen: http://{config.host}:{config.port} ({auth})", "providers:"]
     for p in config.providers.values():
         state = "enabled" if p.enabled else f"DISABLED ({p.disabled_reason})"
-        models = ", ".join(p.models) or "any"
+        models = models_text(p)
         lines.append(f"  {p.name:<12} {p.type:<10} {p.api_base_url}  {state}; models: {models}")
     lines.append("routes (first match wins):")
     if config.router_module:

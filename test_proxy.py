@@ -10162,6 +10162,127 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 
 
 # ===========================================================================
+# Issue 10: import-ccr round trip, `code` and `stop`, output caps, README facts
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Output caps: the built-in table of model output limits, unless the config sets a cap
+# ---------------------------------------------------------------------------
+
+
+def caps_config_data(upstream_url: str) -> dict:
+    """OpenAI and Anthropic providers at the OpenAI stand-in: one without caps, one whose config raises a cap."""
+    at = {"api_base_url": upstream_url}
+    providers = [
+        {**at, "name": "openai", "type": "openai", "api_key": "${OPENAI_API_KEY}", "models": ["gpt-4o"]},
+        {
+            **at,
+            "name": "raised",
+            "type": "openai",
+            "api_key": "${OPENAI_API_KEY}",
+            "models": ["gpt-4o"],
+            "model_max_tokens": {"gpt-4o": 20000},
+        },
+        {**at, "name": "anthropic", "type": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    return {"proxy": {"retries": 0}, "router": {"default": "openai,gpt-4o"}, "providers": providers}
+
+
+async def caps_send(http: aiohttp.ClientSession, url: str, model: str, **fields: Any) -> Answer:
+    body = {"model": model, "max_tokens": 64000, "messages": [{"role": "user", "content": "write a lot"}], **fields}
+    return await call(http, f"{url}/v1/messages", body)
+
+
+async def test_64000_max_tokens_reach_gpt_4o_capped_at_its_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+
+    for model in (CLIENT_MODEL, "openai,gpt-4o"):  # routed by scenario, and named explicitly
+        answer = await caps_send(http, url, model)
+        assert answer.status == 200, answer.text
+        assert openai_upstream.last.body["max_tokens"] == 16384
+
+
+async def test_configured_model_max_tokens_wins_over_the_builtin_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+
+    answer = await caps_send(http, url, "raised,gpt-4o")
+
+    assert answer.status == 200, answer.text
+    assert openai_upstream.last.body["max_tokens"] == 20000
+
+
+async def test_anthropic_pass_through_caps_max_tokens_and_keeps_the_thinking_budget_below_it(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+    thinking = {"type": "enabled", "budget_tokens": 63999}
+
+    opus = await caps_send(http, url, "anthropic,claude-opus-4-1-20250805", thinking=thinking)
+    sonnet = await caps_send(http, url, "anthropic,claude-sonnet-4-5", thinking=thinking)
+
+    assert opus.status == sonnet.status == 200, (opus.text, sonnet.text)
+    first, second = [r.body for r in openai_upstream.received if r.path == "/v1/messages"]
+    assert (first["max_tokens"], first["thinking"]["budget_tokens"]) == (32000, 31999)
+    assert (second["max_tokens"], second["thinking"]["budget_tokens"]) == (64000, 63999)  # within its limit
+
+
+def test_check_shows_each_models_effective_output_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, ENVIRON[name])
+    path = tmp_path / "caps.toml"
+    path.write_text(
+        """
+[router]
+default = "openai,gpt-4o"
+
+[[providers]]
+name = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+
+[[providers]]
+name = "raised"
+type = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+model_max_tokens = { "gpt-4o" = 20000 }
+
+[[providers]]
+name = "anthropic"
+api_key = "${ANTHROPIC_API_KEY}"
+"""
+    )
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "models:" in line}
+    assert lines["openai"].endswith("models: gpt-4o (output cap 16384)")
+    assert lines["raised"].endswith("models: gpt-4o (output cap 20000)")
+    assert lines["anthropic"].endswith("models: any")
+
+
+def test_check_of_the_shipped_config_shows_the_output_caps(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_check(CHECKOUT / "config.toml", capsys)
+
+    assert code == 0, err
+    for fragment in (
+        "gpt-4o (output cap 16384)",
+        "claude-opus-4-1 (output cap 32000)",
+        "claude-sonnet-4-5 (output cap 64000)",
+        "deepseek-chat (output cap 8192)",  # the config's own model_max_tokens
+        "gemini-2.5-pro (output cap 65536)",
+    ):
+        assert fragment in out, (fragment, out)
+
+
+# ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
 
