@@ -1578,7 +1578,9 @@ def test_check_without_config_file_uses_builtin(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("config: <built-in>")
     sections = check_sections(done.stdout)
-    assert sections["providers"]["anthropic"].endswith("enabled; models: claude-sonnet-4-5, claude-haiku-4-5")
+    assert sections["providers"]["anthropic"].endswith(
+        "enabled; models: claude-sonnet-4-5 (output cap 64000), claude-haiku-4-5 (output cap 64000)"
+    )
     assert "DISABLED" in sections["providers"]["openai"]
     assert sections["routes"]["default"] == "anthropic,claude-sonnet-4-5"
 
