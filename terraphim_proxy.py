@@ -4709,6 +4709,13 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
 # --- import-ccr: claude-code-router's config.json (JSON5) to this proxy's TOML.
 
 JSON5_IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+JSON5_NUMBER = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Infinity|NaN)")
+JSON5_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|\r\n|[\s\S])")
+JSON5_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "0": "\0"}
+JSON5_ESCAPES |= dict.fromkeys(("\n", "\r", "\r\n", "\u2028", "\u2029"), "")  # line continuations
+TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+TOML_ESCAPED = re.compile(r'[\\"\x00-\x1f\x7f\ud800-\udfff]')
+TOML_COMMENT_ESCAPED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 CCR_ROUTER_KEYS = {
     "default": "default",
     "background": "background",
@@ -4725,8 +4732,30 @@ CCR_URL_SUFFIXES = {  # claude-code-router names whole endpoints; this proxy wan
 CCR_LOG_LEVELS = {"fatal": "error", "error": "error", "warn": "warning", "info": "info", "debug": "debug"}
 
 
+def json5_string(body: str) -> str:
+    """The value of a JSON5 string literal's body: each escape (\\x, \\u, \\v, \\0, \\', ...) and line continuation."""
+
+    def unescape(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return chr(int(code[1:], 16)) if len(code) > 2 else JSON5_ESCAPES.get(code, code)
+
+    return JSON5_ESCAPE.sub(unescape, body)
+
+
+def json5_number(text: str) -> str:
+    """JSON for a JSON5 number: hexadecimal as decimal, no leading `+`, no bare leading or trailing point."""
+    sign = "-" if text.startswith("-") else ""
+    digits = text.lstrip("+-")
+    if digits[:2].lower() == "0x":
+        return sign + str(int(digits, 16))
+    if digits == "NaN":
+        return digits
+    return sign + re.sub(r"\.(?=[eE]|$)", ".0", re.sub(r"^\.", "0.", digits))
+
+
 def json5_to_json(text: str) -> str:
-    """JSON text for the JSON5 that claude-code-router reads: comments, trailing commas, single quotes, bare keys."""
+    """JSON text for the JSON5 that claude-code-router reads: comments, trailing commas, single quotes, bare keys,
+    JSON5 escapes, hexadecimal numbers and a leading `+`. Raises ValueError for an unterminated string."""
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -4735,10 +4764,9 @@ def json5_to_json(text: str) -> str:
             end = i + 1
             while end < n and text[end] != char:
                 end += 2 if text[end] == "\\" else 1
-            body = text[i + 1 : end]
-            if char == "'":
-                body = re.sub(r'(?<!\\)"', r'\\"', body.replace("\\'", "'"))
-            out.append(f'"{body}"')
+            if end >= n:
+                raise ValueError(f"unterminated string at character {i}")
+            out.append(json.dumps(json5_string(text[i + 1 : end])))
             i = end + 1
         elif text.startswith("//", i):
             i = text.find("\n", i) if "\n" in text[i:] else n
@@ -4752,6 +4780,9 @@ def json5_to_json(text: str) -> str:
                 out.pop()
             out.append(char)
             i += 1
+        elif char in "+-.0123456789" and (match := JSON5_NUMBER.match(text, i)):
+            out.append(json5_number(match.group()))
+            i = match.end()
         elif match := JSON5_IDENTIFIER.match(text, i):
             word = match.group()
             rest = text[match.end() :].lstrip()
@@ -4768,7 +4799,7 @@ def ccr_provider_type(provider: dict) -> str:
     transformer = provider.get("transformer") or {}
     uses = [u for chain in transformer.values() if isinstance(chain, dict) for u in chain.get("use", [])]
     uses += transformer.get("use", []) if isinstance(transformer.get("use"), list) else []
-    names = {(u[0] if isinstance(u, list) else u).lower() for u in uses if isinstance(u, (str, list)) and u}
+    names = {name.lower() for name in (u[0] if isinstance(u, list) and u else u for u in uses) if isinstance(name, str)}
     url = str(provider.get("api_base_url", "")).lower()
     for kind, marker in (
         ("anthropic", "api.anthropic.com"),
@@ -4796,16 +4827,35 @@ def ccr_max_tokens(provider: dict) -> tuple[int | None, dict[str, int]]:
     return provider_cap, model_caps
 
 
+def toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped, any other character as it is
+    (a lone surrogate, which TOML cannot hold, becomes U+FFFD)."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        return TOML_ESCAPES.get(char) or ("\\ufffd" if "\ud800" <= char <= "\udfff" else f"\\u{ord(char):04x}")
+
+    return '"' + TOML_ESCAPED.sub(escape, text) + '"'
+
+
+def toml_comment(text: str) -> str:
+    """A TOML comment line holding `text`, its control characters (which comments cannot hold) escaped."""
+    return "# " + TOML_COMMENT_ESCAPED.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
 def toml_value(value: Any) -> str:
+    """A TOML value for JSON data."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)  # TOML spells floats as Python does, inf and nan included
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+        return "{ " + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return toml_string(str(value))
 
 
 def ccr_to_toml(ccr: dict, source: str) -> str:
@@ -4813,16 +4863,16 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
     skipped: list[str] = []
     proxy: dict[str, Any] = {}
     for key, value in ccr.items():
-        if key == "APIKEY" and value:
+        if key == "APIKEY" and value and isinstance(value, str):
             proxy["api_key"] = value
-        elif key == "HOST":
+        elif key == "HOST" and isinstance(value, str):
             proxy["host"] = value
         elif key == "PORT" and _is_int(value):
             proxy["port"] = value
         elif key == "LOG_LEVEL" and str(value) in CCR_LOG_LEVELS:
             proxy["log_level"] = CCR_LOG_LEVELS[str(value)]
         elif key not in ("Providers", "providers", "Router", "LOG"):
-            skipped.append(f"{key} = {json.dumps(value)[:120]}")
+            skipped.append(f"{key} = {json.dumps(value, ensure_ascii=False)[:120]}")
     router: dict[str, Any] = {}
     for key, value in (ccr.get("Router") or {}).items():
         if key in CCR_ROUTER_KEYS and isinstance(value, str) and value:
@@ -4830,8 +4880,8 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
         elif key == "longContextThreshold" and _is_int(value):
             router["long_context_threshold"] = value
         elif value not in ("", None):
-            skipped.append(f"Router.{key} = {json.dumps(value)[:120]}")
-    lines = [f"# Converted from the claude-code-router config {source} by terraphim-proxy import-ccr.", ""]
+            skipped.append(f"Router.{key} = {json.dumps(value, ensure_ascii=False)[:120]}")
+    lines = [toml_comment(f"Converted from the claude-code-router config {source} by terraphim-proxy import-ccr."), ""]
     lines += ["[proxy]"] + [f"{k} = {toml_value(v)}" for k, v in proxy.items()] + [""]
     lines += ["[router]"] + [f"{k} = {toml_value(v)}" for k, v in router.items()] + [""]
     for provider in ccr.get("Providers") or ccr.get("providers") or ():
@@ -4851,11 +4901,11 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
             entry["model_max_tokens"] = model_caps
         lines += ["[[providers]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
         if provider.get("transformer"):
-            used = json.dumps(provider["transformer"])[:200]
-            lines.append(f"# claude-code-router transformers {used}: the {kind} type does this translation itself")
+            used = json.dumps(provider["transformer"], ensure_ascii=False)[:200]
+            lines.append(toml_comment(f"claude-code-router transformers {used}: the {kind} type does this itself"))
         lines.append("")
     if skipped:
-        lines += ["# Not converted (no equivalent, or set elsewhere):"] + [f"#   {item}" for item in skipped]
+        lines += ["# Not converted (no equivalent, or set elsewhere):"] + [toml_comment(f"  {item}") for item in skipped]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -4880,9 +4930,9 @@ def import_ccr_command(rest: list[str]) -> int:
     try:
         config = build_config(tomllib.loads(text), "converted config")
     except ConfigError as err:
-        print("\n".join(f"# check: {problem}" for problem in err.problems))
+        print("\n".join(toml_comment(f"check: {problem}") for problem in err.problems))
     else:
-        print("\n".join(f"# check: {warning}" for warning in config.warnings))
+        print("\n".join(toml_comment(f"check: {warning}") for warning in config.warnings))
     return 0
 
 

@@ -10284,6 +10284,179 @@ def test_check_of_the_shipped_config_shows_the_output_caps(capsys: pytest.Captur
         assert fragment in out, (fragment, out)
 
 
+# ---------------------------------------------------------------------------
+# import-ccr: any claude-code-router config comes back from tomllib with the same values
+# ---------------------------------------------------------------------------
+# The strategy draws a CCR-shaped config (providers with names, URLs, keys, models and transformer options,
+# Router entries, service keys) whose strings hold any unicode: quotes, backslashes, control characters, line
+# separators, emoji. A seeded Random writes it as JSON5 in every form claude-code-router reads: single or double
+# quotes, \x and \u escapes, line continuations, bare keys, hexadecimal and `+` numbers, comments, trailing
+# commas. import-ccr's whole output, its `# check:` lines included, must parse with tomllib and hold the values.
+
+CCR_TEXT = st.text(max_size=12) | st.sampled_from(
+    ['"', "'", "\\", "\\'", '\\"', "\n\r\t\x00\x1b\x7f", "😀👩‍💻🇫🇷", "é\u2028\u2029ß", "${HOME} $X", "a // b /* c */"]
+)
+CCR_MODEL = CCR_TEXT.filter(lambda text: text != "use")  # a model's transformer entry sits beside "use"
+CCR_CAP = st.integers(1, 2**40)
+CCR_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | CCR_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(CCR_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+CCR_USE = CCR_TEXT | st.tuples(CCR_TEXT, st.dictionaries(CCR_TEXT, CCR_JSON, max_size=2)).map(list)
+CCR_SERVICE_KEYS = ("API_TIMEOUT_MS", "CUSTOM_ROUTER_PATH", "StatusLine", "NON_INTERACTIVE_MODE", "LOG")
+
+
+def maxtoken(cap: int) -> list:
+    return ["maxtoken", {"max_tokens": cap}]
+
+
+@st.composite
+def ccr_providers(draw: st.DrawFn) -> dict:
+    models = draw(st.lists(CCR_MODEL, max_size=3, unique=True))
+    transformer: dict[str, Any] = {"use": draw(st.lists(CCR_USE, max_size=2))}
+    if (cap := draw(st.none() | CCR_CAP)) is not None:
+        transformer["use"].append(maxtoken(cap))
+    for model in models:
+        if draw(st.booleans()):
+            transformer[model] = {"use": [draw(CCR_USE), maxtoken(draw(CCR_CAP))]}
+    fields = {"name": CCR_TEXT, "api_base_url": CCR_TEXT, "api_key": CCR_TEXT}
+    return {**{key: draw(value) for key, value in fields.items()}, "models": models, "transformer": transformer}
+
+
+@st.composite
+def ccr_configs(draw: st.DrawFn) -> dict:
+    keys = draw(st.lists(st.sampled_from(list(terraphim_proxy.CCR_ROUTER_KEYS)), unique=True))
+    router: dict[str, Any] = {key: draw(CCR_TEXT.filter(bool)) for key in keys}
+    if draw(st.booleans()):
+        router["longContextThreshold"] = draw(st.integers(1, 10**6))
+    config = {
+        "APIKEY": draw(CCR_TEXT),
+        "HOST": draw(CCR_TEXT),
+        "PORT": draw(st.integers(-(2**63), 2**63 - 1)),
+        **draw(st.dictionaries(st.sampled_from(CCR_SERVICE_KEYS), CCR_JSON)),
+        "Providers": draw(st.lists(ccr_providers(), max_size=3)),
+        "Router": router,
+    }
+    return {key: value for key, value in config.items() if draw(st.booleans()) or key in ("Providers", "Router")}
+
+
+JSON5_SINGLE_QUOTED = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json5_str(text: str, rnd: Any) -> str:
+    if rnd.random() < 0.5:
+        return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
+    pieces = ["\\\n" if rnd.random() < 0.1 else ""]  # a line continuation adds nothing
+    for char in text:
+        escaped = JSON5_SINGLE_QUOTED.get(char)
+        if escaped is None and char < " " and rnd.random() < 0.5:
+            escaped = f"\\x{ord(char):02x}"
+        pieces.append(escaped or char)
+    return "'" + "".join(pieces) + "'"
+
+
+def json5_number(value: int | float, rnd: Any) -> str:
+    if isinstance(value, int):
+        sign = "-" if value < 0 else rnd.choice(("", "+"))
+        return sign + (f"0{rnd.choice('xX')}{abs(value):x}" if rnd.random() < 0.5 else str(abs(value)))
+    text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
+    if not text.startswith("-") and rnd.random() < 0.5:
+        text = "+" + text
+    if rnd.random() < 0.5:
+        text = re.sub(r"^([+-]?)0\.", r"\1.", re.sub(r"\.0$", ".", text))
+    return text
+
+
+def json5_dump(value: Any, rnd: Any) -> str:
+    """`value` as JSON5, each choice of form drawn from `rnd`."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return json5_number(value, rnd)
+    if isinstance(value, str):
+        return json5_str(value, rnd)
+    if isinstance(value, list):
+        items, brackets = [json5_dump(item, rnd) for item in value], "[]"
+    else:
+        bare = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+        items = [
+            f"{key if bare.fullmatch(key) and key not in ('true', 'false', 'null') and rnd.random() < 0.5 else json5_str(key, rnd)}"
+            f": {json5_dump(item, rnd)}"
+            for key, item in value.items()
+        ]
+        brackets = "{}"
+    gaps = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) for _ in items]
+    trailing = "," if items and rnd.random() < 0.5 else ""
+    return brackets[0] + ",".join(gap + item for gap, item in zip(gaps, items)) + trailing + "\n" + brackets[1]
+
+
+def ccr_expected_provider(provider: dict) -> dict:
+    kind = terraphim_proxy.ccr_provider_type(provider)
+    base_url = provider["api_base_url"].rstrip("/")
+    for suffix in terraphim_proxy.CCR_URL_SUFFIXES.get(kind, ("/chat/completions",)):
+        base_url = base_url.removesuffix(suffix)
+    entry = {"name": provider["name"], "type": kind, "api_base_url": base_url}
+    entry |= {key: provider[key] for key in ("api_key", "models") if provider[key]}
+    transformer = provider["transformer"]
+    caps = [use[1]["max_tokens"] for use in transformer["use"] if isinstance(use, list) and use[0] == "maxtoken"]
+    if caps:
+        entry["max_tokens"] = caps[-1]
+    if model_caps := {key: chain["use"][-1][1]["max_tokens"] for key, chain in transformer.items() if key != "use"}:
+        entry["model_max_tokens"] = model_caps
+    return entry
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ccr=ccr_configs(), rnd=st.randoms(use_true_random=False))
+@example(
+    ccr={
+        "PORT": 0x1F,
+        "HOST": "caf\u00e9 😀",
+        "Providers": [{"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}],
+        "Router": {"default": "q,m😀", "longContextThreshold": 60000},
+    },
+    rnd=__import__("random").Random(0),
+)
+def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: Any
+) -> None:
+    for provider in ccr["Providers"]:
+        provider.setdefault("transformer", {}).setdefault("use", [])
+    source = tmp_path / "config.json"
+    source.write_text(json5_dump(ccr, rnd), encoding="utf-8")
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    expected_proxy = {"api_key": ccr.get("APIKEY") or None, "host": ccr.get("HOST"), "port": ccr.get("PORT")}
+    assert doc["proxy"] == {key: value for key, value in expected_proxy.items() if value is not None}
+    router = ccr["Router"]
+    expected_router = {terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router}
+    assert doc["router"] == expected_router
+    assert doc.get("providers", []) == [ccr_expected_provider(provider) for provider in ccr["Providers"]]
+
+
+@pytest.mark.parametrize(
+    ("number", "value"),
+    [("0x1F", 31), ("0XfF", 255), ("-0x10", -16), ("+3456", 3456), ("+0x10", 16), ("+.5", 0.5), ("5.", 5.0)],
+)
+def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], number: str, value: int | float
+) -> None:
+    source = tmp_path / "config.json"
+    source.write_text(f"{{ PORT: {number}, Router: {{ longContextThreshold: {number} }}, Other: [{number}] }}")
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    if isinstance(value, int) and value > 0:
+        assert doc["proxy"]["port"] == value and doc["router"]["long_context_threshold"] == value
+    assert f"Other = [{json.dumps(value)}]" in out
+
+
 # ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
