@@ -4547,7 +4547,7 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = ("serve", "env", "code", "import-ccr")
+COMMANDS = ("serve", "env", "code", "stop", "import-ccr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -4555,7 +4555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="terraphim-proxy",
         description="LLM routing proxy for Claude Code.",
         epilog="commands: serve (default); env: print the exports Claude Code needs; code [ARGS...]: start the "
-        "proxy if needed and run claude; import-ccr PATH: convert a claude-code-router config.json to TOML",
+        "proxy in the background if needed and run claude; stop: stop the proxy that code started; "
+        "import-ccr PATH: convert a claude-code-router config.json to TOML",
     )
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -4905,7 +4906,8 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
             lines.append(toml_comment(f"claude-code-router transformers {used}: the {kind} type does this itself"))
         lines.append("")
     if skipped:
-        lines += ["# Not converted (no equivalent, or set elsewhere):"] + [toml_comment(f"  {item}") for item in skipped]
+        lines.append("# Not converted (no equivalent, or set elsewhere):")
+        lines += [toml_comment(f"  {item}") for item in skipped]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -4956,39 +4958,105 @@ def print_env(config: Config) -> int:
     return 0
 
 
-def proxy_is_up(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
+# Claude Code's commands and flags that never send a request to a model: `code` starts no proxy for them.
+CLAUDE_OFFLINE_FLAGS = frozenset({"-h", "--help", "-v", "--version"})
+CLAUDE_OFFLINE_COMMANDS = frozenset(
+    {"auth", "auto-mode", "config", "doctor", "install", "mcp", "migrate-installer", "plugin", "plugins", "project"}
+    | {"setup-token", "update", "upgrade"}
+)
+
+
+def talks_to_a_model(claude_args: list[str]) -> bool:
+    """False for a claude command line that only prints help or a version, or manages settings."""
+    options = claude_args[: claude_args.index("--")] if "--" in claude_args else claude_args
+    if CLAUDE_OFFLINE_FLAGS.intersection(options):
         return False
+    return not (claude_args and claude_args[0] in CLAUDE_OFFLINE_COMMANDS)
+
+
+def background_file(port: int, suffix: str) -> Path:
+    """The log or pid file of the proxy that `code` starts on `port`, in the temp directory."""
+    return Path(tempfile.gettempdir()) / f"terraphim-proxy-{port}.{suffix}"
+
+
+def proxy_health(base_url: str, api_key: str = "") -> Any:
+    """The proxy's /health body, or None when nothing answers there with 200 and JSON."""
+    request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": api_key} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=1) as answer:
+            return json.load(answer) if answer.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def proxy_is_up(base_url: str) -> bool:
+    return proxy_health(base_url) is not None
+
+
+def start_background_proxy(config: Config, args: argparse.Namespace, base_url: str) -> bool:
+    """Start the proxy as a detached process logging to the temp directory, note its pid, wait until it answers."""
+    log_path = background_file(config.port, "log")
+    command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
+    command += ["--log-level", config.log_level]
+    command += ["--config", args.config] if args.config else []
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    background_file(config.port, "pid").write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + 15
+    while not proxy_is_up(base_url):
+        if time.monotonic() > deadline or process.poll() is not None:
+            print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    print(
+        f"terraphim-proxy started on {base_url} (log: {log_path}; stop it with: terraphim-proxy stop)", file=sys.stderr
+    )
+    return True
 
 
 def run_claude_code(config: Config, args: argparse.Namespace) -> int:
-    """`code`: start the proxy in the background unless it already answers, then run claude through it."""
+    """`code`: start the proxy in the background unless it already answers or claude will not talk to a model,
+    then run claude through it."""
     env = claude_env(config)
     base_url = env["ANTHROPIC_BASE_URL"]
-    if not proxy_is_up(base_url):
-        log_path = Path(tempfile.gettempdir()) / f"terraphim-proxy-{config.port}.log"
-        command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
-        command += ["--log-level", config.log_level]
-        command += ["--config", args.config] if args.config else []
-        with open(log_path, "ab") as log_file:
-            subprocess.Popen(
-                command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + 15
-        while not proxy_is_up(base_url):
-            if time.monotonic() > deadline:
-                print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        print(f"terraphim-proxy started on {base_url} (log: {log_path})", file=sys.stderr)
+    if talks_to_a_model(args.rest) and not proxy_is_up(base_url) and not start_background_proxy(config, args, base_url):
+        return 1
     try:
         os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
     except FileNotFoundError:
         print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
         return 127
+
+
+def stop_background_proxy(config: Config) -> int:
+    """`stop`: SIGTERM the proxy that `code` started on the configured port, and wait until it has exited.
+
+    Its pid file names the process; /health must answer with the same pid, so that a stale file never stops
+    another process, nor a proxy that `code` did not start."""
+    pid_path = background_file(config.port, "pid")
+    base_url = claude_env(config)["ANTHROPIC_BASE_URL"]
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        print(f"no proxy started by `terraphim-proxy code` on port {config.port}", file=sys.stderr)
+        return 1
+    health = proxy_health(base_url, config.api_key)
+    if not isinstance(health, dict) or health.get("pid") != pid:
+        pid_path.unlink(missing_ok=True)
+        print(f"the proxy that `code` started on port {config.port} (pid {pid}) is no longer running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.drain_timeout_ms / 1000 + 5
+    while proxy_health(base_url, config.api_key) is not None:
+        if time.monotonic() > deadline:
+            print(f"error: the proxy (pid {pid}) is still answering on {base_url}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    pid_path.unlink(missing_ok=True)
+    print(f"terraphim-proxy (pid {pid}) on {base_url} stopped", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5008,6 +5076,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_env(config)
     if args.command == "code":
         return run_claude_code(config, args)
+    if args.command == "stop":
+        return stop_background_proxy(config)
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2

@@ -9529,10 +9529,10 @@ def test_eco_code_command(tmp_path: Path) -> None:
     env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
     assert eco_health(base_url) is None
     try:
-        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose", "--help"], tmp_path, env)
+        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose"], tmp_path, env)
         assert first.returncode == 0, first.stderr
         report = json.loads(first.stdout)
-        assert report["argv"] == ["-p", "hello", "--verbose", "--help"]
+        assert report["argv"] == ["-p", "hello", "--verbose"]
         assert report["env"] == {
             "ANTHROPIC_BASE_URL": base_url,
             "ANTHROPIC_AUTH_TOKEN": PROXY_KEY,
@@ -10168,6 +10168,127 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
+# `code` starts no proxy for claude commands that talk to no model; `stop` stops the one it started
+# ---------------------------------------------------------------------------
+
+CODE_FAKE_CLAUDE = """
+import json, os, sys, urllib.request
+health = urllib.request.Request(
+    os.environ["ANTHROPIC_BASE_URL"] + "/health",
+    headers={"authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]},
+)
+try:
+    with urllib.request.urlopen(health, timeout=2) as answer:
+        pid = json.load(answer)["pid"]
+except OSError:
+    pid = None
+print(json.dumps({"argv": sys.argv[1:], "proxy_pid": pid}))
+"""
+
+
+@dataclass
+class CodeSetup:
+    """A config on a free port, and an environment whose PATH finds a fake claude and whose TMPDIR is tmp_path."""
+
+    cwd: Path
+    env: dict[str, str]
+    base_url: str
+    port: int
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(["--config", "eco.toml", *args], self.cwd, self.env)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.cwd / f"terraphim-proxy-{self.port}.pid"
+
+
+@pytest.fixture
+def code_setup(tmp_path: Path) -> Iterator[CodeSetup]:
+    port = free_port()
+    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"'))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text(f"#!{sys.executable}\n{CODE_FAKE_CLAUDE}")
+    claude.chmod(0o755)
+    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", ECO_PROXY_KEY=PROXY_KEY)
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
+    setup = CodeSetup(tmp_path, env, f"http://127.0.0.1:{port}", port)
+    try:
+        yield setup
+    finally:
+        eco_stop_background_proxy(setup.base_url)
+
+
+@pytest.mark.parametrize(
+    "claude_args",
+    [
+        ["--version"],
+        ["-v"],
+        ["--help"],
+        ["-h"],
+        ["-p", "hello", "--help"],
+        ["mcp", "list"],
+        ["doctor"],
+        ["config", "list"],
+        ["plugin", "list"],
+        ["update"],
+    ],
+    ids=" ".join,
+)
+def test_code_starts_no_proxy_for_claude_commands_that_talk_to_no_model(
+    code_setup: CodeSetup, claude_args: list[str]
+) -> None:
+    done = code_setup.run("code", *claude_args)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"argv": claude_args, "proxy_pid": None}
+    assert "started" not in done.stderr
+    assert eco_health(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+
+
+def test_stop_stops_the_proxy_that_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["proxy_pid"]
+    assert pid is not None and code_setup.pid_file.read_text().strip() == str(pid)
+    assert "terraphim-proxy stop" in started.stderr
+
+    stopped = code_setup.run("stop")
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"(pid {pid})" in stopped.stderr and "stopped" in stopped.stderr
+    assert eco_health(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+    again = code_setup.run("stop")
+    assert again.returncode == 1
+    assert f"no proxy started by `terraphim-proxy code` on port {code_setup.port}" in again.stderr
+
+
+def test_stop_never_signals_a_process_that_is_not_the_proxy_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    proxy_pid = json.loads(started.stdout)["proxy_pid"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        code_setup.pid_file.write_text(f"{bystander.pid}\n")  # a stale pid file, its pid since reused
+
+        refused = code_setup.run("stop")
+
+        assert refused.returncode == 1
+        assert "is no longer running" in refused.stderr
+        assert bystander.poll() is None
+        assert eco_health(code_setup.base_url) is not None  # the proxy itself is left alone too
+        os.kill(proxy_pid, 0)
+        assert not code_setup.pid_file.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# ---------------------------------------------------------------------------
 # Output caps: the built-in table of model output limits, unless the config sets a cap
 # ---------------------------------------------------------------------------
 
@@ -10368,6 +10489,14 @@ def json5_number(value: int | float, rnd: Any) -> str:
     return text
 
 
+JSON5_BARE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+
+def json5_key(key: str, rnd: Any) -> str:
+    bare = JSON5_BARE_KEY.fullmatch(key) and key not in ("true", "false", "null") and rnd.random() < 0.5
+    return key if bare else json5_str(key, rnd)
+
+
 def json5_dump(value: Any, rnd: Any) -> str:
     """`value` as JSON5, each choice of form drawn from `rnd`."""
     if value is None or isinstance(value, bool):
@@ -10379,16 +10508,10 @@ def json5_dump(value: Any, rnd: Any) -> str:
     if isinstance(value, list):
         items, brackets = [json5_dump(item, rnd) for item in value], "[]"
     else:
-        bare = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
-        items = [
-            f"{key if bare.fullmatch(key) and key not in ('true', 'false', 'null') and rnd.random() < 0.5 else json5_str(key, rnd)}"
-            f": {json5_dump(item, rnd)}"
-            for key, item in value.items()
-        ]
-        brackets = "{}"
-    gaps = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) for _ in items]
+        items, brackets = [f"{json5_key(key, rnd)}: {json5_dump(item, rnd)}" for key, item in value.items()], "{}"
+    spaced = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) + item for item in items]
     trailing = "," if items and rnd.random() < 0.5 else ""
-    return brackets[0] + ",".join(gap + item for gap, item in zip(gaps, items)) + trailing + "\n" + brackets[1]
+    return brackets[0] + ",".join(spaced) + trailing + "\n" + brackets[1]
 
 
 def ccr_expected_provider(provider: dict) -> dict:
@@ -10413,7 +10536,9 @@ def ccr_expected_provider(provider: dict) -> dict:
     ccr={
         "PORT": 0x1F,
         "HOST": "caf\u00e9 😀",
-        "Providers": [{"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}],
+        "Providers": [
+            {"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}
+        ],
         "Router": {"default": "q,m😀", "longContextThreshold": 60000},
     },
     rnd=__import__("random").Random(0),
@@ -10433,7 +10558,9 @@ def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
     expected_proxy = {"api_key": ccr.get("APIKEY") or None, "host": ccr.get("HOST"), "port": ccr.get("PORT")}
     assert doc["proxy"] == {key: value for key, value in expected_proxy.items() if value is not None}
     router = ccr["Router"]
-    expected_router = {terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router}
+    expected_router = {
+        terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router
+    }
     assert doc["router"] == expected_router
     assert doc.get("providers", []) == [ccr_expected_provider(provider) for provider in ccr["Providers"]]
 
