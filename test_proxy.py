@@ -10406,6 +10406,95 @@ def test_check_of_the_shipped_config_shows_the_output_caps(capsys: pytest.Captur
 
 
 # ---------------------------------------------------------------------------
+# README, config.toml and bench.py --help say what the code does
+# ---------------------------------------------------------------------------
+
+
+def readme_text() -> str:
+    return (CHECKOUT / "README.md").read_text(encoding="utf-8")
+
+
+def requirement_parts(requirement: str) -> tuple[str, str]:
+    """A requirement's distribution name and its environment marker, spaces and quote styles normalised."""
+    name, _, marker = requirement.partition(";")
+    return re.split(r"[<>=!~\s\[]", name.strip())[0].lower(), re.sub(r"\s", "", marker).replace('"', "'")
+
+
+def test_readme_quick_start_names_pipx_as_a_prerequisite_before_using_it() -> None:
+    quick_start = readme_text().split("## Quick start", 1)[1]
+    before = quick_start[: quick_start.index("pipx install .")]
+
+    assert "Prerequisites" in before and "pipx" in before and "Python 3.10" in before
+
+
+def test_readme_command_without_installing_installs_every_runtime_dependency_tomli_included() -> None:
+    pyproject = tomllib.loads((CHECKOUT / "pyproject.toml").read_text(encoding="utf-8"))
+    [line] = [
+        line for line in readme_text().splitlines() if "pip install" in line and "python terraphim_proxy.py" in line
+    ]
+    installed = dict(map(requirement_parts, shlex.split(line[line.index("pip install") : line.index("&&")])[2:]))
+
+    for dependency in pyproject["project"]["dependencies"]:
+        name, marker = requirement_parts(dependency)
+        assert name in installed, (name, line)
+        if "python_version" in marker:
+            assert installed[name] == marker, (name, installed[name])
+    assert "tomli" in installed
+
+
+def test_readme_says_how_to_stop_upgrade_and_uninstall_and_where_the_log_goes() -> None:
+    readme = readme_text()
+    log_name = terraphim_proxy.background_file(3456, "log").name
+
+    for fragment in (
+        "terraphim-proxy stop",
+        "pipx install --force .",
+        "pipx uninstall terraphim-proxy",
+        log_name.replace("3456", "PORT"),
+        "logs to stderr",
+        "journalctl --user -u terraphim-proxy",
+    ):
+        assert fragment in readme, fragment
+    for command in terraphim_proxy.CLAUDE_OFFLINE_COMMANDS - {"plugins"}:
+        assert f"`{command}`" in readme, command
+
+
+def test_readme_systemd_unit_runs_the_command_where_pipx_installs_it() -> None:
+    unit = readme_text().split("```ini", 1)[1].split("```", 1)[0]
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+
+    assert settings["ExecStart"].startswith("%h/.local/bin/terraphim-proxy ")  # pipx's bin dir, ~/.local/bin
+    assert settings["WantedBy"] == "default.target"  # a user unit: the user manager has no multi-user.target
+    assert "~/.config/systemd/user/terraphim-proxy.service" in readme_text()
+
+
+def test_config_toml_comments_give_the_readme_routing_order_and_fallback_on_failure() -> None:
+    comments = [line.lstrip("# ") for line in (CHECKOUT / "config.toml").read_text().splitlines() if line[:1] == "#"]
+    start = comments.index("First match wins, in this order:")
+    order_text = " ".join(comments[start + 1 : start + 3])
+    config_order = [part.split()[0] for part in order_text.split(">")]
+    rows = [line.split("|") for line in readme_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    readme_names = {"router.module": "module", "[[router.rules]]": "keyword"}
+    readme_order = [readme_names.get(row[2].strip(" `"), row[2].strip(" `")) for row in rows]
+
+    assert config_order == readme_order
+    routes_comment = " ".join(comments[start - 2 : start])
+    assert "disabled" in routes_comment and "fails" in routes_comment
+
+
+def test_bench_help_gives_the_measured_duration_of_quick() -> None:
+    source = (CHECKOUT / "bench.py").read_text()
+    seconds = int(re.search(r"^QUICK_SECONDS = (\d+)", source, re.MULTILINE).group(1))
+    done = subprocess.run(
+        [sys.executable, str(CHECKOUT / "bench.py"), "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert f"about {seconds} s" in " ".join(done.stdout.split())
+    assert f"--quick             # about {seconds} s" in source  # the module docstring
+    assert f"--quick for a short run (about {seconds} s)" in readme_text()
+
+
+# ---------------------------------------------------------------------------
 # import-ccr: any claude-code-router config comes back from tomllib with the same values
 # ---------------------------------------------------------------------------
 # The strategy draws a CCR-shaped config (providers with names, URLs, keys, models and transformer options,
