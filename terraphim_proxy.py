@@ -4979,18 +4979,22 @@ def background_file(port: int, suffix: str) -> Path:
     return Path(tempfile.gettempdir()) / f"terraphim-proxy-{port}.{suffix}"
 
 
-def proxy_health(base_url: str, api_key: str = "") -> Any:
-    """The proxy's /health body, or None when nothing answers there with 200 and JSON."""
+def proxy_is_up(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def proxy_health(base_url: str, api_key: str) -> Any:
+    """The proxy's /health JSON, asked with the proxy key; None when nothing answers there with 200 and JSON."""
     request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": api_key} if api_key else {})
     try:
         with urllib.request.urlopen(request, timeout=1) as answer:
             return json.load(answer) if answer.status == 200 else None
     except (OSError, ValueError):
         return None
-
-
-def proxy_is_up(base_url: str) -> bool:
-    return proxy_health(base_url) is not None
 
 
 def start_background_proxy(config: Config, args: argparse.Namespace, base_url: str) -> bool:
@@ -5031,7 +5035,8 @@ def run_claude_code(config: Config, args: argparse.Namespace) -> int:
 
 
 def stop_background_proxy(config: Config) -> int:
-    """`stop`: SIGTERM the proxy that `code` started on the configured port, and wait until it has exited.
+    """`stop`: SIGTERM the proxy that `code` started on the configured port (it lets requests in flight finish),
+    and wait until it no longer answers.
 
     Its pid file names the process; /health must answer with the same pid, so that a stale file never stops
     another process, nor a proxy that `code` did not start."""
