@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -10554,7 +10555,7 @@ def ccr_configs(draw: st.DrawFn) -> dict:
 JSON5_SINGLE_QUOTED = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
-def json5_str(text: str, rnd: Any) -> str:
+def json5_str(text: str, rnd: random.Random) -> str:
     if rnd.random() < 0.5:
         return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
     pieces = ["\\\n" if rnd.random() < 0.1 else ""]  # a line continuation adds nothing
@@ -10566,7 +10567,7 @@ def json5_str(text: str, rnd: Any) -> str:
     return "'" + "".join(pieces) + "'"
 
 
-def json5_number(value: int | float, rnd: Any) -> str:
+def json5_number(value: int | float, rnd: random.Random) -> str:
     if isinstance(value, int):
         sign = "-" if value < 0 else rnd.choice(("", "+"))
         return sign + (f"0{rnd.choice('xX')}{abs(value):x}" if rnd.random() < 0.5 else str(abs(value)))
@@ -10581,12 +10582,12 @@ def json5_number(value: int | float, rnd: Any) -> str:
 JSON5_BARE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 
 
-def json5_key(key: str, rnd: Any) -> str:
+def json5_key(key: str, rnd: random.Random) -> str:
     bare = JSON5_BARE_KEY.fullmatch(key) and key not in ("true", "false", "null") and rnd.random() < 0.5
     return key if bare else json5_str(key, rnd)
 
 
-def json5_dump(value: Any, rnd: Any) -> str:
+def json5_dump(value: Any, rnd: random.Random) -> str:
     """`value` as JSON5, each choice of form drawn from `rnd`."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
@@ -10630,10 +10631,10 @@ def ccr_expected_provider(provider: dict) -> dict:
         ],
         "Router": {"default": "q,m😀", "longContextThreshold": 60000},
     },
-    rnd=__import__("random").Random(0),
+    rnd=random.Random(0),
 )
 def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: Any
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: random.Random
 ) -> None:
     for provider in ccr["Providers"]:
         provider.setdefault("transformer", {}).setdefault("use", [])
