@@ -18,7 +18,7 @@ interleaved within each round over several rounds, and reports the medians over 
 request in its first system block and its last user text, so no cache can help).
 
     python bench.py                     # default run, about 2 minutes on 2 cores
-    python bench.py --quick             # about 40 s on 2 cores (QUICK_SECONDS), for development
+    python bench.py --quick             # about 22 s on 2 cores (QUICK_SECONDS), for development
     python bench.py --workers-compare   # the proxy with --workers 1 vs --workers 2 on the Claude Code cases
     python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
     python bench.py --json out.json     # also write the results as JSON
@@ -1239,7 +1239,7 @@ DEFAULT_REQUESTS = 300
 QUICK_REQUESTS = 100
 DEFAULT_ROUNDS = 3
 QUICK_ROUNDS = 2
-QUICK_SECONDS = 40  # what `--quick` took, measured on 2 cores; --help and the README say it
+QUICK_SECONDS = 22  # what `--quick` took on a quiet 2-core machine (26 s with other loads); --help says it
 COMPARE_CONCURRENCY = 32
 COMPARE_PATHS = ("pass-through", "openai")
 DEFAULT_SOAK_REQUESTS = 20_000
