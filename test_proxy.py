@@ -10574,8 +10574,9 @@ def json5_number(value: int | float, rnd: random.Random) -> str:
     text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
     if not text.startswith("-") and rnd.random() < 0.5:
         text = "+" + text
-    if rnd.random() < 0.5:
-        text = re.sub(r"^([+-]?)0\.", r"\1.", re.sub(r"\.0$", ".", text))
+    if rnd.random() < 0.5:  # a bare leading point (.5), else a bare trailing one (5.)
+        shortened = re.sub(r"^([+-]?)0\.(?=\d)", r"\1.", text)
+        text = shortened if shortened != text else re.sub(r"(\d)\.0$", r"\1.", text)
     return text
 
 
@@ -10622,6 +10623,7 @@ def ccr_expected_provider(provider: dict) -> dict:
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ccr=ccr_configs(), rnd=st.randoms(use_true_random=False))
+@example(ccr={"CUSTOM_ROUTER_PATH": [0.0, -0.5, 5.0, 1e-05], "Providers": [], "Router": {}}, rnd=random.Random(0))
 @example(
     ccr={
         "PORT": 0x1F,
