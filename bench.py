@@ -18,7 +18,7 @@ interleaved within each round over several rounds, and reports the medians over 
 request in its first system block and its last user text, so no cache can help).
 
     python bench.py                     # default run, about 2 minutes on 2 cores
-    python bench.py --quick             # about 25 s, for development
+    python bench.py --quick             # about 22 s on 2 cores (QUICK_SECONDS), for development
     python bench.py --workers-compare   # the proxy with --workers 1 vs --workers 2 on the Claude Code cases
     python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
     python bench.py --json out.json     # also write the results as JSON
@@ -1239,6 +1239,7 @@ DEFAULT_REQUESTS = 300
 QUICK_REQUESTS = 100
 DEFAULT_ROUNDS = 3
 QUICK_ROUNDS = 2
+QUICK_SECONDS = 22  # what `--quick` took on a quiet 2-core machine (26 s with other loads); --help says it
 COMPARE_CONCURRENCY = 32
 COMPARE_PATHS = ("pass-through", "openai")
 DEFAULT_SOAK_REQUESTS = 20_000
@@ -1317,7 +1318,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark terraphim-proxy (pass-through and translation to OpenAI, Ollama and Gemini) "
         "against a zero-delay upstream stand-in on 127.0.0.1."
     )
-    parser.add_argument("--quick", action="store_true", help="a short development run (about 25 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"a short development run (about {QUICK_SECONDS} s on 2 cores)"
+    )
     parser.add_argument(
         "--rounds",
         type=int,

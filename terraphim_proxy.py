@@ -88,6 +88,36 @@ BUILTIN_MODELS = {
     "gemini": ("gemini-2.5-pro", "gemini-2.5-flash"),
     "ollama": ("qwen2.5-coder:7b", "qwen2.5-coder:7b"),
 }
+# Output limits (the largest max_tokens each model accepts) of the models the shipped configs name and their
+# current siblings, keyed as output_limit_key spells a model; requests above a limit get a 400 upstream.
+# A provider's max_tokens or model_max_tokens wins over this table.
+MODEL_OUTPUT_LIMITS = {
+    "claude-opus-4-1": 32000,
+    "claude-opus-4": 32000,
+    "claude-opus-4-5": 64000,
+    "claude-sonnet-4-5": 64000,
+    "claude-sonnet-4": 64000,
+    "claude-3-7-sonnet": 64000,
+    "claude-haiku-4-5": 64000,
+    "claude-3-5-haiku": 8192,
+    "gpt-4o": 16384,
+    "gpt-4o-mini": 16384,
+    "gpt-4-1": 32768,
+    "gpt-4-1-mini": 32768,
+    "gpt-4-1-nano": 32768,
+    "o3": 100000,
+    "o3-mini": 100000,
+    "o4-mini": 100000,
+    "gpt-5": 128000,
+    "gpt-5-mini": 128000,
+    "gpt-5-nano": 128000,
+    "deepseek-chat": 8192,
+    "deepseek-reasoner": 65536,
+    "gemini-2-5-pro": 65536,
+    "gemini-2-5-flash": 65536,
+    "gemini-2-5-flash-lite": 65536,
+    "gemini-2-0-flash": 8192,
+}
 DEFAULT_PORT = 3456
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_MS = 600_000
@@ -203,6 +233,12 @@ class Timeouts:
     stream_ms: int = 3_600_000  # a whole stream
 
 
+def output_limit_key(model: str) -> str:
+    """A model as MODEL_OUTPUT_LIMITS spells it: no provider prefix or date suffix, lower case, dots as dashes."""
+    name = model.rsplit("/", 1)[-1].lower()
+    return re.sub(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$", "", name).replace(".", "-")
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
@@ -230,8 +266,9 @@ class Provider:
         return self.api_keys[0] if self.api_keys else ""
 
     def max_tokens_cap(self, model: str) -> int | None:
-        """The output cap for a model: its own entry, else the provider's."""
-        return self.model_max_tokens.get(model, self.max_tokens)
+        """The output cap for a model: its own entry, else the provider's, else the model's known limit."""
+        cap = self.model_max_tokens.get(model, self.max_tokens)
+        return MODEL_OUTPUT_LIMITS.get(output_limit_key(model)) if cap is None else cap
 
     def num_ctx_for(self, model: str) -> int:
         """Ollama's context window for a model: its own entry, the provider's, else DEFAULT_NUM_CTX."""
@@ -1760,11 +1797,24 @@ def without_proxy_thinking(body: dict) -> dict:
     return stripped
 
 
+def with_output_cap(body: dict, cap: int | None) -> dict:
+    """The body with max_tokens lowered to `cap` (and a thinking budget kept below it), or the body itself."""
+    requested = body.get("max_tokens")
+    if cap is None or not _is_int(requested) or requested <= cap:
+        return body
+    capped_body = {**body, "max_tokens": cap}
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and _is_int(thinking.get("budget_tokens")) and thinking["budget_tokens"] >= cap:
+        capped_body["thinking"] = {**thinking, "budget_tokens": cap - 1}
+    return capped_body
+
+
 def anthropic_build_request(call: Call) -> UpstreamRequest:
-    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed).
+    """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed, and
+    max_tokens lowered to the model's output cap).
 
     When nothing else changed, `model` is swapped in the received text, so the body is not serialised again."""
-    body = without_proxy_thinking(call.body)
+    body = with_output_cap(without_proxy_thinking(call.body), call.provider.max_tokens_cap(call.model))
     payload = call.raw.with_model(call.model) if call.raw is not None and body is call.raw.data else None
     if payload is None:
         payload = dump_json({**body, "model": call.model})
@@ -5041,13 +5091,21 @@ def create_app(
 # ---------------------------------------------------------------------------
 
 
+def models_text(provider: Provider) -> str:
+    """A provider's models for --check, each with the output cap that requests to it get."""
+    if not provider.models:
+        return "any" + (f" (output cap {provider.max_tokens})" if provider.max_tokens else "")
+    caps = ((model, provider.max_tokens_cap(model)) for model in provider.models)
+    return ", ".join(model + (f" (output cap {cap})" if cap else "") for model, cap in caps)
+
+
 def routing_table(config: Config) -> str:
     """The human view of a config that --check prints."""
     auth = "proxy key required" if config.api_key else "no auth on loopback"
     lines = [f"config: {config.source}", f"listen: http://{config.host}:{config.port} ({auth})", "providers:"]
     for p in config.providers.values():
         state = "enabled" if p.enabled else f"DISABLED ({p.disabled_reason})"
-        models = ", ".join(p.models) or "any"
+        models = models_text(p)
         lines.append(f"  {p.name:<12} {p.type:<10} {p.api_base_url}  {state}; models: {models}")
     lines.append("routes (first match wins):")
     if config.router_module:
@@ -5075,7 +5133,7 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = ("serve", "env", "code", "import-ccr")
+COMMANDS = ("serve", "env", "code", "stop", "import-ccr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -5083,7 +5141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="terraphim-proxy",
         description="LLM routing proxy for Claude Code.",
         epilog="commands: serve (default); env: print the exports Claude Code needs; code [ARGS...]: start the "
-        "proxy if needed and run claude; import-ccr PATH: convert a claude-code-router config.json to TOML",
+        "proxy in the background if needed and run claude; stop: stop the proxy that code started; "
+        "import-ccr PATH: convert a claude-code-router config.json to TOML",
     )
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -5242,6 +5301,13 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
 # --- import-ccr: claude-code-router's config.json (JSON5) to this proxy's TOML.
 
 JSON5_IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+JSON5_NUMBER = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Infinity|NaN)")
+JSON5_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|\r\n|[\s\S])")
+JSON5_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "0": "\0"}
+JSON5_ESCAPES |= dict.fromkeys(("\n", "\r", "\r\n", "\u2028", "\u2029"), "")  # line continuations
+TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+TOML_ESCAPED = re.compile(r'[\\"\x00-\x1f\x7f\ud800-\udfff]')
+TOML_COMMENT_ESCAPED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 CCR_ROUTER_KEYS = {
     "default": "default",
     "background": "background",
@@ -5258,8 +5324,30 @@ CCR_URL_SUFFIXES = {  # claude-code-router names whole endpoints; this proxy wan
 CCR_LOG_LEVELS = {"fatal": "error", "error": "error", "warn": "warning", "info": "info", "debug": "debug"}
 
 
+def json5_string(body: str) -> str:
+    """The value of a JSON5 string literal's body: each escape (\\x, \\u, \\v, \\0, \\', ...) and line continuation."""
+
+    def unescape(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return chr(int(code[1:], 16)) if len(code) > 2 else JSON5_ESCAPES.get(code, code)
+
+    return JSON5_ESCAPE.sub(unescape, body)
+
+
+def json5_number(text: str) -> str:
+    """JSON for a JSON5 number: hexadecimal as decimal, no leading `+`, no bare leading or trailing point."""
+    sign = "-" if text.startswith("-") else ""
+    digits = text.lstrip("+-")
+    if digits[:2].lower() == "0x":
+        return sign + str(int(digits, 16))
+    if digits == "NaN":
+        return digits
+    return sign + re.sub(r"\.(?=[eE]|$)", ".0", re.sub(r"^\.", "0.", digits))
+
+
 def json5_to_json(text: str) -> str:
-    """JSON text for the JSON5 that claude-code-router reads: comments, trailing commas, single quotes, bare keys."""
+    """JSON text for the JSON5 that claude-code-router reads: comments, trailing commas, single quotes, bare keys,
+    JSON5 escapes, hexadecimal numbers and a leading `+`. Raises ValueError for an unterminated string."""
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -5268,10 +5356,9 @@ def json5_to_json(text: str) -> str:
             end = i + 1
             while end < n and text[end] != char:
                 end += 2 if text[end] == "\\" else 1
-            body = text[i + 1 : end]
-            if char == "'":
-                body = re.sub(r'(?<!\\)"', r'\\"', body.replace("\\'", "'"))
-            out.append(f'"{body}"')
+            if end >= n:
+                raise ValueError(f"unterminated string at character {i}")
+            out.append(json.dumps(json5_string(text[i + 1 : end])))
             i = end + 1
         elif text.startswith("//", i):
             i = text.find("\n", i) if "\n" in text[i:] else n
@@ -5285,6 +5372,9 @@ def json5_to_json(text: str) -> str:
                 out.pop()
             out.append(char)
             i += 1
+        elif char in "+-.0123456789" and (match := JSON5_NUMBER.match(text, i)):
+            out.append(json5_number(match.group()))
+            i = match.end()
         elif match := JSON5_IDENTIFIER.match(text, i):
             word = match.group()
             rest = text[match.end() :].lstrip()
@@ -5301,7 +5391,7 @@ def ccr_provider_type(provider: dict) -> str:
     transformer = provider.get("transformer") or {}
     uses = [u for chain in transformer.values() if isinstance(chain, dict) for u in chain.get("use", [])]
     uses += transformer.get("use", []) if isinstance(transformer.get("use"), list) else []
-    names = {(u[0] if isinstance(u, list) else u).lower() for u in uses if isinstance(u, (str, list)) and u}
+    names = {name.lower() for name in (u[0] if isinstance(u, list) and u else u for u in uses) if isinstance(name, str)}
     url = str(provider.get("api_base_url", "")).lower()
     for kind, marker in (
         ("anthropic", "api.anthropic.com"),
@@ -5329,16 +5419,35 @@ def ccr_max_tokens(provider: dict) -> tuple[int | None, dict[str, int]]:
     return provider_cap, model_caps
 
 
+def toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped, any other character as it is
+    (a lone surrogate, which TOML cannot hold, becomes U+FFFD)."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        return TOML_ESCAPES.get(char) or ("\\ufffd" if "\ud800" <= char <= "\udfff" else f"\\u{ord(char):04x}")
+
+    return '"' + TOML_ESCAPED.sub(escape, text) + '"'
+
+
+def toml_comment(text: str) -> str:
+    """A TOML comment line holding `text`, its control characters (which comments cannot hold) escaped."""
+    return "# " + TOML_COMMENT_ESCAPED.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
 def toml_value(value: Any) -> str:
+    """A TOML value for JSON data."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)  # TOML spells floats as Python does, inf and nan included
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+        return "{ " + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return toml_string(str(value))
 
 
 def ccr_to_toml(ccr: dict, source: str) -> str:
@@ -5346,16 +5455,16 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
     skipped: list[str] = []
     proxy: dict[str, Any] = {}
     for key, value in ccr.items():
-        if key == "APIKEY" and value:
+        if key == "APIKEY" and value and isinstance(value, str):
             proxy["api_key"] = value
-        elif key == "HOST":
+        elif key == "HOST" and isinstance(value, str):
             proxy["host"] = value
         elif key == "PORT" and _is_int(value):
             proxy["port"] = value
         elif key == "LOG_LEVEL" and str(value) in CCR_LOG_LEVELS:
             proxy["log_level"] = CCR_LOG_LEVELS[str(value)]
         elif key not in ("Providers", "providers", "Router", "LOG"):
-            skipped.append(f"{key} = {json.dumps(value)[:120]}")
+            skipped.append(f"{key} = {json.dumps(value, ensure_ascii=False)[:120]}")
     router: dict[str, Any] = {}
     for key, value in (ccr.get("Router") or {}).items():
         if key in CCR_ROUTER_KEYS and isinstance(value, str) and value:
@@ -5363,8 +5472,8 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
         elif key == "longContextThreshold" and _is_int(value):
             router["long_context_threshold"] = value
         elif value not in ("", None):
-            skipped.append(f"Router.{key} = {json.dumps(value)[:120]}")
-    lines = [f"# Converted from the claude-code-router config {source} by terraphim-proxy import-ccr.", ""]
+            skipped.append(f"Router.{key} = {json.dumps(value, ensure_ascii=False)[:120]}")
+    lines = [toml_comment(f"Converted from the claude-code-router config {source} by terraphim-proxy import-ccr."), ""]
     lines += ["[proxy]"] + [f"{k} = {toml_value(v)}" for k, v in proxy.items()] + [""]
     lines += ["[router]"] + [f"{k} = {toml_value(v)}" for k, v in router.items()] + [""]
     for provider in ccr.get("Providers") or ccr.get("providers") or ():
@@ -5384,11 +5493,12 @@ def ccr_to_toml(ccr: dict, source: str) -> str:
             entry["model_max_tokens"] = model_caps
         lines += ["[[providers]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
         if provider.get("transformer"):
-            used = json.dumps(provider["transformer"])[:200]
-            lines.append(f"# claude-code-router transformers {used}: the {kind} type does this translation itself")
+            used = json.dumps(provider["transformer"], ensure_ascii=False)[:200]
+            lines.append(toml_comment(f"claude-code-router transformers {used}: the {kind} type does this itself"))
         lines.append("")
     if skipped:
-        lines += ["# Not converted (no equivalent, or set elsewhere):"] + [f"#   {item}" for item in skipped]
+        lines.append("# Not converted (no equivalent, or set elsewhere):")
+        lines += [toml_comment(f"  {item}") for item in skipped]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -5413,9 +5523,9 @@ def import_ccr_command(rest: list[str]) -> int:
     try:
         config = build_config(tomllib.loads(text), "converted config")
     except ConfigError as err:
-        print("\n".join(f"# check: {problem}" for problem in err.problems))
+        print("\n".join(toml_comment(f"check: {problem}") for problem in err.problems))
     else:
-        print("\n".join(f"# check: {warning}" for warning in config.warnings))
+        print("\n".join(toml_comment(f"check: {warning}") for warning in config.warnings))
     return 0
 
 
@@ -5439,6 +5549,27 @@ def print_env(config: Config) -> int:
     return 0
 
 
+# Claude Code's commands and flags that never send a request to a model: `code` starts no proxy for them.
+CLAUDE_OFFLINE_FLAGS = frozenset({"-h", "--help", "-v", "--version"})
+CLAUDE_OFFLINE_COMMANDS = frozenset(
+    {"auth", "auto-mode", "config", "doctor", "install", "mcp", "migrate-installer", "plugin", "plugins", "project"}
+    | {"setup-token", "update", "upgrade"}
+)
+
+
+def talks_to_a_model(claude_args: list[str]) -> bool:
+    """False for a claude command line that only prints help or a version, or manages settings."""
+    options = claude_args[: claude_args.index("--")] if "--" in claude_args else claude_args
+    if CLAUDE_OFFLINE_FLAGS.intersection(options):
+        return False
+    return not (claude_args and claude_args[0] in CLAUDE_OFFLINE_COMMANDS)
+
+
+def background_file(port: int, suffix: str) -> Path:
+    """The log or pid file of the proxy that `code` starts on `port`, in the temp directory."""
+    return Path(tempfile.gettempdir()) / f"terraphim-proxy-{port}.{suffix}"
+
+
 def proxy_is_up(base_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
@@ -5447,31 +5578,81 @@ def proxy_is_up(base_url: str) -> bool:
         return False
 
 
+def proxy_health(base_url: str, api_key: str) -> Any:
+    """The proxy's /health JSON, asked with the proxy key; None when nothing answers there with 200 and JSON."""
+    request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": api_key} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=1) as answer:
+            return json.load(answer) if answer.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def start_background_proxy(config: Config, args: argparse.Namespace, base_url: str) -> bool:
+    """Start the proxy as a detached process logging to the temp directory, note its pid, wait until it answers."""
+    log_path = background_file(config.port, "log")
+    command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
+    command += ["--log-level", config.log_level]
+    command += ["--config", args.config] if args.config else []
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    background_file(config.port, "pid").write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + 15
+    while not proxy_is_up(base_url):
+        if time.monotonic() > deadline or process.poll() is not None:
+            print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    print(
+        f"terraphim-proxy started on {base_url} (log: {log_path}; stop it with: terraphim-proxy stop)", file=sys.stderr
+    )
+    return True
+
+
 def run_claude_code(config: Config, args: argparse.Namespace) -> int:
-    """`code`: start the proxy in the background unless it already answers, then run claude through it."""
+    """`code`: start the proxy in the background unless it already answers or claude will not talk to a model,
+    then run claude through it."""
     env = claude_env(config)
     base_url = env["ANTHROPIC_BASE_URL"]
-    if not proxy_is_up(base_url):
-        log_path = Path(tempfile.gettempdir()) / f"terraphim-proxy-{config.port}.log"
-        command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
-        command += ["--log-level", config.log_level]
-        command += ["--config", args.config] if args.config else []
-        with open(log_path, "ab") as log_file:
-            subprocess.Popen(
-                command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + 15
-        while not proxy_is_up(base_url):
-            if time.monotonic() > deadline:
-                print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        print(f"terraphim-proxy started on {base_url} (log: {log_path})", file=sys.stderr)
+    if talks_to_a_model(args.rest) and not proxy_is_up(base_url) and not start_background_proxy(config, args, base_url):
+        return 1
     try:
         os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
     except FileNotFoundError:
         print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
         return 127
+
+
+def stop_background_proxy(config: Config) -> int:
+    """`stop`: SIGTERM the proxy that `code` started on the configured port (it lets requests in flight finish),
+    and wait until it no longer answers.
+
+    Its pid file names the process; /health must answer with the same pid, so that a stale file never stops
+    another process, nor a proxy that `code` did not start."""
+    pid_path = background_file(config.port, "pid")
+    base_url = claude_env(config)["ANTHROPIC_BASE_URL"]
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        print(f"no proxy started by `terraphim-proxy code` on port {config.port}", file=sys.stderr)
+        return 1
+    health = proxy_health(base_url, config.api_key)
+    if not isinstance(health, dict) or health.get("pid") != pid:
+        pid_path.unlink(missing_ok=True)
+        print(f"the proxy that `code` started on port {config.port} (pid {pid}) is no longer running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.drain_timeout_ms / 1000 + 5
+    while proxy_health(base_url, config.api_key) is not None:
+        if time.monotonic() > deadline:
+            print(f"error: the proxy (pid {pid}) is still answering on {base_url}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    pid_path.unlink(missing_ok=True)
+    print(f"terraphim-proxy (pid {pid}) on {base_url} stopped", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5494,6 +5675,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_env(config)
     if args.command == "code":
         return run_claude_code(config, args)
+    if args.command == "stop":
+        return stop_background_proxy(config)
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1579,7 +1580,9 @@ def test_check_without_config_file_uses_builtin(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("config: <built-in>")
     sections = check_sections(done.stdout)
-    assert sections["providers"]["anthropic"].endswith("enabled; models: claude-sonnet-4-5, claude-haiku-4-5")
+    assert sections["providers"]["anthropic"].endswith(
+        "enabled; models: claude-sonnet-4-5 (output cap 64000), claude-haiku-4-5 (output cap 64000)"
+    )
     assert "DISABLED" in sections["providers"]["openai"]
     assert sections["routes"]["default"] == "anthropic,claude-sonnet-4-5"
 
@@ -9569,10 +9572,10 @@ def test_eco_code_command(tmp_path: Path) -> None:
     env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
     assert eco_health(base_url) is None
     try:
-        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose", "--help"], tmp_path, env)
+        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose"], tmp_path, env)
         assert first.returncode == 0, first.stderr
         report = json.loads(first.stdout)
-        assert report["argv"] == ["-p", "hello", "--verbose", "--help"]
+        assert report["argv"] == ["-p", "hello", "--verbose"]
         assert report["env"] == {
             "ANTHROPIC_BASE_URL": base_url,
             "ANTHROPIC_AUTH_TOKEN": PROXY_KEY,
@@ -10835,6 +10838,518 @@ def test_public_url_drops_user_info_query_and_fragment() -> None:
     url = "https://user:pass-secret@gen.example:8443/v1beta/models/m:streamGenerateContent?alt=sse&key=k-secret#frag"
 
     assert terraphim_proxy.public_url(url) == "https://gen.example:8443/v1beta/models/m:streamGenerateContent"
+
+
+# ===========================================================================
+# Issue 10: import-ccr round trip, `code` and `stop`, output caps, README facts
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# `code` starts no proxy for claude commands that talk to no model; `stop` stops the one it started
+# ---------------------------------------------------------------------------
+
+CODE_FAKE_CLAUDE = """
+import json, os, sys, urllib.request
+health = urllib.request.Request(
+    os.environ["ANTHROPIC_BASE_URL"] + "/health",
+    headers={"authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]},
+)
+try:
+    with urllib.request.urlopen(health, timeout=2) as answer:
+        pid = json.load(answer)["pid"]
+except OSError:
+    pid = None
+print(json.dumps({"argv": sys.argv[1:], "proxy_pid": pid}))
+"""
+
+
+@dataclass
+class CodeSetup:
+    """A config on a free port, and an environment whose PATH finds a fake claude and whose TMPDIR is tmp_path."""
+
+    cwd: Path
+    env: dict[str, str]
+    base_url: str
+    port: int
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(["--config", "eco.toml", *args], self.cwd, self.env)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.cwd / f"terraphim-proxy-{self.port}.pid"
+
+
+@pytest.fixture
+def code_setup(tmp_path: Path) -> Iterator[CodeSetup]:
+    port = free_port()
+    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"'))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text(f"#!{sys.executable}\n{CODE_FAKE_CLAUDE}")
+    claude.chmod(0o755)
+    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", ECO_PROXY_KEY=PROXY_KEY)
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
+    setup = CodeSetup(tmp_path, env, f"http://127.0.0.1:{port}", port)
+    try:
+        yield setup
+    finally:
+        eco_stop_background_proxy(setup.base_url)
+
+
+@pytest.mark.parametrize(
+    "claude_args",
+    [
+        ["--version"],
+        ["-v"],
+        ["--help"],
+        ["-h"],
+        ["-p", "hello", "--help"],
+        ["mcp", "list"],
+        ["doctor"],
+        ["config", "list"],
+        ["plugin", "list"],
+        ["update"],
+    ],
+    ids=" ".join,
+)
+def test_code_starts_no_proxy_for_claude_commands_that_talk_to_no_model(
+    code_setup: CodeSetup, claude_args: list[str]
+) -> None:
+    done = code_setup.run("code", *claude_args)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"argv": claude_args, "proxy_pid": None}
+    assert "started" not in done.stderr
+    assert eco_health(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+
+
+def test_stop_stops_the_proxy_that_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["proxy_pid"]
+    assert pid is not None and code_setup.pid_file.read_text().strip() == str(pid)
+    assert "terraphim-proxy stop" in started.stderr
+
+    stopped = code_setup.run("stop")
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"(pid {pid})" in stopped.stderr and "stopped" in stopped.stderr
+    assert eco_health(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+    again = code_setup.run("stop")
+    assert again.returncode == 1
+    assert f"no proxy started by `terraphim-proxy code` on port {code_setup.port}" in again.stderr
+
+
+def test_stop_never_signals_a_process_that_is_not_the_proxy_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    proxy_pid = json.loads(started.stdout)["proxy_pid"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        code_setup.pid_file.write_text(f"{bystander.pid}\n")  # a stale pid file, its pid since reused
+
+        refused = code_setup.run("stop")
+
+        assert refused.returncode == 1
+        assert "is no longer running" in refused.stderr
+        assert bystander.poll() is None
+        assert eco_health(code_setup.base_url) is not None  # the proxy itself is left alone too
+        os.kill(proxy_pid, 0)
+        assert not code_setup.pid_file.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# ---------------------------------------------------------------------------
+# Output caps: the built-in table of model output limits, unless the config sets a cap
+# ---------------------------------------------------------------------------
+
+
+def caps_config_data(upstream_url: str) -> dict:
+    """OpenAI and Anthropic providers at the OpenAI stand-in: one without caps, one whose config raises a cap."""
+    at = {"api_base_url": upstream_url}
+    providers = [
+        {**at, "name": "openai", "type": "openai", "api_key": "${OPENAI_API_KEY}", "models": ["gpt-4o"]},
+        {
+            **at,
+            "name": "raised",
+            "type": "openai",
+            "api_key": "${OPENAI_API_KEY}",
+            "models": ["gpt-4o"],
+            "model_max_tokens": {"gpt-4o": 20000},
+        },
+        {**at, "name": "anthropic", "type": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    return {"proxy": {"retries": 0}, "router": {"default": "openai,gpt-4o"}, "providers": providers}
+
+
+async def caps_send(http: aiohttp.ClientSession, url: str, model: str, **fields: Any) -> Answer:
+    body = {"model": model, "max_tokens": 64000, "messages": [{"role": "user", "content": "write a lot"}], **fields}
+    return await call(http, f"{url}/v1/messages", body)
+
+
+async def test_64000_max_tokens_reach_gpt_4o_capped_at_its_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+
+    for model in (CLIENT_MODEL, "openai,gpt-4o"):  # routed by scenario, and named explicitly
+        answer = await caps_send(http, url, model)
+        assert answer.status == 200, answer.text
+        assert openai_upstream.last.body["max_tokens"] == 16384
+
+
+async def test_configured_model_max_tokens_wins_over_the_builtin_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+
+    answer = await caps_send(http, url, "raised,gpt-4o")
+
+    assert answer.status == 200, answer.text
+    assert openai_upstream.last.body["max_tokens"] == 20000
+
+
+async def test_anthropic_pass_through_caps_max_tokens_and_keeps_the_thinking_budget_below_it(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+    thinking = {"type": "enabled", "budget_tokens": 63999}
+
+    opus = await caps_send(http, url, "anthropic,claude-opus-4-1-20250805", thinking=thinking)
+    sonnet = await caps_send(http, url, "anthropic,claude-sonnet-4-5", thinking=thinking)
+
+    assert opus.status == sonnet.status == 200, (opus.text, sonnet.text)
+    first, second = [r.body for r in openai_upstream.received if r.path == "/v1/messages"]
+    assert (first["max_tokens"], first["thinking"]["budget_tokens"]) == (32000, 31999)
+    assert (second["max_tokens"], second["thinking"]["budget_tokens"]) == (64000, 63999)  # within its limit
+
+
+def test_check_shows_each_models_effective_output_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, ENVIRON[name])
+    path = tmp_path / "caps.toml"
+    path.write_text(
+        """
+[router]
+default = "openai,gpt-4o"
+
+[[providers]]
+name = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+
+[[providers]]
+name = "raised"
+type = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+model_max_tokens = { "gpt-4o" = 20000 }
+
+[[providers]]
+name = "anthropic"
+api_key = "${ANTHROPIC_API_KEY}"
+"""
+    )
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "models:" in line}
+    assert lines["openai"].endswith("models: gpt-4o (output cap 16384)")
+    assert lines["raised"].endswith("models: gpt-4o (output cap 20000)")
+    assert lines["anthropic"].endswith("models: any")
+
+
+def test_check_of_the_shipped_config_shows_the_output_caps(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_check(CHECKOUT / "config.toml", capsys)
+
+    assert code == 0, err
+    for fragment in (
+        "gpt-4o (output cap 16384)",
+        "claude-opus-4-1 (output cap 32000)",
+        "claude-sonnet-4-5 (output cap 64000)",
+        "deepseek-chat (output cap 8192)",  # the config's own model_max_tokens
+        "gemini-2.5-pro (output cap 65536)",
+    ):
+        assert fragment in out, (fragment, out)
+
+
+# ---------------------------------------------------------------------------
+# README, config.toml and bench.py --help say what the code does
+# ---------------------------------------------------------------------------
+
+
+def readme_text() -> str:
+    return (CHECKOUT / "README.md").read_text(encoding="utf-8")
+
+
+def requirement_parts(requirement: str) -> tuple[str, str]:
+    """A requirement's distribution name and its environment marker, spaces and quote styles normalised."""
+    name, _, marker = requirement.partition(";")
+    return re.split(r"[<>=!~\s\[]", name.strip())[0].lower(), re.sub(r"\s", "", marker).replace('"', "'")
+
+
+def test_readme_quick_start_names_pipx_as_a_prerequisite_before_using_it() -> None:
+    quick_start = readme_text().split("## Quick start", 1)[1]
+    before = quick_start[: quick_start.index("pipx install .")]
+
+    assert "Prerequisites" in before and "pipx" in before and "Python 3.10" in before
+
+
+def test_readme_command_without_installing_installs_every_runtime_dependency_tomli_included() -> None:
+    pyproject = tomllib.loads((CHECKOUT / "pyproject.toml").read_text(encoding="utf-8"))
+    [line] = [
+        line for line in readme_text().splitlines() if "pip install" in line and "python terraphim_proxy.py" in line
+    ]
+    installed = dict(map(requirement_parts, shlex.split(line[line.index("pip install") : line.index("&&")])[2:]))
+
+    for dependency in pyproject["project"]["dependencies"]:
+        name, marker = requirement_parts(dependency)
+        assert name in installed, (name, line)
+        if "python_version" in marker:
+            assert installed[name] == marker, (name, installed[name])
+    assert "tomli" in installed
+
+
+def test_readme_says_how_to_stop_upgrade_and_uninstall_and_where_the_log_goes() -> None:
+    readme = readme_text()
+    log_name = terraphim_proxy.background_file(3456, "log").name
+
+    for fragment in (
+        "terraphim-proxy stop",
+        "pipx install --force .",
+        "pipx uninstall terraphim-proxy",
+        log_name.replace("3456", "PORT"),
+        "logs to stderr",
+        "journalctl --user -u terraphim-proxy",
+    ):
+        assert fragment in readme, fragment
+    for command in terraphim_proxy.CLAUDE_OFFLINE_COMMANDS - {"plugins"}:
+        assert f"`{command}`" in readme, command
+
+
+def test_readme_systemd_unit_runs_the_command_where_pipx_installs_it() -> None:
+    unit = readme_text().split("```ini", 1)[1].split("```", 1)[0]
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+
+    assert settings["ExecStart"].startswith("%h/.local/bin/terraphim-proxy ")  # pipx's bin dir, ~/.local/bin
+    assert settings["WantedBy"] == "default.target"  # a user unit: the user manager has no multi-user.target
+    assert "~/.config/systemd/user/terraphim-proxy.service" in readme_text()
+
+
+def test_config_toml_comments_give_the_readme_routing_order_and_fallback_on_failure() -> None:
+    comments = [line.lstrip("# ") for line in (CHECKOUT / "config.toml").read_text().splitlines() if line[:1] == "#"]
+    start = comments.index("First match wins, in this order:")
+    order_text = " ".join(comments[start + 1 : start + 3])
+    config_order = [part.split()[0] for part in order_text.split(">")]
+    rows = [line.split("|") for line in readme_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    readme_names = {"router.module": "module", "[[router.rules]]": "keyword"}
+    readme_order = [readme_names.get(row[2].strip(" `"), row[2].strip(" `")) for row in rows]
+
+    assert config_order == readme_order
+    routes_comment = " ".join(comments[start - 2 : start])
+    assert "disabled" in routes_comment and "fails" in routes_comment
+
+
+def test_bench_help_gives_the_measured_duration_of_quick() -> None:
+    source = (CHECKOUT / "bench.py").read_text()
+    seconds = int(re.search(r"^QUICK_SECONDS = (\d+)", source, re.MULTILINE).group(1))
+    done = subprocess.run(
+        [sys.executable, str(CHECKOUT / "bench.py"), "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert f"about {seconds} s" in " ".join(done.stdout.split())
+    assert f"--quick             # about {seconds} s" in source  # the module docstring
+    assert f"--quick for a short run (about {seconds} s)" in readme_text()
+
+
+# ---------------------------------------------------------------------------
+# import-ccr: any claude-code-router config comes back from tomllib with the same values
+# ---------------------------------------------------------------------------
+# The strategy draws a CCR-shaped config (providers with names, URLs, keys, models and transformer options,
+# Router entries, service keys) whose strings hold any unicode: quotes, backslashes, control characters, line
+# separators, emoji. A seeded Random writes it as JSON5 in every form claude-code-router reads: single or double
+# quotes, \x and \u escapes, line continuations, bare keys, hexadecimal and `+` numbers, comments, trailing
+# commas. import-ccr's whole output, its `# check:` lines included, must parse with tomllib and hold the values.
+
+CCR_TEXT = st.text(max_size=12) | st.sampled_from(
+    ['"', "'", "\\", "\\'", '\\"', "\n\r\t\x00\x1b\x7f", "😀👩‍💻🇫🇷", "é\u2028\u2029ß", "${HOME} $X", "a // b /* c */"]
+)
+CCR_MODEL = CCR_TEXT.filter(lambda text: text != "use")  # a model's transformer entry sits beside "use"
+CCR_CAP = st.integers(1, 2**40)
+CCR_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | CCR_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(CCR_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+CCR_USE = CCR_TEXT | st.tuples(CCR_TEXT, st.dictionaries(CCR_TEXT, CCR_JSON, max_size=2)).map(list)
+CCR_SERVICE_KEYS = ("API_TIMEOUT_MS", "CUSTOM_ROUTER_PATH", "StatusLine", "NON_INTERACTIVE_MODE", "LOG")
+
+
+def maxtoken(cap: int) -> list:
+    return ["maxtoken", {"max_tokens": cap}]
+
+
+@st.composite
+def ccr_providers(draw: st.DrawFn) -> dict:
+    models = draw(st.lists(CCR_MODEL, max_size=3, unique=True))
+    transformer: dict[str, Any] = {"use": draw(st.lists(CCR_USE, max_size=2))}
+    if (cap := draw(st.none() | CCR_CAP)) is not None:
+        transformer["use"].append(maxtoken(cap))
+    for model in models:
+        if draw(st.booleans()):
+            transformer[model] = {"use": [draw(CCR_USE), maxtoken(draw(CCR_CAP))]}
+    fields = {"name": CCR_TEXT, "api_base_url": CCR_TEXT, "api_key": CCR_TEXT}
+    return {**{key: draw(value) for key, value in fields.items()}, "models": models, "transformer": transformer}
+
+
+@st.composite
+def ccr_configs(draw: st.DrawFn) -> dict:
+    keys = draw(st.lists(st.sampled_from(list(terraphim_proxy.CCR_ROUTER_KEYS)), unique=True))
+    router: dict[str, Any] = {key: draw(CCR_TEXT.filter(bool)) for key in keys}
+    if draw(st.booleans()):
+        router["longContextThreshold"] = draw(st.integers(1, 10**6))
+    config = {
+        "APIKEY": draw(CCR_TEXT),
+        "HOST": draw(CCR_TEXT),
+        "PORT": draw(st.integers(-(2**63), 2**63 - 1)),
+        **draw(st.dictionaries(st.sampled_from(CCR_SERVICE_KEYS), CCR_JSON)),
+        "Providers": draw(st.lists(ccr_providers(), max_size=3)),
+        "Router": router,
+    }
+    return {key: value for key, value in config.items() if draw(st.booleans()) or key in ("Providers", "Router")}
+
+
+JSON5_SINGLE_QUOTED = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json5_str(text: str, rnd: random.Random) -> str:
+    if rnd.random() < 0.5:
+        return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
+    pieces = ["\\\n" if rnd.random() < 0.1 else ""]  # a line continuation adds nothing
+    for char in text:
+        escaped = JSON5_SINGLE_QUOTED.get(char)
+        if escaped is None and char < " " and rnd.random() < 0.5:
+            escaped = f"\\x{ord(char):02x}"
+        pieces.append(escaped or char)
+    return "'" + "".join(pieces) + "'"
+
+
+def json5_number(value: int | float, rnd: random.Random) -> str:
+    if isinstance(value, int):
+        sign = "-" if value < 0 else rnd.choice(("", "+"))
+        return sign + (f"0{rnd.choice('xX')}{abs(value):x}" if rnd.random() < 0.5 else str(abs(value)))
+    text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
+    if not text.startswith("-") and rnd.random() < 0.5:
+        text = "+" + text
+    if rnd.random() < 0.5:  # a bare leading point (.5), else a bare trailing one (5.)
+        shortened = re.sub(r"^([+-]?)0\.(?=\d)", r"\1.", text)
+        text = shortened if shortened != text else re.sub(r"(\d)\.0$", r"\1.", text)
+    return text
+
+
+JSON5_BARE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+
+def json5_key(key: str, rnd: random.Random) -> str:
+    bare = JSON5_BARE_KEY.fullmatch(key) and key not in ("true", "false", "null") and rnd.random() < 0.5
+    return key if bare else json5_str(key, rnd)
+
+
+def json5_dump(value: Any, rnd: random.Random) -> str:
+    """`value` as JSON5, each choice of form drawn from `rnd`."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return json5_number(value, rnd)
+    if isinstance(value, str):
+        return json5_str(value, rnd)
+    if isinstance(value, list):
+        items, brackets = [json5_dump(item, rnd) for item in value], "[]"
+    else:
+        items, brackets = [f"{json5_key(key, rnd)}: {json5_dump(item, rnd)}" for key, item in value.items()], "{}"
+    spaced = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) + item for item in items]
+    trailing = "," if items and rnd.random() < 0.5 else ""
+    return brackets[0] + ",".join(spaced) + trailing + "\n" + brackets[1]
+
+
+def ccr_expected_provider(provider: dict) -> dict:
+    kind = terraphim_proxy.ccr_provider_type(provider)
+    base_url = provider["api_base_url"].rstrip("/")
+    for suffix in terraphim_proxy.CCR_URL_SUFFIXES.get(kind, ("/chat/completions",)):
+        base_url = base_url.removesuffix(suffix)
+    entry = {"name": provider["name"], "type": kind, "api_base_url": base_url}
+    entry |= {key: provider[key] for key in ("api_key", "models") if provider[key]}
+    transformer = provider["transformer"]
+    caps = [use[1]["max_tokens"] for use in transformer["use"] if isinstance(use, list) and use[0] == "maxtoken"]
+    if caps:
+        entry["max_tokens"] = caps[-1]
+    if model_caps := {key: chain["use"][-1][1]["max_tokens"] for key, chain in transformer.items() if key != "use"}:
+        entry["model_max_tokens"] = model_caps
+    return entry
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ccr=ccr_configs(), rnd=st.randoms(use_true_random=False))
+@example(ccr={"CUSTOM_ROUTER_PATH": [0.0, -0.5, 5.0, 1e-05], "Providers": [], "Router": {}}, rnd=random.Random(0))
+@example(
+    ccr={
+        "PORT": 0x1F,
+        "HOST": "caf\u00e9 😀",
+        "Providers": [
+            {"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}
+        ],
+        "Router": {"default": "q,m😀", "longContextThreshold": 60000},
+    },
+    rnd=random.Random(0),
+)
+def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: random.Random
+) -> None:
+    for provider in ccr["Providers"]:
+        provider.setdefault("transformer", {}).setdefault("use", [])
+    source = tmp_path / "config.json"
+    source.write_text(json5_dump(ccr, rnd), encoding="utf-8")
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    expected_proxy = {"api_key": ccr.get("APIKEY") or None, "host": ccr.get("HOST"), "port": ccr.get("PORT")}
+    assert doc["proxy"] == {key: value for key, value in expected_proxy.items() if value is not None}
+    router = ccr["Router"]
+    expected_router = {
+        terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router
+    }
+    assert doc["router"] == expected_router
+    assert doc.get("providers", []) == [ccr_expected_provider(provider) for provider in ccr["Providers"]]
+
+
+@pytest.mark.parametrize(
+    ("number", "value"),
+    [("0x1F", 31), ("0XfF", 255), ("-0x10", -16), ("+3456", 3456), ("+0x10", 16), ("+.5", 0.5), ("5.", 5.0)],
+)
+def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], number: str, value: int | float
+) -> None:
+    source = tmp_path / "config.json"
+    source.write_text(f"{{ PORT: {number}, Router: {{ longContextThreshold: {number} }}, Other: [{number}] }}")
+
+    code, out, err = eco_import(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    if isinstance(value, int) and value > 0:
+        assert doc["proxy"]["port"] == value and doc["router"]["long_context_threshold"] == value
+    assert f"Other = [{json.dumps(value)}]" in out
 
 
 # ===========================================================================
