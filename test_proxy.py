@@ -11068,7 +11068,10 @@ api_key = "${ANTHROPIC_API_KEY}"
     assert lines["anthropic"].endswith("models: any")
 
 
-def test_check_of_the_shipped_config_shows_the_output_caps(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_of_the_shipped_config_shows_the_output_caps(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", UPSTREAM_KEY)  # the default route needs an enabled target
     code, out, err = run_check(CHECKOUT / "config.toml", capsys)
 
     assert code == 0, err
