@@ -1358,7 +1358,9 @@ class AnthropicStream:
 
     Blocks open lazily with dense increasing indices and close exactly once; empty text or
     thinking opens nothing. A thinking block that got no signature() is closed with a proxy
-    signature. After finish() or error() every method returns b"".
+    signature. A tool_use block's frames are held until it closes (the next block opens, or
+    finish()), so a call the output limit cut can still be dropped (drop_tool) and is never sent.
+    After finish() or error() every method returns b"".
     """
 
     def __init__(self, model: str, input_tokens: int = 0, flavor: str = "openai") -> None:
@@ -1373,6 +1375,7 @@ class AnthropicStream:
         self.thinking_parts: list[str] = []
         self.signed = False
         self.tool_emitted = False
+        self.held = b""  # the frames of the open tool_use block
         self.output_chars = 0
 
     def start(self) -> bytes:
@@ -1409,6 +1412,9 @@ class AnthropicStream:
         if self.open_kind == "thinking" and not self.signed:
             signature = proxy_signature(self.flavor, "".join(self.thinking_parts))
             frames += self._delta({"type": "signature_delta", "signature": signature})
+        if self.open_kind == "tool_use":
+            frames, self.held = self.held, b""
+            self.tool_emitted = True
         self.open_kind = self.open_key = None
         return frames + sse_frame("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
@@ -1417,8 +1423,13 @@ class AnthropicStream:
         self.index += 1
         self.open_kind, self.open_key = block["type"], key
         self.thinking_parts, self.signed = [], False
-        start = {"type": "content_block_start", "index": self.index, "content_block": block}
-        return frames + sse_frame("content_block_start", start)
+        start = sse_frame(
+            "content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
+        )
+        if block["type"] == "tool_use":
+            self.held = start
+            return frames
+        return frames + start
 
     def _ensure(self, kind: str) -> bytes:
         """Open an empty text or thinking block unless one of that kind is open."""
@@ -1450,9 +1461,9 @@ class AnthropicStream:
         return frames + self._delta({"type": "text_delta", "text": text})
 
     def tool_start(self, key: object, tool_id: str, name: str) -> bytes:
+        """Close the open block and open a tool_use block, whose own frames wait until it closes."""
         if self.done:
             return b""
-        self.tool_emitted = True
         return self._open({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, key)
 
     def tool_args(self, key: object, fragment: str) -> bytes:
@@ -1461,10 +1472,21 @@ class AnthropicStream:
         if self.open_kind != "tool_use" or self.open_key != key:
             raise ValueError(f"tool block {key!r} is not the open block")
         self.output_chars += len(fragment)
-        return self._delta({"type": "input_json_delta", "partial_json": fragment})
+        self.held += self._delta({"type": "input_json_delta", "partial_json": fragment})
+        return b""
 
-    def finish(self, stop_reason: str, usage: dict | None = None) -> bytes:
-        """Close the open block, then message_delta (tool_use if a tool was emitted) and message_stop.
+    def drop_tool(self) -> bool:
+        """Forget the open tool_use block, a call cut short: none of its frames was sent, and the next block
+        takes its index. Whether there was one to drop."""
+        if self.open_kind != "tool_use" or self.done:
+            return False
+        self.held, self.open_kind, self.open_key = b"", None, None
+        self.index -= 1
+        return True
+
+    def finish(self, stop_reason: str, usage: dict | None = None, cut: bool = False) -> bytes:
+        """Close the open block, then message_delta and message_stop. The stop reason is max_tokens when `cut`
+        (a tool call was dropped), else tool_use if a tool was emitted, else `stop_reason`.
 
         Without upstream usage, input is the start estimate and output is about chars / 4.
         """
@@ -1479,7 +1501,8 @@ class AnthropicStream:
                 "cache_read_input_tokens": 0,
                 "output_tokens": (self.output_chars + 3) // 4,
             }
-        delta = {"stop_reason": "tool_use" if self.tool_emitted else stop_reason, "stop_sequence": None}
+        stop = "max_tokens" if cut else "tool_use" if self.tool_emitted else stop_reason
+        delta = {"stop_reason": stop, "stop_sequence": None}
         frames += sse_frame("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
         return frames + sse_frame("message_stop", {"type": "message_stop"})
 
@@ -2141,57 +2164,24 @@ def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_
 # ---- response ---------------------------------------------------------------------------
 
 
-def json_completion(text: str) -> str | None:
-    """Suffix closing the open string and brackets of truncated JSON, or None if that cannot fix it."""
-    closers: list[str] = []
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            closers.append("}" if char == "{" else "]")
-        elif char in "}]" and (not closers or closers.pop() != char):
-            return None
-    if escaped:
-        return None
-    suffix = ('"' if in_string else "") + "".join(reversed(closers))
-    try:
-        json.loads(text + suffix)
-    except ValueError:
-        return None
-    return suffix
-
-
-def closing_suffix(arguments: str) -> str | None:
-    """Suffix making tool arguments a complete JSON object ("" if complete or empty), else None."""
-    if not arguments.strip():
-        return ""
-    suffix = json_completion(arguments)
-    if suffix is None or not isinstance(json.loads(arguments + suffix), dict):
-        return None
-    return suffix
-
-
-def is_complete_object(arguments: str) -> bool:
-    return bool(arguments.strip()) and closing_suffix(arguments) == ""
-
-
-def parse_tool_arguments(arguments: str | dict | None) -> dict:
-    """Tool input from an arguments string, repairing truncation; TranslationError if impossible."""
+def tool_input(arguments: str | dict | None) -> dict | None:
+    """Tool input from upstream arguments that are one whole JSON object (none, or only blanks, mean {});
+    None for anything else, such as a call the output limit cut. A cut call is never completed."""
     if isinstance(arguments, dict):
         return arguments
     text = arguments or ""
-    suffix = closing_suffix(text)
-    if suffix is None:
-        raise TranslationError(f"upstream tool call arguments are not a JSON object: {text[:200]!r}")
-    return json.loads(text + suffix) if text.strip() else {}
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def has_whole_arguments(arguments: str) -> bool:
+    """Whether streamed arguments have begun and already form a whole JSON object."""
+    return bool(arguments.strip()) and tool_input(arguments) is not None
 
 
 def anthropic_stop_reason(finish_reason: str | None) -> str:
@@ -2258,19 +2248,30 @@ def openai_to_anthropic_response(
     text = message_text(message.get("content")) or message.get("refusal") or ""
     if text:
         content.append({"type": "text", "text": text})
+    cut = False
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
+        arguments = tool_input(function.get("arguments"))
+        if finish_reason == "length" and (arguments is None or not function.get("name")):
+            cut = True  # the output limit cut this call: it is dropped, never completed
+            continue
         if not function.get("name"):
             raise TranslationError("upstream tool call has no name")
+        if arguments is None:
+            raise TranslationError(
+                f"upstream tool call arguments are not a JSON object: {str(function.get('arguments'))[:200]!r}"
+            )
         content.append(
             {
                 "type": "tool_use",
                 "id": anthropic_tool_id(call.get("id")),
                 "name": (tool_names or {}).get(function["name"], function["name"]),
-                "input": parse_tool_arguments(function.get("arguments")),
+                "input": arguments,
             }
         )
-    if message.get("tool_calls"):
+    if cut:
+        stop_reason = "max_tokens"
+    elif any(block["type"] == "tool_use" for block in content):
         stop_reason = "tool_use"
     elif message.get("refusal"):
         stop_reason = "refusal"
@@ -2330,8 +2331,11 @@ class OpenAIChunkConverter:
     """Turns chat-completion chunks into Anthropic frames via one AnthropicStream.
 
     Tool calls are keyed by upstream id first, then by index. A call streams live while it owns the
-    open block; a call that appears while the live call's arguments are still incomplete JSON means
-    the calls interleave, and from then on every new call is held and emitted whole at the end.
+    open block (whose frames the AnthropicStream holds until it closes); a call that appears while
+    the live call's arguments are not yet a whole JSON object means the calls interleave, and from
+    then on every new call is held and emitted whole at the end. At the end, a call whose arguments
+    are not a whole object was cut by the output limit (finish_reason "length"): it is dropped and
+    the stop reason is max_tokens; with any other finish it is an upstream error.
     """
 
     def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str], flavor: str) -> None:
@@ -2394,8 +2398,10 @@ class OpenAIChunkConverter:
         return frames
 
     def leave_tool(self) -> None:
-        """Mark the live call closed: the next block the stream opens closes it."""
+        """Mark the live call closed: the next block the stream opens closes it. Its arguments must be whole."""
         if self.live is not None:
+            if tool_input(self.live.args) is None:
+                self.fail("api_error", "upstream sent an incomplete tool call")
             self.live.state = "closed"
             self.live = None
 
@@ -2443,7 +2449,7 @@ class OpenAIChunkConverter:
             return b""
         if not call.name or self.hold_all:
             return b""
-        if self.live is not None and not is_complete_object(self.live.args):
+        if self.live is not None and not has_whole_arguments(self.live.args):
             self.hold_all = True
             return b""
         return self.emit_call(call, call.args)
@@ -2459,22 +2465,26 @@ class OpenAIChunkConverter:
             return b""
         if not (clean or self.finish_reason):
             return self.fail("api_error", "upstream stream ended before the response was complete")
+        cut = False
+        if self.live is not None and tool_input(self.live.args) is None:
+            cut = self.cut_call() and self.stream.drop_tool()
+            self.live = None
         frames = b""
-        if self.live is not None:
-            suffix = closing_suffix(self.live.args)
-            if suffix is None:
-                return self.fail("api_error", "upstream tool call arguments are not a JSON object")
-            frames += self.stream.tool_args(self.live.key, suffix)
         for call in self.calls:
-            if call.state != "pending":
-                continue
-            suffix = closing_suffix(call.args)
-            if not call.name or suffix is None:
-                return frames + self.fail("api_error", "upstream sent an incomplete tool call")
-            frames += self.emit_call(call, call.args + suffix)
+            if call.state == "pending":
+                if call.name and tool_input(call.args) is not None:
+                    frames += self.emit_call(call, call.args)
+                else:
+                    cut = self.cut_call()
         usage = anthropic_usage(self.usage) if self.usage else None
         stop_reason = "refusal" if self.refused else anthropic_stop_reason(self.finish_reason)
-        return frames + self.transition() + self.stream.finish(stop_reason, usage)
+        return frames + self.transition() + self.stream.finish(stop_reason, usage, cut)
+
+    def cut_call(self) -> bool:
+        """True for a call left incomplete by the output limit (dropped); an error after any other finish."""
+        if self.finish_reason != "length":
+            self.fail("api_error", "upstream sent an incomplete tool call")
+        return True
 
 
 def openai_stream_to_anthropic(
@@ -2664,7 +2674,11 @@ def ollama_usage(data: dict) -> dict:
 
 
 class OllamaConverter:
-    """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream."""
+    """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream.
+
+    Ollama hands over each tool call parsed, so a cut one cannot be told from a whole one: when the answer
+    stops for length with a tool call as its last block, that call is taken as cut and dropped (max_tokens).
+    """
 
     def __init__(self, model: str, input_tokens: int) -> None:
         self.stream = AnthropicStream(model, input_tokens, "ollama")
@@ -2685,7 +2699,7 @@ class OllamaConverter:
             frames += self.stream.tool_args(key, arguments)
         if data.get("done"):
             stop = OLLAMA_STOP.get(data.get("done_reason") or "stop", "end_turn")
-            frames += self.stream.finish(stop, ollama_usage(data))
+            frames += self.stream.finish(stop, ollama_usage(data), stop == "max_tokens" and self.stream.drop_tool())
         return frames
 
     def fail(self, message: str) -> NoReturn:
@@ -2983,7 +2997,10 @@ def gemini_usage(metadata: dict | None) -> dict:
 
 
 class GeminiConverter:
-    """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream."""
+    """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream.
+
+    As for Ollama, a MAX_TOKENS stop with a functionCall as the last block drops that call (max_tokens).
+    """
 
     def __init__(self, model: str, input_tokens: int) -> None:
         self.stream = AnthropicStream(model, input_tokens, "gemini")
@@ -3053,7 +3070,8 @@ class GeminiConverter:
             frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
         else:
             stop = "max_tokens" if reason == "MAX_TOKENS" else "end_turn"
-        return frames + self.stream.finish(stop, gemini_usage(self.usage))
+        cut = stop == "max_tokens" and self.stream.drop_tool()
+        return frames + self.stream.finish(stop, gemini_usage(self.usage), cut)
 
 
 def gemini_build_request(call: Call) -> UpstreamRequest:
