@@ -1348,6 +1348,57 @@ class TranslationError(ProxyError):
         super().__init__(529 if overloaded else 502, message, error_type, retryable=overloaded)
 
 
+class MalformedAnswer(TranslationError):
+    """An upstream answer that is not JSON, or JSON of the wrong shape: an api_error, retried as garbage is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.retryable = True
+
+
+# Shapes of upstream answers, one per format, checked where an answer (or chunk) enters its translator, so a
+# translator may rely on them. A shape is a type or a tuple of shapes (any of them), a dict of the shapes of the
+# keys it checks (each may be absent or null), or a one-item list: a list whose items all have that shape.
+JSON_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+JSON_TYPE_NAMES |= {dict: "an object", list: "a list"}
+
+
+def shape_problem(value: Any, shape: Any, path: str) -> str | None:
+    """Where `value` does not have `shape` (see above), or None when it does."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{path} is not an object"
+        for key, item_shape in shape.items():
+            item = value.get(key)
+            problem = None if item is None else shape_problem(item, item_shape, f"{path}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{path} is not a list"
+        return next(filter(None, (shape_problem(v, shape[0], f"{path}[{i}]") for i, v in enumerate(value))), None)
+    if isinstance(shape, tuple):
+        problems = [shape_problem(value, option, path) for option in shape]
+        return None if None in problems else f"{path} is not {' or '.join(map(shape_name, shape))}"
+    return None if isinstance(value, shape) else f"{path} is not {shape_name(shape)}"
+
+
+def shape_name(shape: Any) -> str:
+    if isinstance(shape, dict):
+        return "an object"
+    if isinstance(shape, list):
+        return "a list"
+    return JSON_TYPE_NAMES.get(shape, getattr(shape, "__name__", str(shape)))
+
+
+def check_answer_shape(data: Any, shape: Any) -> None:
+    """MalformedAnswer when an upstream answer or chunk does not have its format's shape."""
+    problem = shape_problem(data, shape, "answer")
+    if problem:
+        raise MalformedAnswer(f"upstream answered with JSON of the wrong shape: {problem}")
+
+
 def sse_frame(event: str, data: dict) -> bytes:
     """One Anthropic SSE frame: the event line, one compact JSON data line, a blank line."""
     return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
@@ -1731,6 +1782,7 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
             started = True
         yield ready
         if ends_anthropic_stream(ready):
+            call.exchange.outcome = error_event_type(ready) or call.exchange.outcome
             await drain_upstream(upstream)
             return
     if not started:
@@ -1743,6 +1795,29 @@ async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
     a fault there is not the answer's."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
+
+
+def error_event_type(frames: bytes) -> str | None:
+    """The error type of the `error` event among whole SSE frames (api_error if it names none); None if none."""
+    for frame in frames.split(b"\n\n"):
+        lines = frame.split(b"\n")
+        if not any(line.startswith(b"event:") and line[6:].strip() == b"error" for line in lines):
+            continue
+        try:
+            error = json.loads(b"".join(line[5:] for line in lines if line.startswith(b"data:")))["error"]["type"]
+        except (ValueError, LookupError, TypeError):
+            error = None
+        return error if isinstance(error, str) and error else "api_error"
+    return None
+
+
+async def drained_after(frames: AsyncIterator[bytes], upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The frames of a translated stream, then the rest of the upstream body after its end marker (`[DONE]`,
+    Ollama's `done`) is read, so the connection can go back to the pool."""
+    async with contextlib.aclosing(frames):
+        async for frame in frames:
+            yield frame
+    await drain_upstream(upstream)
 
 
 def ends_anthropic_stream(frames: bytes) -> bool:
@@ -2226,10 +2301,30 @@ def message_text(content: str | list | None) -> str:
     return content or ""
 
 
+OPENAI_MESSAGE_SHAPE = {
+    "content": (str, [{"text": str}]),
+    "reasoning_content": str,
+    "reasoning": str,
+    "refusal": str,
+    "reasoning_details": [dict],
+    "tool_calls": [{"id": str, "index": int, "function": {"name": str, "arguments": (str, dict)}}],
+}
+OPENAI_ANSWER_SHAPE = {
+    "choices": [{"index": int, "finish_reason": str, "message": OPENAI_MESSAGE_SHAPE, "delta": OPENAI_MESSAGE_SHAPE}],
+    "usage": {
+        "prompt_tokens": int,
+        "completion_tokens": int,
+        "prompt_cache_hit_tokens": int,
+        "prompt_tokens_details": {"cached_tokens": int, "cache_write_tokens": int},
+    },
+}
+
+
 def openai_to_anthropic_response(
     data: dict, model: str, tool_names: dict[str, str] | None = None, flavor: str = "openai"
 ) -> dict:
     """Anthropic message for a non-streaming chat completion; TranslationError when unusable."""
+    check_answer_shape(data, OPENAI_ANSWER_SHAPE)
     if data.get("error"):
         raise TranslationError(error_object_message(data["error"]), error_object_type(data["error"]))
     choices = data.get("choices") or []
@@ -2309,7 +2404,7 @@ async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIte
         try:
             data = json.loads(payload)
         except ValueError:
-            raise TranslationError(f"upstream sent invalid JSON: {payload[:200]!r}") from None
+            raise MalformedAnswer(f"upstream sent invalid JSON: {payload[:200]!r}") from None
         frames = converter.feed(data)
         if frames:
             yield frames
@@ -2356,8 +2451,7 @@ class OpenAIChunkConverter:
         """Frames for one parsed upstream chunk."""
         if self.stream.done:
             return b""
-        if not isinstance(chunk, dict):
-            return self.fail("api_error", f"upstream sent an unexpected chunk: {str(chunk)[:200]!r}")
+        check_answer_shape(chunk, OPENAI_ANSWER_SHAPE)
         if chunk.get("error"):
             return self.fail(error_object_type(chunk["error"]), error_object_message(chunk["error"]))
         if chunk.get("usage"):
@@ -2542,7 +2636,8 @@ def openai_family_parse_response(data: dict, call: Call) -> dict:
 def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
     events = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
-    return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
+    frames = openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
+    return drained_after(frames, upstream)
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
@@ -2673,6 +2768,15 @@ def ollama_usage(data: dict) -> dict:
     }
 
 
+OLLAMA_ANSWER_SHAPE = {
+    "message": {"content": str, "thinking": str, "tool_calls": [{"function": {"name": str, "arguments": dict}}]},
+    "done": bool,
+    "done_reason": str,
+    "prompt_eval_count": int,
+    "eval_count": int,
+}
+
+
 class OllamaConverter:
     """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream.
 
@@ -2684,16 +2788,14 @@ class OllamaConverter:
         self.stream = AnthropicStream(model, input_tokens, "ollama")
 
     def feed(self, data: Any) -> bytes:
-        if not isinstance(data, dict) or data.get("error"):
-            message = data.get("error") if isinstance(data, dict) else "unexpected NDJSON line"
-            return self.fail(str(message))
+        check_answer_shape(data, OLLAMA_ANSWER_SHAPE)
+        if data.get("error"):
+            return self.fail(str(data["error"]))
         message = data.get("message") or {}
         frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
         for tool_call in message.get("tool_calls") or ():
             function = tool_call.get("function") or {}
-            arguments = function.get("arguments")
-            if not isinstance(arguments, str):
-                arguments = dump_json(arguments or {}).decode()
+            arguments = dump_json(function.get("arguments") or {}).decode()
             key = object()
             frames += self.stream.tool_start(key, anthropic_tool_id(None), function.get("name", ""))
             frames += self.stream.tool_args(key, arguments)
@@ -2996,6 +3098,21 @@ def gemini_usage(metadata: dict | None) -> dict:
     }
 
 
+GEMINI_TOKEN_COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "cachedContentTokenCount")
+GEMINI_TOKEN_COUNTS += ("candidatesTokenCount", "thoughtsTokenCount")
+GEMINI_PART_SHAPE = {
+    "text": str,
+    "thought": bool,
+    "thoughtSignature": str,
+    "functionCall": {"name": str, "id": str, "args": dict},
+}
+GEMINI_ANSWER_SHAPE = {
+    "candidates": [{"content": {"parts": [GEMINI_PART_SHAPE]}, "finishReason": str}],
+    "promptFeedback": {"blockReason": str},
+    "usageMetadata": dict.fromkeys(GEMINI_TOKEN_COUNTS, int),
+}
+
+
 class GeminiConverter:
     """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream.
 
@@ -3009,8 +3126,7 @@ class GeminiConverter:
         self.blocked: str | None = None
 
     def feed(self, data: Any) -> bytes:
-        if not isinstance(data, dict):
-            self.fail("api_error", "unexpected chunk")
+        check_answer_shape(data, GEMINI_ANSWER_SHAPE)
         if data.get("error"):
             error = data["error"]
             message = error.get("message", "error") if isinstance(error, dict) else str(error)
@@ -3098,7 +3214,9 @@ def converter_transformer(
 
     def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
         chunks = payloads(upstream.content.iter_any())
-        return json_chunks_to_anthropic(converter(call.client_model, call.input_tokens), chunks)
+        return drained_after(
+            json_chunks_to_anthropic(converter(call.client_model, call.input_tokens), chunks), upstream
+        )
 
     return Transformer(build_request, parse_response, stream, inline_images=True)
 
@@ -3285,9 +3403,9 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
-        raise ProxyError(502, f"{provider.name} returned invalid JSON ({len(raw)} bytes)") from None
+        raise MalformedAnswer(f"{provider.name} returned invalid JSON ({len(raw)} bytes)") from None
     if not isinstance(data, dict):
-        raise ProxyError(502, f"{provider.name} returned JSON that is not an object")
+        raise MalformedAnswer(f"{provider.name} returned JSON that is not an object")
     return data
 
 
@@ -3547,17 +3665,23 @@ def data_url_source(url: str) -> dict | None:
     return {"type": "base64", "media_type": head[5:-7], "data": data}
 
 
+OPENAI_CLIENT_TOOL_CALLS_SHAPE = [{"id": str, "function": {"name": str, "arguments": str}}]
+
+
 def openai_tool_calls_to_blocks(tool_calls: Any) -> list[dict]:
+    """tool_use blocks for an assistant message's tool_calls; 400 when they are malformed."""
+    problem = shape_problem(tool_calls or [], OPENAI_CLIENT_TOOL_CALLS_SHAPE, "messages[].tool_calls")
+    if problem:
+        raise ProxyError(400, problem)
     blocks = []
     for call in tool_calls or ():
-        function = call.get("function") or {} if isinstance(call, dict) else {}
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            raise ProxyError(400, f"tool call {call.get('id')!r}: arguments are not valid JSON") from None
-        blocks.append(
-            {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""), "input": arguments}
-        )
+        function = call.get("function") or {}
+        if not function.get("name"):
+            raise ProxyError(400, f"tool call {call.get('id')!r}: function.name is required")
+        arguments = tool_input(function.get("arguments"))
+        if arguments is None:
+            raise ProxyError(400, f"tool call {call.get('id')!r}: arguments are not a JSON object")
+        blocks.append({"type": "tool_use", "id": call.get("id", ""), "name": function["name"], "input": arguments})
     return blocks
 
 
