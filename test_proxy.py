@@ -10160,6 +10160,321 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 
 
 # ===========================================================================
+# ---- Issue 10: truncated tool calls, badly shaped upstream JSON, mid-stream failures ----
+# ===========================================================================
+
+I10_TEXT = "Writing both files."
+I10_WHOLE_ARGS = {"file_path": "/tmp/a.txt", "content": "all of a"}
+I10_CUT_ARGS = '{"file_path": "/tmp/b.txt", "content": "half of b'
+I10_CUT_TEXT = "half of b"
+
+
+def i10_openai_chunks(second_args: str, finish: str) -> list[dict]:
+    """Text, a whole Write call, a second Write call with `second_args`, then `finish`."""
+    return [
+        OPENAI_ROLE,
+        openai_chunk({"content": I10_TEXT}),
+        *openai_split_args(0, "call_a", "Write", json.dumps(I10_WHOLE_ARGS), 9),
+        *openai_split_args(1, "call_b", "Write", second_args, 9),
+        openai_chunk({}, finish),
+        openai_chunk(usage={"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40}),
+    ]
+
+
+def i10_blocks(message: anthropic.types.Message) -> list[dict]:
+    return [block.model_dump(exclude_none=True) for block in message.content]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_openai_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    openai_proxy_url: str,
+    http: aiohttp.ClientSession,
+    stream: bool,
+) -> None:
+    chunks = i10_openai_chunks(I10_CUT_ARGS, "length")
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    body = openai_body("openai,gpt-4o")
+
+    message = await openai_send(openai_sdk, body, stream)
+
+    assert i10_blocks(message) == [
+        openai_text_block(I10_TEXT),
+        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
+    ]
+    assert message.stop_reason == "max_tokens"
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", {**body, "stream": stream})
+    assert I10_CUT_TEXT not in answer.text  # the cut call never reached the client, not even its start
+    if stream:
+        starts = [data["content_block"]["type"] for name, data in answer.events() if name == "content_block_start"]
+        assert starts == ["text", "tool_use"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("finish", ["tool_calls", "stop", "length"])
+async def test_openai_complete_tool_calls_stay_tool_use_whatever_the_finish_reason(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, finish: str, stream: bool
+) -> None:
+    chunks = i10_openai_chunks('{"file_path": "/tmp/b.txt"}', finish)
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+
+    message = await openai_send(openai_sdk, openai_body("openai,gpt-4o"), stream)
+
+    assert i10_blocks(message)[1:] == [
+        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
+        openai_tool_block("call_b", "Write", {"file_path": "/tmp/b.txt"}),
+    ]
+    assert message.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_openai_incomplete_tool_call_without_length_stop_is_an_error_not_a_repair(
+    openai_upstream: OpenAIStandIn, openai_proxy_url: str, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    chunks = i10_openai_chunks(I10_CUT_ARGS, "tool_calls")
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", openai_body("openai,gpt-4o", stream=stream))
+
+    if stream:  # the whole call before it went out; the error event then ends the answer without a stop reason
+        events = answer.events()
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
+        assert "message_delta" not in [name for name, _ in events] and I10_CUT_TEXT not in answer.text
+    else:
+        answer.assert_error(502, "api_error", "openai", "not a JSON object")
+
+
+I10_NATIVE_CUT_TURN = NativeTurn(
+    text=I10_TEXT, calls=(NativeCall("Write", {"file_path": "/tmp/b.txt", "content": I10_CUT_TEXT}),), finish="length"
+)
+
+
+@NATIVE_STREAM
+async def test_native_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(native: NativeEnv, stream: bool) -> None:
+    """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
+    length ends on is the one the limit cut, and it is dropped."""
+    native.stand_in.script(I10_NATIVE_CUT_TURN)
+
+    message = await native.send(stream, messages=NATIVE_HELLO)
+
+    assert native_blocks(message) == [{"type": "text", "text": I10_TEXT}]
+    assert message.stop_reason == "max_tokens"
+
+
+def test_anthropic_stream_drops_only_the_open_tool_block() -> None:
+    """Unit: a held tool block is dropped without a frame; the next block takes its index."""
+    stream = AnthropicStream("m")
+    sent = stream.text("a") + stream.tool_start(1, "toolu_1", "Read") + stream.tool_args(1, "{}")
+    sent += stream.tool_start(2, "toolu_2", "Write") + stream.tool_args(2, '{"content": "ha')
+    assert b"toolu_2" not in sent and stream.drop_tool() and not stream.drop_tool()
+    sent += stream.text("b") + stream.finish("max_tokens", cut=True)
+    events = [(event["type"], event.get("index")) for event in terraphim_proxy.frame_events(sent)]
+    assert [index for kind, index in events if kind == "content_block_start"] == [0, 1, 2]
+    assert b"toolu_2" not in sent and b'"stop_reason":"max_tokens"' in sent
+
+
+I10_MALFORMED = [
+    pytest.param("openai", {"choices": ["x"]}, id="openai-choices"),
+    pytest.param("openai", {"choices": [{"index": 0, "message": {"tool_calls": ["x"]}}]}, id="openai-tool-calls"),
+    pytest.param(
+        "openai",
+        {"choices": [{"index": 0, "message": {"tool_calls": [{"function": {"name": "Bash", "arguments": [1]}}]}}]},
+        id="openai-list-arguments",
+    ),
+    pytest.param("openai", {"choices": [{"index": 0, "delta": "x", "message": "x"}]}, id="openai-message"),
+    pytest.param("ollama", {"message": "x", "done": True}, id="ollama-message"),
+    pytest.param("ollama", {"message": {"tool_calls": ["x"]}, "done": True}, id="ollama-tool-calls"),
+    pytest.param(
+        "ollama",
+        {"message": {"tool_calls": [{"function": {"name": "Bash", "arguments": '{"a'}}]}, "done": True},
+        id="ollama-string-arguments",
+    ),
+    pytest.param("gemini", {"candidates": ["x"]}, id="gemini-candidates"),
+    pytest.param("gemini", {"candidates": [{"content": {"parts": ["x"]}}]}, id="gemini-parts"),
+    pytest.param(
+        "gemini",
+        {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Bash", "args": "x"}}]}}]},
+        id="gemini-args",
+    ),
+]
+
+
+def i10_malformed_part(kind: str, body: Any) -> bytes:
+    return json.dumps(body).encode() + b"\n" if kind == "ollama" else sse_data(body)
+
+
+def i10_malformed(body: Any) -> RelScript:
+    """Answer with `body`: whole, or as the only chunk of a stream."""
+
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        if not seen.stream:
+            return web.json_response(body)
+        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
+
+    return script
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
+    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any, stream: bool
+) -> None:
+    bad, good = await rel_servers(), await rel_servers()
+    bad.script = i10_malformed(body)
+    providers = [rel_provider(kind, kind, bad.url, retries=1), rel_provider("good", "anthropic", good.url)]
+    proxy = await start_proxy(rel_config(providers, f"{kind},{REL_MODEL[kind]} | good,claude-good"))
+
+    with log_waiter("fallbacks=1") as logged:
+        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        await wait_set(logged)
+
+    assert reply.status == 200, reply.text
+    if stream:
+        assert (
+            "".join(data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta") == REL_TEXT
+        )
+    else:
+        assert reply.json()["content"][0]["text"] == REL_TEXT
+    assert len(bad.received) == 2  # retried once, then the fallback
+    (line,) = log_lines(reply.headers["request-id"])
+    assert "retries=1 fallbacks=1" in line
+
+
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the_provider(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+) -> None:
+    rel_up.script = i10_malformed(body)
+    proxy = await start_proxy(rel_single(kind, rel_up.url))
+
+    reply = await rel_post(http, proxy, rel_body())
+
+    reply.assert_error(502, "api_error", kind, "wrong shape")
+
+
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_in_an_error_event(
+    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+) -> None:
+    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+        first = rel_stream_parts(seen.kind, seen.model)[0]
+        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
+
+    rel_up.script = script
+    proxy = await start_proxy(rel_single(kind, rel_up.url))
+
+    reply = await rel_post(http, proxy, rel_body(stream=True))
+
+    error = reply.stream_error(kind, "wrong shape")
+    assert error["type"] == "api_error"
+
+
+I10_CLIENT_TOOL_CALLS = [
+    pytest.param("x", id="not-a-list"),
+    pytest.param(["x"], id="call-not-an-object"),
+    pytest.param([{"id": "c1", "type": "function", "function": "x"}], id="function-not-an-object"),
+    pytest.param([{"id": "c1", "type": "function", "function": {"arguments": "{}"}}], id="function-without-name"),
+    pytest.param(
+        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": {"command": "ls"}}}],
+        id="object-arguments",
+    ),
+    pytest.param(
+        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": "[1, 2]"}}],
+        id="arguments-not-an-object",
+    ),
+]
+
+
+@pytest.mark.parametrize("tool_calls", I10_CLIENT_TOOL_CALLS)
+async def test_openai_dialect_malformed_client_tool_calls_are_a_400(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, tool_calls: Any
+) -> None:
+    messages = [
+        {"role": "user", "content": "List the files."},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
+    ]
+
+    answer = await call(http, f"{proxy_url}/v1/chat/completions", {"model": "gpt-4o", "messages": messages})
+
+    assert answer.status == 400, answer.text
+    body = answer.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert stand_in.received == []
+
+
+async def test_anthropic_mid_stream_error_event_is_logged_as_an_error_outcome(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    overloaded = sse("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    frames = stream_frames("model-default", [{"type": "text", "text": "Half an answer"}], finish=False)
+    stand_in.reply_with(Reply(frames=[*frames, overloaded]))
+
+    with log_waiter(" scenario=") as logged:
+        answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
+        await wait_set(logged)
+
+    assert [name for name, _ in answer.events()][-1] == "error"
+    (line,) = log_lines(answer.headers["request-id"])
+    assert "status=200 outcome=overloaded_error" in line
+
+
+class I10PortsOpenAIStandIn(OpenAIStandIn):
+    """Notes the proxy-side port of the connection each request came on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[int] = []
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.ports.append(request.transport.get_extra_info("peername")[1])
+        return await super().dispatch(request)
+
+
+class I10PortsNativeStandIn(NativeStandIn):
+    """Notes the proxy-side port of the connection each request came on."""
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(provider)
+        self.ports: list[int] = []
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.ports.append(request.transport.get_extra_info("peername")[1])
+        return await super().dispatch(request)
+
+
+async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(start_proxy: StartProxy) -> None:
+    async with running(I10PortsOpenAIStandIn()) as upstream:
+        proxy = await start_proxy(openai_config(upstream.url))
+        async with anthropic_client(proxy) as sdk:
+            for _ in range(2):
+                message = await openai_send(sdk, openai_body("openai,gpt-4o"), stream=True)
+                assert i10_blocks(message) == [openai_text_block("ok")]
+
+    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
+
+
+async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused() -> None:
+    env = NativeEnv("ollama")
+    env.stand_in = I10PortsNativeStandIn("ollama")
+    env.stand_in.pause = False
+    await env.start()
+    try:
+        for _ in range(2):
+            message = await env.send(True, messages=NATIVE_HELLO)
+            assert native_blocks(message) == [{"type": "text", "text": "ok"}]
+        ports = env.stand_in.ports
+    finally:
+        await env.stop()
+
+    assert len(ports) == 2 and ports[0] == ports[1], ports
+
+
+# ===========================================================================
 # Last: nothing any test of this file logged or received holds a configured key
 # ===========================================================================
 
