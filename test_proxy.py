@@ -10447,31 +10447,56 @@ class I10PortsNativeStandIn(NativeStandIn):
         return await super().dispatch(request)
 
 
-async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(start_proxy: StartProxy) -> None:
+async def i10_stream_then_release(http: aiohttp.ClientSession, url: str, body: dict, release: asyncio.Event) -> str:
+    """POST a streamed request and read it all; once message_stop has arrived, let the stand-in send the rest of
+    its body (what follows its end marker)."""
+    text = ""
+    async with http.post(f"{url}/v1/messages", json={**body, "stream": True}) as response:
+        async for chunk in response.content.iter_any():
+            text += chunk.decode()
+            if "event: message_stop" in text:
+                release.set()
+    return text
+
+
+async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """After `[DONE]` the stand-in holds the rest of its body (a comment, then the end) until the client has the
+    whole answer: the proxy reads it, so the second request comes on the same connection."""
+
+    def answer(received: Received) -> OpenAIReply:
+        frames = openai_sse(openai_text_chunks("ok"), received.body["model"])
+        return OpenAIReply(raw=[*frames, b": end of stream\n\n"], hold_at=len(frames))
+
     async with running(I10PortsOpenAIStandIn()) as upstream:
+        upstream.answer = answer
         proxy = await start_proxy(openai_config(upstream.url))
-        async with anthropic_client(proxy) as sdk:
-            for _ in range(2):
-                message = await openai_send(sdk, openai_body("openai,gpt-4o"), stream=True)
-                assert i10_blocks(message) == [openai_text_block("ok")]
+        for _ in range(2):
+            upstream.release.clear()
+            text = await i10_stream_then_release(http, proxy, openai_body("openai,gpt-4o"), upstream.release)
+            assert parse_sse(text)[-1][0] == "message_stop"
 
     assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
 
 
-async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused() -> None:
-    env = NativeEnv("ollama")
-    env.stand_in = I10PortsNativeStandIn("ollama")
-    env.stand_in.pause = False
-    await env.start()
-    try:
-        for _ in range(2):
-            message = await env.send(True, messages=NATIVE_HELLO)
-            assert native_blocks(message) == [{"type": "text", "text": "ok"}]
-        ports = env.stand_in.ports
-    finally:
-        await env.stop()
+async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """After the `done` line the stand-in holds the rest of its body until the client has the whole answer."""
 
-    assert len(ports) == 2 and ports[0] == ports[1], ports
+    def answer(received: Received) -> NativeReply:
+        lines = b"".join(ollama_event(line) for line in ollama_lines(NativeTurn(text="ok"), received.body["model"]))
+        return NativeReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
+
+    async with running(I10PortsNativeStandIn("ollama")) as upstream:
+        upstream.answer = answer
+        proxy = await start_proxy(native_config("ollama", upstream.url, OLLAMA_MODEL))
+        for _ in range(2):
+            text = await i10_stream_then_release(http, proxy, request(), upstream.release)
+            assert parse_sse(text)[-1][0] == "message_stop"
+
+    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
 
 
 # ===========================================================================
