@@ -1359,15 +1359,21 @@ class MalformedAnswer(TranslationError):
 # Shapes of upstream answers, one per format, checked where an answer (or chunk) enters its translator, so a
 # translator may rely on them. A shape is a type or a tuple of shapes (any of them), a dict of the shapes of the
 # keys it checks (each may be absent or null), or a one-item list: a list whose items all have that shape.
-JSON_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-JSON_TYPE_NAMES |= {dict: "an object", list: "a list"}
+JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def shape_problem(value: Any, shape: Any, path: str) -> str | None:
     """Where `value` does not have `shape` (see above), or None when it does."""
     if isinstance(shape, dict):
         if not isinstance(value, dict):
-            return f"{path} is not an object"
+            return f"{path} is not {shape_name(shape)}"
         for key, item_shape in shape.items():
             item = value.get(key)
             problem = None if item is None else shape_problem(item, item_shape, f"{path}.{key}")
@@ -1376,7 +1382,7 @@ def shape_problem(value: Any, shape: Any, path: str) -> str | None:
         return None
     if isinstance(shape, list):
         if not isinstance(value, list):
-            return f"{path} is not a list"
+            return f"{path} is not {shape_name(shape)}"
         return next(filter(None, (shape_problem(v, shape[0], f"{path}[{i}]") for i, v in enumerate(value))), None)
     if isinstance(shape, tuple):
         problems = [shape_problem(value, option, path) for option in shape]
@@ -1385,11 +1391,8 @@ def shape_problem(value: Any, shape: Any, path: str) -> str | None:
 
 
 def shape_name(shape: Any) -> str:
-    if isinstance(shape, dict):
-        return "an object"
-    if isinstance(shape, list):
-        return "a list"
-    return JSON_TYPE_NAMES.get(shape, getattr(shape, "__name__", str(shape)))
+    """What a value of a (non-tuple) shape is, in words."""
+    return JSON_TYPE_NAMES.get(type(shape) if isinstance(shape, (dict, list)) else shape, "a value")
 
 
 def check_answer_shape(data: Any, shape: Any) -> None:
@@ -1736,7 +1739,7 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
 
 def anthropic_parse_response(data: dict, call: Call) -> dict:
     if data.get("type") != "message":
-        raise ProxyError(502, f"{call.provider.name} answered with JSON that is not a message")
+        raise MalformedAnswer(f"{call.provider.name} answered with JSON that is not a message")
     return {**data, "model": call.client_model}
 
 
@@ -3098,8 +3101,13 @@ def gemini_usage(metadata: dict | None) -> dict:
     }
 
 
-GEMINI_TOKEN_COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "cachedContentTokenCount")
-GEMINI_TOKEN_COUNTS += ("candidatesTokenCount", "thoughtsTokenCount")
+GEMINI_TOKEN_COUNTS = (
+    "promptTokenCount",
+    "toolUsePromptTokenCount",
+    "cachedContentTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+)
 GEMINI_PART_SHAPE = {
     "text": str,
     "thought": bool,
