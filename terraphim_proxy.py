@@ -1371,23 +1371,35 @@ JSON_TYPE_NAMES = {
 
 def shape_problem(value: Any, shape: Any, path: str) -> str | None:
     """Where `value` does not have `shape` (see above), or None when it does."""
+    misfit = shape_misfit(value, shape)
+    return None if misfit is None else f"{path}{misfit[0]} is not {misfit[1]}"
+
+
+def shape_misfit(value: Any, shape: Any) -> tuple[str, str] | None:
+    """The path below `value` to the first part that does not fit `shape`, and what it should be; None if all
+    fits. Paths are built only for a misfit, so a fitting answer costs only the type checks."""
     if isinstance(shape, dict):
         if not isinstance(value, dict):
-            return f"{path} is not {shape_name(shape)}"
+            return "", shape_name(shape)
         for key, item_shape in shape.items():
             item = value.get(key)
-            problem = None if item is None else shape_problem(item, item_shape, f"{path}.{key}")
-            if problem:
-                return problem
+            misfit = None if item is None else shape_misfit(item, item_shape)
+            if misfit is not None:
+                return f".{key}{misfit[0]}", misfit[1]
         return None
     if isinstance(shape, list):
         if not isinstance(value, list):
-            return f"{path} is not {shape_name(shape)}"
-        return next(filter(None, (shape_problem(v, shape[0], f"{path}[{i}]") for i, v in enumerate(value))), None)
+            return "", shape_name(shape)
+        for index, item in enumerate(value):
+            misfit = shape_misfit(item, shape[0])
+            if misfit is not None:
+                return f"[{index}]{misfit[0]}", misfit[1]
+        return None
     if isinstance(shape, tuple):
-        problems = [shape_problem(value, option, path) for option in shape]
-        return None if None in problems else f"{path} is not {' or '.join(map(shape_name, shape))}"
-    return None if isinstance(value, shape) else f"{path} is not {shape_name(shape)}"
+        if any(shape_misfit(value, option) is None for option in shape):
+            return None
+        return "", " or ".join(map(shape_name, shape))
+    return None if isinstance(value, shape) else ("", shape_name(shape))
 
 
 def shape_name(shape: Any) -> str:
