@@ -1424,8 +1424,9 @@ class AnthropicStream:
 
     Blocks open lazily with dense increasing indices and close exactly once; empty text or
     thinking opens nothing. A thinking block that got no signature() is closed with a proxy
-    signature. A tool_use block's frames are held until it closes (the next block opens, or
-    finish()), so a call the output limit cut can still be dropped (drop_tool) and is never sent.
+    signature. A tool_use block is held until it closes (the next block opens, or finish()) and
+    then sent whole, its arguments in one delta, so a call the output limit cut can still be
+    dropped (drop_tool) and is never sent.
     After finish() or error() every method returns b"".
     """
 
@@ -1441,7 +1442,8 @@ class AnthropicStream:
         self.thinking_parts: list[str] = []
         self.signed = False
         self.tool_emitted = False
-        self.held = b""  # the frames of the open tool_use block
+        self.held = b""  # the content_block_start of the open tool_use block
+        self.held_args: list[str] = []  # and its arguments so far, sent as one delta when it closes
         self.output_chars = 0
 
     def start(self) -> bytes:
@@ -1479,7 +1481,11 @@ class AnthropicStream:
             signature = proxy_signature(self.flavor, "".join(self.thinking_parts))
             frames += self._delta({"type": "signature_delta", "signature": signature})
         if self.open_kind == "tool_use":
-            frames, self.held = self.held, b""
+            arguments = "".join(self.held_args)
+            frames = self.held
+            if arguments:
+                frames += self._delta({"type": "input_json_delta", "partial_json": arguments})
+            self.held, self.held_args = b"", []
             self.tool_emitted = True
         self.open_kind = self.open_key = None
         return frames + sse_frame("content_block_stop", {"type": "content_block_stop", "index": self.index})
@@ -1538,7 +1544,7 @@ class AnthropicStream:
         if self.open_kind != "tool_use" or self.open_key != key:
             raise ValueError(f"tool block {key!r} is not the open block")
         self.output_chars += len(fragment)
-        self.held += self._delta({"type": "input_json_delta", "partial_json": fragment})
+        self.held_args.append(fragment)
         return b""
 
     def drop_tool(self) -> bool:
@@ -1546,7 +1552,7 @@ class AnthropicStream:
         takes its index. Whether there was one to drop."""
         if self.open_kind != "tool_use" or self.done:
             return False
-        self.held, self.open_kind, self.open_key = b"", None, None
+        self.held, self.held_args, self.open_kind, self.open_key = b"", [], None, None
         self.index -= 1
         return True
 
