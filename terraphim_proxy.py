@@ -1486,6 +1486,72 @@ class TranslationError(ProxyError):
         super().__init__(529 if overloaded else 502, message, error_type, retryable=overloaded)
 
 
+class MalformedAnswer(TranslationError):
+    """An upstream answer that is not JSON, or JSON of the wrong shape: an api_error, retried as garbage is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.retryable = True
+
+
+# Shapes of upstream answers, one per format, checked where an answer (or chunk) enters its translator, so a
+# translator may rely on them. A shape is a type or a tuple of shapes (any of them), a dict of the shapes of the
+# keys it checks (each may be absent or null), or a one-item list: a list whose items all have that shape.
+JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def shape_problem(value: Any, shape: Any, path: str) -> str | None:
+    """Where `value` does not have `shape` (see above), or None when it does."""
+    misfit = shape_misfit(value, shape)
+    return None if misfit is None else f"{path}{misfit[0]} is not {misfit[1]}"
+
+
+def shape_misfit(value: Any, shape: Any) -> tuple[str, str] | None:
+    """The path below `value` to the first part that does not fit `shape`, and what it should be; None if all
+    fits. Paths are built only for a misfit, so a fitting answer costs only the type checks."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return "", shape_name(shape)
+        for key, item_shape in shape.items():
+            item = value.get(key)
+            misfit = None if item is None else shape_misfit(item, item_shape)
+            if misfit is not None:
+                return f".{key}{misfit[0]}", misfit[1]
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return "", shape_name(shape)
+        for index, item in enumerate(value):
+            misfit = shape_misfit(item, shape[0])
+            if misfit is not None:
+                return f"[{index}]{misfit[0]}", misfit[1]
+        return None
+    if isinstance(shape, tuple):
+        if any(shape_misfit(value, option) is None for option in shape):
+            return None
+        return "", " or ".join(map(shape_name, shape))
+    return None if isinstance(value, shape) else ("", shape_name(shape))
+
+
+def shape_name(shape: Any) -> str:
+    """What a value of a (non-tuple) shape is, in words."""
+    return JSON_TYPE_NAMES.get(type(shape) if isinstance(shape, (dict, list)) else shape, "a value")
+
+
+def check_answer_shape(data: Any, shape: Any) -> None:
+    """MalformedAnswer when an upstream answer or chunk does not have its format's shape."""
+    problem = shape_problem(data, shape, "answer")
+    if problem:
+        raise MalformedAnswer(f"upstream answered with JSON of the wrong shape: {problem}")
+
+
 def sse_frame(event: str, data: dict) -> bytes:
     """One Anthropic SSE frame: the event line, one compact JSON data line, a blank line."""
     return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
@@ -1496,7 +1562,10 @@ class AnthropicStream:
 
     Blocks open lazily with dense increasing indices and close exactly once; empty text or
     thinking opens nothing. A thinking block that got no signature() is closed with a proxy
-    signature. After finish() or error() every method returns b"".
+    signature. A tool_use block is held until it closes (the next block opens, or finish()) and
+    then sent whole, its arguments in one delta, so a call the output limit cut can still be
+    dropped (drop_tool) and is never sent.
+    After finish() or error() every method returns b"".
     """
 
     def __init__(self, model: str, input_tokens: int = 0, flavor: str = "openai") -> None:
@@ -1511,6 +1580,8 @@ class AnthropicStream:
         self.thinking_parts: list[str] = []
         self.signed = False
         self.tool_emitted = False
+        self.held = b""  # the content_block_start of the open tool_use block
+        self.held_args: list[str] = []  # and its arguments so far, sent as one delta when it closes
         self.output_chars = 0
 
     def start(self) -> bytes:
@@ -1547,6 +1618,13 @@ class AnthropicStream:
         if self.open_kind == "thinking" and not self.signed:
             signature = proxy_signature(self.flavor, "".join(self.thinking_parts))
             frames += self._delta({"type": "signature_delta", "signature": signature})
+        if self.open_kind == "tool_use":
+            arguments = "".join(self.held_args)
+            frames = self.held
+            if arguments:
+                frames += self._delta({"type": "input_json_delta", "partial_json": arguments})
+            self.held, self.held_args = b"", []
+            self.tool_emitted = True
         self.open_kind = self.open_key = None
         return frames + sse_frame("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
@@ -1555,8 +1633,13 @@ class AnthropicStream:
         self.index += 1
         self.open_kind, self.open_key = block["type"], key
         self.thinking_parts, self.signed = [], False
-        start = {"type": "content_block_start", "index": self.index, "content_block": block}
-        return frames + sse_frame("content_block_start", start)
+        start = sse_frame(
+            "content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
+        )
+        if block["type"] == "tool_use":
+            self.held = start
+            return frames
+        return frames + start
 
     def _ensure(self, kind: str) -> bytes:
         """Open an empty text or thinking block unless one of that kind is open."""
@@ -1588,9 +1671,9 @@ class AnthropicStream:
         return frames + self._delta({"type": "text_delta", "text": text})
 
     def tool_start(self, key: object, tool_id: str, name: str) -> bytes:
+        """Close the open block and open a tool_use block, whose own frames wait until it closes."""
         if self.done:
             return b""
-        self.tool_emitted = True
         return self._open({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, key)
 
     def tool_args(self, key: object, fragment: str) -> bytes:
@@ -1599,10 +1682,21 @@ class AnthropicStream:
         if self.open_kind != "tool_use" or self.open_key != key:
             raise ValueError(f"tool block {key!r} is not the open block")
         self.output_chars += len(fragment)
-        return self._delta({"type": "input_json_delta", "partial_json": fragment})
+        self.held_args.append(fragment)
+        return b""
 
-    def finish(self, stop_reason: str, usage: dict | None = None) -> bytes:
-        """Close the open block, then message_delta (tool_use if a tool was emitted) and message_stop.
+    def drop_tool(self) -> bool:
+        """Forget the open tool_use block, a call cut short: none of its frames was sent, and the next block
+        takes its index. Whether there was one to drop."""
+        if self.open_kind != "tool_use" or self.done:
+            return False
+        self.held, self.held_args, self.open_kind, self.open_key = b"", [], None, None
+        self.index -= 1
+        return True
+
+    def finish(self, stop_reason: str, usage: dict | None = None, cut: bool = False) -> bytes:
+        """Close the open block, then message_delta and message_stop. The stop reason is max_tokens when `cut`
+        (a tool call was dropped), else tool_use if a tool was emitted, else `stop_reason`.
 
         Without upstream usage, input is the start estimate and output is about chars / 4.
         """
@@ -1617,7 +1711,8 @@ class AnthropicStream:
                 "cache_read_input_tokens": 0,
                 "output_tokens": (self.output_chars + 3) // 4,
             }
-        delta = {"stop_reason": "tool_use" if self.tool_emitted else stop_reason, "stop_sequence": None}
+        stop = "max_tokens" if cut else "tool_use" if self.tool_emitted else stop_reason
+        delta = {"stop_reason": stop, "stop_sequence": None}
         frames += sse_frame("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
         return frames + sse_frame("message_stop", {"type": "message_stop"})
 
@@ -1823,7 +1918,7 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
 
 def anthropic_parse_response(data: dict, call: Call) -> dict:
     if data.get("type") != "message":
-        raise ProxyError(502, f"{call.provider.name} answered with JSON that is not a message")
+        raise MalformedAnswer(f"{call.provider.name} answered with JSON that is not a message")
     return {**data, "model": call.client_model}
 
 
@@ -1869,6 +1964,7 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
             started = True
         yield ready
         if ends_anthropic_stream(ready):
+            call.exchange.outcome = error_event_type(ready) or call.exchange.outcome
             await drain_upstream(upstream)
             return
     if not started:
@@ -1881,6 +1977,29 @@ async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
     a fault there is not the answer's."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
+
+
+def error_event_type(frames: bytes) -> str | None:
+    """The error type of the `error` event among whole SSE frames (api_error if it names none); None if none."""
+    for frame in frames.split(b"\n\n"):
+        lines = frame.split(b"\n")
+        if not any(line.startswith(b"event:") and line[6:].strip() == b"error" for line in lines):
+            continue
+        try:
+            error = json.loads(b"".join(line[5:] for line in lines if line.startswith(b"data:")))["error"]["type"]
+        except (ValueError, LookupError, TypeError):
+            error = None
+        return error if isinstance(error, str) and error else "api_error"
+    return None
+
+
+async def drained_after(frames: AsyncIterator[bytes], upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The frames of a translated stream, then the rest of the upstream body after its end marker (`[DONE]`,
+    Ollama's `done`) is read, so the connection can go back to the pool."""
+    async with contextlib.aclosing(frames):
+        async for frame in frames:
+            yield frame
+    await drain_upstream(upstream)
 
 
 def ends_anthropic_stream(frames: bytes) -> bool:
@@ -2303,57 +2422,24 @@ def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_
 # ---- response ---------------------------------------------------------------------------
 
 
-def json_completion(text: str) -> str | None:
-    """Suffix closing the open string and brackets of truncated JSON, or None if that cannot fix it."""
-    closers: list[str] = []
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            closers.append("}" if char == "{" else "]")
-        elif char in "}]" and (not closers or closers.pop() != char):
-            return None
-    if escaped:
-        return None
-    suffix = ('"' if in_string else "") + "".join(reversed(closers))
-    try:
-        json.loads(text + suffix)
-    except ValueError:
-        return None
-    return suffix
-
-
-def closing_suffix(arguments: str) -> str | None:
-    """Suffix making tool arguments a complete JSON object ("" if complete or empty), else None."""
-    if not arguments.strip():
-        return ""
-    suffix = json_completion(arguments)
-    if suffix is None or not isinstance(json.loads(arguments + suffix), dict):
-        return None
-    return suffix
-
-
-def is_complete_object(arguments: str) -> bool:
-    return bool(arguments.strip()) and closing_suffix(arguments) == ""
-
-
-def parse_tool_arguments(arguments: str | dict | None) -> dict:
-    """Tool input from an arguments string, repairing truncation; TranslationError if impossible."""
+def tool_input(arguments: str | dict | None) -> dict | None:
+    """Tool input from upstream arguments that are one whole JSON object (none, or only blanks, mean {});
+    None for anything else, such as a call the output limit cut. A cut call is never completed."""
     if isinstance(arguments, dict):
         return arguments
     text = arguments or ""
-    suffix = closing_suffix(text)
-    if suffix is None:
-        raise TranslationError(f"upstream tool call arguments are not a JSON object: {text[:200]!r}")
-    return json.loads(text + suffix) if text.strip() else {}
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def has_whole_arguments(arguments: str) -> bool:
+    """Whether streamed arguments have begun and already form a whole JSON object."""
+    return bool(arguments.strip()) and tool_input(arguments) is not None
 
 
 def anthropic_stop_reason(finish_reason: str | None) -> str:
@@ -2398,10 +2484,30 @@ def message_text(content: str | list | None) -> str:
     return content or ""
 
 
+OPENAI_MESSAGE_SHAPE = {
+    "content": (str, [{"text": str}]),
+    "reasoning_content": str,
+    "reasoning": str,
+    "refusal": str,
+    "reasoning_details": [dict],
+    "tool_calls": [{"id": str, "index": int, "function": {"name": str, "arguments": (str, dict)}}],
+}
+OPENAI_ANSWER_SHAPE = {
+    "choices": [{"index": int, "finish_reason": str, "message": OPENAI_MESSAGE_SHAPE, "delta": OPENAI_MESSAGE_SHAPE}],
+    "usage": {
+        "prompt_tokens": int,
+        "completion_tokens": int,
+        "prompt_cache_hit_tokens": int,
+        "prompt_tokens_details": {"cached_tokens": int, "cache_write_tokens": int},
+    },
+}
+
+
 def openai_to_anthropic_response(
     data: dict, model: str, tool_names: dict[str, str] | None = None, flavor: str = "openai"
 ) -> dict:
     """Anthropic message for a non-streaming chat completion; TranslationError when unusable."""
+    check_answer_shape(data, OPENAI_ANSWER_SHAPE)
     if data.get("error"):
         raise TranslationError(error_object_message(data["error"]), error_object_type(data["error"]))
     choices = data.get("choices") or []
@@ -2420,19 +2526,30 @@ def openai_to_anthropic_response(
     text = message_text(message.get("content")) or message.get("refusal") or ""
     if text:
         content.append({"type": "text", "text": text})
+    cut = False
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
+        arguments = tool_input(function.get("arguments"))
+        if finish_reason == "length" and (arguments is None or not function.get("name")):
+            cut = True  # the output limit cut this call: it is dropped, never completed
+            continue
         if not function.get("name"):
             raise TranslationError("upstream tool call has no name")
+        if arguments is None:
+            raise TranslationError(
+                f"upstream tool call arguments are not a JSON object: {str(function.get('arguments'))[:200]!r}"
+            )
         content.append(
             {
                 "type": "tool_use",
                 "id": anthropic_tool_id(call.get("id")),
                 "name": (tool_names or {}).get(function["name"], function["name"]),
-                "input": parse_tool_arguments(function.get("arguments")),
+                "input": arguments,
             }
         )
-    if message.get("tool_calls"):
+    if cut:
+        stop_reason = "max_tokens"
+    elif any(block["type"] == "tool_use" for block in content):
         stop_reason = "tool_use"
     elif message.get("refusal"):
         stop_reason = "refusal"
@@ -2470,7 +2587,7 @@ async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIte
         try:
             data = json.loads(payload)
         except ValueError:
-            raise TranslationError(f"upstream sent invalid JSON: {payload[:200]!r}") from None
+            raise MalformedAnswer(f"upstream sent invalid JSON: {payload[:200]!r}") from None
         frames = converter.feed(data)
         if frames:
             yield frames
@@ -2492,8 +2609,11 @@ class OpenAIChunkConverter:
     """Turns chat-completion chunks into Anthropic frames via one AnthropicStream.
 
     Tool calls are keyed by upstream id first, then by index. A call streams live while it owns the
-    open block; a call that appears while the live call's arguments are still incomplete JSON means
-    the calls interleave, and from then on every new call is held and emitted whole at the end.
+    open block (whose frames the AnthropicStream holds until it closes); a call that appears while
+    the live call's arguments are not yet a whole JSON object means the calls interleave, and from
+    then on every new call is held and emitted whole at the end. At the end, a call whose arguments
+    are not a whole object was cut by the output limit (finish_reason "length"): it is dropped and
+    the stop reason is max_tokens; with any other finish it is an upstream error.
     """
 
     def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str], flavor: str) -> None:
@@ -2514,8 +2634,7 @@ class OpenAIChunkConverter:
         """Frames for one parsed upstream chunk."""
         if self.stream.done:
             return b""
-        if not isinstance(chunk, dict):
-            return self.fail("api_error", f"upstream sent an unexpected chunk: {str(chunk)[:200]!r}")
+        check_answer_shape(chunk, OPENAI_ANSWER_SHAPE)
         if chunk.get("error"):
             return self.fail(error_object_type(chunk["error"]), error_object_message(chunk["error"]))
         if chunk.get("usage"):
@@ -2556,8 +2675,10 @@ class OpenAIChunkConverter:
         return frames
 
     def leave_tool(self) -> None:
-        """Mark the live call closed: the next block the stream opens closes it."""
+        """Mark the live call closed: the next block the stream opens closes it. Its arguments must be whole."""
         if self.live is not None:
+            if tool_input(self.live.args) is None:
+                self.fail("api_error", "upstream sent an incomplete tool call")
             self.live.state = "closed"
             self.live = None
 
@@ -2605,7 +2726,7 @@ class OpenAIChunkConverter:
             return b""
         if not call.name or self.hold_all:
             return b""
-        if self.live is not None and not is_complete_object(self.live.args):
+        if self.live is not None and not has_whole_arguments(self.live.args):
             self.hold_all = True
             return b""
         return self.emit_call(call, call.args)
@@ -2621,22 +2742,26 @@ class OpenAIChunkConverter:
             return b""
         if not (clean or self.finish_reason):
             return self.fail("api_error", "upstream stream ended before the response was complete")
+        cut = False
+        if self.live is not None and tool_input(self.live.args) is None:
+            cut = self.cut_call() and self.stream.drop_tool()
+            self.live = None
         frames = b""
-        if self.live is not None:
-            suffix = closing_suffix(self.live.args)
-            if suffix is None:
-                return self.fail("api_error", "upstream tool call arguments are not a JSON object")
-            frames += self.stream.tool_args(self.live.key, suffix)
         for call in self.calls:
-            if call.state != "pending":
-                continue
-            suffix = closing_suffix(call.args)
-            if not call.name or suffix is None:
-                return frames + self.fail("api_error", "upstream sent an incomplete tool call")
-            frames += self.emit_call(call, call.args + suffix)
+            if call.state == "pending":
+                if call.name and tool_input(call.args) is not None:
+                    frames += self.emit_call(call, call.args)
+                else:
+                    cut = self.cut_call()
         usage = anthropic_usage(self.usage) if self.usage else None
         stop_reason = "refusal" if self.refused else anthropic_stop_reason(self.finish_reason)
-        return frames + self.transition() + self.stream.finish(stop_reason, usage)
+        return frames + self.transition() + self.stream.finish(stop_reason, usage, cut)
+
+    def cut_call(self) -> bool:
+        """True for a call left incomplete by the output limit (dropped); an error after any other finish."""
+        if self.finish_reason != "length":
+            self.fail("api_error", "upstream sent an incomplete tool call")
+        return True
 
 
 def openai_stream_to_anthropic(
@@ -2694,7 +2819,8 @@ def openai_family_parse_response(data: dict, call: Call) -> dict:
 def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
     events = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
-    return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
+    frames = openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
+    return drained_after(frames, upstream)
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
@@ -2829,31 +2955,42 @@ def ollama_usage(data: dict) -> dict:
     }
 
 
+OLLAMA_ANSWER_SHAPE = {
+    "message": {"content": str, "thinking": str, "tool_calls": [{"function": {"name": str, "arguments": dict}}]},
+    "done": bool,
+    "done_reason": str,
+    "prompt_eval_count": int,
+    "eval_count": int,
+}
+
+
 class OllamaConverter:
-    """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream."""
+    """Feeds /api/chat answers (NDJSON stream lines, or one whole answer) into one AnthropicStream.
+
+    Ollama hands over each tool call parsed, so a cut one cannot be told from a whole one: when the answer
+    stops for length with a tool call as its last block, that call is taken as cut and dropped (max_tokens).
+    """
 
     def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str]) -> None:
         self.stream = AnthropicStream(model, input_tokens, "ollama")
         self.tool_names = tool_names
 
     def feed(self, data: Any) -> bytes:
-        if not isinstance(data, dict) or data.get("error"):
-            message = data.get("error") if isinstance(data, dict) else "unexpected NDJSON line"
-            return self.fail(str(message))
+        check_answer_shape(data, OLLAMA_ANSWER_SHAPE)
+        if data.get("error"):
+            return self.fail(str(data["error"]))
         message = data.get("message") or {}
         frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
         for tool_call in message.get("tool_calls") or ():
             function = tool_call.get("function") or {}
-            arguments = function.get("arguments")
-            if not isinstance(arguments, str):
-                arguments = dump_json(arguments or {}).decode()
+            arguments = dump_json(function.get("arguments") or {}).decode()
             key = object()
             name = function.get("name", "")
             frames += self.stream.tool_start(key, anthropic_tool_id(None), self.tool_names.get(name, name))
             frames += self.stream.tool_args(key, arguments)
         if data.get("done"):
             stop = OLLAMA_STOP.get(data.get("done_reason") or "stop", "end_turn")
-            frames += self.stream.finish(stop, ollama_usage(data))
+            frames += self.stream.finish(stop, ollama_usage(data), stop == "max_tokens" and self.stream.drop_tool())
         return frames
 
     def fail(self, message: str) -> NoReturn:
@@ -3297,8 +3434,31 @@ def gemini_usage(metadata: dict | None) -> dict:
     }
 
 
+GEMINI_TOKEN_COUNTS = (
+    "promptTokenCount",
+    "toolUsePromptTokenCount",
+    "cachedContentTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+)
+GEMINI_PART_SHAPE = {
+    "text": str,
+    "thought": bool,
+    "thoughtSignature": str,
+    "functionCall": {"name": str, "id": str, "args": dict},
+}
+GEMINI_ANSWER_SHAPE = {
+    "candidates": [{"content": {"parts": [GEMINI_PART_SHAPE]}, "finishReason": str}],
+    "promptFeedback": {"blockReason": str},
+    "usageMetadata": dict.fromkeys(GEMINI_TOKEN_COUNTS, int),
+}
+
+
 class GeminiConverter:
-    """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream."""
+    """Feeds GenerateContentResponse chunks (streamed or whole) into one AnthropicStream.
+
+    As for Ollama, a MAX_TOKENS stop with a functionCall as the last block drops that call (max_tokens).
+    """
 
     def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str]) -> None:
         self.stream = AnthropicStream(model, input_tokens, "gemini")
@@ -3308,8 +3468,7 @@ class GeminiConverter:
         self.blocked: str | None = None
 
     def feed(self, data: Any) -> bytes:
-        if not isinstance(data, dict):
-            self.fail("api_error", "unexpected chunk")
+        check_answer_shape(data, GEMINI_ANSWER_SHAPE)
         if data.get("error"):
             error = data["error"]
             message = error.get("message", "error") if isinstance(error, dict) else str(error)
@@ -3370,7 +3529,8 @@ class GeminiConverter:
             frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
         else:
             stop = "max_tokens" if reason == "MAX_TOKENS" else "end_turn"
-        return frames + self.stream.finish(stop, gemini_usage(self.usage))
+        cut = stop == "max_tokens" and self.stream.drop_tool()
+        return frames + self.stream.finish(stop, gemini_usage(self.usage), cut)
 
 
 def gemini_build_request(call: Call) -> UpstreamRequest:
@@ -3402,7 +3562,7 @@ def converter_transformer(
     def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
         chunks = payloads(upstream.content.iter_any())
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
-        return json_chunks_to_anthropic(converting, chunks)
+        return drained_after(json_chunks_to_anthropic(converting, chunks), upstream)
 
     return Transformer(build_request, parse_response, stream, inline_images=True)
 
@@ -3732,9 +3892,9 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
-        raise ProxyError(502, f"{provider.name} returned invalid JSON ({len(raw)} bytes)") from None
+        raise MalformedAnswer(f"{provider.name} returned invalid JSON ({len(raw)} bytes)") from None
     if not isinstance(data, dict):
-        raise ProxyError(502, f"{provider.name} returned JSON that is not an object")
+        raise MalformedAnswer(f"{provider.name} returned JSON that is not an object")
     return data
 
 
@@ -4077,17 +4237,23 @@ def data_url_source(url: str) -> dict | None:
     return {"type": "base64", "media_type": head[5:-7], "data": data}
 
 
+OPENAI_CLIENT_TOOL_CALLS_SHAPE = [{"id": str, "function": {"name": str, "arguments": str}}]
+
+
 def openai_tool_calls_to_blocks(tool_calls: Any) -> list[dict]:
+    """tool_use blocks for an assistant message's tool_calls; 400 when they are malformed."""
+    problem = shape_problem(tool_calls or [], OPENAI_CLIENT_TOOL_CALLS_SHAPE, "messages[].tool_calls")
+    if problem:
+        raise ProxyError(400, problem)
     blocks = []
     for call in tool_calls or ():
-        function = call.get("function") or {} if isinstance(call, dict) else {}
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            raise ProxyError(400, f"tool call {call.get('id')!r}: arguments are not valid JSON") from None
-        blocks.append(
-            {"type": "tool_use", "id": call.get("id", ""), "name": function.get("name", ""), "input": arguments}
-        )
+        function = call.get("function") or {}
+        if not function.get("name"):
+            raise ProxyError(400, f"tool call {call.get('id')!r}: function.name is required")
+        arguments = tool_input(function.get("arguments"))
+        if arguments is None:
+            raise ProxyError(400, f"tool call {call.get('id')!r}: arguments are not a JSON object")
+        blocks.append({"type": "tool_use", "id": call.get("id", ""), "name": function["name"], "input": arguments})
     return blocks
 
 
