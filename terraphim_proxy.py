@@ -1507,37 +1507,57 @@ JSON_TYPE_NAMES = {
 }
 
 
-def shape_problem(value: Any, shape: Any, path: str) -> str | None:
-    """Where `value` does not have `shape` (see above), or None when it does."""
-    misfit = shape_misfit(value, shape)
-    return None if misfit is None else f"{path}{misfit[0]} is not {misfit[1]}"
+Misfit = tuple[str, str]  # the path to the part that does not fit, and what it should be
+ShapeCheck = Callable[[Any], "Misfit | None"]
 
 
-def shape_misfit(value: Any, shape: Any) -> tuple[str, str] | None:
-    """The path below `value` to the first part that does not fit `shape`, and what it should be; None if all
-    fits. Paths are built only for a misfit, so a fitting answer costs only the type checks."""
+def shape_check(shape: Any) -> ShapeCheck:
+    """A function that finds where a value does not fit `shape` (see above), or None when all fits. Built once
+    per shape, so a fitting answer costs only its type checks, and paths are made only for a misfit."""
     if isinstance(shape, dict):
+        return object_check(shape)
+    if isinstance(shape, list):
+        item_check = shape_check(shape[0])
+        name = shape_name(shape)
+
+        def check_list(value: Any) -> Misfit | None:
+            if not isinstance(value, list):
+                return "", name
+            for index, item in enumerate(value):
+                misfit = item_check(item)
+                if misfit is not None:
+                    return f"[{index}]{misfit[0]}", misfit[1]
+            return None
+
+        return check_list
+    if isinstance(shape, tuple):
+        options = tuple(map(shape_check, shape))
+        names = " or ".join(map(shape_name, shape))
+        return lambda value: None if any(option(value) is None for option in options) else ("", names)
+    name = shape_name(shape)
+    return lambda value: None if isinstance(value, shape) else ("", name)
+
+
+def object_check(shape: dict) -> ShapeCheck:
+    """shape_check for an object: its keys of a plain type are checked inline, the others by their own check."""
+    plain = tuple((key, item) for key, item in shape.items() if isinstance(item, type))
+    nested = tuple((key, shape_check(item)) for key, item in shape.items() if not isinstance(item, type))
+
+    def check_object(value: Any) -> Misfit | None:
         if not isinstance(value, dict):
-            return "", shape_name(shape)
-        for key, item_shape in shape.items():
+            return "", "an object"
+        for key, kind in plain:
             item = value.get(key)
-            misfit = None if item is None else shape_misfit(item, item_shape)
+            if item is not None and not isinstance(item, kind):
+                return f".{key}", shape_name(kind)
+        for key, check in nested:
+            item = value.get(key)
+            misfit = None if item is None else check(item)
             if misfit is not None:
                 return f".{key}{misfit[0]}", misfit[1]
         return None
-    if isinstance(shape, list):
-        if not isinstance(value, list):
-            return "", shape_name(shape)
-        for index, item in enumerate(value):
-            misfit = shape_misfit(item, shape[0])
-            if misfit is not None:
-                return f"[{index}]{misfit[0]}", misfit[1]
-        return None
-    if isinstance(shape, tuple):
-        if any(shape_misfit(value, option) is None for option in shape):
-            return None
-        return "", " or ".join(map(shape_name, shape))
-    return None if isinstance(value, shape) else ("", shape_name(shape))
+
+    return check_object
 
 
 def shape_name(shape: Any) -> str:
@@ -1545,9 +1565,15 @@ def shape_name(shape: Any) -> str:
     return JSON_TYPE_NAMES.get(type(shape) if isinstance(shape, (dict, list)) else shape, "a value")
 
 
-def check_answer_shape(data: Any, shape: Any) -> None:
+def shape_problem(value: Any, check: ShapeCheck, path: str) -> str | None:
+    """Where `value` does not fit the shape of `check`, in words, or None when it fits."""
+    misfit = check(value)
+    return None if misfit is None else f"{path}{misfit[0]} is not {misfit[1]}"
+
+
+def check_answer_shape(data: Any, check: ShapeCheck) -> None:
     """MalformedAnswer when an upstream answer or chunk does not have its format's shape."""
-    problem = shape_problem(data, shape, "answer")
+    problem = shape_problem(data, check, "answer")
     if problem:
         raise MalformedAnswer(f"upstream answered with JSON of the wrong shape: {problem}")
 
@@ -2492,15 +2518,19 @@ OPENAI_MESSAGE_SHAPE = {
     "reasoning_details": [dict],
     "tool_calls": [{"id": str, "index": int, "function": {"name": str, "arguments": (str, dict)}}],
 }
-OPENAI_ANSWER_SHAPE = {
-    "choices": [{"index": int, "finish_reason": str, "message": OPENAI_MESSAGE_SHAPE, "delta": OPENAI_MESSAGE_SHAPE}],
-    "usage": {
-        "prompt_tokens": int,
-        "completion_tokens": int,
-        "prompt_cache_hit_tokens": int,
-        "prompt_tokens_details": {"cached_tokens": int, "cache_write_tokens": int},
-    },
-}
+OPENAI_ANSWER_SHAPE = shape_check(
+    {
+        "choices": [
+            {"index": int, "finish_reason": str, "message": OPENAI_MESSAGE_SHAPE, "delta": OPENAI_MESSAGE_SHAPE}
+        ],
+        "usage": {
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "prompt_cache_hit_tokens": int,
+            "prompt_tokens_details": {"cached_tokens": int, "cache_write_tokens": int},
+        },
+    }
+)
 
 
 def openai_to_anthropic_response(
@@ -2955,13 +2985,15 @@ def ollama_usage(data: dict) -> dict:
     }
 
 
-OLLAMA_ANSWER_SHAPE = {
-    "message": {"content": str, "thinking": str, "tool_calls": [{"function": {"name": str, "arguments": dict}}]},
-    "done": bool,
-    "done_reason": str,
-    "prompt_eval_count": int,
-    "eval_count": int,
-}
+OLLAMA_ANSWER_SHAPE = shape_check(
+    {
+        "message": {"content": str, "thinking": str, "tool_calls": [{"function": {"name": str, "arguments": dict}}]},
+        "done": bool,
+        "done_reason": str,
+        "prompt_eval_count": int,
+        "eval_count": int,
+    }
+)
 
 
 class OllamaConverter:
@@ -3447,11 +3479,13 @@ GEMINI_PART_SHAPE = {
     "thoughtSignature": str,
     "functionCall": {"name": str, "id": str, "args": dict},
 }
-GEMINI_ANSWER_SHAPE = {
-    "candidates": [{"content": {"parts": [GEMINI_PART_SHAPE]}, "finishReason": str}],
-    "promptFeedback": {"blockReason": str},
-    "usageMetadata": dict.fromkeys(GEMINI_TOKEN_COUNTS, int),
-}
+GEMINI_ANSWER_SHAPE = shape_check(
+    {
+        "candidates": [{"content": {"parts": [GEMINI_PART_SHAPE]}, "finishReason": str}],
+        "promptFeedback": {"blockReason": str},
+        "usageMetadata": dict.fromkeys(GEMINI_TOKEN_COUNTS, int),
+    }
+)
 
 
 class GeminiConverter:
@@ -4038,7 +4072,8 @@ class ClientStream:
     """The event stream to one client. It begins at its first write: the answer's first frame, or a ping once
     the wait for that frame has been silent for `ping_s`. While it is kept alive (keep_alive), a ping goes out
     after every `ping_s` of silence, before the first upstream byte as after it, so that proxies and clients in
-    between do not time out while a model thinks. One lock keeps a ping from cutting into a frame."""
+    between do not time out while a model thinks. A timer checks for silence; each write is one transport
+    write, so a ping never cuts into a frame, and only the response's start takes a lock."""
 
     def __init__(self, request: web.Request, dialect: Dialect, ping_s: float):
         self.request = request
@@ -4046,42 +4081,52 @@ class ClientStream:
         self.ping_s = ping_s
         self.headers: dict[str, str] = {}  # for the response, if it begins now
         self.response: web.StreamResponse | None = None
-        self.lock = asyncio.Lock()
+        self.starting = asyncio.Lock()
         self.loop = asyncio.get_running_loop()
         self.last_write = self.loop.time()
-        self.pinger: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.pinging: asyncio.Task | None = None
 
     @property
     def started(self) -> bool:
         return self.response is not None
 
     async def write(self, data: bytes) -> None:
-        async with self.lock:
-            await self._write(data)
-
-    async def _write(self, data: bytes) -> None:
         if self.response is None:
-            self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self.headers})
-            await self.response.prepare(self.request)
+            async with self.starting:
+                if self.response is None:
+                    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self.headers})
+                    await response.prepare(self.request)
+                    self.response = response
         await self.response.write(data)
         self.last_write = self.loop.time()
 
     def keep_alive(self) -> None:
-        if self.ping_s > 0 and self.pinger is None:
-            self.pinger = asyncio.create_task(self._ping_when_silent())
+        if self.ping_s > 0 and self.timer is None:
+            self.timer = self.loop.call_later(self.ping_s, self._ping_if_silent)
 
-    async def _ping_when_silent(self) -> None:
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                await asyncio.sleep(self.last_write + self.ping_s - self.loop.time())
-                async with self.lock:
-                    if self.loop.time() - self.last_write >= self.ping_s:
-                        await self._write(self.dialect.ping)
+    def _ping_if_silent(self) -> None:
+        silent = self.loop.time() - self.last_write
+        if silent >= self.ping_s and self.pinging is None:
+            self.pinging = self.loop.create_task(self._ping())
+            silent = 0.0
+        self.timer = self.loop.call_later(self.ping_s - silent, self._ping_if_silent)
+
+    async def _ping(self) -> None:
+        try:
+            await self.write(self.dialect.ping)
+        except ConnectionResetError:
+            pass  # the client is gone; the request's own path ends the stream
+        finally:
+            self.pinging = None
 
     def stop_pings(self) -> None:
-        if self.pinger is not None:
-            self.pinger.cancel()
-            self.pinger = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pinging is not None:
+            self.pinging.cancel()
+            self.pinging = None
 
     async def end(self, err: ProxyError | None = None) -> web.StreamResponse:
         """Stop the pings, write the error event if there is one, and end the stream."""
@@ -4237,7 +4282,7 @@ def data_url_source(url: str) -> dict | None:
     return {"type": "base64", "media_type": head[5:-7], "data": data}
 
 
-OPENAI_CLIENT_TOOL_CALLS_SHAPE = [{"id": str, "function": {"name": str, "arguments": str}}]
+OPENAI_CLIENT_TOOL_CALLS_SHAPE = shape_check([{"id": str, "function": {"name": str, "arguments": str}}])
 
 
 def openai_tool_calls_to_blocks(tool_calls: Any) -> list[dict]:
