@@ -2002,7 +2002,10 @@ async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
     """Read what follows an answer's last frame, briefly, so the connection can go back to the pool;
     a fault there is not the answer's."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
+        if upstream.content.is_eof():  # the usual case: the body's end came with the last frame
+            upstream.content.read_nowait()
+        else:
+            await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
 
 
 def error_event_type(frames: bytes) -> str | None:
