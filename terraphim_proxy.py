@@ -1531,17 +1531,24 @@ def shape_check(shape: Any) -> ShapeCheck:
 
         return check_list
     if isinstance(shape, tuple):
-        options = tuple(map(shape_check, shape))
+        types = tuple(option for option in shape if isinstance(option, type))
+        others = tuple(shape_check(option) for option in shape if not isinstance(option, type))
         names = " or ".join(map(shape_name, shape))
-        return lambda value: None if any(option(value) is None for option in options) else ("", names)
+
+        def check_any(value: Any) -> Misfit | None:
+            if isinstance(value, types) or any(other(value) is None for other in others):
+                return None
+            return "", names
+
+        return check_any
     name = shape_name(shape)
     return lambda value: None if isinstance(value, shape) else ("", name)
 
 
 def object_check(shape: dict) -> ShapeCheck:
     """shape_check for an object: its keys of a plain type are checked inline, the others by their own check."""
-    plain = tuple((key, item) for key, item in shape.items() if isinstance(item, type))
-    nested = tuple((key, shape_check(item)) for key, item in shape.items() if not isinstance(item, type))
+    plain = tuple((key, item) for key, item in shape.items() if is_plain(item))
+    nested = tuple((key, shape_check(item)) for key, item in shape.items() if not is_plain(item))
 
     def check_object(value: Any) -> Misfit | None:
         if not isinstance(value, dict):
@@ -1549,7 +1556,7 @@ def object_check(shape: dict) -> ShapeCheck:
         for key, kind in plain:
             item = value.get(key)
             if item is not None and not isinstance(item, kind):
-                return f".{key}", shape_name(kind)
+                return f".{key}", " or ".join(map(shape_name, kind)) if isinstance(kind, tuple) else shape_name(kind)
         for key, check in nested:
             item = value.get(key)
             misfit = None if item is None else check(item)
@@ -1558,6 +1565,11 @@ def object_check(shape: dict) -> ShapeCheck:
         return None
 
     return check_object
+
+
+def is_plain(shape: Any) -> bool:
+    """Whether a shape is a type, or a tuple of types: one isinstance call checks it."""
+    return isinstance(shape, type) or (isinstance(shape, tuple) and all(isinstance(s, type) for s in shape))
 
 
 def shape_name(shape: Any) -> str:
@@ -1991,7 +2003,6 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
         yield ready
         if ends_anthropic_stream(ready):
             call.exchange.outcome = error_event_type(ready) or call.exchange.outcome
-            await drain_upstream(upstream)
             return
     if not started:
         raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
@@ -2020,15 +2031,6 @@ def error_event_type(frames: bytes) -> str | None:
             error = None
         return error if isinstance(error, str) and error else "api_error"
     return None
-
-
-async def drained_after(frames: AsyncIterator[bytes], upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The frames of a translated stream, then the rest of the upstream body after its end marker (`[DONE]`,
-    Ollama's `done`) is read, so the connection can go back to the pool."""
-    async with contextlib.aclosing(frames):
-        async for frame in frames:
-            yield frame
-    await drain_upstream(upstream)
 
 
 def ends_anthropic_stream(frames: bytes) -> bool:
@@ -2852,8 +2854,7 @@ def openai_family_parse_response(data: dict, call: Call) -> dict:
 def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
     events = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
-    frames = openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
-    return drained_after(frames, upstream)
+    return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
@@ -3599,7 +3600,7 @@ def converter_transformer(
     def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
         chunks = payloads(upstream.content.iter_any())
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
-        return drained_after(json_chunks_to_anthropic(converting, chunks), upstream)
+        return json_chunks_to_anthropic(converting, chunks)
 
     return Transformer(build_request, parse_response, stream, inline_images=True)
 
@@ -4174,6 +4175,8 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
         except aiohttp.ClientError as exc:
             ending = failure(ProxyError(502, f"stream failed: {type(exc).__name__}"))
         response = await stream.end(ending)
+        if ending is None:  # after the client's stream has ended, so it never waits for this
+            await drain_upstream(answer.upstream)
     except ConnectionResetError:
         exchange.outcome = "client_closed"
         stream.stop_pings()
