@@ -232,6 +232,25 @@ class Timeouts:
     total_ms: int = DEFAULT_TIMEOUT_MS  # a whole non-streaming answer
     stream_ms: int = 3_600_000  # a whole stream
 
+    def client_timeout(self, stream: bool) -> aiohttp.ClientTimeout:
+        """aiohttp's part of the limits, built once per config: the wait for a pooled connection plus its
+        connect, the connect alone, the silence between reads and, without streaming, the total."""
+        return self.stream_client_timeout if stream else self.whole_client_timeout
+
+    @functools.cached_property
+    def stream_client_timeout(self) -> aiohttp.ClientTimeout:
+        return self.aiohttp_timeout(None)
+
+    @functools.cached_property
+    def whole_client_timeout(self) -> aiohttp.ClientTimeout:
+        return self.aiohttp_timeout(self.total_ms / 1000)
+
+    def aiohttp_timeout(self, total: float | None) -> aiohttp.ClientTimeout:
+        connect = (self.pool_ms + self.connect_ms) / 1000
+        return aiohttp.ClientTimeout(
+            total=total, connect=connect, sock_connect=self.connect_ms / 1000, sock_read=self.idle_ms / 1000
+        )
+
 
 def output_limit_key(model: str) -> str:
     """A model as MODEL_OUTPUT_LIMITS spells it: no provider prefix or date suffix, lower case, dots as dashes."""
@@ -785,15 +804,8 @@ class ProxyError(Exception):
         self.upstream_status = upstream_status
 
 
-def redact(text: str) -> str:
-    """The text without any configured key (upstream errors may quote the key they were sent)."""
-    for secret in REDACTOR.secrets:
-        text = text.replace(secret, "[redacted]")
-    return text
-
-
 def error_body(error_type: str, message: str, request_id: str | None = None) -> dict:
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": redact(message)}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
     if request_id:
         body["request_id"] = request_id
     return body
@@ -858,20 +870,23 @@ def escape_controls(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces configured keys in log records and escapes their control characters, whatever the level."""
+    """Replaces one app's configured keys in log records and escapes their control characters, whatever the
+    level. Each app has its own, attached to the proxy's logger and the root handlers while the app runs
+    (redaction_ctx), so two apps in one process each redact their own keys and never hold the other's."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets: list[str] = []
+        self.secrets = secrets
+
+    def redact(self, text: str) -> str:
+        """The text without any configured key (upstream errors may quote the key they were sent)."""
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        record.msg, record.args = escape_controls(redact(text) if self.secrets else text), None
+        record.msg, record.args = escape_controls(self.redact(record.getMessage())), None
         return True
-
-
-REDACTOR = RedactingFilter()
-log.addFilter(REDACTOR)  # on the logger, so every handler gets redacted records
 
 
 # ---------------------------------------------------------------------------
@@ -1384,6 +1399,7 @@ class Call:
     client_headers: Mapping[str, str]
     input_tokens: int
     exchange: Exchange
+    caches: TranslationCaches
     api_key: str = ""  # the key this attempt uses (providers may have several)
     raw: RawBody | None = None  # the body as received, when `body` is still its parsed form
 
@@ -1828,8 +1844,26 @@ def message_to_frames(message: dict) -> bytes:
     return b"".join(frames)
 
 
-TOOLS_JSON_CACHE: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
-TOOLS_JSON_CACHE_SIZE = 64
+class TranslationCaches:
+    """What translators reuse across requests, per app: the serialised tools and Gemini's converted declarations
+    of each distinct client tools text, least recently used first out."""
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self.tools_json: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self.gemini_declarations: collections.OrderedDict[tuple, list[dict]] = collections.OrderedDict()
+
+    def get(self, cache: collections.OrderedDict, key: tuple) -> Any:
+        value = cache.get(key)
+        if value is not None:
+            cache.move_to_end(key)
+        return value
+
+    def put(self, cache: collections.OrderedDict, key: tuple, value: Any) -> None:
+        cache[key] = value
+        if len(cache) > self.SIZE:
+            cache.popitem(last=False)
 
 
 def tools_text_key(call: Call) -> tuple[int, int] | None:
@@ -1850,11 +1884,11 @@ def payload_json(payload: dict, tools_key: str, call: Call, variant: str = "") -
     if not tools or text_key is None:
         return dump_json(payload)
     key = (call.provider.type, variant, *text_key)
-    cached = TOOLS_JSON_CACHE.get(key)
+    caches = call.caches
+    cached = caches.get(caches.tools_json, key)
     if cached is None:
-        cached = TOOLS_JSON_CACHE[key] = dump_json(tools)
-        if len(TOOLS_JSON_CACHE) > TOOLS_JSON_CACHE_SIZE:
-            TOOLS_JSON_CACHE.popitem(last=False)
+        cached = dump_json(tools)
+        caches.put(caches.tools_json, key, cached)
     rest = dump_json({k: v for k, v in payload.items() if k != tools_key})
     joint = b"," if len(rest) > 2 else b""
     return rest[:-1] + joint + dump_json(tools_key) + b":" + cached + b"}"
@@ -3296,22 +3330,18 @@ def gemini_function(tool: dict, client_name: str, json_schema: bool) -> dict:
     return declaration
 
 
-GEMINI_TOOLS_CACHE: collections.OrderedDict[tuple, list[dict]] = collections.OrderedDict()
-
-
 def gemini_declarations(call: Call, json_schema: bool) -> list[dict]:
     """The functionDeclarations of the client's tools, converted once per schema form and distinct tools text."""
     text_key = tools_text_key(call)
     key = (json_schema, *text_key) if text_key else None
-    cached = GEMINI_TOOLS_CACHE.get(key) if key else None
+    caches = call.caches
+    cached = caches.get(caches.gemini_declarations, key) if key else None
     if cached is None:
         names = tool_name_map(call.body)
         tools = function_tools(call.body)
         cached = [gemini_function(tool, names.get(tool["name"], tool["name"]), json_schema) for tool in tools]
         if key:
-            GEMINI_TOOLS_CACHE[key] = cached
-            if len(GEMINI_TOOLS_CACHE) > TOOLS_JSON_CACHE_SIZE:
-                GEMINI_TOOLS_CACHE.popitem(last=False)
+            caches.put(caches.gemini_declarations, key, cached)
     return cached
 
 
@@ -3628,17 +3658,6 @@ MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
 KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long as retry-after says)
 
 
-@functools.lru_cache(maxsize=64)
-def client_timeout(limits: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
-    """aiohttp's part of the limits: the wait for a pooled connection plus its connect, the connect alone, the
-    silence between reads and, without streaming, the total."""
-    total = None if stream else limits.total_ms / 1000
-    connect = (limits.pool_ms + limits.connect_ms) / 1000
-    return aiohttp.ClientTimeout(
-        total=total, connect=connect, sock_connect=limits.connect_ms / 1000, sock_read=limits.idle_ms / 1000
-    )
-
-
 def new_client_session(config: Config) -> aiohttp.ClientSession:
     """The upstream session. Its pool has no per-host cap, and no cap at all unless `upstream_connections` sets
     one, so it never holds requests back below the max_in_flight limits."""
@@ -3950,7 +3969,7 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
     """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
     provider = call.provider
     upstream = await open_upstream(
-        session, translated_request(transformer, call), provider, client_timeout(provider.timeouts, stream)
+        session, translated_request(transformer, call), provider, provider.timeouts.client_timeout(stream)
     )
     try:
         if not stream:
@@ -4032,7 +4051,8 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
             reason = cooldowns.reasons[provider.name]
             raise ProxyError(502, f"{provider.name} is marked down for {math.ceil(resting)} s more after: {reason}")
         tokens = incoming.hints.token_count
-        call = Call(body, target.model, provider, request.headers, tokens, exchange, ring.pick(), incoming.raw)
+        caches = request.app[STATE].caches
+        call = Call(body, target.model, provider, request.headers, tokens, exchange, caches, ring.pick(), incoming.raw)
         try:
             starting = start_answer(request.app[SESSION], transformer, call, stream)
             if stream:
@@ -4149,7 +4169,7 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
     assert answer.frames is not None
     exchange = request[EXCHANGE]
     dialect = stream.dialect
-    translate = dialect.frames() if dialect.frames is not None else bytes
+    translate = dialect.frames(request.app[STATE].redactor.redact) if dialect.frames is not None else bytes
     watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
 
     def failure(err: ProxyError) -> ProxyError:
@@ -4196,7 +4216,9 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
 
 
 async def write_error_event(stream: ClientStream, exchange: Exchange, err: ProxyError) -> None:
+    """The event that ends a failed stream, without any of the app's keys."""
     exchange.outcome = err.error_type
+    err.message = stream.request.app[STATE].redactor.redact(err.message)
     await stream.write(stream.dialect.error_event(err, exchange.request_id))
 
 
@@ -4223,7 +4245,7 @@ class Dialect:
     `ping` keeps a silent stream alive."""
 
     message: Callable[[dict], dict]
-    frames: Callable[[], Callable[[bytes], bytes]] | None
+    frames: Callable[[Callable[[str], str]], Callable[[bytes], bytes]] | None  # given the app's redact
     error_event: Callable[[ProxyError, str], bytes]
     ping: bytes = ANTHROPIC_PING
 
@@ -4237,7 +4259,7 @@ ANTHROPIC_DIALECT = Dialect(lambda message: message, None, anthropic_error_event
 
 def openai_error_body(err: ProxyError) -> dict:
     kind = err.error_type if err.status < 500 else "server_error"
-    return {"error": {"message": redact(err.message), "type": kind, "param": None, "code": err.error_type}}
+    return {"error": {"message": err.message, "type": kind, "param": None, "code": err.error_type}}
 
 
 def openai_error_event(err: ProxyError, request_id: str) -> bytes:
@@ -4245,8 +4267,8 @@ def openai_error_event(err: ProxyError, request_id: str) -> bytes:
 
 
 def openai_dialect(model: str, include_usage: bool) -> Dialect:
-    def frames() -> Callable[[bytes], bytes]:
-        return OpenAIChunkWriter(model, include_usage).feed
+    def frames(redact: Callable[[str], str]) -> Callable[[bytes], bytes]:
+        return OpenAIChunkWriter(model, include_usage, redact).feed
 
     return Dialect(
         lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event, OPENAI_PING
@@ -4422,9 +4444,10 @@ def anthropic_to_openai_completion(message: dict, model: str) -> dict:
 class OpenAIChunkWriter:
     """Turns Anthropic SSE frames (whole frames, as the relay passes them) into chat.completion.chunk frames."""
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, redact: Callable[[str], str]) -> None:
         self.model = model
         self.include_usage = include_usage
+        self.redact = redact  # for an upstream's error event, which may quote the key it was sent
         self.id = "chatcmpl-" + random_base62(24)
         self.created = int(time.time())
         self.usage: dict = {}
@@ -4473,7 +4496,8 @@ class OpenAIChunkWriter:
             return usage + b"data: [DONE]\n\n"
         if kind == "error":
             err = event.get("error") or {}
-            return openai_error_event(ProxyError(502, err.get("message", "error"), err.get("type")), "")
+            message = self.redact(str(err.get("message", "error")))
+            return openai_error_event(ProxyError(502, message, err.get("type")), "")
         return b""
 
 
@@ -4694,6 +4718,8 @@ class ProxyState:
         self.metrics = Metrics()
         self.open_streams: set[Answer] = set()
         self.shutting_down = False
+        self.caches = TranslationCaches()
+        self.redactor = RedactingFilter(config.secrets())
 
     def cut_open_streams(self) -> None:
         """At the end of the shutdown drain: close the upstream of every stream still open, so each ends with
@@ -4703,7 +4729,7 @@ class ProxyState:
 
     def reload(self, config: Config) -> None:
         self.current = Snapshot.of(config)
-        REDACTOR.secrets = config.secrets()
+        self.redactor.secrets = config.secrets()
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -4730,16 +4756,16 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
         try:
             response = await handler(request)
         except ProxyError as err:
-            response = error_response(err, exchange.request_id, speaks_openai(request))
+            response = error_response(request, err)
         except web.HTTPException as exc:
-            response = error_response(http_exception_error(exc, request), exchange.request_id, speaks_openai(request))
+            response = error_response(request, http_exception_error(exc, request))
         except (ConnectionResetError, asyncio.CancelledError):
             exchange.outcome = "client_closed"
             raise
         except Exception:
             log.exception("request %s failed inside the proxy", exchange.request_id)
             err = ProxyError(500, f"internal proxy error (request {exchange.request_id})")
-            response = error_response(err, exchange.request_id, speaks_openai(request))
+            response = error_response(request, err)
         status = response.status
         if not response.prepared:
             response.headers["request-id"] = exchange.request_id
@@ -4798,9 +4824,13 @@ def speaks_openai(request: web.Request) -> bool:
     return request.path == "/v1/models" and "anthropic-version" not in request.headers
 
 
-def error_response(err: ProxyError, request_id: str, openai: bool = False) -> web.Response:
-    """The error in the client's dialect."""
-    body = openai_error_body(err) if openai else error_body(err.error_type, err.message, request_id)
+def error_response(request: web.Request, err: ProxyError) -> web.Response:
+    """The error in the client's dialect, without any of the app's keys (upstream errors may quote them)."""
+    err.message = request.app[STATE].redactor.redact(err.message)
+    if speaks_openai(request):
+        body = openai_error_body(err)
+    else:
+        body = error_body(err.error_type, err.message, request[EXCHANGE].request_id)
     return web.Response(status=err.status, body=dump_json(body), content_type="application/json", headers=err.headers)
 
 
@@ -5156,7 +5186,8 @@ async def count_tokens(request: web.Request, incoming: Incoming) -> web.Response
     exchange.provider, exchange.model = provider.name, target.model
     count_url = TRANSFORMERS[provider.type].count_tokens_url
     if snapshot.config.upstream_count_tokens and count_url is not None:
-        call = Call(incoming.body, target.model, provider, request.headers, hints.token_count, exchange)
+        caches = request.app[STATE].caches
+        call = Call(incoming.body, target.model, provider, request.headers, hints.token_count, exchange, caches)
         call = replace(call, api_key=snapshot.keyrings[provider.name].pick())
         exact = await upstream_token_count(request.app[SESSION], call, count_url(provider))
         if exact is not None:
@@ -5270,6 +5301,18 @@ async def handle_root(request: web.Request) -> web.Response:
     return web.json_response({"name": "terraphim-proxy", "version": __version__})
 
 
+async def redaction_ctx(app: web.Application) -> AsyncIterator[None]:
+    """While the app runs, its redacting filter sits on the proxy's logger and on the root logger's handlers
+    (which other libraries' records reach)."""
+    redactor = app[STATE].redactor
+    handlers = list(logging.getLogger().handlers)
+    for target in (log, *handlers):
+        target.addFilter(redactor)
+    yield
+    for target in (log, *handlers):
+        target.removeFilter(redactor)
+
+
 async def _client_session_ctx(
     app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
 ) -> AsyncIterator[None]:
@@ -5290,6 +5333,7 @@ def create_app(
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
     app[STARTED_WALL] = time.time()
+    app.cleanup_ctx.append(redaction_ctx)
     app.cleanup_ctx.append(functools.partial(_client_session_ctx, image_resolver=image_resolver))
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -5299,7 +5343,6 @@ def create_app(
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/", handle_root)
-    REDACTOR.secrets = config.secrets()
     return app
 
 
@@ -5411,7 +5454,7 @@ def setup_logging(level: str, with_pid: bool = False, log_format: str = "text") 
     pid = " [%(process)d]" if with_pid else ""
     text = logging.Formatter(f"%(asctime)s %(levelname)s{pid} %(message)s")
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else text)
-    handler.addFilter(REDACTOR)
+    handler.addFilter(RedactingFilter([]))  # escapes control characters; a running app adds its own keys
     logging.getLogger().handlers[:] = [handler]
     apply_log_level(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -130,17 +130,18 @@ class LogCapture(logging.Handler):
 def log_capture() -> Iterator[None]:
     """Capture terraphim_proxy and aiohttp logs at DEBUG for every test of the file (debug paths included)."""
     handler = LogCapture(logging.DEBUG)
-    # As in production (setup_logging), the proxy's redacting filter sits on the handler: the last test checks
-    # what an operator's log would hold. Tracebacks are formatted after it, unredacted, as there too.
-    handler.addFilter(terraphim_proxy.REDACTOR)
+    # As in production (setup_logging), the handler sits on the root logger, where each running app adds its
+    # redacting filter: the last test checks what an operator's log would hold. Tracebacks are formatted after
+    # it, unredacted, as there too.
+    root = logging.getLogger()
+    root.addHandler(handler)
     loggers = [logging.getLogger(name) for name in ("terraphim_proxy", "aiohttp")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     yield
+    root.removeHandler(handler)
     for logger, level in zip(loggers, levels, strict=True):
-        logger.removeHandler(handler)
         logger.setLevel(level)
 
 
@@ -11791,7 +11792,7 @@ async def test_gemini_declarations_are_converted_once_per_tools_text(native: Nat
     tools = [{**NATIVE_READ_TOOL, "description": description}, NATIVE_GLOB_TOOL]
 
     def entries() -> list[list[dict]]:
-        cached = terraphim_proxy.GEMINI_TOOLS_CACHE.values()
+        cached = native.runners[-1].app[terraphim_proxy.STATE].caches.gemini_declarations.values()
         return [value for value in cached if value and value[0]["description"] == description]
 
     await native.send(False, messages=NATIVE_HELLO, tools=tools)
@@ -11990,6 +11991,57 @@ async def test_gemini_model_name_is_percent_encoded_in_the_url(native: NativeEnv
     assert (status, error_type) == (404, "not_found_error")
     assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
     assert f"models/{model} is not found" in text
+
+
+# ---------------------------------------------------------------------------
+# App state: nothing at import, each app its own keys and caches
+# ---------------------------------------------------------------------------
+
+
+def test_importing_the_module_adds_no_log_filter_and_holds_no_state() -> None:
+    script = (
+        "import logging, terraphim_proxy as tp; "
+        "loggers = [logging.getLogger(), logging.getLogger('terraphim_proxy')]; "
+        "print([f for logger in loggers for f in logger.filters] + [h for h in logging.getLogger().handlers])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
+
+
+async def test_two_apps_in_one_process_each_redact_their_own_keys_and_reload_only_their_own(
+    stand_in: StandIn, http: aiohttp.ClientSession
+) -> None:
+    keys = {"a": "sk-ant-app-a-" + os.urandom(6).hex(), "b": "sk-ant-app-b-" + os.urandom(6).hex()}
+    SECRETS.update(keys.values())
+
+    def echo_key(received: Received) -> Reply:  # upstreams quote the key they were sent in their errors
+        sent = {name.lower(): value for name, value in received.headers.items()}["x-api-key"]
+        return anthropic_error(401, "authentication_error", f"invalid x-api-key {sent}")
+
+    stand_in.answer = echo_key
+
+    def config(name: str) -> terraphim_proxy.Config:
+        provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "api_key": keys[name]}
+        return build_config({"router": {"default": "anthropic,model-x"}, "providers": [provider | {"retries": 0}]})
+
+    apps = {name: terraphim_proxy.create_app(config(name), shared_counter()) for name in keys}
+    served = {name: await serve_app(app) for name, app in apps.items()}
+    mark = len(CAPTURED_LOG)
+    try:
+        answers = [await call(http, f"{url}/v1/messages", request()) for _, url in served.values()]
+    finally:
+        for runner, _ in served.values():
+            await runner.cleanup()
+
+    for answer in answers:
+        answer.assert_error(401, "authentication_error", "invalid x-api-key [redacted]")
+    logged = "\n".join(CAPTURED_LOG[mark:])
+    assert logged and not any(key in logged for key in keys.values())
+    state_a, state_b = (app[terraphim_proxy.STATE] for app in apps.values())
+    assert keys["b"] not in state_a.redactor.secrets and keys["a"] not in state_b.redactor.secrets
+    state_a.reload(config("a"))
+    assert keys["b"] in state_b.redactor.secrets and state_a.caches is not state_b.caches
 
 
 # ===========================================================================
