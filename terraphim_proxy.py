@@ -3,6 +3,18 @@
 The module follows one request's path, and its sections come in that order:
 config, errors, token counting, analysis, routing, transformers, upstream client,
 SSE relay, HTTP app and handlers, CLI.
+
+The path of one Messages (or chat-completions) request, by function, and what each step hands on:
+    handle_messages / handle_chat_completions
+    -> serve_request        admit (auth, rate limit: a ConfigSnapshot), in_flight_slot, then
+    -> parse_and_route      read, parse, validate, analyse, route: a RoutedRequest (the RequestRecord,
+                            the request's log line, is filled in along the way)
+    -> serve_stream         for streams: a ClientStream kept alive with pings
+    -> try_targets          the route's targets in order, each with its retries
+    -> answer_from_target   one target: an UpstreamCall per attempt
+    -> start_upstream_answer  send it and wait for the first frame: an UpstreamAnswer
+    -> send_answer          the whole message, or
+    -> relay_stream         the frames, as they come, in the client's dialect
 """
 
 from __future__ import annotations
@@ -1375,7 +1387,7 @@ def choose_route(hints: Hints, config: Config, body: dict) -> Route:
 # ---------------------------------------------------------------------------
 # Transformers
 # ---------------------------------------------------------------------------
-# Each provider type has one entry in TRANSFORMERS, three functions of one upstream Call:
+# Each provider type has one entry in TRANSFORMERS, three functions of one UpstreamCall:
 #   build_request(call) -> UpstreamRequest
 #   parse_response(data, call) -> Anthropic message dict
 #   stream(upstream_response, call) -> async iterator of Anthropic SSE bytes
@@ -1390,7 +1402,7 @@ class UpstreamRequest:
 
 
 @dataclass(frozen=True)
-class Call:
+class UpstreamCall:
     """One upstream call: the client's (analysed) Anthropic request and the target it goes to."""
 
     body: dict
@@ -1398,7 +1410,7 @@ class Call:
     provider: Provider
     client_headers: Mapping[str, str]
     input_tokens: int
-    exchange: Exchange
+    record: RequestRecord
     caches: TranslationCaches
     api_key: str = ""  # the key this attempt uses (providers may have several)
     raw: RawBody | None = None  # the body as received, when `body` is still its parsed form
@@ -1412,9 +1424,9 @@ class Call:
 
 @dataclass(frozen=True)
 class Transformer:
-    build_request: Callable[[Call], UpstreamRequest]
-    parse_response: Callable[[dict, Call], dict]
-    stream: Callable[[aiohttp.ClientResponse, Call], AsyncIterator[bytes]]
+    build_request: Callable[[UpstreamCall], UpstreamRequest]
+    parse_response: Callable[[dict, UpstreamCall], dict]
+    stream: Callable[[aiohttp.ClientResponse, UpstreamCall], AsyncIterator[bytes]]
     count_tokens_url: Callable[[Provider], str] | None = None
     inline_images: bool = False  # the provider takes image bytes only, not URLs
 
@@ -1444,8 +1456,8 @@ def short_hash(text: str, length: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def proxy_signature(flavor: str, thinking: str, details: list[dict] | None = None) -> str:
-    """Signature of a proxy-made thinking block: "terraphim:<flavor>:<payload>".
+def proxy_signature(provider_type: str, thinking: str, details: list[dict] | None = None) -> str:
+    """Signature of a proxy-made thinking block: "terraphim:<provider_type>:<payload>".
 
     The payload is base64url(JSON) of OpenRouter's reasoning_details when there are any (so they can
     be sent back verbatim), else 16 hex digits of sha256(thinking). Anthropic never accepts it.
@@ -1455,7 +1467,7 @@ def proxy_signature(flavor: str, thinking: str, details: list[dict] | None = Non
         payload = base64.urlsafe_b64encode(packed.encode()).decode()
     else:
         payload = short_hash(thinking, 16)
-    return f"{PROXY_SIGNATURE_PREFIX}{flavor}:{payload}"
+    return f"{PROXY_SIGNATURE_PREFIX}{provider_type}:{payload}"
 
 
 def signature_details(signature: str) -> list[dict]:
@@ -1622,10 +1634,10 @@ class AnthropicStream:
     After finish() or error() every method returns b"".
     """
 
-    def __init__(self, model: str, input_tokens: int = 0, flavor: str = "openai") -> None:
+    def __init__(self, model: str, input_tokens: int = 0, provider_type: str = "openai") -> None:
         self.model = model
         self.input_tokens = input_tokens
-        self.flavor = flavor
+        self.provider_type = provider_type
         self.started = False
         self.done = False
         self.index = -1
@@ -1670,7 +1682,7 @@ class AnthropicStream:
             return b""
         frames = b""
         if self.open_kind == "thinking" and not self.signed:
-            signature = proxy_signature(self.flavor, "".join(self.thinking_parts))
+            signature = proxy_signature(self.provider_type, "".join(self.thinking_parts))
             frames += self._delta({"type": "signature_delta", "signature": signature})
         if self.open_kind == "tool_use":
             arguments = "".join(self.held_args)
@@ -1866,7 +1878,7 @@ class TranslationCaches:
             cache.popitem(last=False)
 
 
-def tools_text_key(call: Call) -> tuple[int, int] | None:
+def tools_text_key(call: UpstreamCall) -> tuple[int, int] | None:
     """A cache key for the client's tools text (like the token cache's), or None when the body's tools are
     not the text as received."""
     raw = call.raw
@@ -1875,7 +1887,7 @@ def tools_text_key(call: Call) -> tuple[int, int] | None:
     return raw.key_of(raw.spans["tools"])
 
 
-def payload_json(payload: dict, tools_key: str, call: Call, variant: str = "") -> bytes:
+def payload_json(payload: dict, tools_key: str, call: UpstreamCall, variant: str = "") -> bytes:
     """A translated payload as JSON. Its tools, the same ~65 KB that Claude Code sends every turn, are serialised
     once per provider type, `variant` (what else the translated tools depend on) and distinct client tools text
     (keyed like the token cache) and spliced in."""
@@ -1936,7 +1948,7 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
 ANTHROPIC_VERSION = "2023-06-01"
 
 
-def anthropic_headers(call: Call) -> dict[str, str]:
+def anthropic_headers(call: UpstreamCall) -> dict[str, str]:
     """The provider's key and the client's anthropic-version and anthropic-beta; never the client's own key."""
     headers = {
         "content-type": "application/json",
@@ -1976,7 +1988,7 @@ def with_output_cap(body: dict, cap: int | None) -> dict:
     return capped_body
 
 
-def anthropic_build_request(call: Call) -> UpstreamRequest:
+def anthropic_build_request(call: UpstreamCall) -> UpstreamRequest:
     """Pass-through: the client's body with only `model` replaced (and proxy-made thinking removed, and
     max_tokens lowered to the model's output cap).
 
@@ -1988,7 +2000,7 @@ def anthropic_build_request(call: Call) -> UpstreamRequest:
     return UpstreamRequest(f"{call.provider.api_base_url}/v1/messages", anthropic_headers(call), payload)
 
 
-def anthropic_parse_response(data: dict, call: Call) -> dict:
+def anthropic_parse_response(data: dict, call: UpstreamCall) -> dict:
     if data.get("type") != "message":
         raise MalformedAnswer(f"{call.provider.name} answered with JSON that is not a message")
     return {**data, "model": call.client_model}
@@ -1996,7 +2008,7 @@ def anthropic_parse_response(data: dict, call: Call) -> dict:
 
 def with_client_model(frames: bytes, model: str, provider: str) -> bytes:
     """The first frames of a stream, whose message_start (required, with JSON data) now names `model`
-    (see Call.client_model)."""
+    (see UpstreamCall.client_model)."""
     lines = frames.split(b"\n")
     for i, line in enumerate(lines):
         if line.startswith(b"data:"):
@@ -2016,7 +2028,7 @@ MAX_PENDING_FRAME_BYTES = 16 * 1024 * 1024  # an upstream frame larger than this
 END_DRAIN_S = 0.2  # after message_stop, how long to wait for the upstream's end so its connection can be reused
 
 
-async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
     """Relay Anthropic SSE as it arrives, cut at frame boundaries. The first frame must be a message_start;
     the stream ends at message_stop or an error event, and one that breaks off before either is an error."""
     pending = b""
@@ -2036,7 +2048,7 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: Call) -> Asyn
             started = True
         yield ready
         if ends_anthropic_stream(ready):
-            call.exchange.outcome = error_event_type(ready) or call.exchange.outcome
+            call.record.outcome = error_event_type(ready) or call.record.outcome
             return
     if not started:
         raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
@@ -2080,7 +2092,7 @@ def ends_anthropic_stream(frames: bytes) -> bool:
 # upstream call id with every character outside [A-Za-z0-9_-] replaced by "_" (random when upstream sent none);
 # going upstream, one leading "toolu_" is removed (openai_tool_id), alike for tool_use.id and
 # tool_result.tool_use_id, so pairs always match and ids the proxy made map back to the upstream's own.
-# Thinking made from upstream reasoning is signed "terraphim:<flavor>:<payload>" (proxy_signature);
+# Thinking made from upstream reasoning is signed "terraphim:<provider_type>:<payload>" (proxy_signature);
 # strip_proxy_thinking removes such blocks before a body goes to real Anthropic.
 
 TOOL_ERROR_PREFIX = "[tool error] "
@@ -2277,7 +2289,7 @@ def web_search_summary(block: dict) -> str:
     return "\n".join(["[web search results]", *lines])
 
 
-def assistant_message(blocks: list[dict], flavor: str, keep_cache: bool, passback: bool) -> dict:
+def assistant_message(blocks: list[dict], provider_type: str, keep_cache: bool, passback: bool) -> dict:
     parts: list[dict] = []
     calls: list[dict] = []
     thinking: list[str] = []
@@ -2298,9 +2310,9 @@ def assistant_message(blocks: list[dict], flavor: str, keep_cache: bool, passbac
     message: dict = {"role": "assistant", "content": parts}
     if calls:
         message["tool_calls"] = calls
-    if flavor == "deepseek" and passback:
+    if provider_type == "deepseek" and passback:
         message["reasoning_content"] = "\n".join(text for text in thinking if text)
-    if flavor == "openrouter" and details:
+    if provider_type == "openrouter" and details:
         message["reasoning_details"] = details
     return message
 
@@ -2330,7 +2342,7 @@ def finalize_content(parts: list[dict]) -> str | list[dict]:
     return parts
 
 
-def openai_messages(body: dict, flavor: str, keep_cache: bool, passback: bool) -> list[dict]:
+def openai_messages(body: dict, provider_type: str, keep_cache: bool, passback: bool) -> list[dict]:
     messages: list[dict] = []
     system = [part for block in as_blocks(body.get("system")) for part in content_parts(block, keep_cache)]
     if system:
@@ -2341,7 +2353,7 @@ def openai_messages(body: dict, flavor: str, keep_cache: bool, passback: bool) -
         blocks = as_blocks(message.get("content"))
         role = message.get("role")
         if role == "assistant":
-            converted = assistant_message(blocks, flavor, keep_cache, passback)
+            converted = assistant_message(blocks, provider_type, keep_cache, passback)
             call_ids = [call["id"] for call in converted.get("tool_calls", [])]
             messages += [*held, converted]
             held = []
@@ -2414,15 +2426,15 @@ def requested_effort(body: dict) -> str | None:
     return effort or ("medium" if kind == "adaptive" else None)
 
 
-def reasoning_params(body: dict, model: str, flavor: str) -> dict:
+def reasoning_params(body: dict, model: str, provider_type: str) -> dict:
     thinking = body.get("thinking") or {}
     kind = thinking.get("type")
     effort = requested_effort(body)
-    if flavor == "openai":
+    if provider_type == "openai":
         if effort in OPENAI_EFFORT and is_openai_reasoning_model(model):
             return {"reasoning_effort": OPENAI_EFFORT[effort]}
         return {}
-    if flavor == "openrouter":
+    if provider_type == "openrouter":
         if kind == "enabled" and thinking.get("budget_tokens"):
             return {"reasoning": {"max_tokens": thinking["budget_tokens"]}}
         return {"reasoning": {"effort": OPENROUTER_EFFORT[effort]}} if effort in OPENROUTER_EFFORT else {}
@@ -2442,13 +2454,13 @@ def response_format(body: dict) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": output_format["schema"]}}
 
 
-def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_cap: int | None = None) -> dict:
-    """Chat-completions payload for flavor "openai", "openrouter" or "deepseek"."""
-    keep_cache = flavor == "openrouter" and model.startswith("anthropic/")
+def anthropic_to_openai_request(body: dict, model: str, provider_type: str, max_tokens_cap: int | None = None) -> dict:
+    """Chat-completions payload for provider_type "openai", "openrouter" or "deepseek"."""
+    keep_cache = provider_type == "openrouter" and model.startswith("anthropic/")
     reasoning_model = is_openai_reasoning_model(model)
-    deepseek_thinks = flavor == "deepseek" and deepseek_thinking(body, model)
-    passback = flavor == "deepseek" and deepseek_reasoning_passback(body, model)
-    payload: dict = {"model": model, "messages": openai_messages(body, flavor, keep_cache, passback)}
+    deepseek_thinks = provider_type == "deepseek" and deepseek_thinking(body, model)
+    passback = provider_type == "deepseek" and deepseek_reasoning_passback(body, model)
+    payload: dict = {"model": model, "messages": openai_messages(body, provider_type, keep_cache, passback)}
 
     tools = body.get("tools") or []
     functions = openai_tools(tools)
@@ -2461,23 +2473,23 @@ def anthropic_to_openai_request(body: dict, model: str, flavor: str, max_tokens_
             payload["tool_choice"] = mapped
         if choice.get("disable_parallel_tool_use"):
             payload["parallel_tool_calls"] = False
-    if flavor == "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
+    if provider_type == "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
         payload["plugins"] = [{"id": "web"}]
 
     if body.get("max_tokens") is not None:
-        key = "max_completion_tokens" if flavor == "openai" and reasoning_model else "max_tokens"
+        key = "max_completion_tokens" if provider_type == "openai" and reasoning_model else "max_tokens"
         payload[key] = capped(body["max_tokens"], max_tokens_cap)
     if not reasoning_model:
-        sampling = ("temperature", "top_p", "top_k") if flavor == "openrouter" else ("temperature", "top_p")
+        sampling = ("temperature", "top_p", "top_k") if provider_type == "openrouter" else ("temperature", "top_p")
         payload.update({key: body[key] for key in sampling if body.get(key) is not None})
     if body.get("stop_sequences"):
         payload["stop"] = body["stop_sequences"][:MAX_STOP_SEQUENCES]
     user_id = (body.get("metadata") or {}).get("user_id")
     if user_id:
         payload["user"] = "u_" + short_hash(str(user_id), 16)
-    if flavor != "deepseek" and (fmt := response_format(body)):
+    if provider_type != "deepseek" and (fmt := response_format(body)):
         payload["response_format"] = fmt
-    payload.update(reasoning_params(body, model, flavor))
+    payload.update(reasoning_params(body, model, provider_type))
     if body.get("stream"):
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
@@ -2573,7 +2585,7 @@ OPENAI_ANSWER_SHAPE = shape_check(
 
 
 def openai_to_anthropic_response(
-    data: dict, model: str, tool_names: dict[str, str] | None = None, flavor: str = "openai"
+    data: dict, model: str, tool_names: dict[str, str] | None = None, provider_type: str = "openai"
 ) -> dict:
     """Anthropic message for a non-streaming chat completion; TranslationError when unusable."""
     check_answer_shape(data, OPENAI_ANSWER_SHAPE)
@@ -2588,9 +2600,9 @@ def openai_to_anthropic_response(
     message = choices[0].get("message") or {}
     content: list[dict] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
-    details = (message.get("reasoning_details") or []) if flavor == "openrouter" else []
+    details = (message.get("reasoning_details") or []) if provider_type == "openrouter" else []
     if reasoning or details:
-        signature = proxy_signature(flavor, reasoning, details)
+        signature = proxy_signature(provider_type, reasoning, details)
         content.append({"type": "thinking", "thinking": reasoning, "signature": signature})
     text = message_text(message.get("content")) or message.get("refusal") or ""
     if text:
@@ -2685,9 +2697,9 @@ class OpenAIChunkConverter:
     the stop reason is max_tokens; with any other finish it is an upstream error.
     """
 
-    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str], flavor: str) -> None:
-        self.stream = AnthropicStream(model, input_tokens, flavor)
-        self.flavor = flavor
+    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str], provider_type: str) -> None:
+        self.stream = AnthropicStream(model, input_tokens, provider_type)
+        self.provider_type = provider_type
         self.tool_names = tool_names
         self.calls: list[StreamedToolCall] = []
         self.by_id: dict[str, StreamedToolCall] = {}
@@ -2715,7 +2727,7 @@ class OpenAIChunkConverter:
         return frames
 
     def fail(self, error_type: str, message: str) -> NoReturn:
-        """Raise TranslationError: an HTTP error before any output, an `error` event after (see relay_sse)."""
+        """Raise TranslationError: an HTTP error before any output, an `error` event after (see relay_stream)."""
         raise TranslationError(message, error_type)
 
     def feed_choice(self, choice: dict) -> bytes:
@@ -2756,7 +2768,7 @@ class OpenAIChunkConverter:
         self.leave_tool()
         if not self.details:
             return b""
-        frames = self.stream.signature(proxy_signature(self.flavor, "", self.details))
+        frames = self.stream.signature(proxy_signature(self.provider_type, "", self.details))
         self.details = []
         return frames
 
@@ -2838,20 +2850,20 @@ def openai_stream_to_anthropic(
     model: str,
     input_tokens: int,
     tool_names: dict[str, str] | None = None,
-    flavor: str = "openai",
+    provider_type: str = "openai",
 ) -> AsyncIterator[bytes]:
     """Anthropic SSE frames for a chat-completions stream given as data payloads (see iter_sse_data).
 
     message_start goes out with the first content, so a failure before any output raises
     TranslationError (the caller can still answer with an HTTP error); later ones end in an error event.
     """
-    return json_chunks_to_anthropic(OpenAIChunkConverter(model, input_tokens, tool_names or {}, flavor), events)
+    return json_chunks_to_anthropic(OpenAIChunkConverter(model, input_tokens, tool_names or {}, provider_type), events)
 
 
 OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-proxy"}
 
 
-def refuse_server_tools(call: Call) -> None:
+def refuse_server_tools(call: UpstreamCall) -> None:
     """Anthropic's web_search server tool cannot run elsewhere: say so instead of answering without search."""
     provider = call.provider
     tools = call.body.get("tools") or ()
@@ -2863,7 +2875,7 @@ def refuse_server_tools(call: Call) -> None:
         )
 
 
-def openai_family_build_request(call: Call) -> UpstreamRequest:
+def openai_family_build_request(call: UpstreamCall) -> UpstreamRequest:
     """POST {base}/chat/completions with a Bearer key; OpenRouter also gets its attribution headers."""
     provider = call.provider
     if provider.type != "openrouter":
@@ -2876,7 +2888,7 @@ def openai_family_build_request(call: Call) -> UpstreamRequest:
     return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, payload_json(payload, "tools", call))
 
 
-def openai_family_parse_response(data: dict, call: Call) -> dict:
+def openai_family_parse_response(data: dict, call: UpstreamCall) -> dict:
     """The Anthropic message; without upstream usage, the local input count and about 4 characters a token."""
     message = openai_to_anthropic_response(data, call.client_model, tool_name_map(call.body), call.provider.type)
     if not data.get("usage"):
@@ -2885,7 +2897,7 @@ def openai_family_parse_response(data: dict, call: Call) -> dict:
     return message
 
 
-def openai_family_stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+def openai_family_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
     events = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
     return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
@@ -3086,14 +3098,14 @@ async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         yield pending.decode("utf-8", "replace")
 
 
-def ollama_build_request(call: Call) -> UpstreamRequest:
+def ollama_build_request(call: UpstreamCall) -> UpstreamRequest:
     refuse_server_tools(call)
     num_ctx = call.provider.num_ctx_for(call.model)
     if call.input_tokens > num_ctx:
         log.warning(
             "%s: request has about %d input tokens but num_ctx is %d for %s; Ollama will truncate it "
             "(raise num_ctx or model_num_ctx in the config)",
-            call.exchange.request_id,
+            call.record.request_id,
             call.input_tokens,
             num_ctx,
             call.model,
@@ -3330,7 +3342,7 @@ def gemini_function(tool: dict, client_name: str, json_schema: bool) -> dict:
     return declaration
 
 
-def gemini_declarations(call: Call, json_schema: bool) -> list[dict]:
+def gemini_declarations(call: UpstreamCall, json_schema: bool) -> list[dict]:
     """The functionDeclarations of the client's tools, converted once per schema form and distinct tools text."""
     text_key = tools_text_key(call)
     key = (json_schema, *text_key) if text_key else None
@@ -3601,7 +3613,7 @@ class GeminiConverter:
         return frames + self.stream.finish(stop, gemini_usage(self.usage), cut)
 
 
-def gemini_build_request(call: Call) -> UpstreamRequest:
+def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
     """POST {base}/models/{model}:generateContent, or :streamGenerateContent?alt=sse; key in x-goog-api-key."""
     refuse_server_tools(call)
     provider = call.provider
@@ -3617,17 +3629,17 @@ def gemini_build_request(call: Call) -> UpstreamRequest:
 
 
 def converter_transformer(
-    build_request: Callable[[Call], UpstreamRequest],
+    build_request: Callable[[UpstreamCall], UpstreamRequest],
     converter: Callable[[str, int, dict[str, str]], ChunkConverter],
     payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[str]],
 ) -> Transformer:
     """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 
-    def parse_response(data: dict, call: Call) -> dict:
+    def parse_response(data: dict, call: UpstreamCall) -> dict:
         answer = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return message_from_frames(answer.feed(data) + answer.end())
 
-    def stream(upstream: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    def stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
         chunks = payloads(upstream.content.iter_any())
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return json_chunks_to_anthropic(converting, chunks)
@@ -3956,7 +3968,7 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
 
 
 @dataclass(eq=False)
-class Answer:
+class UpstreamAnswer:
     """An upstream answer that has begun: its response, and the first frames (stream) or the whole message."""
 
     upstream: aiohttp.ClientResponse
@@ -3965,7 +3977,9 @@ class Answer:
     message: dict | None = None
 
 
-async def start_answer(session: aiohttp.ClientSession, transformer: Transformer, call: Call, stream: bool) -> Answer:
+async def start_upstream_answer(
+    session: aiohttp.ClientSession, transformer: Transformer, call: UpstreamCall, stream: bool
+) -> UpstreamAnswer:
     """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
     provider = call.provider
     upstream = await open_upstream(
@@ -3973,7 +3987,7 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
     )
     try:
         if not stream:
-            return Answer(
+            return UpstreamAnswer(
                 upstream, message=transformer.parse_response(await read_upstream_json(upstream, provider), call)
             )
         if upstream.content_type == "application/json":
@@ -3981,7 +3995,7 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
         else:
             frames = transformer.stream(upstream, call)
         try:
-            return Answer(upstream, frames, await frames.__anext__())
+            return UpstreamAnswer(upstream, frames, await frames.__anext__())
         except StopAsyncIteration:
             raise ProxyError(502, f"{provider.name} sent an empty stream", retryable=True) from None
         except asyncio.TimeoutError:
@@ -3997,7 +4011,7 @@ async def start_answer(session: aiohttp.ClientSession, transformer: Transformer,
 
 
 async def whole_answer_frames(
-    upstream: aiohttp.ClientResponse, transformer: Transformer, call: Call
+    upstream: aiohttp.ClientResponse, transformer: Transformer, call: UpstreamCall
 ) -> AsyncIterator[bytes]:
     """A stream request answered with one JSON message (some servers ignore `stream`): its frames."""
     yield message_to_frames(transformer.parse_response(await read_upstream_json(upstream, call.provider), call))
@@ -4010,13 +4024,13 @@ def named(err: ProxyError, provider: str) -> ProxyError:
     return err
 
 
-def translated_request(transformer: Transformer, call: Call) -> UpstreamRequest:
+def translated_request(transformer: Transformer, call: UpstreamCall) -> UpstreamRequest:
     """The provider's request; input the validation let through but the translation cannot use is a 400, not a
     crash (the proxy checks the Messages shape, not every nested value a provider's format cares about)."""
     try:
         return transformer.build_request(call)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
-        log.warning("%s: cannot translate for %s: %s", call.exchange.request_id, call.provider.name, type(exc).__name__)
+        log.warning("%s: cannot translate for %s: %s", call.record.request_id, call.provider.name, type(exc).__name__)
         raise ProxyError(400, f"{call.provider.name}: cannot translate this request: {type(exc).__name__}") from None
 
 
@@ -4030,18 +4044,18 @@ def retry_delay(err: ProxyError, attempt: int, retries: int, config: Config) -> 
     return min(cap, config.retry_base_ms / 1000 * 2**attempt * random.uniform(0.5, 1.0))
 
 
-async def answer_from(incoming: Incoming, target: Target, request: web.Request) -> Answer:
+async def answer_from_target(routed: RoutedRequest, target: Target, request: web.Request) -> UpstreamAnswer:
     """One target with its retries: rotate keys, back off with jitter, honour retry-after up to the cap."""
-    snapshot, body = incoming.snapshot, incoming.body
+    snapshot, body = routed.snapshot, routed.body
     config = snapshot.config
     provider = config.providers[target.provider]
-    exchange = request[EXCHANGE]
+    record = request[RECORD]
     transformer = TRANSFORMERS[provider.type]
     cooldowns = snapshot.cooldowns
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
         check_image_url_count(body, config)
         body = await inline_image_urls(
-            body, functools.partial(incoming.images.source, request.app[IMAGE_SESSION], config)
+            body, functools.partial(routed.images.source, request.app[IMAGE_SESSION], config)
         )
     stream = body.get("stream") is True
     ring = snapshot.keyrings[provider.name]
@@ -4050,11 +4064,13 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         if resting:  # marked down, maybe by another request while this one waited to retry: fail fast
             reason = cooldowns.reasons[provider.name]
             raise ProxyError(502, f"{provider.name} is marked down for {math.ceil(resting)} s more after: {reason}")
-        tokens = incoming.hints.token_count
+        tokens = routed.hints.token_count
         caches = request.app[STATE].caches
-        call = Call(body, target.model, provider, request.headers, tokens, exchange, caches, ring.pick(), incoming.raw)
+        call = UpstreamCall(
+            body, target.model, provider, request.headers, tokens, record, caches, ring.pick(), routed.raw
+        )
         try:
-            starting = start_answer(request.app[SESSION], transformer, call, stream)
+            starting = start_upstream_answer(request.app[SESSION], transformer, call, stream)
             if stream:
                 answer = await asyncio.wait_for(starting, provider.timeouts.first_byte_ms / 1000)
             else:
@@ -4077,9 +4093,9 @@ async def answer_from(incoming: Incoming, target: Target, request: web.Request) 
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
-        exchange.retries += 1
+        record.retries += 1
         metrics.retries[(provider.name, target.model)] += 1
-        log.info("%s retry %d on %s in %.2f s: %s", exchange.request_id, attempt + 1, target, wait, err.message)
+        log.info("%s retry %d on %s in %.2f s: %s", record.request_id, attempt + 1, target, wait, err.message)
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -4156,18 +4172,20 @@ class ClientStream:
         """Stop the pings, write the error event if there is one, and end the stream."""
         self.stop_pings()
         if err is not None:
-            await write_error_event(self, self.request[EXCHANGE], err)
+            await write_error_event(self, self.request[RECORD], err)
         assert self.response is not None
         await self.response.write_eof()
         return self.response
 
 
-async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, deadline: float) -> web.StreamResponse:
+async def relay_stream(
+    request: web.Request, answer: UpstreamAnswer, stream: ClientStream, deadline: float
+) -> web.StreamResponse:
     """Write the answer's frames as they come; a failure after the first one becomes an `error` event that ends
     the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream: when it passes, the
     upstream connection is closed, whatever it is doing."""
     assert answer.frames is not None
-    exchange = request[EXCHANGE]
+    record = request[RECORD]
     dialect = stream.dialect
     translate = dialect.frames(request.app[STATE].redactor.redact) if dialect.frames is not None else bytes
     watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
@@ -4176,18 +4194,18 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
         if request.app[STATE].shutting_down:
             return ProxyError(529, "the proxy is shutting down; send the request again", "overloaded_error")
         if time.monotonic() >= deadline:
-            return ProxyError(504, f"{exchange.provider} stream ran past stream_timeout_ms")
-        return named(err, exchange.provider)
+            return ProxyError(504, f"{record.provider} stream ran past stream_timeout_ms")
+        return named(err, record.provider)
 
     ending: ProxyError | None = None
     try:
         await stream.write(translate(answer.first))
-        exchange.first_byte_s = time.perf_counter() - exchange.started
-        exchange.note_usage(answer.first)
+        record.first_byte_s = time.perf_counter() - record.started
+        record.note_usage(answer.first)
         try:
             async for frame in answer.frames:
                 await stream.write(translate(frame))
-                exchange.note_usage(frame)
+                record.note_usage(frame)
         except ProxyError as err:
             ending = failure(err)
         except asyncio.TimeoutError:
@@ -4198,7 +4216,7 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
         if ending is None:  # after the client's stream has ended, so it never waits for this
             await drain_upstream(answer.upstream)
     except ConnectionResetError:
-        exchange.outcome = "client_closed"
+        record.outcome = "client_closed"
         stream.stop_pings()
         response = stream.response
     except asyncio.CancelledError:
@@ -4206,7 +4224,7 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
         stream.stop_pings()
         shutdown = ProxyError(529, "the proxy is shutting down", "overloaded_error")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(write_error_event(stream, exchange, shutdown), 1)
+            await asyncio.wait_for(write_error_event(stream, record, shutdown), 1)
         raise
     finally:
         watchdog.cancel()
@@ -4215,11 +4233,11 @@ async def relay_sse(request: web.Request, answer: Answer, stream: ClientStream, 
     return response
 
 
-async def write_error_event(stream: ClientStream, exchange: Exchange, err: ProxyError) -> None:
+async def write_error_event(stream: ClientStream, record: RequestRecord, err: ProxyError) -> None:
     """The event that ends a failed stream, without any of the app's keys."""
-    exchange.outcome = err.error_type
+    record.outcome = err.error_type
     err.message = stream.request.app[STATE].redactor.redact(err.message)
-    await stream.write(stream.dialect.error_event(err, exchange.request_id))
+    await stream.write(stream.dialect.error_event(err, record.request_id))
 
 
 # ---------------------------------------------------------------------------
@@ -4504,10 +4522,12 @@ class OpenAIChunkWriter:
 # ---------------------------------------------------------------------------
 # HTTP app and handlers
 # ---------------------------------------------------------------------------
+# serve_request -> parse_and_route -> [serve_stream] -> try_targets -> answer_from_target
+#   -> start_upstream_answer -> send_answer -> relay_stream; see the module docstring for what each hands on.
 
 
 @dataclass
-class Exchange:
+class RequestRecord:
     """What the INFO log line reports about one request."""
 
     request_id: str
@@ -4616,16 +4636,16 @@ class Metrics:
         self.fallbacks: collections.Counter[tuple] = collections.Counter()
         self.cooldowns: collections.Counter[tuple] = collections.Counter()
 
-    def observe(self, exchange: Exchange, status: int, seconds: float) -> None:
-        target = (exchange.provider, exchange.model)
-        self.requests[(exchange.scenario, *target, status)] += 1
+    def observe(self, record: RequestRecord, status: int, seconds: float) -> None:
+        target = (record.provider, record.model)
+        self.requests[(record.scenario, *target, status)] += 1
         self.latency.observe(target, seconds)
-        if exchange.first_byte_s is not None:
-            self.first_byte.observe(target, exchange.first_byte_s)
-        usage = exchange.usage
-        self.input_tokens[target] += exchange.prompt_tokens() or 0
+        if record.first_byte_s is not None:
+            self.first_byte.observe(target, record.first_byte_s)
+        usage = record.usage
+        self.input_tokens[target] += record.prompt_tokens() or 0
         self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
-        self.fallbacks[target] += exchange.fallbacks
+        self.fallbacks[target] += record.fallbacks
 
     def render(self, in_flight: int, down: Mapping[str, float]) -> str:
         """The exposition; `down`: the providers marked down now, with the seconds left (see Cooldowns)."""
@@ -4692,7 +4712,7 @@ class SessionMemory:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ConfigSnapshot:
     """What a request uses from start to end, even when SIGHUP swaps the config meanwhile."""
 
     config: Config
@@ -4701,7 +4721,7 @@ class Snapshot:
     cooldowns: Cooldowns
 
     @classmethod
-    def of(cls, config: Config) -> Snapshot:
+    def of(cls, config: Config) -> ConfigSnapshot:
         keyrings = {name: KeyRing(p.api_keys) for name, p in config.providers.items()}
         limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
         return cls(config, keyrings, limiter, Cooldowns(config.cooldown_after_failures, config.cooldown_ms / 1000))
@@ -4711,12 +4731,12 @@ class ProxyState:
     """The app's mutable state: the current snapshot and the in-flight counters."""
 
     def __init__(self, config: Config):
-        self.current = Snapshot.of(config)
+        self.current = ConfigSnapshot.of(config)
         self.in_flight = 0
         self.provider_in_flight: collections.Counter[str] = collections.Counter()
         self.sessions = SessionMemory()
         self.metrics = Metrics()
-        self.open_streams: set[Answer] = set()
+        self.open_streams: set[UpstreamAnswer] = set()
         self.shutting_down = False
         self.caches = TranslationCaches()
         self.redactor = RedactingFilter(config.secrets())
@@ -4728,7 +4748,7 @@ class ProxyState:
             answer.upstream.close()
 
     def reload(self, config: Config) -> None:
-        self.current = Snapshot.of(config)
+        self.current = ConfigSnapshot.of(config)
         self.redactor.secrets = config.secrets()
 
 
@@ -4739,7 +4759,7 @@ IMAGE_SESSION = web.AppKey("image_session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
 STARTED_WALL = web.AppKey("started_wall", float)
 # aiohttp 3.12+ has typed request keys; older versions take a plain string.
-EXCHANGE: Any = web.RequestKey("exchange", Exchange) if hasattr(web, "RequestKey") else "terraphim.exchange"
+RECORD: Any = web.RequestKey("record", RequestRecord) if hasattr(web, "RequestKey") else "terraphim.record"
 
 
 def new_request_id() -> str:
@@ -4747,10 +4767,10 @@ def new_request_id() -> str:
 
 
 @web.middleware
-async def exchange_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+async def record_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Give each request an id, turn every failure into an error body, count it, and log one line."""
-    exchange = request[EXCHANGE] = Exchange(new_request_id())
-    started = exchange.started
+    record = request[RECORD] = RequestRecord(new_request_id())
+    started = record.started
     status = 499
     try:
         try:
@@ -4760,58 +4780,58 @@ async def exchange_middleware(request: web.Request, handler: Callable) -> web.St
         except web.HTTPException as exc:
             response = error_response(request, http_exception_error(exc, request))
         except (ConnectionResetError, asyncio.CancelledError):
-            exchange.outcome = "client_closed"
+            record.outcome = "client_closed"
             raise
         except Exception:
-            log.exception("request %s failed inside the proxy", exchange.request_id)
-            err = ProxyError(500, f"internal proxy error (request {exchange.request_id})")
+            log.exception("request %s failed inside the proxy", record.request_id)
+            err = ProxyError(500, f"internal proxy error (request {record.request_id})")
             response = error_response(request, err)
         status = response.status
         if not response.prepared:
-            response.headers["request-id"] = exchange.request_id
+            response.headers["request-id"] = record.request_id
         if status >= 400:
-            exchange.outcome = ERROR_TYPES.get(status, "error")
+            record.outcome = ERROR_TYPES.get(status, "error")
         return response
     finally:
         if request.path.startswith("/v1/"):
             seconds = time.perf_counter() - started
-            request.app[STATE].metrics.observe(exchange, status, seconds)
-            log_exchange(exchange, request.path, status, seconds)
+            request.app[STATE].metrics.observe(record, status, seconds)
+            log_request_record(record, request.path, status, seconds)
 
 
-def log_exchange(exchange: Exchange, path: str, status: int, seconds: float) -> None:
+def log_request_record(record: RequestRecord, path: str, status: int, seconds: float) -> None:
     """The one INFO line per request; with --log-format json its fields also go out as JSON keys. The text is
     formatted once, by the redacting filter, which also escapes its control characters."""
     if not log.isEnabledFor(logging.INFO):
         return
-    tokens = exchange.tokens if exchange.tokens_exact else f"~{exchange.tokens}"
+    tokens = record.tokens if record.tokens_exact else f"~{record.tokens}"
     ms = round(seconds * 1000, 1)
     fields = {
-        "request_id": exchange.request_id,
+        "request_id": record.request_id,
         "path": path,
-        "scenario": exchange.scenario,
-        "provider": exchange.provider,
-        "model": exchange.model,
-        "tokens": exchange.tokens,
-        "tokens_exact": exchange.tokens_exact,
+        "scenario": record.scenario,
+        "provider": record.provider,
+        "model": record.model,
+        "tokens": record.tokens,
+        "tokens_exact": record.tokens_exact,
         "status": status,
-        "outcome": exchange.outcome,
-        "retries": exchange.retries,
-        "fallbacks": exchange.fallbacks,
+        "outcome": record.outcome,
+        "retries": record.retries,
+        "fallbacks": record.fallbacks,
         "ms": ms,
     }
     log.info(
         "%s %s scenario=%s provider=%s model=%s tokens=%s status=%d outcome=%s retries=%d fallbacks=%d ms=%s",
-        exchange.request_id,
+        record.request_id,
         path,
-        exchange.scenario,
-        exchange.provider,
-        exchange.model,
+        record.scenario,
+        record.provider,
+        record.model,
         tokens,
         status,
-        exchange.outcome,
-        exchange.retries,
-        exchange.fallbacks,
+        record.outcome,
+        record.retries,
+        record.fallbacks,
         ms,
         extra={"fields": fields},
     )
@@ -4830,7 +4850,7 @@ def error_response(request: web.Request, err: ProxyError) -> web.Response:
     if speaks_openai(request):
         body = openai_error_body(err)
     else:
-        body = error_body(err.error_type, err.message, request[EXCHANGE].request_id)
+        body = error_body(err.error_type, err.message, request[RECORD].request_id)
     return web.Response(status=err.status, body=dump_json(body), content_type="application/json", headers=err.headers)
 
 
@@ -4995,16 +5015,16 @@ def validate_messages_request(body: dict, need_max_tokens: bool = True) -> None:
     )
 
 
-def response_headers(exchange: Exchange, target: Target) -> dict[str, str]:
-    return {"request-id": exchange.request_id, "x-terraphim-route": str(target)}
+def response_headers(record: RequestRecord, target: Target) -> dict[str, str]:
+    return {"request-id": record.request_id, "x-terraphim-route": str(target)}
 
 
 @dataclass(frozen=True)
-class Incoming:
+class RoutedRequest:
     """A request after the front half: the config snapshot it keeps, its body as received and as analysed
     (without a subagent tag), its hints and its route."""
 
-    snapshot: Snapshot
+    snapshot: ConfigSnapshot
     raw: RawBody
     body: dict
     hints: Hints
@@ -5013,7 +5033,7 @@ class Incoming:
     images: FetchedImages = field(default_factory=FetchedImages, compare=False)  # its image URLs, once fetched
 
 
-def admit(request: web.Request) -> Snapshot:
+def admit(request: web.Request) -> ConfigSnapshot:
     """Auth and the per-client rate limit, checked before any of the body is read; the config snapshot."""
     snapshot = request.app[STATE].current
     config = snapshot.config
@@ -5040,9 +5060,9 @@ def in_flight_slot(state: ProxyState, config: Config) -> Iterator[None]:
         state.in_flight -= 1
 
 
-async def prepare_exchange(
-    request: web.Request, snapshot: Snapshot, need_max_tokens: bool, openai: bool = False
-) -> Incoming:
+async def parse_and_route(
+    request: web.Request, snapshot: ConfigSnapshot, need_max_tokens: bool, openai: bool = False
+) -> RoutedRequest:
     """The shared front half of the API handlers after `admit`: parse, validate, analyse, route.
     With `openai`, the body is a chat-completions request, turned into a Messages one first."""
     config = snapshot.config
@@ -5053,18 +5073,18 @@ async def prepare_exchange(
         raw = RawBody("", openai_request_to_anthropic(raw.data), raw.size)
         dialect = openai_dialect(raw.data["model"], include_usage)
     validate_messages_request(raw.data, need_max_tokens)
-    exchange = request[EXCHANGE]
+    record = request[RECORD]
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
     if hints.session_id is not None and not hints.is_background:
         # Session memory is the main model's: a background (haiku) request neither reads nor updates it.
         hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
-        exchange.session_id = hints.session_id
-    exchange.tokens, exchange.tokens_exact = hints.token_count, hints.token_count_exact
+        record.session_id = hints.session_id
+    record.tokens, record.tokens_exact = hints.token_count, hints.token_count_exact
     route = choose_route(hints, config, body)
-    exchange.scenario = route.scenario
+    record.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s hints=%s body=%s", exchange.request_id, hints, json.dumps(body)[:4000])
-    return Incoming(snapshot, raw, body, hints, route, dialect)
+        log.debug("%s hints=%s body=%s", record.request_id, hints, json.dumps(body)[:4000])
+    return RoutedRequest(snapshot, raw, body, hints, route, dialect)
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -5080,19 +5100,19 @@ async def serve_request(request: web.Request, openai: bool) -> web.StreamRespons
     state = request.app[STATE]
     snapshot = admit(request)
     with in_flight_slot(state, snapshot.config):
-        incoming = await prepare_exchange(request, snapshot, need_max_tokens=True, openai=openai)
-        if incoming.body.get("stream") is True:
-            return await serve_stream(request, state, incoming)
-        return await serve_route(request, state, incoming)
+        routed = await parse_and_route(request, snapshot, need_max_tokens=True, openai=openai)
+        if routed.body.get("stream") is True:
+            return await serve_stream(request, state, routed)
+        return await try_targets(request, state, routed)
 
 
-async def serve_stream(request: web.Request, state: ProxyState, incoming: Incoming) -> web.StreamResponse:
+async def serve_stream(request: web.Request, state: ProxyState, routed: RoutedRequest) -> web.StreamResponse:
     """A streamed request's route, its client stream kept alive with pings from the start; a failure after the
     pings began that stream becomes its error event."""
-    stream = ClientStream(request, incoming.dialect, incoming.snapshot.config.stream_ping_ms / 1000)
+    stream = ClientStream(request, routed.dialect, routed.snapshot.config.stream_ping_ms / 1000)
     stream.keep_alive()
     try:
-        return await serve_route(request, state, incoming, stream)
+        return await try_targets(request, state, routed, stream)
     except ProxyError as err:
         if not stream.started:
             raise
@@ -5101,44 +5121,44 @@ async def serve_stream(request: web.Request, state: ProxyState, incoming: Incomi
         stream.stop_pings()
 
 
-async def serve_route(
-    request: web.Request, state: ProxyState, incoming: Incoming, stream: ClientStream | None = None
+async def try_targets(
+    request: web.Request, state: ProxyState, routed: RoutedRequest, stream: ClientStream | None = None
 ) -> web.StreamResponse:
     """Try the route's targets in order, each with its own retries; the client gets the last failure if all fail."""
-    exchange = request[EXCHANGE]
+    record = request[RECORD]
     failure = ProxyError(503, "the route has no target")
-    for number, target in enumerate(incoming.route.targets):
-        provider = incoming.snapshot.config.providers[target.provider]
-        exchange.provider, exchange.model = provider.name, target.model
+    for number, target in enumerate(routed.route.targets):
+        provider = routed.snapshot.config.providers[target.provider]
+        record.provider, record.model = provider.name, target.model
         if stream is not None:
-            stream.headers = response_headers(exchange, target)  # if a ping begins the stream
+            stream.headers = response_headers(record, target)  # if a ping begins the stream
         if number:
-            exchange.fallbacks += 1
-            log.warning("%s falling back to %s after: %s", exchange.request_id, target, failure.message)
+            record.fallbacks += 1
+            log.warning("%s falling back to %s after: %s", record.request_id, target, failure.message)
         if provider.max_in_flight is not None and state.provider_in_flight[provider.name] >= provider.max_in_flight:
             failure = ProxyError(429, f"{provider.name} is at its max_in_flight limit ({provider.max_in_flight})")
             failure.headers["retry-after"] = "1"
             continue
         state.provider_in_flight[provider.name] += 1
         try:
-            answer = await answer_from(incoming, target, request)
+            answer = await answer_from_target(routed, target, request)
             deadline = time.monotonic() + provider.timeouts.stream_ms / 1000
-            response = await respond(request, answer, target, deadline, incoming.dialect, stream)
+            response = await send_answer(request, answer, target, deadline, routed.dialect, stream)
         except ProxyError as err:
             failure = err
             continue
         finally:
             state.provider_in_flight[provider.name] -= 1
-        prompt_tokens = exchange.prompt_tokens()
-        if exchange.session_id is not None and prompt_tokens is not None:
-            state.sessions.remember(exchange.session_id, prompt_tokens)
+        prompt_tokens = record.prompt_tokens()
+        if record.session_id is not None and prompt_tokens is not None:
+            state.sessions.remember(record.session_id, prompt_tokens)
         return response
     raise failure
 
 
-async def respond(
+async def send_answer(
     request: web.Request,
-    answer: Answer,
+    answer: UpstreamAnswer,
     target: Target,
     deadline: float,
     dialect: Dialect,
@@ -5146,8 +5166,8 @@ async def respond(
 ) -> web.StreamResponse:
     """Send a started answer to the client (a stream's frames go to `stream`); the upstream connection goes
     back to the pool when it is complete."""
-    exchange = request[EXCHANGE]
-    headers = response_headers(exchange, target)
+    record = request[RECORD]
+    headers = response_headers(record, target)
     try:
         if answer.frames is not None:
             assert stream is not None
@@ -5155,13 +5175,13 @@ async def respond(
             open_streams = request.app[STATE].open_streams
             open_streams.add(answer)
             try:
-                response = await relay_sse(request, answer, stream, deadline)
+                response = await relay_stream(request, answer, stream, deadline)
             finally:
                 open_streams.discard(answer)
         else:
             message = answer.message or {}
             if isinstance(message.get("usage"), dict):
-                exchange.usage = message["usage"]
+                record.usage = message["usage"]
             body = dump_json(dialect.message(message))
             response = web.Response(body=body, content_type="application/json", headers=headers)
     except BaseException:
@@ -5174,20 +5194,20 @@ async def respond(
 async def handle_count_tokens(request: web.Request) -> web.Response:
     snapshot = admit(request)
     with in_flight_slot(request.app[STATE], snapshot.config):
-        return await count_tokens(request, await prepare_exchange(request, snapshot, need_max_tokens=False))
+        return await count_tokens(request, await parse_and_route(request, snapshot, need_max_tokens=False))
 
 
-async def count_tokens(request: web.Request, incoming: Incoming) -> web.Response:
+async def count_tokens(request: web.Request, routed: RoutedRequest) -> web.Response:
     """The count_tokens answer: the provider's exact figure where configured and available, else the local one."""
-    snapshot, hints = incoming.snapshot, incoming.hints
-    exchange = request[EXCHANGE]
-    target = incoming.route.targets[0]
+    snapshot, hints = routed.snapshot, routed.hints
+    record = request[RECORD]
+    target = routed.route.targets[0]
     provider = snapshot.config.providers[target.provider]
-    exchange.provider, exchange.model = provider.name, target.model
+    record.provider, record.model = provider.name, target.model
     count_url = TRANSFORMERS[provider.type].count_tokens_url
     if snapshot.config.upstream_count_tokens and count_url is not None:
         caches = request.app[STATE].caches
-        call = Call(incoming.body, target.model, provider, request.headers, hints.token_count, exchange, caches)
+        call = UpstreamCall(routed.body, target.model, provider, request.headers, hints.token_count, record, caches)
         call = replace(call, api_key=snapshot.keyrings[provider.name].pick())
         exact = await upstream_token_count(request.app[SESSION], call, count_url(provider))
         if exact is not None:
@@ -5195,7 +5215,7 @@ async def count_tokens(request: web.Request, incoming: Incoming) -> web.Response
     return web.json_response({"input_tokens": hints.token_count})
 
 
-async def upstream_token_count(session: aiohttp.ClientSession, call: Call, url: str) -> int | None:
+async def upstream_token_count(session: aiohttp.ClientSession, call: UpstreamCall, url: str) -> int | None:
     """Ask the provider for the exact count; None (and a log line) on any failure."""
     provider = call.provider
     payload = dump_json({**without_proxy_thinking(call.body), "model": call.model})
@@ -5328,7 +5348,7 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application for a config; the token counter can be shared between apps. `image_resolver` is
     a test seam: the DNS that image URL fetches use instead of the public-only guard."""
-    app = web.Application(middlewares=[exchange_middleware])
+    app = web.Application(middlewares=[record_middleware])
     app[STATE] = ProxyState(config)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
