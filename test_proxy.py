@@ -39,7 +39,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -56,6 +56,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import terraphim_proxy
+from conftest import Received, Script, StandInServer, running, serve_app
 from terraphim_proxy import (
     AnthropicStream,
     TranslationError,
@@ -310,85 +311,6 @@ def fixture_names(path: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Stand-in scaffolding: a real server on 127.0.0.1 that records every request
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: Any  # the JSON body; None when there was none or it was not JSON
-    at: float = field(default_factory=time.monotonic)  # arrival
-
-
-async def serve_app(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
-    """Serve `app` on 127.0.0.1 on a free port; returns its runner (to clean up) and its base URL."""
-    runner = web.AppRunner(app, **options)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
-class StandInServer:
-    """Records every request in `received` (as `received_type`), then answers with `handle`."""
-
-    received_type: type[Received] = Received
-    shutdown_timeout = 1.0
-
-    def __init__(self) -> None:
-        self.received: list[Any] = []
-        self.release = asyncio.Event()  # lets a held answer go on
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    @property
-    def last(self) -> Any:
-        assert self.received, "the stand-in received no request"
-        return self.received[-1]
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
-        # handler_cancellation: a connection the proxy drops cancels the handler (the stand-ins notice it)
-        options = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": self.shutdown_timeout}
-        self.runner, self.url = await serve_app(app, **options)
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self.runner:
-            await self.runner.cleanup()
-
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        headers = {key.lower(): value for key, value in request.headers.items()}
-        received = self.received_type(request.method, request.path, dict(request.query), headers, body)
-        self.received.append(received)
-        return await self.handle(request, received)
-
-    async def handle(self, request: web.Request, received: Any) -> web.StreamResponse:
-        raise NotImplementedError
-
-
-Server = TypeVar("Server", bound=StandInServer)
-
-
-@contextlib.asynccontextmanager
-async def running(server: Server) -> AsyncIterator[Server]:
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-# ---------------------------------------------------------------------------
 # The Anthropic stand-in
 # ---------------------------------------------------------------------------
 
@@ -436,7 +358,6 @@ class StandIn(StandInServer):
     def __init__(self) -> None:
         super().__init__()
         self.answer: Callable[[Received], Reply] = default_answer
-        self.aborted = asyncio.Event()  # set when the proxy drops a stream we are writing
 
     def reply_with(self, reply: Reply) -> None:
         self.answer = lambda received: reply
@@ -454,15 +375,11 @@ class StandIn(StandInServer):
         sse_headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
         response = web.StreamResponse(status=reply.status, headers={**sse_headers, **headers})
         await response.prepare(request)
-        try:
-            for index, frame in enumerate(reply.frames):
-                if index == reply.hold_at:
-                    await self.release.wait()
-                await response.write(frame)
-            await response.write_eof()
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.aborted.set()
-            raise
+        for index, frame in enumerate(reply.frames):
+            if index == reply.hold_at:
+                await self.release.wait()
+            await response.write(frame)
+        await response.write_eof()
         return response
 
 
@@ -743,7 +660,7 @@ def find_claude_cli() -> str:
     )
 
 
-def claude_env(proxy: str, home: Path) -> dict[str, str]:
+def claude_cli_env(proxy: str, home: Path) -> dict[str, str]:
     """A clean, offline environment for the CLI."""
     (home / "tmp").mkdir(parents=True)
     quiet = (
@@ -793,7 +710,7 @@ async def run_claude_cli(proxy: str, tmp_path: Path, prompt: str) -> CliRun:
     process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=workdir,
-        env=claude_env(proxy, tmp_path / "home"),
+        env=claude_cli_env(proxy, tmp_path / "home"),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -1119,7 +1036,7 @@ async def test_client_disconnect_cancels_the_upstream_stream(
 
     await abandon_stream(http, proxy_url, request(stream=True))
 
-    await wait_set(stand_in.aborted)
+    await wait_set(stand_in.gone)
 
 
 UPSTREAM_ERRORS = [
@@ -4975,7 +4892,7 @@ class NativeStandIn(StandInServer):
         )
         self.pause = True  # pause streams mid-event until `release` (clients that cannot release set it False)
 
-    def script(self, turn: NativeTurn, cut: str = "") -> None:
+    def answer_turn(self, turn: NativeTurn, cut: str = "") -> None:
         self.answer = lambda received: native_reply(self.provider, received, turn, cut)
 
     async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
@@ -5235,7 +5152,7 @@ NATIVE_EXPECTED_TOOLS = {
 
 @NATIVE_STREAM
 async def test_native_text(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.script(NATIVE_TEXT_TURN)
+    native.stand_in.answer_turn(NATIVE_TEXT_TURN)
 
     message = await native.send(stream, messages=NATIVE_HELLO)
 
@@ -5251,7 +5168,7 @@ async def test_native_text(native: NativeEnv, stream: bool) -> None:
 @NATIVE_STREAM
 async def test_native_parallel_tool_calls(native: NativeEnv, stream: bool) -> None:
     """Two calls in one answer become two tool_use blocks, and stop_reason is tool_use though upstream said stop."""
-    native.stand_in.script(NATIVE_CALLS_TURN)
+    native.stand_in.answer_turn(NATIVE_CALLS_TURN)
 
     message = await native.send(stream, messages=NATIVE_HELLO, tools=NATIVE_TOOLS)
 
@@ -5384,7 +5301,7 @@ NATIVE_IMAGE_HISTORY = {
 async def test_native_images(native: NativeEnv, stream: bool) -> None:
     """Images in a user turn and inside a tool result travel inline: Ollama's base64 list, Gemini's inlineData."""
     turn = NativeTurn(text="A red pixel.")
-    native.stand_in.script(turn)
+    native.stand_in.answer_turn(turn)
 
     message = await native.send(stream, messages=NATIVE_IMAGE_MESSAGES)
 
@@ -5396,7 +5313,7 @@ async def test_native_images(native: NativeEnv, stream: bool) -> None:
 
 @NATIVE_STREAM
 async def test_native_thinking(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.script(NATIVE_THINK_TURN)
+    native.stand_in.answer_turn(NATIVE_THINK_TURN)
 
     message = await native.send(
         stream, messages=NATIVE_HELLO, max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048}
@@ -5414,7 +5331,7 @@ async def test_native_thinking(native: NativeEnv, stream: bool) -> None:
 async def test_native_max_tokens(native: NativeEnv, stream: bool) -> None:
     """The provider's output cap limits max_tokens upstream; a length stop becomes max_tokens."""
     await native.connect(max_tokens=50)
-    native.stand_in.script(NATIVE_LENGTH_TURN)
+    native.stand_in.answer_turn(NATIVE_LENGTH_TURN)
 
     message = await native.send(stream, messages=NATIVE_HELLO, max_tokens=64)
 
@@ -5538,7 +5455,7 @@ NATIVE_CUTS = [
 async def test_native_truncated_stream(native: NativeEnv, cut: str, status: int, fragment: str) -> None:
     """A stream that ends before done / finishReason is an error: an error event once content went out (the
     SSE response's 200), else an HTTP error the client may retry."""
-    native.stand_in.script(NATIVE_TEXT_TURN, cut)
+    native.stand_in.answer_turn(NATIVE_TEXT_TURN, cut)
 
     got_status, error_type, text = await native_error(native, True)
 
@@ -5548,7 +5465,7 @@ async def test_native_truncated_stream(native: NativeEnv, cut: str, status: int,
 
 
 async def test_native_truncated_json_body(native: NativeEnv) -> None:
-    native.stand_in.script(NATIVE_TEXT_TURN, "reset")
+    native.stand_in.answer_turn(NATIVE_TEXT_TURN, "reset")
 
     status, error_type, text = await native_error(native, False)
 
@@ -5675,7 +5592,7 @@ NATIVE_CONVERSATION_PAYLOADS = {
 
 async def test_native_request_translation(native: NativeEnv) -> None:
     """The whole upstream payload for a conversation with system prompts, tool history, results and sampling."""
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
     message = await native.send(False, **NATIVE_CONVERSATION)
 
@@ -5691,7 +5608,7 @@ def native_fixture_bodies() -> list[Any]:
 @pytest.mark.parametrize("body", native_fixture_bodies())
 async def test_native_claude_code_fixture_is_accepted(native: NativeEnv, body: dict) -> None:
     """Real Claude Code requests pass the stand-in's checks; every Gemini tool schema uses only allowed keys."""
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
     answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**body, "stream": False})
 
@@ -5765,7 +5682,7 @@ async def test_gemini_schema_is_cleaned_to_the_accepted_subset(native: NativeEnv
     """For a model that takes only `parameters`: $ref resolved, type arrays -> nullable, const -> enum,
     oneOf -> anyOf, unknown keywords dropped."""
     await native.connect(model=GEMINI2_MODEL)
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
     tool = {"name": "Plan", "description": "Plan a trip.", "input_schema": GEMINI_TRICKY_SCHEMA}
 
     await native.send(False, messages=NATIVE_HELLO, tools=[tool])
@@ -5785,7 +5702,7 @@ GEMINI_TOOL_CHOICES = [
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 @pytest.mark.parametrize(("tool_choice", "expected"), GEMINI_TOOL_CHOICES)
 async def test_gemini_tool_choice(native: NativeEnv, tool_choice: dict, expected: dict) -> None:
-    native.stand_in.script(NATIVE_CALLS_TURN)
+    native.stand_in.answer_turn(NATIVE_CALLS_TURN)
 
     await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS, tool_choice=tool_choice)
 
@@ -5811,7 +5728,7 @@ async def test_gemini_refusal_is_explained(
     native: NativeEnv, stream: bool, turn: NativeTurn, reason: str, partial: str
 ) -> None:
     """SAFETY / RECITATION / PROHIBITED_CONTENT end in stop_reason refusal with text that names the reason."""
-    native.stand_in.script(turn)
+    native.stand_in.answer_turn(turn)
 
     message = await native.send(stream, messages=NATIVE_HELLO)
 
@@ -5825,7 +5742,7 @@ async def test_gemini_refusal_is_explained(
 @NATIVE_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_malformed_function_call_is_an_error(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.script(NativeTurn(finish="MALFORMED_FUNCTION_CALL"))
+    native.stand_in.answer_turn(NativeTurn(finish="MALFORMED_FUNCTION_CALL"))
 
     status, error_type, text = await native_error(native, stream)
 
@@ -5920,7 +5837,7 @@ async def native_raw(env: NativeEnv, path: str, body: dict, headers: dict[str, s
 async def test_ollama_standin_is_faithful_to_the_ollama_client(
     native: NativeEnv, stream: bool, turn: NativeTurn
 ) -> None:
-    native.stand_in.script(turn)
+    native.stand_in.answer_turn(turn)
     client = ollama.AsyncClient(host=native.stand_in.url)
     tool = {
         "type": "function",
@@ -5985,7 +5902,7 @@ async def test_ollama_standin_is_faithful_to_the_ollama_client(
 async def test_gemini_standin_is_faithful_to_the_genai_client(
     native: NativeEnv, stream: bool, turn: NativeTurn
 ) -> None:
-    native.stand_in.script(turn)
+    native.stand_in.answer_turn(turn)
     client = genai.Client(
         api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
     )
@@ -6077,7 +5994,7 @@ async def test_ollama_standin_errors_reach_the_ollama_client(
     if isinstance(script, NativeReply):
         native.stand_in.answer = lambda received: script
     elif script:
-        native.stand_in.script(NATIVE_TEXT_TURN, script)
+        native.stand_in.answer_turn(NATIVE_TEXT_TURN, script)
     client = ollama.AsyncClient(host=native.stand_in.url)
 
     with pytest.raises(ollama.ResponseError) as caught:
@@ -6129,12 +6046,12 @@ async def test_gemini_standin_errors_reach_the_genai_client(
 # ===========================================================================
 # Reliability: timeouts, retries, fallbacks, key rotation, disconnects, signals, limits, hostile input
 # ===========================================================================
-# Every fault is injected by a real server on 127.0.0.1. The stand-in upstream (RelUpstream) speaks the four
-# wire formats the proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini
-# generateContent), records every request with its arrival time, and answers from a per-test script: an async
-# function that can stall, trickle, cut the connection or send garbage. It notes when the proxy drops a
-# connection it is serving (its handler is cancelled), which is how the tests measure that the proxy closed
-# an upstream request.
+# Every fault is injected by a stand-in (conftest.StandInServer) answering from a per-test script: an async
+# function that can stall, trickle, cut the connection or send garbage, in any of the four wire formats the
+# proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini generateContent); `rel_ok`
+# answers as the real API would. The stand-in records every request with its arrival time and notes when the
+# proxy drops a connection it is serving (its handler is cancelled), which is how the tests measure that the
+# proxy closed an upstream request.
 
 REL_KINDS = ("anthropic", "openai", "ollama", "gemini")
 REL_TEXT = "Hello from the reliability stand-in."
@@ -6260,93 +6177,24 @@ def rel_error_json(kind: str, status: int, text: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-class RelSeen(Received):
-    """One request the stand-in got, read in whichever of the four formats it came."""
-
-    @property
-    def kind(self) -> str:
-        return rel_kind_of(self.path)
-
-    @property
-    def model(self) -> str:
-        if self.kind == "gemini":
-            return self.path.rsplit("/", 1)[-1].split(":", 1)[0]
-        return self.body.get("model", "") if isinstance(self.body, dict) else ""
-
-    @property
-    def stream(self) -> bool:
-        if self.kind == "gemini":
-            return "streamGenerateContent" in self.path
-        return isinstance(self.body, dict) and self.body.get("stream") is True
-
-    @property
-    def key(self) -> str:
-        """The provider key the proxy sent, whatever header the format uses."""
-        if "x-api-key" in self.headers:
-            return self.headers["x-api-key"]
-        if "x-goog-api-key" in self.headers:
-            return self.headers["x-goog-api-key"]
-        return self.headers.get("authorization", "").removeprefix("Bearer ")
-
-
-RelScript = Callable[["RelUpstream", RelSeen, web.Request], Awaitable[web.StreamResponse]]
-
-
-def rel_kind_of(path: str) -> str:
-    if path.endswith("/chat/completions"):
-        return "openai"
-    if path.endswith("/api/chat"):
-        return "ollama"
-    if ":generateContent" in path or ":streamGenerateContent" in path:
-        return "gemini"
-    return "anthropic"
-
-
-class RelUpstream(StandInServer):
-    """Answers from `script`; a dropped connection cancels the handler, which is how `gone` is noticed."""
-
-    received_type = RelSeen
-    shutdown_timeout = 0.2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.script: RelScript = rel_ok
-        self.arrived = asyncio.Event()  # set by every request
-        self.gone = asyncio.Event()  # the proxy dropped a connection while the stand-in was serving it
-        self.gone_at = 0.0
-        self.fault_at = 0.0  # when the stand-in broke an answer on purpose
-
-    def models(self) -> list[str]:
-        return [seen.model for seen in self.received]
-
-    async def handle(self, request: web.Request, seen: RelSeen) -> web.StreamResponse:
-        self.arrived.set()
-        try:
-            return await self.script(self, seen, request)
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.gone_at = time.monotonic()
-            self.gone.set()
-            raise
-
-
-async def rel_ok(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+async def rel_ok(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Answer as the real API would: a stream when one was asked for, else a whole answer."""
     if seen.stream:
         return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], rel_stream_parts(seen.kind, seen.model))
     return web.json_response(rel_json_answer(seen.kind, seen.model))
 
 
-def rel_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> RelScript:
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+def rel_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> Script:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.json_response(rel_error_json(seen.kind, status, text), status=status, headers=headers)
 
     return script
 
 
-def rel_sequence(*scripts: RelScript) -> RelScript:
+def rel_sequence(*scripts: Script) -> Script:
     """The i-th request gets scripts[i]; the last script answers every later one."""
 
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return await scripts[min(len(up.received), len(scripts)) - 1](up, seen, request)
 
     return script
@@ -6358,7 +6206,7 @@ async def rel_forever() -> None:
 
 
 async def rel_write(
-    up: RelUpstream,
+    up: StandInServer,
     request: web.Request,
     content_type: str,
     parts: list[bytes],
@@ -6387,22 +6235,23 @@ async def rel_write(
     return response
 
 
-RelServers = Callable[[], Awaitable[RelUpstream]]
+RelServers = Callable[[], Awaitable[StandInServer]]
 
 
 @pytest.fixture
 async def rel_servers() -> AsyncIterator[RelServers]:
-    """A factory of started stand-ins, all stopped at the end of the test."""
+    """A factory of started stand-ins answering from `rel_ok` until a test sets another script, all stopped at
+    the end of the test."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def new() -> RelUpstream:
-            return await stack.enter_async_context(running(RelUpstream()))
+        async def new() -> StandInServer:
+            return await stack.enter_async_context(running(StandInServer(rel_ok)))
 
         yield new
 
 
 @pytest.fixture
-async def rel_up(rel_servers: RelServers) -> RelUpstream:
+async def rel_up(rel_servers: RelServers) -> StandInServer:
     return await rel_servers()
 
 
@@ -6543,23 +6392,23 @@ def rel_black_hole() -> Iterator[str]:
             sock.close()
 
 
-def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> RelScript:
+def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> Script:
     """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
 
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         parts = rel_stream_parts(kind or seen.kind, seen.model)[:upto]
         return await rel_write(up, request, REL_STREAM_TYPES[kind or seen.kind], parts, **write)
 
     return script
 
 
-async def rel_silent(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+async def rel_silent(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Take the request and never answer."""
     await rel_forever()
     raise AssertionError("unreachable")
 
 
-async def rel_drop(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+async def rel_drop(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """A connection error: close the connection without an answer."""
     assert request.transport is not None
     request.transport.close()
@@ -6603,13 +6452,13 @@ async def test_rel_connect_timeout_is_per_provider(
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "headers-but-no-frame"])
 async def test_rel_first_byte_timeout(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """No first frame within first_byte_timeout_ms is a timeout, retried; the idle limit is far away.
 
     (A non-streaming answer's first byte comes when it is complete, so timeout_ms governs those.)"""
 
-    async def silent(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def silent(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if headers_sent:
             await web.StreamResponse(headers={"content-type": "text/event-stream"}).prepare(request)
         await rel_forever()
@@ -6631,7 +6480,7 @@ async def test_rel_first_byte_timeout(
 
 @pytest.mark.parametrize("kind", REL_KINDS)
 async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     """The first chunk arrives, then silence: at idle_timeout_ms the client gets an error event, no retry."""
     rel_up.script = rel_stream_script(upto=1, then="hang")
@@ -6650,11 +6499,11 @@ async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "body-trickles"])
 async def test_rel_total_timeout_bounds_a_non_streaming_request(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """A body that trickles in (so the idle limit never fires) is cut at timeout_ms, and retried."""
 
-    async def trickle(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def trickle(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if not headers_sent:
             await rel_forever()
         response = web.StreamResponse(headers={"content-type": "application/json", "content-length": "100000"})
@@ -6686,7 +6535,7 @@ REL_RETRYABLE = [408, 429, 500, 502, 503, 504, 529]
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("failure", [*REL_RETRYABLE, "connection-closed"])
 async def test_rel_retryable_failure_is_retried(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
 ) -> None:
     fail = rel_drop if failure == "connection-closed" else rel_status(int(failure))
     rel_up.script = rel_sequence(fail, fail, rel_ok)
@@ -6703,7 +6552,7 @@ async def test_rel_retryable_failure_is_retried(
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
 async def test_rel_retries_stop_at_the_configured_count(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
 ) -> None:
     rel_up.script = rel_status(503, text="busy")
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=retries))
@@ -6724,7 +6573,7 @@ async def test_rel_retries_stop_at_the_configured_count(
     ],
 )
 async def test_rel_client_errors_are_never_retried(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
 ) -> None:
     rel_up.script = rel_status(status, {"retry-after": "0"})  # a retry-after does not make them retryable
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=3))
@@ -6736,7 +6585,7 @@ async def test_rel_client_errors_are_never_retried(
 
 
 async def test_rel_backoff_grows_exponentially(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """retry_base_ms 40: the waits before attempts 2, 3, 4 are 40, 80, 160 ms times a jitter in [0.5, 1]."""
     rel_up.script = rel_status(503)
@@ -6786,7 +6635,7 @@ async def test_rel_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> Non
     ],
 )
 async def test_rel_retry_after_is_honoured(
-    rel_up: RelUpstream,
+    rel_up: StandInServer,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     status: int,
@@ -6898,8 +6747,8 @@ async def test_rel_all_targets_failing_gives_the_last_error(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
-    first: RelScript,
-    last: RelScript | None,
+    first: Script,
+    last: Script | None,
     status: int,
     error_type: str,
     fragment: str,
@@ -6930,7 +6779,7 @@ async def test_rel_all_targets_failing_gives_the_last_error(
 
 @pytest.mark.parametrize("kind", REL_KINDS)
 async def test_rel_mid_stream_cut_becomes_an_error_event_within_100ms(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     rel_up.script = rel_stream_script(upto=2, then="cut")
     proxy = await start_proxy(rel_single(kind, rel_up.url, retries=2))
@@ -6945,7 +6794,7 @@ async def test_rel_mid_stream_cut_becomes_an_error_event_within_100ms(
     assert len(rel_up.received) == 1  # bytes had gone to the client: no retry
 
 
-async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: RelUpstream, start_proxy: StartProxy) -> None:
+async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: StandInServer, start_proxy: StartProxy) -> None:
     rel_up.script = rel_stream_script(upto=2, then="cut")
     proxy = await start_proxy(rel_single("openai", rel_up.url))
     texts = []
@@ -6963,7 +6812,7 @@ async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: RelUpstream, start
 
 @pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
 async def test_rel_transport_fault_after_the_end_marker_is_not_a_failure(
-    rel_up: RelUpstream, start_proxy: StartProxy, kind: str
+    rel_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     """The whole answer, its end marker included, then the connection breaks: the client has a complete
     message and must not get an error event after message_stop (the SDK would raise)."""
@@ -6985,7 +6834,7 @@ async def test_rel_transport_fault_after_the_end_marker_is_not_a_failure(
 
 @pytest.mark.parametrize("kind", REL_KINDS)
 async def test_rel_keys_rotate_round_robin(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     proxy = await start_proxy(rel_single(kind, rel_up.url, keys=3))
 
@@ -6998,11 +6847,11 @@ async def test_rel_keys_rotate_round_robin(
 
 @pytest.mark.parametrize("status", [401, 403, 429])
 async def test_rel_key_that_failed_is_skipped_during_its_cool_down(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
 ) -> None:
     k0, k1, k2 = (rel_key("anthropic", i) for i in range(3))
 
-    async def k1_fails(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def k1_fails(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return await (rel_status(status) if seen.key == k1 else rel_ok)(up, seen, request)
 
     rel_up.script = k1_fails
@@ -7022,7 +6871,7 @@ async def test_rel_key_that_failed_is_skipped_during_its_cool_down(
 
 
 async def test_rel_key_cool_down_follows_retry_after(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     k1 = rel_key("anthropic", 1)
     rel_up.script = rel_sequence(rel_ok, rel_status(429, {"retry-after-ms": "200"}), rel_ok)
@@ -7064,7 +6913,7 @@ async def rel_read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
 
 @pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
 async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
-    rel_up: RelUpstream, start_proxy: StartProxy, phase: str
+    rel_up: StandInServer, start_proxy: StartProxy, phase: str
 ) -> None:
     rel_up.script = rel_stream_script(upto=1, then="hang") if phase == "mid-stream" else rel_silent
     proxy = await start_proxy(rel_single("anthropic", rel_up.url))
@@ -7085,7 +6934,7 @@ async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
 
 
 async def test_rel_client_disconnect_during_backoff_stops_the_retries(
-    rel_up: RelUpstream, start_proxy: StartProxy
+    rel_up: StandInServer, start_proxy: StartProxy
 ) -> None:
     """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
     rel_up.script = rel_status(503)
@@ -7105,7 +6954,7 @@ async def test_rel_client_disconnect_during_backoff_stops_the_retries(
 
 
 async def test_rel_disconnect_frees_the_in_flight_slot(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     rel_up.script = rel_stream_script(upto=1, then="hang")
     config = rel_single("anthropic", rel_up.url, {"max_in_flight": 1}, max_in_flight=1)
@@ -7125,7 +6974,7 @@ async def test_rel_disconnect_frees_the_in_flight_slot(
 
 
 async def test_rel_global_max_in_flight(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
@@ -7173,7 +7022,7 @@ async def test_rel_provider_max_in_flight(
 
 
 async def test_rel_rate_limit_per_client_key(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     config = rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
     proxy = await start_proxy(config)
@@ -7270,7 +7119,7 @@ async def rel_process(tmp_path: Path, doc: dict) -> AsyncIterator[RelProcess]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_rel_signal_drains_the_stream_in_flight_then_exits_0(
-    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
+    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
 ) -> None:
     rel_up.script = rel_stream_script(hold_at=1)
     async with rel_process(tmp_path, rel_single_doc("anthropic", rel_up.url, {"drain_timeout_ms": 10_000})) as proxy:
@@ -7292,7 +7141,7 @@ async def test_rel_signal_drains_the_stream_in_flight_then_exits_0(
 
 
 async def test_rel_drain_timeout_bounds_the_shutdown(
-    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
     rel_up.script = rel_stream_script(upto=1, then="hang")
@@ -7314,7 +7163,7 @@ async def test_rel_drain_timeout_bounds_the_shutdown(
 
 
 async def test_rel_sighup_reload_valid_takes_effect_invalid_is_rejected(
-    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     provider = rel_provider("anthropic", "anthropic", rel_up.url)
     async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one")) as proxy:
@@ -7338,11 +7187,11 @@ async def test_rel_sighup_reload_valid_takes_effect_invalid_is_rejected(
 
 
 async def test_rel_sighup_request_in_flight_keeps_its_config(
-    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Held at its first target while the config changes, the request falls back to its *old* second target."""
 
-    async def first_attempt_fails_late(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def first_attempt_fails_late(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if seen.model == "model-a1":
             await up.release.wait()
             return await rel_status(500)(up, seen, request)
@@ -7591,7 +7440,7 @@ def rel_assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -
 
 
 @pytest.fixture
-async def rel_fuzz_proxy(rel_up: RelUpstream, start_proxy: StartProxy) -> str:
+async def rel_fuzz_proxy(rel_up: StandInServer, start_proxy: StartProxy) -> str:
     """One provider of each kind at the stand-in, a proxy key, and a 1 MiB body limit."""
     providers = [
         rel_provider("anthropic", "anthropic", rel_up.url),
@@ -7655,7 +7504,7 @@ async def test_rel_hostile_bodies_get_4xx_or_a_valid_answer(
     ],
 )
 async def test_rel_truncated_or_malformed_framing(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
 ) -> None:
     """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"api_key": PROXY_KEY}))
@@ -7692,17 +7541,17 @@ REL_NGINX_PAGE = (
 )
 
 
-def rel_garbage(status: int, body: bytes, content_type: str, **headers: str) -> RelScript:
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+def rel_garbage(status: int, body: bytes, content_type: str, **headers: str) -> Script:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, body=body, headers={"content-type": content_type, **headers})
 
     return script
 
 
-def rel_gzip_answer(damage: str) -> RelScript:
+def rel_gzip_answer(damage: str) -> Script:
     """The request's proper answer, gzip-encoded, then truncated, corrupted, or with a wrong length."""
 
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if seen.stream:
             content_type, plain = REL_STREAM_TYPES[seen.kind], b"".join(rel_stream_parts(seen.kind, seen.model))
         else:
@@ -7754,7 +7603,7 @@ REL_COMPLETE_BEFORE_FAULT = {"gzip-long-length"}  # the whole answer arrived bef
 @pytest.mark.parametrize("kind", REL_KINDS)
 @pytest.mark.parametrize("garbage", list(REL_GARBAGE))
 async def test_rel_upstream_garbage_gives_a_mapped_error(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, garbage: str, kind: str, stream: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, garbage: str, kind: str, stream: bool
 ) -> None:
     rel_up.script = REL_GARBAGE[garbage]
     proxy = await start_proxy(rel_single(kind, rel_up.url))
@@ -7785,7 +7634,7 @@ REL_ENDLESS = [
 
 @pytest.mark.parametrize(("kind", "mode"), REL_ENDLESS)
 async def test_rel_endless_stream_is_cut_at_stream_timeout(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
 ) -> None:
     """stream_timeout_ms (400 ms) bounds the whole stream, whatever the upstream keeps doing after its start."""
     more = {
@@ -7795,7 +7644,7 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
         "silence": b"",
     }[mode]
 
-    async def endless(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def endless(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         await response.write(rel_stream_parts(kind, seen.model)[0])
@@ -7821,9 +7670,9 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
 
 @pytest.mark.parametrize("kind", REL_KINDS)
 async def test_rel_json_answer_to_a_stream_request_becomes_sse(
-    rel_up: RelUpstream, start_proxy: StartProxy, kind: str
+    rel_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
-    async def json_anyway(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def json_anyway(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.json_response(rel_json_answer(seen.kind, seen.model))
 
     rel_up.script = json_anyway
@@ -7849,12 +7698,12 @@ async def test_rel_json_answer_to_a_stream_request_becomes_sse(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", REL_KINDS)
 async def test_rel_upstream_echoing_the_key_does_not_leak_it(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
 ) -> None:
     """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
     see it. A retry and a fallback put the message in the log too."""
 
-    async def echo(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def echo(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         text = f"Incorrect API key provided: {seen.key}. Find your key at https://example.invalid/keys"
         return await rel_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
 
@@ -7886,7 +7735,7 @@ async def test_rel_upstream_redirect_is_not_followed(
 ) -> None:
     up, elsewhere = await rel_servers(), await rel_servers()
 
-    async def redirect(server: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def redirect(server: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, headers={"location": elsewhere.url + request.path})
 
     up.script = redirect
@@ -7934,7 +7783,7 @@ def rel_image_body(url: str) -> dict:
     return rel_body([image, {"type": "text", "text": "What is in this picture?"}])
 
 
-async def rel_png(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+async def rel_png(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     return web.Response(body=b"\x89PNG\r\n\x1a\n" + bytes(64), content_type="image/png")
 
 
@@ -8169,7 +8018,7 @@ class EcoUpstream(StandInServer):
         self.scripts: dict[str, list[EcoAnswer]] = {}
         self.holding = asyncio.Event()  # set when a stream reaches its hold point
 
-    def script(self, model: str, *answers: EcoAnswer) -> None:
+    def queue(self, model: str, *answers: EcoAnswer) -> None:
         """Answers for the next requests for `model`, in order; then the default answer."""
         self.scripts[model] = list(answers)
 
@@ -8328,7 +8177,7 @@ async def test_eco_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: Start
     model = route.split(",")[1]
     url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
     usage = {"input_tokens": 40, "cache_read_input_tokens": 8, "cache_creation_input_tokens": 0, "output_tokens": 11}
-    eco_upstream.script(model, EcoAnswer(text="Hello there, OpenAI client.", usage=usage))
+    eco_upstream.queue(model, EcoAnswer(text="Hello there, OpenAI client.", usage=usage))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 
     async with openai_client(url) as client:
@@ -8398,7 +8247,7 @@ async def test_eco_openai_tool_round_trip(
     route = eco_default_route(kind)
     model, upstream_calls = route.split(",")[1], ECO_CALLS[kind][:count]
     url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
-    eco_upstream.script(
+    eco_upstream.queue(
         model, EcoAnswer(text="Let me check.", tools=upstream_calls), EcoAnswer(text="It is 18C and sunny in Paris.")
     )
     question = [{"role": "user", "content": "Weather and time in Paris?"}]
@@ -8478,7 +8327,7 @@ async def test_eco_openai_upstream_error_raises_sdk_class(
 ) -> None:
     route = eco_default_route(kind)
     error_type = "rate_limit_error" if status == 429 else ECO_STATUS_ERRORS[status][0]
-    eco_upstream.script(route.split(",")[1], EcoAnswer(status=status, error_type=error_type))
+    eco_upstream.queue(route.split(",")[1], EcoAnswer(status=status, error_type=error_type))
     url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
 
     async with openai_client(url) as client:
@@ -8530,7 +8379,7 @@ async def test_eco_openai_mid_stream_failure_raises_api_error(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, failure: str
 ) -> None:
     route = eco_default_route(kind)
-    eco_upstream.script(route.split(",")[1], EcoAnswer(text="Partial answer, then trouble.", failure=failure))
+    eco_upstream.queue(route.split(",")[1], EcoAnswer(text="Partial answer, then trouble.", failure=failure))
     url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
     seen: list[str] = []
 
@@ -9086,8 +8935,8 @@ async def test_eco_session_memory_routes_long_context(
         "output_tokens": 5,
     }
     small = {**large, "input_tokens": 10, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-    eco_upstream.script("model-default", EcoAnswer(usage=large))
-    eco_upstream.script("model-long", EcoAnswer(usage=small))
+    eco_upstream.queue("model-default", EcoAnswer(usage=large))
+    eco_upstream.queue("model-long", EcoAnswer(usage=small))
     session_a, session_b = eco_user_id("sess-a", style), eco_user_id("sess-b", style)
 
     routes = [
@@ -9108,7 +8957,7 @@ async def test_eco_session_memory_routes_long_context(
 async def test_eco_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
     large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
-    eco_upstream.script("model-default", EcoAnswer(usage=large), EcoAnswer(usage=large))
+    eco_upstream.queue("model-default", EcoAnswer(usage=large), EcoAnswer(usage=large))
     body = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
 
     async with anthropic_client(url) as sdk:
@@ -9283,8 +9132,8 @@ ECO_FALLBACK_RULE = {"name": "fallback", "keywords": ["fallback"], "route": "dow
 async def eco_metrics_sequence(upstream: EcoUpstream, start: StartProxy) -> str:
     """Five requests: two plain (one streamed), one retried, one served by a fallback, one failing with 400."""
     url = await start(eco_config(upstream.url, rules=[ECO_FALLBACK_RULE], proxy={"retries": 1, "retry_base_ms": 1}))
-    upstream.script("model-flaky", EcoAnswer(status=529, error_type="overloaded_error"), EcoAnswer())
-    upstream.script("model-bad", EcoAnswer(status=400, error_type="invalid_request_error"))
+    upstream.queue("model-flaky", EcoAnswer(status=529, error_type="overloaded_error"), EcoAnswer())
+    upstream.queue("model-bad", EcoAnswer(status=400, error_type="invalid_request_error"))
     hello = [{"role": "user", "content": "hello"}]
     async with anthropic_client(url) as sdk:
         await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
@@ -9365,7 +9214,7 @@ async def test_eco_metrics_in_flight_gauge(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
-    eco_upstream.script("model-default", EcoAnswer(hold=True))
+    eco_upstream.queue("model-default", EcoAnswer(hold=True))
 
     async with anthropic_client(url) as sdk:
         args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
@@ -10341,7 +10190,7 @@ def test_env_var_unset_in_a_nested_table_is_a_problem_naming_the_key() -> None:
 
 
 async def test_sighup_applies_a_changed_log_level(
-    rel_up: RelUpstream, http: aiohttp.ClientSession, tmp_path: Path
+    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     provider = rel_provider("anthropic", "anthropic", rel_up.url)
     async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one", {"log_level": "info"})) as proxy:
@@ -10487,7 +10336,7 @@ async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, 
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
 async def test_max_in_flight_refuses_before_reading_the_body(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
 ) -> None:
     rel_up.script = rel_stream_script(hold_at=1)
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
@@ -10504,7 +10353,7 @@ async def test_max_in_flight_refuses_before_reading_the_body(
 
 
 async def test_rate_limit_refuses_before_reading_the_body(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 1}))
     assert (await rel_post(http, proxy, rel_body())).status == 200
@@ -10553,7 +10402,7 @@ def lim_image_body(*urls: str) -> dict:
     return rel_body([*images, {"type": "text", "text": "What is in these pictures?"}])
 
 
-def lim_image_url(images: RelUpstream, name: str) -> str:
+def lim_image_url(images: StandInServer, name: str) -> str:
     """A URL of the image stand-in under a host name, as a public image would have."""
     return f"http://images.example:{images.url.rsplit(':', 1)[1]}/{name}"
 
@@ -10611,7 +10460,7 @@ async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
 
 
 async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
-    rel_up: RelUpstream, start_proxy: StartProxy
+    rel_up: StandInServer, start_proxy: StartProxy
 ) -> None:
     """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
     streams = 130
@@ -10629,7 +10478,7 @@ async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_waiting_for_a_pooled_upstream_connection_times_out(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
 ) -> None:
     rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
     limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
@@ -10671,9 +10520,9 @@ async def test_background_request_neither_uses_nor_updates_session_memory(
     url = await start_proxy(eco_config(eco_upstream.url))
     large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
     small = {**large, "input_tokens": 10}
-    eco_upstream.script("model-default", EcoAnswer(usage=large))
-    eco_upstream.script("model-background", EcoAnswer(usage=small))
-    eco_upstream.script("model-long", EcoAnswer(usage=large))
+    eco_upstream.queue("model-default", EcoAnswer(usage=large))
+    eco_upstream.queue("model-background", EcoAnswer(usage=small))
+    eco_upstream.queue("model-long", EcoAnswer(usage=large))
     session = eco_user_id("sess-main", "json")
 
     routes = [
@@ -10725,7 +10574,7 @@ async def test_silent_pass_through_stream_gets_ping_events(
 async def test_silent_translated_stream_gets_ping_events(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    eco_upstream.script("model-x", EcoAnswer(hold=True))  # OpenAI chunks: the first text, then silence
+    eco_upstream.queue("model-x", EcoAnswer(hold=True))  # OpenAI chunks: the first text, then silence
     url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
 
     async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
@@ -10741,7 +10590,7 @@ async def test_silent_translated_stream_gets_ping_events(
 async def test_silent_openai_dialect_stream_gets_comment_pings(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    eco_upstream.script("model-default", EcoAnswer(hold=True))
+    eco_upstream.queue("model-default", EcoAnswer(hold=True))
     url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
     body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -11462,7 +11311,7 @@ I10_NATIVE_CUT_TURN = NativeTurn(
 async def test_native_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(native: NativeEnv, stream: bool) -> None:
     """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
     length ends on is the one the limit cut, and it is dropped."""
-    native.stand_in.script(I10_NATIVE_CUT_TURN)
+    native.stand_in.answer_turn(I10_NATIVE_CUT_TURN)
 
     message = await native.send(stream, messages=NATIVE_HELLO)
 
@@ -11512,10 +11361,10 @@ def i10_malformed_part(kind: str, body: Any) -> bytes:
     return json.dumps(body).encode() + b"\n" if kind == "ollama" else sse_data(body)
 
 
-def i10_malformed(body: Any) -> RelScript:
+def i10_malformed(body: Any) -> Script:
     """Answer with `body`: whole, or as the only chunk of a stream."""
 
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if not seen.stream:
             return web.json_response(body)
         return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
@@ -11551,7 +11400,7 @@ async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
 
 @pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
 async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the_provider(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
 ) -> None:
     rel_up.script = i10_malformed(body)
     proxy = await start_proxy(rel_single(kind, rel_up.url))
@@ -11563,9 +11412,9 @@ async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the
 
 @pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
 async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_in_an_error_event(
-    rel_up: RelUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
 ) -> None:
-    async def script(up: RelUpstream, seen: RelSeen, request: web.Request) -> web.StreamResponse:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         first = rel_stream_parts(seen.kind, seen.model)[0]
         return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
 
@@ -11629,32 +11478,6 @@ async def test_anthropic_mid_stream_error_event_is_logged_as_an_error_outcome(
     assert "status=200 outcome=overloaded_error" in line
 
 
-class I10PortsOpenAIStandIn(OpenAIStandIn):
-    """Notes the proxy-side port of the connection each request came on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ports: list[int] = []
-
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        self.ports.append(request.transport.get_extra_info("peername")[1])
-        return await super().dispatch(request)
-
-
-class I10PortsNativeStandIn(NativeStandIn):
-    """Notes the proxy-side port of the connection each request came on."""
-
-    def __init__(self, provider: str) -> None:
-        super().__init__(provider)
-        self.ports: list[int] = []
-
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        self.ports.append(request.transport.get_extra_info("peername")[1])
-        return await super().dispatch(request)
-
-
 async def i10_stream_then_release(http: aiohttp.ClientSession, url: str, body: dict, release: asyncio.Event) -> str:
     """POST a streamed request and read it all; once message_stop has arrived, let the stand-in send the rest of
     its body (what follows its end marker)."""
@@ -11677,7 +11500,7 @@ async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(
         frames = openai_sse(openai_text_chunks("ok"), received.body["model"])
         return OpenAIReply(raw=[*frames, b": end of stream\n\n"], hold_at=len(frames))
 
-    async with running(I10PortsOpenAIStandIn()) as upstream:
+    async with running(OpenAIStandIn()) as upstream:
         upstream.answer = answer
         proxy = await start_proxy(openai_config(upstream.url))
         for _ in range(2):
@@ -11697,7 +11520,7 @@ async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
         lines = b"".join(ollama_event(line) for line in ollama_lines(NativeTurn(text="ok"), received.body["model"]))
         return NativeReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
 
-    async with running(I10PortsNativeStandIn("ollama")) as upstream:
+    async with running(NativeStandIn("ollama")) as upstream:
         upstream.answer = answer
         proxy = await start_proxy(native_config("ollama", upstream.url, OLLAMA_MODEL))
         for _ in range(2):
@@ -11742,7 +11565,7 @@ I10_CHAIN_TOOL = {"name": "mcp__deep__tree", "description": "A deeply shared tre
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: NativeEnv) -> None:
     """Gemini 2.5 takes the 18-level chain in parametersJsonSchema as it is: a request of a few KB, not 17 MB."""
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
     await native.send(False, messages=NATIVE_HELLO, tools=[I10_CHAIN_TOOL])
 
@@ -11760,7 +11583,7 @@ async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(na
 async def test_gemini_subset_expands_shared_refs_once_per_definition(native: NativeEnv) -> None:
     """A model that needs `parameters` gets a 10-level chain written out in full and valid."""
     await native.connect(model=GEMINI2_MODEL)
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
     tool = {**I10_CHAIN_TOOL, "input_schema": i10_ref_chain(10)}
 
     await native.send(False, messages=NATIVE_HELLO, tools=[tool, NATIVE_READ_TOOL])
@@ -11800,7 +11623,7 @@ def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_declarations_are_converted_once_per_tools_text(native: NativeEnv) -> None:
     """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
     description = f"Read a file ({os.urandom(8).hex()})."
     tools = [{**NATIVE_READ_TOOL, "description": description}, NATIVE_GLOB_TOOL]
 
@@ -11825,7 +11648,7 @@ async def test_gemini_declarations_are_converted_once_per_tools_text(native: Nat
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: NativeEnv) -> None:
     """The stand-in accepts parametersJsonSchema as google-genai sends it, and refuses it beside `parameters`."""
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
     client = genai.Client(
         api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
     )
@@ -11941,7 +11764,7 @@ async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
     Gemini accepts the request."""
     assert I10_HAIKU["thinking"] == {"budget_tokens": 31999, "type": "enabled"}
     await native.connect(model=model)
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
     answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**I10_HAIKU, "stream": False})
 
@@ -11963,7 +11786,7 @@ async def test_gemini_thinking_budget_is_clamped_per_model(
     native: NativeEnv, model: str, budget: int, expected: dict
 ) -> None:
     await native.connect(model=model)
-    native.stand_in.script(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
     await native.send(
         False, messages=NATIVE_HELLO, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
