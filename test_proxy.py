@@ -3,8 +3,8 @@
 The proxy runs in-process as a real aiohttp server (or as a subprocess where signals, logs or the command line
 are what is tested). Each upstream API has a stand-in, a real aiohttp server that speaks its wire format,
 answers from a per-test script and records every request: Anthropic Messages, OpenAI chat completions, Ollama
-/api/chat and Gemini generateContent. The stand-ins live in conftest.py, shared with bench.py. Clients are aiohttp, the official anthropic, openai, ollama and
-google-genai SDKs and, end to end, the real Claude Code CLI.
+/api/chat and Gemini generateContent. The stand-ins live in conftest.py, shared with bench.py. Clients are
+aiohttp, the official anthropic, openai, ollama and google-genai SDKs and, end to end, the real Claude Code CLI.
 
 Areas, in file order: shared helpers and stand-ins; core (Anthropic pass-through, routing, auth, bad input,
 config, CLI, token counting); the OpenAI family; Ollama and Gemini; reliability; the ecosystem (OpenAI inbound
