@@ -70,11 +70,13 @@ class Received:
         return self.headers.get("authorization", "").removeprefix("Bearer ")
 
 
-async def serve_app(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
-    """Serve `app` on 127.0.0.1 on a free port; returns its runner (to clean up) and its base URL."""
+async def serve_app(
+    app: web.Application, port: int = 0, backlog: int = 128, **options: Any
+) -> tuple[web.AppRunner, str]:
+    """Serve `app` on 127.0.0.1 (on a free port unless told one); returns its runner (to clean up) and base URL."""
     runner = web.AppRunner(app, **options)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=backlog).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
@@ -85,10 +87,12 @@ class StandInServer:
     """Records every request in `received` and the proxy-side port it came from in `ports`, then answers with the
     test's `script` when one is set, else as its wire format does (`handle`). A connection the proxy drops cancels
     the handler: that sets `gone` (at `gone_at`), which is how tests see that the proxy closed an upstream request.
+    With `record` off (bench.py's long runs) it keeps nothing of the requests.
     """
 
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, *, record: bool = True) -> None:
         self.script = script
+        self.record = record
         self.received: list[Received] = []
         self.ports: list[int] = []
         self.release = asyncio.Event()  # lets a held answer go on
@@ -107,12 +111,12 @@ class StandInServer:
     def models(self) -> list[str]:
         return [received.model for received in self.received]
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0, backlog: int = 128) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         # handler_cancellation: a connection the proxy drops cancels the handler (the stand-ins notice it)
         options = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 0.2}
-        self.runner, self.url = await serve_app(app, **options)
+        self.runner, self.url = await serve_app(app, port, backlog, **options)
 
     async def stop(self) -> None:
         self.release.set()
@@ -127,9 +131,10 @@ class StandInServer:
             body = None
         headers = {key.lower(): value for key, value in request.headers.items()}
         received = Received(request.method, request.path, dict(request.query), headers, body)
-        self.received.append(received)
-        assert request.transport is not None
-        self.ports.append(request.transport.get_extra_info("peername")[1])
+        if self.record:
+            self.received.append(received)
+            assert request.transport is not None
+            self.ports.append(request.transport.get_extra_info("peername")[1])
         self.arrived.set()
         try:
             if self.script is not None:
@@ -1038,7 +1043,7 @@ def rel_ollama_line(model: str, text: str, done: bool = False) -> bytes:
     return json.dumps(line).encode() + b"\n"
 
 
-REL_STREAM_TYPES = {
+STREAM_TYPES = {
     "anthropic": "text/event-stream",
     "openai": "text/event-stream",
     "gemini": "text/event-stream",
@@ -1046,9 +1051,12 @@ REL_STREAM_TYPES = {
 }
 
 
-def rel_stream_parts(kind: str, model: str, text: str = REL_TEXT) -> list[bytes]:
-    """A streamed answer in `kind`'s format; the first part already carries the first piece of text."""
-    first, *rest = pieces(text, 8)
+def text_stream_parts(
+    kind: str, model: str, text: str = REL_TEXT, size: int = 8, include_usage: bool = False
+) -> list[bytes]:
+    """A streamed answer in `kind`'s format, `size` characters of text per delta; the first part already carries
+    the first piece. `include_usage`: an OpenAI stream ends with a usage chunk, as stream_options asks."""
+    first, *rest = pieces(text, size)
     if kind == "anthropic":
         start = {**rel_anthropic_message(model, ""), "content": [], "stop_reason": None}
         head = sse("message_start", message=start) + sse(
@@ -1066,14 +1074,18 @@ def rel_stream_parts(kind: str, model: str, text: str = REL_TEXT) -> list[bytes]
     if kind == "openai":
         parts = [sse_data(rel_openai_chunk(model, {"role": "assistant", "content": first}))]
         parts += [sse_data(rel_openai_chunk(model, {"content": p})) for p in rest]
-        return [*parts, sse_data(rel_openai_chunk(model, {}, "stop")) + b"data: [DONE]\n\n"]
+        end = sse_data(rel_openai_chunk(model, {}, "stop"))
+        if include_usage:
+            usage = {"prompt_tokens": 5, "completion_tokens": len(rest) + 1, "total_tokens": len(rest) + 6}
+            end += sse_data({**rel_openai_chunk(model, {}), "choices": [], "usage": usage})
+        return [*parts, end + b"data: [DONE]\n\n"]
     if kind == "gemini":
         parts = [sse_data(rel_gemini_chunk(model, p)) for p in [first, *rest]]
         return [*parts, sse_data(rel_gemini_chunk(model, "", "STOP"))]
     return [rel_ollama_line(model, p) for p in [first, *rest]] + [rel_ollama_line(model, "", done=True)]
 
 
-def rel_json_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
+def text_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
     """A whole (non-streamed) answer in `kind`'s format."""
     if kind == "anthropic":
         return rel_anthropic_message(model, text)
@@ -1104,8 +1116,8 @@ def rel_error_json(kind: str, status: int, text: str) -> dict:
 async def rel_ok(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Answer as the real API would: a stream when one was asked for, else a whole answer."""
     if seen.stream:
-        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], rel_stream_parts(seen.kind, seen.model))
-    return web.json_response(rel_json_answer(seen.kind, seen.model))
+        return await rel_write(up, request, STREAM_TYPES[seen.kind], text_stream_parts(seen.kind, seen.model))
+    return web.json_response(text_answer(seen.kind, seen.model))
 
 
 def rel_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> Script:

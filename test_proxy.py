@@ -70,10 +70,10 @@ from conftest import (
     OLLAMA_JSON,
     OLLAMA_MODEL,
     OLLAMA_NDJSON,
-    REL_STREAM_TYPES,
     REL_TEXT,
     STANDIN_COUNT,
     STANDIN_TEXT,
+    STREAM_TYPES,
     EcoAnswer,
     EcoUpstream,
     NativeCall,
@@ -114,17 +114,17 @@ from conftest import (
     openai_tools_delta,
     pieces,
     rel_forever,
-    rel_json_answer,
     rel_ok,
     rel_sequence,
     rel_status,
-    rel_stream_parts,
     rel_write,
     running,
     serve_app,
     sse,
     sse_data,
     stream_frames,
+    text_answer,
+    text_stream_parts,
 )
 from terraphim_proxy import (
     AnthropicStream,
@@ -5505,8 +5505,8 @@ def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **wri
     """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        parts = rel_stream_parts(kind or seen.kind, seen.model)[:upto]
-        return await rel_write(up, request, REL_STREAM_TYPES[kind or seen.kind], parts, **write)
+        parts = text_stream_parts(kind or seen.kind, seen.model)[:upto]
+        return await rel_write(up, request, STREAM_TYPES[kind or seen.kind], parts, **write)
 
     return script
 
@@ -6662,9 +6662,9 @@ def rel_gzip_answer(damage: str) -> Script:
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if seen.stream:
-            content_type, plain = REL_STREAM_TYPES[seen.kind], b"".join(rel_stream_parts(seen.kind, seen.model))
+            content_type, plain = STREAM_TYPES[seen.kind], b"".join(text_stream_parts(seen.kind, seen.model))
         else:
-            content_type, plain = "application/json", json.dumps(rel_json_answer(seen.kind, seen.model)).encode()
+            content_type, plain = "application/json", json.dumps(text_answer(seen.kind, seen.model)).encode()
         packed = gzip.compress(plain)
         headers = {"content-type": content_type, "content-encoding": "gzip"}
         if damage == "truncated":
@@ -6747,7 +6747,7 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
 ) -> None:
     """stream_timeout_ms (400 ms) bounds the whole stream, whatever the upstream keeps doing after its start."""
     more = {
-        "text-forever": rel_stream_parts(kind, REL_MODEL[kind], "........")[0],
+        "text-forever": text_stream_parts(kind, REL_MODEL[kind], "........")[0],
         "keepalive-comments": b": keep-alive\n\n",
         "no-frame-end": b"data: xxxxxxxx",
         "silence": b"",
@@ -6756,7 +6756,7 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
     async def endless(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(rel_stream_parts(kind, seen.model)[0])
+        await response.write(text_stream_parts(kind, seen.model)[0])
         while True:
             if more:
                 await response.write(more)
@@ -6782,7 +6782,7 @@ async def test_rel_json_answer_to_a_stream_request_becomes_sse(
     rel_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     async def json_anyway(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        return web.json_response(rel_json_answer(seen.kind, seen.model))
+        return web.json_response(text_answer(seen.kind, seen.model))
 
     rel_up.script = json_anyway
     proxy = await start_proxy(rel_single(kind, rel_up.url))
@@ -10300,7 +10300,7 @@ def i10_malformed(body: Any) -> Script:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if not seen.stream:
             return web.json_response(body)
-        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
+        return await rel_write(up, request, STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
 
     return script
 
@@ -10348,8 +10348,8 @@ async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
 ) -> None:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        first = rel_stream_parts(seen.kind, seen.model)[0]
-        return await rel_write(up, request, REL_STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
+        first = text_stream_parts(seen.kind, seen.model)[0]
+        return await rel_write(up, request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
 
     rel_up.script = script
     proxy = await start_proxy(rel_single(kind, rel_up.url))
