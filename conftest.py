@@ -96,6 +96,7 @@ class StandInServer:
         self.received: list[Received] = []
         self.ports: list[int] = []
         self.release = asyncio.Event()  # lets a held answer go on
+        self.held = asyncio.Event()  # an answer reached its hold point
         self.arrived = asyncio.Event()  # set by every request
         self.gone = asyncio.Event()  # the proxy dropped a connection while the stand-in was serving it
         self.gone_at = 0.0
@@ -147,6 +148,46 @@ class StandInServer:
 
     async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
         raise NotImplementedError
+
+    async def write_parts(
+        self,
+        request: web.Request,
+        content_type: str,
+        parts: list[bytes],
+        *,
+        hold_at: int | None = None,
+        then: str = "eof",
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Stream `parts`, one write each; before part `hold_at` (which may be the end) set `held` and wait for
+        `release`; then end ("eof"), close the connection without ending the body ("cut"), or stay silent ("hang")."""
+        response = web.StreamResponse(status=status, headers={"content-type": content_type, **(headers or {})})
+        await response.prepare(request)
+        for index in range(len(parts) + 1):
+            if index == hold_at:
+                self.held.set()
+                await self.release.wait()
+            if index < len(parts):
+                await response.write(parts[index])  # aiohttp sets TCP_NODELAY: each write leaves as its own segment
+        self.fault_at = time.monotonic()  # a "cut" or a "hang" starts now
+        if then == "cut":
+            assert request.transport is not None
+            request.transport.close()
+            await until_cancelled()
+        if then == "hang":
+            await until_cancelled()
+        await response.write_eof()
+        return response
+
+
+async def until_cancelled() -> None:
+    """Wait until cancelled (a stand-in's handler is cancelled when the proxy drops the connection)."""
+    await asyncio.Event().wait()
+
+
+SSE_HEADERS = {"cache-control": "no-cache"}
+SSE_TYPE = "text/event-stream; charset=utf-8"
 
 
 Server = TypeVar("Server", bound=StandInServer)
@@ -272,21 +313,13 @@ class StandIn(StandInServer):
         reply = self.answer(received)
         headers = {"request-id": f"req_standin_{len(self.received):04d}", **reply.headers}
         if reply.frames:
-            return await self.stream(request, reply, headers)
+            sse_headers = {**SSE_HEADERS, **headers}
+            return await self.write_parts(
+                request, SSE_TYPE, reply.frames, hold_at=reply.hold_at, status=reply.status, headers=sse_headers
+            )
         if reply.raw is not None:
             return web.Response(status=reply.status, body=reply.raw, content_type=reply.content_type, headers=headers)
         return web.json_response(reply.json, status=reply.status, headers=headers)
-
-    async def stream(self, request: web.Request, reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
-        sse_headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-        response = web.StreamResponse(status=reply.status, headers={**sse_headers, **headers})
-        await response.prepare(request)
-        for index, frame in enumerate(reply.frames):
-            if index == reply.hold_at:
-                await self.release.wait()
-            await response.write(frame)
-        await response.write_eof()
-        return response
 
 
 # ---------------------------------------------------------------------------
@@ -469,15 +502,10 @@ class OpenAIStandIn(StandInServer):
         writes = (
             reply.raw if reply.raw is not None else openai_sse(reply.chunks or [], received.body["model"], reply.done)
         )
-        sse_headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-        response = web.StreamResponse(status=reply.status, headers={**sse_headers, **out_headers})
-        await response.prepare(request)
-        for index, piece in enumerate(writes):
-            if index == reply.hold_at:
-                await self.release.wait()
-            await response.write(piece)  # aiohttp sets TCP_NODELAY: each write leaves as its own segment
-        await response.write_eof()
-        return response
+        sse_headers = {**SSE_HEADERS, **out_headers}
+        return await self.write_parts(
+            request, SSE_TYPE, writes, hold_at=reply.hold_at, status=reply.status, headers=sse_headers
+        )
 
 
 OPENAI_CREATED = 1_700_000_000
@@ -1116,7 +1144,7 @@ def rel_error_json(kind: str, status: int, text: str) -> dict:
 async def rel_ok(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Answer as the real API would: a stream when one was asked for, else a whole answer."""
     if seen.stream:
-        return await rel_write(up, request, STREAM_TYPES[seen.kind], text_stream_parts(seen.kind, seen.model))
+        return await up.write_parts(request, STREAM_TYPES[seen.kind], text_stream_parts(seen.kind, seen.model))
     return web.json_response(text_answer(seen.kind, seen.model))
 
 
@@ -1134,41 +1162,6 @@ def rel_sequence(*scripts: Script) -> Script:
         return await scripts[min(len(up.received), len(scripts)) - 1](up, seen, request)
 
     return script
-
-
-async def rel_forever() -> None:
-    """Wait until cancelled (the stand-in's handler is cancelled when the proxy drops the connection)."""
-    await asyncio.Event().wait()
-
-
-async def rel_write(
-    up: StandInServer,
-    request: web.Request,
-    content_type: str,
-    parts: list[bytes],
-    *,
-    hold_at: int | None = None,
-    then: str = "eof",
-    status: int = 200,
-    headers: Mapping[str, str] | None = None,
-) -> web.StreamResponse:
-    """Stream `parts`; wait for up.release before part `hold_at`; then end ("eof"), close the connection
-    without ending the body ("cut"), or stay silent ("hang")."""
-    response = web.StreamResponse(status=status, headers={"content-type": content_type, **(headers or {})})
-    await response.prepare(request)
-    for index, part in enumerate(parts):
-        if index == hold_at:
-            await up.release.wait()
-        await response.write(part)
-    up.fault_at = time.monotonic()  # a "cut" or a "hang" starts now
-    if then == "cut":
-        assert request.transport is not None
-        request.transport.close()
-        await rel_forever()
-    if then == "hang":
-        await rel_forever()
-    await response.write_eof()
-    return response
 
 
 # ---------------------------------------------------------------------------
@@ -1297,7 +1290,6 @@ class EcoUpstream(StandInServer):
     def __init__(self) -> None:
         super().__init__()
         self.scripts: dict[str, list[EcoAnswer]] = {}
-        self.holding = asyncio.Event()  # set when a stream reaches its hold point
 
     def queue(self, model: str, *answers: EcoAnswer) -> None:
         """Answers for the next requests for `model`, in order; then the default answer."""
@@ -1332,18 +1324,6 @@ class EcoUpstream(StandInServer):
     async def stream(
         self, request: web.Request, answer: EcoAnswer, head: list[bytes], tail: list[bytes], error: bytes
     ) -> web.StreamResponse:
-        headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-        response = web.StreamResponse(status=200, headers=headers)
-        await response.prepare(request)
-        for frame in head:
-            await response.write(frame)
-        if answer.hold:
-            self.holding.set()
-            await self.release.wait()
-        if answer.failure == "error":
-            await response.write(error)
-        elif answer.failure != "cut":
-            for frame in tail:
-                await response.write(frame)
-        await response.write_eof()
-        return response
+        rest = {"error": [error], "cut": []}.get(answer.failure, tail)
+        hold_at = len(head) if answer.hold else None
+        return await self.write_parts(request, SSE_TYPE, [*head, *rest], hold_at=hold_at, headers=SSE_HEADERS)

@@ -113,11 +113,9 @@ from conftest import (
     openai_text_chunks,
     openai_tools_delta,
     pieces,
-    rel_forever,
     rel_ok,
     rel_sequence,
     rel_status,
-    rel_write,
     running,
     serve_app,
     sse,
@@ -125,6 +123,7 @@ from conftest import (
     stream_frames,
     text_answer,
     text_stream_parts,
+    until_cancelled,
 )
 from terraphim_proxy import (
     AnthropicStream,
@@ -5506,14 +5505,14 @@ def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **wri
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         parts = text_stream_parts(kind or seen.kind, seen.model)[:upto]
-        return await rel_write(up, request, STREAM_TYPES[kind or seen.kind], parts, **write)
+        return await up.write_parts(request, STREAM_TYPES[kind or seen.kind], parts, **write)
 
     return script
 
 
 async def rel_silent(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Take the request and never answer."""
-    await rel_forever()
+    await until_cancelled()
     raise AssertionError("unreachable")
 
 
@@ -5521,7 +5520,7 @@ async def rel_drop(up: StandInServer, seen: Received, request: web.Request) -> w
     """A connection error: close the connection without an answer."""
     assert request.transport is not None
     request.transport.close()
-    await rel_forever()
+    await until_cancelled()
     raise AssertionError("unreachable")
 
 
@@ -5570,7 +5569,7 @@ async def test_rel_first_byte_timeout(
     async def silent(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if headers_sent:
             await web.StreamResponse(headers={"content-type": "text/event-stream"}).prepare(request)
-        await rel_forever()
+        await until_cancelled()
         raise AssertionError("unreachable")
 
     rel_up.script = silent
@@ -5614,7 +5613,7 @@ async def test_rel_total_timeout_bounds_a_non_streaming_request(
 
     async def trickle(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if not headers_sent:
-            await rel_forever()
+            await until_cancelled()
         response = web.StreamResponse(headers={"content-type": "application/json", "content-length": "100000"})
         await response.prepare(request)
         while True:
@@ -6683,7 +6682,7 @@ def rel_gzip_answer(damage: str) -> Script:
         up.fault_at = time.monotonic()
         assert request.transport is not None
         request.transport.close()  # 500 bytes short of the length it announced
-        await rel_forever()
+        await until_cancelled()
         raise AssertionError("unreachable")
 
     return script
@@ -8152,7 +8151,7 @@ async def test_eco_metrics_in_flight_gauge(
     async with anthropic_client(url) as sdk:
         args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
         async with sdk.messages.stream(**args) as events:
-            await wait_set(eco_upstream.holding)
+            await wait_set(eco_upstream.held)
             during = await eco_metrics(http, url)
             eco_upstream.release.set()
             final = await events.get_final_message()
@@ -10300,7 +10299,7 @@ def i10_malformed(body: Any) -> Script:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if not seen.stream:
             return web.json_response(body)
-        return await rel_write(up, request, STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
+        return await up.write_parts(request, STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
 
     return script
 
@@ -10349,7 +10348,7 @@ async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_
 ) -> None:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         first = text_stream_parts(seen.kind, seen.model)[0]
-        return await rel_write(up, request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
+        return await up.write_parts(request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
 
     rel_up.script = script
     proxy = await start_proxy(rel_single(kind, rel_up.url))
