@@ -286,8 +286,6 @@ def answer_message(received: Received, content: list[dict], stop_reason: str = "
 
 
 STANDIN_COUNT = 4242
-
-
 STANDIN_TEXT = "Hello from the stand-in."
 
 
@@ -453,22 +451,9 @@ def openai_answer_text(text: str) -> Callable[[Received], OpenAIReply]:
     return lambda received: openai_reply_for(received, openai_text_chunks(text))
 
 
-def openai_anthropic_message(body: dict) -> dict:
-    """The minimal Anthropic Messages answer of the `/v1/messages` route."""
-    return {
-        "id": "msg_standin",
-        "type": "message",
-        "role": "assistant",
-        "model": body.get("model", ""),
-        "content": [{"type": "text", "text": "anthropic here"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 5, "output_tokens": 2},
-    }
-
-
 class OpenAIStandIn(StandInServer):
-    """A local chat-completions API (plus a tiny Anthropic route) that answers from a script."""
+    """A local chat-completions API that answers from a script; its `POST /v1/messages` answers a plain Anthropic
+    message, where a conversation moves from an OpenAI-family provider to Anthropic."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -488,7 +473,8 @@ class OpenAIStandIn(StandInServer):
 
     async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
         if (request.method, request.path) == ("POST", "/v1/messages"):
-            return web.json_response(openai_anthropic_message(received.body))
+            text = [{"type": "text", "text": "anthropic here"}]
+            return web.json_response(anthropic_message(received.body.get("model", ""), text, output_tokens=2))
         if (request.method, request.path) != ("POST", "/chat/completions"):
             body = openai_error_body(f"Unknown request URL: {request.method} {request.path}", "invalid_request_error")
             return web.json_response(body, status=404)
@@ -514,6 +500,19 @@ OPENAI_CREATED = 1_700_000_000
 # ---------------------------------------------------------------------------
 # Ollama /api/chat and Gemini generateContent
 # ---------------------------------------------------------------------------
+
+
+GEMINI_KEY = "AIzaSy-terraphim-test-key"
+OLLAMA_MODEL = "qwen3:8b"
+GEMINI_MODEL = "gemini-2.5-pro"
+GEMINI3_MODEL = "gemini-3-pro-preview"  # its stand-in insists on thought signatures, as Gemini 3 does
+OLLAMA_KNOWN_MODELS = frozenset({OLLAMA_MODEL})
+GEMINI_FLASH_MODEL = "gemini-2.5-flash"
+GEMINI_LITE_MODEL = "gemini-2.5-flash-lite"
+GEMINI2_MODEL = "gemini-2.0-flash"  # takes only the `parameters` subset
+GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL, GEMINI_FLASH_MODEL, GEMINI_LITE_MODEL, GEMINI2_MODEL})
+GEMINI_THINKING_RANGES = {GEMINI_MODEL: (128, 32768), GEMINI_FLASH_MODEL: (0, 24576), GEMINI_LITE_MODEL: (512, 24576)}
+NATIVE_PIECE = 8  # characters of text per streamed line or frame
 
 
 @dataclass(frozen=True)
@@ -550,20 +549,10 @@ def native_json(data: Any, indent: int | None = None) -> bytes:
 
 
 OLLAMA_JSON = "application/json; charset=utf-8"
-
-
 OLLAMA_NDJSON = "application/x-ndjson"
-
-
 GEMINI_JSON = "application/json; charset=UTF-8"
-
-
 GEMINI_SSE = "text/event-stream"
-
-
 OLLAMA_DONE = {"stop": "stop", "length": "length"}
-
-
 GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 
 
@@ -979,39 +968,6 @@ class NativeStandIn(StandInServer):
         return response
 
 
-GEMINI_KEY = "AIzaSy-terraphim-test-key"
-
-
-OLLAMA_MODEL = "qwen3:8b"
-
-
-GEMINI_MODEL = "gemini-2.5-pro"
-
-
-GEMINI3_MODEL = "gemini-3-pro-preview"  # its stand-in insists on thought signatures, as Gemini 3 does
-
-
-OLLAMA_KNOWN_MODELS = frozenset({OLLAMA_MODEL})
-
-
-GEMINI_FLASH_MODEL = "gemini-2.5-flash"
-
-
-GEMINI_LITE_MODEL = "gemini-2.5-flash-lite"
-
-
-GEMINI2_MODEL = "gemini-2.0-flash"  # takes only the `parameters` subset
-
-
-GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL, GEMINI_FLASH_MODEL, GEMINI_LITE_MODEL, GEMINI2_MODEL})
-
-
-GEMINI_THINKING_RANGES = {GEMINI_MODEL: (128, 32768), GEMINI_FLASH_MODEL: (0, 24576), GEMINI_LITE_MODEL: (512, 24576)}
-
-
-NATIVE_PIECE = 8  # characters of text per streamed line or frame
-
-
 # ---------------------------------------------------------------------------
 # Any of the four formats, from a script: the answer a real API gives, or a fault
 # ---------------------------------------------------------------------------
@@ -1130,12 +1086,9 @@ def text_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
 def rel_error_json(kind: str, status: int, text: str) -> dict:
     """An error body as each provider writes it."""
     if kind == "anthropic":
-        return {
-            "type": "error",
-            "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": text},
-        }
+        return anthropic_error(status, ANTHROPIC_ERROR_TYPES.get(status, "api_error"), text).json
     if kind == "openai":
-        return {"error": {"message": text, "type": "server_error", "code": None}}
+        return openai_error_body(text, "server_error")
     if kind == "gemini":
         return {"error": {"code": status, "message": text, "status": "UNAVAILABLE"}}
     return {"error": text}
@@ -1302,7 +1255,7 @@ class EcoUpstream(StandInServer):
         answer = queue.pop(0) if queue else EcoAnswer()
         if request.method == "POST" and request.path == "/v1/messages":
             if answer.status != 200:
-                error = {"type": "error", "error": {"type": answer.error_type, "message": f"scripted {answer.status}"}}
+                error = anthropic_error(answer.status, answer.error_type, f"scripted {answer.status}").json
                 return web.json_response(error, status=answer.status)
             if not body.get("stream"):
                 return web.json_response(eco_anthropic_message(model, answer))
@@ -1311,8 +1264,8 @@ class EcoUpstream(StandInServer):
             return await self.stream(request, answer, head, tail, error)
         if request.method == "POST" and request.path.endswith("/chat/completions"):
             if answer.status != 200:
-                error = {"message": f"scripted {answer.status}", "type": answer.error_type, "param": None, "code": None}
-                return web.json_response({"error": error}, status=answer.status)
+                error = openai_error_body(f"scripted {answer.status}", answer.error_type)
+                return web.json_response(error, status=answer.status)
             if not body.get("stream"):
                 return web.json_response(eco_openai_completion(model, answer))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
