@@ -581,10 +581,10 @@ def ollama_calls(turn: NativeTurn) -> list[dict]:
     return [{"function": {"name": call.name, "arguments": call.args}} for call in turn.calls]
 
 
-def ollama_lines(turn: NativeTurn, model: str) -> list[dict]:
+def ollama_lines(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> list[dict]:
     """Thinking and text in pieces, every tool call in one line (as Ollama sends them), then `done`."""
-    lines = [ollama_line(model, {"thinking": piece}) for piece in pieces(turn.thinking, NATIVE_PIECE)]
-    lines += [ollama_line(model, {"content": piece}) for piece in pieces(turn.text, NATIVE_PIECE)]
+    lines = [ollama_line(model, {"thinking": piece}) for piece in pieces(turn.thinking, size)]
+    lines += [ollama_line(model, {"content": piece}) for piece in pieces(turn.text, size)]
     if turn.calls:
         lines.append(ollama_line(model, {"tool_calls": ollama_calls(turn)}))
     return [*lines, ollama_final(turn, model)]
@@ -599,8 +599,8 @@ def ollama_whole(turn: NativeTurn, model: str) -> dict:
     return ollama_final(turn, model, message)
 
 
-def gemini_parts(turn: NativeTurn, split: bool) -> list[dict]:
-    cut = functools.partial(pieces, size=NATIVE_PIECE) if split else (lambda text: [text] if text else [])
+def gemini_parts(turn: NativeTurn, split: bool, size: int = NATIVE_PIECE) -> list[dict]:
+    cut = functools.partial(pieces, size=size) if split else (lambda text: [text] if text else [])
     parts = [{"text": piece, "thought": True} for piece in cut(turn.thinking)]
     texts = [{"text": piece} for piece in cut(turn.text)]
     if texts and turn.text_signature:
@@ -650,12 +650,12 @@ def gemini_blocked(turn: NativeTurn, model: str) -> dict:
     return {"promptFeedback": feedback, **gemini_response(model, None, gemini_usage_metadata(turn.usage, True))}
 
 
-def gemini_chunks(turn: NativeTurn, model: str) -> list[dict]:
+def gemini_chunks(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> list[dict]:
     """One part per chunk (function calls whole), then a chunk with the finishReason and the full usage."""
     if turn.blocked:
         return [gemini_blocked(turn, model)]
     early = gemini_usage_metadata(turn.usage, final=False)
-    chunks = [gemini_response(model, gemini_candidate([part]), early) for part in gemini_parts(turn, split=True)]
+    chunks = [gemini_response(model, gemini_candidate([part]), early) for part in gemini_parts(turn, True, size)]
     finish = GEMINI_FINISH.get(turn.finish, turn.finish)
     last_parts = [{"text": ""}] if finish in GEMINI_FINISH.values() else []
     final = gemini_response(model, gemini_candidate(last_parts, finish), gemini_usage_metadata(turn.usage, True))
@@ -988,45 +988,6 @@ ANTHROPIC_ERROR_TYPES = {  # the error type Anthropic's API sends with each stat
 REL_TEXT = "Hello from the reliability stand-in."
 
 
-def rel_anthropic_message(model: str, text: str) -> dict:
-    return {
-        "id": "msg_rel_01",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 5, "output_tokens": 3},
-    }
-
-
-def rel_openai_chunk(model: str, delta: dict, finish: str | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    return {"id": "chatcmpl-rel", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [choice]}
-
-
-def rel_gemini_chunk(model: str, text: str, finish: str | None = None) -> dict:
-    candidate: dict = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
-    chunk: dict = {"candidates": [candidate], "modelVersion": model}
-    if finish:
-        candidate["finishReason"] = finish
-        chunk["usageMetadata"] = {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8}
-    return chunk
-
-
-def rel_ollama_line(model: str, text: str, done: bool = False) -> bytes:
-    line: dict = {
-        "model": model,
-        "created_at": "2025-01-01T00:00:00Z",
-        "message": {"role": "assistant", "content": text},
-    }
-    line["done"] = done
-    if done:
-        line |= {"done_reason": "stop", "prompt_eval_count": 5, "eval_count": 3}
-    return json.dumps(line).encode() + b"\n"
-
-
 STREAM_TYPES = {
     "anthropic": "text/event-stream",
     "openai": "text/event-stream",
@@ -1038,49 +999,41 @@ STREAM_TYPES = {
 def text_stream_parts(
     kind: str, model: str, text: str = REL_TEXT, size: int = 8, include_usage: bool = False
 ) -> list[bytes]:
-    """A streamed answer in `kind`'s format, `size` characters of text per delta; the first part already carries
-    the first piece. `include_usage`: an OpenAI stream ends with a usage chunk, as stream_options asks."""
-    first, *rest = pieces(text, size)
+    """A streamed answer in `kind`'s format, `size` characters of text per delta, one write per delta; the first
+    write already carries the first piece. `include_usage`: an OpenAI stream ends with a usage chunk, as
+    stream_options asks."""
+    count = len(pieces(text, size))
     if kind == "anthropic":
-        start = {**rel_anthropic_message(model, ""), "content": [], "stop_reason": None}
-        head = sse("message_start", message=start) + sse(
-            "content_block_start", index=0, content_block={"type": "text", "text": ""}
-        )
-        deltas = [sse("content_block_delta", index=0, delta={"type": "text_delta", "text": p}) for p in rest]
-        stop = {"stop_reason": "end_turn", "stop_sequence": None}
-        return [
-            head + sse("content_block_delta", index=0, delta={"type": "text_delta", "text": first}),
-            *deltas,
-            sse("content_block_stop", index=0)
-            + sse("message_delta", delta=stop, usage={"output_tokens": 3})
-            + sse("message_stop"),
-        ]
+        frames = stream_frames(model, [{"type": "text", "text": text}], size=size)
+        return [b"".join(frames[:4]), *frames[4 : 3 + count], b"".join(frames[3 + count :])]
     if kind == "openai":
-        parts = [sse_data(rel_openai_chunk(model, {"role": "assistant", "content": first}))]
-        parts += [sse_data(rel_openai_chunk(model, {"content": p})) for p in rest]
-        end = sse_data(rel_openai_chunk(model, {}, "stop"))
+        chunks = [
+            openai_chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece})
+            for i, piece in enumerate(pieces(text, size))
+        ]
+        ending = [openai_chunk({}, "stop")]
         if include_usage:
-            usage = {"prompt_tokens": 5, "completion_tokens": len(rest) + 1, "total_tokens": len(rest) + 6}
-            end += sse_data({**rel_openai_chunk(model, {}), "choices": [], "usage": usage})
-        return [*parts, end + b"data: [DONE]\n\n"]
+            ending.append(
+                openai_chunk(usage={"prompt_tokens": 5, "completion_tokens": count, "total_tokens": count + 5})
+            )
+        frames = openai_sse([*chunks, *ending], model)
+        return [*frames[:count], b"".join(frames[count:])]
+    turn = NativeTurn(text=text)
     if kind == "gemini":
-        parts = [sse_data(rel_gemini_chunk(model, p)) for p in [first, *rest]]
-        return [*parts, sse_data(rel_gemini_chunk(model, "", "STOP"))]
-    return [rel_ollama_line(model, p) for p in [first, *rest]] + [rel_ollama_line(model, "", done=True)]
+        return [gemini_event(chunk) for chunk in gemini_chunks(turn, model, size)]
+    return [ollama_event(line) for line in ollama_lines(turn, model, size)]
 
 
 def text_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
     """A whole (non-streamed) answer in `kind`'s format."""
     if kind == "anthropic":
-        return rel_anthropic_message(model, text)
+        return anthropic_message(model, [{"type": "text", "text": text}], output_tokens=3)
     if kind == "openai":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-        head = {"id": "chatcmpl-rel", "object": "chat.completion", "created": 1, "model": model}
-        return {**head, "choices": [choice], "usage": usage}
+        return {**openai_completion({"content": text}, "stop", usage), "model": model}
     if kind == "gemini":
-        return rel_gemini_chunk(model, text, "STOP")
-    return json.loads(rel_ollama_line(model, text, done=True))
+        return gemini_whole(NativeTurn(text=text), model)
+    return ollama_whole(NativeTurn(text=text), model)
 
 
 def rel_error_json(kind: str, status: int, text: str) -> dict:
