@@ -1,9 +1,10 @@
 """Benchmark terraphim-proxy against a zero-delay upstream stand-in.
 
-One run starts child processes on 127.0.0.1: the upstream stand-in (this file in --serve-upstream mode), which
-answers the Anthropic Messages API (POST /v1/messages), OpenAI chat completions (POST /chat/completions), Ollama's
-native chat (POST /api/chat, NDJSON streams) and Gemini (POST /v1beta/models/{model}:generateContent and
-:streamGenerateContent?alt=sse), and the proxy (terraphim_proxy.py) with one provider of each type at the stand-in.
+One run starts child processes on 127.0.0.1: the upstream stand-in (this file in --serve-upstream mode: the tests'
+stand-in from conftest.py, with its answers made once at start), which answers the Anthropic Messages API
+(POST /v1/messages), OpenAI chat completions (POST /chat/completions), Ollama's native chat (POST /api/chat,
+NDJSON streams) and Gemini (POST /v1beta/models/{model}:generateContent and :streamGenerateContent?alt=sse),
+and the proxy (terraphim_proxy.py) with one provider of each type at the stand-in.
 The load generator in this process sends Anthropic requests over these paths (see ROUTES and bench_paths):
 
     direct        client -> stand-in /v1/messages (no proxy; the baseline of every ratio)
@@ -54,6 +55,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from conftest import STREAM_TYPES, Received, StandInServer, text_answer, text_stream_parts
+
 HERE = Path(__file__).resolve().parent
 PROXY_SCRIPT = HERE / "terraphim_proxy.py"
 CLAUDE_CODE_FIXTURE = HERE / "fixtures" / "claude-code" / "05_interactive_main_turn1.json"
@@ -84,13 +87,21 @@ def compact(data: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Upstream stand-in: canned answers in each provider's wire format
+# Upstream stand-in: conftest.py's, with answers made once in each provider's wire format
 # ---------------------------------------------------------------------------
 
-STANDIN_MODEL = "claude-bench"
 STANDIN_TEXT = "Hello from the bench upstream."
-STANDIN_USAGE = {"input_tokens": 12, "output_tokens": 1}
-SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+STANDIN_MODELS = {
+    "anthropic": "claude-bench",
+    "openai": "gpt-4o",
+    "ollama": "qwen-bench",
+    "gemini": "gemini-bench",
+}
+STANDIN_OPENAI_MODEL = STANDIN_MODELS["openai"]
+STANDIN_OLLAMA_MODEL = STANDIN_MODELS["ollama"]
+STANDIN_GEMINI_MODEL = STANDIN_MODELS["gemini"]
+STANDIN_PATHS = {"anthropic": "/v1/messages", "openai": "/chat/completions", "ollama": "/api/chat"}
+STANDIN_WORD = "word "
 
 
 @dataclass(frozen=True)
@@ -99,148 +110,14 @@ class Canned:
 
     body: bytes
     frames: list[bytes]
-    stream_type: str = SSE_CONTENT_TYPE
+    stream_type: str
 
 
-def sse_frame(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def standin_message() -> bytes:
-    message = {
-        "id": "msg_bench",
-        "type": "message",
-        "role": "assistant",
-        "model": STANDIN_MODEL,
-        "content": [{"type": "text", "text": STANDIN_TEXT}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {**STANDIN_USAGE, "output_tokens": 8},
-    }
-    return compact(message)
-
-
-def standin_stream(chunks: int) -> list[bytes]:
-    """The SSE frames of one streamed answer with `chunks` text deltas, framed as Anthropic frames them."""
-    start = {
-        "id": "msg_bench",
-        "type": "message",
-        "role": "assistant",
-        "model": STANDIN_MODEL,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": STANDIN_USAGE,
-    }
-    deltas = [
-        sse_frame(
-            "content_block_delta",
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"word{i} "}},
-        )
-        for i in range(chunks)
-    ]
-    return [
-        sse_frame("message_start", {"type": "message_start", "message": start}),
-        sse_frame("ping", {"type": "ping"}),
-        sse_frame(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        ),
-        *deltas,
-        sse_frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse_frame(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": chunks},
-            },
-        ),
-        sse_frame("message_stop", {"type": "message_stop"}),
-    ]
-
-
-STANDIN_OPENAI_MODEL = "gpt-4o"
-STANDIN_OPENAI_USAGE = {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
-STANDIN_CREATED = 1_700_000_000
-
-
-def openai_frame(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def standin_completion() -> bytes:
-    completion = {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": STANDIN_CREATED,
-        "model": STANDIN_OPENAI_MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": STANDIN_TEXT}, "finish_reason": "stop"}],
-        "usage": STANDIN_OPENAI_USAGE,
-    }
-    return compact(completion)
-
-
-def standin_completion_stream(chunks: int, include_usage: bool) -> list[bytes]:
-    """The SSE frames of one streamed chat completion with `chunks` content deltas, framed as OpenAI frames them."""
-
-    def chunk(choices: list[dict], **extra: Any) -> bytes:
-        head = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": STANDIN_CREATED}
-        return openai_frame({**head, "model": STANDIN_OPENAI_MODEL, "choices": choices, **extra})
-
-    def delta(content: dict, finish_reason: str | None = None) -> list[dict]:
-        return [{"index": 0, "delta": content, "finish_reason": finish_reason}]
-
-    frames = [
-        chunk(delta({"role": "assistant", "content": ""})),
-        *(chunk(delta({"content": f"word{i} "})) for i in range(chunks)),
-        chunk(delta({}, "stop")),
-    ]
-    if include_usage:  # what stream_options.include_usage asks for: one last chunk with usage and no choices
-        frames.append(chunk([], usage={**STANDIN_OPENAI_USAGE, "completion_tokens": chunks}))
-    return [*frames, openai_frame("[DONE]")]
-
-
-STANDIN_OLLAMA_MODEL = "qwen-bench"
-STANDIN_CREATED_AT = "2025-01-01T00:00:00.000000Z"
-
-
-def ollama_chunk(content: str, done: bool, eval_count: int = 0) -> bytes:
-    """One /api/chat object (an NDJSON line without its newline); the `done` one carries the counts."""
-    data: dict[str, Any] = {
-        "model": STANDIN_OLLAMA_MODEL,
-        "created_at": STANDIN_CREATED_AT,
-        "message": {"role": "assistant", "content": content},
-        "done": done,
-    }
-    if done:
-        data |= {"done_reason": "stop", "total_duration": 1000, "prompt_eval_count": 12, "eval_count": eval_count}
-    return compact(data)
-
-
-def standin_ollama_stream(chunks: int) -> list[bytes]:
-    """NDJSON: `chunks` content lines, then the `done` line."""
-    lines = [ollama_chunk(f"word{i} ", False) for i in range(chunks)] + [ollama_chunk("", True, chunks)]
-    return [line + b"\n" for line in lines]
-
-
-STANDIN_GEMINI_MODEL = "gemini-bench"
-
-
-def gemini_chunk(text: str, final: bool, tokens: int) -> bytes:
-    """One GenerateContentResponse with one text part; the final one has finishReason and usageMetadata."""
-    candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
-    data: dict[str, Any] = {"candidates": [candidate], "modelVersion": STANDIN_GEMINI_MODEL, "responseId": "bench"}
-    if final:
-        candidate["finishReason"] = "STOP"
-        data["usageMetadata"] = {"promptTokenCount": 12, "candidatesTokenCount": tokens, "totalTokenCount": 12 + tokens}
-    return compact(data)
-
-
-def standin_gemini_stream(chunks: int) -> list[bytes]:
-    """streamGenerateContent?alt=sse: one `data:` frame per chunk (CRLF-delimited, as Google sends them), no [DONE]."""
-    return [b"data: " + gemini_chunk(f"word{i} ", i == chunks - 1, chunks) + b"\r\n\r\n" for i in range(chunks)]
+def canned(kind: str, chunks: int, include_usage: bool = False) -> Canned:
+    """`kind`'s answer, as conftest's stand-in writes it, with `chunks` text deltas when streamed."""
+    model = STANDIN_MODELS[kind]
+    frames = text_stream_parts(kind, model, STANDIN_WORD * chunks, len(STANDIN_WORD), include_usage)
+    return Canned(compact(text_answer(kind, model, STANDIN_TEXT)), frames, STREAM_TYPES[kind])
 
 
 # --- Faults (the soak's stand-in): a seeded RNG decides, per request, whether and how to fail.
@@ -326,20 +203,20 @@ async def write_frames(
     return response
 
 
-class StandIn:
-    """The stand-in's handlers: canned answers per API, and faults when seeded."""
+def standin_error(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text)
+
+
+class BenchAnswers:
+    """The stand-in's script: canned answers per API, and faults when seeded."""
 
     def __init__(self, chunks: int, fault_seed: int | None):
-        self.anthropic = Canned(standin_message(), standin_stream(chunks))
-        self.openai = {
-            usage: Canned(standin_completion(), standin_completion_stream(chunks, usage)) for usage in (False, True)
-        }
-        self.ollama = Canned(ollama_chunk(STANDIN_TEXT, True, 8), standin_ollama_stream(chunks), "application/x-ndjson")
-        self.gemini = Canned(gemini_chunk(STANDIN_TEXT, True, 8), standin_gemini_stream(chunks))
+        self.answers = {kind: canned(kind, chunks) for kind in STANDIN_MODELS}
+        self.openai_with_usage = canned("openai", chunks, include_usage=True)
         self.faults = FaultPlan(fault_seed) if fault_seed is not None else None
 
     async def reply(
-        self, request: web.Request, stream: bool, canned: Canned, headers: dict[str, str]
+        self, request: web.Request, stream: bool, answer: Canned, headers: dict[str, str]
     ) -> web.StreamResponse:
         fault = self.faults.draw() if self.faults else NO_FAULT
         if fault.status:
@@ -347,61 +224,40 @@ class StandIn:
         if fault.slow:
             await asyncio.sleep(SLOW_FIRST_BYTE_S)
         if fault.cut:
-            pieces, kind = (canned.frames, canned.stream_type) if stream else ([canned.body], "application/json")
+            pieces, kind = (answer.frames, answer.stream_type) if stream else ([answer.body], "application/json")
             return await write_cut(request, pieces, kind, headers, fault)
         if stream:
-            return await write_frames(request, canned.frames, canned.stream_type, headers)
-        return web.Response(body=canned.body, content_type="application/json", headers=headers)
+            return await write_frames(request, answer.frames, answer.stream_type, headers)
+        return web.Response(body=answer.body, content_type="application/json", headers=headers)
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = json.loads(await request.read())
-        return await self.reply(request, body.get("stream") is True, self.anthropic, {"request-id": "req_bench"})
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = json.loads(await request.read())
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        canned = self.openai[include_usage]
-        return await self.reply(request, body.get("stream") is True, canned, {"x-request-id": "req_bench"})
-
-    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
-        body = json.loads(await request.read())
-        return await self.reply(request, body.get("stream", True) is not False, self.ollama, {})  # streams by default
-
-    async def gemini_generate(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        _, _, method = request.match_info["call"].partition(":")
-        if method not in ("generateContent", "streamGenerateContent"):
-            raise web.HTTPNotFound(text=f"unknown method '{method}'")
-        stream = method == "streamGenerateContent"
-        if stream and request.query.get("alt") != "sse":
-            raise web.HTTPBadRequest(text="the stand-in streams only with alt=sse")
-        return await self.reply(request, stream, self.gemini, {})
-
-    async def health(self, request: web.Request) -> web.Response:
-        faults = dict(self.faults.counts) if self.faults else None
-        return web.json_response({"status": "ok", "faults": faults})
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/chat/completions", self.chat_completions)
-        app.router.add_post("/api/chat", self.ollama_chat)
-        app.router.add_post("/v1beta/models/{call}", self.gemini_generate)
-        app.router.add_get("/health", self.health)
-        return app
+    async def __call__(self, server: StandInServer, received: Received, request: web.Request) -> web.StreamResponse:
+        if (request.method, request.path) == ("GET", "/health"):
+            faults = dict(self.faults.counts) if self.faults else None
+            return web.json_response({"status": "ok", "faults": faults})
+        kind = received.kind
+        if request.method != "POST" or (kind != "gemini" and request.path != STANDIN_PATHS[kind]):
+            return standin_error(404, f"no route {request.method} {request.path}")
+        if kind == "gemini" and received.stream and request.query.get("alt") != "sse":
+            return standin_error(400, "the stand-in streams only with alt=sse")
+        body = received.body if isinstance(received.body, dict) else {}
+        answer = self.answers[kind]
+        if kind == "openai" and (body.get("stream_options") or {}).get("include_usage"):
+            answer = self.openai_with_usage
+        stream = body.get("stream", True) is not False if kind == "ollama" else received.stream  # Ollama streams
+        headers = {"anthropic": {"request-id": "req_bench"}, "openai": {"x-request-id": "req_bench"}}.get(kind, {})
+        return await self.reply(request, stream, answer, headers)
 
 
 async def serve_standin(port: int, chunks: int, fault_seed: int | None) -> None:
     """Serve until SIGTERM or SIGINT."""
-    runner = web.AppRunner(StandIn(chunks, fault_seed).app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, port, backlog=1024).start()
+    server = StandInServer(BenchAnswers(chunks, fault_seed), record=False)
+    await server.start(port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    await server.stop()
 
 
 # ---------------------------------------------------------------------------
