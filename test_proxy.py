@@ -200,13 +200,10 @@ def log_capture() -> Iterator[None]:
     """Capture terraphim_proxy and aiohttp logs at DEBUG for every test of the file (debug paths included)."""
     handler = LogCapture(logging.DEBUG)
     # As in production (setup_logging), the handler sits on the root logger, where each running app adds its
-    # redacting filter: the last test checks what an operator's log would hold. Tracebacks are formatted after
-    # it, unredacted, as there too.
+    # redacting filter: each test's teardown checks what an operator's log would hold. Tracebacks are formatted
+    # after it, unredacted, as there too.
     root = logging.getLogger()
     root.addHandler(handler)
-    # As in production (setup_logging), the proxy's redacting filter sits on the handler: each test's teardown
-    # checks what an operator's log would hold. Tracebacks are formatted after it, unredacted, as there too.
-    handler.addFilter(terraphim_proxy.REDACTOR)
     loggers = [logging.getLogger(name) for name in ("terraphim_proxy", "aiohttp")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
