@@ -1,8 +1,9 @@
 """terraphim-proxy: a small, fast LLM routing proxy for Claude Code and other Anthropic clients.
 
 The module follows one request's path, and its sections come in that order:
-config, errors, token counting, analysis, routing, transformers, upstream client,
-SSE relay, HTTP app and handlers, CLI.
+config, errors, request body, token counting, analysis, routing, transformers, upstream client,
+SSE relay, client dialects, state and metrics, HTTP app and handlers, CLI; last, the import-ccr
+migration tool.
 
 The path of one Messages (or chat-completions) request, by function, and what each step hands on:
     handle_messages / handle_chat_completions
@@ -409,6 +410,14 @@ def parse_route(text: str) -> tuple[Target, ...]:
             raise ValueError(f"'{part.strip()}' is not of the form 'provider,model'")
         targets.append(Target(provider, model))
     return tuple(targets)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _Checker:
@@ -902,7 +911,7 @@ class RedactingFilter(logging.Filter):
 
 
 # ---------------------------------------------------------------------------
-# Token counting
+# Request body: the text as received, parsed once with the spans of its values
 # ---------------------------------------------------------------------------
 
 
@@ -1001,6 +1010,11 @@ def _scan_array(text: str, i: int) -> tuple[list, int, list[tuple[int, int]]]:
         if text[i] != ",":
             raise ValueError("expected ',' or ']'")
         i = JSON_SPACE.match(text, i + 1).end()
+
+
+# ---------------------------------------------------------------------------
+# Token counting
+# ---------------------------------------------------------------------------
 
 
 IMAGE_TOKENS = 1600  # Anthropic's cap for one image; the proxy cannot see the pixels cheaply.
@@ -2025,7 +2039,6 @@ def with_client_model(frames: bytes, model: str, provider: str) -> bytes:
 
 
 MAX_PENDING_FRAME_BYTES = 16 * 1024 * 1024  # an upstream frame larger than this is garbage, not a frame
-END_DRAIN_S = 0.2  # after message_stop, how long to wait for the upstream's end so its connection can be reused
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
@@ -2053,16 +2066,6 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall)
     if not started:
         raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
     raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
-
-
-async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
-    """Read what follows an answer's last frame, briefly, so the connection can go back to the pool;
-    a fault there is not the answer's."""
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        if upstream.content.is_eof():  # the usual case: the body's end came with the last frame
-            upstream.content.read_nowait()
-        else:
-            await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
 
 
 def error_event_type(frames: bytes) -> str | None:
@@ -3817,62 +3820,6 @@ def has_url_images(body: dict) -> bool:
     return any((image.get("source") or {}).get("type") == "url" for image in _iter_images(body.get("messages") or ()))
 
 
-class KeyRing:
-    """Round-robin over a provider's keys; a key that got 401, 403 or 429 is skipped until its cool-down ends."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = keys or ("",)
-        self.turn = 0
-        self.resting: dict[str, float] = {}
-
-    def pick(self) -> str:
-        now = time.monotonic()
-        for step in range(len(self.keys)):
-            key = self.keys[(self.turn + step) % len(self.keys)]
-            if self.resting.get(key, 0.0) <= now:
-                self.turn = (self.turn + step + 1) % len(self.keys)
-                return key
-        return min(self.keys, key=lambda k: self.resting[k])
-
-    def report(self, key: str, err: ProxyError) -> None:
-        if err.upstream_status in (401, 403, 429):
-            self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
-
-
-class Cooldowns:
-    """Connection failures in a row per provider: at `limit` of them the provider is marked down for `seconds`,
-    and each failure after that (the first try once the cool-down is over) marks it down again. A connection
-    made clears the count."""
-
-    def __init__(self, limit: int, seconds: float):
-        self.limit = limit
-        self.seconds = seconds
-        self.failures: collections.Counter[str] = collections.Counter()
-        self.until: dict[str, float] = {}
-        self.reasons: dict[str, str] = {}
-
-    def remaining(self, name: str) -> float:
-        """Seconds left of the provider's cool-down; 0.0 when it is not down."""
-        return max(self.until.get(name, 0.0) - time.monotonic(), 0.0)
-
-    def failed(self, name: str, reason: str) -> bool:
-        """Count a failed connection; True when it marks the provider down."""
-        self.failures[name] += 1
-        if not self.limit or self.failures[name] < self.limit or not self.seconds:
-            return False
-        self.until[name] = time.monotonic() + self.seconds
-        self.reasons[name] = reason
-        return True
-
-    def connected(self, name: str) -> None:
-        if name in self.failures:
-            del self.failures[name]
-
-    def down(self) -> dict[str, float]:
-        """The providers marked down now, with the seconds left."""
-        return {name: round(left, 1) for name in self.until if (left := self.remaining(name)) > 0}
-
-
 class ConnectFailure(ProxyError):
     """No connection to the upstream was made: its host name did not resolve, or its port refused or timed out."""
 
@@ -3914,6 +3861,19 @@ def waited_for_pool(session: aiohttp.ClientSession, limits: Timeouts, waited_s: 
     the same error for both, but the socket's own connect gives up after connect_ms, the pool wait only later."""
     capped = session.connector is not None and session.connector.limit > 0
     return capped and waited_s * 1000 >= limits.connect_ms + limits.pool_ms / 2
+
+
+END_DRAIN_S = 0.2  # after message_stop, how long to wait for the upstream's end so its connection can be reused
+
+
+async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
+    """Read what follows an answer's last frame, briefly, so the connection can go back to the pool;
+    a fault there is not the answer's."""
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        if upstream.content.is_eof():  # the usual case: the body's end came with the last frame
+            upstream.content.read_nowait()
+        else:
+            await asyncio.wait_for(upstream.content.read(), END_DRAIN_S)
 
 
 async def open_upstream(
@@ -4520,50 +4480,64 @@ class OpenAIChunkWriter:
 
 
 # ---------------------------------------------------------------------------
-# HTTP app and handlers
+# State and metrics: what the app keeps between requests
 # ---------------------------------------------------------------------------
-# serve_request -> parse_and_route -> [serve_stream] -> try_targets -> answer_from_target
-#   -> start_upstream_answer -> send_answer -> relay_stream; see the module docstring for what each hands on.
 
 
-@dataclass
-class RequestRecord:
-    """What the INFO log line reports about one request."""
+class KeyRing:
+    """Round-robin over a provider's keys; a key that got 401, 403 or 429 is skipped until its cool-down ends."""
 
-    request_id: str
-    scenario: str = "-"
-    provider: str = "-"
-    model: str = "-"
-    tokens: int = -1
-    tokens_exact: bool = True  # False: an estimate (see analyse); the text log shows it as ~N
-    outcome: str = "ok"
-    retries: int = 0
-    fallbacks: int = 0
-    session_id: str | None = None
-    first_byte_s: float | None = None
-    started: float = field(default_factory=time.perf_counter)
-    usage: dict = field(default_factory=dict)
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys or ("",)
+        self.turn = 0
+        self.resting: dict[str, float] = {}
 
-    def prompt_tokens(self) -> int | None:
-        """The upstream's own count of this request's input (cache reads and writes included), if it said."""
-        if not isinstance(self.usage.get("input_tokens"), int):
-            return None
-        cached = ("cache_read_input_tokens", "cache_creation_input_tokens")
-        return self.usage["input_tokens"] + sum(self.usage.get(k) or 0 for k in cached)
+    def pick(self) -> str:
+        now = time.monotonic()
+        for step in range(len(self.keys)):
+            key = self.keys[(self.turn + step) % len(self.keys)]
+            if self.resting.get(key, 0.0) <= now:
+                self.turn = (self.turn + step + 1) % len(self.keys)
+                return key
+        return min(self.keys, key=lambda k: self.resting[k])
 
-    def note_usage(self, frames: bytes) -> None:
-        """Record usage from message_start / message_delta frames, for the log and the session memory."""
-        if b"message_delta" not in frames and b"message_start" not in frames:
-            return
-        for line in frames.split(b"\n"):
-            if line.startswith(b"data: ") and (b'"message_start"' in line or b'"message_delta"' in line):
-                try:
-                    data = json.loads(line[6:])
-                except ValueError:
-                    continue
-                usage = data.get("usage") or data.get("message", {}).get("usage") or {}
-                if isinstance(usage, dict):
-                    self.usage.update(usage)
+    def report(self, key: str, err: ProxyError) -> None:
+        if err.upstream_status in (401, 403, 429):
+            self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
+
+
+class Cooldowns:
+    """Connection failures in a row per provider: at `limit` of them the provider is marked down for `seconds`,
+    and each failure after that (the first try once the cool-down is over) marks it down again. A connection
+    made clears the count."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.limit = limit
+        self.seconds = seconds
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.until: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
+
+    def remaining(self, name: str) -> float:
+        """Seconds left of the provider's cool-down; 0.0 when it is not down."""
+        return max(self.until.get(name, 0.0) - time.monotonic(), 0.0)
+
+    def failed(self, name: str, reason: str) -> bool:
+        """Count a failed connection; True when it marks the provider down."""
+        self.failures[name] += 1
+        if not self.limit or self.failures[name] < self.limit or not self.seconds:
+            return False
+        self.until[name] = time.monotonic() + self.seconds
+        self.reasons[name] = reason
+        return True
+
+    def connected(self, name: str) -> None:
+        if name in self.failures:
+            del self.failures[name]
+
+    def down(self) -> dict[str, float]:
+        """The providers marked down now, with the seconds left."""
+        return {name: round(left, 1) for name in self.until if (left := self.remaining(name)) > 0}
 
 
 class RateLimiter:
@@ -4752,6 +4726,53 @@ class ProxyState:
         self.redactor.secrets = config.secrets()
 
 
+# ---------------------------------------------------------------------------
+# HTTP app and handlers
+# ---------------------------------------------------------------------------
+# serve_request -> parse_and_route -> [serve_stream] -> try_targets -> answer_from_target
+#   -> start_upstream_answer -> send_answer -> relay_stream; see the module docstring for what each hands on.
+
+
+@dataclass
+class RequestRecord:
+    """What the INFO log line reports about one request."""
+
+    request_id: str
+    scenario: str = "-"
+    provider: str = "-"
+    model: str = "-"
+    tokens: int = -1
+    tokens_exact: bool = True  # False: an estimate (see analyse); the text log shows it as ~N
+    outcome: str = "ok"
+    retries: int = 0
+    fallbacks: int = 0
+    session_id: str | None = None
+    first_byte_s: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+    usage: dict = field(default_factory=dict)
+
+    def prompt_tokens(self) -> int | None:
+        """The upstream's own count of this request's input (cache reads and writes included), if it said."""
+        if not isinstance(self.usage.get("input_tokens"), int):
+            return None
+        cached = ("cache_read_input_tokens", "cache_creation_input_tokens")
+        return self.usage["input_tokens"] + sum(self.usage.get(k) or 0 for k in cached)
+
+    def note_usage(self, frames: bytes) -> None:
+        """Record usage from message_start / message_delta frames, for the log and the session memory."""
+        if b"message_delta" not in frames and b"message_start" not in frames:
+            return
+        for line in frames.split(b"\n"):
+            if line.startswith(b"data: ") and (b'"message_start"' in line or b'"message_delta"' in line):
+                try:
+                    data = json.loads(line[6:])
+                except ValueError:
+                    continue
+                usage = data.get("usage") or data.get("message", {}).get("usage") or {}
+                if isinstance(usage, dict):
+                    self.usage.update(usage)
+
+
 STATE = web.AppKey("state", ProxyState)
 COUNTER = web.AppKey("counter", TokenCounter)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -4922,14 +4943,6 @@ async def read_json_body(request: web.Request, limit: int) -> RawBody:
 def _expect(condition: bool, path: str, text: str) -> None:
     if not condition:
         raise ProxyError(400, f"{path}: {text}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 BLOCK_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {  # the fields each block type must have, as Anthropic checks
@@ -5578,7 +5591,169 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# --- import-ccr: claude-code-router's config.json (JSON5) to this proxy's TOML.
+def claude_env(config: Config) -> dict[str, str]:
+    """The environment Claude Code needs to use this proxy."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return {
+        "ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
+        "ANTHROPIC_AUTH_TOKEN": config.api_key or "terraphim-proxy",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "DISABLE_TELEMETRY": "1",
+        "API_TIMEOUT_MS": str(
+            max(p.timeouts.total_ms for p in config.providers.values()) if config.providers else 600000
+        ),
+    }
+
+
+def print_env(config: Config) -> int:
+    for name, value in claude_env(config).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+# Claude Code's commands and flags that never send a request to a model: `code` starts no proxy for them.
+CLAUDE_OFFLINE_FLAGS = frozenset({"-h", "--help", "-v", "--version"})
+CLAUDE_OFFLINE_COMMANDS = frozenset(
+    {"auth", "auto-mode", "config", "doctor", "install", "mcp", "migrate-installer", "plugin", "plugins", "project"}
+    | {"setup-token", "update", "upgrade"}
+)
+
+
+def talks_to_a_model(claude_args: list[str]) -> bool:
+    """False for a claude command line that only prints help or a version, or manages settings."""
+    options = claude_args[: claude_args.index("--")] if "--" in claude_args else claude_args
+    if CLAUDE_OFFLINE_FLAGS.intersection(options):
+        return False
+    return not (claude_args and claude_args[0] in CLAUDE_OFFLINE_COMMANDS)
+
+
+def background_file(port: int, suffix: str) -> Path:
+    """The log or pid file of the proxy that `code` starts on `port`, in the temp directory."""
+    return Path(tempfile.gettempdir()) / f"terraphim-proxy-{port}.{suffix}"
+
+
+def proxy_is_up(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def proxy_health(base_url: str, api_key: str) -> Any:
+    """The proxy's /health JSON, asked with the proxy key; None when nothing answers there with 200 and JSON."""
+    request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": api_key} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=1) as answer:
+            return json.load(answer) if answer.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def start_background_proxy(config: Config, args: argparse.Namespace, base_url: str) -> bool:
+    """Start the proxy as a detached process logging to the temp directory, note its pid, wait until it answers."""
+    log_path = background_file(config.port, "log")
+    command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
+    command += ["--log-level", config.log_level]
+    command += ["--config", args.config] if args.config else []
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    background_file(config.port, "pid").write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + 15
+    while not proxy_is_up(base_url):
+        if time.monotonic() > deadline or process.poll() is not None:
+            print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    print(
+        f"terraphim-proxy started on {base_url} (log: {log_path}; stop it with: terraphim-proxy stop)", file=sys.stderr
+    )
+    return True
+
+
+def run_claude_code(config: Config, args: argparse.Namespace) -> int:
+    """`code`: start the proxy in the background unless it already answers or claude will not talk to a model,
+    then run claude through it."""
+    env = claude_env(config)
+    base_url = env["ANTHROPIC_BASE_URL"]
+    if talks_to_a_model(args.rest) and not proxy_is_up(base_url) and not start_background_proxy(config, args, base_url):
+        return 1
+    try:
+        os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
+    except FileNotFoundError:
+        print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
+        return 127
+
+
+def stop_background_proxy(config: Config) -> int:
+    """`stop`: SIGTERM the proxy that `code` started on the configured port (it lets requests in flight finish),
+    and wait until it no longer answers.
+
+    Its pid file names the process; /health must answer with the same pid, so that a stale file never stops
+    another process, nor a proxy that `code` did not start."""
+    pid_path = background_file(config.port, "pid")
+    base_url = claude_env(config)["ANTHROPIC_BASE_URL"]
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        print(f"no proxy started by `terraphim-proxy code` on port {config.port}", file=sys.stderr)
+        return 1
+    health = proxy_health(base_url, config.api_key)
+    if not isinstance(health, dict) or health.get("pid") != pid:
+        pid_path.unlink(missing_ok=True)
+        print(f"the proxy that `code` started on port {config.port} (pid {pid}) is no longer running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.drain_timeout_ms / 1000 + 5
+    while proxy_health(base_url, config.api_key) is not None:
+        if time.monotonic() > deadline:
+            print(f"error: the proxy (pid {pid}) is still answering on {base_url}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    pid_path.unlink(missing_ok=True)
+    print(f"terraphim-proxy (pid {pid}) on {base_url} stopped", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "import-ccr":
+        return import_ccr_command(args.rest)
+    try:
+        config = resolve_config(args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(routing_table(config))
+        if config.no_default_reason:
+            print(f"error: {config.source}: router.default: {config.no_default_reason}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "env":
+        return print_env(config)
+    if args.command == "code":
+        return run_claude_code(config, args)
+    if args.command == "stop":
+        return stop_background_proxy(config)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and (not hasattr(socket, "SO_REUSEPORT") or sys.platform == "win32"):
+        print("error: --workers needs SO_REUSEPORT (Linux, macOS or a BSD)", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, with_pid=args.workers > 1, log_format=args.log_format)
+    if args.workers > 1:
+        return run_workers(config, args)
+    return run_worker(config, args, reuse_port=False)
+
+
+# ---------------------------------------------------------------------------
+# Migration tool: import-ccr, claude-code-router's config.json (JSON5) to this proxy's TOML
+# ---------------------------------------------------------------------------
 
 JSON5_IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 JSON5_NUMBER = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Infinity|NaN)")
@@ -5807,166 +5982,6 @@ def import_ccr_command(rest: list[str]) -> int:
     else:
         print("\n".join(toml_comment(f"check: {warning}") for warning in config.warnings))
     return 0
-
-
-def claude_env(config: Config) -> dict[str, str]:
-    """The environment Claude Code needs to use this proxy."""
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    return {
-        "ANTHROPIC_BASE_URL": f"http://{host}:{config.port}",
-        "ANTHROPIC_AUTH_TOKEN": config.api_key or "terraphim-proxy",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "DISABLE_TELEMETRY": "1",
-        "API_TIMEOUT_MS": str(
-            max(p.timeouts.total_ms for p in config.providers.values()) if config.providers else 600000
-        ),
-    }
-
-
-def print_env(config: Config) -> int:
-    for name, value in claude_env(config).items():
-        print(f"export {name}={shlex.quote(value)}")
-    return 0
-
-
-# Claude Code's commands and flags that never send a request to a model: `code` starts no proxy for them.
-CLAUDE_OFFLINE_FLAGS = frozenset({"-h", "--help", "-v", "--version"})
-CLAUDE_OFFLINE_COMMANDS = frozenset(
-    {"auth", "auto-mode", "config", "doctor", "install", "mcp", "migrate-installer", "plugin", "plugins", "project"}
-    | {"setup-token", "update", "upgrade"}
-)
-
-
-def talks_to_a_model(claude_args: list[str]) -> bool:
-    """False for a claude command line that only prints help or a version, or manages settings."""
-    options = claude_args[: claude_args.index("--")] if "--" in claude_args else claude_args
-    if CLAUDE_OFFLINE_FLAGS.intersection(options):
-        return False
-    return not (claude_args and claude_args[0] in CLAUDE_OFFLINE_COMMANDS)
-
-
-def background_file(port: int, suffix: str) -> Path:
-    """The log or pid file of the proxy that `code` starts on `port`, in the temp directory."""
-    return Path(tempfile.gettempdir()) / f"terraphim-proxy-{port}.{suffix}"
-
-
-def proxy_is_up(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
-
-
-def proxy_health(base_url: str, api_key: str) -> Any:
-    """The proxy's /health JSON, asked with the proxy key; None when nothing answers there with 200 and JSON."""
-    request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": api_key} if api_key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=1) as answer:
-            return json.load(answer) if answer.status == 200 else None
-    except (OSError, ValueError):
-        return None
-
-
-def start_background_proxy(config: Config, args: argparse.Namespace, base_url: str) -> bool:
-    """Start the proxy as a detached process logging to the temp directory, note its pid, wait until it answers."""
-    log_path = background_file(config.port, "log")
-    command = [sys.executable, str(Path(__file__).resolve()), "--host", config.host, "--port", str(config.port)]
-    command += ["--log-level", config.log_level]
-    command += ["--config", args.config] if args.config else []
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    background_file(config.port, "pid").write_text(f"{process.pid}\n")
-    deadline = time.monotonic() + 15
-    while not proxy_is_up(base_url):
-        if time.monotonic() > deadline or process.poll() is not None:
-            print(f"error: the proxy did not start; see {log_path}", file=sys.stderr)
-            return False
-        time.sleep(0.2)
-    print(
-        f"terraphim-proxy started on {base_url} (log: {log_path}; stop it with: terraphim-proxy stop)", file=sys.stderr
-    )
-    return True
-
-
-def run_claude_code(config: Config, args: argparse.Namespace) -> int:
-    """`code`: start the proxy in the background unless it already answers or claude will not talk to a model,
-    then run claude through it."""
-    env = claude_env(config)
-    base_url = env["ANTHROPIC_BASE_URL"]
-    if talks_to_a_model(args.rest) and not proxy_is_up(base_url) and not start_background_proxy(config, args, base_url):
-        return 1
-    try:
-        os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
-    except FileNotFoundError:
-        print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
-        return 127
-
-
-def stop_background_proxy(config: Config) -> int:
-    """`stop`: SIGTERM the proxy that `code` started on the configured port (it lets requests in flight finish),
-    and wait until it no longer answers.
-
-    Its pid file names the process; /health must answer with the same pid, so that a stale file never stops
-    another process, nor a proxy that `code` did not start."""
-    pid_path = background_file(config.port, "pid")
-    base_url = claude_env(config)["ANTHROPIC_BASE_URL"]
-    try:
-        pid = int(pid_path.read_text())
-    except (OSError, ValueError):
-        print(f"no proxy started by `terraphim-proxy code` on port {config.port}", file=sys.stderr)
-        return 1
-    health = proxy_health(base_url, config.api_key)
-    if not isinstance(health, dict) or health.get("pid") != pid:
-        pid_path.unlink(missing_ok=True)
-        print(f"the proxy that `code` started on port {config.port} (pid {pid}) is no longer running", file=sys.stderr)
-        return 1
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + config.drain_timeout_ms / 1000 + 5
-    while proxy_health(base_url, config.api_key) is not None:
-        if time.monotonic() > deadline:
-            print(f"error: the proxy (pid {pid}) is still answering on {base_url}", file=sys.stderr)
-            return 1
-        time.sleep(0.1)
-    pid_path.unlink(missing_ok=True)
-    print(f"terraphim-proxy (pid {pid}) on {base_url} stopped", file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.command == "import-ccr":
-        return import_ccr_command(args.rest)
-    try:
-        config = resolve_config(args)
-    except ConfigError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if args.check:
-        print(routing_table(config))
-        if config.no_default_reason:
-            print(f"error: {config.source}: router.default: {config.no_default_reason}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "env":
-        return print_env(config)
-    if args.command == "code":
-        return run_claude_code(config, args)
-    if args.command == "stop":
-        return stop_background_proxy(config)
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    if args.workers > 1 and (not hasattr(socket, "SO_REUSEPORT") or sys.platform == "win32"):
-        print("error: --workers needs SO_REUSEPORT (Linux, macOS or a BSD)", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level, with_pid=args.workers > 1, log_format=args.log_format)
-    if args.workers > 1:
-        return run_workers(config, args)
-    return run_worker(config, args, reuse_port=False)
 
 
 if __name__ == "__main__":
