@@ -54,7 +54,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -1194,6 +1194,8 @@ def wants_thinking(body: dict, think_efforts: tuple[str, ...]) -> bool:
 
 
 def has_web_search_tool(body: dict) -> bool:
+    """Whether the request offers Anthropic's web_search server tool (the one check routing and every
+    translator use)."""
     return any(
         isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search")
         for tool in body.get("tools") or ()
@@ -1630,6 +1632,19 @@ def check_answer_shape(data: Any, check: ShapeCheck) -> None:
     problem = shape_problem(data, check, "answer")
     if problem:
         raise MalformedAnswer(f"upstream answered with JSON of the wrong shape: {problem}")
+
+
+@dataclass(frozen=True)
+class WireFacts:
+    """What one upstream wire format's answers say, as Anthropic says it: each translating provider family
+    keeps one of these beside its transformer."""
+
+    stop_reasons: Mapping[str, str]  # the format's finish reason -> stop_reason; any other (or none): end_turn
+    error_reasons: Mapping[str, str]  # finish reasons that are failures -> Anthropic error type
+    usage: Callable[[Any], dict]  # the format's usage -> Anthropic usage (input_tokens without cache reads)
+
+    def stop_reason(self, reason: str | None) -> str:
+        return self.stop_reasons.get(reason or "", "end_turn")
 
 
 def sse_frame(event: str, data: dict) -> bytes:
@@ -2106,8 +2121,6 @@ MAX_STOP_SEQUENCES = 4
 OPENAI_EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 OPENROUTER_EFFORT = {**OPENAI_EFFORT, "xhigh": "xhigh", "max": "xhigh"}
 DEEPSEEK_EFFORT = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
-FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}
-FINISH_ERRORS = {"error": "api_error", "insufficient_system_resource": "overloaded_error"}
 
 
 def openai_tool_name(name: str) -> str:
@@ -2476,7 +2489,7 @@ def anthropic_to_openai_request(body: dict, model: str, provider_type: str, max_
             payload["tool_choice"] = mapped
         if choice.get("disable_parallel_tool_use"):
             payload["parallel_tool_calls"] = False
-    if provider_type == "openrouter" and any(is_server_tool(t) and t["type"].startswith("web_search") for t in tools):
+    if provider_type == "openrouter" and has_web_search_tool(body):
         payload["plugins"] = [{"id": "web"}]
 
     if body.get("max_tokens") is not None:
@@ -2522,12 +2535,7 @@ def has_whole_arguments(arguments: str) -> bool:
     return bool(arguments.strip()) and tool_input(arguments) is not None
 
 
-def anthropic_stop_reason(finish_reason: str | None) -> str:
-    """Anthropic stop_reason for a finish_reason when no tool call was emitted."""
-    return FINISH_TO_STOP.get(finish_reason or "stop", "end_turn")
-
-
-def anthropic_usage(usage: dict | None) -> dict:
+def openai_answer_usage(usage: dict | None) -> dict:
     """Anthropic usage; input_tokens excludes cache reads and writes, as Anthropic counts it."""
     usage = usage or {}
     details = usage.get("prompt_tokens_details") or {}
@@ -2539,6 +2547,13 @@ def anthropic_usage(usage: dict | None) -> dict:
         "cache_read_input_tokens": cached,
         "output_tokens": usage.get("completion_tokens") or 0,
     }
+
+
+OPENAI_FACTS = WireFacts(
+    stop_reasons={"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"},
+    error_reasons={"error": "api_error", "insufficient_system_resource": "overloaded_error"},
+    usage=openai_answer_usage,
+)
 
 
 def error_object_type(error: object) -> str:
@@ -2598,8 +2613,8 @@ def openai_to_anthropic_response(
     if not choices:
         raise TranslationError("upstream reply has no choices")
     finish_reason = choices[0].get("finish_reason")
-    if finish_reason in FINISH_ERRORS:
-        raise TranslationError(f"upstream finish_reason {finish_reason}", FINISH_ERRORS[finish_reason])
+    if finish_reason in OPENAI_FACTS.error_reasons:
+        raise TranslationError(f"upstream finish_reason {finish_reason}", OPENAI_FACTS.error_reasons[finish_reason])
     message = choices[0].get("message") or {}
     content: list[dict] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
@@ -2638,7 +2653,7 @@ def openai_to_anthropic_response(
     elif message.get("refusal"):
         stop_reason = "refusal"
     else:
-        stop_reason = anthropic_stop_reason(finish_reason)
+        stop_reason = OPENAI_FACTS.stop_reason(finish_reason)
     return {
         "id": new_message_id(),
         "type": "message",
@@ -2647,7 +2662,7 @@ def openai_to_anthropic_response(
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": anthropic_usage(data.get("usage")),
+        "usage": openai_answer_usage(data.get("usage")),
     }
 
 
@@ -2720,7 +2735,7 @@ class OpenAIChunkConverter:
             return b""
         check_answer_shape(chunk, OPENAI_ANSWER_SHAPE)
         if chunk.get("error"):
-            return self.fail(error_object_type(chunk["error"]), error_object_message(chunk["error"]))
+            raise TranslationError(error_object_message(chunk["error"]), error_object_type(chunk["error"]))
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         frames = b""
@@ -2728,10 +2743,6 @@ class OpenAIChunkConverter:
             if choice.get("index", 0) == 0:
                 frames += self.feed_choice(choice)
         return frames
-
-    def fail(self, error_type: str, message: str) -> NoReturn:
-        """Raise TranslationError: an HTTP error before any output, an `error` event after (see relay_stream)."""
-        raise TranslationError(message, error_type)
 
     def feed_choice(self, choice: dict) -> bytes:
         delta = choice.get("delta") or {}
@@ -2753,8 +2764,8 @@ class OpenAIChunkConverter:
         for fragment in delta.get("tool_calls") or []:
             frames += self.tool_fragment(fragment)
         finish_reason = choice.get("finish_reason")
-        if finish_reason in FINISH_ERRORS:
-            return frames + self.fail(FINISH_ERRORS[finish_reason], f"upstream finish_reason {finish_reason}")
+        if finish_reason in OPENAI_FACTS.error_reasons:
+            raise TranslationError(f"upstream finish_reason {finish_reason}", OPENAI_FACTS.error_reasons[finish_reason])
         self.finish_reason = finish_reason or self.finish_reason
         return frames
 
@@ -2762,7 +2773,7 @@ class OpenAIChunkConverter:
         """Mark the live call closed: the next block the stream opens closes it. Its arguments must be whole."""
         if self.live is not None:
             if tool_input(self.live.args) is None:
-                self.fail("api_error", "upstream sent an incomplete tool call")
+                raise TranslationError("upstream sent an incomplete tool call")
             self.live.state = "closed"
             self.live = None
 
@@ -2806,7 +2817,7 @@ class OpenAIChunkConverter:
             return self.stream.tool_args(call.key, suffix)
         if call.state == "closed":
             if suffix.strip():
-                return self.fail("api_error", "upstream sent tool arguments after the call ended")
+                raise TranslationError("upstream sent tool arguments after the call ended")
             return b""
         if not call.name or self.hold_all:
             return b""
@@ -2825,7 +2836,7 @@ class OpenAIChunkConverter:
         if self.stream.done:
             return b""
         if not (clean or self.finish_reason):
-            return self.fail("api_error", "upstream stream ended before the response was complete")
+            raise TranslationError("upstream stream ended before the response was complete")
         cut = False
         if self.live is not None and tool_input(self.live.args) is None:
             cut = self.cut_call() and self.stream.drop_tool()
@@ -2837,14 +2848,14 @@ class OpenAIChunkConverter:
                     frames += self.emit_call(call, call.args)
                 else:
                     cut = self.cut_call()
-        usage = anthropic_usage(self.usage) if self.usage else None
-        stop_reason = "refusal" if self.refused else anthropic_stop_reason(self.finish_reason)
+        usage = openai_answer_usage(self.usage) if self.usage else None
+        stop_reason = "refusal" if self.refused else OPENAI_FACTS.stop_reason(self.finish_reason)
         return frames + self.transition() + self.stream.finish(stop_reason, usage, cut)
 
     def cut_call(self) -> bool:
         """True for a call left incomplete by the output limit (dropped); an error after any other finish."""
         if self.finish_reason != "length":
-            self.fail("api_error", "upstream sent an incomplete tool call")
+            raise TranslationError("upstream sent an incomplete tool call")
         return True
 
 
@@ -2869,8 +2880,7 @@ OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-
 def refuse_server_tools(call: UpstreamCall) -> None:
     """Anthropic's web_search server tool cannot run elsewhere: say so instead of answering without search."""
     provider = call.provider
-    tools = call.body.get("tools") or ()
-    if any(is_server_tool(t) and str(t.get("type", "")).startswith("web_search") for t in tools):
+    if has_web_search_tool(call.body):
         raise ProxyError(
             400,
             f"{provider.name} ({provider.type}) cannot run Anthropic's web_search server tool; "
@@ -2969,8 +2979,6 @@ def function_tools(body: dict) -> list[dict]:
 
 # --- Ollama: native /api/chat (NDJSON stream), because only it can set options.num_ctx.
 
-OLLAMA_STOP = {"stop": "end_turn", "length": "max_tokens"}
-
 
 def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> dict:
     """The /api/chat payload: system first, base64 images, object arguments, role:"tool" results with tool_name."""
@@ -3038,6 +3046,11 @@ def ollama_usage(data: dict) -> dict:
     }
 
 
+OLLAMA_FACTS = WireFacts(
+    stop_reasons={"stop": "end_turn", "length": "max_tokens"}, error_reasons={}, usage=ollama_usage
+)
+
+
 OLLAMA_ANSWER_SHAPE = shape_check(
     {
         "message": {"content": str, "thinking": str, "tool_calls": [{"function": {"name": str, "arguments": dict}}]},
@@ -3063,7 +3076,7 @@ class OllamaConverter:
     def feed(self, data: Any) -> bytes:
         check_answer_shape(data, OLLAMA_ANSWER_SHAPE)
         if data.get("error"):
-            return self.fail(str(data["error"]))
+            raise TranslationError(str(data["error"]))
         message = data.get("message") or {}
         frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
         for tool_call in message.get("tool_calls") or ():
@@ -3074,16 +3087,17 @@ class OllamaConverter:
             frames += self.stream.tool_start(key, anthropic_tool_id(None), self.tool_names.get(name, name))
             frames += self.stream.tool_args(key, arguments)
         if data.get("done"):
-            stop = OLLAMA_STOP.get(data.get("done_reason") or "stop", "end_turn")
-            frames += self.stream.finish(stop, ollama_usage(data), stop == "max_tokens" and self.stream.drop_tool())
+            stop = OLLAMA_FACTS.stop_reason(data.get("done_reason"))
+            frames += self.stream.finish(
+                stop, OLLAMA_FACTS.usage(data), stop == "max_tokens" and self.stream.drop_tool()
+            )
         return frames
-
-    def fail(self, message: str) -> NoReturn:
-        raise TranslationError(message)
 
     def end(self, clean: bool = False) -> bytes:
         """Nothing after `done`; an error when the stream closed before it (NDJSON has no other end marker)."""
-        return b"" if self.stream.done else self.fail("ollama closed the stream before it was done")
+        if not self.stream.done:
+            raise TranslationError("ollama closed the stream before it was done")
+        return b""
 
 
 async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
@@ -3515,6 +3529,13 @@ def gemini_usage(metadata: dict | None) -> dict:
     }
 
 
+GEMINI_FACTS = WireFacts(
+    stop_reasons={"STOP": "end_turn", "MAX_TOKENS": "max_tokens", **dict.fromkeys(GEMINI_REFUSALS, "refusal")},
+    error_reasons=dict.fromkeys(GEMINI_ERRORS, "api_error"),
+    usage=gemini_usage,
+)
+
+
 GEMINI_TOKEN_COUNTS = (
     "promptTokenCount",
     "toolUsePromptTokenCount",
@@ -3555,7 +3576,7 @@ class GeminiConverter:
         if data.get("error"):
             error = data["error"]
             message = error.get("message", "error") if isinstance(error, dict) else str(error)
-            return self.fail("api_error", message)
+            raise TranslationError(message)
         if data.get("usageMetadata"):
             self.usage = data["usageMetadata"]
         block_reason = (data.get("promptFeedback") or {}).get("blockReason")
@@ -3591,29 +3612,24 @@ class GeminiConverter:
             frames += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
         return frames
 
-    def fail(self, error_type: str, message: str) -> NoReturn:
-        raise TranslationError(message, error_type)
-
     def end(self, clean: bool = False) -> bytes:
         """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error;
         Gemini streams end at EOF, so `clean` adds nothing."""
         reason = self.finish_reason
         if self.blocked and not reason:
             return self.stream.text(f"[Gemini blocked the prompt: {self.blocked}]") + self.stream.finish(
-                "refusal", gemini_usage(self.usage)
+                "refusal", GEMINI_FACTS.usage(self.usage)
             )
         if reason is None:
-            return self.fail("api_error", "gemini closed the stream before a finishReason")
-        if reason in GEMINI_ERRORS:
-            return self.fail("api_error", f"gemini stopped with {reason}")
+            raise TranslationError("gemini closed the stream before a finishReason")
+        if reason in GEMINI_FACTS.error_reasons:
+            raise TranslationError(f"gemini stopped with {reason}", GEMINI_FACTS.error_reasons[reason])
         frames = b""
-        if reason in GEMINI_REFUSALS:
-            stop = "refusal"
+        stop = GEMINI_FACTS.stop_reason(reason)
+        if stop == "refusal":
             frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
-        else:
-            stop = "max_tokens" if reason == "MAX_TOKENS" else "end_turn"
         cut = stop == "max_tokens" and self.stream.drop_tool()
-        return frames + self.stream.finish(stop, gemini_usage(self.usage), cut)
+        return frames + self.stream.finish(stop, GEMINI_FACTS.usage(self.usage), cut)
 
 
 def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
