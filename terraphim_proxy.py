@@ -1590,20 +1590,26 @@ def shape_check(shape: Any) -> ShapeCheck:
 
 
 def object_check(shape: dict) -> ShapeCheck:
-    """shape_check for an object: its keys of a plain type are checked inline, the others by their own check."""
-    plain = tuple((key, item) for key, item in shape.items() if is_plain(item))
-    nested = tuple((key, shape_check(item)) for key, item in shape.items() if not is_plain(item))
+    """shape_check for an object. It walks the value's own keys, usually fewer than the shape names: those of a
+    plain type are checked inline, the others by their own check."""
+    plain = {key: item for key, item in shape.items() if is_plain(item)}
+    nested = {key: shape_check(item) for key, item in shape.items() if not is_plain(item)}
 
     def check_object(value: Any) -> Misfit | None:
         if not isinstance(value, dict):
             return "", "an object"
-        for key, kind in plain:
-            item = value.get(key)
-            if item is not None and not isinstance(item, kind):
-                return f".{key}", " or ".join(map(shape_name, kind)) if isinstance(kind, tuple) else shape_name(kind)
-        for key, check in nested:
-            item = value.get(key)
-            misfit = None if item is None else check(item)
+        for key, item in value.items():
+            if item is None:
+                continue
+            kind = plain.get(key)
+            if kind is not None:
+                if not isinstance(item, kind):
+                    return f".{key}", " or ".join(map(shape_name, kind)) if isinstance(kind, tuple) else shape_name(
+                        kind
+                    )
+                continue
+            check = nested.get(key)
+            misfit = None if check is None else check(item)
             if misfit is not None:
                 return f".{key}{misfit[0]}", misfit[1]
         return None
