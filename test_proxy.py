@@ -130,7 +130,7 @@ from terraphim_proxy import (
     TranslationError,
     anthropic_to_openai_request,
     anthropic_tool_id,
-    anthropic_usage,
+    openai_answer_usage,
     iter_sse_data,
     openai_stream_to_anthropic,
     openai_to_anthropic_response,
@@ -2242,9 +2242,10 @@ def test_ot_response_blocks_and_usage() -> None:
         "prompt_cache_miss_tokens": 40,
     }
     assert (
-        anthropic_usage(deepseek)["input_tokens"] == 40 and anthropic_usage(deepseek)["cache_read_input_tokens"] == 60
+        openai_answer_usage(deepseek)["input_tokens"] == 40
+        and openai_answer_usage(deepseek)["cache_read_input_tokens"] == 60
     )
-    written = anthropic_usage(
+    written = openai_answer_usage(
         {"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 30}}
     )
     assert written == {
@@ -2676,7 +2677,7 @@ def test_ot_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
     raw = stream.start() + stream.signature(
         proxy_signature("openrouter", "", [{"type": "reasoning.encrypted", "data": "E"}])
     )
-    raw += stream.text("hi") + stream.finish("end_turn", anthropic_usage(OT_USAGE))
+    raw += stream.text("hi") + stream.finish("end_turn", openai_answer_usage(OT_USAGE))
     message = asyncio.run(ot_sdk_final_message(raw))
     assert message.content[0].type == "thinking" and message.content[0].thinking == ""
     payload = message.content[0].signature.removeprefix("terraphim:openrouter:")
