@@ -9788,26 +9788,22 @@ async def caps_send(http: aiohttp.ClientSession, url: str, model: str, **fields:
     return await call(http, f"{url}/v1/messages", body)
 
 
-async def test_64000_max_tokens_reach_gpt_4o_capped_at_its_output_limit(
-    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("models", "cap"),
+    [
+        pytest.param((CLIENT_MODEL, "openai,gpt-4o"), 16384, id="builtin-limit-routed-and-explicit"),
+        pytest.param(("raised,gpt-4o",), 20000, id="configured-model-max-tokens-wins"),
+    ],
+)
+async def test_64000_max_tokens_reach_the_upstream_capped_at_the_models_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, models: tuple, cap: int
 ) -> None:
     url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
 
-    for model in (CLIENT_MODEL, "openai,gpt-4o"):  # routed by scenario, and named explicitly
+    for model in models:
         answer = await caps_send(http, url, model)
         assert answer.status == 200, answer.text
-        assert openai_upstream.last.body["max_tokens"] == 16384
-
-
-async def test_configured_model_max_tokens_wins_over_the_builtin_output_limit(
-    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
-
-    answer = await caps_send(http, url, "raised,gpt-4o")
-
-    assert answer.status == 200, answer.text
-    assert openai_upstream.last.body["max_tokens"] == 20000
+        assert openai_upstream.last.body["max_tokens"] == cap
 
 
 async def test_anthropic_pass_through_caps_max_tokens_and_keeps_the_thinking_budget_below_it(
