@@ -1806,7 +1806,7 @@ def ot_texts_of(body: dict) -> list[str]:
     "flavor,model", [("openai", "gpt-5"), ("openrouter", "anthropic/x"), ("deepseek", "deepseek-v4-pro")]
 )
 @pytest.mark.parametrize("name,body", ot_fixture_bodies(), ids=[n for n, _ in ot_fixture_bodies()])
-def test_ot_fixtures(name: str, body: dict, flavor: str, model: str) -> None:
+def test_openai_request_of_every_fixture(name: str, body: dict, flavor: str, model: str) -> None:
     payload = anthropic_to_openai_request(body, model, flavor, 8192)
     messages = payload["messages"]
     ot_assert_wellformed(messages)
@@ -1836,7 +1836,7 @@ def test_ot_fixtures(name: str, body: dict, flavor: str, model: str) -> None:
     assert payload.get("stream_options") == ({"include_usage": True} if body.get("stream") else None)
 
 
-def test_ot_system_prompt_and_mid_conversation_system_message() -> None:
+def test_openai_system_prompt_and_mid_conversation_system_message() -> None:
     body = {
         "system": [
             {"type": "text", "text": "A"},
@@ -1857,7 +1857,7 @@ def test_ot_system_prompt_and_mid_conversation_system_message() -> None:
     assert plain[0]["content"] == "A\n\nB"
 
 
-def test_ot_user_content_kinds() -> None:
+def test_openai_user_content_kinds() -> None:
     body = {
         "messages": [
             ot_user(
@@ -1883,7 +1883,7 @@ def test_ot_user_content_kinds() -> None:
     ]
 
 
-def test_ot_tool_calls_and_results_order() -> None:
+def test_openai_tool_calls_and_results_order() -> None:
     body = {
         "messages": [
             ot_user("go"),
@@ -1911,7 +1911,7 @@ def test_ot_tool_calls_and_results_order() -> None:
     ]
 
 
-def test_ot_images_in_tool_results_move_to_user_message() -> None:
+def test_openai_images_in_tool_results_move_to_user_message() -> None:
     body = {
         "messages": [
             {"role": "assistant", "content": [{"type": "text", "text": "shot"}, tool_use("toolu_s")]},
@@ -1933,7 +1933,7 @@ def test_ot_images_in_tool_results_move_to_user_message() -> None:
     }
 
 
-def test_ot_orphan_tool_result_becomes_text_and_consecutive_roles_merge() -> None:
+def test_openai_orphan_tool_result_becomes_text_and_consecutive_roles_merge() -> None:
     body = {
         "messages": [
             ot_user("a"),
@@ -1949,7 +1949,7 @@ def test_ot_orphan_tool_result_becomes_text_and_consecutive_roles_merge() -> Non
     ]
 
 
-def test_ot_thinking_per_flavor() -> None:
+def test_openai_thinking_per_provider_type() -> None:
     thinking = {"type": "thinking", "thinking": "hmm", "signature": proxy_signature("deepseek", "hmm")}
     details = [{"type": "reasoning.text", "text": "hmm", "signature": "sig", "index": 0}]
     routed = {"type": "thinking", "thinking": "hmm", "signature": proxy_signature("openrouter", "hmm", details)}
@@ -1977,7 +1977,7 @@ def test_ot_thinking_per_flavor() -> None:
     assert set(redacted) == {"role", "content", "tool_calls"}
 
 
-def test_ot_server_tools_and_web_search_results() -> None:
+def test_openai_server_tools_and_web_search_results() -> None:
     search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
     body = {
         "tools": [OT_TOOL, search],
@@ -2011,7 +2011,7 @@ def test_ot_server_tools_and_web_search_results() -> None:
     assert "tools" not in only_server and "tool_choice" not in only_server
 
 
-def test_ot_tool_names_shortened_and_restored() -> None:
+def test_openai_tool_names_shortened_and_restored() -> None:
     odd = "Server.Tool:Run"
     body = {
         "tools": [{**OT_TOOL, "name": OT_LONG_NAME}, {**OT_TOOL, "name": odd}, OT_TOOL],
@@ -2050,7 +2050,7 @@ def test_ot_tool_names_shortened_and_restored() -> None:
         ),
     ],
 )
-def test_ot_tool_choice(choice: dict, flavor: str, model: str, expected: object) -> None:
+def test_openai_tool_choice(choice: dict, flavor: str, model: str, expected: object) -> None:
     payload = ot_convert(
         {"tools": [OT_TOOL], "tool_choice": {**choice, "disable_parallel_tool_use": True}, "messages": [ot_user("x")]},
         model,
@@ -2063,7 +2063,7 @@ def test_ot_tool_choice(choice: dict, flavor: str, model: str, expected: object)
     )
 
 
-def test_ot_sampling_limits_and_identity() -> None:
+def test_openai_sampling_limits_and_identity() -> None:
     body = {
         "max_tokens": 64000,
         "temperature": 0.3,
@@ -2125,7 +2125,7 @@ def test_ot_sampling_limits_and_identity() -> None:
         ({"type": "disabled"}, "high", "openai", "gpt-5", {}),
     ],
 )
-def test_ot_thinking_mapping(
+def test_openai_thinking_mapping(
     thinking: dict | None, effort: str | None, flavor: str, model: str, expected: dict
 ) -> None:
     body: dict = {"messages": [ot_user("x")]}
@@ -2138,7 +2138,7 @@ def test_ot_thinking_mapping(
     assert got == expected
 
 
-def test_ot_output_format_becomes_response_format() -> None:
+def test_openai_output_format_becomes_response_format() -> None:
     schema = {"type": "object", "properties": {"title": {"type": "string"}}}
     body = {"output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": [ot_user("x")]}
     assert ot_convert(body)["response_format"] == {
@@ -2148,7 +2148,7 @@ def test_ot_output_format_becomes_response_format() -> None:
     assert "response_format" not in ot_convert(body, "deepseek-chat", "deepseek")
 
 
-def test_ot_input_is_not_mutated() -> None:
+def test_openai_input_is_not_mutated() -> None:
     body = ot_fixture_bodies()[1][1]
     before = json.dumps(body, sort_keys=True)
     anthropic_to_openai_request(body, "anthropic/claude", "openrouter")
@@ -2160,7 +2160,7 @@ def test_ot_input_is_not_mutated() -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_ot_tool_id_round_trip() -> None:
+def test_openai_tool_ids_map_both_ways_in_translation() -> None:
     assert anthropic_tool_id("call_abc") == "toolu_call_abc"
     assert openai_tool_id(anthropic_tool_id("call_abc")) == "call_abc"
     assert anthropic_tool_id("functions.Bash:0") == "toolu_functions_Bash_0"
@@ -2170,7 +2170,7 @@ def test_ot_tool_id_round_trip() -> None:
     assert len(long_id) == 40 and long_id == openai_tool_id("toolu_" + "x" * 60)
 
 
-def test_ot_strip_proxy_thinking() -> None:
+def test_openai_strip_proxy_thinking() -> None:
     ours = {"type": "thinking", "thinking": "a", "signature": proxy_signature("deepseek", "a")}
     real = {"type": "thinking", "thinking": "b", "signature": "EqQB"}
     body = {
@@ -2205,7 +2205,7 @@ def ot_completion(message: dict, finish: str = "stop", usage: dict | None = None
     }
 
 
-def test_ot_response_blocks_and_usage() -> None:
+def test_openai_response_blocks_and_usage() -> None:
     data = ot_completion(
         {
             "content": "Done.",
@@ -2266,11 +2266,11 @@ def test_ot_response_blocks_and_usage() -> None:
         (None, "end_turn"),
     ],
 )
-def test_ot_response_stop_reasons(finish: str | None, expected: str) -> None:
+def test_openai_response_stop_reasons(finish: str | None, expected: str) -> None:
     assert openai_to_anthropic_response(ot_completion({"content": "x"}, finish), "m")["stop_reason"] == expected
 
 
-def test_ot_response_drops_cut_arguments_and_rejects_broken_ones() -> None:
+def test_openai_response_drops_cut_arguments_and_rejects_broken_ones() -> None:
 
     def answer_with(args: str, finish: str = "length") -> dict:
         return ot_completion({"tool_calls": [{"id": "c", "function": {"name": "Write", "arguments": args}}]}, finish)
@@ -2282,7 +2282,7 @@ def test_ot_response_drops_cut_arguments_and_rejects_broken_ones() -> None:
             openai_to_anthropic_response(answer_with(cut, "tool_calls"), "m")
 
 
-def test_ot_response_errors_refusal_and_openrouter_details() -> None:
+def test_openai_response_errors_refusal_and_openrouter_details() -> None:
     with pytest.raises(TranslationError) as raised:
         openai_to_anthropic_response({"error": {"code": 502, "message": "down"}}, "m")
     assert raised.value.error_type == "overloaded_error" and raised.value.message == "down"
@@ -2316,7 +2316,7 @@ async def ot_byte_source(*chunks: bytes) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def test_ot_iter_sse_data_framing() -> None:
+def test_openai_iter_sse_data_framing() -> None:
     raw = (
         b": OPENROUTER PROCESSING\r\n\r\n"
         b'data: {"a":1}\r\n\r\n'
@@ -2363,7 +2363,7 @@ def ot_check_grammar(events: list[tuple[str, dict]]) -> None:
         assert [n for n, _ in events].count("message_delta") == 1
 
 
-def test_ot_anthropic_stream_state_machine() -> None:
+def test_openai_anthropic_stream_state_machine() -> None:
     stream = AnthropicStream("m", 42, "openai")
     raw = stream.start() + stream.text("") + stream.thinking("hm") + stream.text("a") + stream.text("b")
     raw += stream.tool_start(0, "toolu_1", "Bash") + stream.tool_args(0, '{"x":1}') + stream.text("after")
@@ -2443,7 +2443,7 @@ def ot_blocks(message: anthropic.types.Message) -> list[tuple]:
     return summary
 
 
-def test_ot_stream_text_with_trailing_usage() -> None:
+def test_openai_stream_text_with_trailing_usage() -> None:
     message = ot_run_scenario(
         [
             ot_chunk({"role": "assistant", "content": ""}),
@@ -2463,7 +2463,7 @@ def test_ot_stream_text_with_trailing_usage() -> None:
     )
 
 
-def test_ot_stream_reasoning_text_tool_text() -> None:
+def test_openai_stream_reasoning_text_tool_text() -> None:
     message = ot_run_scenario(
         [
             ot_chunk({"reasoning_content": ""}),
@@ -2488,7 +2488,7 @@ def test_ot_stream_reasoning_text_tool_text() -> None:
     assert message.stop_reason == "tool_use"
 
 
-def test_ot_stream_parallel_calls_in_one_chunk_with_restored_names() -> None:
+def test_openai_stream_parallel_calls_in_one_chunk_with_restored_names() -> None:
     short = openai_tool_name(OT_LONG_NAME)
     message = ot_run_scenario(
         [
@@ -2509,7 +2509,7 @@ def test_ot_stream_parallel_calls_in_one_chunk_with_restored_names() -> None:
     assert ot_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", OT_LONG_NAME, {"path": "b"})]
 
 
-def test_ot_stream_index_zero_reused_with_new_ids() -> None:
+def test_openai_stream_index_zero_reused_with_new_ids() -> None:
     message = ot_run_scenario(
         [
             ot_chunk({"tool_calls": [openai_call(0, "g1", "Read", '{"path":')]}),
@@ -2523,7 +2523,7 @@ def test_ot_stream_index_zero_reused_with_new_ids() -> None:
     assert message.stop_reason == "tool_use"
 
 
-def test_ot_stream_cumulative_snapshots_and_name_later() -> None:
+def test_openai_stream_cumulative_snapshots_and_name_later() -> None:
     message = ot_run_scenario(
         [
             ot_chunk({"tool_calls": [openai_call(0, "c1")]}),
@@ -2538,7 +2538,7 @@ def test_ot_stream_cumulative_snapshots_and_name_later() -> None:
     assert ot_blocks(message) == [("tool_use", "Bash", {"command": "ls"})]
 
 
-def test_ot_stream_interleaved_calls_are_buffered() -> None:
+def test_openai_stream_interleaved_calls_are_buffered() -> None:
     payloads = [
         ot_chunk({"content": "Two calls."}),
         ot_chunk({"tool_calls": [openai_call(0, "a", "Read"), openai_call(1, "b", "Grep")]}),
@@ -2564,7 +2564,7 @@ def test_ot_stream_interleaved_calls_are_buffered() -> None:
     assert [d["delta"]["partial_json"] for d in held] == ['{"pattern":"y"}']
 
 
-def test_ot_stream_truncated_arguments_are_dropped() -> None:
+def test_openai_stream_truncated_arguments_are_dropped() -> None:
     message = ot_run_scenario(
         [ot_chunk({"tool_calls": [openai_call(0, "w", "Write", '{"content":"abc')]}), ot_chunk({}, "length"), "[DONE]"]
     )
@@ -2572,7 +2572,7 @@ def test_ot_stream_truncated_arguments_are_dropped() -> None:
     assert message.stop_reason == "max_tokens"
 
 
-def test_ot_stream_openrouter_reasoning_details_signature() -> None:
+def test_openai_stream_openrouter_reasoning_details_signature() -> None:
     details = [{"type": "reasoning.text", "text": "Hm", "index": 0, "format": "anthropic-claude-v1"}]
     message = ot_run_scenario(
         [
@@ -2594,7 +2594,7 @@ def test_ot_stream_openrouter_reasoning_details_signature() -> None:
     assert sent["reasoning_details"] == [{**details[0], "signature": "SIG"}]
 
 
-def test_ot_stream_eof_after_finish_without_done_is_clean() -> None:
+def test_openai_stream_eof_after_finish_without_done_is_clean() -> None:
     message = ot_run_scenario([ot_chunk({"content": "ok"}, "stop")])
     assert ot_blocks(message) == [("text", "ok")] and message.stop_reason == "end_turn"
     assert message.usage.output_tokens == 1
@@ -2616,7 +2616,7 @@ def test_ot_stream_eof_after_finish_without_done_is_clean() -> None:
         ),
     ],
 )
-def test_ot_stream_failures_after_output_raise(payloads: list[str], error_type: str) -> None:
+def test_openai_stream_failures_after_output_raise(payloads: list[str], error_type: str) -> None:
     """Once frames went out, the converter raises; the relay turns that into an `error` event (tested end to end)."""
     produced: list[bytes] = []
 
@@ -2651,13 +2651,13 @@ def test_ot_stream_failures_after_output_raise(payloads: list[str], error_type: 
         ),
     ],
 )
-def test_ot_stream_failures_before_output_raise(payloads: list[str], error_type: str) -> None:
+def test_openai_stream_failures_before_output_raise(payloads: list[str], error_type: str) -> None:
     with pytest.raises(TranslationError) as raised:
         asyncio.run(ot_convert_stream(payloads))
     assert raised.value.error_type == error_type
 
 
-def test_ot_stream_from_raw_sse_bytes() -> None:
+def test_openai_stream_from_raw_sse_bytes() -> None:
     raw_upstream = "".join(
         f"data: {p}\r\n\r\n"
         for p in [ot_chunk({"content": "a"}), ot_chunk({}, "stop"), ot_chunk(None, usage=OT_USAGE), "[DONE]"]
@@ -2672,7 +2672,7 @@ def test_ot_stream_from_raw_sse_bytes() -> None:
     assert ot_blocks(message) == [("text", "a")] and message.usage.output_tokens == 12
 
 
-def test_ot_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
+def test_openai_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
     stream = AnthropicStream("m", 3, "openrouter")
     raw = stream.start() + stream.signature(
         proxy_signature("openrouter", "", [{"type": "reasoning.encrypted", "data": "E"}])
@@ -4427,7 +4427,7 @@ NATIVE_EXPECTED_TOOLS = {
 
 
 @NATIVE_STREAM
-async def test_native_text(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_text_answer(native: NativeEnv, stream: bool) -> None:
     native.stand_in.answer_turn(NATIVE_TEXT_TURN)
 
     message = await native.send(stream, messages=NATIVE_HELLO)
@@ -4442,7 +4442,7 @@ async def test_native_text(native: NativeEnv, stream: bool) -> None:
 
 
 @NATIVE_STREAM
-async def test_native_parallel_tool_calls(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_parallel_tool_calls(native: NativeEnv, stream: bool) -> None:
     """Two calls in one answer become two tool_use blocks, and stop_reason is tool_use though upstream said stop."""
     native.stand_in.answer_turn(NATIVE_CALLS_TURN)
 
@@ -4453,7 +4453,7 @@ async def test_native_parallel_tool_calls(native: NativeEnv, stream: bool) -> No
 
 
 def native_round_trip_history(provider: str) -> list[dict]:
-    """What the second request of test_native_tool_result_round_trip must carry upstream."""
+    """What the second request of test_ollama_gemini_tool_result_round_trip must carry upstream."""
     question = "Check a.py and the src dir."
     if provider == "ollama":
         calls = [
@@ -4489,7 +4489,7 @@ def native_round_trip_history(provider: str) -> list[dict]:
 
 
 @NATIVE_STREAM
-async def test_native_tool_result_round_trip(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_tool_result_round_trip(native: NativeEnv, stream: bool) -> None:
     """Turn 1's calls (and Gemini's thought signatures) come back upstream in turn 2 with their results."""
     if native.provider == "gemini":
         await native.connect(model=GEMINI3_MODEL)  # rejects function calls without their signature
@@ -4574,7 +4574,7 @@ NATIVE_IMAGE_HISTORY = {
 
 
 @NATIVE_STREAM
-async def test_native_images(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_images(native: NativeEnv, stream: bool) -> None:
     """Images in a user turn and inside a tool result travel inline: Ollama's base64 list, Gemini's inlineData."""
     turn = NativeTurn(text="A red pixel.")
     native.stand_in.answer_turn(turn)
@@ -4588,7 +4588,7 @@ async def test_native_images(native: NativeEnv, stream: bool) -> None:
 
 
 @NATIVE_STREAM
-async def test_native_thinking(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_thinking(native: NativeEnv, stream: bool) -> None:
     native.stand_in.answer_turn(NATIVE_THINK_TURN)
 
     message = await native.send(
@@ -4604,7 +4604,7 @@ async def test_native_thinking(native: NativeEnv, stream: bool) -> None:
 
 
 @NATIVE_STREAM
-async def test_native_max_tokens(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_max_tokens(native: NativeEnv, stream: bool) -> None:
     """The provider's output cap limits max_tokens upstream; a length stop becomes max_tokens."""
     await native.connect(max_tokens=50)
     native.stand_in.answer_turn(NATIVE_LENGTH_TURN)
@@ -4700,7 +4700,7 @@ async def native_error(env: NativeEnv, stream: bool, **params: Any) -> tuple[int
 @pytest.mark.parametrize(
     ("native", "failure", "status", "error_type", "fragments"), NATIVE_FAILURES, indirect=["native"]
 )
-async def test_native_upstream_error(
+async def test_ollama_gemini_upstream_error(
     native: NativeEnv, stream: bool, failure: NativeFailure, status: int, error_type: str, fragments: tuple[str, ...]
 ) -> None:
     """An upstream error status becomes the Anthropic status and type, naming the provider and keeping its message."""
@@ -4728,7 +4728,7 @@ NATIVE_CUTS = [
 
 
 @pytest.mark.parametrize(("cut", "status", "fragment"), NATIVE_CUTS)
-async def test_native_truncated_stream(native: NativeEnv, cut: str, status: int, fragment: str) -> None:
+async def test_ollama_gemini_truncated_stream(native: NativeEnv, cut: str, status: int, fragment: str) -> None:
     """A stream that ends before done / finishReason is an error: an error event once content went out (the
     SSE response's 200), else an HTTP error the client may retry."""
     native.stand_in.answer_turn(NATIVE_TEXT_TURN, cut)
@@ -4740,7 +4740,7 @@ async def test_native_truncated_stream(native: NativeEnv, cut: str, status: int,
     assert fragment in text
 
 
-async def test_native_truncated_json_body(native: NativeEnv) -> None:
+async def test_ollama_gemini_truncated_json_body(native: NativeEnv) -> None:
     native.stand_in.answer_turn(NATIVE_TEXT_TURN, "reset")
 
     status, error_type, text = await native_error(native, False)
@@ -4760,7 +4760,7 @@ NATIVE_REFUSED_BEFORE_UPSTREAM = [
 
 
 @pytest.mark.parametrize(("params", "fragment"), NATIVE_REFUSED_BEFORE_UPSTREAM)
-async def test_native_unsupported_input_is_refused(native: NativeEnv, params: dict, fragment: str) -> None:
+async def test_ollama_gemini_unsupported_input_is_refused(native: NativeEnv, params: dict, fragment: str) -> None:
     status, error_type, text = await native_error(native, False, **params)
 
     assert (status, error_type) == (400, "invalid_request_error")
@@ -4866,7 +4866,7 @@ NATIVE_CONVERSATION_PAYLOADS = {
 }
 
 
-async def test_native_request_translation(native: NativeEnv) -> None:
+async def test_ollama_gemini_request_translation(native: NativeEnv) -> None:
     """The whole upstream payload for a conversation with system prompts, tool history, results and sampling."""
     native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
@@ -4882,7 +4882,7 @@ def native_fixture_bodies() -> list[Any]:
 
 
 @pytest.mark.parametrize("body", native_fixture_bodies())
-async def test_native_claude_code_fixture_is_accepted(native: NativeEnv, body: dict) -> None:
+async def test_ollama_gemini_claude_code_fixture_is_accepted(native: NativeEnv, body: dict) -> None:
     """Real Claude Code requests pass the stand-in's checks; every Gemini tool schema uses only allowed keys."""
     native.stand_in.answer_turn(NATIVE_FINAL_TURN)
 
@@ -5545,7 +5545,7 @@ async def rel_streaming(http: aiohttp.ClientSession, url: str) -> asyncio.Task[R
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_rel_connect_timeout_is_per_provider(
+async def test_connect_timeout_is_per_provider(
     start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
 ) -> None:
     """[proxy] sets 20 s for everyone; the provider's own 150 ms wins, once per attempt (2 attempts)."""
@@ -5561,7 +5561,7 @@ async def test_rel_connect_timeout_is_per_provider(
 
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "headers-but-no-frame"])
-async def test_rel_first_byte_timeout(
+async def test_first_byte_timeout(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """No first frame within first_byte_timeout_ms is a timeout, retried; the idle limit is far away.
@@ -5589,7 +5589,7 @@ async def test_rel_first_byte_timeout(
 
 
 @pytest.mark.parametrize("kind", REL_KINDS)
-async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
+async def test_idle_timeout_mid_stream_ends_in_error_event(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     """The first chunk arrives, then silence: at idle_timeout_ms the client gets an error event, no retry."""
@@ -5608,7 +5608,7 @@ async def test_rel_idle_timeout_mid_stream_ends_in_error_event(
 
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "body-trickles"])
-async def test_rel_total_timeout_bounds_a_non_streaming_request(
+async def test_total_timeout_bounds_a_non_streaming_request(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """A body that trickles in (so the idle limit never fires) is cut at timeout_ms, and retried."""
@@ -5644,7 +5644,7 @@ REL_RETRYABLE = [408, 429, 500, 502, 503, 504, 529]
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("failure", [*REL_RETRYABLE, "connection-closed"])
-async def test_rel_retryable_failure_is_retried(
+async def test_retryable_failure_is_retried(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
 ) -> None:
     fail = rel_drop if failure == "connection-closed" else rel_status(int(failure))
@@ -5661,7 +5661,7 @@ async def test_rel_retryable_failure_is_retried(
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
-async def test_rel_retries_stop_at_the_configured_count(
+async def test_retries_stop_at_the_configured_count(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
 ) -> None:
     rel_up.script = rel_status(503, text="busy")
@@ -5682,7 +5682,7 @@ async def test_rel_retries_stop_at_the_configured_count(
         (404, "not_found_error"),
     ],
 )
-async def test_rel_client_errors_are_never_retried(
+async def test_client_errors_are_never_retried(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
 ) -> None:
     rel_up.script = rel_status(status, {"retry-after": "0"})  # a retry-after does not make them retryable
@@ -5694,7 +5694,7 @@ async def test_rel_client_errors_are_never_retried(
     assert len(rel_up.received) == 1
 
 
-async def test_rel_backoff_grows_exponentially(
+async def test_backoff_grows_exponentially(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """retry_base_ms 40: the waits before attempts 2, 3, 4 are 40, 80, 160 ms times a jitter in [0.5, 1]."""
@@ -5714,7 +5714,7 @@ async def test_rel_backoff_grows_exponentially(
     assert gaps[2] > gaps[0]
 
 
-async def test_rel_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> None:
+async def test_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> None:
     """retry_delay is a pure function of its inputs; sampled here to see the jitter's spread and the cap."""
     provider = rel_provider("anthropic", "anthropic", "http://127.0.0.1:9")
     config = rel_config([provider], "anthropic,m", {"retry_base_ms": 100, "retry_max_wait_ms": 1000})
@@ -5744,7 +5744,7 @@ async def test_rel_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> Non
         pytest.param(529, {"retry-after-ms": "250", "retry-after": "30"}, 0.25, id="ms-wins-over-seconds"),
     ],
 )
-async def test_rel_retry_after_is_honoured(
+async def test_retry_after_is_honoured(
     rel_up: StandInServer,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -5763,7 +5763,7 @@ async def test_rel_retry_after_is_honoured(
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["single-target", "with-fallback"])
-async def test_rel_retry_after_over_the_cap_is_not_waited_for(
+async def test_retry_after_over_the_cap_is_not_waited_for(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -5796,7 +5796,7 @@ async def test_rel_retry_after_over_the_cap_is_not_waited_for(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_rel_fallback_chain_tries_each_target_with_its_own_retries(
+async def test_fallback_chain_tries_each_target_with_its_own_retries(
     rel_servers: RelServers, start_proxy: StartProxy, stream: bool
 ) -> None:
     a, b = await rel_servers(), await rel_servers()
@@ -5853,7 +5853,7 @@ async def test_rel_fallback_chain_tries_each_target_with_its_own_retries(
         pytest.param(rel_status(401), None, 502, "api_error", "cannot reach b", id="401-then-unreachable"),
     ],
 )
-async def test_rel_all_targets_failing_gives_the_last_error(
+async def test_all_targets_failing_gives_the_last_error(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -5888,7 +5888,7 @@ async def test_rel_all_targets_failing_gives_the_last_error(
 
 
 @pytest.mark.parametrize("kind", REL_KINDS)
-async def test_rel_mid_stream_cut_becomes_an_error_event_within_100ms(
+async def test_mid_stream_cut_becomes_an_error_event_within_100ms(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     rel_up.script = rel_stream_script(upto=2, then="cut")
@@ -5904,7 +5904,7 @@ async def test_rel_mid_stream_cut_becomes_an_error_event_within_100ms(
     assert len(rel_up.received) == 1  # bytes had gone to the client: no retry
 
 
-async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: StandInServer, start_proxy: StartProxy) -> None:
+async def test_sdk_raises_on_a_mid_stream_failure(rel_up: StandInServer, start_proxy: StartProxy) -> None:
     rel_up.script = rel_stream_script(upto=2, then="cut")
     proxy = await start_proxy(rel_single("openai", rel_up.url))
     texts = []
@@ -5921,7 +5921,7 @@ async def test_rel_sdk_raises_on_a_mid_stream_failure(rel_up: StandInServer, sta
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
-async def test_rel_transport_fault_after_the_end_marker_is_not_a_failure(
+async def test_transport_fault_after_the_end_marker_is_not_a_failure(
     rel_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     """The whole answer, its end marker included, then the connection breaks: the client has a complete
@@ -5943,7 +5943,7 @@ async def test_rel_transport_fault_after_the_end_marker_is_not_a_failure(
 
 
 @pytest.mark.parametrize("kind", REL_KINDS)
-async def test_rel_keys_rotate_round_robin(
+async def test_keys_rotate_round_robin(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     proxy = await start_proxy(rel_single(kind, rel_up.url, keys=3))
@@ -5956,7 +5956,7 @@ async def test_rel_keys_rotate_round_robin(
 
 
 @pytest.mark.parametrize("status", [401, 403, 429])
-async def test_rel_key_that_failed_is_skipped_during_its_cool_down(
+async def test_key_that_failed_is_skipped_during_its_cool_down(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
 ) -> None:
     k0, k1, k2 = (rel_key("anthropic", i) for i in range(3))
@@ -5980,7 +5980,7 @@ async def test_rel_key_that_failed_is_skipped_during_its_cool_down(
     assert all(reply.status == 200 for reply in replies[2:])
 
 
-async def test_rel_key_cool_down_follows_retry_after(
+async def test_key_cool_down_follows_retry_after(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     k1 = rel_key("anthropic", 1)
@@ -6022,7 +6022,7 @@ async def rel_read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
-async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
+async def test_client_disconnect_closes_the_upstream_within_100ms(
     rel_up: StandInServer, start_proxy: StartProxy, phase: str
 ) -> None:
     rel_up.script = rel_stream_script(upto=1, then="hang") if phase == "mid-stream" else rel_silent
@@ -6043,7 +6043,7 @@ async def test_rel_client_disconnect_closes_the_upstream_within_100ms(
     assert len(rel_up.received) == 1
 
 
-async def test_rel_client_disconnect_during_backoff_stops_the_retries(
+async def test_client_disconnect_during_backoff_stops_the_retries(
     rel_up: StandInServer, start_proxy: StartProxy
 ) -> None:
     """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
@@ -6063,7 +6063,7 @@ async def test_rel_client_disconnect_during_backoff_stops_the_retries(
     assert len(rel_up.received) == 1
 
 
-async def test_rel_disconnect_frees_the_in_flight_slot(
+async def test_disconnect_frees_the_in_flight_slot(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     rel_up.script = rel_stream_script(upto=1, then="hang")
@@ -6083,7 +6083,7 @@ async def test_rel_disconnect_frees_the_in_flight_slot(
 # ---------------------------------------------------------------------------
 
 
-async def test_rel_global_max_in_flight(
+async def test_global_max_in_flight(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
@@ -6104,7 +6104,7 @@ async def test_rel_global_max_in_flight(
 
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["falls-back", "single-target"])
-async def test_rel_provider_max_in_flight(
+async def test_provider_max_in_flight(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -6131,7 +6131,7 @@ async def test_rel_provider_max_in_flight(
     assert (await held).frames[-1][0] == "message_stop"
 
 
-async def test_rel_rate_limit_per_client_key(
+async def test_rate_limit_per_client_key(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     config = rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
@@ -6228,7 +6228,7 @@ async def rel_process(tmp_path: Path, doc: dict) -> AsyncIterator[RelProcess]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_rel_signal_drains_the_stream_in_flight_then_exits_0(
+async def test_signal_drains_the_stream_in_flight_then_exits_0(
     rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
 ) -> None:
     rel_up.script = rel_stream_script(hold_at=1)
@@ -6250,7 +6250,7 @@ async def test_rel_signal_drains_the_stream_in_flight_then_exits_0(
     assert not any("Traceback" in line for line in proxy.lines), proxy.lines
 
 
-async def test_rel_drain_timeout_bounds_the_shutdown(
+async def test_drain_timeout_bounds_the_shutdown(
     rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
@@ -6272,7 +6272,7 @@ async def test_rel_drain_timeout_bounds_the_shutdown(
     await wait_set(rel_up.gone)
 
 
-async def test_rel_sighup_reload_valid_takes_effect_invalid_is_rejected(
+async def test_sighup_reload_valid_takes_effect_invalid_is_rejected(
     rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     provider = rel_provider("anthropic", "anthropic", rel_up.url)
@@ -6296,7 +6296,7 @@ async def test_rel_sighup_reload_valid_takes_effect_invalid_is_rejected(
     assert rel_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
 
 
-async def test_rel_sighup_request_in_flight_keeps_its_config(
+async def test_sighup_request_in_flight_keeps_its_config(
     rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Held at its first target while the config changes, the request falls back to its *old* second target."""
@@ -6578,7 +6578,7 @@ async def rel_fuzz_proxy(rel_up: StandInServer, start_proxy: StartProxy) -> str:
 @example(recipe=rel_recipe(REL_CLIENT_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
 @example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("raw-nesting", b"[" * 100_000)))
 @example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
-async def test_rel_hostile_bodies_get_4xx_or_a_valid_answer(
+async def test_hostile_bodies_get_4xx_or_a_valid_answer(
     rel_fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
 ) -> None:
     data = rel_hostile_bytes(recipe)
@@ -6613,7 +6613,7 @@ async def test_rel_hostile_bodies_get_4xx_or_a_valid_answer(
         pytest.param("Content-Length: 2\r\nContent-Length: 9", b"{}", "wait", id="two-lengths"),
     ],
 )
-async def test_rel_truncated_or_malformed_framing(
+async def test_truncated_or_malformed_framing(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
 ) -> None:
     """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
@@ -6712,7 +6712,7 @@ REL_COMPLETE_BEFORE_FAULT = {"gzip-long-length"}  # the whole answer arrived bef
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", REL_KINDS)
 @pytest.mark.parametrize("garbage", list(REL_GARBAGE))
-async def test_rel_upstream_garbage_gives_a_mapped_error(
+async def test_upstream_garbage_gives_a_mapped_error(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, garbage: str, kind: str, stream: bool
 ) -> None:
     rel_up.script = REL_GARBAGE[garbage]
@@ -6743,7 +6743,7 @@ REL_ENDLESS = [
 
 
 @pytest.mark.parametrize(("kind", "mode"), REL_ENDLESS)
-async def test_rel_endless_stream_is_cut_at_stream_timeout(
+async def test_endless_stream_is_cut_at_stream_timeout(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
 ) -> None:
     """stream_timeout_ms (400 ms) bounds the whole stream, whatever the upstream keeps doing after its start."""
@@ -6779,7 +6779,7 @@ async def test_rel_endless_stream_is_cut_at_stream_timeout(
 
 
 @pytest.mark.parametrize("kind", REL_KINDS)
-async def test_rel_json_answer_to_a_stream_request_becomes_sse(
+async def test_json_answer_to_a_stream_request_becomes_sse(
     rel_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     async def json_anyway(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
@@ -6807,7 +6807,7 @@ async def test_rel_json_answer_to_a_stream_request_becomes_sse(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", REL_KINDS)
-async def test_rel_upstream_echoing_the_key_does_not_leak_it(
+async def test_upstream_echoing_the_key_does_not_leak_it(
     rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
 ) -> None:
     """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
@@ -6836,7 +6836,7 @@ async def test_rel_upstream_echoing_the_key_does_not_leak_it(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-async def test_rel_upstream_redirect_is_not_followed(
+async def test_upstream_redirect_is_not_followed(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -6871,7 +6871,7 @@ async def test_rel_upstream_redirect_is_not_followed(
         "${REL_BASE}/v1",  # an env variable that expands to a non-http URL
     ],
 )
-async def test_rel_provider_url_must_be_http_or_https(url: str) -> None:
+async def test_provider_url_must_be_http_or_https(url: str) -> None:
     provider = {"name": "anthropic", "api_key": "rel-unused", "api_base_url": url}
     doc = {"router": {"default": "anthropic,m"}, "providers": [provider]}
 
@@ -6882,7 +6882,7 @@ async def test_rel_provider_url_must_be_http_or_https(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", "https://api.example.invalid/v1"])
-async def test_rel_provider_url_http_and_https_are_accepted(url: str) -> None:
+async def test_provider_url_http_and_https_are_accepted(url: str) -> None:
     provider = {"name": "openai", "api_key": "rel-unused", "api_base_url": url}
     config = terraphim_proxy.build_config({"router": {"default": "openai,m"}, "providers": [provider]}, "rel.toml", {})
     assert config.providers["openai"].api_base_url == url
@@ -6898,7 +6898,7 @@ async def rel_png(up: StandInServer, seen: Received, request: web.Request) -> we
 
 
 @pytest.mark.parametrize("fetch", [False, True], ids=["fetch-off", "fetch-on"])
-async def test_rel_image_url_goes_to_openai_as_a_url(
+async def test_image_url_goes_to_openai_as_a_url(
     rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, fetch: bool
 ) -> None:
     up, images = await rel_servers(), await rel_servers()
@@ -6915,7 +6915,7 @@ async def test_rel_image_url_goes_to_openai_as_a_url(
 
 
 @pytest.mark.parametrize("kind", ["ollama", "gemini"])
-async def test_rel_image_url_is_refused_for_inline_only_providers(
+async def test_image_url_is_refused_for_inline_only_providers(
     rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     up, images = await rel_servers(), await rel_servers()
@@ -6931,7 +6931,7 @@ async def test_rel_image_url_is_refused_for_inline_only_providers(
 # With fetch_image_urls on, a URL must never make the proxy reach a loopback, private or link-local host.
 # Loopback forms point at a real stand-in, so a fetch would be seen; private and link-local ones are IP
 # literals, refused before any connection is tried. A successful fetch needs a public address, which this
-# offline machine does not have, so the positive path is tested with a DNS stand-in (Issue 10 section).
+# offline machine does not have, so the positive path is tested with a DNS stand-in (see "Resource limits" below).
 REL_LOCAL_IMAGE_URLS = [
     "http://127.0.0.1:{port}/cat.png",
     "http://localhost:{port}/cat.png",
@@ -6955,7 +6955,7 @@ REL_LOCAL_IMAGE_URLS = [
 
 @pytest.mark.parametrize("template", REL_LOCAL_IMAGE_URLS)
 @pytest.mark.parametrize("kind", ["ollama", "gemini"])
-async def test_rel_image_fetch_refuses_local_addresses(
+async def test_image_fetch_refuses_local_addresses(
     rel_servers: RelServers,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -7106,7 +7106,7 @@ async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> E
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", ECO_KINDS)
-async def test_eco_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool) -> None:
+async def test_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool) -> None:
     route = eco_default_route(kind)
     model = route.split(",")[1]
     url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
@@ -7175,7 +7175,7 @@ ECO_TOOL_RESULTS = ["18C, sunny", "14:05"]
 @pytest.mark.parametrize("count", [1, 2], ids=["one-call", "parallel-calls"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", ECO_KINDS)
-async def test_eco_openai_tool_round_trip(
+async def test_openai_tool_round_trip(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool, count: int
 ) -> None:
     route = eco_default_route(kind)
@@ -7256,7 +7256,7 @@ async def eco_assert_openai_error(request: Awaitable[Any], status: int, *fragmen
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", ECO_KINDS)
 @pytest.mark.parametrize("status", sorted(ECO_STATUS_ERRORS))
-async def test_eco_openai_upstream_error_raises_sdk_class(
+async def test_openai_upstream_error_raises_sdk_class(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, status: int, kind: str, stream: bool
 ) -> None:
     route = eco_default_route(kind)
@@ -7282,7 +7282,7 @@ ECO_PROXY_ERRORS = [
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize(("fields", "proxy", "warm_up", "status", "fragment"), ECO_PROXY_ERRORS)
-async def test_eco_openai_proxy_error_raises_sdk_class(
+async def test_openai_proxy_error_raises_sdk_class(
     eco_upstream: EcoUpstream,
     start_proxy: StartProxy,
     fields: dict,
@@ -7309,7 +7309,7 @@ async def test_eco_openai_proxy_error_raises_sdk_class(
     ("kind", "failure"),
     [("anthropic", "cut"), ("anthropic", "error"), ("openai", "cut"), ("openai", "error")],
 )
-async def test_eco_openai_mid_stream_failure_raises_api_error(
+async def test_openai_mid_stream_failure_raises_api_error(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, failure: str
 ) -> None:
     route = eco_default_route(kind)
@@ -7330,7 +7330,7 @@ async def test_eco_openai_mid_stream_failure_raises_api_error(
     assert raised.value.message
 
 
-async def test_eco_openai_stream_without_include_usage_has_no_usage_chunk(
+async def test_openai_stream_without_include_usage_has_no_usage_chunk(
     eco_upstream: EcoUpstream, start_proxy: StartProxy
 ) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
@@ -7346,7 +7346,7 @@ async def test_eco_openai_stream_without_include_usage_has_no_usage_chunk(
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-async def test_eco_openai_models_list(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+async def test_openai_models_list(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
 
     async with openai_client(url) as client:
@@ -7360,7 +7360,7 @@ async def test_eco_openai_models_list(eco_upstream: EcoUpstream, start_proxy: St
     assert eco_upstream.last.body["model"] == "model-pinned-b"
 
 
-async def test_eco_openai_models_list_error_in_openai_shape(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+async def test_openai_models_list_error_in_openai_shape(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
     # /v1/models answers OpenAI clients (no anthropic-version header) in OpenAI's shape; so must its errors.
     url = await start_proxy(eco_config(eco_upstream.url, proxy={"api_key": PROXY_KEY}))
 
@@ -7421,7 +7421,7 @@ ECO_OPENAI_ROUTE_CASES = [
 
 
 @pytest.mark.parametrize(("fields", "scenario", "route"), ECO_OPENAI_ROUTE_CASES)
-async def test_eco_openai_requests_are_routed_like_messages(
+async def test_openai_requests_are_routed_like_messages(
     eco_upstream: EcoUpstream,
     start_proxy: StartProxy,
     eco_log: Callable[[], list[dict]],
@@ -7536,7 +7536,7 @@ ECO_RULE_CASES = [
 
 
 @pytest.mark.parametrize(("body", "route", "scenario"), ECO_RULE_CASES)
-async def test_eco_keyword_rules(
+async def test_keyword_rules(
     eco_upstream: EcoUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -7650,7 +7650,7 @@ ECO_RULE_MISTAKES = [
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), ECO_RULE_MISTAKES)
-def test_eco_rule_config_mistake(
+def test_rule_config_mistake(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, problem: str
 ) -> None:
     path = tmp_path / "rules.toml"
@@ -7661,7 +7661,7 @@ def test_eco_rule_config_mistake(
     assert_one_problem(code, out, err, str(path), key, problem)
 
 
-def test_eco_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "rules.toml"
     path.write_text(eco_rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
 
@@ -7738,7 +7738,7 @@ ECO_MODULE_CASES = [
 
 
 @pytest.mark.parametrize(("body", "route", "scenario", "warning"), ECO_MODULE_CASES)
-async def test_eco_router_module(
+async def test_router_module(
     tmp_path: Path,
     eco_upstream: EcoUpstream,
     start_proxy: StartProxy,
@@ -7783,7 +7783,7 @@ ECO_BAD_ROUTERS = [
 
 
 @pytest.mark.parametrize(("source", "problem"), ECO_BAD_ROUTERS)
-def test_eco_router_module_load_error(
+def test_router_module_load_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str | None, problem: str
 ) -> None:
     if source is not None:
@@ -7796,7 +7796,7 @@ def test_eco_router_module_load_error(
     assert_one_problem(code, out, err, str(path), "router.module: ", str(tmp_path / "router.py"), problem)
 
 
-def test_eco_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
     path = tmp_path / "eco.toml"
     path.write_text(ECO_VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
@@ -7857,7 +7857,7 @@ async def eco_session_request(url: str, client: str, stream: bool, user_id: str)
         ("openai", "json", True),
     ],
 )
-async def test_eco_session_memory_routes_long_context(
+async def test_session_memory_routes_long_context(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
 ) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
@@ -7888,7 +7888,7 @@ async def test_eco_session_memory_routes_long_context(
     ]
 
 
-async def test_eco_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+async def test_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
     large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
     eco_upstream.queue("model-default", EcoAnswer(usage=large), EcoAnswer(usage=large))
@@ -7903,7 +7903,7 @@ async def test_eco_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, 
     assert routes == ["anthropic,model-default", "anthropic,model-default"]
 
 
-def test_eco_session_memory_is_bounded() -> None:
+def test_session_memory_is_bounded() -> None:
     memory = terraphim_proxy.SessionMemory(size=2)
     memory.remember("a", 1)
     memory.remember("b", 2)
@@ -7929,7 +7929,7 @@ def test_eco_session_memory_is_bounded() -> None:
         pytest.param({"authorization": f"Bearer {PROXY_KEY}"}, 200, id="bearer"),
     ],
 )
-async def test_eco_admin_endpoints_need_the_proxy_key(
+async def test_admin_endpoints_need_the_proxy_key(
     eco_upstream: EcoUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
@@ -7949,7 +7949,7 @@ async def test_eco_admin_endpoints_need_the_proxy_key(
         assert ("routes" in json.loads(text)) if path == "/routes" else text.startswith("# HELP")
 
 
-async def test_eco_routes_shows_the_effective_table(
+async def test_routes_shows_the_effective_table(
     tmp_path: Path, eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
@@ -8081,7 +8081,7 @@ async def eco_metrics_sequence(upstream: EcoUpstream, start: StartProxy) -> str:
     return url
 
 
-async def test_eco_metrics_after_known_requests(
+async def test_metrics_after_known_requests(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     url = await eco_metrics_sequence(eco_upstream, start_proxy)
@@ -8132,7 +8132,7 @@ async def test_eco_metrics_after_known_requests(
     assert metrics.value("terraphim_in_flight") == 0
 
 
-async def test_eco_metrics_retries_are_counted_on_the_retried_target(
+async def test_metrics_retries_are_counted_on_the_retried_target(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     url = await eco_metrics_sequence(eco_upstream, start_proxy)
@@ -8144,7 +8144,7 @@ async def test_eco_metrics_retries_are_counted_on_the_retried_target(
     assert retries == {("anthropic", "model-flaky"): 1, ("down", "model-down"): 1}
 
 
-async def test_eco_metrics_in_flight_gauge(
+async def test_metrics_in_flight_gauge(
     eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     url = await start_proxy(eco_config(eco_upstream.url))
@@ -8175,7 +8175,7 @@ def eco_subprocess_env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **extra}
 
 
-async def test_eco_json_log_format(tmp_path: Path, eco_upstream: EcoUpstream) -> None:
+async def test_json_log_format(tmp_path: Path, eco_upstream: EcoUpstream) -> None:
     port = free_port()
     config = tmp_path / "eco.toml"
     config.write_text(
@@ -8282,7 +8282,7 @@ api_key = "${{OPENAI_API_KEY}}"
         ),
     ],
 )
-def test_eco_env_command(tmp_path: Path, proxy: str, provider: str, token: str, timeout: str) -> None:
+def test_env_command(tmp_path: Path, proxy: str, provider: str, token: str, timeout: str) -> None:
     port = free_port()
     (tmp_path / "eco.toml").write_text(eco_cli_toml(port, proxy, provider))
     env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-env", ECO_PROXY_KEY=ECO_ODD_KEY)
@@ -8354,7 +8354,7 @@ def eco_stop_background_proxy(base_url: str) -> None:
         time.sleep(0.05)
 
 
-def test_eco_code_command(tmp_path: Path) -> None:
+def test_code_command(tmp_path: Path) -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"', "timeout_ms = 700000"))
@@ -8674,7 +8674,7 @@ def eco_import(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
         pytest.param(ECO_CCR_MINIMAL, id="minimal"),
     ],
 )
-def test_eco_import_ccr(
+def test_import_ccr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: EcoCcr
 ) -> None:
     for name, value in case.env.items():
@@ -8717,7 +8717,7 @@ def test_eco_import_ccr(
         assert config.providers[name].api_key == (case.env[var.group(1)] if var else raw)
 
 
-def test_eco_import_ccr_without_env_reports_disabled_providers(
+def test_import_ccr_without_env_reports_disabled_providers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ECO_CCR_MULTI.env:
@@ -8746,7 +8746,7 @@ def test_eco_import_ccr_without_env_reports_disabled_providers(
         pytest.param(None, "cannot read", id="missing-file"),
     ],
 )
-def test_eco_import_ccr_bad_input(
+def test_import_ccr_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, problem: str
 ) -> None:
     source = tmp_path / "config.json"
@@ -8761,7 +8761,7 @@ def test_eco_import_ccr_bad_input(
     assert line.startswith(f"error: {source}: ") and problem in line, line
 
 
-async def test_eco_imported_ccr_config_reaches_both_upstream_formats(
+async def test_imported_ccr_config_reaches_both_upstream_formats(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     eco_upstream: EcoUpstream,
@@ -9001,7 +9001,9 @@ async def test_claude_code_cli_writes_file_through_native_provider(
     assert native_written_call_and_result(native.provider, main[1].body) == expected, diag
 
 
-# ---- Issue 10: logs, redaction, /health, config expansion, a default route without an enabled target ----
+# ===========================================================================
+# Logs, redaction, /health, config expansion, a default route without an enabled target
+# ===========================================================================
 
 
 def request_log_lines_since(mark: int) -> list[str]:
@@ -9216,7 +9218,7 @@ async def test_claude_code_cli_shows_what_to_set_when_the_default_route_has_no_e
 
 
 # ===========================================================================
-# Issue 10: resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
+# Resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
 # ===========================================================================
 
 
@@ -9431,7 +9433,7 @@ async def test_waiting_for_a_pooled_upstream_connection_times_out(
     assert (await rel_post(http, proxy, rel_body(stream=stream))).status == 200
 
 
-# Issue 10: routing and streams (session memory, keep-alive pings, unreachable upstreams)
+# Routing and streams (session memory, keep-alive pings, unreachable upstreams)
 # ===========================================================================
 
 
@@ -9636,7 +9638,7 @@ def test_public_url_drops_user_info_query_and_fragment() -> None:
 
 
 # ===========================================================================
-# Issue 10: import-ccr round trip, `code` and `stop`, output caps, README facts
+# Import-ccr round trip, `code` and `stop`, output caps, README facts
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
@@ -10147,7 +10149,7 @@ def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
 
 
 # ===========================================================================
-# ---- Issue 10: truncated tool calls, badly shaped upstream JSON, mid-stream failures ----
+# Truncated tool calls, badly shaped upstream JSON, mid-stream failures
 # ===========================================================================
 
 I10_TEXT = "Writing both files."
@@ -10238,7 +10240,9 @@ I10_NATIVE_CUT_TURN = NativeTurn(
 
 
 @NATIVE_STREAM
-async def test_native_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
+    native: NativeEnv, stream: bool
+) -> None:
     """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
     length ends on is the one the limit cut, and it is dropped."""
     native.stand_in.answer_turn(I10_NATIVE_CUT_TURN)
@@ -10461,7 +10465,7 @@ async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
 
 
 # ===========================================================================
-# ---- Issue 10: Gemini and Ollama translation: schemas, tool names, thinking budgets, model names in URLs ----
+# Gemini and Ollama translation: schemas, tool names, thinking budgets, model names in URLs
 # ===========================================================================
 
 
@@ -10637,7 +10641,7 @@ def i10_upstream_names(provider: str, body: dict) -> dict[str, list[str]]:
 
 
 @NATIVE_STREAM
-async def test_native_long_tool_names_are_shortened_and_mapped_back(native: NativeEnv, stream: bool) -> None:
+async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(native: NativeEnv, stream: bool) -> None:
     """A tool name over 64 characters goes upstream shortened (declared, in history, in results, in
     tool_choice) and comes back to the client under its own name."""
     called: list[str] = []
