@@ -13,9 +13,14 @@ The path of one Messages (or chat-completions) request, by function, and what ea
     -> serve_stream         for streams: a ClientStream kept alive with pings
     -> try_targets          the route's targets in order, each with its retries
     -> answer_from_target   one target: an UpstreamCall per attempt
-    -> start_upstream_answer  send it and wait for the first frame: an UpstreamAnswer
+    -> start_upstream_answer  send it and wait for the first stream part: an UpstreamAnswer
     -> send_answer          the whole message, or
-    -> relay_stream         the frames, as they come, in the client's dialect
+    -> relay_stream         the stream parts, as they come, made into bytes in the client's dialect
+
+One event model: every translating transformer turns its upstream's answer into Anthropic stream events, as
+dicts (AnthropicStream builds them), and a client dialect makes bytes of them once, at the relay. Only the
+Anthropic pass-through hands on the upstream's SSE bytes unchanged, for speed; read_relayed_frames is the one
+place that reads them (usage, errors, the end of the stream).
 """
 
 from __future__ import annotations
@@ -1406,7 +1411,8 @@ def choose_route(hints: Hints, config: Config, body: dict) -> Route:
 # Each provider type has one entry in TRANSFORMERS, three functions of one UpstreamCall:
 #   build_request(call) -> UpstreamRequest
 #   parse_response(data, call) -> Anthropic message dict
-#   stream(upstream_response, call) -> async iterator of Anthropic SSE bytes
+#   stream(upstream_response, call) -> async iterator of StreamParts: lists of Anthropic events (translated),
+#     or the upstream's own Anthropic SSE bytes (pass-through); bytes for the client are made at the relay
 
 
 @dataclass(frozen=True)
@@ -1442,7 +1448,7 @@ class UpstreamCall:
 class Transformer:
     build_request: Callable[[UpstreamCall], UpstreamRequest]
     parse_response: Callable[[dict, UpstreamCall], dict]
-    stream: Callable[[aiohttp.ClientResponse, UpstreamCall], AsyncIterator[bytes]]
+    stream: Callable[[aiohttp.ClientResponse, UpstreamCall], AsyncIterator[StreamPart]]
     count_tokens_url: Callable[[Provider], str] | None = None
     inline_images: bool = False  # the provider takes image bytes only, not URLs
 
@@ -1450,6 +1456,9 @@ class Transformer:
 def dump_json(data: Any) -> bytes:
     """Compact ASCII JSON: the fastest form json writes, and safe for lone surrogates."""
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+StreamPart = bytes | list[dict]  # Anthropic events as dicts, or whole Anthropic SSE frames relayed unchanged
 
 
 # --- Shared by the translating transformers: ids, proxy-made thinking signatures, the Anthropic stream
@@ -1658,15 +1667,22 @@ def sse_frame(event: str, data: dict) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
 
 
+def anthropic_sse(part: StreamPart) -> bytes:
+    """Anthropic SSE bytes for a stream part: relayed frames as they are, each event as one frame."""
+    if isinstance(part, bytes):
+        return part
+    return b"".join([sse_frame(event["type"], event) for event in part])
+
+
 class AnthropicStream:
-    """Anthropic SSE state machine fed by every non-Anthropic provider; methods return frames.
+    """Anthropic event state machine fed by every non-Anthropic provider; methods return lists of event dicts.
 
     Blocks open lazily with dense increasing indices and close exactly once; empty text or
     thinking opens nothing. A thinking block that got no signature() is closed with a proxy
     signature. A tool_use block is held until it closes (the next block opens, or finish()) and
     then sent whole, its arguments in one delta, so a call the output limit cut can still be
     dropped (drop_tool) and is never sent.
-    After finish() or error() every method returns b"".
+    After finish() every method returns [].
     """
 
     def __init__(self, model: str, input_tokens: int = 0, provider_type: str = "openai") -> None:
@@ -1681,14 +1697,14 @@ class AnthropicStream:
         self.thinking_parts: list[str] = []
         self.signed = False
         self.tool_emitted = False
-        self.held = b""  # the content_block_start of the open tool_use block
+        self.held: dict | None = None  # the content_block_start of the open tool_use block
         self.held_args: list[str] = []  # and its arguments so far, sent as one delta when it closes
         self.output_chars = 0
 
-    def start(self) -> bytes:
+    def start(self) -> list[dict]:
         """message_start (usage: input estimate, output 1) and a ping; once."""
         if self.started:
-            return b""
+            return []
         self.started = True
         usage = {
             "input_tokens": self.input_tokens,
@@ -1706,104 +1722,106 @@ class AnthropicStream:
             "stop_sequence": None,
             "usage": usage,
         }
-        start = {"type": "message_start", "message": message}
-        return sse_frame("message_start", start) + sse_frame("ping", {"type": "ping"})
+        return [{"type": "message_start", "message": message}, {"type": "ping"}]
 
-    def _delta(self, delta: dict) -> bytes:
-        return sse_frame("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": self.index, "delta": delta}
 
-    def _close(self) -> bytes:
+    def _close(self) -> list[dict]:
         if self.open_kind is None:
-            return b""
-        frames = b""
+            return []
+        events = []
         if self.open_kind == "thinking" and not self.signed:
             signature = proxy_signature(self.provider_type, "".join(self.thinking_parts))
-            frames += self._delta({"type": "signature_delta", "signature": signature})
+            events.append(self._delta({"type": "signature_delta", "signature": signature}))
         if self.open_kind == "tool_use":
             arguments = "".join(self.held_args)
-            frames = self.held
+            events.append(self.held)
             if arguments:
-                frames += self._delta({"type": "input_json_delta", "partial_json": arguments})
-            self.held, self.held_args = b"", []
+                events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+            self.held, self.held_args = None, []
             self.tool_emitted = True
         self.open_kind = self.open_key = None
-        return frames + sse_frame("content_block_stop", {"type": "content_block_stop", "index": self.index})
+        events.append({"type": "content_block_stop", "index": self.index})
+        return events
 
-    def _open(self, block: dict, key: object = None) -> bytes:
-        frames = self.start() + self._close()
+    def _open(self, block: dict, key: object = None) -> list[dict]:
+        events = self.start() + self._close()
         self.index += 1
         self.open_kind, self.open_key = block["type"], key
         self.thinking_parts, self.signed = [], False
-        start = sse_frame(
-            "content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
-        )
+        start = {"type": "content_block_start", "index": self.index, "content_block": block}
         if block["type"] == "tool_use":
             self.held = start
-            return frames
-        return frames + start
+            return events
+        events.append(start)
+        return events
 
-    def _ensure(self, kind: str) -> bytes:
+    def _ensure(self, kind: str) -> list[dict]:
         """Open an empty text or thinking block unless one of that kind is open."""
         if self.open_kind == kind:
-            return b""
+            return []
         return self._open({"type": kind, kind: ""} | ({"signature": ""} if kind == "thinking" else {}))
 
-    def thinking(self, text: str) -> bytes:
+    def thinking(self, text: str) -> list[dict]:
         if not text or self.done:
-            return b""
-        frames = self._ensure("thinking")
+            return []
+        events = self._ensure("thinking")
         self.thinking_parts.append(text)
         self.output_chars += len(text)
-        return frames + self._delta({"type": "thinking_delta", "thinking": text})
+        events.append(self._delta({"type": "thinking_delta", "thinking": text}))
+        return events
 
-    def signature(self, signature: str) -> bytes:
+    def signature(self, signature: str) -> list[dict]:
         """Signature of the open thinking block (an empty thinking block is opened if none is)."""
         if self.done:
-            return b""
-        frames = self._ensure("thinking")
+            return []
+        events = self._ensure("thinking")
         self.signed = True
-        return frames + self._delta({"type": "signature_delta", "signature": signature})
+        events.append(self._delta({"type": "signature_delta", "signature": signature}))
+        return events
 
-    def text(self, text: str) -> bytes:
+    def text(self, text: str) -> list[dict]:
         if not text or self.done:
-            return b""
-        frames = self._ensure("text")
+            return []
+        events = self._ensure("text")
         self.output_chars += len(text)
-        return frames + self._delta({"type": "text_delta", "text": text})
+        events.append(self._delta({"type": "text_delta", "text": text}))
+        return events
 
-    def tool_start(self, key: object, tool_id: str, name: str) -> bytes:
-        """Close the open block and open a tool_use block, whose own frames wait until it closes."""
+    def tool_start(self, key: object, tool_id: str, name: str) -> list[dict]:
+        """Close the open block and open a tool_use block, whose own events wait until it closes."""
         if self.done:
-            return b""
+            return []
         return self._open({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, key)
 
-    def tool_args(self, key: object, fragment: str) -> bytes:
+    def tool_args(self, key: object, fragment: str) -> list[dict]:
         if not fragment or self.done:
-            return b""
+            return []
         if self.open_kind != "tool_use" or self.open_key != key:
             raise ValueError(f"tool block {key!r} is not the open block")
         self.output_chars += len(fragment)
         self.held_args.append(fragment)
-        return b""
+        return []
 
     def drop_tool(self) -> bool:
-        """Forget the open tool_use block, a call cut short: none of its frames was sent, and the next block
+        """Forget the open tool_use block, a call cut short: none of its events was sent, and the next block
         takes its index. Whether there was one to drop."""
         if self.open_kind != "tool_use" or self.done:
             return False
-        self.held, self.held_args, self.open_kind, self.open_key = b"", [], None, None
+        self.held, self.held_args, self.open_kind, self.open_key = None, [], None, None
         self.index -= 1
         return True
 
-    def finish(self, stop_reason: str, usage: dict | None = None, cut: bool = False) -> bytes:
+    def finish(self, stop_reason: str, usage: dict | None = None, cut: bool = False) -> list[dict]:
         """Close the open block, then message_delta and message_stop. The stop reason is max_tokens when `cut`
         (a tool call was dropped), else tool_use if a tool was emitted, else `stop_reason`.
 
         Without upstream usage, input is the start estimate and output is about chars / 4.
         """
         if self.done:
-            return b""
-        frames = self.start() + self._close()
+            return []
+        events = self.start() + self._close()
         self.done = True
         if usage is None:
             usage = {
@@ -1814,30 +1832,32 @@ class AnthropicStream:
             }
         stop = "max_tokens" if cut else "tool_use" if self.tool_emitted else stop_reason
         delta = {"stop_reason": stop, "stop_sequence": None}
-        frames += sse_frame("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
-        return frames + sse_frame("message_stop", {"type": "message_stop"})
+        events.append({"type": "message_delta", "delta": delta, "usage": usage})
+        events.append({"type": "message_stop"})
+        return events
 
 
 def frame_events(frames: bytes) -> Iterator[dict]:
-    """The events of whole SSE frames that the proxy itself wrote (one data line each)."""
+    """The events of whole Anthropic SSE frames relayed from the upstream (one data line each)."""
     for frame in frames.split(b"\n\n"):
         _, _, data = frame.partition(b"data: ")
         if data.strip():
             yield json.loads(data)
 
 
-def message_from_frames(frames: bytes) -> dict:
-    """Read Anthropic SSE frames back into the message they describe; an error frame raises TranslationError.
+DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
+
+
+def message_from_events(events: list[dict]) -> dict:
+    """The message a translated answer's events describe.
 
     Providers that answer a whole message in the same shape as a stream chunk (Ollama, Gemini) go through
     their stream converter and this, so both paths share one translation.
     """
     message: dict = {}
     partial: dict[int, str] = {}
-    for event in frame_events(frames):
+    for event in events:
         kind = event["type"]
-        if kind == "error":
-            raise TranslationError(event["error"]["message"], event["error"]["type"])
         if kind == "message_start":
             message = event["message"]
         elif kind == "content_block_start":
@@ -1847,8 +1867,7 @@ def message_from_frames(frames: bytes) -> dict:
             if delta["type"] == "input_json_delta":
                 partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
             else:
-                field_name = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
-                key = field_name[delta["type"]]
+                key = DELTA_FIELDS[delta["type"]]
                 block[key] = (block.get(key, "") if key != "signature" else "") + delta[key]
         elif kind == "message_delta":
             message.update(event["delta"])
@@ -1858,15 +1877,16 @@ def message_from_frames(frames: bytes) -> dict:
     return message
 
 
-def message_to_frames(message: dict) -> bytes:
-    """The frames a whole message would have streamed as: the inverse of message_from_frames."""
+def message_to_events(message: dict) -> list[dict]:
+    """The events a whole message would have streamed as: the inverse of message_from_events."""
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
-    frames = [sse_frame("message_start", {"type": "message_start", "message": start})]
+    events = [{"type": "message_start", "message": start}]
     empty = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}, "tool_use": {"input": {}}}
     for index, block in enumerate(message.get("content") or ()):
         kind = block.get("type")
-        opening = {"type": "content_block_start", "index": index, "content_block": {**block, **empty.get(kind, {})}}
-        frames.append(sse_frame("content_block_start", opening))
+        events.append(
+            {"type": "content_block_start", "index": index, "content_block": {**block, **empty.get(kind, {})}}
+        )
         deltas = []
         if kind == "text":
             deltas.append({"type": "text_delta", "text": block.get("text", "")})
@@ -1875,20 +1895,13 @@ def message_to_frames(message: dict) -> bytes:
             deltas.append({"type": "signature_delta", "signature": block.get("signature", "")})
         elif kind == "tool_use":
             deltas.append({"type": "input_json_delta", "partial_json": dump_json(block.get("input") or {}).decode()})
-        for delta in deltas:
-            frames.append(
-                sse_frame("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
-            )
-        frames.append(sse_frame("content_block_stop", {"type": "content_block_stop", "index": index}))
+        events += [{"type": "content_block_delta", "index": index, "delta": delta} for delta in deltas]
+        events.append({"type": "content_block_stop", "index": index})
     delta = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}
-    frames.append(
-        sse_frame(
-            "message_delta",
-            {"type": "message_delta", "delta": delta, "usage": message.get("usage") or {"output_tokens": 0}},
-        )
-    )
-    frames.append(sse_frame("message_stop", {"type": "message_stop"}))
-    return b"".join(frames)
+    usage = message.get("usage") or {"output_tokens": 0}
+    events.append({"type": "message_delta", "delta": delta, "usage": usage})
+    events.append({"type": "message_stop"})
+    return events
 
 
 class TranslationCaches:
@@ -2063,8 +2076,9 @@ MAX_PENDING_FRAME_BYTES = 16 * 1024 * 1024  # an upstream frame larger than this
 
 
 async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
-    """Relay Anthropic SSE as it arrives, cut at frame boundaries. The first frame must be a message_start;
-    the stream ends at message_stop or an error event, and one that breaks off before either is an error."""
+    """Relay Anthropic SSE as it arrives, cut at frame boundaries, unparsed but for read_relayed_frames. The first
+    frame must be a message_start; the stream ends at message_stop or an error event, and one that breaks off
+    before either is an error."""
     pending = b""
     started = False
     async for chunk in upstream.content.iter_any():
@@ -2081,33 +2095,41 @@ async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall)
             ready = with_client_model(ready, call.client_model, call.provider.name)
             started = True
         yield ready
-        if ends_anthropic_stream(ready):
-            call.record.outcome = error_event_type(ready) or call.record.outcome
+        if read_relayed_frames(ready, call.record):
             return
     if not started:
         raise ProxyError(502, f"{call.provider.name} did not answer with an event stream")
     raise ProxyError(502, f"{call.provider.name} closed the stream before message_stop")
 
 
-def error_event_type(frames: bytes) -> str | None:
-    """The error type of the `error` event among whole SSE frames (api_error if it names none); None if none."""
-    for frame in frames.split(b"\n\n"):
-        lines = frame.split(b"\n")
-        if not any(line.startswith(b"event:") and line[6:].strip() == b"error" for line in lines):
-            continue
-        try:
-            error = json.loads(b"".join(line[5:] for line in lines if line.startswith(b"data:")))["error"]["type"]
-        except (ValueError, LookupError, TypeError):
-            error = None
-        return error if isinstance(error, str) and error else "api_error"
-    return None
+STREAM_END_MARKERS = (b"event: message_stop", b"event: error")
 
 
-def ends_anthropic_stream(frames: bytes) -> bool:
-    """Whether frames hold a message_stop or error event line (JSON data never holds a raw newline)."""
-    return any(
-        frames.startswith(marker) or b"\n" + marker in frames for marker in (b"event: message_stop", b"event: error")
-    )
+def read_relayed_frames(frames: bytes, record: RequestRecord) -> bool:
+    """The one reader of Anthropic SSE frames relayed unchanged: notes the usage of their message_start and
+    message_delta events and the type of an error event (api_error if it names none) on the record, and says
+    whether they end the stream (a message_stop or error event line; JSON data never holds a raw newline)."""
+    ends = any(frames.startswith(marker) or b"\n" + marker in frames for marker in STREAM_END_MARKERS)
+    if not ends and b'"message_start"' not in frames and b'"message_delta"' not in frames:
+        return False  # the usual frames: content deltas only
+    name = b""
+    for line in frames.split(b"\n"):
+        if line.startswith(b"event:"):
+            name = line[6:].strip()
+            if name == b"error":
+                record.outcome = "api_error"
+        elif line.startswith(b"data:") and name in (b"message_start", b"message_delta", b"error"):
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if name != b"error":
+                record.note_events([event])
+            elif isinstance(event.get("error"), dict) and isinstance(event["error"].get("type"), str):
+                record.outcome = event["error"]["type"] or "api_error"
+    return ends
 
 
 # --- OpenAI family: OpenAI, OpenRouter and DeepSeek chat completions.
@@ -2675,14 +2697,16 @@ def openai_to_anthropic_response(
 class ChunkConverter(Protocol):
     stream: AnthropicStream
 
-    def feed(self, data: Any) -> bytes: ...
+    def feed(self, data: Any) -> list[dict]: ...
 
-    def end(self, clean: bool = False) -> bytes:
-        """The closing frames; `clean`: the upstream sent its end-of-stream marker (SSE `[DONE]`)."""
+    def end(self, clean: bool = False) -> list[dict]:
+        """The closing events; `clean`: the upstream sent its end-of-stream marker (SSE `[DONE]`)."""
         ...
 
 
-async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
+async def json_chunks_to_anthropic(
+    converter: ChunkConverter, payloads: AsyncIterator[str]
+) -> AsyncIterator[list[dict]]:
     """Feed each JSON payload (an NDJSON line, an SSE data field) to a provider's converter, then end it."""
     clean = False
     async for payload in payloads:
@@ -2693,9 +2717,9 @@ async def json_chunks_to_anthropic(converter: ChunkConverter, payloads: AsyncIte
             data = json.loads(payload)
         except ValueError:
             raise MalformedAnswer(f"upstream sent invalid JSON: {payload[:200]!r}") from None
-        frames = converter.feed(data)
-        if frames:
-            yield frames
+        events = converter.feed(data)
+        if events:
+            yield events
         if converter.stream.done:
             return
     yield converter.end(clean)
@@ -2711,10 +2735,10 @@ class StreamedToolCall:
 
 
 class OpenAIChunkConverter:
-    """Turns chat-completion chunks into Anthropic frames via one AnthropicStream.
+    """Turns chat-completion chunks into Anthropic events via one AnthropicStream.
 
     Tool calls are keyed by upstream id first, then by index. A call streams live while it owns the
-    open block (whose frames the AnthropicStream holds until it closes); a call that appears while
+    open block (whose events the AnthropicStream holds until it closes); a call that appears while
     the live call's arguments are not yet a whole JSON object means the calls interleave, and from
     then on every new call is held and emitted whole at the end. At the end, a call whose arguments
     are not a whole object was cut by the output limit (finish_reason "length"): it is dropped and
@@ -2735,45 +2759,45 @@ class OpenAIChunkConverter:
         self.usage: dict | None = None
         self.refused = False
 
-    def feed(self, chunk: Any) -> bytes:
+    def feed(self, chunk: Any) -> list[dict]:
         """Frames for one parsed upstream chunk."""
         if self.stream.done:
-            return b""
+            return []
         check_answer_shape(chunk, OPENAI_ANSWER_SHAPE)
         if chunk.get("error"):
             raise TranslationError(error_object_message(chunk["error"]), error_object_type(chunk["error"]))
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        frames = b""
+        events: list[dict] = []
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) == 0:
-                frames += self.feed_choice(choice)
-        return frames
+                events += self.feed_choice(choice)
+        return events
 
-    def feed_choice(self, choice: dict) -> bytes:
+    def feed_choice(self, choice: dict) -> list[dict]:
         delta = choice.get("delta") or {}
-        frames = b""
+        events: list[dict] = []
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             self.leave_tool()
-            frames += self.stream.thinking(reasoning)
+            events += self.stream.thinking(reasoning)
         for item in delta.get("reasoning_details") or []:
             if isinstance(item, dict):
                 add_reasoning_detail(self.details, item)
         content = delta.get("content")
         if isinstance(content, str) and content:
-            frames += self.transition() + self.stream.text(content)
+            events += self.transition() + self.stream.text(content)
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
             self.refused = True
-            frames += self.transition() + self.stream.text(refusal)
+            events += self.transition() + self.stream.text(refusal)
         for fragment in delta.get("tool_calls") or []:
-            frames += self.tool_fragment(fragment)
+            events += self.tool_fragment(fragment)
         finish_reason = choice.get("finish_reason")
         if finish_reason in OPENAI_FACTS.error_reasons:
             raise TranslationError(f"upstream finish_reason {finish_reason}", OPENAI_FACTS.error_reasons[finish_reason])
         self.finish_reason = finish_reason or self.finish_reason
-        return frames
+        return events
 
     def leave_tool(self) -> None:
         """Mark the live call closed: the next block the stream opens closes it. Its arguments must be whole."""
@@ -2783,14 +2807,14 @@ class OpenAIChunkConverter:
             self.live.state = "closed"
             self.live = None
 
-    def transition(self) -> bytes:
+    def transition(self) -> list[dict]:
         """Before a new text or tool block: leave the live call, sign thinking with pending reasoning_details."""
         self.leave_tool()
         if not self.details:
-            return b""
-        frames = self.stream.signature(proxy_signature(self.provider_type, "", self.details))
+            return []
+        events = self.stream.signature(proxy_signature(self.provider_type, "", self.details))
         self.details = []
-        return frames
+        return events
 
     def call_for(self, fragment: dict) -> StreamedToolCall:
         upstream_id, index = fragment.get("id"), fragment.get("index")
@@ -2807,7 +2831,7 @@ class OpenAIChunkConverter:
         self.by_index[index] = call
         return call
 
-    def tool_fragment(self, fragment: dict) -> bytes:
+    def tool_fragment(self, fragment: dict) -> list[dict]:
         call = self.call_for(fragment)
         function = fragment.get("function") or {}
         if function.get("name") and not call.name:
@@ -2824,39 +2848,39 @@ class OpenAIChunkConverter:
         if call.state == "closed":
             if suffix.strip():
                 raise TranslationError("upstream sent tool arguments after the call ended")
-            return b""
+            return []
         if not call.name or self.hold_all:
-            return b""
+            return []
         if self.live is not None and not has_whole_arguments(self.live.args):
             self.hold_all = True
-            return b""
+            return []
         return self.emit_call(call, call.args)
 
-    def emit_call(self, call: StreamedToolCall, arguments: str) -> bytes:
-        frames = self.transition() + self.stream.tool_start(call.key, call.tool_id, call.name)
+    def emit_call(self, call: StreamedToolCall, arguments: str) -> list[dict]:
+        events = self.transition() + self.stream.tool_start(call.key, call.tool_id, call.name)
         call.state, self.live = "live", call
-        return frames + self.stream.tool_args(call.key, arguments)
+        return events + self.stream.tool_args(call.key, arguments)
 
-    def end(self, clean: bool = False) -> bytes:
-        """Final frames: message_delta + message_stop after [DONE] or a finish_reason, else an error."""
+    def end(self, clean: bool = False) -> list[dict]:
+        """Final events: message_delta + message_stop after [DONE] or a finish_reason, else an error."""
         if self.stream.done:
-            return b""
+            return []
         if not (clean or self.finish_reason):
             raise TranslationError("upstream stream ended before the response was complete")
         cut = False
         if self.live is not None and tool_input(self.live.args) is None:
             cut = self.cut_call() and self.stream.drop_tool()
             self.live = None
-        frames = b""
+        events: list[dict] = []
         for call in self.calls:
             if call.state == "pending":
                 if call.name and tool_input(call.args) is not None:
-                    frames += self.emit_call(call, call.args)
+                    events += self.emit_call(call, call.args)
                 else:
                     cut = self.cut_call()
         usage = openai_answer_usage(self.usage) if self.usage else None
         stop_reason = "refusal" if self.refused else OPENAI_FACTS.stop_reason(self.finish_reason)
-        return frames + self.transition() + self.stream.finish(stop_reason, usage, cut)
+        return events + self.transition() + self.stream.finish(stop_reason, usage, cut)
 
     def cut_call(self) -> bool:
         """True for a call left incomplete by the output limit (dropped); an error after any other finish."""
@@ -2871,8 +2895,8 @@ def openai_stream_to_anthropic(
     input_tokens: int,
     tool_names: dict[str, str] | None = None,
     provider_type: str = "openai",
-) -> AsyncIterator[bytes]:
-    """Anthropic SSE frames for a chat-completions stream given as data payloads (see iter_sse_data).
+) -> AsyncIterator[list[dict]]:
+    """Anthropic events for a chat-completions stream given as data payloads (see iter_sse_data).
 
     message_start goes out with the first content, so a failure before any output raises
     TranslationError (the caller can still answer with an HTTP error); later ones end in an error event.
@@ -2916,10 +2940,10 @@ def openai_family_parse_response(data: dict, call: UpstreamCall) -> dict:
     return message
 
 
-def openai_family_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
-    events = iter_sse_data(upstream.content.iter_any())
+def openai_family_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
+    payloads = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
-    return openai_stream_to_anthropic(events, call.client_model, call.input_tokens, names, call.provider.type)
+    return openai_stream_to_anthropic(payloads, call.client_model, call.input_tokens, names, call.provider.type)
 
 
 OPENAI_FAMILY = Transformer(openai_family_build_request, openai_family_parse_response, openai_family_stream)
@@ -3079,31 +3103,31 @@ class OllamaConverter:
         self.stream = AnthropicStream(model, input_tokens, "ollama")
         self.tool_names = tool_names
 
-    def feed(self, data: Any) -> bytes:
+    def feed(self, data: Any) -> list[dict]:
         check_answer_shape(data, OLLAMA_ANSWER_SHAPE)
         if data.get("error"):
             raise TranslationError(str(data["error"]))
         message = data.get("message") or {}
-        frames = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
+        events = self.stream.thinking(message.get("thinking") or "") + self.stream.text(message.get("content") or "")
         for tool_call in message.get("tool_calls") or ():
             function = tool_call.get("function") or {}
             arguments = dump_json(function.get("arguments") or {}).decode()
             key = object()
             name = function.get("name", "")
-            frames += self.stream.tool_start(key, anthropic_tool_id(None), self.tool_names.get(name, name))
-            frames += self.stream.tool_args(key, arguments)
+            events += self.stream.tool_start(key, anthropic_tool_id(None), self.tool_names.get(name, name))
+            events += self.stream.tool_args(key, arguments)
         if data.get("done"):
             stop = OLLAMA_FACTS.stop_reason(data.get("done_reason"))
-            frames += self.stream.finish(
+            events += self.stream.finish(
                 stop, OLLAMA_FACTS.usage(data), stop == "max_tokens" and self.stream.drop_tool()
             )
-        return frames
+        return events
 
-    def end(self, clean: bool = False) -> bytes:
+    def end(self, clean: bool = False) -> list[dict]:
         """Nothing after `done`; an error when the stream closed before it (NDJSON has no other end marker)."""
         if not self.stream.done:
             raise TranslationError("ollama closed the stream before it was done")
-        return b""
+        return []
 
 
 async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
@@ -3577,7 +3601,7 @@ class GeminiConverter:
         self.usage: dict | None = None
         self.blocked: str | None = None
 
-    def feed(self, data: Any) -> bytes:
+    def feed(self, data: Any) -> list[dict]:
         check_answer_shape(data, GEMINI_ANSWER_SHAPE)
         if data.get("error"):
             error = data["error"]
@@ -3588,23 +3612,23 @@ class GeminiConverter:
         block_reason = (data.get("promptFeedback") or {}).get("blockReason")
         if block_reason:
             self.blocked = block_reason
-        frames = b""
+        events: list[dict] = []
         for candidate in (data.get("candidates") or ())[:1]:
             for part in (candidate.get("content") or {}).get("parts") or ():
-                frames += self.feed_part(part)
+                events += self.feed_part(part)
             self.finish_reason = candidate.get("finishReason") or self.finish_reason
-        return frames
+        return events
 
-    def feed_part(self, part: dict) -> bytes:
-        frames = b""
+    def feed_part(self, part: dict) -> list[dict]:
+        events: list[dict] = []
         if part.get("thoughtSignature") and not part.get("thought"):
-            frames += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
+            events += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
         if part.get("thought"):
-            frames += self.stream.thinking(part.get("text") or "")
+            events += self.stream.thinking(part.get("text") or "")
             if part.get("thoughtSignature"):
-                frames += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
+                events += self.stream.signature(GEMINI_SIGNATURE_PREFIX + part["thoughtSignature"])
         elif isinstance(part.get("text"), str):
-            frames += self.stream.text(part["text"])
+            events += self.stream.text(part["text"])
         elif isinstance(part.get("functionCall"), dict):
             call = part["functionCall"]
             key = object()
@@ -3614,11 +3638,11 @@ class GeminiConverter:
                 else anthropic_tool_id(None)
             )
             name = call.get("name", "")
-            frames += self.stream.tool_start(key, tool_id, self.tool_names.get(name, name))
-            frames += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
-        return frames
+            events += self.stream.tool_start(key, tool_id, self.tool_names.get(name, name))
+            events += self.stream.tool_args(key, dump_json(call.get("args") or {}).decode())
+        return events
 
-    def end(self, clean: bool = False) -> bytes:
+    def end(self, clean: bool = False) -> list[dict]:
         """message_delta + message_stop once a finishReason (or a prompt block) was seen, else an error;
         Gemini streams end at EOF, so `clean` adds nothing."""
         reason = self.finish_reason
@@ -3630,12 +3654,12 @@ class GeminiConverter:
             raise TranslationError("gemini closed the stream before a finishReason")
         if reason in GEMINI_FACTS.error_reasons:
             raise TranslationError(f"gemini stopped with {reason}", GEMINI_FACTS.error_reasons[reason])
-        frames = b""
+        events: list[dict] = []
         stop = GEMINI_FACTS.stop_reason(reason)
         if stop == "refusal":
-            frames += self.stream.text(f"[Gemini stopped the answer: {reason}]")
+            events += self.stream.text(f"[Gemini stopped the answer: {reason}]")
         cut = stop == "max_tokens" and self.stream.drop_tool()
-        return frames + self.stream.finish(stop, GEMINI_FACTS.usage(self.usage), cut)
+        return events + self.stream.finish(stop, GEMINI_FACTS.usage(self.usage), cut)
 
 
 def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
@@ -3662,9 +3686,9 @@ def converter_transformer(
 
     def parse_response(data: dict, call: UpstreamCall) -> dict:
         answer = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
-        return message_from_frames(answer.feed(data) + answer.end())
+        return message_from_events(answer.feed(data) + answer.end())
 
-    def stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
+    def stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
         chunks = payloads(upstream.content.iter_any())
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return json_chunks_to_anthropic(converting, chunks)
@@ -3951,18 +3975,19 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
 
 @dataclass(eq=False)
 class UpstreamAnswer:
-    """An upstream answer that has begun: its response, and the first frames (stream) or the whole message."""
+    """An upstream answer that has begun: its response, and the first stream part (stream) or the whole message."""
 
     upstream: aiohttp.ClientResponse
-    frames: AsyncIterator[bytes] | None = None
-    first: bytes = b""
+    parts: AsyncIterator[StreamPart] | None = None
+    first: StreamPart = b""
     message: dict | None = None
 
 
 async def start_upstream_answer(
     session: aiohttp.ClientSession, transformer: Transformer, call: UpstreamCall, stream: bool
 ) -> UpstreamAnswer:
-    """Send one attempt and wait for its first frame (or whole message), so failures so far can still be retried."""
+    """Send one attempt and wait for its first stream part (or whole message), so failures so far can still be
+    retried."""
     provider = call.provider
     upstream = await open_upstream(
         session, translated_request(transformer, call), provider, provider.timeouts.client_timeout(stream)
@@ -3973,11 +3998,11 @@ async def start_upstream_answer(
                 upstream, message=transformer.parse_response(await read_upstream_json(upstream, provider), call)
             )
         if upstream.content_type == "application/json":
-            frames = whole_answer_frames(upstream, transformer, call)
+            parts = whole_answer_events(upstream, transformer, call)
         else:
-            frames = transformer.stream(upstream, call)
+            parts = transformer.stream(upstream, call)
         try:
-            return UpstreamAnswer(upstream, frames, await frames.__anext__())
+            return UpstreamAnswer(upstream, parts, await parts.__anext__())
         except StopAsyncIteration:
             raise ProxyError(502, f"{provider.name} sent an empty stream", retryable=True) from None
         except asyncio.TimeoutError:
@@ -3992,11 +4017,11 @@ async def start_upstream_answer(
         raise
 
 
-async def whole_answer_frames(
+async def whole_answer_events(
     upstream: aiohttp.ClientResponse, transformer: Transformer, call: UpstreamCall
-) -> AsyncIterator[bytes]:
-    """A stream request answered with one JSON message (some servers ignore `stream`): its frames."""
-    yield message_to_frames(transformer.parse_response(await read_upstream_json(upstream, call.provider), call))
+) -> AsyncIterator[list[dict]]:
+    """A stream request answered with one JSON message (some servers ignore `stream`): its events."""
+    yield message_to_events(transformer.parse_response(await read_upstream_json(upstream, call.provider), call))
 
 
 def named(err: ProxyError, provider: str) -> ProxyError:
@@ -4163,13 +4188,13 @@ class ClientStream:
 async def relay_stream(
     request: web.Request, answer: UpstreamAnswer, stream: ClientStream, deadline: float
 ) -> web.StreamResponse:
-    """Write the answer's frames as they come; a failure after the first one becomes an `error` event that ends
-    the stream (never a message_stop). `deadline` (monotonic) bounds the whole stream: when it passes, the
-    upstream connection is closed, whatever it is doing."""
-    assert answer.frames is not None
+    """Write the answer's stream parts as they come, as bytes in the client's dialect (made here, once); a
+    failure after the first one becomes an `error` event that ends the stream (never a message_stop). Usage is
+    noted from the events (relayed frames noted theirs in read_relayed_frames). `deadline` (monotonic) bounds
+    the whole stream: when it passes, the upstream connection is closed, whatever it is doing."""
+    assert answer.parts is not None
     record = request[RECORD]
-    dialect = stream.dialect
-    translate = dialect.frames(request.app[STATE].redactor.redact) if dialect.frames is not None else bytes
+    write = stream.dialect.writer(request.app[STATE].redactor.redact)
     watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
 
     def failure(err: ProxyError) -> ProxyError:
@@ -4181,13 +4206,15 @@ async def relay_stream(
 
     ending: ProxyError | None = None
     try:
-        await stream.write(translate(answer.first))
+        await stream.write(write(answer.first))
         record.first_byte_s = time.perf_counter() - record.started
-        record.note_usage(answer.first)
+        if type(answer.first) is list:
+            record.note_events(answer.first)
         try:
-            async for frame in answer.frames:
-                await stream.write(translate(frame))
-                record.note_usage(frame)
+            async for part in answer.parts:
+                await stream.write(write(part))
+                if type(part) is list:
+                    record.note_events(part)
         except ProxyError as err:
             ending = failure(err)
         except asyncio.TimeoutError:
@@ -4210,7 +4237,7 @@ async def relay_stream(
         raise
     finally:
         watchdog.cancel()
-        await answer.frames.aclose()
+        await answer.parts.aclose()
     assert response is not None
     return response
 
@@ -4226,7 +4253,7 @@ async def write_error_event(stream: ClientStream, record: RequestRecord, err: Pr
 # Client dialects: Anthropic's wire format (the native one) and OpenAI's chat completions (/v1/chat/completions)
 # ---------------------------------------------------------------------------
 # An OpenAI client's request is turned into an Anthropic one, analysed, routed and answered like any other;
-# the answer (a message, or Anthropic SSE frames) is then written back in OpenAI's shape.
+# the answer (a message, or a stream's parts) is then written back in OpenAI's shape.
 
 OPENAI_CHAT_PATH = "/v1/chat/completions"
 OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
@@ -4240,12 +4267,12 @@ OPENAI_PING = b": ping\n\n"  # an SSE comment line: clients skip it
 
 @dataclass(frozen=True)
 class Dialect:
-    """How one client's answers and errors are written: `message` maps a whole message, `frames` returns a
-    translator for a stream's Anthropic frames (None: pass them on), `error_event` ends a failed stream,
-    `ping` keeps a silent stream alive."""
+    """How one client's answers and errors are written: `message` maps a whole message, `writer` returns the
+    function that writes one stream's parts as bytes, `error_event` ends a failed stream, `ping` keeps a silent
+    stream alive."""
 
     message: Callable[[dict], dict]
-    frames: Callable[[Callable[[str], str]], Callable[[bytes], bytes]] | None  # given the app's redact
+    writer: Callable[[Callable[[str], str]], Callable[[StreamPart], bytes]]  # given the app's redact
     error_event: Callable[[ProxyError, str], bytes]
     ping: bytes = ANTHROPIC_PING
 
@@ -4254,7 +4281,7 @@ def anthropic_error_event(err: ProxyError, request_id: str) -> bytes:
     return sse_frame("error", error_body(err.error_type, err.message, request_id))
 
 
-ANTHROPIC_DIALECT = Dialect(lambda message: message, None, anthropic_error_event)
+ANTHROPIC_DIALECT = Dialect(lambda message: message, lambda redact: anthropic_sse, anthropic_error_event)
 
 
 def openai_error_body(err: ProxyError) -> dict:
@@ -4267,11 +4294,11 @@ def openai_error_event(err: ProxyError, request_id: str) -> bytes:
 
 
 def openai_dialect(model: str, include_usage: bool) -> Dialect:
-    def frames(redact: Callable[[str], str]) -> Callable[[bytes], bytes]:
+    def writer(redact: Callable[[str], str]) -> Callable[[StreamPart], bytes]:
         return OpenAIChunkWriter(model, include_usage, redact).feed
 
     return Dialect(
-        lambda message: anthropic_to_openai_completion(message, model), frames, openai_error_event, OPENAI_PING
+        lambda message: anthropic_to_openai_completion(message, model), writer, openai_error_event, OPENAI_PING
     )
 
 
@@ -4442,7 +4469,8 @@ def anthropic_to_openai_completion(message: dict, model: str) -> dict:
 
 
 class OpenAIChunkWriter:
-    """Turns Anthropic SSE frames (whole frames, as the relay passes them) into chat.completion.chunk frames."""
+    """Turns a stream's parts (Anthropic events, or whole relayed Anthropic frames) into chat.completion.chunk
+    frames."""
 
     def __init__(self, model: str, include_usage: bool, redact: Callable[[str], str]) -> None:
         self.model = model
@@ -4458,8 +4486,8 @@ class OpenAIChunkWriter:
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
         return b"data: " + dump_json({**data, "choices": [choice]}) + b"\n\n"
 
-    def feed(self, frames: bytes) -> bytes:
-        return b"".join(self.event(event) for event in frame_events(frames))
+    def feed(self, part: StreamPart) -> bytes:
+        return b"".join([self.event(event) for event in (frame_events(part) if type(part) is bytes else part)])
 
     def event(self, event: dict) -> bytes:
         kind = event.get("type")
@@ -4780,19 +4808,18 @@ class RequestRecord:
         cached = ("cache_read_input_tokens", "cache_creation_input_tokens")
         return self.usage["input_tokens"] + sum(self.usage.get(k) or 0 for k in cached)
 
-    def note_usage(self, frames: bytes) -> None:
-        """Record usage from message_start / message_delta frames, for the log and the session memory."""
-        if b"message_delta" not in frames and b"message_start" not in frames:
-            return
-        for line in frames.split(b"\n"):
-            if line.startswith(b"data: ") and (b'"message_start"' in line or b'"message_delta"' in line):
-                try:
-                    data = json.loads(line[6:])
-                except ValueError:
-                    continue
-                usage = data.get("usage") or data.get("message", {}).get("usage") or {}
-                if isinstance(usage, dict):
-                    self.usage.update(usage)
+    def note_events(self, events: list[dict]) -> None:
+        """Record usage from message_start / message_delta events, for the log and the session memory."""
+        for event in events:
+            kind = event.get("type")
+            if kind == "message_delta":
+                usage = event.get("usage")
+            elif kind == "message_start" and isinstance(event.get("message"), dict):
+                usage = event["message"].get("usage")
+            else:
+                continue
+            if isinstance(usage, dict):
+                self.usage.update(usage)
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -5204,7 +5231,7 @@ async def send_answer(
     record = request[RECORD]
     headers = response_headers(record, target)
     try:
-        if answer.frames is not None:
+        if answer.parts is not None:
             assert stream is not None
             stream.headers = headers
             open_streams = request.app[STATE].open_streams

@@ -128,6 +128,7 @@ from conftest import (
 from terraphim_proxy import (
     AnthropicStream,
     TranslationError,
+    anthropic_sse,
     anthropic_to_openai_request,
     anthropic_tool_id,
     iter_sse_data,
@@ -2365,10 +2366,10 @@ def ot_check_grammar(events: list[tuple[str, dict]]) -> None:
 
 def test_openai_anthropic_stream_state_machine() -> None:
     stream = AnthropicStream("m", 42, "openai")
-    raw = stream.start() + stream.text("") + stream.thinking("hm") + stream.text("a") + stream.text("b")
-    raw += stream.tool_start(0, "toolu_1", "Bash") + stream.tool_args(0, '{"x":1}') + stream.text("after")
-    raw += stream.finish("end_turn", None) + stream.text("ignored")
-    events = ot_frames(raw)
+    sent = stream.start() + stream.text("") + stream.thinking("hm") + stream.text("a") + stream.text("b")
+    sent += stream.tool_start(0, "toolu_1", "Bash") + stream.tool_args(0, '{"x":1}') + stream.text("after")
+    sent += stream.finish("end_turn", None) + stream.text("ignored")
+    events = ot_frames(anthropic_sse(sent))
     ot_check_grammar(events)
     assert events[0][1]["message"]["usage"]["input_tokens"] == 42 and events[1][0] == "ping"
     starts = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
@@ -2403,7 +2404,8 @@ async def ot_convert_stream(payloads: list[str], tool_names: dict | None = None,
         for payload in payloads:
             yield payload
 
-    return b"".join(await ot_collect(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor)))
+    parts = await ot_collect(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor))
+    return anthropic_sse([event for part in parts for event in part])
 
 
 async def ot_sdk_final_message(raw: bytes) -> anthropic.types.Message:
@@ -2618,20 +2620,20 @@ def test_openai_stream_eof_after_finish_without_done_is_clean() -> None:
 )
 def test_openai_stream_failures_after_output_raise(payloads: list[str], error_type: str) -> None:
     """Once frames went out, the converter raises; the relay turns that into an `error` event (tested end to end)."""
-    produced: list[bytes] = []
+    produced: list[dict] = []
 
     async def run() -> None:
         async def events() -> AsyncIterator[str]:
             for payload in payloads:
                 yield payload
 
-        async for frames in openai_stream_to_anthropic(events(), "claude-x", 77):
-            produced.append(frames)
+        async for part in openai_stream_to_anthropic(events(), "claude-x", 77):
+            produced.extend(part)
 
     with pytest.raises(TranslationError) as raised:
         asyncio.run(run())
     assert raised.value.error_type == error_type
-    events = ot_frames(b"".join(produced))
+    events = ot_frames(anthropic_sse(produced))
     assert events and events[0][0] == "message_start"
     assert "message_stop" not in [n for n, _ in events]
 
@@ -2665,8 +2667,8 @@ def test_openai_stream_from_raw_sse_bytes() -> None:
     pieces = [raw_upstream[i : i + 7] for i in range(0, len(raw_upstream), 7)]
 
     async def run() -> bytes:
-        frames = openai_stream_to_anthropic(iter_sse_data(ot_byte_source(*pieces)), "claude-x", 1, None)
-        return b"".join(await ot_collect(frames))
+        parts = openai_stream_to_anthropic(iter_sse_data(ot_byte_source(*pieces)), "claude-x", 1, None)
+        return anthropic_sse([event for part in await ot_collect(parts) for event in part])
 
     message = asyncio.run(ot_sdk_final_message(asyncio.run(run())))
     assert ot_blocks(message) == [("text", "a")] and message.usage.output_tokens == 12
@@ -2674,11 +2676,11 @@ def test_openai_stream_from_raw_sse_bytes() -> None:
 
 def test_openai_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
     stream = AnthropicStream("m", 3, "openrouter")
-    raw = stream.start() + stream.signature(
+    sent = stream.start() + stream.signature(
         proxy_signature("openrouter", "", [{"type": "reasoning.encrypted", "data": "E"}])
     )
-    raw += stream.text("hi") + stream.finish("end_turn", openai_answer_usage(OT_USAGE))
-    message = asyncio.run(ot_sdk_final_message(raw))
+    sent += stream.text("hi") + stream.finish("end_turn", openai_answer_usage(OT_USAGE))
+    message = asyncio.run(ot_sdk_final_message(anthropic_sse(sent)))
     assert message.content[0].type == "thinking" and message.content[0].thinking == ""
     payload = message.content[0].signature.removeprefix("terraphim:openrouter:")
     assert json.loads(base64.urlsafe_b64decode(payload)) == [{"type": "reasoning.encrypted", "data": "E"}]
@@ -10254,15 +10256,15 @@ async def test_ollama_gemini_length_cut_tool_call_is_dropped_and_stop_is_max_tok
 
 
 def test_anthropic_stream_drops_only_the_open_tool_block() -> None:
-    """Unit: a held tool block is dropped without a frame; the next block takes its index."""
+    """Unit: a held tool block is dropped without an event; the next block takes its index."""
     stream = AnthropicStream("m")
     sent = stream.text("a") + stream.tool_start(1, "toolu_1", "Read") + stream.tool_args(1, "{}")
     sent += stream.tool_start(2, "toolu_2", "Write") + stream.tool_args(2, '{"content": "ha')
-    assert b"toolu_2" not in sent and stream.drop_tool() and not stream.drop_tool()
+    assert b"toolu_2" not in anthropic_sse(sent) and stream.drop_tool() and not stream.drop_tool()
     sent += stream.text("b") + stream.finish("max_tokens", cut=True)
-    events = [(event["type"], event.get("index")) for event in terraphim_proxy.frame_events(sent)]
+    events = [(event["type"], event.get("index")) for event in sent]
     assert [index for kind, index in events if kind == "content_block_start"] == [0, 1, 2]
-    assert b"toolu_2" not in sent and b'"stop_reason":"max_tokens"' in sent
+    assert b"toolu_2" not in anthropic_sse(sent) and sent[-2]["delta"]["stop_reason"] == "max_tokens"
 
 
 I10_MALFORMED = [
