@@ -244,10 +244,19 @@ def block_events(block: dict, size: int) -> tuple[dict, list[dict]]:
 
 
 def stream_frames(
-    model: str, content: list[dict], stop_reason: str = "end_turn", *, finish: bool = True, size: int = 10
+    model: str,
+    content: list[dict],
+    stop_reason: str = "end_turn",
+    *,
+    finish: bool = True,
+    size: int = 10,
+    usage: dict | None = None,
 ) -> list[bytes]:
-    """The SSE frames of a streamed message; finish=False cuts the stream before message_delta."""
+    """The SSE frames of a streamed message; finish=False cuts the stream before message_delta. `usage`: what
+    message_start and message_delta report (output tokens at the end), instead of the stand-in's figures."""
     start = anthropic_message(model, [], None, output_tokens=1)
+    if usage is not None:
+        start["usage"] = {**usage, "output_tokens": 1}
     frames = [sse("message_start", message=start), sse("ping")]
     for index, block in enumerate(content):
         opening, deltas = block_events(block, size)
@@ -256,7 +265,8 @@ def stream_frames(
         frames.append(sse("content_block_stop", index=index))
     if finish:
         stop = {"stop_reason": stop_reason, "stop_sequence": None}
-        frames += [sse("message_delta", delta=stop, usage={"output_tokens": 9}), sse("message_stop")]
+        output = {"output_tokens": 9 if usage is None else usage["output_tokens"]}
+        frames += [sse("message_delta", delta=stop, usage=output), sse("message_stop")]
     return frames
 
 
@@ -1092,49 +1102,29 @@ class EcoAnswer:
 
 
 def eco_pieces(text: str) -> list[str]:
-    middle = max(1, len(text) // 2)
-    return [text[:middle], text[middle:]] if len(text) > 1 else [text]
+    """Text in two deltas, so a failure can come between them."""
+    return pieces(text, max(1, -(-len(text) // 2)))
+
+
+def eco_content(answer: EcoAnswer) -> list[dict]:
+    content: list[dict] = [{"type": "text", "text": answer.text}] if answer.text else []
+    return content + [{"type": "tool_use", "id": i, "name": name, "input": args} for i, name, args in answer.tools]
+
+
+def eco_stop_reason(answer: EcoAnswer) -> str:
+    return "tool_use" if answer.tools else "end_turn"
 
 
 def eco_anthropic_message(model: str, answer: EcoAnswer) -> dict:
-    content: list[dict] = [{"type": "text", "text": answer.text}] if answer.text else []
-    for tool_id, name, tool_input in answer.tools:
-        content.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
-    return {
-        "id": "msg_eco_01",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": "tool_use" if answer.tools else "end_turn",
-        "stop_sequence": None,
-        "usage": answer.usage,
-    }
+    return {**anthropic_message(model, eco_content(answer), eco_stop_reason(answer)), "usage": answer.usage}
 
 
 def eco_anthropic_stream(model: str, answer: EcoAnswer) -> tuple[list[bytes], list[bytes]]:
     """The SSE frames before the failure point (just after the first text delta) and after it."""
-    message = eco_anthropic_message(model, answer)
-    start = {**message, "content": [], "stop_reason": None, "usage": {**answer.usage, "output_tokens": 1}}
-    head, tail = [sse("message_start", message=start), sse("ping")], []
-    for index, block in enumerate(message["content"]):
-        if block["type"] == "text":
-            opening = {"type": "text", "text": ""}
-            deltas = [{"type": "text_delta", "text": piece} for piece in eco_pieces(block["text"])]
-        else:
-            opening = {**block, "input": {}}
-            deltas = [{"type": "input_json_delta", "partial_json": p} for p in eco_pieces(json.dumps(block["input"]))]
-        frames = [sse("content_block_start", index=index, content_block=opening)]
-        frames += [sse("content_block_delta", index=index, delta=delta) for delta in deltas]
-        frames.append(sse("content_block_stop", index=index))
-        if not tail and block["type"] == "text":
-            head, tail = head + frames[:2], frames[2:]
-        else:
-            (tail if tail else head).extend(frames)
-    stop = {"stop_reason": message["stop_reason"], "stop_sequence": None}
-    tail += [sse("message_delta", delta=stop, usage={"output_tokens": answer.usage["output_tokens"]})]
-    tail.append(sse("message_stop"))
-    return head, tail
+    size = max(1, -(-len(answer.text) // 2))
+    frames = stream_frames(model, eco_content(answer), eco_stop_reason(answer), size=size, usage=answer.usage)
+    cut = next((i + 1 for i, frame in enumerate(frames) if b'"text_delta"' in frame), len(frames))
+    return frames[:cut], frames[cut:]
 
 
 def eco_openai_usage(usage: dict) -> dict:
@@ -1147,47 +1137,29 @@ def eco_openai_usage(usage: dict) -> dict:
     }
 
 
+def eco_openai_chunks(answer: EcoAnswer) -> list[dict]:
+    """The chunks of the answer, text in two deltas and each call's arguments in two."""
+    text = eco_pieces(answer.text) if answer.text else []
+    chunks = [openai_chunk({"role": "assistant", "content": ""})] + [openai_chunk({"content": p}) for p in text]
+    for index, (tool_id, name, tool_input) in enumerate(answer.tools):
+        chunks.append(openai_chunk(openai_tools_delta(openai_call(index, tool_id, name, ""))))
+        for piece in eco_pieces(json.dumps(tool_input)):
+            chunks.append(openai_chunk(openai_tools_delta(openai_call(index, args=piece))))
+    finish = "tool_calls" if answer.tools else "stop"
+    return [*chunks, openai_chunk({}, finish), openai_chunk(usage=eco_openai_usage(answer.usage))]
+
+
 def eco_openai_completion(model: str, answer: EcoAnswer) -> dict:
-    reply: dict = {"role": "assistant", "content": answer.text or None}
-    if answer.tools:
-        reply["tool_calls"] = [
-            {"id": tool_id, "type": "function", "function": {"name": name, "arguments": json.dumps(tool_input)}}
-            for tool_id, name, tool_input in answer.tools
-        ]
-    return {
-        "id": "chatcmpl-eco",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": eco_finish(answer)}],
-        "usage": eco_openai_usage(answer.usage),
-    }
-
-
-def eco_finish(answer: EcoAnswer) -> str:
-    return "tool_calls" if answer.tools else "stop"
+    return {**openai_fold(eco_openai_chunks(answer)), "model": model}
 
 
 def eco_openai_stream(model: str, answer: EcoAnswer, include_usage: bool) -> tuple[list[bytes], list[bytes]]:
-    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-        data = {"id": "chatcmpl-eco", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
-        return sse_data({**data, "choices": choices, "usage": usage})
-
-    head = [chunk({"role": "assistant", "content": ""})]
-    pieces = eco_pieces(answer.text) if answer.text else []
-    head += [chunk({"content": piece}) for piece in pieces[:1]]
-    tail = [chunk({"content": piece}) for piece in pieces[1:]]
-    for index, (tool_id, name, tool_input) in enumerate(answer.tools):
-        opening = {"index": index, "id": tool_id, "type": "function", "function": {"name": name, "arguments": ""}}
-        tail.append(chunk({"tool_calls": [opening]}))
-        for piece in eco_pieces(json.dumps(tool_input)):
-            tail.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
-    tail.append(chunk({}, eco_finish(answer)))
-    if include_usage:
-        tail.append(chunk(None, usage=eco_openai_usage(answer.usage)))
-    tail.append(sse_data(b"[DONE]"))
-    return head, tail
+    """The SSE frames before the failure point (just after the first text delta) and after it; the usage chunk
+    only when stream_options asked for it."""
+    chunks = eco_openai_chunks(answer)
+    frames = openai_sse(chunks if include_usage else chunks[:-1], model)
+    cut = 2 if answer.text else 1  # the role chunk, then the first text delta
+    return frames[:cut], frames[cut:]
 
 
 class EcoUpstream(StandInServer):
