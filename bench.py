@@ -22,6 +22,7 @@ request in its first system block and its last user text, so no cache can help).
     python bench.py --quick             # about 22 s on 2 cores (QUICK_SECONDS), for development
     python bench.py --workers-compare   # the proxy with --workers 1 vs --workers 2 on the Claude Code cases
     python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
+    python bench.py --sizes             # added latency and CPU for 10 KB to 1.5 MB conversations, warm and cold
     python bench.py --json out.json     # also write the results as JSON
 """
 
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import itertools
 import json
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -564,15 +566,20 @@ def mark_last_user_text(messages: list[dict]) -> None:
         content.append({"type": "text", "text": UNIQUE_MARK})
 
 
-def cold_claude_code_body() -> dict:
-    """The Claude Code body with UNIQUE_MARK where each request gets its own text: in front of the first system
-    block and of the last user message's last text block."""
-    body = claude_code_body()
+def mark_first_system_text(body: dict) -> None:
+    """Put UNIQUE_MARK in front of the first system block, so no request shares a prefix with another."""
     system = body["system"]
     if isinstance(system, str):
         body["system"] = f"{UNIQUE_MARK} {system}"
     else:
         system[0]["text"] = f"{UNIQUE_MARK} {system[0]['text']}"
+
+
+def cold_claude_code_body() -> dict:
+    """The Claude Code body with UNIQUE_MARK where each request gets its own text: in front of the first system
+    block and of the last user message's last text block."""
+    body = claude_code_body()
+    mark_first_system_text(body)
     mark_last_user_text(body["messages"])
     return body
 
@@ -580,15 +587,62 @@ def cold_claude_code_body() -> dict:
 BODIES = {"small": small_body, "cc-warm": claude_code_body, "cc-cold": cold_claude_code_body}
 CLAUDE_CODE_BODIES = ("cc-warm", "cc-cold")
 
+# --sizes: Claude-Code-like conversations of about these sizes (compact JSON), warm and cold.
+SIZES = {"10k": 10_000, "150k": 150_000, "600k": 600_000, "1.5m": 1_500_000}
+SIZE_PATHS = ("direct", "pass-through", "openai")
+SIZE_REQUESTS = 40  # per path, case and round: a 1.5 MB body takes tens of ms
+QUICK_SIZE_REQUESTS = 15
+
+
+def read_file_turn(n: int) -> list[dict]:
+    """One turn of a coding session: the assistant reads a file, the user's tool result holds about 4 KB of it."""
+    tool_id = f"toolu_bench{n:06d}"
+    source = "".join(f"def step_{n}_{i}(value):\n    return value * {i} + {n}\n\n" for i in range(100))
+    call = {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": f"/work/src/module_{n}.py"}}
+    return [
+        {"role": "assistant", "content": [{"type": "text", "text": f"Reading module {n}."}, call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": source}]},
+    ]
+
+
+def conversation_body(size: int, cold: bool) -> dict:
+    """A Claude Code request grown with file-reading turns to about `size` bytes, then one more turn whose text is
+    new on every request (warm: the same conversation plus one turn); cold also makes its first system block new."""
+    fixture = claude_code_body()
+    first_user = next(m for m in fixture["messages"] if m["role"] == "user")
+    body = {"model": fixture["model"], "max_tokens": fixture["max_tokens"], "system": fixture["system"]}
+    if len(compact(fixture["tools"])) * 2 < size:  # the tool list alone is about 74 KB
+        body["tools"] = fixture["tools"]
+    body["messages"] = [first_user]
+    grown, turn = len(compact(body)), 0
+    while grown < size:
+        added = read_file_turn(turn)
+        body["messages"] += added
+        grown += len(compact(added))
+        turn += 1
+    body["messages"] += read_file_turn(turn)
+    mark_last_user_text(body["messages"])
+    if cold:
+        mark_first_system_text(body)
+    return body
+
+
+def size_bodies() -> dict[str, Callable[[], dict]]:
+    return {
+        f"{name} {temperature}": functools.partial(conversation_body, size, temperature == "cold")
+        for name, size in SIZES.items()
+        for temperature in ("warm", "cold")
+    }
+
 
 class Payloads:
     """Request bodies as bytes, made before the timing starts: a fixed body is the same bytes every time; a body with
     UNIQUE_MARK is serialised once, split at the mark, and joined with a new tag for each request."""
 
-    def __init__(self, models: Iterable[str | None]):
+    def __init__(self, models: Iterable[str | None], bodies: Mapping[str, Callable[[], dict]]):
         self.parts: dict[tuple[str | None, str, bool], list[bytes]] = {}
         overrides = set(models)
-        for name, make in BODIES.items():
+        for name, make in {"small": small_body, **bodies}.items():  # small: the preflight's
             body = make()
             for model in overrides:
                 override = {"model": model} if model else {}
@@ -717,11 +771,15 @@ async def preflight(session: aiohttp.ClientSession, paths: list[BenchPath], payl
 
 
 async def measure_all(
-    paths: list[BenchPath], cases: list[Case], rounds: int, requests: int
+    paths: list[BenchPath],
+    cases: list[Case],
+    rounds: int,
+    requests: int,
+    bodies: Mapping[str, Callable[[], dict]] = BODIES,
 ) -> tuple[Results, collections.Counter[str]]:
     """Every case, round by round, every path in turn (A/B/C, A/B/C, ...), over one shared keep-alive pool.
     Returns the measurements and the number of requests sent over each path."""
-    payloads = Payloads(path.model for path in paths)
+    payloads = Payloads((path.model for path in paths), bodies)
     sent: collections.Counter[str] = collections.Counter({path.name: 1 for path in paths})  # the preflight
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=max(c.concurrency for c in cases))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -1026,7 +1084,7 @@ async def soak(
     paths: list[BenchPath], proxy: Child, proxy_url: str, upstream_url: str, args: argparse.Namespace, settings: dict
 ) -> SoakReport:
     """Warm up (a tenth of the requests), read the proxy's state, run the soak, close the pool, read it again."""
-    payloads = Payloads(path.model for path in paths)
+    payloads = Payloads((path.model for path in paths), BODIES)
     requests, concurrency = args.soak_requests, args.soak_concurrency
     warmup = max(requests // 10, concurrency)
     jobs = soak_jobs(paths, warmup + requests, args.soak_seed)
@@ -1166,7 +1224,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--upstream-port: not a port: {args.upstream_port}")
     parse_peers(args, parser)
     if args.peers and (args.soak or args.workers_compare):
-        parser.error("--peer applies to the default run only")
+        parser.error("--peer applies to the default run and --sizes only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1221,6 +1279,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"instead: the proxy with --workers 1 and --workers 2 on the Claude Code cases at c{COMPARE_CONCURRENCY}",
     )
     mode.add_argument("--soak", action="store_true", help="instead: a soak against a failing stand-in; leak checks")
+    mode.add_argument(
+        "--sizes",
+        action="store_true",
+        help=f"instead: added c1 p50 and proxy CPU per request for conversations of {', '.join(SIZES)} bytes, "
+        f"warm and cold (default paths {','.join(SIZE_PATHS)}, and any --peer)",
+    )
     parser.add_argument(
         "--soak-requests",
         type=int,
@@ -1304,6 +1368,12 @@ def run_sizes(args: argparse.Namespace) -> tuple[int, int]:
 def run_bench(args: argparse.Namespace) -> int:
     rounds, requests = run_sizes(args)
     names = args.paths or list(PATH_NAMES)
+    cases, bodies = all_cases(args.concurrency), BODIES
+    if args.sizes:
+        names = args.paths or list(SIZE_PATHS)
+        requests = args.requests or (QUICK_SIZE_REQUESTS if args.quick else SIZE_REQUESTS)
+        bodies = size_bodies()
+        cases = [Case(name, False, 1) for name in bodies]
     if args.peers and not args.upstream_port:
         print("note: --peer without --upstream-port: the stand-in's port is new each run", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
@@ -1311,7 +1381,7 @@ def run_bench(args: argparse.Namespace) -> int:
         upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
         proxy = start_proxy(stack, workdir, "proxy", upstream_url) if set(names) & set(ROUTES) else None
         paths = bench_paths(names, upstream_url, proxy, args.peers, args.peer_pids)
-        results, sent = run_event_loop(measure_all(paths, all_cases(args.concurrency), rounds, requests))
+        results, sent = run_event_loop(measure_all(paths, cases, rounds, requests, bodies))
         measured = [(proxy[0].name, proxy[0].pid)] if proxy else []
         measured += [(f"peer {name}", pid) for name, pid in args.peer_pids.items()]
         processes = {name: process_report(name, pid, paths, sent) for name, pid in measured}
