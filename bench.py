@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import copy
 import functools
 import ipaddress
 import itertools
@@ -552,9 +553,9 @@ def claude_code_body() -> dict:
     return json.loads(CLAUDE_CODE_FIXTURE.read_text())["body"]
 
 
-def mark_last_user_text(messages: list[dict]) -> None:
-    """Put UNIQUE_MARK in front of the last user message's last text block."""
-    message = next(m for m in reversed(messages) if m.get("role") == "user")
+def mark_last_user_text(messages: list[dict], first: bool = False) -> None:
+    """Put UNIQUE_MARK in front of the last (or the first) user message's last text block."""
+    message = next(m for m in (messages if first else reversed(messages)) if m.get("role") == "user")
     content = message["content"]
     if isinstance(content, str):
         message["content"] = f"{UNIQUE_MARK} {content}"
@@ -607,13 +608,14 @@ def read_file_turn(n: int) -> list[dict]:
 
 def conversation_body(size: int, cold: bool) -> dict:
     """A Claude Code request grown with file-reading turns to about `size` bytes, then one more turn whose text is
-    new on every request (warm: the same conversation plus one turn); cold also makes its first system block new."""
+    new on every request (warm: the same conversation plus one turn); cold also makes the first system block and
+    the first user message new, so nothing of it was seen before."""
     fixture = claude_code_body()
     first_user = next(m for m in fixture["messages"] if m["role"] == "user")
     body = {"model": fixture["model"], "max_tokens": fixture["max_tokens"], "system": fixture["system"]}
     if len(compact(fixture["tools"])) * 2 < size:  # the tool list alone is about 74 KB
         body["tools"] = fixture["tools"]
-    body["messages"] = [first_user]
+    body["messages"] = [copy.deepcopy(first_user)]
     grown, turn = len(compact(body)), 0
     while grown < size:
         added = read_file_turn(turn)
@@ -624,6 +626,7 @@ def conversation_body(size: int, cold: bool) -> dict:
     mark_last_user_text(body["messages"])
     if cold:
         mark_first_system_text(body)
+        mark_last_user_text(body["messages"], first=True)
     return body
 
 

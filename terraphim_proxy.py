@@ -59,7 +59,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -922,9 +922,10 @@ class RedactingFilter(logging.Filter):
 
 @dataclass(frozen=True)
 class RawBody:
-    """A request body as received: its text, the parsed object, and where each top-level value and each
-    message sits in the text. The spans let the token counter key its cache on text it already has, and
-    let Anthropic pass-through swap `model` without serialising the body again."""
+    """A request body as received: its bytes and text, the parsed object, and where each top-level value and
+    each message sits in the text. The spans let the token counter key its cache on text it already has, and
+    let Anthropic pass-through swap `model` without serialising the body again. `known_messages`: how many
+    leading messages are ones a MessageMemo recognised (parsed and checked before)."""
 
     text: str
     data: dict
@@ -932,6 +933,8 @@ class RawBody:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     message_spans: tuple[tuple[int, int], ...] = ()
     keys: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict, compare=False)
+    raw: bytes = b""
+    known_messages: int = 0
 
     def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
         """A cache key for the text at `span`: its length and hash, computed once per request."""
@@ -941,80 +944,179 @@ class RawBody:
         return self.keys[span]
 
     def with_model(self, model: str) -> bytes | None:
-        """The body with only `model` replaced, as bytes; None when the spans are unknown."""
+        """The body with only `model` replaced, as bytes (one copy of them); None when the spans are unknown."""
         if "model" not in self.spans:
             return None
         start, end = self.spans["model"]
+        if len(self.raw) == len(self.text):  # ASCII: text offsets are byte offsets
+            return b"".join((self.raw[:start], json.dumps(model).encode(), self.raw[end:]))
         return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
+
+
+class KnownConversation(NamedTuple):
+    """The messages of a body seen before: its text, each message's span in it, parsed value (never changed after
+    parsing: every step downstream copies on write) and cache key where one was computed."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    messages: list
+    keys: dict[tuple[int, int], tuple[int, int]]
+
+
+class MessageMemo:
+    """Recent conversations, each under the key of its first message. Claude Code resends the whole conversation
+    every turn: the next body's messages are compared with the last body's by str.startswith (a memcmp), so only
+    the new messages are parsed, checked and hashed. The memo keeps a reference to each body's text, never a
+    copy. Only bodies that passed validation are remembered. Bounded in bytes of text, least recently used out."""
+
+    def __init__(self, max_bytes: int = 24 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self.conversations: collections.OrderedDict[tuple[int, int], KnownConversation] = collections.OrderedDict()
+        self.bytes = 0
+
+    def recall(self, first_key: tuple[int, int]) -> KnownConversation | None:
+        known = self.conversations.get(first_key)
+        if known is not None:
+            self.conversations.move_to_end(first_key)
+        return known
+
+    def remember(self, raw: RawBody) -> None:
+        if not raw.message_spans:
+            return
+        first_key = raw.key_of(raw.message_spans[0])
+        self.forget(first_key)
+        if len(raw.text) > self.max_bytes:
+            return
+        known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys)
+        self.conversations[first_key] = known
+        self.bytes += len(raw.text)
+        while self.bytes > self.max_bytes:
+            self.forget(next(iter(self.conversations)))
+
+    def forget(self, first_key: tuple[int, int]) -> None:
+        known = self.conversations.pop(first_key, None)
+        if known is not None:
+            self.bytes -= len(known.text)
 
 
 JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def parse_raw_body(raw: bytes) -> RawBody:
+def parse_raw_body(raw: bytes, memo: MessageMemo | None = None) -> RawBody:
     """Parse one UTF-8 JSON object, noting spans; on any irregularity json.loads decides (and explains) instead.
+    With a memo, messages it recognises are taken from it instead of parsed again.
 
     Raises UnicodeDecodeError, ValueError (invalid JSON), RecursionError, or TypeError for a non-object."""
     text = raw.decode("utf-8")
     try:
-        data, spans, message_spans, end = _scan_object(text, JSON_SPACE.match(text, 0).end())
+        scan = ObjectScan(text, memo)
+        end = scan.object(JSON_SPACE.match(text, 0).end())
         if JSON_SPACE.match(text, end).end() == len(text):
-            return RawBody(text, data, len(raw), spans, tuple(message_spans))
+            return RawBody(
+                text, scan.data, len(raw), scan.spans, tuple(scan.message_spans), scan.keys, raw, scan.known_messages
+            )
     except (ValueError, StopIteration, IndexError):
         pass
     data = json.loads(text)
     if not isinstance(data, dict):
         raise TypeError(type(data).__name__)
-    return RawBody(text, data, len(raw))
+    return RawBody(text, data, len(raw), raw=raw)
 
 
-def _scan_object(text: str, i: int) -> tuple[dict, dict[str, tuple[int, int]], list[tuple[int, int]], int]:
-    """The top-level object by C-speed pieces: json's own scanner parses each value; this loop only walks keys."""
-    if text[i] != "{":
-        raise ValueError("not an object")
-    data: dict = {}
-    spans: dict[str, tuple[int, int]] = {}
-    message_spans: list[tuple[int, int]] = []
-    i = JSON_SPACE.match(text, i + 1).end()
-    if text[i] == "}":
-        return data, spans, message_spans, i + 1
-    while True:
-        if text[i] != '"':
-            raise ValueError("expected a key")
-        key, i = json.decoder.scanstring(text, i + 1)
-        i = JSON_SPACE.match(text, i).end()
-        if text[i] != ":":
-            raise ValueError("expected ':'")
+class ObjectScan:
+    """The top-level object by C-speed pieces: json's own scanner parses each value; this only walks keys, and
+    the messages array item by item (where a memo can stand in for the parse)."""
+
+    def __init__(self, text: str, memo: MessageMemo | None):
+        self.text = text
+        self.memo = memo
+        self.data: dict = {}
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.message_spans: list[tuple[int, int]] = []
+        self.keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self.known_messages = 0
+
+    def object(self, i: int) -> int:
+        text = self.text
+        if text[i] != "{":
+            raise ValueError("not an object")
         i = JSON_SPACE.match(text, i + 1).end()
-        if key == "messages" and text[i] == "[":
-            value, end, message_spans = _scan_array(text, i)
-        else:
-            value, end = JSON_SCAN(text, i)
-        data[key], spans[key] = value, (i, end)
-        i = JSON_SPACE.match(text, end).end()
         if text[i] == "}":
-            return data, spans, message_spans, i + 1
-        if text[i] != ",":
-            raise ValueError("expected ',' or '}'")
+            return i + 1
+        while True:
+            if text[i] != '"':
+                raise ValueError("expected a key")
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = JSON_SPACE.match(text, i).end()
+            if text[i] != ":":
+                raise ValueError("expected ':'")
+            i = JSON_SPACE.match(text, i + 1).end()
+            if key in self.data:
+                raise ValueError("a duplicate key: json.loads decides which value wins")
+            if key == "messages" and text[i] == "[":
+                value, end = self.messages(i)
+            else:
+                value, end = JSON_SCAN(text, i)
+            self.data[key], self.spans[key] = value, (i, end)
+            i = JSON_SPACE.match(text, end).end()
+            if text[i] == "}":
+                return i + 1
+            if text[i] != ",":
+                raise ValueError("expected ',' or '}'")
+            i = JSON_SPACE.match(text, i + 1).end()
+
+    def messages(self, i: int) -> tuple[list, int]:
+        """The messages array. After a first message that the memo knows, each message whose text starts with the
+        text of the memo's message in its place is that message (a JSON object ends where its text ends), so it
+        is not parsed again, until the first one that differs."""
+        text, items, spans = self.text, [], self.message_spans
+        known: KnownConversation | None = None
         i = JSON_SPACE.match(text, i + 1).end()
-
-
-def _scan_array(text: str, i: int) -> tuple[list, int, list[tuple[int, int]]]:
-    items, spans = [], []
-    i = JSON_SPACE.match(text, i + 1).end()
-    if text[i] == "]":
-        return items, i + 1, spans
-    while True:
-        value, end = JSON_SCAN(text, i)
-        items.append(value)
-        spans.append((i, end))
-        i = JSON_SPACE.match(text, end).end()
         if text[i] == "]":
-            return items, i + 1, spans
-        if text[i] != ",":
-            raise ValueError("expected ',' or ']'")
-        i = JSON_SPACE.match(text, i + 1).end()
+            return items, i + 1
+        while True:
+            same = self.recognised(known, len(items), i) if known and self.known_messages == len(items) else None
+            if same is not None:
+                value, end = same
+                self.known_messages += 1
+            else:
+                value, end = JSON_SCAN(text, i)
+                if not items and self.memo is not None:
+                    known = self.recall_first(i, end)
+            items.append(value)
+            spans.append((i, end))
+            i = JSON_SPACE.match(text, end).end()
+            if text[i] == "]":
+                return items, i + 1
+            if text[i] != ",":
+                raise ValueError("expected ',' or ']'")
+            i = JSON_SPACE.match(text, i + 1).end()
+
+    def recall_first(self, i: int, end: int) -> KnownConversation | None:
+        """The memo's conversation whose first message is the text at [i, end) (then counted as known), or None."""
+        assert self.memo is not None
+        piece = self.text[i:end]
+        self.keys[i, end] = key = (len(piece), hash(piece))
+        known = self.memo.recall(key)
+        if known is None:
+            return None
+        start, stop = known.spans[0]
+        if stop - start != len(piece) or not known.text.startswith(piece, start):
+            return None
+        self.known_messages = 1
+        return known
+
+    def recognised(self, known: KnownConversation, index: int, i: int) -> tuple[Any, int] | None:
+        """The memo's message `index` and where it ends here, when the text at i starts with its text."""
+        if index >= len(known.spans):
+            return None
+        start, stop = known.spans[index]
+        if not self.text.startswith(known.text[start:stop], i):
+            return None
+        if (start, stop) in known.keys:
+            self.keys[i, i + stop - start] = known.keys[start, stop]
+        return known.messages[index], i + stop - start
 
 
 # ---------------------------------------------------------------------------
@@ -4763,6 +4865,7 @@ class ProxyState:
         self.open_streams: set[UpstreamAnswer] = set()
         self.shutting_down = False
         self.caches = TranslationCaches()
+        self.messages = MessageMemo()
         self.redactor = RedactingFilter(config.secrets())
 
     def cut_open_streams(self) -> None:
@@ -4958,8 +5061,8 @@ def is_authenticated(request: web.Request, config: Config) -> bool:
     return True
 
 
-async def read_json_body(request: web.Request, limit: int) -> RawBody:
-    """Read at most `limit` bytes and parse one JSON object."""
+async def read_json_body(request: web.Request, limit: int, memo: MessageMemo | None = None) -> RawBody:
+    """Read at most `limit` bytes and parse one JSON object (messages the memo knows are not parsed again)."""
     if request.content_length is not None:
         if request.content_length > limit:
             raise ProxyError(413, f"request body is {request.content_length} bytes; the limit is {limit}")
@@ -4978,7 +5081,7 @@ async def read_json_body(request: web.Request, limit: int) -> RawBody:
     if not raw.strip():
         raise ProxyError(400, "request body is empty; expected a JSON object")
     try:
-        return parse_raw_body(raw)
+        return parse_raw_body(raw, memo)
     except UnicodeDecodeError:
         raise ProxyError(400, "request body is not valid UTF-8") from None
     except ValueError as exc:
@@ -5020,8 +5123,9 @@ def _check_blocks(blocks: Any, path: str) -> None:
             _check_blocks(block["content"], f"{where}.content")
 
 
-def validate_messages_request(body: dict, need_max_tokens: bool = True) -> None:
-    """The shape checks Anthropic makes, so a bad request fails here with a clear message."""
+def validate_messages_request(body: dict, need_max_tokens: bool = True, checked_messages: int = 0) -> None:
+    """The shape checks Anthropic makes, so a bad request fails here with a clear message. The first
+    `checked_messages` messages passed them in an earlier request (a MessageMemo recognised them)."""
     model = body.get("model")
     _expect(model is not None, "model", "field required")
     _expect(isinstance(model, str) and model.strip() != "", "model", "expected a non-empty string")
@@ -5031,7 +5135,8 @@ def validate_messages_request(body: dict, need_max_tokens: bool = True) -> None:
     messages = body.get("messages")
     _expect(messages is not None, "messages", "field required")
     _expect(isinstance(messages, list), "messages", "expected a list")
-    for i, message in enumerate(messages):
+    for i in range(checked_messages, len(messages)):
+        message = messages[i]
         _expect(isinstance(message, dict), f"messages.{i}", "expected an object with role and content")
         role = message.get("role")
         _expect(
@@ -5128,13 +5233,15 @@ async def parse_and_route(
     """The shared front half of the API handlers after `admit`: parse, validate, analyse, route.
     With `openai`, the body is a chat-completions request, turned into a Messages one first."""
     config = snapshot.config
-    raw = await read_json_body(request, config.max_body_bytes)
+    memo = request.app[STATE].messages
+    raw = await read_json_body(request, config.max_body_bytes, None if openai else memo)
     dialect = ANTHROPIC_DIALECT
     if openai:
         include_usage = bool((raw.data.get("stream_options") or {}).get("include_usage"))
         raw = RawBody("", openai_request_to_anthropic(raw.data), raw.size)
         dialect = openai_dialect(raw.data["model"], include_usage)
-    validate_messages_request(raw.data, need_max_tokens)
+    validate_messages_request(raw.data, need_max_tokens, raw.known_messages)
+    memo.remember(raw)
     record = request[RECORD]
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
     if hints.session_id is not None and not hints.is_background:

@@ -10825,3 +10825,85 @@ def test_key_check_sees_what_the_proxy_logs_and_finds_a_key() -> None:
     logging.getLogger("terraphim_proxy").debug("key check probe")
     assert any("key check probe" in line for line in CAPTURED_LOG)
     assert key_leaks([f"said {CLIENT_KEY} here"]) == [(CLIENT_KEY, f"said {CLIENT_KEY} here")]
+
+
+# ---------------------------------------------------------------------------
+# Request body: a resent conversation is recognised, not parsed again
+# ---------------------------------------------------------------------------
+
+
+def all_fixture_bodies() -> list[Any]:
+    """Every recorded Claude Code Messages body (both pinned versions) that has messages."""
+    params = []
+    for folder in (FIXTURES, FIXTURES.parent / "claude-code-2.1.328"):
+        for path in sorted(folder.glob("*.json")):
+            body = json.loads(path.read_text())["body"]
+            if isinstance(body, dict) and body.get("messages"):
+                params.append(pytest.param(body, id=f"{folder.name}/{path.stem}"))
+    return params
+
+
+def one_more_turn(body: dict, answer: str, question: str) -> dict:
+    extra = [
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]
+    return {**body, "messages": [*body["messages"], *extra]}
+
+
+@pytest.mark.parametrize("body", all_fixture_bodies())
+def test_a_resent_conversation_takes_its_earlier_messages_from_the_memo(body: dict) -> None:
+    memo = terraphim_proxy.MessageMemo()
+    first = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), memo)
+    memo.remember(first)
+    grown = json.dumps(one_more_turn(body, "Done.", "Now the tests, please.")).encode()
+    second = terraphim_proxy.parse_raw_body(grown, memo)
+    assert second.known_messages == len(body["messages"])
+    assert second.data == json.loads(grown)
+    assert json.loads(second.with_model("swapped")) == {**json.loads(grown), "model": "swapped"}
+    cold = terraphim_proxy.parse_raw_body(grown)
+    assert cold.known_messages == 0 and cold.message_spans == second.message_spans
+
+
+def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
+    memo = terraphim_proxy.MessageMemo()
+    turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
+    memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": turns}).encode(), memo))
+    edited = [*turns[:2], {"role": "user", "content": "turn 2, edited"}, *turns[3:]]
+    raw = json.dumps({"model": "m", "messages": edited}).encode()
+    again = terraphim_proxy.parse_raw_body(raw, memo)
+    assert again.known_messages == 2
+    assert again.data == json.loads(raw)
+
+
+def test_a_body_with_a_duplicate_key_is_parsed_as_json_loads_does() -> None:
+    memo = terraphim_proxy.MessageMemo()
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "messages": []}'
+    parsed = terraphim_proxy.parse_raw_body(raw, memo)
+    assert parsed.data == json.loads(raw) and parsed.data["messages"] == []
+    assert parsed.message_spans == ()
+    memo.remember(parsed)
+    assert memo.conversations == {}
+
+
+def test_the_message_memo_stays_within_its_byte_bound() -> None:
+    memo = terraphim_proxy.MessageMemo(max_bytes=20_000)
+    for n in range(50):
+        messages = [{"role": "user", "content": f"conversation {n} " + "x" * 1000}]
+        messages += [{"role": "assistant", "content": "y" * 1000}, {"role": "user", "content": "z" * 1000}]
+        memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode()))
+        assert memo.bytes <= 20_000
+    assert 0 < len(memo.conversations) <= 20_000 // 3000
+    assert memo.bytes == sum(len(known.text) for known in memo.conversations.values())
+
+
+async def test_a_rejected_body_is_not_remembered_so_its_messages_are_checked_again(
+    proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    broken = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": [{"type": "text"}]}]
+    body = {**request(), "messages": broken}
+    for messages in (broken, [*broken, {"role": "user", "content": "and now?"}]):
+        async with http.post(f"{proxy_url}/v1/messages", json={**body, "messages": messages}) as response:
+            data = await response.json()
+        assert response.status == 400
+        assert data["type"] == "error" and "messages.1.content.0.text" in data["error"]["message"]
