@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -935,6 +935,7 @@ class RawBody:
     keys: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict, compare=False)
     raw: bytes = b""
     known_messages: int = 0
+    known_text: str | None = None  # the text of the body those messages were recognised in
 
     def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
         """A cache key for the text at `span`: its length and hash, computed once per request."""
@@ -963,40 +964,52 @@ class KnownConversation(NamedTuple):
     keys: dict[tuple[int, int], tuple[int, int]]
 
 
+class SizedLRU:
+    """A cache bounded by the total size of its values (as the caller measures it), least recently used out."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.entries: collections.OrderedDict[Hashable, tuple[Any, int]] = collections.OrderedDict()
+        self.size = 0
+
+    def get(self, key: Hashable) -> Any:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Hashable, value: Any, size: int) -> None:
+        self.pop(key)
+        if size > self.max_size:
+            return
+        self.entries[key] = (value, size)
+        self.size += size
+        while self.size > self.max_size:
+            self.pop(next(iter(self.entries)))
+
+    def pop(self, key: Hashable) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.size -= entry[1]
+
+
 class MessageMemo:
     """Recent conversations, each under the key of its first message. Claude Code resends the whole conversation
     every turn: the next body's messages are compared with the last body's by str.startswith (a memcmp), so only
     the new messages are parsed, checked and hashed. The memo keeps a reference to each body's text, never a
-    copy. Only bodies that passed validation are remembered. Bounded in bytes of text, least recently used out."""
+    copy. Only bodies that passed validation are remembered. Bounded in bytes of text."""
 
-    def __init__(self, max_bytes: int = 24 * 1024 * 1024):
-        self.max_bytes = max_bytes
-        self.conversations: collections.OrderedDict[tuple[int, int], KnownConversation] = collections.OrderedDict()
-        self.bytes = 0
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024):
+        self.conversations = SizedLRU(max_bytes)
 
     def recall(self, first_key: tuple[int, int]) -> KnownConversation | None:
-        known = self.conversations.get(first_key)
-        if known is not None:
-            self.conversations.move_to_end(first_key)
-        return known
+        return self.conversations.get(first_key)
 
     def remember(self, raw: RawBody) -> None:
-        if not raw.message_spans:
-            return
-        first_key = raw.key_of(raw.message_spans[0])
-        self.forget(first_key)
-        if len(raw.text) > self.max_bytes:
-            return
-        known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys)
-        self.conversations[first_key] = known
-        self.bytes += len(raw.text)
-        while self.bytes > self.max_bytes:
-            self.forget(next(iter(self.conversations)))
-
-    def forget(self, first_key: tuple[int, int]) -> None:
-        known = self.conversations.pop(first_key, None)
-        if known is not None:
-            self.bytes -= len(known.text)
+        if raw.message_spans:
+            known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys)
+            self.conversations.put(raw.key_of(raw.message_spans[0]), known, len(raw.text))
 
 
 JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())
@@ -1014,7 +1027,15 @@ def parse_raw_body(raw: bytes, memo: MessageMemo | None = None) -> RawBody:
         end = scan.object(JSON_SPACE.match(text, 0).end())
         if JSON_SPACE.match(text, end).end() == len(text):
             return RawBody(
-                text, scan.data, len(raw), scan.spans, tuple(scan.message_spans), scan.keys, raw, scan.known_messages
+                text,
+                scan.data,
+                len(raw),
+                scan.spans,
+                tuple(scan.message_spans),
+                scan.keys,
+                raw,
+                scan.known_messages,
+                scan.known_text,
             )
     except (ValueError, StopIteration, IndexError):
         pass
@@ -1036,6 +1057,7 @@ class ObjectScan:
         self.message_spans: list[tuple[int, int]] = []
         self.keys: dict[tuple[int, int], tuple[int, int]] = {}
         self.known_messages = 0
+        self.known_text: str | None = None
 
     def object(self, i: int) -> int:
         text = self.text
@@ -1104,7 +1126,7 @@ class ObjectScan:
         start, stop = known.spans[0]
         if stop - start != len(piece) or not known.text.startswith(piece, start):
             return None
-        self.known_messages = 1
+        self.known_messages, self.known_text = 1, known.text
         return known
 
     def recognised(self, known: KnownConversation, index: int, i: int) -> tuple[Any, int] | None:
@@ -1555,9 +1577,12 @@ class Transformer:
     inline_images: bool = False  # the provider takes image bytes only, not URLs
 
 
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call for these options
+
+
 def dump_json(data: Any) -> bytes:
     """Compact ASCII JSON: the fastest form json writes, and safe for lone surrogates."""
-    return json.dumps(data, separators=(",", ":")).encode()
+    return COMPACT_JSON.encode(data).encode()
 
 
 StreamPart = bytes | list[dict]  # Anthropic events as dicts, or whole Anthropic SSE frames relayed unchanged
@@ -2006,15 +2031,20 @@ def message_to_events(message: dict) -> list[dict]:
     return events
 
 
+CONVERSATION_CACHE_BYTES = 8 * 1024 * 1024  # translated messages kept for resent conversations
+
+
 class TranslationCaches:
     """What translators reuse across requests, per app: the serialised tools and Gemini's converted declarations
-    of each distinct client tools text, least recently used first out."""
+    of each distinct client tools text, least recently used first out, and the translated messages of recent
+    conversations (see translated_messages_json)."""
 
     SIZE = 64
 
     def __init__(self) -> None:
         self.tools_json: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self.gemini_declarations: collections.OrderedDict[tuple, list[dict]] = collections.OrderedDict()
+        self.conversations = SizedLRU(CONVERSATION_CACHE_BYTES)
 
     def get(self, cache: collections.OrderedDict, key: tuple) -> Any:
         value = cache.get(key)
@@ -2037,23 +2067,97 @@ def tools_text_key(call: UpstreamCall) -> tuple[int, int] | None:
     return raw.key_of(raw.spans["tools"])
 
 
-def payload_json(payload: dict, tools_key: str, call: UpstreamCall, variant: str = "") -> bytes:
-    """A translated payload as JSON. Its tools, the same ~65 KB that Claude Code sends every turn, are serialised
-    once per provider type, `variant` (what else the translated tools depend on) and distinct client tools text
-    (keyed like the token cache) and spliced in."""
-    tools = payload.get(tools_key)
+def cached_tools_json(tools: list, call: UpstreamCall, variant: str = "") -> bytes | None:
+    """Translated tools as JSON: the same ~65 KB that Claude Code sends every turn are serialised once per provider
+    type, `variant` (what else the translated tools depend on) and distinct client tools text (keyed like the
+    token cache); None when the body's tools are not the text as received."""
     text_key = tools_text_key(call)
     if not tools or text_key is None:
-        return dump_json(payload)
+        return None
     key = (call.provider.type, variant, *text_key)
     caches = call.caches
     cached = caches.get(caches.tools_json, key)
     if cached is None:
         cached = dump_json(tools)
         caches.put(caches.tools_json, key, cached)
-    rest = dump_json({k: v for k, v in payload.items() if k != tools_key})
-    joint = b"," if len(rest) > 2 else b""
-    return rest[:-1] + joint + dump_json(tools_key) + b":" + cached + b"}"
+    return cached
+
+
+def spliced_json(payload: dict, pieces: dict[str, bytes]) -> bytes:
+    """The payload as JSON, with each of `pieces` (already JSON) added at its end under its key."""
+    rest = dump_json(payload)
+    if not pieces:
+        return rest
+    chunks = [rest[:-1]]
+    for key, value in pieces.items():
+        chunks += [b"," if len(chunks) > 1 or len(rest) > 2 else b"", dump_json(key), b":", value]
+    return b"".join([*chunks, b"}"])
+
+
+def payload_json(payload: dict, tools_key: str, call: UpstreamCall, variant: str = "") -> bytes:
+    """A translated payload as JSON, its tools spliced in from cached_tools_json."""
+    tools = cached_tools_json(payload.get(tools_key) or [], call, variant)
+    if tools is None:
+        return dump_json(payload)
+    return spliced_json({k: v for k, v in payload.items() if k != tools_key}, {tools_key: tools})
+
+
+@dataclass(frozen=True)
+class TranslatedConversation:
+    """A body's messages, translated: for each message boundary, the translator's state there and how many JSON
+    fragments (one per upstream message) were complete."""
+
+    source: str  # the text of the body that was translated
+    checkpoints: tuple[tuple[Any, int], ...]
+    fragments: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class MessageTranslator:
+    """One wire format's translation of the messages, as steps: the state before the first message (settings and
+    system prompt already in it), one step per message (the new state, and the upstream messages it completes),
+    and the upstream messages still open after the last one. A state is immutable."""
+
+    start: Callable[[], Any]
+    step: Callable[[Any, dict], tuple[Any, list[dict]]]
+    end: Callable[[Any], list[dict]]
+
+
+def translated_messages_json(call: UpstreamCall, translator: MessageTranslator, settings: Hashable) -> bytes:
+    """The upstream messages as a JSON array. Claude Code resends the whole conversation every turn: when the
+    body's first messages are those of a body translated before (as the MessageMemo found, or the same body on a
+    retry), the translation resumes from that body's checkpoint after them and reuses its JSON fragments, so a
+    conversation that grows by a turn costs one turn's translation. The output is byte for byte the cold one."""
+    raw, messages = call.raw, call.body.get("messages") or []
+    key, cached = None, None
+    unchanged = (
+        raw is not None and messages is raw.data.get("messages") and call.body.get("system") is raw.data.get("system")
+    )
+    if unchanged and raw is not None and raw.message_spans:
+        system = raw.key_of(raw.spans["system"]) if "system" in raw.spans else None
+        key = (settings, system, raw.key_of(raw.message_spans[0]))
+        cached = call.caches.conversations.get(key)
+    known = 0
+    if cached is not None and raw is not None:
+        if cached.source is raw.text:  # this very body, on a retry or a fallback
+            known = len(messages)
+        elif cached.source is raw.known_text:
+            known = raw.known_messages
+        known = min(known, len(cached.checkpoints) - 1)
+    if cached is not None and known:
+        state, complete = cached.checkpoints[known]
+        checkpoints, fragments = list(cached.checkpoints[: known + 1]), list(cached.fragments[:complete])
+    else:
+        state = translator.start()
+        checkpoints, fragments = [(state, 0)], []
+    for message in messages[known:]:
+        state, done = translator.step(state, message)
+        fragments += map(dump_json, done)
+        checkpoints.append((state, len(fragments)))
+    if key is not None and raw is not None:
+        translated = TranslatedConversation(raw.text, tuple(checkpoints), tuple(fragments))
+        call.caches.conversations.put(key, translated, len(raw.text) + sum(map(len, fragments)))  # what it holds
+    return b"[" + b",".join(fragments + [dump_json(m) for m in translator.end(state)]) + b"]"
 
 
 def capped(requested: int, cap: int | None) -> int:
@@ -2463,63 +2567,119 @@ def assistant_message(blocks: list[dict], provider_type: str, keep_cache: bool, 
     return message
 
 
-def merge_consecutive(messages: list[dict]) -> list[dict]:
-    """Join consecutive user or assistant messages (content lists still unfinalized)."""
-    merged: list[dict] = []
-    for message in messages:
-        previous = merged[-1] if merged else None
-        if previous is None or previous["role"] != message["role"] or message["role"] not in ("user", "assistant"):
-            merged.append(message)
-            continue
-        previous["content"] = previous["content"] + message["content"]
-        for key in ("tool_calls", "reasoning_details"):
-            if message.get(key):
-                previous[key] = previous.get(key, []) + message[key]
-        if "reasoning_content" in message:
-            joined = [previous.get("reasoning_content", ""), message["reasoning_content"]]
-            previous["reasoning_content"] = "\n".join(text for text in joined if text)
-    return merged
-
-
-def finalize_content(parts: list[dict]) -> str | list[dict]:
-    """A plain string when the parts are text without cache_control, else the parts list."""
+def finalized(message: dict) -> dict:
+    """A message as it is sent: content as a plain string when it is text without cache_control, else its parts
+    (an assistant message with only tool calls has null content)."""
+    parts = message["content"]
+    if message["role"] == "assistant" and not parts:
+        return {**message, "content": None}
     if all(part["type"] == "text" and "cache_control" not in part for part in parts):
-        return "\n\n".join(part["text"] for part in parts)
-    return parts
+        return {**message, "content": "\n\n".join(part["text"] for part in parts)}
+    return message
 
 
-def openai_messages(body: dict, provider_type: str, keep_cache: bool, passback: bool) -> list[dict]:
-    messages: list[dict] = []
+def merged(previous: dict, message: dict) -> dict:
+    """Two consecutive user or assistant messages as one (a new dict; neither is changed)."""
+    joint = {**previous, "content": previous["content"] + message["content"]}
+    for key in ("tool_calls", "reasoning_details"):
+        if message.get(key):
+            joint[key] = previous.get(key, []) + message[key]
+    if "reasoning_content" in message:
+        texts = [previous.get("reasoning_content", ""), message["reasoning_content"]]
+        joint["reasoning_content"] = "\n".join(text for text in texts if text)
+    return joint
+
+
+@dataclass(frozen=True)
+class OpenAIMessagesSettings:
+    """What, besides the messages, decides their chat-completions form."""
+
+    provider_type: str
+    keep_cache: bool
+    passback: bool
+
+
+class OpenAIMessagesState(NamedTuple):
+    """Where the translation of a conversation stands after some of its messages. Immutable (every step makes a
+    new one, and never changes a dict it was given), so a checkpoint is a reference."""
+
+    call_ids: tuple[str, ...] = ()  # of the last assistant turn, whose results the next user turn carries
+    held: tuple[dict, ...] = ()  # system messages that arrived while tool calls wait for their results
+    pending: dict | None = None  # the last message kept, which the next one may still merge into
+
+
+def with_messages(
+    call_ids: tuple[str, ...], held: tuple[dict, ...], pending: dict | None, messages: list[dict]
+) -> tuple[OpenAIMessagesState, list[dict]]:
+    """Add chat messages after `pending`: each is merged into the one before it (consecutive user or assistant
+    messages) or completes it, finalized. Empty messages are dropped."""
+    done: list[dict] = []
+    for message in messages:
+        if not (message["content"] or message.get("tool_calls") or message["role"] == "tool"):
+            continue
+        if pending is not None and pending["role"] == message["role"] and message["role"] in ("user", "assistant"):
+            pending = merged(pending, message)
+            continue
+        if pending is not None:
+            done.append(finalized(pending))
+        pending = message
+    return OpenAIMessagesState(call_ids, held, pending), done
+
+
+def openai_message_step(
+    state: OpenAIMessagesState, message: dict, settings: OpenAIMessagesSettings
+) -> tuple[OpenAIMessagesState, list[dict]]:
+    """Translate one Anthropic message: the new state, and the chat messages it completes."""
+    blocks = as_blocks(message.get("content"))
+    role = message.get("role")
+    keep_cache = settings.keep_cache
+    if role == "assistant":
+        converted = assistant_message(blocks, settings.provider_type, keep_cache, settings.passback)
+        call_ids = tuple(call["id"] for call in converted.get("tool_calls", ()))
+        return with_messages(call_ids, (), state.pending, [*state.held, converted])
+    if role == "system":
+        system = {"role": "system", "content": [part for block in blocks for part in content_parts(block, keep_cache)]}
+        if state.call_ids:
+            return OpenAIMessagesState(state.call_ids, (*state.held, system), state.pending), []
+        return with_messages(state.call_ids, state.held, state.pending, [system])
+    converted_user = user_messages(blocks, list(state.call_ids), keep_cache)
+    results = [m for m in converted_user if m["role"] == "tool"]
+    rest = [m for m in converted_user if m["role"] != "tool"]
+    return with_messages((), (), state.pending, [*results, *state.held, *rest])
+
+
+def openai_system_start(body: dict, keep_cache: bool) -> OpenAIMessagesState:
+    """The state before the first message: the system prompt pending."""
     system = [part for block in as_blocks(body.get("system")) for part in content_parts(block, keep_cache)]
-    if system:
-        messages.append({"role": "system", "content": system})
-    call_ids: list[str] = []
-    held: list[dict] = []  # system messages that arrive while tool calls wait for their results
+    return with_messages((), (), None, [{"role": "system", "content": system}])[0]
+
+
+def openai_messages_end(state: OpenAIMessagesState) -> list[dict]:
+    """The chat messages still open after the last Anthropic message: the held system messages, the pending one."""
+    state, done = with_messages((), (), state.pending, list(state.held))
+    return done + ([finalized(state.pending)] if state.pending is not None else [])
+
+
+def openai_message_translator(
+    body: dict, model: str, provider_type: str
+) -> tuple[MessageTranslator, OpenAIMessagesSettings]:
+    settings = openai_messages_settings(body, model, provider_type)
+    translator = MessageTranslator(
+        start=lambda: openai_system_start(body, settings.keep_cache),
+        step=lambda state, message: openai_message_step(state, message, settings),
+        end=openai_messages_end,
+    )
+    return translator, settings
+
+
+def openai_messages(body: dict, settings: OpenAIMessagesSettings) -> list[dict]:
+    """The chat-completions messages of an Anthropic request: the system prompt, then each message translated in
+    turn (tool results as tool messages after their calls, consecutive user or assistant messages merged)."""
+    state, out = openai_system_start(body, settings.keep_cache), []
     for message in body.get("messages") or []:
-        blocks = as_blocks(message.get("content"))
-        role = message.get("role")
-        if role == "assistant":
-            converted = assistant_message(blocks, provider_type, keep_cache, passback)
-            call_ids = [call["id"] for call in converted.get("tool_calls", [])]
-            messages += [*held, converted]
-            held = []
-        elif role == "system":
-            parts = [part for block in blocks for part in content_parts(block, keep_cache)]
-            (held if call_ids else messages).append({"role": "system", "content": parts})
-        else:
-            converted_user = user_messages(blocks, call_ids, keep_cache)
-            results = [m for m in converted_user if m["role"] == "tool"]
-            messages += results + held + [m for m in converted_user if m["role"] != "tool"]
-            call_ids, held = [], []
-    messages += held
-    kept = [m for m in messages if m["content"] or m.get("tool_calls") or m["role"] == "tool"]
-    merged = merge_consecutive(kept)
-    for message in merged:
-        if message["role"] == "assistant" and not message["content"]:
-            message["content"] = None
-        else:
-            message["content"] = finalize_content(message["content"])
-    return merged
+        state, done = openai_message_step(state, message, settings)
+        out += done
+    return out + openai_messages_end(state)
 
 
 # ---- request: tools and parameters ------------------------------------------------------
@@ -2600,14 +2760,25 @@ def response_format(body: dict) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": output_format["schema"]}}
 
 
+def openai_messages_settings(body: dict, model: str, provider_type: str) -> OpenAIMessagesSettings:
+    return OpenAIMessagesSettings(
+        provider_type,
+        keep_cache=provider_type == "openrouter" and model.startswith("anthropic/"),
+        passback=provider_type == "deepseek" and deepseek_reasoning_passback(body, model),
+    )
+
+
 def anthropic_to_openai_request(body: dict, model: str, provider_type: str, max_tokens_cap: int | None = None) -> dict:
     """Chat-completions payload for provider_type "openai", "openrouter" or "deepseek"."""
-    keep_cache = provider_type == "openrouter" and model.startswith("anthropic/")
+    messages = openai_messages(body, openai_messages_settings(body, model, provider_type))
+    return {"model": model, "messages": messages, **openai_request_fields(body, model, provider_type, max_tokens_cap)}
+
+
+def openai_request_fields(body: dict, model: str, provider_type: str, max_tokens_cap: int | None) -> dict:
+    """Everything of a chat-completions payload but its model and messages."""
     reasoning_model = is_openai_reasoning_model(model)
     deepseek_thinks = provider_type == "deepseek" and deepseek_thinking(body, model)
-    passback = provider_type == "deepseek" and deepseek_reasoning_passback(body, model)
-    payload: dict = {"model": model, "messages": openai_messages(body, provider_type, keep_cache, passback)}
-
+    payload: dict = {}
     tools = body.get("tools") or []
     functions = openai_tools(tools)
     if functions:
@@ -3025,12 +3196,19 @@ def openai_family_build_request(call: UpstreamCall) -> UpstreamRequest:
     provider = call.provider
     if provider.type != "openrouter":
         refuse_server_tools(call)
-    payload = anthropic_to_openai_request(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
+    fields = openai_request_fields(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
+    pieces = {
+        "messages": translated_messages_json(call, *openai_message_translator(call.body, call.model, provider.type))
+    }
+    tools = cached_tools_json(fields.get("tools") or [], call)
+    if tools is not None:
+        fields, pieces["tools"] = {k: v for k, v in fields.items() if k != "tools"}, tools
     headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
     headers |= provider.headers
-    return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, payload_json(payload, "tools", call))
+    payload = spliced_json({"model": call.model, **fields}, pieces)
+    return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, payload)
 
 
 def openai_family_parse_response(data: dict, call: UpstreamCall) -> dict:

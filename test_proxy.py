@@ -10883,7 +10883,7 @@ def test_a_body_with_a_duplicate_key_is_parsed_as_json_loads_does() -> None:
     assert parsed.data == json.loads(raw) and parsed.data["messages"] == []
     assert parsed.message_spans == ()
     memo.remember(parsed)
-    assert memo.conversations == {}
+    assert not memo.conversations.entries
 
 
 def test_the_message_memo_stays_within_its_byte_bound() -> None:
@@ -10892,9 +10892,10 @@ def test_the_message_memo_stays_within_its_byte_bound() -> None:
         messages = [{"role": "user", "content": f"conversation {n} " + "x" * 1000}]
         messages += [{"role": "assistant", "content": "y" * 1000}, {"role": "user", "content": "z" * 1000}]
         memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode()))
-        assert memo.bytes <= 20_000
-    assert 0 < len(memo.conversations) <= 20_000 // 3000
-    assert memo.bytes == sum(len(known.text) for known in memo.conversations.values())
+        assert memo.conversations.size <= 20_000
+    entries = memo.conversations.entries
+    assert 0 < len(entries) <= 20_000 // 3000
+    assert memo.conversations.size == sum(len(known.text) for known, _ in entries.values())
 
 
 async def test_a_rejected_body_is_not_remembered_so_its_messages_are_checked_again(
@@ -10907,3 +10908,108 @@ async def test_a_rejected_body_is_not_remembered_so_its_messages_are_checked_aga
             data = await response.json()
         assert response.status == 400
         assert data["type"] == "error" and "messages.1.content.0.text" in data["error"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# Translation of a resent conversation: resumed where it differs, byte for byte the cold one
+# ---------------------------------------------------------------------------
+
+SPLICE_PROVIDERS = {
+    "openai": ("openai", "gpt-4.1"),
+    "openrouter-anthropic": ("openrouter", "anthropic/claude-sonnet-4.5"),
+    "deepseek-reasoner": ("deepseek", "deepseek-reasoner"),
+}
+
+
+def splice_provider(kind: str) -> tuple[terraphim_proxy.Provider, str]:
+    provider_type, model = SPLICE_PROVIDERS[kind]
+    entry = {"name": kind, "type": provider_type, "api_base_url": "http://127.0.0.1:9", "api_key": "k-splice"}
+    config = build_config({"providers": [entry], "router": {"default": f"{kind},{model}"}})
+    return config.providers[kind], model
+
+
+def upstream_body(raw: terraphim_proxy.RawBody, provider: Any, model: str, caches: Any) -> bytes:
+    """What the proxy sends upstream for this body, with these caches."""
+    record = terraphim_proxy.RequestRecord("req_splice")
+    call = terraphim_proxy.UpstreamCall(raw.data, model, provider, {}, 1, record, caches, "k-splice", raw)
+    payload = terraphim_proxy.TRANSFORMERS[provider.type].build_request(call).payload
+    assert isinstance(payload, bytes)
+    return payload
+
+
+def next_claude_code_turn(body: dict, turn: int) -> dict:
+    """The conversation after one more tool round, as Claude Code resends it: the cache breakpoint moves from the
+    last user message to the new one."""
+    messages = [dict(m) for m in body["messages"]]
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            message["content"] = [{k: v for k, v in b.items() if k != "cache_control"} for b in message["content"]]
+    tool_id = f"toolu_splice{turn:03d}"
+    messages += [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": f"Step {turn}.", "signature": f"sig{turn}"},
+                {"type": "text", "text": f"Looking at part {turn}."},
+                {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": f"/src/{turn}.py"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": tool_id, "content": f"print({turn})\n" * 20},
+                {"type": "text", "text": f"And part {turn + 1}?", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+    ]
+    return {**body, "messages": messages}
+
+
+@pytest.mark.parametrize("kind", list(SPLICE_PROVIDERS))
+@pytest.mark.parametrize("body", all_fixture_bodies())
+def test_a_growing_conversation_is_translated_from_where_it_changed_byte_for_byte_as_cold(
+    body: dict, kind: str
+) -> None:
+    provider, model = splice_provider(kind)
+    memo, caches = terraphim_proxy.MessageMemo(), terraphim_proxy.TranslationCaches()
+    previous: Any = None
+    for turn in range(4):
+        data = json.dumps(body).encode()
+        raw = terraphim_proxy.parse_raw_body(data, memo)
+        terraphim_proxy.validate_messages_request(raw.data, False, raw.known_messages)
+        memo.remember(raw)
+        warm = upstream_body(raw, provider, model, caches)
+        cold = upstream_body(terraphim_proxy.parse_raw_body(data), provider, model, terraphim_proxy.TranslationCaches())
+        assert warm == cold, f"turn {turn}"
+        assert (
+            json.loads(warm)["messages"]
+            == terraphim_proxy.anthropic_to_openai_request(raw.data, model, provider.type)["messages"]
+        )
+        (entry, _), *_ = caches.conversations.entries.values()
+        if previous is not None and raw.known_messages > 1:
+            assert entry.fragments[0] is previous.fragments[0], "the earlier turns' JSON is reused, not rebuilt"
+        previous = entry
+        body = next_claude_code_turn(body, turn)
+
+
+def test_a_retried_body_reuses_its_whole_translation() -> None:
+    provider, model = splice_provider("openai")
+    caches = terraphim_proxy.TranslationCaches()
+    body = next_claude_code_turn(next_claude_code_turn(request(), 1), 2)
+    raw = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), terraphim_proxy.MessageMemo())
+    first = upstream_body(raw, provider, model, caches)
+    (entry, _), *_ = caches.conversations.entries.values()
+    assert upstream_body(raw, provider, model, caches) == first
+    (again, _), *_ = caches.conversations.entries.values()
+    assert again.fragments and all(a is b for a, b in zip(again.fragments, entry.fragments, strict=True))
+
+
+def test_the_conversation_translation_cache_stays_within_its_byte_bound() -> None:
+    provider, model = splice_provider("openai")
+    caches = terraphim_proxy.TranslationCaches()
+    caches.conversations = terraphim_proxy.SizedLRU(20_000)
+    for n in range(30):
+        body = {**request(), "messages": [{"role": "user", "content": f"conversation {n} " + "x" * 3000}]}
+        upstream_body(terraphim_proxy.parse_raw_body(json.dumps(body).encode()), provider, model, caches)
+        assert caches.conversations.size <= 20_000
+    assert 0 < len(caches.conversations.entries) <= 6
