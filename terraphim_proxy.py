@@ -2094,12 +2094,16 @@ def spliced_json(payload: dict, pieces: dict[str, bytes]) -> bytes:
     return b"".join([*chunks, b"}"])
 
 
-def payload_json(payload: dict, tools_key: str, call: UpstreamCall, variant: str = "") -> bytes:
-    """A translated payload as JSON, its tools spliced in from cached_tools_json."""
-    tools = cached_tools_json(payload.get(tools_key) or [], call, variant)
-    if tools is None:
-        return dump_json(payload)
-    return spliced_json({k: v for k, v in payload.items() if k != tools_key}, {tools_key: tools})
+def translated_payload_json(
+    fields: dict, messages_key: str, messages: bytes, call: UpstreamCall, variant: str = ""
+) -> bytes:
+    """A translated payload as JSON: its fields, then its messages (already JSON) and its tools, spliced in from
+    cached_tools_json."""
+    pieces = {messages_key: messages}
+    tools = cached_tools_json(fields.get("tools") or [], call, variant)
+    if tools is not None:
+        fields, pieces["tools"] = {k: v for k, v in fields.items() if k != "tools"}, tools
+    return spliced_json(fields, pieces)
 
 
 @dataclass(frozen=True)
@@ -2123,11 +2127,16 @@ class MessageTranslator:
     end: Callable[[Any], list[dict]]
 
 
-def translated_messages_json(call: UpstreamCall, translator: MessageTranslator, settings: Hashable) -> bytes:
+def translated_messages_json(
+    call: UpstreamCall, translator: MessageTranslator, settings: Hashable, head: list[dict] | None = None
+) -> bytes:
     """The upstream messages as a JSON array. Claude Code resends the whole conversation every turn: when the
     body's first messages are those of a body translated before (as the MessageMemo found, or the same body on a
     retry), the translation resumes from that body's checkpoint after them and reuses its JSON fragments, so a
-    conversation that grows by a turn costs one turn's translation. The output is byte for byte the cold one."""
+    conversation that grows by a turn costs one turn's translation. The output is byte for byte the cold one.
+    `head`: upstream messages that go first and are not cached (Ollama's system prompt, which gathers the
+    role:"system" messages of the whole conversation). A tool result is taken to name the tool of a call
+    before it, as every client sends them."""
     raw, messages = call.raw, call.body.get("messages") or []
     key, cached = None, None
     unchanged = (
@@ -2157,7 +2166,8 @@ def translated_messages_json(call: UpstreamCall, translator: MessageTranslator, 
     if key is not None and raw is not None:
         translated = TranslatedConversation(raw.text, tuple(checkpoints), tuple(fragments))
         call.caches.conversations.put(key, translated, len(raw.text) + sum(map(len, fragments)))  # what it holds
-    return b"[" + b",".join(fragments + [dump_json(m) for m in translator.end(state)]) + b"]"
+    ends = [dump_json(m) for m in translator.end(state)]
+    return b"[" + b",".join([*map(dump_json, head or ()), *fragments, *ends]) + b"]"
 
 
 def capped(requested: int, cap: int | None) -> int:
@@ -3197,17 +3207,12 @@ def openai_family_build_request(call: UpstreamCall) -> UpstreamRequest:
     if provider.type != "openrouter":
         refuse_server_tools(call)
     fields = openai_request_fields(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
-    pieces = {
-        "messages": translated_messages_json(call, *openai_message_translator(call.body, call.model, provider.type))
-    }
-    tools = cached_tools_json(fields.get("tools") or [], call)
-    if tools is not None:
-        fields, pieces["tools"] = {k: v for k, v in fields.items() if k != "tools"}, tools
+    messages = translated_messages_json(call, *openai_message_translator(call.body, call.model, provider.type))
     headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
     headers |= provider.headers
-    payload = spliced_json({"model": call.model, **fields}, pieces)
+    payload = translated_payload_json({"model": call.model, **fields}, "messages", messages, call)
     return UpstreamRequest(f"{provider.api_base_url}/chat/completions", headers, payload)
 
 
@@ -3290,46 +3295,69 @@ def function_tools(body: dict) -> list[dict]:
 # --- Ollama: native /api/chat (NDJSON stream), because only it can set options.num_ctx.
 
 
-def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> dict:
-    """The /api/chat payload: system first, base64 images, object arguments, role:"tool" results with tool_name."""
-    messages: list[dict] = []
+def ollama_messages(message: dict, names: dict[str, str], provider: Provider) -> list[dict]:
+    """The /api/chat messages of one Anthropic message: tool results as role:"tool" messages (with tool_name),
+    base64 images, object arguments; a role:"system" message is part of the system prompt instead."""
+    role = message.get("role")
+    blocks = as_blocks(message.get("content"))
+    if role == "assistant":
+        converted: dict = {
+            "role": "assistant",
+            "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+        }
+        calls = [
+            {"function": {"name": openai_tool_name(b.get("name", "")), "arguments": b.get("input") or {}}}
+            for b in blocks
+            if b.get("type") == "tool_use"
+        ]
+        if calls:
+            converted["tool_calls"] = calls
+        return [converted]
+    if role != "user":
+        return []
+    messages, texts, images = [], [], []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "tool_result":
+            name = openai_tool_name(names.get(block.get("tool_use_id", ""), ""))
+            messages.append({"role": "tool", "content": result_text(block), "tool_name": name})
+            images += [inline_image(image, provider)[1] for image in result_images(block)]
+        elif kind == "text" and block.get("text"):
+            texts.append(block["text"])
+        elif kind == "image":
+            images.append(inline_image(block, provider)[1])
+    if texts or images:
+        user: dict = {"role": "user", "content": "\n\n".join(texts)}
+        if images:
+            user["images"] = images
+        messages.append(user)
+    return messages
+
+
+def ollama_system(body: dict) -> list[dict]:
     system = system_text(body)
-    if system:
-        messages.append({"role": "system", "content": system})
+    return [{"role": "system", "content": system}] if system else []
+
+
+def ollama_message_translator(body: dict, provider: Provider) -> MessageTranslator:
+    """Ollama's messages are independent of each other: no state between steps."""
     names = tool_names_by_id(body)
-    for message in body.get("messages") or ():
-        role = message.get("role")
-        blocks = as_blocks(message.get("content"))
-        if role == "assistant":
-            converted: dict = {
-                "role": "assistant",
-                "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
-            }
-            calls = [
-                {"function": {"name": openai_tool_name(b.get("name", "")), "arguments": b.get("input") or {}}}
-                for b in blocks
-                if b.get("type") == "tool_use"
-            ]
-            if calls:
-                converted["tool_calls"] = calls
-            messages.append(converted)
-        elif role == "user":
-            texts, images = [], []
-            for block in blocks:
-                kind = block.get("type")
-                if kind == "tool_result":
-                    name = openai_tool_name(names.get(block.get("tool_use_id", ""), ""))
-                    messages.append({"role": "tool", "content": result_text(block), "tool_name": name})
-                    images += [inline_image(image, provider)[1] for image in result_images(block)]
-                elif kind == "text" and block.get("text"):
-                    texts.append(block["text"])
-                elif kind == "image":
-                    images.append(inline_image(block, provider)[1])
-            if texts or images:
-                user: dict = {"role": "user", "content": "\n\n".join(texts)}
-                if images:
-                    user["images"] = images
-                messages.append(user)
+    return MessageTranslator(
+        start=lambda: None,
+        step=lambda state, message: (None, ollama_messages(message, names, provider)),
+        end=lambda state: [],
+    )
+
+
+def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> dict:
+    """The /api/chat payload: the system prompt first, then each message translated."""
+    names = tool_names_by_id(body)
+    messages = [m for message in body.get("messages") or () for m in ollama_messages(message, names, provider)]
+    return {"model": model, "messages": ollama_system(body) + messages, **ollama_request_fields(body, model, provider)}
+
+
+def ollama_request_fields(body: dict, model: str, provider: Provider) -> dict:
+    """Everything of an /api/chat payload but its model and messages."""
     options: dict = {"num_ctx": provider.num_ctx_for(model)}
     if body.get("max_tokens"):
         options["num_predict"] = capped(body["max_tokens"], provider.max_tokens_cap(model))
@@ -3338,7 +3366,7 @@ def anthropic_to_ollama_request(body: dict, model: str, provider: Provider) -> d
             options[key] = body[key]
     if body.get("stop_sequences"):
         options["stop"] = body["stop_sequences"]
-    payload: dict = {"model": model, "messages": messages, "stream": body.get("stream") is True, "options": options}
+    payload: dict = {"stream": body.get("stream") is True, "options": options}
     tools = function_tools(body)
     if tools:
         payload["tools"] = [{"type": "function", "function": tool} for tool in tools]
@@ -3437,14 +3465,15 @@ def ollama_build_request(call: UpstreamCall) -> UpstreamRequest:
             num_ctx,
             call.model,
         )
-    payload = anthropic_to_ollama_request(call.body, call.model, call.provider)
+    translator = ollama_message_translator(call.body, call.provider)
+    messages = translated_messages_json(call, translator, ("ollama", call.provider.name), ollama_system(call.body))
+    fields = ollama_request_fields(call.body, call.model, call.provider)
     headers = {"content-type": "application/json", **call.provider.headers}
     if call.api_key:
         headers["authorization"] = f"Bearer {call.api_key}"
     hint = f"pull the model first: ollama pull {call.model}"
-    return UpstreamRequest(
-        f"{call.provider.api_base_url}/api/chat", headers, payload_json(payload, "tools", call), hint
-    )
+    payload = translated_payload_json({"model": call.model, **fields}, "messages", messages, call)
+    return UpstreamRequest(f"{call.provider.api_base_url}/api/chat", headers, payload, hint)
 
 
 # --- Gemini: generateContent / streamGenerateContent?alt=sse.
@@ -3783,26 +3812,56 @@ def gemini_model_parts(blocks: list[dict]) -> list[dict]:
     return parts
 
 
+def gemini_content(message: dict, names: dict[str, str], provider: Provider) -> dict | None:
+    """The user or model content of one Anthropic message; None for a role:"system" message (it goes into
+    systemInstruction) or one with nothing Gemini takes."""
+    role = message.get("role")
+    blocks = as_blocks(message.get("content"))
+    if role == "assistant":
+        content = {"role": "model", "parts": gemini_model_parts(blocks)}
+    elif role == "user":
+        content = {"role": "user", "parts": gemini_user_parts(blocks, names, provider)}
+    else:
+        return None
+    return content if content["parts"] else None
+
+
+def gemini_content_step(
+    pending: dict | None, message: dict, names: dict[str, str], provider: Provider
+) -> tuple[dict | None, list[dict]]:
+    """Add one message's content after `pending` (the state: the last content, which the next one of the same
+    role joins, as Gemini wants roles to alternate): the new pending content, and the content it completes."""
+    content = gemini_content(message, names, provider)
+    if content is None:
+        return pending, []
+    if pending is not None and pending["role"] == content["role"]:
+        return {**pending, "parts": pending["parts"] + content["parts"]}, []
+    return content, [] if pending is None else [pending]
+
+
+def gemini_message_translator(body: dict, provider: Provider) -> MessageTranslator:
+    names = tool_names_by_id(body)
+    return MessageTranslator(
+        start=lambda: None,
+        step=lambda pending, message: gemini_content_step(pending, message, names, provider),
+        end=lambda pending: [] if pending is None else [pending],
+    )
+
+
 def anthropic_to_gemini_request(body: dict, model: str, provider: Provider, declarations: list[dict]) -> dict:
     """The generateContent payload: systemInstruction, user/model contents, the tools' declarations, config."""
-    names = tool_names_by_id(body)
-    contents: list[dict] = []
+    translator, contents = gemini_message_translator(body, provider), []
+    pending = translator.start()
     for message in body.get("messages") or ():
-        role = message.get("role")
-        blocks = as_blocks(message.get("content"))
-        if role == "assistant":
-            content = {"role": "model", "parts": gemini_model_parts(blocks)}
-        elif role == "user":
-            content = {"role": "user", "parts": gemini_user_parts(blocks, names, provider)}
-        else:
-            continue
-        if not content["parts"]:
-            continue
-        if contents and contents[-1]["role"] == content["role"]:
-            contents[-1]["parts"] += content["parts"]
-        else:
-            contents.append(content)
-    payload: dict = {"contents": contents}
+        pending, done = translator.step(pending, message)
+        contents += done
+    contents += translator.end(pending)
+    return {"contents": contents, **gemini_request_fields(body, model, provider, declarations)}
+
+
+def gemini_request_fields(body: dict, model: str, provider: Provider, declarations: list[dict]) -> dict:
+    """Everything of a generateContent payload but its contents."""
+    payload: dict = {}
     system = system_text(body)
     if system:
         payload["systemInstruction"] = {"parts": [{"text": system}]}
@@ -3951,10 +4010,11 @@ def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
     headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
     json_schema = gemini_takes_json_schema(call.model)
     declarations = gemini_declarations(call, json_schema)
-    payload = anthropic_to_gemini_request(call.body, call.model, provider, declarations)
+    contents = translated_messages_json(call, gemini_message_translator(call.body, provider), ("gemini", provider.name))
+    fields = gemini_request_fields(call.body, call.model, provider, declarations)
     url = f"{provider.api_base_url}/models/{url_path_value(call.model)}:{method}"
     variant = "json-schema" if json_schema else "subset"
-    return UpstreamRequest(url, headers, payload_json(payload, "tools", call, variant))
+    return UpstreamRequest(url, headers, translated_payload_json(fields, "contents", contents, call, variant))
 
 
 def converter_transformer(

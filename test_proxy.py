@@ -10918,7 +10918,18 @@ SPLICE_PROVIDERS = {
     "openai": ("openai", "gpt-4.1"),
     "openrouter-anthropic": ("openrouter", "anthropic/claude-sonnet-4.5"),
     "deepseek-reasoner": ("deepseek", "deepseek-reasoner"),
+    "ollama": ("ollama", "qwen3-coder:30b"),
+    "gemini": ("gemini", "gemini-2.5-pro"),
 }
+
+
+def cold_messages(body: dict, provider: Any, model: str) -> list[dict]:
+    """The upstream messages (Gemini: contents) of the family's pure translator."""
+    if provider.type == "ollama":
+        return terraphim_proxy.anthropic_to_ollama_request(body, model, provider)["messages"]
+    if provider.type == "gemini":
+        return terraphim_proxy.anthropic_to_gemini_request(body, model, provider, [])["contents"]
+    return terraphim_proxy.anthropic_to_openai_request(body, model, provider.type)["messages"]
 
 
 def splice_provider(kind: str) -> tuple[terraphim_proxy.Provider, str]:
@@ -10949,7 +10960,11 @@ def next_claude_code_turn(body: dict, turn: int) -> dict:
         {
             "role": "assistant",
             "content": [
-                {"type": "thinking", "thinking": f"Step {turn}.", "signature": f"sig{turn}"},
+                {
+                    "type": "thinking",
+                    "thinking": "",
+                    "signature": terraphim_proxy.GEMINI_SIGNATURE_PREFIX + f"c2ln{turn}",
+                },
                 {"type": "text", "text": f"Looking at part {turn}."},
                 {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": f"/src/{turn}.py"}},
             ],
@@ -10981,12 +10996,10 @@ def test_a_growing_conversation_is_translated_from_where_it_changed_byte_for_byt
         warm = upstream_body(raw, provider, model, caches)
         cold = upstream_body(terraphim_proxy.parse_raw_body(data), provider, model, terraphim_proxy.TranslationCaches())
         assert warm == cold, f"turn {turn}"
-        assert (
-            json.loads(warm)["messages"]
-            == terraphim_proxy.anthropic_to_openai_request(raw.data, model, provider.type)["messages"]
-        )
+        sent = json.loads(warm)
+        assert sent["contents" if provider.type == "gemini" else "messages"] == cold_messages(raw.data, provider, model)
         (entry, _), *_ = caches.conversations.entries.values()
-        if previous is not None and raw.known_messages > 1:
+        if previous is not None and raw.known_messages > 1 and previous.fragments:
             assert entry.fragments[0] is previous.fragments[0], "the earlier turns' JSON is reused, not rebuilt"
         previous = entry
         body = next_claude_code_turn(body, turn)
