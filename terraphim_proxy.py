@@ -2183,8 +2183,9 @@ async def decoded_text(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     yield decoder.decode(b"", final=True) + "\n\n"
 
 
-async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """Data payloads of an SSE byte stream (any line endings, any read boundaries); "[DONE]" is the last."""
+async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """Data payloads of an SSE byte stream (any line endings, any read boundaries), as the batch that each read
+    completed; "[DONE]" is the last."""
     pending = ""
     data: list[str] = []
     async for text in decoded_text(chunks):
@@ -2194,6 +2195,7 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
         cut = len(pending) - 1 if pending.endswith("\r") else len(pending)  # a last CR may be half a CRLF
         *lines, rest = LINE_BREAK.split(pending[:cut])
         pending = rest + pending[cut:]
+        batch = []
         for line in lines:
             if line:
                 if line.startswith("data:"):
@@ -2201,10 +2203,12 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
                 continue
             payload, data = "\n".join(data), []
             if payload.strip() == "[DONE]":
-                yield "[DONE]"
+                yield [*batch, "[DONE]"]
                 return
             if payload:
-                yield payload
+                batch.append(payload)
+        if batch:
+            yield batch
 
 
 # --- Anthropic: native pass-through.
@@ -2988,24 +2992,36 @@ class ChunkConverter(Protocol):
 
 
 async def json_chunks_to_anthropic(
-    converter: ChunkConverter, payloads: AsyncIterator[str]
+    converter: ChunkConverter, batches: AsyncIterator[list[str]]
 ) -> AsyncIterator[list[dict]]:
-    """Feed each JSON payload (an NDJSON line, an SSE data field) to a provider's converter, then end it."""
-    clean = False
-    async for payload in payloads:
-        if payload == "[DONE]":
-            clean = True
-            break
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            raise MalformedAnswer(f"upstream sent invalid JSON: {payload[:200]!r}") from None
-        events = converter.feed(data)
+    """Feed each JSON payload (an NDJSON line, an SSE data field) to a provider's converter, then end it. The
+    events of one batch (what one upstream read completed) come out together, so the relay writes them at once;
+    when a payload fails, the events before it still come out first."""
+    events: list[dict] = []
+    try:
+        async for batch in batches:
+            for payload in batch:
+                if payload == "[DONE]":
+                    events += converter.end(clean=True)
+                    yield events
+                    return
+                try:
+                    data = json.loads(payload)
+                except ValueError:
+                    raise MalformedAnswer(f"upstream sent invalid JSON: {payload[:200]!r}") from None
+                events += converter.feed(data)
+                if converter.stream.done:
+                    yield events
+                    return
+            if events:
+                sent, events = events, []
+                yield sent
+        events += converter.end()
+        yield events
+    except ProxyError:
         if events:
             yield events
-        if converter.stream.done:
-            return
-    yield converter.end(clean)
+        raise
 
 
 @dataclass
@@ -3173,7 +3189,7 @@ class OpenAIChunkConverter:
 
 
 def openai_stream_to_anthropic(
-    events: AsyncIterator[str],
+    events: AsyncIterator[list[str]],
     model: str,
     input_tokens: int,
     tool_names: dict[str, str] | None = None,
@@ -3438,19 +3454,19 @@ class OllamaConverter:
         return []
 
 
-async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """Lines of an NDJSON byte stream, whatever the read boundaries."""
+async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """Lines of an NDJSON byte stream, whatever the read boundaries, as the batch that each read completed."""
     pending = b""
     async for chunk in chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         if len(pending) > MAX_PENDING_FRAME_BYTES:
             raise TranslationError(f"upstream sent a line over {MAX_PENDING_FRAME_BYTES} bytes")
-        for line in lines:
-            if line.strip():
-                yield line.decode("utf-8", "replace")
+        batch = [line.decode("utf-8", "replace") for line in lines if line.strip()]
+        if batch:
+            yield batch
     if pending.strip():
-        yield pending.decode("utf-8", "replace")
+        yield [pending.decode("utf-8", "replace")]
 
 
 def ollama_build_request(call: UpstreamCall) -> UpstreamRequest:
@@ -4020,7 +4036,7 @@ def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
 def converter_transformer(
     build_request: Callable[[UpstreamCall], UpstreamRequest],
     converter: Callable[[str, int, dict[str, str]], ChunkConverter],
-    payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[str]],
+    payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[list[str]]],
 ) -> Transformer:
     """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 

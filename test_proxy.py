@@ -2327,10 +2327,12 @@ def test_openai_iter_sse_data_framing() -> None:
         b'data: {"after":1}\n\n'
     )
     expected = ['{"a":1}', "line1\nline2", "été", "[DONE]"]
-    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(raw)))) == expected
+    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(raw)))) == [expected]  # one read, one batch
     one_byte_at_a_time = [raw[i : i + 1] for i in range(len(raw))]
-    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(*one_byte_at_a_time)))) == expected
-    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(b'data: {"x":1}\n\ndata: tail')))) == ['{"x":1}', "tail"]
+    batches = asyncio.run(ot_collect(iter_sse_data(ot_byte_source(*one_byte_at_a_time))))
+    assert batches == [[payload] for payload in expected]
+    tail = asyncio.run(ot_collect(iter_sse_data(ot_byte_source(b'data: {"x":1}\n\ndata: tail'))))
+    assert tail == [['{"x":1}'], ["tail"]]
 
 
 # ---------------------------------------------------------------------------
@@ -2400,9 +2402,9 @@ OT_USAGE = {"prompt_tokens": 50, "completion_tokens": 12, "prompt_tokens_details
 
 
 async def ot_convert_stream(payloads: list[str], tool_names: dict | None = None, flavor: str = "openai") -> bytes:
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[list[str]]:
         for payload in payloads:
-            yield payload
+            yield [payload]
 
     parts = await ot_collect(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor))
     return anthropic_sse([event for part in parts for event in part])
@@ -2623,9 +2625,9 @@ def test_openai_stream_failures_after_output_raise(payloads: list[str], error_ty
     produced: list[dict] = []
 
     async def run() -> None:
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[list[str]]:
             for payload in payloads:
-                yield payload
+                yield [payload]
 
         async for part in openai_stream_to_anthropic(events(), "claude-x", 77):
             produced.extend(part)
@@ -11026,3 +11028,36 @@ def test_the_conversation_translation_cache_stays_within_its_byte_bound() -> Non
         upstream_body(terraphim_proxy.parse_raw_body(json.dumps(body).encode()), provider, model, caches)
         assert caches.conversations.size <= 20_000
     assert 0 < len(caches.conversations.entries) <= 6
+
+
+# ---------------------------------------------------------------------------
+# Streams: what one upstream read completes is written at once
+# ---------------------------------------------------------------------------
+
+
+async def batches_of(*batches: list[str]) -> AsyncIterator[list[str]]:
+    for batch in batches:
+        yield batch
+
+
+def openai_payload(delta: dict | None = None, finish: str | None = None) -> str:
+    return json.dumps({**openai_chunk(delta, finish), "model": "gpt-x"})
+
+
+async def test_the_events_of_one_upstream_read_come_out_as_one_part() -> None:
+    read = [openai_payload({"role": "assistant", "content": "Hel"}), openai_payload({"content": "lo"})]
+    ending = [openai_payload({}, "stop"), "[DONE]"]
+    parts = await ot_collect(openai_stream_to_anthropic(batches_of(read, ending), "claude-x", 5))
+    assert len(parts) == 2
+    first = [event["type"] for event in parts[0]]
+    assert first[0] == "message_start" and "content_block_start" in first and first.count("content_block_delta") == 2
+    assert [event["type"] for event in parts[1]][-1] == "message_stop"
+
+
+async def test_events_before_a_failing_payload_of_the_same_read_still_come_out_first() -> None:
+    read = [openai_payload({"role": "assistant", "content": "Partial"}), "{not json"]
+    stream = openai_stream_to_anthropic(batches_of(read), "claude-x", 5)
+    first = await anext(stream)
+    assert [e.get("delta", {}).get("text") for e in first if e["type"] == "content_block_delta"] == ["Partial"]
+    with pytest.raises(terraphim_proxy.ProxyError, match="invalid JSON"):
+        await anext(stream)
