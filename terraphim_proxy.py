@@ -2211,6 +2211,115 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]
             yield batch
 
 
+# Content blocks on their way to a translated provider: one pass (portable_blocks) that every translator runs
+# over a message's blocks first. Tool names become the ones sent upstream; blocks that only Anthropic
+# understands become the text that carries their meaning (or a 400 naming the block, when nothing can carry
+# it); images and documents a provider cannot take are refused here, with the reason. What stays with each
+# family is its wire form: ids, image encodings, thinking.
+
+PORTABLE_KINDS = frozenset({"text", "image", "document", "tool_use", "tool_result", "thinking"})
+REASONING_ONLY_KINDS = frozenset({"redacted_thinking"})  # reasoning only Anthropic can read: never carried
+
+
+@dataclass(frozen=True)
+class BlockSupport:
+    """What a translated provider takes besides text and tool calls."""
+
+    provider: str  # "name (type)", for error messages
+    documents: bool  # PDF and other document blocks
+    image_urls: bool  # images by URL (else inline data only)
+
+
+def block_support(provider: Provider) -> BlockSupport:
+    native = provider.type in ("ollama", "gemini")
+    return BlockSupport(f"{provider.name} ({provider.type})", provider.type != "ollama", not native)
+
+
+def nested_texts(value: Any) -> list[str]:
+    """Every text a server tool's result holds (text, stdout, stderr, content strings), in order."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return [text for item in value for text in nested_texts(item)]
+    if isinstance(value, dict):
+        keys = ("text", "stdout", "stderr", "content", "title", "url")
+        return [text for key in keys if key in value for text in nested_texts(value[key])]
+    return []
+
+
+def text_block(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def anthropic_only_as_text(block: dict, kind: str) -> dict | None:
+    """The text that carries an Anthropic-only block's meaning; None when it carries nothing."""
+    if kind == "compaction":
+        summary = block.get("content")
+        return text_block(f"[Summary of the earlier conversation]\n{summary}") if summary else None
+    if kind == "search_result":
+        texts = "\n".join(nested_texts(block.get("content")))
+        return text_block(f"[search result: {block.get('title', '')} ({block.get('source', '')})]\n{texts}")
+    if kind in ("server_tool_use", "mcp_tool_use"):
+        arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+        return text_block(f"[{block.get('name', kind)} was called with {arguments}]")
+    if kind == "web_search_tool_result":
+        return text_block(web_search_summary(block))
+    texts = "\n".join(nested_texts(block.get("content")))
+    return text_block(f"[{kind.removesuffix('_tool_result')} result]\n{texts}".rstrip())
+
+
+def is_server_tool_result(kind: str) -> bool:
+    return kind.endswith("_tool_result") or kind == "mcp_tool_result"
+
+
+def portable_block(block: dict, support: BlockSupport) -> dict | None:
+    """One block as translators take it (see above); None for one that carries nothing elsewhere."""
+    kind = block.get("type", "")
+    if kind == "tool_use":
+        return {**block, "name": openai_tool_name(block.get("name", ""))}
+    if kind == "tool_result" and isinstance(block.get("content"), list):
+        return {**block, "content": portable_blocks(block["content"], support)}
+    source = block.get("source") or {}
+    if kind == "image" and source.get("type") not in ("base64", "url"):
+        raise ProxyError(400, f"{support.provider} cannot take an image with a {source.get('type')!r} source")
+    if kind == "image" and source.get("type") == "url" and not support.image_urls:
+        raise ProxyError(
+            400,
+            f"{support.provider} needs inline image data and the proxy does not fetch image URLs "
+            "(set [proxy] fetch_image_urls = true to let it fetch public ones)",
+        )
+    if kind == "document" and (not support.documents or source.get("type") != "base64"):
+        return document_as_text(block, support)
+    if kind in PORTABLE_KINDS:
+        return block
+    if kind in REASONING_ONLY_KINDS:
+        return None
+    if kind in ("compaction", "search_result", "server_tool_use", "mcp_tool_use") or is_server_tool_result(kind):
+        return anthropic_only_as_text(block, kind)
+    raise ProxyError(400, f"{support.provider} cannot take a {kind or 'untyped'!r} content block")
+
+
+def document_as_text(block: dict, support: BlockSupport) -> dict:
+    """A document as text (its cache_control kept): one given as text or content, a URL one named, or a PDF for
+    a provider without document blocks refused."""
+    source = block.get("source") or {}
+    title = f"{block['title']}\n\n" if block.get("title") else ""
+    if source.get("type") == "text":
+        text = title + str(source.get("data", ""))
+    elif source.get("type") == "content":
+        text = title + "\n".join(nested_texts(source.get("content")))
+    elif source.get("type") == "url":
+        text = f"[document: {source.get('url', '')}]"
+    else:
+        raise ProxyError(400, f"{support.provider} cannot take a document with a {source.get('type')!r} source")
+    return text_block(text) | ({"cache_control": block["cache_control"]} if "cache_control" in block else {})
+
+
+def portable_blocks(blocks: list[dict], support: BlockSupport) -> list[dict]:
+    """The one normalisation of a message's blocks that every translator applies first."""
+    return [out for block in blocks if (out := portable_block(block, support)) is not None]
+
+
 # --- Anthropic: native pass-through.
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -2469,24 +2578,12 @@ def media_url(source: dict) -> str:
     return source.get("url", "")
 
 
-def document_parts(block: dict, keep_cache: bool) -> list[dict]:
-    source = block.get("source") or {}
-    kind = source.get("type")
-    if kind == "base64":
-        filename = block.get("title") or "document"
-        if not filename.lower().endswith(".pdf"):
-            filename += ".pdf"
-        return [{"type": "file", "file": {"filename": filename, "file_data": media_url(source)}}]
-    if kind == "url":
-        return [{"type": "text", "text": f"[document: {source.get('url', '')}]"}]
-    if kind == "content":
-        inner = source.get("content")
-        blocks = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner or []
-        return [part for item in blocks for part in content_parts(item, keep_cache)]
-    text = source.get("data") or ""
-    if text and block.get("title"):
-        text = f"{block['title']}\n\n{text}"
-    return [text_part(text, block, keep_cache)] if text else []
+def file_part(block: dict) -> dict:
+    """A PDF document as a file part (portable_blocks made every other document text)."""
+    filename = block.get("title") or "document"
+    if not filename.lower().endswith(".pdf"):
+        filename += ".pdf"
+    return {"type": "file", "file": {"filename": filename, "file_data": media_url(block.get("source") or {})}}
 
 
 def content_parts(block: dict, keep_cache: bool) -> list[dict]:
@@ -2497,7 +2594,7 @@ def content_parts(block: dict, keep_cache: bool) -> list[dict]:
     if kind == "image":
         return [{"type": "image_url", "image_url": {"url": media_url(block.get("source") or {})}}]
     if kind == "document":
-        return document_parts(block, keep_cache)
+        return [file_part(block)]
     return []
 
 
@@ -2564,13 +2661,11 @@ def assistant_message(blocks: list[dict], provider_type: str, keep_cache: bool, 
             parts.append(text_part(block["text"], block, keep_cache))
         elif kind == "tool_use":
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
-            function = {"name": openai_tool_name(block.get("name", "")), "arguments": arguments}
+            function = {"name": block.get("name", ""), "arguments": arguments}
             calls.append({"id": openai_tool_id(block.get("id", "")), "type": "function", "function": function})
         elif kind == "thinking":
             thinking.append(block.get("thinking") or "")
             details += signature_details(block.get("signature") or "")
-        elif kind == "web_search_tool_result":
-            parts.append({"type": "text", "text": web_search_summary(block)})
     message: dict = {"role": "assistant", "content": parts}
     if calls:
         message["tool_calls"] = calls
@@ -2611,6 +2706,7 @@ class OpenAIMessagesSettings:
     provider_type: str
     keep_cache: bool
     passback: bool
+    support: BlockSupport
 
 
 class OpenAIMessagesState(NamedTuple):
@@ -2644,7 +2740,7 @@ def openai_message_step(
     state: OpenAIMessagesState, message: dict, settings: OpenAIMessagesSettings
 ) -> tuple[OpenAIMessagesState, list[dict]]:
     """Translate one Anthropic message: the new state, and the chat messages it completes."""
-    blocks = as_blocks(message.get("content"))
+    blocks = portable_blocks(as_blocks(message.get("content")), settings.support)
     role = message.get("role")
     keep_cache = settings.keep_cache
     if role == "assistant":
@@ -2675,9 +2771,9 @@ def openai_messages_end(state: OpenAIMessagesState) -> list[dict]:
 
 
 def openai_message_translator(
-    body: dict, model: str, provider_type: str
+    body: dict, model: str, provider: Provider
 ) -> tuple[MessageTranslator, OpenAIMessagesSettings]:
-    settings = openai_messages_settings(body, model, provider_type)
+    settings = openai_messages_settings(body, model, provider.type, block_support(provider).provider)
     translator = MessageTranslator(
         start=lambda: openai_system_start(body, settings.keep_cache),
         step=lambda state, message: openai_message_step(state, message, settings),
@@ -2774,11 +2870,14 @@ def response_format(body: dict) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": output_format["schema"]}}
 
 
-def openai_messages_settings(body: dict, model: str, provider_type: str) -> OpenAIMessagesSettings:
+def openai_messages_settings(
+    body: dict, model: str, provider_type: str, provider: str | None = None
+) -> OpenAIMessagesSettings:
     return OpenAIMessagesSettings(
         provider_type,
         keep_cache=provider_type == "openrouter" and model.startswith("anthropic/"),
         passback=provider_type == "deepseek" and deepseek_reasoning_passback(body, model),
+        support=BlockSupport(provider or provider_type, documents=True, image_urls=True),
     )
 
 
@@ -3223,7 +3322,7 @@ def openai_family_build_request(call: UpstreamCall) -> UpstreamRequest:
     if provider.type != "openrouter":
         refuse_server_tools(call)
     fields = openai_request_fields(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
-    messages = translated_messages_json(call, *openai_message_translator(call.body, call.model, provider.type))
+    messages = translated_messages_json(call, *openai_message_translator(call.body, call.model, provider))
     headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
@@ -3263,9 +3362,10 @@ def system_text(body: dict) -> str:
 
 
 def tool_names_by_id(body: dict) -> dict[str, str]:
-    """Tool name of each tool_use id in the conversation, for APIs whose results carry the name, not the id."""
+    """The tool name sent upstream for each tool_use id in the conversation, for APIs whose results carry the
+    name, not the id."""
     return {
-        block["id"]: block.get("name", "")
+        block["id"]: openai_tool_name(block.get("name", ""))
         for message in body.get("messages") or ()
         if message.get("role") == "assistant"
         for block in as_blocks(message.get("content"))
@@ -3273,15 +3373,9 @@ def tool_names_by_id(body: dict) -> dict[str, str]:
     }
 
 
-def inline_image(block: dict, provider: Provider) -> tuple[str, str]:
-    """(media type, base64 data) of an image block; URL images are refused, the proxy fetches nothing."""
+def inline_data(block: dict) -> tuple[str, str]:
+    """(media type, base64 data) of an image or document block (portable_blocks let only inline ones through)."""
     source = block.get("source") or {}
-    if source.get("type") != "base64":
-        raise ProxyError(
-            400,
-            f"{provider.name} ({provider.type}) needs inline image data and the proxy does not fetch image URLs "
-            "(set [proxy] fetch_image_urls = true to let it fetch public ones)",
-        )
     return source.get("media_type", "image/png"), source.get("data", "")
 
 
@@ -3315,14 +3409,14 @@ def ollama_messages(message: dict, names: dict[str, str], provider: Provider) ->
     """The /api/chat messages of one Anthropic message: tool results as role:"tool" messages (with tool_name),
     base64 images, object arguments; a role:"system" message is part of the system prompt instead."""
     role = message.get("role")
-    blocks = as_blocks(message.get("content"))
+    blocks = portable_blocks(as_blocks(message.get("content")), block_support(provider))
     if role == "assistant":
         converted: dict = {
             "role": "assistant",
             "content": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
         }
         calls = [
-            {"function": {"name": openai_tool_name(b.get("name", "")), "arguments": b.get("input") or {}}}
+            {"function": {"name": b.get("name", ""), "arguments": b.get("input") or {}}}
             for b in blocks
             if b.get("type") == "tool_use"
         ]
@@ -3335,13 +3429,13 @@ def ollama_messages(message: dict, names: dict[str, str], provider: Provider) ->
     for block in blocks:
         kind = block.get("type")
         if kind == "tool_result":
-            name = openai_tool_name(names.get(block.get("tool_use_id", ""), ""))
+            name = names.get(block.get("tool_use_id", ""), "")
             messages.append({"role": "tool", "content": result_text(block), "tool_name": name})
-            images += [inline_image(image, provider)[1] for image in result_images(block)]
+            images += [inline_data(image)[1] for image in result_images(block)]
         elif kind == "text" and block.get("text"):
             texts.append(block["text"])
         elif kind == "image":
-            images.append(inline_image(block, provider)[1])
+            images.append(inline_data(block)[1])
     if texts or images:
         user: dict = {"role": "user", "content": "\n\n".join(texts)}
         if images:
@@ -3783,25 +3877,22 @@ def gemini_user_parts(blocks: list[dict], names: dict[str, str], provider: Provi
             tool_id = block.get("tool_use_id", "")
             key = "error" if block.get("is_error") else "result"
             response = {
-                "name": openai_tool_name(names.get(tool_id, "")),
+                "name": names.get(tool_id, ""),
                 "response": {key: result_text(block).removeprefix(TOOL_ERROR_PREFIX)},
             }
             if gemini_call_id(tool_id):
                 response["id"] = gemini_call_id(tool_id)
             responses.append({"functionResponse": response})
-            others += [gemini_inline(image, provider) for image in result_images(block)]
+            others += [gemini_inline(image) for image in result_images(block)]
         elif kind == "text" and block.get("text"):
             others.append({"text": block["text"]})
         elif kind in ("image", "document"):
-            others.append(gemini_inline(block, provider))
+            others.append(gemini_inline(block))
     return responses + others
 
 
-def gemini_inline(block: dict, provider: Provider) -> dict:
-    source = block.get("source") or {}
-    if block.get("type") == "document" and source.get("type") == "text":
-        return {"text": source.get("data", "")}
-    media_type, data = inline_image(block, provider)
+def gemini_inline(block: dict) -> dict:
+    media_type, data = inline_data(block)
     return {"inlineData": {"mimeType": media_type, "data": data}}
 
 
@@ -3816,7 +3907,7 @@ def gemini_model_parts(blocks: list[dict]) -> list[dict]:
         if kind == "text" and block.get("text"):
             part: dict = {"text": block["text"]}
         elif kind == "tool_use":
-            call = {"name": openai_tool_name(block.get("name", "")), "args": block.get("input") or {}}
+            call = {"name": block.get("name", ""), "args": block.get("input") or {}}
             if gemini_call_id(block.get("id", "")):
                 call["id"] = gemini_call_id(block["id"])
             part = {"functionCall": call}
@@ -3832,7 +3923,7 @@ def gemini_content(message: dict, names: dict[str, str], provider: Provider) -> 
     """The user or model content of one Anthropic message; None for a role:"system" message (it goes into
     systemInstruction) or one with nothing Gemini takes."""
     role = message.get("role")
-    blocks = as_blocks(message.get("content"))
+    blocks = portable_blocks(as_blocks(message.get("content")), block_support(provider))
     if role == "assistant":
         content = {"role": "model", "parts": gemini_model_parts(blocks)}
     elif role == "user":

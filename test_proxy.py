@@ -2007,7 +2007,8 @@ def test_openai_server_tools_and_web_search_results() -> None:
     assert "tool_choice" not in routed
     plain = ot_convert(body)
     assert "plugins" not in plain and len(plain["tools"]) == 1
-    assert plain["messages"][1]["content"] == "[web search results]\n- N (https://n)\n\nHere."
+    searched = '[web_search was called with {"query": "q"}]'
+    assert plain["messages"][1]["content"] == f"{searched}\n\n[web search results]\n- N (https://n)\n\nHere."
     only_server = ot_convert({"tools": [search], "messages": [ot_user("x")]}, "gpt-4o")
     assert "tools" not in only_server and "tool_choice" not in only_server
 
@@ -11061,3 +11062,123 @@ async def test_events_before_a_failing_payload_of_the_same_read_still_come_out_f
     assert [e.get("delta", {}).get("text") for e in first if e["type"] == "content_block_delta"] == ["Partial"]
     with pytest.raises(terraphim_proxy.ProxyError, match="invalid JSON"):
         await anext(stream)
+
+
+# ---------------------------------------------------------------------------
+# Blocks only Anthropic understands, on their way to a translated provider (one pass for every family)
+# ---------------------------------------------------------------------------
+
+TRANSLATED_KINDS = ["openai", "ollama", "gemini"]
+
+
+def upstream_texts(kind: str, messages: list[dict]) -> str:
+    """Every text the family's translation sends for these messages, joined."""
+    provider, model = splice_provider(kind)
+    sent = cold_messages({**request(), "messages": messages}, provider, model)
+    return json.dumps(sent, ensure_ascii=False)
+
+
+def with_assistant_blocks(*blocks: dict) -> list[dict]:
+    return [
+        {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": [*blocks, {"type": "text", "text": "Done."}]},
+        {"role": "user", "content": "Thanks."},
+    ]
+
+
+ANTHROPIC_ONLY_BLOCKS = [
+    pytest.param(
+        {"type": "compaction", "content": "We fixed the parser."},
+        ["[Summary of the earlier conversation]", "We fixed the parser."],
+        id="compaction",
+    ),
+    pytest.param(
+        {"type": "server_tool_use", "id": "srvtoolu_9", "name": "web_fetch", "input": {"url": "https://e.example"}},
+        ["[web_fetch was called with", "https://e.example"],
+        id="server_tool_use",
+    ),
+    pytest.param(
+        {
+            "type": "web_fetch_tool_result",
+            "tool_use_id": "srvtoolu_9",
+            "content": {"type": "web_fetch_result", "url": "https://e.example", "content": {"text": "Page text."}},
+        },
+        ["[web_fetch result]", "Page text."],
+        id="web_fetch_tool_result",
+    ),
+    pytest.param(
+        {
+            "type": "code_execution_tool_result",
+            "tool_use_id": "srvtoolu_8",
+            "content": {"type": "code_execution_result", "stdout": "42\n", "stderr": "", "return_code": 0},
+        },
+        ["[code_execution result]", "42"],
+        id="code_execution_tool_result",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+@pytest.mark.parametrize(("block", "carried"), ANTHROPIC_ONLY_BLOCKS)
+def test_an_anthropic_only_block_reaches_every_family_as_the_text_that_carries_it(
+    kind: str, block: dict, carried: list[str]
+) -> None:
+    texts = upstream_texts(kind, with_assistant_blocks(block))
+    assert all(piece.replace("\n", "\\n") in texts for piece in carried), texts
+    assert "Done." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+def test_a_search_result_in_a_tool_result_reaches_every_family_as_text(kind: str) -> None:
+    result = {
+        "type": "search_result",
+        "source": "https://docs.example/a",
+        "title": "Parser notes",
+        "content": [{"type": "text", "text": "Use a state machine."}],
+    }
+    messages = [
+        {"role": "user", "content": "Search."},
+        {"role": "assistant", "content": [tool_use("toolu_s1", command="search")]},
+        {"role": "user", "content": [tool_result("toolu_s1", [result])]},
+    ]
+    texts = upstream_texts(kind, messages)
+    assert "[search result: Parser notes (https://docs.example/a)]" in texts and "Use a state machine." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+def test_redacted_thinking_stays_with_anthropic(kind: str) -> None:
+    texts = upstream_texts(kind, with_assistant_blocks({"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"}))
+    assert "ZW5jcnlwdGVk" not in texts and "Done." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ({"type": "container_upload", "file_id": "file_1"}, "'container_upload' content block"),
+        ({"type": "hologram", "data": "?"}, "'hologram' content block"),
+        ({"type": "image", "source": {"type": "file", "file_id": "file_2"}}, "image with a 'file' source"),
+    ],
+)
+def test_a_block_nothing_can_carry_is_a_400_naming_it(kind: str, block: dict, named: str) -> None:
+    with pytest.raises(terraphim_proxy.ProxyError) as caught:
+        upstream_texts(kind, [{"role": "user", "content": [block]}])
+    assert caught.value.status == 400 and named in caught.value.message and kind in caught.value.message
+
+
+def test_a_pdf_is_refused_for_ollama_and_a_text_document_is_its_text() -> None:
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    with pytest.raises(terraphim_proxy.ProxyError, match="document with a 'base64' source"):
+        upstream_texts("ollama", [{"role": "user", "content": [pdf]}])
+    note = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "A."}}
+    assert "Notes\\n\\nA." in upstream_texts("ollama", [{"role": "user", "content": [note]}])
+
+
+async def test_an_unknown_block_is_a_400_before_any_upstream_request(
+    openai_upstream: OpenAIStandIn, http: aiohttp.ClientSession, openai_proxy_url: str
+) -> None:
+    body = {**openai_body("openai,gpt-4o"), "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", body)
+    assert answer.status == 400, answer.text
+    assert answer.error()["type"] == "invalid_request_error" and "'hologram' content block" in answer.error()["message"]
+    assert openai_upstream.chat == []
