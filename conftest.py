@@ -522,11 +522,11 @@ GEMINI_LITE_MODEL = "gemini-2.5-flash-lite"
 GEMINI2_MODEL = "gemini-2.0-flash"  # takes only the `parameters` subset
 GEMINI_KNOWN_MODELS = frozenset({GEMINI_MODEL, GEMINI3_MODEL, GEMINI_FLASH_MODEL, GEMINI_LITE_MODEL, GEMINI2_MODEL})
 GEMINI_THINKING_RANGES = {GEMINI_MODEL: (128, 32768), GEMINI_FLASH_MODEL: (0, 24576), GEMINI_LITE_MODEL: (512, 24576)}
-NATIVE_PIECE = 8  # characters of text per streamed line or frame
+PIECE_SIZE = 8  # characters of text per streamed line or frame
 
 
 @dataclass(frozen=True)
-class NativeCall:
+class ScriptedCall:
     name: str
     args: dict
     call_id: str = ""  # Gemini functionCall.id (Gemini 3 sends one; Ollama never does)
@@ -534,7 +534,7 @@ class NativeCall:
 
 
 @dataclass(frozen=True)
-class NativeUsage:
+class ScriptedUsage:
     prompt: int = 812
     output: int = 57
     cached: int = 0
@@ -543,17 +543,17 @@ class NativeUsage:
 
 
 @dataclass(frozen=True)
-class NativeTurn:
+class ScriptedTurn:
     text: str = ""
     thinking: str = ""
-    calls: tuple[NativeCall, ...] = ()
+    calls: tuple[ScriptedCall, ...] = ()
     finish: str = "stop"  # "stop" or "length", else a raw Gemini finishReason
     text_signature: str = ""  # Gemini thoughtSignature on the first text part
     blocked: str = ""  # Gemini promptFeedback.blockReason: no candidates at all
-    usage: NativeUsage = field(default_factory=NativeUsage)
+    usage: ScriptedUsage = field(default_factory=ScriptedUsage)
 
 
-def native_json(data: Any, indent: int | None = None) -> bytes:
+def ollama_gemini_json(data: Any, indent: int | None = None) -> bytes:
     """UTF-8 JSON as both servers send it (raw non-ASCII characters, not \\u escapes)."""
     return json.dumps(data, ensure_ascii=False, indent=indent).encode()
 
@@ -575,7 +575,7 @@ def ollama_line(model: str, message: dict, done: bool = False) -> dict:
     }
 
 
-def ollama_final(turn: NativeTurn, model: str, message: dict | None = None) -> dict:
+def ollama_final(turn: ScriptedTurn, model: str, message: dict | None = None) -> dict:
     counts = {"prompt_eval_count": turn.usage.prompt, "prompt_eval_duration": 3456789}
     counts |= {"eval_count": turn.usage.output, "eval_duration": 5678901}
     return {
@@ -587,11 +587,11 @@ def ollama_final(turn: NativeTurn, model: str, message: dict | None = None) -> d
     }
 
 
-def ollama_calls(turn: NativeTurn) -> list[dict]:
+def ollama_calls(turn: ScriptedTurn) -> list[dict]:
     return [{"function": {"name": call.name, "arguments": call.args}} for call in turn.calls]
 
 
-def ollama_lines(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> list[dict]:
+def ollama_lines(turn: ScriptedTurn, model: str, size: int = PIECE_SIZE) -> list[dict]:
     """Thinking and text in pieces, every tool call in one line (as Ollama sends them), then `done`."""
     lines = [ollama_line(model, {"thinking": piece}) for piece in pieces(turn.thinking, size)]
     lines += [ollama_line(model, {"content": piece}) for piece in pieces(turn.text, size)]
@@ -600,7 +600,7 @@ def ollama_lines(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> list
     return [*lines, ollama_final(turn, model)]
 
 
-def ollama_whole(turn: NativeTurn, model: str) -> dict:
+def ollama_whole(turn: ScriptedTurn, model: str) -> dict:
     message: dict = {"content": turn.text}
     if turn.thinking:
         message["thinking"] = turn.thinking
@@ -609,7 +609,7 @@ def ollama_whole(turn: NativeTurn, model: str) -> dict:
     return ollama_final(turn, model, message)
 
 
-def gemini_parts(turn: NativeTurn, split: bool, size: int = NATIVE_PIECE) -> list[dict]:
+def gemini_parts(turn: ScriptedTurn, split: bool, size: int = PIECE_SIZE) -> list[dict]:
     cut = functools.partial(pieces, size=size) if split else (lambda text: [text] if text else [])
     parts = [{"text": piece, "thought": True} for piece in cut(turn.thinking)]
     texts = [{"text": piece} for piece in cut(turn.text)]
@@ -622,7 +622,7 @@ def gemini_parts(turn: NativeTurn, split: bool, size: int = NATIVE_PIECE) -> lis
     return parts
 
 
-def gemini_usage_metadata(usage: NativeUsage, final: bool) -> dict:
+def gemini_usage_metadata(usage: ScriptedUsage, final: bool) -> dict:
     details = {"promptTokensDetails": [{"modality": "TEXT", "tokenCount": usage.prompt}]}
     if not final:
         return {"promptTokenCount": usage.prompt, "totalTokenCount": usage.prompt, **details}
@@ -655,12 +655,12 @@ def gemini_candidate(parts: list[dict], finish: str | None = None) -> dict:
     return {**candidate, "index": 0}
 
 
-def gemini_blocked(turn: NativeTurn, model: str) -> dict:
+def gemini_blocked(turn: ScriptedTurn, model: str) -> dict:
     feedback = {"blockReason": turn.blocked, "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT"}]}
     return {"promptFeedback": feedback, **gemini_response(model, None, gemini_usage_metadata(turn.usage, True))}
 
 
-def gemini_chunks(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> list[dict]:
+def gemini_chunks(turn: ScriptedTurn, model: str, size: int = PIECE_SIZE) -> list[dict]:
     """One part per chunk (function calls whole), then a chunk with the finishReason and the full usage."""
     if turn.blocked:
         return [gemini_blocked(turn, model)]
@@ -672,7 +672,7 @@ def gemini_chunks(turn: NativeTurn, model: str, size: int = NATIVE_PIECE) -> lis
     return [*chunks, final]
 
 
-def gemini_whole(turn: NativeTurn, model: str) -> dict:
+def gemini_whole(turn: ScriptedTurn, model: str) -> dict:
     if turn.blocked:
         return gemini_blocked(turn, model)
     finish = GEMINI_FINISH.get(turn.finish, turn.finish)
@@ -681,15 +681,15 @@ def gemini_whole(turn: NativeTurn, model: str) -> dict:
 
 
 def ollama_event(data: dict) -> bytes:
-    return native_json(data) + b"\n"
+    return ollama_gemini_json(data) + b"\n"
 
 
 def gemini_event(data: dict) -> bytes:
-    return b"data: " + native_json(data) + b"\r\n\r\n"
+    return b"data: " + ollama_gemini_json(data) + b"\r\n\r\n"
 
 
 @dataclass
-class NativeReply:
+class OllamaGeminiReply:
     """A scripted answer: a whole body, or a streamed one (`segments`; None marks a pause until `release`)."""
 
     status: int = 200
@@ -699,20 +699,20 @@ class NativeReply:
     reset: bool = False  # drop the connection at the end instead of finishing the body
 
 
-def native_split_point(event: bytes) -> int:
+def split_point(event: bytes) -> int:
     """Where to pause inside an event: inside its first multi-byte character, else before its last byte."""
     high = next((i for i, byte in enumerate(event) if byte >= 0x80), None)
     return high + 1 if high is not None else len(event) - 1
 
 
-def native_stream_reply(events: list[bytes], content_type: str, reset: bool = False) -> NativeReply:
+def stream_reply(events: list[bytes], content_type: str, reset: bool = False) -> OllamaGeminiReply:
     """The events as one streamed body that pauses in the middle of the second event."""
     data = b"".join(events)
     segments: list[bytes | None] = [data]
     if len(events) >= 2:
-        at = len(events[0]) + native_split_point(events[1])
+        at = len(events[0]) + split_point(events[1])
         segments = [data[:at], None, data[at:]]
-    return NativeReply(content_type=content_type, segments=segments, reset=reset)
+    return OllamaGeminiReply(content_type=content_type, segments=segments, reset=reset)
 
 
 GEMINI_PATH = re.compile(r"/v1beta/models/([^/:]+):(generateContent|streamGenerateContent)")
@@ -724,36 +724,38 @@ def gemini_target(path: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def native_events(provider: str, received: Received, turn: NativeTurn) -> list[bytes]:
+def ollama_gemini_events(provider: str, received: Received, turn: ScriptedTurn) -> list[bytes]:
     if provider == "ollama":
         return [ollama_event(line) for line in ollama_lines(turn, received.body["model"])]
     return [gemini_event(chunk) for chunk in gemini_chunks(turn, gemini_target(received.path)[0])]
 
 
-def native_error_event(provider: str, message: str) -> bytes:
+def ollama_gemini_error_event(provider: str, message: str) -> bytes:
     if provider == "ollama":
         return ollama_event({"error": message})
     return gemini_event({"error": {"code": 503, "message": message, "status": "UNAVAILABLE"}})
 
 
-def native_is_stream(provider: str, received: Received) -> bool:
+def is_stream(provider: str, received: Received) -> bool:
     if provider == "ollama":
         return received.body.get("stream", True) is not False  # Ollama streams unless told not to
     return gemini_target(received.path)[1] == "streamGenerateContent"
 
 
-def native_reply(provider: str, received: Received, turn: NativeTurn, cut: str = "") -> NativeReply:
-    """Answer `turn` in the provider's wire format; `cut` breaks it (see NATIVE_CUTS)."""
-    if not native_is_stream(provider, received):
+def ollama_gemini_reply(provider: str, received: Received, turn: ScriptedTurn, cut: str = "") -> OllamaGeminiReply:
+    """Answer `turn` in the provider's wire format; `cut` breaks it (see STREAM_CUTS)."""
+    if not is_stream(provider, received):
         if provider == "ollama":
-            return NativeReply(body=native_json(ollama_whole(turn, received.body["model"])), reset=cut == "reset")
-        body = native_json(gemini_whole(turn, gemini_target(received.path)[0]), indent=2)
-        return NativeReply(body=body, content_type=GEMINI_JSON, reset=cut == "reset")
-    events = native_events(provider, received, turn)
+            return OllamaGeminiReply(
+                body=ollama_gemini_json(ollama_whole(turn, received.body["model"])), reset=cut == "reset"
+            )
+        body = ollama_gemini_json(gemini_whole(turn, gemini_target(received.path)[0]), indent=2)
+        return OllamaGeminiReply(body=body, content_type=GEMINI_JSON, reset=cut == "reset")
+    events = ollama_gemini_events(provider, received, turn)
     if provider == "gemini" and received.query.get("alt") != "sse":  # without alt=sse: one JSON array
         chunks = [json.loads(event[6:]) for event in events]
-        return NativeReply(body=native_json(chunks, indent=2), content_type=GEMINI_JSON)
-    error = native_error_event(provider, "upstream went away: unexpected EOF")
+        return OllamaGeminiReply(body=ollama_gemini_json(chunks, indent=2), content_type=GEMINI_JSON)
+    error = ollama_gemini_error_event(provider, "upstream went away: unexpected EOF")
     events = {
         "": events,
         "eof": events[:-1],
@@ -762,22 +764,22 @@ def native_reply(provider: str, received: Received, turn: NativeTurn, cut: str =
         "error": [*events[:-1], error],
         "error-first": [error],
     }[cut]
-    return native_stream_reply(events, OLLAMA_NDJSON if provider == "ollama" else GEMINI_SSE, reset=cut == "reset")
+    return stream_reply(events, OLLAMA_NDJSON if provider == "ollama" else GEMINI_SSE, reset=cut == "reset")
 
 
-def ollama_error(status: int, message: str) -> NativeReply:
-    return NativeReply(status, native_json({"error": message}))
+def ollama_error(status: int, message: str) -> OllamaGeminiReply:
+    return OllamaGeminiReply(status, ollama_gemini_json({"error": message}))
 
 
-def gemini_error(status: int, message: str, code: str) -> NativeReply:
-    body = native_json({"error": {"code": status, "message": message, "status": code}}, indent=2)
-    return NativeReply(status, body, GEMINI_JSON)
+def gemini_error(status: int, message: str, code: str) -> OllamaGeminiReply:
+    body = ollama_gemini_json({"error": {"code": status, "message": message, "status": code}}, indent=2)
+    return OllamaGeminiReply(status, body, GEMINI_JSON)
 
 
-def ollama_check(received: Received) -> NativeReply | None:
+def ollama_check(received: Received) -> OllamaGeminiReply | None:
     """What Ollama refuses: unknown paths and models, string tool arguments, bad base64 images."""
     if (received.method, received.path) != ("POST", "/api/chat"):
-        return NativeReply(404, b"404 page not found", "text/plain")
+        return OllamaGeminiReply(404, b"404 page not found", "text/plain")
     body = received.body
     if not isinstance(body, dict) or not body.get("model"):
         return ollama_error(400, "model is required")
@@ -917,12 +919,12 @@ def gemini_thinking_problem(config: dict, model: str) -> str | None:
     return None
 
 
-def gemini_check(received: Received) -> NativeReply | None:
+def gemini_check(received: Received) -> OllamaGeminiReply | None:
     """What Gemini refuses: a wrong key, an unknown model, and the request problems above."""
     match = GEMINI_PATH.fullmatch(received.path)
     if received.method != "POST" or not match:
         page = b"<!DOCTYPE html><html lang=en><title>Error 404 (Not Found)!!1</title></html>"
-        return NativeReply(404, page, "text/html; charset=UTF-8")
+        return OllamaGeminiReply(404, page, "text/html; charset=UTF-8")
     if received.headers.get("x-goog-api-key") != GEMINI_KEY:
         return gemini_error(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT")
     model, method = match.groups()
@@ -933,28 +935,28 @@ def gemini_check(received: Received) -> NativeReply | None:
     return gemini_error(400, problem, "INVALID_ARGUMENT") if problem else None
 
 
-NATIVE_CHECKS: dict[str, Callable[[Received], NativeReply | None]] = {
+STRICT_CHECKS: dict[str, Callable[[Received], OllamaGeminiReply | None]] = {
     "ollama": ollama_check,
     "gemini": gemini_check,
 }
 
 
-class NativeStandIn(StandInServer):
+class OllamaGeminiStandIn(StandInServer):
     """A local Ollama or Gemini API: validates each request and answers from a script."""
 
     def __init__(self, provider: str) -> None:
         super().__init__()
         self.provider = provider
-        self.answer: Callable[[Received], NativeReply] = lambda received: native_reply(
-            provider, received, NativeTurn(text="ok")
+        self.answer: Callable[[Received], OllamaGeminiReply] = lambda received: ollama_gemini_reply(
+            provider, received, ScriptedTurn(text="ok")
         )
         self.pause = True  # pause streams mid-event until `release` (clients that cannot release set it False)
 
-    def answer_turn(self, turn: NativeTurn, cut: str = "") -> None:
-        self.answer = lambda received: native_reply(self.provider, received, turn, cut)
+    def answer_turn(self, turn: ScriptedTurn, cut: str = "") -> None:
+        self.answer = lambda received: ollama_gemini_reply(self.provider, received, turn, cut)
 
     async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
-        reply = NATIVE_CHECKS[self.provider](received) or self.answer(received)
+        reply = STRICT_CHECKS[self.provider](received) or self.answer(received)
         if reply.segments is None and not reply.reset:
             return web.Response(status=reply.status, body=reply.body, headers={"content-type": reply.content_type})
         self.release.clear()
@@ -995,7 +997,7 @@ ANTHROPIC_ERROR_TYPES = {  # the error type Anthropic's API sends with each stat
     504: "timeout_error",
     529: "overloaded_error",
 }
-REL_TEXT = "Hello from the reliability stand-in."
+SCRIPTED_TEXT = "Hello from the reliability stand-in."
 
 
 STREAM_TYPES = {
@@ -1007,7 +1009,7 @@ STREAM_TYPES = {
 
 
 def text_stream_parts(
-    kind: str, model: str, text: str = REL_TEXT, size: int = 8, include_usage: bool = False
+    kind: str, model: str, text: str = SCRIPTED_TEXT, size: int = 8, include_usage: bool = False
 ) -> list[bytes]:
     """A streamed answer in `kind`'s format, `size` characters of text per delta, one write per delta; the first
     write already carries the first piece. `include_usage`: an OpenAI stream ends with a usage chunk, as
@@ -1028,13 +1030,13 @@ def text_stream_parts(
             )
         frames = openai_sse([*chunks, *ending], model)
         return [*frames[:count], b"".join(frames[count:])]
-    turn = NativeTurn(text=text)
+    turn = ScriptedTurn(text=text)
     if kind == "gemini":
         return [gemini_event(chunk) for chunk in gemini_chunks(turn, model, size)]
     return [ollama_event(line) for line in ollama_lines(turn, model, size)]
 
 
-def text_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
+def text_answer(kind: str, model: str, text: str = SCRIPTED_TEXT) -> dict:
     """A whole (non-streamed) answer in `kind`'s format."""
     if kind == "anthropic":
         return anthropic_message(model, [{"type": "text", "text": text}], output_tokens=3)
@@ -1042,11 +1044,11 @@ def text_answer(kind: str, model: str, text: str = REL_TEXT) -> dict:
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         return {**openai_completion({"content": text}, "stop", usage), "model": model}
     if kind == "gemini":
-        return gemini_whole(NativeTurn(text=text), model)
-    return ollama_whole(NativeTurn(text=text), model)
+        return gemini_whole(ScriptedTurn(text=text), model)
+    return ollama_whole(ScriptedTurn(text=text), model)
 
 
-def rel_error_json(kind: str, status: int, text: str) -> dict:
+def error_json_of(kind: str, status: int, text: str) -> dict:
     """An error body as each provider writes it."""
     if kind == "anthropic":
         return anthropic_error(status, ANTHROPIC_ERROR_TYPES.get(status, "api_error"), text).json
@@ -1057,21 +1059,21 @@ def rel_error_json(kind: str, status: int, text: str) -> dict:
     return {"error": text}
 
 
-async def rel_ok(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+async def answer_ok(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Answer as the real API would: a stream when one was asked for, else a whole answer."""
     if seen.stream:
         return await up.write_parts(request, STREAM_TYPES[seen.kind], text_stream_parts(seen.kind, seen.model))
     return web.json_response(text_answer(seen.kind, seen.model))
 
 
-def rel_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> Script:
+def answer_status(status: int, headers: Mapping[str, str] | None = None, text: str = "upstream says no") -> Script:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        return web.json_response(rel_error_json(seen.kind, status, text), status=status, headers=headers)
+        return web.json_response(error_json_of(seen.kind, status, text), status=status, headers=headers)
 
     return script
 
 
-def rel_sequence(*scripts: Script) -> Script:
+def script_sequence(*scripts: Script) -> Script:
     """The i-th request gets scripts[i]; the last script answers every later one."""
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
@@ -1085,49 +1087,54 @@ def rel_sequence(*scripts: Script) -> Script:
 # ---------------------------------------------------------------------------
 
 
-ECO_USAGE = {"input_tokens": 10, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2, "output_tokens": 7}
+SCRIPTED_USAGE = {
+    "input_tokens": 10,
+    "cache_read_input_tokens": 3,
+    "cache_creation_input_tokens": 2,
+    "output_tokens": 7,
+}
 
 
 @dataclass
-class EcoAnswer:
+class ScriptedAnswer:
     """One scripted answer, written in the wire format of whichever API was called."""
 
     text: str = STANDIN_TEXT
     tools: list[tuple[str, str, dict]] = field(default_factory=list)  # (id, name, input) per call
-    usage: dict = field(default_factory=lambda: dict(ECO_USAGE))
+    usage: dict = field(default_factory=lambda: dict(SCRIPTED_USAGE))
     status: int = 200
     error_type: str = "api_error"
     failure: str = ""  # streams only: "cut" ends the stream after the first text; "error" sends an error there
     hold: bool = False  # streams only: pause after the first text until `release` is set
 
 
-def eco_pieces(text: str) -> list[str]:
+def two_pieces(text: str) -> list[str]:
     """Text in two deltas, so a failure can come between them."""
     return pieces(text, max(1, -(-len(text) // 2)))
 
 
-def eco_content(answer: EcoAnswer) -> list[dict]:
+def scripted_content(answer: ScriptedAnswer) -> list[dict]:
     content: list[dict] = [{"type": "text", "text": answer.text}] if answer.text else []
     return content + [{"type": "tool_use", "id": i, "name": name, "input": args} for i, name, args in answer.tools]
 
 
-def eco_stop_reason(answer: EcoAnswer) -> str:
+def scripted_stop_reason(answer: ScriptedAnswer) -> str:
     return "tool_use" if answer.tools else "end_turn"
 
 
-def eco_anthropic_message(model: str, answer: EcoAnswer) -> dict:
-    return {**anthropic_message(model, eco_content(answer), eco_stop_reason(answer)), "usage": answer.usage}
+def scripted_anthropic_message(model: str, answer: ScriptedAnswer) -> dict:
+    return {**anthropic_message(model, scripted_content(answer), scripted_stop_reason(answer)), "usage": answer.usage}
 
 
-def eco_anthropic_stream(model: str, answer: EcoAnswer) -> tuple[list[bytes], list[bytes]]:
+def scripted_anthropic_stream(model: str, answer: ScriptedAnswer) -> tuple[list[bytes], list[bytes]]:
     """The SSE frames before the failure point (just after the first text delta) and after it."""
     size = max(1, -(-len(answer.text) // 2))
-    frames = stream_frames(model, eco_content(answer), eco_stop_reason(answer), size=size, usage=answer.usage)
+    frames = stream_frames(model, scripted_content(answer), scripted_stop_reason(answer), size=size, usage=answer.usage)
     cut = next((i + 1 for i, frame in enumerate(frames) if b'"text_delta"' in frame), len(frames))
     return frames[:cut], frames[cut:]
 
 
-def eco_openai_usage(usage: dict) -> dict:
+def scripted_openai_usage(usage: dict) -> dict:
     prompt = usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
     return {
         "prompt_tokens": prompt,
@@ -1137,39 +1144,39 @@ def eco_openai_usage(usage: dict) -> dict:
     }
 
 
-def eco_openai_chunks(answer: EcoAnswer) -> list[dict]:
+def scripted_openai_chunks(answer: ScriptedAnswer) -> list[dict]:
     """The chunks of the answer, text in two deltas and each call's arguments in two."""
-    text = eco_pieces(answer.text) if answer.text else []
+    text = two_pieces(answer.text) if answer.text else []
     chunks = [openai_chunk({"role": "assistant", "content": ""})] + [openai_chunk({"content": p}) for p in text]
     for index, (tool_id, name, tool_input) in enumerate(answer.tools):
         chunks.append(openai_chunk(openai_tools_delta(openai_call(index, tool_id, name, ""))))
-        for piece in eco_pieces(json.dumps(tool_input)):
+        for piece in two_pieces(json.dumps(tool_input)):
             chunks.append(openai_chunk(openai_tools_delta(openai_call(index, args=piece))))
     finish = "tool_calls" if answer.tools else "stop"
-    return [*chunks, openai_chunk({}, finish), openai_chunk(usage=eco_openai_usage(answer.usage))]
+    return [*chunks, openai_chunk({}, finish), openai_chunk(usage=scripted_openai_usage(answer.usage))]
 
 
-def eco_openai_completion(model: str, answer: EcoAnswer) -> dict:
-    return {**openai_fold(eco_openai_chunks(answer)), "model": model}
+def scripted_openai_completion(model: str, answer: ScriptedAnswer) -> dict:
+    return {**openai_fold(scripted_openai_chunks(answer)), "model": model}
 
 
-def eco_openai_stream(model: str, answer: EcoAnswer, include_usage: bool) -> tuple[list[bytes], list[bytes]]:
+def scripted_openai_stream(model: str, answer: ScriptedAnswer, include_usage: bool) -> tuple[list[bytes], list[bytes]]:
     """The SSE frames before the failure point (just after the first text delta) and after it; the usage chunk
     only when stream_options asked for it."""
-    chunks = eco_openai_chunks(answer)
+    chunks = scripted_openai_chunks(answer)
     frames = openai_sse(chunks if include_usage else chunks[:-1], model)
     cut = 2 if answer.text else 1  # the role chunk, then the first text delta
     return frames[:cut], frames[cut:]
 
 
-class EcoUpstream(StandInServer):
+class ModelScriptedUpstream(StandInServer):
     """A local upstream speaking Anthropic Messages and OpenAI chat completions; scripted per upstream model."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.scripts: dict[str, list[EcoAnswer]] = {}
+        self.scripts: dict[str, list[ScriptedAnswer]] = {}
 
-    def queue(self, model: str, *answers: EcoAnswer) -> None:
+    def queue(self, model: str, *answers: ScriptedAnswer) -> None:
         """Answers for the next requests for `model`, in order; then the default answer."""
         self.scripts[model] = list(answers)
 
@@ -1177,14 +1184,14 @@ class EcoUpstream(StandInServer):
         body = received.body
         model = (body or {}).get("model", "")
         queue = self.scripts.get(model) or []
-        answer = queue.pop(0) if queue else EcoAnswer()
+        answer = queue.pop(0) if queue else ScriptedAnswer()
         if request.method == "POST" and request.path == "/v1/messages":
             if answer.status != 200:
                 error = anthropic_error(answer.status, answer.error_type, f"scripted {answer.status}").json
                 return web.json_response(error, status=answer.status)
             if not body.get("stream"):
-                return web.json_response(eco_anthropic_message(model, answer))
-            head, tail = eco_anthropic_stream(model, answer)
+                return web.json_response(scripted_anthropic_message(model, answer))
+            head, tail = scripted_anthropic_stream(model, answer)
             error = sse("error", error={"type": "overloaded_error", "message": "scripted mid-stream failure"})
             return await self.stream(request, answer, head, tail, error)
         if request.method == "POST" and request.path.endswith("/chat/completions"):
@@ -1192,15 +1199,15 @@ class EcoUpstream(StandInServer):
                 error = openai_error_body(f"scripted {answer.status}", answer.error_type)
                 return web.json_response(error, status=answer.status)
             if not body.get("stream"):
-                return web.json_response(eco_openai_completion(model, answer))
+                return web.json_response(scripted_openai_completion(model, answer))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            head, tail = eco_openai_stream(model, answer, include_usage)
+            head, tail = scripted_openai_stream(model, answer, include_usage)
             error = sse_data({"error": {"message": "scripted mid-stream failure", "type": "server_error"}})
             return await self.stream(request, answer, head, tail, error)
         return web.json_response({"error": {"message": f"no route {request.path}"}}, status=404)
 
     async def stream(
-        self, request: web.Request, answer: EcoAnswer, head: list[bytes], tail: list[bytes], error: bytes
+        self, request: web.Request, answer: ScriptedAnswer, head: list[bytes], tail: list[bytes], error: bytes
     ) -> web.StreamResponse:
         rest = {"error": [error], "cut": []}.get(answer.failure, tail)
         hold_at = len(head) if answer.hold else None

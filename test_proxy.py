@@ -57,7 +57,6 @@ from hypothesis import strategies as st
 
 import terraphim_proxy
 from conftest import (
-    ECO_USAGE,
     GEMINI2_MODEL,
     GEMINI3_MODEL,
     GEMINI_FINISH,
@@ -70,36 +69,38 @@ from conftest import (
     OLLAMA_JSON,
     OLLAMA_MODEL,
     OLLAMA_NDJSON,
-    REL_TEXT,
+    SCRIPTED_TEXT,
+    SCRIPTED_USAGE,
     STANDIN_COUNT,
     STANDIN_TEXT,
     STREAM_TYPES,
-    EcoAnswer,
-    EcoUpstream,
-    NativeCall,
-    NativeReply,
-    NativeStandIn,
-    NativeTurn,
-    NativeUsage,
+    ModelScriptedUpstream,
+    OllamaGeminiReply,
+    OllamaGeminiStandIn,
     OpenAIReply,
     OpenAIStandIn,
     Received,
     Reply,
     Script,
+    ScriptedAnswer,
+    ScriptedCall,
+    ScriptedTurn,
+    ScriptedUsage,
     StandIn,
     StandInServer,
     answer_message,
+    answer_ok,
+    answer_status,
     anthropic_error,
     anthropic_message,
     default_answer,
-    eco_pieces,
     gemini_camel,
     gemini_error,
     gemini_schema_problems,
-    native_is_stream,
-    native_reply,
+    is_stream,
     ollama_error,
     ollama_event,
+    ollama_gemini_reply,
     ollama_lines,
     openai_answer_text,
     openai_call,
@@ -113,16 +114,15 @@ from conftest import (
     openai_text_chunks,
     openai_tools_delta,
     pieces,
-    rel_ok,
-    rel_sequence,
-    rel_status,
     running,
+    script_sequence,
     serve_app,
     sse,
     sse_data,
     stream_frames,
     text_answer,
     text_stream_parts,
+    two_pieces,
     until_cancelled,
 )
 from terraphim_proxy import (
@@ -1751,27 +1751,27 @@ def openai_usage(message: anthropic.types.Message) -> dict:
 # ---------------------------------------------------------------------------
 
 
-OT_LONG_NAME = "mcp__some_really_long_server_name__and_an_even_longer_tool_name_that_overflows"
-OT_TOOL = {"name": "Bash", "description": "run", "input_schema": {"type": "object", "properties": {}}}
+LONG_TOOL_NAME = "mcp__some_really_long_server_name__and_an_even_longer_tool_name_that_overflows"
+BASH_TOOL_DEFINITION = {"name": "Bash", "description": "run", "input_schema": {"type": "object", "properties": {}}}
 
 
-def ot_fixture_bodies() -> list[tuple[str, dict]]:
+def openai_fixture_bodies() -> list[tuple[str, dict]]:
     bodies = [(name, load_fixture(name)["body"]) for name in fixture_names()]
     return [(name, body) for name, body in bodies if body]
 
 
-def ot_convert(body: dict, model: str = "gpt-4o", flavor: str = "openai", cap: int | None = None) -> dict:
+def openai_convert(body: dict, model: str = "gpt-4o", flavor: str = "openai", cap: int | None = None) -> dict:
     return anthropic_to_openai_request({"max_tokens": 100, **body}, model, flavor, cap)
 
 
-def ot_user(*blocks: dict | str) -> dict:
+def user_blocks(*blocks: dict | str) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": b} if isinstance(b, str) else b for b in blocks]}
 
 
-OT_PNG = {"type": "base64", "media_type": "image/png", "data": "iVBOR"}
+PNG_SOURCE = {"type": "base64", "media_type": "image/png", "data": "iVBOR"}
 
 
-def ot_assert_wellformed(messages: list[dict]) -> None:
+def assert_wellformed(messages: list[dict]) -> None:
     """Every tool_call is answered by the tool messages right after it; no orphans; no empty text."""
     pending: list[str] = []
     for message in messages:
@@ -1785,12 +1785,12 @@ def ot_assert_wellformed(messages: list[dict]) -> None:
     assert not pending
 
 
-def ot_only_tool_results(message: dict) -> bool:
+def only_tool_results(message: dict) -> bool:
     content = message["content"]
     return isinstance(content, list) and bool(content) and all(b["type"] == "tool_result" for b in content)
 
 
-def ot_texts_of(body: dict) -> list[str]:
+def texts_of(body: dict) -> list[str]:
     """All non-empty Anthropic text that must survive translation."""
     found = [b["text"] for b in body.get("system") or [] if b.get("text")]
     for message in body["messages"]:
@@ -1806,17 +1806,15 @@ def ot_texts_of(body: dict) -> list[str]:
 @pytest.mark.parametrize(
     "flavor,model", [("openai", "gpt-5"), ("openrouter", "anthropic/x"), ("deepseek", "deepseek-v4-pro")]
 )
-@pytest.mark.parametrize("name,body", ot_fixture_bodies(), ids=[n for n, _ in ot_fixture_bodies()])
+@pytest.mark.parametrize("name,body", openai_fixture_bodies(), ids=[n for n, _ in openai_fixture_bodies()])
 def test_openai_request_of_every_fixture(name: str, body: dict, flavor: str, model: str) -> None:
     payload = anthropic_to_openai_request(body, model, flavor, 8192)
     messages = payload["messages"]
-    ot_assert_wellformed(messages)
-    expected = ["system"] * bool(body.get("system")) + [
-        m["role"] for m in body["messages"] if not ot_only_tool_results(m)
-    ]
+    assert_wellformed(messages)
+    expected = ["system"] * bool(body.get("system")) + [m["role"] for m in body["messages"] if not only_tool_results(m)]
     assert [m["role"] for m in messages if m["role"] != "tool"] == expected
     dump = json.dumps(messages, ensure_ascii=False)
-    for text in ot_texts_of(body):
+    for text in texts_of(body):
         assert json.dumps(text, ensure_ascii=False)[1:-1] in dump
     tool_uses = [
         b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_use"
@@ -1843,9 +1841,9 @@ def test_openai_system_prompt_and_mid_conversation_system_message() -> None:
             {"type": "text", "text": "A"},
             {"type": "text", "text": "B", "cache_control": {"type": "ephemeral"}},
         ],
-        "messages": [ot_user("hi"), {"role": "system", "content": "note"}, {"role": "assistant", "content": "yo"}],
+        "messages": [user_blocks("hi"), {"role": "system", "content": "note"}, {"role": "assistant", "content": "yo"}],
     }
-    messages = ot_convert(body)["messages"]
+    messages = openai_convert(body)["messages"]
     assert messages == [
         {"role": "system", "content": "A\n\nB"},
         {"role": "user", "content": "hi"},
@@ -1861,10 +1859,10 @@ def test_openai_system_prompt_and_mid_conversation_system_message() -> None:
 def test_openai_user_content_kinds() -> None:
     body = {
         "messages": [
-            ot_user(
+            user_blocks(
                 "",
                 "look",
-                {"type": "image", "source": OT_PNG},
+                {"type": "image", "source": PNG_SOURCE},
                 {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
                 {
                     "type": "document",
@@ -1875,7 +1873,7 @@ def test_openai_user_content_kinds() -> None:
             )
         ]
     }
-    assert ot_convert(body)["messages"][0]["content"] == [
+    assert openai_convert(body)["messages"][0]["content"] == [
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
         {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
@@ -1887,16 +1885,16 @@ def test_openai_user_content_kinds() -> None:
 def test_openai_tool_calls_and_results_order() -> None:
     body = {
         "messages": [
-            ot_user("go"),
+            user_blocks("go"),
             {"role": "assistant", "content": [tool_use("toolu_a", command="ls"), tool_use("call_b", "Read", path="x")]},
-            ot_user(
+            user_blocks(
                 tool_result("call_b", [{"type": "text", "text": "file"}]),
                 "and then?",
                 tool_result("toolu_a", "boom", is_error=True),
             ),
         ]
     }
-    messages = ot_convert(body)["messages"]
+    messages = openai_convert(body)["messages"]
     assert messages[1] == {
         "role": "assistant",
         "content": None,
@@ -1916,13 +1914,13 @@ def test_openai_images_in_tool_results_move_to_user_message() -> None:
     body = {
         "messages": [
             {"role": "assistant", "content": [{"type": "text", "text": "shot"}, tool_use("toolu_s")]},
-            ot_user(
-                tool_result("toolu_s", [{"type": "text", "text": "screen"}, {"type": "image", "source": OT_PNG}]),
+            user_blocks(
+                tool_result("toolu_s", [{"type": "text", "text": "screen"}, {"type": "image", "source": PNG_SOURCE}]),
                 "next",
             ),
         ]
     }
-    messages = ot_convert(body)["messages"]
+    messages = openai_convert(body)["messages"]
     assert messages[0]["content"] == "shot"
     assert messages[1]["role"] == "tool" and messages[1]["content"].startswith("screen\n[1 attachment")
     assert messages[2] == {
@@ -1937,13 +1935,13 @@ def test_openai_images_in_tool_results_move_to_user_message() -> None:
 def test_openai_orphan_tool_result_becomes_text_and_consecutive_roles_merge() -> None:
     body = {
         "messages": [
-            ot_user("a"),
-            ot_user(tool_result("toolu_gone", "old")),
+            user_blocks("a"),
+            user_blocks(tool_result("toolu_gone", "old")),
             {"role": "assistant", "content": "x"},
             {"role": "assistant", "content": "y"},
         ]
     }
-    messages = ot_convert(body)["messages"]
+    messages = openai_convert(body)["messages"]
     assert messages == [
         {"role": "user", "content": "a\n\n[result of tool call toolu_gone]\nold"},
         {"role": "assistant", "content": "x\n\ny"},
@@ -1958,33 +1956,33 @@ def test_openai_thinking_per_provider_type() -> None:
     def turn(block: dict) -> dict:
         return {
             "messages": [
-                ot_user("q"),
+                user_blocks("q"),
                 {"role": "assistant", "content": [block, tool_use("toolu_1")]},
-                ot_user(tool_result("toolu_1")),
+                user_blocks(tool_result("toolu_1")),
             ]
         }
 
-    assert "reasoning_content" not in ot_convert(turn(thinking))["messages"][1]
-    assert ot_convert(turn(thinking), "deepseek-v4-flash", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
-    assert ot_convert(turn(thinking), "deepseek-reasoner", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
-    assert "reasoning_content" not in ot_convert(turn(thinking), "deepseek-r1", "deepseek")["messages"][1]
+    assert "reasoning_content" not in openai_convert(turn(thinking))["messages"][1]
+    assert openai_convert(turn(thinking), "deepseek-v4-flash", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
+    assert openai_convert(turn(thinking), "deepseek-reasoner", "deepseek")["messages"][1]["reasoning_content"] == "hmm"
+    assert "reasoning_content" not in openai_convert(turn(thinking), "deepseek-r1", "deepseek")["messages"][1]
     off = {**turn(thinking), "thinking": {"type": "disabled"}}
-    assert "reasoning_content" not in ot_convert(off, "deepseek-v4-flash", "deepseek")["messages"][1]
-    no_thinking = ot_convert(turn({"type": "text", "text": "t"}), "deepseek-v4-flash", "deepseek")["messages"][1]
+    assert "reasoning_content" not in openai_convert(off, "deepseek-v4-flash", "deepseek")["messages"][1]
+    no_thinking = openai_convert(turn({"type": "text", "text": "t"}), "deepseek-v4-flash", "deepseek")["messages"][1]
     assert no_thinking["reasoning_content"] == ""
-    assert ot_convert(turn(routed), "anthropic/claude", "openrouter")["messages"][1]["reasoning_details"] == details
-    assert "reasoning_details" not in ot_convert(turn(thinking), "anthropic/claude", "openrouter")["messages"][1]
-    redacted = ot_convert(turn({"type": "redacted_thinking", "data": "xx"}))["messages"][1]
+    assert openai_convert(turn(routed), "anthropic/claude", "openrouter")["messages"][1]["reasoning_details"] == details
+    assert "reasoning_details" not in openai_convert(turn(thinking), "anthropic/claude", "openrouter")["messages"][1]
+    redacted = openai_convert(turn({"type": "redacted_thinking", "data": "xx"}))["messages"][1]
     assert set(redacted) == {"role", "content", "tool_calls"}
 
 
 def test_openai_server_tools_and_web_search_results() -> None:
     search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
     body = {
-        "tools": [OT_TOOL, search],
+        "tools": [BASH_TOOL_DEFINITION, search],
         "tool_choice": {"type": "tool", "name": "web_search"},
         "messages": [
-            ot_user("news?"),
+            user_blocks("news?"),
             {
                 "role": "assistant",
                 "content": [
@@ -2001,37 +1999,41 @@ def test_openai_server_tools_and_web_search_results() -> None:
             },
         ],
     }
-    routed = ot_convert(body, "perplexity/sonar", "openrouter")
+    routed = openai_convert(body, "perplexity/sonar", "openrouter")
     assert routed["plugins"] == [{"id": "web"}]
     assert [t["function"]["name"] for t in routed["tools"]] == ["Bash"]
     assert "tool_choice" not in routed
-    plain = ot_convert(body)
+    plain = openai_convert(body)
     assert "plugins" not in plain and len(plain["tools"]) == 1
     searched = '[web_search was called with {"query": "q"}]'
     assert plain["messages"][1]["content"] == f"{searched}\n\n[web search results]\n- N (https://n)\n\nHere."
-    only_server = ot_convert({"tools": [search], "messages": [ot_user("x")]}, "gpt-4o")
+    only_server = openai_convert({"tools": [search], "messages": [user_blocks("x")]}, "gpt-4o")
     assert "tools" not in only_server and "tool_choice" not in only_server
 
 
 def test_openai_tool_names_shortened_and_restored() -> None:
     odd = "Server.Tool:Run"
     body = {
-        "tools": [{**OT_TOOL, "name": OT_LONG_NAME}, {**OT_TOOL, "name": odd}, OT_TOOL],
-        "tool_choice": {"type": "tool", "name": OT_LONG_NAME},
+        "tools": [
+            {**BASH_TOOL_DEFINITION, "name": LONG_TOOL_NAME},
+            {**BASH_TOOL_DEFINITION, "name": odd},
+            BASH_TOOL_DEFINITION,
+        ],
+        "tool_choice": {"type": "tool", "name": LONG_TOOL_NAME},
         "messages": [
-            ot_user("x"),
-            {"role": "assistant", "content": [tool_use("toolu_1", OT_LONG_NAME)]},
-            ot_user(tool_result("toolu_1")),
+            user_blocks("x"),
+            {"role": "assistant", "content": [tool_use("toolu_1", LONG_TOOL_NAME)]},
+            user_blocks(tool_result("toolu_1")),
         ],
     }
-    payload = ot_convert(body)
+    payload = openai_convert(body)
     names = [t["function"]["name"] for t in payload["tools"]]
     assert all(re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", n) for n in names)
     assert names[2] == "Bash" and names[1].startswith("Server_Tool_Run_")
-    assert names[0] == openai_tool_name(OT_LONG_NAME) and len(names[0]) == 64 and names[0].startswith("mcp__some")
+    assert names[0] == openai_tool_name(LONG_TOOL_NAME) and len(names[0]) == 64 and names[0].startswith("mcp__some")
     assert payload["tool_choice"] == {"type": "function", "function": {"name": names[0]}}
     assert payload["messages"][1]["tool_calls"][0]["function"]["name"] == names[0]
-    assert tool_name_map(body) == {names[0]: OT_LONG_NAME, names[1]: odd}
+    assert tool_name_map(body) == {names[0]: LONG_TOOL_NAME, names[1]: odd}
     assert openai_tool_name("MixedCase-Tool_1") == "MixedCase-Tool_1"
 
 
@@ -2053,15 +2055,19 @@ def test_openai_tool_names_shortened_and_restored() -> None:
     ],
 )
 def test_openai_tool_choice(choice: dict, flavor: str, model: str, expected: object) -> None:
-    payload = ot_convert(
-        {"tools": [OT_TOOL], "tool_choice": {**choice, "disable_parallel_tool_use": True}, "messages": [ot_user("x")]},
+    payload = openai_convert(
+        {
+            "tools": [BASH_TOOL_DEFINITION],
+            "tool_choice": {**choice, "disable_parallel_tool_use": True},
+            "messages": [user_blocks("x")],
+        },
         model,
         flavor,
     )
     assert payload["tool_choice"] == expected
     assert payload["parallel_tool_calls"] is False
-    assert "parallel_tool_calls" not in ot_convert(
-        {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}, "messages": [ot_user("x")]}
+    assert "parallel_tool_calls" not in openai_convert(
+        {"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}, "messages": [user_blocks("x")]}
     )
 
 
@@ -2077,7 +2083,7 @@ def test_openai_sampling_limits_and_identity() -> None:
         "context_management": {"edits": []},
         "container": "c",
         "service_tier": "auto",
-        "messages": [ot_user("x")],
+        "messages": [user_blocks("x")],
     }
     plain = anthropic_to_openai_request(body, "gpt-4o", "openai", 16384)
     assert plain["max_tokens"] == 16384 and plain["temperature"] == 0.3 and plain["top_p"] == 0.9
@@ -2130,28 +2136,28 @@ def test_openai_sampling_limits_and_identity() -> None:
 def test_openai_thinking_mapping(
     thinking: dict | None, effort: str | None, flavor: str, model: str, expected: dict
 ) -> None:
-    body: dict = {"messages": [ot_user("x")]}
+    body: dict = {"messages": [user_blocks("x")]}
     if thinking:
         body["thinking"] = thinking
     if effort:
         body["output_config"] = {"effort": effort}
-    payload = ot_convert(body, model, flavor)
+    payload = openai_convert(body, model, flavor)
     got = {k: payload[k] for k in ("reasoning_effort", "reasoning", "thinking") if k in payload}
     assert got == expected
 
 
 def test_openai_output_format_becomes_response_format() -> None:
     schema = {"type": "object", "properties": {"title": {"type": "string"}}}
-    body = {"output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": [ot_user("x")]}
-    assert ot_convert(body)["response_format"] == {
+    body = {"output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": [user_blocks("x")]}
+    assert openai_convert(body)["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "output", "schema": schema},
     }
-    assert "response_format" not in ot_convert(body, "deepseek-chat", "deepseek")
+    assert "response_format" not in openai_convert(body, "deepseek-chat", "deepseek")
 
 
 def test_openai_input_is_not_mutated() -> None:
-    body = ot_fixture_bodies()[1][1]
+    body = openai_fixture_bodies()[1][1]
     before = json.dumps(body, sort_keys=True)
     anthropic_to_openai_request(body, "anthropic/claude", "openrouter")
     assert json.dumps(body, sort_keys=True) == before
@@ -2178,7 +2184,7 @@ def test_openai_strip_proxy_thinking() -> None:
     body = {
         "model": "m",
         "messages": [
-            ot_user("q"),
+            user_blocks("q"),
             {"role": "assistant", "content": [ours, {"type": "text", "text": "t"}]},
             {"role": "assistant", "content": [ours]},
             {"role": "assistant", "content": [real, {"type": "text", "text": "u"}]},
@@ -2200,7 +2206,7 @@ def test_openai_strip_proxy_thinking() -> None:
 # ---------------------------------------------------------------------------
 
 
-def ot_completion(message: dict, finish: str = "stop", usage: dict | None = None) -> dict:
+def completion_payload(message: dict, finish: str = "stop", usage: dict | None = None) -> dict:
     return {
         "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
         "usage": usage or {},
@@ -2208,7 +2214,7 @@ def ot_completion(message: dict, finish: str = "stop", usage: dict | None = None
 
 
 def test_openai_response_blocks_and_usage() -> None:
-    data = ot_completion(
+    data = completion_payload(
         {
             "content": "Done.",
             "reasoning_content": "think",
@@ -2216,7 +2222,7 @@ def test_openai_response_blocks_and_usage() -> None:
                 {
                     "id": "call_1",
                     "type": "function",
-                    "function": {"name": openai_tool_name(OT_LONG_NAME), "arguments": '{"a": 1}'},
+                    "function": {"name": openai_tool_name(LONG_TOOL_NAME), "arguments": '{"a": 1}'},
                 },
                 {"id": "call.2", "type": "function", "function": {"name": "Bash", "arguments": ""}},
             ],
@@ -2224,11 +2230,18 @@ def test_openai_response_blocks_and_usage() -> None:
         "stop",
         {"prompt_tokens": 900, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 768}},
     )
-    message = openai_to_anthropic_response(data, "claude-x", {openai_tool_name(OT_LONG_NAME): OT_LONG_NAME}, "deepseek")
+    message = openai_to_anthropic_response(
+        data, "claude-x", {openai_tool_name(LONG_TOOL_NAME): LONG_TOOL_NAME}, "deepseek"
+    )
     assert re.fullmatch(r"msg_[A-Za-z0-9]{24}", message["id"])
     assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use", "tool_use"]
     assert message["content"][0]["signature"].startswith("terraphim:deepseek:")
-    assert message["content"][2] == {"type": "tool_use", "id": "toolu_call_1", "name": OT_LONG_NAME, "input": {"a": 1}}
+    assert message["content"][2] == {
+        "type": "tool_use",
+        "id": "toolu_call_1",
+        "name": LONG_TOOL_NAME,
+        "input": {"a": 1},
+    }
     assert message["content"][3]["id"] == "toolu_call_2" and message["content"][3]["input"] == {}
     assert message["stop_reason"] == "tool_use" and message["model"] == "claude-x"
     assert message["usage"] == {
@@ -2269,13 +2282,15 @@ def test_openai_response_blocks_and_usage() -> None:
     ],
 )
 def test_openai_response_stop_reasons(finish: str | None, expected: str) -> None:
-    assert openai_to_anthropic_response(ot_completion({"content": "x"}, finish), "m")["stop_reason"] == expected
+    assert openai_to_anthropic_response(completion_payload({"content": "x"}, finish), "m")["stop_reason"] == expected
 
 
 def test_openai_response_drops_cut_arguments_and_rejects_broken_ones() -> None:
 
     def answer_with(args: str, finish: str = "length") -> dict:
-        return ot_completion({"tool_calls": [{"id": "c", "function": {"name": "Write", "arguments": args}}]}, finish)
+        return completion_payload(
+            {"tool_calls": [{"id": "c", "function": {"name": "Write", "arguments": args}}]}, finish
+        )
 
     for cut in ('{"path": "a", "lines": ["x", "y', '{"a": 1,', '{"a": tru', "[1, 2]", '{"a": 1}}'):
         dropped = openai_to_anthropic_response(answer_with(cut), "m")
@@ -2291,17 +2306,17 @@ def test_openai_response_errors_refusal_and_openrouter_details() -> None:
     with pytest.raises(TranslationError):
         openai_to_anthropic_response({"choices": []}, "m")
     with pytest.raises(TranslationError):
-        openai_to_anthropic_response(ot_completion({"content": "x"}, "error"), "m")
-    refusal = openai_to_anthropic_response(ot_completion({"content": None, "refusal": "no"}), "m")
+        openai_to_anthropic_response(completion_payload({"content": "x"}, "error"), "m")
+    refusal = openai_to_anthropic_response(completion_payload({"content": None, "refusal": "no"}), "m")
     assert refusal["content"] == [{"type": "text", "text": "no"}] and refusal["stop_reason"] == "refusal"
     details = [{"type": "reasoning.encrypted", "data": "ENC"}]
     routed = openai_to_anthropic_response(
-        ot_completion({"content": "hi", "reasoning_details": details}), "m", None, "openrouter"
+        completion_payload({"content": "hi", "reasoning_details": details}), "m", None, "openrouter"
     )
     block = routed["content"][0]
     assert block["thinking"] == "" and block["signature"].startswith("terraphim:openrouter:")
-    back = {"messages": [ot_user("q"), {"role": "assistant", "content": routed["content"]}]}
-    assert ot_convert(back, "openai/o3", "openrouter")["messages"][1]["reasoning_details"] == details
+    back = {"messages": [user_blocks("q"), {"role": "assistant", "content": routed["content"]}]}
+    assert openai_convert(back, "openai/o3", "openrouter")["messages"][1]["reasoning_details"] == details
 
 
 # ---------------------------------------------------------------------------
@@ -2309,11 +2324,11 @@ def test_openai_response_errors_refusal_and_openrouter_details() -> None:
 # ---------------------------------------------------------------------------
 
 
-async def ot_collect(iterator: AsyncIterator) -> list:
+async def collect_async(iterator: AsyncIterator) -> list:
     return [item async for item in iterator]
 
 
-async def ot_byte_source(*chunks: bytes) -> AsyncIterator[bytes]:
+async def byte_source(*chunks: bytes) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
 
@@ -2328,11 +2343,11 @@ def test_openai_iter_sse_data_framing() -> None:
         b'data: {"after":1}\n\n'
     )
     expected = ['{"a":1}', "line1\nline2", "été", "[DONE]"]
-    assert asyncio.run(ot_collect(iter_sse_data(ot_byte_source(raw)))) == [expected]  # one read, one batch
+    assert asyncio.run(collect_async(iter_sse_data(byte_source(raw)))) == [expected]  # one read, one batch
     one_byte_at_a_time = [raw[i : i + 1] for i in range(len(raw))]
-    batches = asyncio.run(ot_collect(iter_sse_data(ot_byte_source(*one_byte_at_a_time))))
+    batches = asyncio.run(collect_async(iter_sse_data(byte_source(*one_byte_at_a_time))))
     assert batches == [[payload] for payload in expected]
-    tail = asyncio.run(ot_collect(iter_sse_data(ot_byte_source(b'data: {"x":1}\n\ndata: tail'))))
+    tail = asyncio.run(collect_async(iter_sse_data(byte_source(b'data: {"x":1}\n\ndata: tail'))))
     assert tail == [['{"x":1}'], ["tail"]]
 
 
@@ -2341,14 +2356,14 @@ def test_openai_iter_sse_data_framing() -> None:
 # ---------------------------------------------------------------------------
 
 
-def ot_frames(raw: bytes) -> list[tuple[str, dict]]:
+def openai_frames(raw: bytes) -> list[tuple[str, dict]]:
     """The events of the converter's output; each frame is exactly an event line, then a data line."""
     text = raw.decode()
     assert all(re.fullmatch(r"event: [^\n]*\ndata: [^\n]*", frame) for frame in text.split("\n\n") if frame), text
     return parse_sse(text)
 
 
-def ot_check_grammar(events: list[tuple[str, dict]]) -> None:
+def check_grammar(events: list[tuple[str, dict]]) -> None:
     """Dense indices, each block started once and stopped once, one block open at a time."""
     assert events[0][0] == "message_start"
     open_index, next_index = None, 0
@@ -2372,8 +2387,8 @@ def test_openai_anthropic_stream_state_machine() -> None:
     sent = stream.start() + stream.text("") + stream.thinking("hm") + stream.text("a") + stream.text("b")
     sent += stream.tool_start(0, "toolu_1", "Bash") + stream.tool_args(0, '{"x":1}') + stream.text("after")
     sent += stream.finish("end_turn", None) + stream.text("ignored")
-    events = ot_frames(anthropic_sse(sent))
-    ot_check_grammar(events)
+    events = openai_frames(anthropic_sse(sent))
+    check_grammar(events)
     assert events[0][1]["message"]["usage"]["input_tokens"] == 42 and events[1][0] == "ping"
     starts = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
     assert starts == ["thinking", "text", "tool_use", "text"]
@@ -2394,24 +2409,24 @@ def test_openai_anthropic_stream_state_machine() -> None:
 # ---------------------------------------------------------------------------
 
 
-def ot_chunk(delta: dict | None = None, finish: str | None = None, **extra: object) -> str:
+def chunk_payload(delta: dict | None = None, finish: str | None = None, **extra: object) -> str:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
     return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, **extra})
 
 
-OT_USAGE = {"prompt_tokens": 50, "completion_tokens": 12, "prompt_tokens_details": {"cached_tokens": 20}}
+CHUNK_USAGE = {"prompt_tokens": 50, "completion_tokens": 12, "prompt_tokens_details": {"cached_tokens": 20}}
 
 
-async def ot_convert_stream(payloads: list[str], tool_names: dict | None = None, flavor: str = "openai") -> bytes:
+async def convert_stream(payloads: list[str], tool_names: dict | None = None, flavor: str = "openai") -> bytes:
     async def events() -> AsyncIterator[list[str]]:
         for payload in payloads:
             yield [payload]
 
-    parts = await ot_collect(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor))
+    parts = await collect_async(openai_stream_to_anthropic(events(), "claude-x", 77, tool_names, flavor))
     return anthropic_sse([event for part in parts for event in part])
 
 
-async def ot_sdk_final_message(raw: bytes) -> anthropic.types.Message:
+async def sdk_final_message(raw: bytes) -> anthropic.types.Message:
     """What the anthropic SDK makes of `raw` served as the answer to a streamed request."""
 
     async def handler(request: web.Request) -> web.Response:
@@ -2427,16 +2442,16 @@ async def ot_sdk_final_message(raw: bytes) -> anthropic.types.Message:
         await runner.cleanup()
 
 
-def ot_run_scenario(
+def run_scenario(
     payloads: list[str], tool_names: dict | None = None, flavor: str = "openai"
 ) -> anthropic.types.Message:
-    raw = asyncio.run(ot_convert_stream(payloads, tool_names, flavor))
-    ot_check_grammar(ot_frames(raw))
+    raw = asyncio.run(convert_stream(payloads, tool_names, flavor))
+    check_grammar(openai_frames(raw))
     assert b"[DONE]" not in raw
-    return asyncio.run(ot_sdk_final_message(raw))
+    return asyncio.run(sdk_final_message(raw))
 
 
-def ot_blocks(message: anthropic.types.Message) -> list[tuple]:
+def message_blocks(message: anthropic.types.Message) -> list[tuple]:
     summary = []
     for block in message.content:
         if block.type == "text":
@@ -2449,17 +2464,17 @@ def ot_blocks(message: anthropic.types.Message) -> list[tuple]:
 
 
 def test_openai_stream_text_with_trailing_usage() -> None:
-    message = ot_run_scenario(
+    message = run_scenario(
         [
-            ot_chunk({"role": "assistant", "content": ""}),
-            ot_chunk({"content": "Hel"}),
-            ot_chunk({"content": "lo"}),
-            ot_chunk({}, "stop"),
-            ot_chunk(None, usage=OT_USAGE),
+            chunk_payload({"role": "assistant", "content": ""}),
+            chunk_payload({"content": "Hel"}),
+            chunk_payload({"content": "lo"}),
+            chunk_payload({}, "stop"),
+            chunk_payload(None, usage=CHUNK_USAGE),
             "[DONE]",
         ]
     )
-    assert ot_blocks(message) == [("text", "Hello")]
+    assert message_blocks(message) == [("text", "Hello")]
     assert message.stop_reason == "end_turn"
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.output_tokens) == (
         30,
@@ -2469,20 +2484,20 @@ def test_openai_stream_text_with_trailing_usage() -> None:
 
 
 def test_openai_stream_reasoning_text_tool_text() -> None:
-    message = ot_run_scenario(
+    message = run_scenario(
         [
-            ot_chunk({"reasoning_content": ""}),
-            ot_chunk({"reasoning_content": "Let me"}),
-            ot_chunk({"reasoning": " look."}),
-            ot_chunk({"content": "Checking."}),
-            ot_chunk({"tool_calls": [openai_call(0, "call_a", "get_weather", '{"city":')]}),
-            ot_chunk({"tool_calls": [openai_call(0, args='"Paris"}')]}),
-            ot_chunk({"content": "---"}),
-            ot_chunk({}, "stop"),
+            chunk_payload({"reasoning_content": ""}),
+            chunk_payload({"reasoning_content": "Let me"}),
+            chunk_payload({"reasoning": " look."}),
+            chunk_payload({"content": "Checking."}),
+            chunk_payload({"tool_calls": [openai_call(0, "call_a", "get_weather", '{"city":')]}),
+            chunk_payload({"tool_calls": [openai_call(0, args='"Paris"}')]}),
+            chunk_payload({"content": "---"}),
+            chunk_payload({}, "stop"),
             "[DONE]",
         ]
     )
-    assert ot_blocks(message) == [
+    assert message_blocks(message) == [
         ("thinking", "Let me look."),
         ("text", "Checking."),
         ("tool_use", "get_weather", {"city": "Paris"}),
@@ -2494,10 +2509,10 @@ def test_openai_stream_reasoning_text_tool_text() -> None:
 
 
 def test_openai_stream_parallel_calls_in_one_chunk_with_restored_names() -> None:
-    short = openai_tool_name(OT_LONG_NAME)
-    message = ot_run_scenario(
+    short = openai_tool_name(LONG_TOOL_NAME)
+    message = run_scenario(
         [
-            ot_chunk(
+            chunk_payload(
                 {
                     "tool_calls": [
                         openai_call(0, "call_1", "Read", '{"path":"a"}'),
@@ -2505,57 +2520,57 @@ def test_openai_stream_parallel_calls_in_one_chunk_with_restored_names() -> None
                     ]
                 }
             ),
-            ot_chunk({}, "tool_calls"),
-            ot_chunk(None, usage=OT_USAGE),
+            chunk_payload({}, "tool_calls"),
+            chunk_payload(None, usage=CHUNK_USAGE),
             "[DONE]",
         ],
-        {short: OT_LONG_NAME},
+        {short: LONG_TOOL_NAME},
     )
-    assert ot_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", OT_LONG_NAME, {"path": "b"})]
+    assert message_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", LONG_TOOL_NAME, {"path": "b"})]
 
 
 def test_openai_stream_index_zero_reused_with_new_ids() -> None:
-    message = ot_run_scenario(
+    message = run_scenario(
         [
-            ot_chunk({"tool_calls": [openai_call(0, "g1", "Read", '{"path":')]}),
-            ot_chunk({"tool_calls": [openai_call(0, args='"a"}')]}),
-            ot_chunk({"tool_calls": [openai_call(0, "g2", "Read", '{"path":"b"}')]}),
-            ot_chunk({}, "stop"),
+            chunk_payload({"tool_calls": [openai_call(0, "g1", "Read", '{"path":')]}),
+            chunk_payload({"tool_calls": [openai_call(0, args='"a"}')]}),
+            chunk_payload({"tool_calls": [openai_call(0, "g2", "Read", '{"path":"b"}')]}),
+            chunk_payload({}, "stop"),
             "[DONE]",
         ]
     )
-    assert ot_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", "Read", {"path": "b"})]
+    assert message_blocks(message) == [("tool_use", "Read", {"path": "a"}), ("tool_use", "Read", {"path": "b"})]
     assert message.stop_reason == "tool_use"
 
 
 def test_openai_stream_cumulative_snapshots_and_name_later() -> None:
-    message = ot_run_scenario(
+    message = run_scenario(
         [
-            ot_chunk({"tool_calls": [openai_call(0, "c1")]}),
-            ot_chunk({"tool_calls": [openai_call(0, args='{"com')]}),
-            ot_chunk({"tool_calls": [openai_call(0, name="Bash", args='{"command":"l')]}),
-            ot_chunk({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
-            ot_chunk({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
-            ot_chunk({}, "tool_calls"),
+            chunk_payload({"tool_calls": [openai_call(0, "c1")]}),
+            chunk_payload({"tool_calls": [openai_call(0, args='{"com')]}),
+            chunk_payload({"tool_calls": [openai_call(0, name="Bash", args='{"command":"l')]}),
+            chunk_payload({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
+            chunk_payload({"tool_calls": [openai_call(0, args='{"command":"ls"}')]}),
+            chunk_payload({}, "tool_calls"),
             "[DONE]",
         ]
     )
-    assert ot_blocks(message) == [("tool_use", "Bash", {"command": "ls"})]
+    assert message_blocks(message) == [("tool_use", "Bash", {"command": "ls"})]
 
 
 def test_openai_stream_interleaved_calls_are_buffered() -> None:
     payloads = [
-        ot_chunk({"content": "Two calls."}),
-        ot_chunk({"tool_calls": [openai_call(0, "a", "Read"), openai_call(1, "b", "Grep")]}),
-        ot_chunk({"tool_calls": [openai_call(1, args='{"pattern":')]}),
-        ot_chunk({"tool_calls": [openai_call(0, args='{"path":"x"}')]}),
-        ot_chunk({"tool_calls": [openai_call(1, args='"y"}')]}),
-        ot_chunk({"tool_calls": [openai_call(2, "c", "Glob", '{"glob":"*"}')]}),
-        ot_chunk({}, "tool_calls"),
+        chunk_payload({"content": "Two calls."}),
+        chunk_payload({"tool_calls": [openai_call(0, "a", "Read"), openai_call(1, "b", "Grep")]}),
+        chunk_payload({"tool_calls": [openai_call(1, args='{"pattern":')]}),
+        chunk_payload({"tool_calls": [openai_call(0, args='{"path":"x"}')]}),
+        chunk_payload({"tool_calls": [openai_call(1, args='"y"}')]}),
+        chunk_payload({"tool_calls": [openai_call(2, "c", "Glob", '{"glob":"*"}')]}),
+        chunk_payload({}, "tool_calls"),
         "[DONE]",
     ]
-    message = ot_run_scenario(payloads)
-    assert ot_blocks(message) == [
+    message = run_scenario(payloads)
+    assert message_blocks(message) == [
         ("text", "Two calls."),
         ("tool_use", "Read", {"path": "x"}),
         ("tool_use", "Grep", {"pattern": "y"}),
@@ -2563,60 +2578,68 @@ def test_openai_stream_interleaved_calls_are_buffered() -> None:
     ]
     held = [
         d
-        for n, d in ot_frames(asyncio.run(ot_convert_stream(payloads)))
+        for n, d in openai_frames(asyncio.run(convert_stream(payloads)))
         if n == "content_block_delta" and d["index"] == 2
     ]
     assert [d["delta"]["partial_json"] for d in held] == ['{"pattern":"y"}']
 
 
 def test_openai_stream_truncated_arguments_are_dropped() -> None:
-    message = ot_run_scenario(
-        [ot_chunk({"tool_calls": [openai_call(0, "w", "Write", '{"content":"abc')]}), ot_chunk({}, "length"), "[DONE]"]
+    message = run_scenario(
+        [
+            chunk_payload({"tool_calls": [openai_call(0, "w", "Write", '{"content":"abc')]}),
+            chunk_payload({}, "length"),
+            "[DONE]",
+        ]
     )
-    assert ot_blocks(message) == []
+    assert message_blocks(message) == []
     assert message.stop_reason == "max_tokens"
 
 
 def test_openai_stream_openrouter_reasoning_details_signature() -> None:
     details = [{"type": "reasoning.text", "text": "Hm", "index": 0, "format": "anthropic-claude-v1"}]
-    message = ot_run_scenario(
+    message = run_scenario(
         [
-            ot_chunk({"reasoning": "Hm", "reasoning_details": details}),
-            ot_chunk(
+            chunk_payload({"reasoning": "Hm", "reasoning_details": details}),
+            chunk_payload(
                 {
                     "reasoning_details": [{"type": "reasoning.text", "text": "", "signature": "SIG", "index": 0}],
                     "content": "Hi",
                 }
             ),
-            ot_chunk({}, "stop", usage=OT_USAGE),
+            chunk_payload({}, "stop", usage=CHUNK_USAGE),
             "[DONE]",
         ],
         flavor="openrouter",
     )
-    assert ot_blocks(message) == [("thinking", "Hm"), ("text", "Hi")]
-    back = {"messages": [ot_user("q"), {"role": "assistant", "content": [b.model_dump() for b in message.content]}]}
-    sent = ot_convert(back, "anthropic/claude", "openrouter")["messages"][1]
+    assert message_blocks(message) == [("thinking", "Hm"), ("text", "Hi")]
+    back = {"messages": [user_blocks("q"), {"role": "assistant", "content": [b.model_dump() for b in message.content]}]}
+    sent = openai_convert(back, "anthropic/claude", "openrouter")["messages"][1]
     assert sent["reasoning_details"] == [{**details[0], "signature": "SIG"}]
 
 
 def test_openai_stream_eof_after_finish_without_done_is_clean() -> None:
-    message = ot_run_scenario([ot_chunk({"content": "ok"}, "stop")])
-    assert ot_blocks(message) == [("text", "ok")] and message.stop_reason == "end_turn"
+    message = run_scenario([chunk_payload({"content": "ok"}, "stop")])
+    assert message_blocks(message) == [("text", "ok")] and message.stop_reason == "end_turn"
     assert message.usage.output_tokens == 1
 
 
 @pytest.mark.parametrize(
     "payloads,error_type",
     [
-        ([ot_chunk({"content": "par"})], "api_error"),
+        ([chunk_payload({"content": "par"})], "api_error"),
         (
-            [ot_chunk({"content": "x"}), json.dumps({"error": {"code": 502, "message": "provider down"}})],
+            [chunk_payload({"content": "x"}), json.dumps({"error": {"code": 502, "message": "provider down"}})],
             "overloaded_error",
         ),
-        ([ot_chunk({"content": "x"}), ot_chunk({}, "error")], "api_error"),
-        ([ot_chunk({"content": "x"}), "{not json"], "api_error"),
+        ([chunk_payload({"content": "x"}), chunk_payload({}, "error")], "api_error"),
+        ([chunk_payload({"content": "x"}), "{not json"], "api_error"),
         (
-            [ot_chunk({"tool_calls": [openai_call(0, "w", "Write", '{"a": 1,')]}), ot_chunk({}, "stop"), "[DONE]"],
+            [
+                chunk_payload({"tool_calls": [openai_call(0, "w", "Write", '{"a": 1,')]}),
+                chunk_payload({}, "stop"),
+                "[DONE]",
+            ],
             "api_error",
         ),
     ],
@@ -2636,7 +2659,7 @@ def test_openai_stream_failures_after_output_raise(payloads: list[str], error_ty
     with pytest.raises(TranslationError) as raised:
         asyncio.run(run())
     assert raised.value.error_type == error_type
-    events = ot_frames(anthropic_sse(produced))
+    events = openai_frames(anthropic_sse(produced))
     assert events and events[0][0] == "message_start"
     assert "message_stop" not in [n for n, _ in events]
 
@@ -2646,35 +2669,44 @@ def test_openai_stream_failures_after_output_raise(payloads: list[str], error_ty
     [
         ([json.dumps({"error": {"code": 429, "message": "slow down"}})], "overloaded_error"),
         (
-            [ot_chunk({"role": "assistant", "content": ""}), ot_chunk({}, "insufficient_system_resource")],
+            [chunk_payload({"role": "assistant", "content": ""}), chunk_payload({}, "insufficient_system_resource")],
             "overloaded_error",
         ),
-        ([ot_chunk({"role": "assistant"})], "api_error"),
+        ([chunk_payload({"role": "assistant"})], "api_error"),
         (
-            [ot_chunk({"tool_calls": [openai_call(0, "w", args='{"a": 1}')]}), ot_chunk({}, "stop"), "[DONE]"],
+            [
+                chunk_payload({"tool_calls": [openai_call(0, "w", args='{"a": 1}')]}),
+                chunk_payload({}, "stop"),
+                "[DONE]",
+            ],
             "api_error",
         ),
     ],
 )
 def test_openai_stream_failures_before_output_raise(payloads: list[str], error_type: str) -> None:
     with pytest.raises(TranslationError) as raised:
-        asyncio.run(ot_convert_stream(payloads))
+        asyncio.run(convert_stream(payloads))
     assert raised.value.error_type == error_type
 
 
 def test_openai_stream_from_raw_sse_bytes() -> None:
     raw_upstream = "".join(
         f"data: {p}\r\n\r\n"
-        for p in [ot_chunk({"content": "a"}), ot_chunk({}, "stop"), ot_chunk(None, usage=OT_USAGE), "[DONE]"]
+        for p in [
+            chunk_payload({"content": "a"}),
+            chunk_payload({}, "stop"),
+            chunk_payload(None, usage=CHUNK_USAGE),
+            "[DONE]",
+        ]
     ).encode()
     pieces = [raw_upstream[i : i + 7] for i in range(0, len(raw_upstream), 7)]
 
     async def run() -> bytes:
-        parts = openai_stream_to_anthropic(iter_sse_data(ot_byte_source(*pieces)), "claude-x", 1, None)
-        return anthropic_sse([event for part in await ot_collect(parts) for event in part])
+        parts = openai_stream_to_anthropic(iter_sse_data(byte_source(*pieces)), "claude-x", 1, None)
+        return anthropic_sse([event for part in await collect_async(parts) for event in part])
 
-    message = asyncio.run(ot_sdk_final_message(asyncio.run(run())))
-    assert ot_blocks(message) == [("text", "a")] and message.usage.output_tokens == 12
+    message = asyncio.run(sdk_final_message(asyncio.run(run())))
+    assert message_blocks(message) == [("text", "a")] and message.usage.output_tokens == 12
 
 
 def test_openai_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
@@ -2682,8 +2714,8 @@ def test_openai_stream_of_signature_only_thinking_is_valid_for_sdk() -> None:
     sent = stream.start() + stream.signature(
         proxy_signature("openrouter", "", [{"type": "reasoning.encrypted", "data": "E"}])
     )
-    sent += stream.text("hi") + stream.finish("end_turn", openai_answer_usage(OT_USAGE))
-    message = asyncio.run(ot_sdk_final_message(anthropic_sse(sent)))
+    sent += stream.text("hi") + stream.finish("end_turn", openai_answer_usage(CHUNK_USAGE))
+    message = asyncio.run(sdk_final_message(anthropic_sse(sent)))
     assert message.content[0].type == "thinking" and message.content[0].thinking == ""
     payload = message.content[0].signature.removeprefix("terraphim:openrouter:")
     assert json.loads(base64.urlsafe_b64decode(payload)) == [{"type": "reasoning.encrypted", "data": "E"}]
@@ -4163,9 +4195,9 @@ async def test_openai_claude_code_fixture_golden(
 # the middle of their second line or frame, until the client has seen a content delta: that proves the proxy
 # handles a line split across reads.
 
-NATIVE_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
-NATIVE_PROVIDERS = ["ollama", "gemini"]
-NATIVE_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+OLLAMA_GEMINI_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
+OLLAMA_GEMINI_PROVIDERS = ["ollama", "gemini"]
+JSON_AND_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 GEMINI_SIG = "terraphim:gemini-sig:"
 GENAI_WARNINGS = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
 
@@ -4177,28 +4209,28 @@ GENAI_WARNINGS = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpCli
 
 GEMINI_SIG_TEXT = base64.b64encode(b"turn-1 signature on the text").decode()
 GEMINI_SIG_READ = base64.b64encode(b"turn-1 signature on Read").decode()
-NATIVE_READ_ARGS = {"file_path": "/src/a.py"}
-NATIVE_GLOB_ARGS = {"pattern": "**/*.py", "path": "/src"}
-NATIVE_TEXT_TURN = NativeTurn(
+READ_ARGS = {"file_path": "/src/a.py"}
+GLOB_ARGS = {"pattern": "**/*.py", "path": "/src"}
+TEXT_TURN = ScriptedTurn(
     text="Hello, wörld ☃ from the stand-in, in pieces.",
-    usage=NativeUsage(prompt=900, output=21, cached=300, thoughts=4, tool_prompt=20),
+    usage=ScriptedUsage(prompt=900, output=21, cached=300, thoughts=4, tool_prompt=20),
 )
-NATIVE_CALLS_TURN = NativeTurn(
-    text="Checking both.", calls=(NativeCall("Read", NATIVE_READ_ARGS), NativeCall("Glob", NATIVE_GLOB_ARGS))
+CALLS_TURN = ScriptedTurn(
+    text="Checking both.", calls=(ScriptedCall("Read", READ_ARGS), ScriptedCall("Glob", GLOB_ARGS))
 )
-NATIVE_SIGNED_CALLS_TURN = NativeTurn(
+SIGNED_CALLS_TURN = ScriptedTurn(
     text="Checking both.",
     text_signature=GEMINI_SIG_TEXT,
     calls=(
-        NativeCall("Read", NATIVE_READ_ARGS, "fc_read_1", GEMINI_SIG_READ),
-        NativeCall("Glob", NATIVE_GLOB_ARGS, "fc_glob_2"),
+        ScriptedCall("Read", READ_ARGS, "fc_read_1", GEMINI_SIG_READ),
+        ScriptedCall("Glob", GLOB_ARGS, "fc_glob_2"),
     ),
 )
-NATIVE_THINK_TURN = NativeTurn(
-    thinking="The user says hi; a short greeting will do.", text="Hi there!", usage=NativeUsage(thoughts=33)
+THINK_TURN = ScriptedTurn(
+    thinking="The user says hi; a short greeting will do.", text="Hi there!", usage=ScriptedUsage(thoughts=33)
 )
-NATIVE_LENGTH_TURN = NativeTurn(text="This answer is cut off by the tok", finish="length")
-NATIVE_FINAL_TURN = NativeTurn(text="Both look fine.")
+LENGTH_TURN = ScriptedTurn(text="This answer is cut off by the tok", finish="length")
+FINAL_TURN = ScriptedTurn(text="Both look fine.")
 
 
 # ---------------------------------------------------------------------------
@@ -4206,7 +4238,7 @@ NATIVE_FINAL_TURN = NativeTurn(text="Both look fine.")
 # ---------------------------------------------------------------------------
 
 
-def native_config(provider: str, url: str, model: str, **extra: Any) -> terraphim_proxy.Config:
+def ollama_gemini_config(provider: str, url: str, model: str, **extra: Any) -> terraphim_proxy.Config:
     """One provider at the stand-in, routed by default, no retries; `extra` adds or overrides provider keys."""
     entry: dict[str, Any] = {"name": provider, "type": provider, "api_base_url": url, "retries": 0}
     if provider == "gemini":
@@ -4215,13 +4247,13 @@ def native_config(provider: str, url: str, model: str, **extra: Any) -> terraphi
     return build_config(data, environ={"GEMINI_API_KEY": GEMINI_KEY})
 
 
-class NativeEnv:
+class OllamaGeminiEnv:
     """A stand-in, the proxy routing to it, and an anthropic SDK client of the proxy."""
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
-        self.model = NATIVE_MODELS[provider]
-        self.stand_in = NativeStandIn(provider)
+        self.model = OLLAMA_GEMINI_MODELS[provider]
+        self.stand_in = OllamaGeminiStandIn(provider)
         self.runners: list[web.AppRunner] = []
         self.clients: list[anthropic.AsyncAnthropic] = []
         self.url = ""
@@ -4232,7 +4264,7 @@ class NativeEnv:
 
     async def start_proxy(self, model: str | None = None, **extra: Any) -> str:
         self.model = model or self.model
-        config = native_config(self.provider, self.stand_in.url, self.model, **extra)
+        config = ollama_gemini_config(self.provider, self.stand_in.url, self.model, **extra)
         self.url = await serve_proxy(config, self.runners)
         return self.url
 
@@ -4266,45 +4298,45 @@ class NativeEnv:
         return await asyncio.wait_for(consume(), TIMEOUT_S)
 
 
-@pytest.fixture(params=NATIVE_PROVIDERS)
-async def native(request: pytest.FixtureRequest) -> AsyncIterator[NativeEnv]:
-    env = NativeEnv(request.param)
+@pytest.fixture(params=OLLAMA_GEMINI_PROVIDERS)
+async def native(request: pytest.FixtureRequest) -> AsyncIterator[OllamaGeminiEnv]:
+    env = OllamaGeminiEnv(request.param)
     await env.start()
     yield env
     await env.stop()
 
 
-def native_history(provider: str, body: dict) -> list[dict]:
+def upstream_history(provider: str, body: dict) -> list[dict]:
     return body["messages"] if provider == "ollama" else body["contents"]
 
 
-def native_has_results(provider: str, body: dict) -> bool:
+def has_results(provider: str, body: dict) -> bool:
     if provider == "ollama":
         return any(message["role"] == "tool" for message in body["messages"])
     return any("functionResponse" in part for content in body["contents"] for part in content["parts"])
 
 
-NATIVE_RANDOM_TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
-NATIVE_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+RANDOM_TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def native_blocks(message: anthropic.types.Message) -> list[dict]:
+def ollama_gemini_blocks(message: anthropic.types.Message) -> list[dict]:
     """The content as dicts; random tool ids (checked for shape and uniqueness) read "toolu_<random>"."""
     blocks = [block.model_dump(exclude_none=True) for block in message.content]
     ids = [block["id"] for block in blocks if block["type"] == "tool_use"]
     assert len(set(ids)) == len(ids), ids
-    assert all(NATIVE_SAFE_ID.fullmatch(tool_id) for tool_id in ids), ids
+    assert all(SAFE_ID.fullmatch(tool_id) for tool_id in ids), ids
     for block in blocks:
-        if block["type"] == "tool_use" and NATIVE_RANDOM_TOOL_ID.fullmatch(block["id"]):
+        if block["type"] == "tool_use" and RANDOM_TOOL_ID.fullmatch(block["id"]):
             block["id"] = "toolu_<random>"
     return blocks
 
 
-def native_proxy_signature(provider: str, thinking: str) -> str:
+def ollama_gemini_proxy_signature(provider: str, thinking: str) -> str:
     return f"terraphim:{provider}:{hashlib.sha256(thinking.encode()).hexdigest()[:16]}"
 
 
-def native_expected(provider: str, turn: NativeTurn) -> list[dict]:
+def ollama_gemini_expected(provider: str, turn: ScriptedTurn) -> list[dict]:
     """The Anthropic content a turn should become; Gemini signatures ride on empty thinking blocks."""
     signed = provider == "gemini"
     blocks: list[dict] = []
@@ -4313,7 +4345,7 @@ def native_expected(provider: str, turn: NativeTurn) -> list[dict]:
             {
                 "type": "thinking",
                 "thinking": turn.thinking,
-                "signature": native_proxy_signature(provider, turn.thinking),
+                "signature": ollama_gemini_proxy_signature(provider, turn.thinking),
             }
         )
     if turn.text_signature and signed:
@@ -4328,7 +4360,7 @@ def native_expected(provider: str, turn: NativeTurn) -> list[dict]:
     return blocks
 
 
-def native_usage(provider: str, usage: NativeUsage) -> dict:
+def ollama_gemini_usage(provider: str, usage: ScriptedUsage) -> dict:
     if provider == "ollama":
         return {"input_tokens": usage.prompt, "output_tokens": usage.output}
     return {
@@ -4338,15 +4370,15 @@ def native_usage(provider: str, usage: NativeUsage) -> dict:
     }
 
 
-def native_assert_message(env: NativeEnv, message: anthropic.types.Message, turn: NativeTurn, stop: str) -> None:
-    assert native_blocks(message) == native_expected(env.provider, turn)
+def assert_message(env: OllamaGeminiEnv, message: anthropic.types.Message, turn: ScriptedTurn, stop: str) -> None:
+    assert ollama_gemini_blocks(message) == ollama_gemini_expected(env.provider, turn)
     assert message.stop_reason == stop
     expected = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-    expected |= native_usage(env.provider, turn.usage)
+    expected |= ollama_gemini_usage(env.provider, turn.usage)
     assert {key: getattr(message.usage, key) for key in expected} == expected
 
 
-def native_assert_request(env: NativeEnv, stream: bool) -> dict:
+def assert_request(env: OllamaGeminiEnv, stream: bool) -> dict:
     """The transport of the last upstream request (URL, method, key, stream flag); returns its body."""
     received = env.stand_in.last
     assert received.method == "POST"
@@ -4366,8 +4398,8 @@ def native_assert_request(env: NativeEnv, stream: bool) -> dict:
     return received.body
 
 
-NATIVE_HELLO = [{"role": "user", "content": "Say hello."}]
-NATIVE_READ_TOOL = {
+HELLO_MESSAGES = [{"role": "user", "content": "Say hello."}]
+READ_TOOL = {
     "name": "Read",
     "description": "Read a file from the local filesystem.",
     "input_schema": {
@@ -4381,7 +4413,7 @@ NATIVE_READ_TOOL = {
         "additionalProperties": False,
     },
 }
-NATIVE_GLOB_TOOL = {
+GLOB_TOOL = {
     "name": "Glob",
     "description": "Fast file pattern matching.",
     "input_schema": {
@@ -4390,7 +4422,7 @@ NATIVE_GLOB_TOOL = {
         "required": ["pattern"],
     },
 }
-NATIVE_TOOLS = [NATIVE_READ_TOOL, NATIVE_GLOB_TOOL]
+READ_AND_GLOB_TOOLS = [READ_TOOL, GLOB_TOOL]
 GEMINI_READ_PARAMETERS = {
     "type": "object",
     "properties": {
@@ -4399,26 +4431,26 @@ GEMINI_READ_PARAMETERS = {
     },
     "required": ["file_path"],
 }
-NATIVE_EXPECTED_TOOLS = {
+EXPECTED_TOOLS = {
     "ollama": [
         {
             "type": "function",
             "function": {"name": tool["name"], "description": tool["description"], "parameters": tool["input_schema"]},
         }
-        for tool in NATIVE_TOOLS
+        for tool in READ_AND_GLOB_TOOLS
     ],
     "gemini": [
         {
             "functionDeclarations": [
                 {
                     "name": "Read",
-                    "description": NATIVE_READ_TOOL["description"],
-                    "parametersJsonSchema": NATIVE_READ_TOOL["input_schema"],
+                    "description": READ_TOOL["description"],
+                    "parametersJsonSchema": READ_TOOL["input_schema"],
                 },
                 {
                     "name": "Glob",
-                    "description": NATIVE_GLOB_TOOL["description"],
-                    "parametersJsonSchema": NATIVE_GLOB_TOOL["input_schema"],
+                    "description": GLOB_TOOL["description"],
+                    "parametersJsonSchema": GLOB_TOOL["input_schema"],
                 },
             ]
         }
@@ -4431,39 +4463,39 @@ NATIVE_EXPECTED_TOOLS = {
 # ---------------------------------------------------------------------------
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_text_answer(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.answer_turn(NATIVE_TEXT_TURN)
+@JSON_AND_STREAM
+async def test_ollama_gemini_text_answer(native: OllamaGeminiEnv, stream: bool) -> None:
+    native.stand_in.answer_turn(TEXT_TURN)
 
-    message = await native.send(stream, messages=NATIVE_HELLO)
+    message = await native.send(stream, messages=HELLO_MESSAGES)
 
-    native_assert_message(native, message, NATIVE_TEXT_TURN, "end_turn")
-    body = native_assert_request(native, stream)
+    assert_message(native, message, TEXT_TURN, "end_turn")
+    body = assert_request(native, stream)
     expected = {
         "ollama": [{"role": "user", "content": "Say hello."}],
         "gemini": [{"role": "user", "parts": [{"text": "Say hello."}]}],
     }
-    assert native_history(native.provider, body) == expected[native.provider]
+    assert upstream_history(native.provider, body) == expected[native.provider]
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_parallel_tool_calls(native: NativeEnv, stream: bool) -> None:
+@JSON_AND_STREAM
+async def test_ollama_gemini_parallel_tool_calls(native: OllamaGeminiEnv, stream: bool) -> None:
     """Two calls in one answer become two tool_use blocks, and stop_reason is tool_use though upstream said stop."""
-    native.stand_in.answer_turn(NATIVE_CALLS_TURN)
+    native.stand_in.answer_turn(CALLS_TURN)
 
-    message = await native.send(stream, messages=NATIVE_HELLO, tools=NATIVE_TOOLS)
+    message = await native.send(stream, messages=HELLO_MESSAGES, tools=READ_AND_GLOB_TOOLS)
 
-    native_assert_message(native, message, NATIVE_CALLS_TURN, "tool_use")
-    assert native_assert_request(native, stream)["tools"] == NATIVE_EXPECTED_TOOLS[native.provider]
+    assert_message(native, message, CALLS_TURN, "tool_use")
+    assert assert_request(native, stream)["tools"] == EXPECTED_TOOLS[native.provider]
 
 
-def native_round_trip_history(provider: str) -> list[dict]:
+def round_trip_history(provider: str) -> list[dict]:
     """What the second request of test_ollama_gemini_tool_result_round_trip must carry upstream."""
     question = "Check a.py and the src dir."
     if provider == "ollama":
         calls = [
-            {"function": {"name": "Read", "arguments": NATIVE_READ_ARGS}},
-            {"function": {"name": "Glob", "arguments": NATIVE_GLOB_ARGS}},
+            {"function": {"name": "Read", "arguments": READ_ARGS}},
+            {"function": {"name": "Glob", "arguments": GLOB_ARGS}},
         ]
         return [
             {"role": "user", "content": question},
@@ -4472,7 +4504,7 @@ def native_round_trip_history(provider: str) -> list[dict]:
             {"role": "tool", "content": "[tool error] no such directory", "tool_name": "Glob"},
         ]
     read = {
-        "functionCall": {"name": "Read", "args": NATIVE_READ_ARGS, "id": "fc_read_1"},
+        "functionCall": {"name": "Read", "args": READ_ARGS, "id": "fc_read_1"},
         "thoughtSignature": GEMINI_SIG_READ,
     }
     responses = [
@@ -4486,27 +4518,27 @@ def native_round_trip_history(provider: str) -> list[dict]:
             "parts": [
                 {"text": "Checking both.", "thoughtSignature": GEMINI_SIG_TEXT},
                 read,
-                {"functionCall": {"name": "Glob", "args": NATIVE_GLOB_ARGS, "id": "fc_glob_2"}},
+                {"functionCall": {"name": "Glob", "args": GLOB_ARGS, "id": "fc_glob_2"}},
             ],
         },
         {"role": "user", "parts": responses},
     ]
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_tool_result_round_trip(native: NativeEnv, stream: bool) -> None:
+@JSON_AND_STREAM
+async def test_ollama_gemini_tool_result_round_trip(native: OllamaGeminiEnv, stream: bool) -> None:
     """Turn 1's calls (and Gemini's thought signatures) come back upstream in turn 2 with their results."""
     if native.provider == "gemini":
         await native.connect(model=GEMINI3_MODEL)  # rejects function calls without their signature
     provider = native.provider
-    native.stand_in.answer = lambda received: native_reply(
+    native.stand_in.answer = lambda received: ollama_gemini_reply(
         provider,
         received,
-        NATIVE_FINAL_TURN if native_has_results(provider, received.body) else NATIVE_SIGNED_CALLS_TURN,
+        FINAL_TURN if has_results(provider, received.body) else SIGNED_CALLS_TURN,
     )
     question = [{"role": "user", "content": "Check a.py and the src dir."}]
 
-    first = await native.send(stream, messages=question, tools=NATIVE_TOOLS)
+    first = await native.send(stream, messages=question, tools=READ_AND_GLOB_TOOLS)
     uses = [block for block in first.content if block.type == "tool_use"]
     results = [
         {"type": "tool_result", "tool_use_id": uses[0].id, "content": "print(1)"},
@@ -4519,28 +4551,28 @@ async def test_ollama_gemini_tool_result_round_trip(native: NativeEnv, stream: b
     ]
     assistant = {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]}
     second = await native.send(
-        stream, messages=[*question, assistant, {"role": "user", "content": results}], tools=NATIVE_TOOLS
+        stream, messages=[*question, assistant, {"role": "user", "content": results}], tools=READ_AND_GLOB_TOOLS
     )
 
-    native_assert_message(native, first, NATIVE_SIGNED_CALLS_TURN, "tool_use")
-    native_assert_message(native, second, NATIVE_FINAL_TURN, "end_turn")
+    assert_message(native, first, SIGNED_CALLS_TURN, "tool_use")
+    assert_message(native, second, FINAL_TURN, "end_turn")
     assert len(native.stand_in.received) == 2
-    body = native_assert_request(native, stream)
-    assert native_history(provider, body) == native_round_trip_history(provider)
+    body = assert_request(native, stream)
+    assert upstream_history(provider, body) == round_trip_history(provider)
 
 
-NATIVE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-NATIVE_JPEG = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAA=="
+PNG_IMAGE_DATA = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+JPEG_DATA = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAA=="
 
 
-def native_image(media_type: str, data: str) -> dict:
+def base64_image(media_type: str, data: str) -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-NATIVE_IMAGE_MESSAGES = [
+IMAGE_MESSAGES = [
     {
         "role": "user",
-        "content": [{"type": "text", "text": "What is on screen?"}, native_image("image/png", NATIVE_PNG)],
+        "content": [{"type": "text", "text": "What is on screen?"}, base64_image("image/png", PNG_IMAGE_DATA)],
     },
     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_shot01", "name": "Screenshot", "input": {}}]},
     {
@@ -4549,75 +4581,76 @@ NATIVE_IMAGE_MESSAGES = [
             {
                 "type": "tool_result",
                 "tool_use_id": "toolu_shot01",
-                "content": [{"type": "text", "text": "captured"}, native_image("image/jpeg", NATIVE_JPEG)],
+                "content": [{"type": "text", "text": "captured"}, base64_image("image/jpeg", JPEG_DATA)],
             }
         ],
     },
 ]
-NATIVE_IMAGE_HISTORY = {
+IMAGE_HISTORY = {
     "ollama": [
-        {"role": "user", "content": "What is on screen?", "images": [NATIVE_PNG]},
+        {"role": "user", "content": "What is on screen?", "images": [PNG_IMAGE_DATA]},
         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "Screenshot", "arguments": {}}}]},
         {"role": "tool", "content": "captured", "tool_name": "Screenshot"},
-        {"role": "user", "content": "", "images": [NATIVE_JPEG]},
+        {"role": "user", "content": "", "images": [JPEG_DATA]},
     ],
     "gemini": [
         {
             "role": "user",
-            "parts": [{"text": "What is on screen?"}, {"inlineData": {"mimeType": "image/png", "data": NATIVE_PNG}}],
+            "parts": [
+                {"text": "What is on screen?"},
+                {"inlineData": {"mimeType": "image/png", "data": PNG_IMAGE_DATA}},
+            ],
         },
         {"role": "model", "parts": [{"functionCall": {"name": "Screenshot", "args": {}}}]},
         {
             "role": "user",
             "parts": [
                 {"functionResponse": {"name": "Screenshot", "response": {"result": "captured"}}},
-                {"inlineData": {"mimeType": "image/jpeg", "data": NATIVE_JPEG}},
+                {"inlineData": {"mimeType": "image/jpeg", "data": JPEG_DATA}},
             ],
         },
     ],
 }
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_images(native: NativeEnv, stream: bool) -> None:
+@JSON_AND_STREAM
+async def test_ollama_gemini_images(native: OllamaGeminiEnv, stream: bool) -> None:
     """Images in a user turn and inside a tool result travel inline: Ollama's base64 list, Gemini's inlineData."""
-    turn = NativeTurn(text="A red pixel.")
+    turn = ScriptedTurn(text="A red pixel.")
     native.stand_in.answer_turn(turn)
 
-    message = await native.send(stream, messages=NATIVE_IMAGE_MESSAGES)
+    message = await native.send(stream, messages=IMAGE_MESSAGES)
 
-    native_assert_message(native, message, turn, "end_turn")
-    assert (
-        native_history(native.provider, native_assert_request(native, stream)) == NATIVE_IMAGE_HISTORY[native.provider]
-    )
+    assert_message(native, message, turn, "end_turn")
+    assert upstream_history(native.provider, assert_request(native, stream)) == IMAGE_HISTORY[native.provider]
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_thinking(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.answer_turn(NATIVE_THINK_TURN)
+@JSON_AND_STREAM
+async def test_ollama_gemini_thinking(native: OllamaGeminiEnv, stream: bool) -> None:
+    native.stand_in.answer_turn(THINK_TURN)
 
     message = await native.send(
-        stream, messages=NATIVE_HELLO, max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048}
+        stream, messages=HELLO_MESSAGES, max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 2048}
     )
 
-    native_assert_message(native, message, NATIVE_THINK_TURN, "end_turn")
-    body = native_assert_request(native, stream)
+    assert_message(native, message, THINK_TURN, "end_turn")
+    body = assert_request(native, stream)
     if native.provider == "ollama":
         assert body["think"] is True
     else:
         assert body["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 2048, "includeThoughts": True}
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_max_tokens(native: NativeEnv, stream: bool) -> None:
+@JSON_AND_STREAM
+async def test_ollama_gemini_max_tokens(native: OllamaGeminiEnv, stream: bool) -> None:
     """The provider's output cap limits max_tokens upstream; a length stop becomes max_tokens."""
     await native.connect(max_tokens=50)
-    native.stand_in.answer_turn(NATIVE_LENGTH_TURN)
+    native.stand_in.answer_turn(LENGTH_TURN)
 
-    message = await native.send(stream, messages=NATIVE_HELLO, max_tokens=64)
+    message = await native.send(stream, messages=HELLO_MESSAGES, max_tokens=64)
 
-    native_assert_message(native, message, NATIVE_LENGTH_TURN, "max_tokens")
-    body = native_assert_request(native, stream)
+    assert_message(native, message, LENGTH_TURN, "max_tokens")
+    body = assert_request(native, stream)
     if native.provider == "ollama":
         assert body["options"]["num_predict"] == 50
     else:
@@ -4625,62 +4658,64 @@ async def test_ollama_gemini_max_tokens(native: NativeEnv, stream: bool) -> None
 
 
 @dataclass(frozen=True)
-class NativeFailure:
+class UpstreamFailure:
     """An upstream failure: reached by routing to `model` / with provider keys `config`, or scripted as `reply`."""
 
     model: str | None = None
     config: dict = field(default_factory=dict)
-    reply: NativeReply | None = None
+    reply: OllamaGeminiReply | None = None
 
 
-def native_failure(name: str, status: int, error_type: str, *fragments: str, **setup: Any) -> Any:
-    return pytest.param(name.split("-")[0], NativeFailure(**setup), status, error_type, fragments, id=name)
+def upstream_failure(name: str, status: int, error_type: str, *fragments: str, **setup: Any) -> Any:
+    return pytest.param(name.split("-")[0], UpstreamFailure(**setup), status, error_type, fragments, id=name)
 
 
-NATIVE_FAILURES = [
-    native_failure("ollama-missing-model", 404, "not_found_error", "llama9:70b", "pull", model="llama9:70b"),
-    native_failure(
+UPSTREAM_FAILURES = [
+    upstream_failure("ollama-missing-model", 404, "not_found_error", "llama9:70b", "pull", model="llama9:70b"),
+    upstream_failure(
         "ollama-missing-model-new-wording",
         404,
         "not_found_error",
         "ollama pull qwen3:8b",
         reply=ollama_error(404, "model 'qwen3:8b' not found"),
     ),
-    native_failure(
+    upstream_failure(
         "ollama-400",
         400,
         "invalid_request_error",
         "does not support tools",
         reply=ollama_error(400, "registry.ollama.ai/library/qwen3:8b does not support tools"),
     ),
-    native_failure(
+    upstream_failure(
         "ollama-500", 500, "api_error", "runner", reply=ollama_error(500, "llama runner process has terminated")
     ),
-    native_failure(
+    upstream_failure(
         "ollama-503", 529, "overloaded_error", "server busy", reply=ollama_error(503, "server busy, please try again")
     ),
-    native_failure(
+    upstream_failure(
         "gemini-bad-key", 400, "invalid_request_error", "API key not valid", config={"api_key": "AIza-wrong"}
     ),
-    native_failure("gemini-404", 404, "not_found_error", "models/gemini-9-ultra is not found", model="gemini-9-ultra"),
-    native_failure(
+    upstream_failure(
+        "gemini-404", 404, "not_found_error", "models/gemini-9-ultra is not found", model="gemini-9-ultra"
+    ),
+    upstream_failure(
         "gemini-403",
         403,
         "permission_error",
         "Permission denied",
         reply=gemini_error(403, "Permission denied.", "PERMISSION_DENIED"),
     ),
-    native_failure(
+    upstream_failure(
         "gemini-429",
         429,
         "rate_limit_error",
         "quota",
         reply=gemini_error(429, "You exceeded your quota.", "RESOURCE_EXHAUSTED"),
     ),
-    native_failure(
+    upstream_failure(
         "gemini-500", 500, "api_error", "internal", reply=gemini_error(500, "An internal error.", "INTERNAL")
     ),
-    native_failure(
+    upstream_failure(
         "gemini-503",
         529,
         "overloaded_error",
@@ -4690,10 +4725,10 @@ NATIVE_FAILURES = [
 ]
 
 
-async def native_error(env: NativeEnv, stream: bool, **params: Any) -> tuple[int, str, str]:
+async def ollama_gemini_error(env: OllamaGeminiEnv, stream: bool, **params: Any) -> tuple[int, str, str]:
     """Send a request that must fail: the HTTP status the SDK saw, the Anthropic error type and message."""
     with pytest.raises(anthropic.APIStatusError) as caught:
-        await env.send(stream, **{"messages": NATIVE_HELLO, **params})
+        await env.send(stream, **{"messages": HELLO_MESSAGES, **params})
     body = caught.value.body
     assert isinstance(body, dict), body
     assert body["type"] == "error", body
@@ -4701,12 +4736,17 @@ async def native_error(env: NativeEnv, stream: bool, **params: Any) -> tuple[int
     return caught.value.status_code, body["error"]["type"], body["error"]["message"]
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize(
-    ("native", "failure", "status", "error_type", "fragments"), NATIVE_FAILURES, indirect=["native"]
+    ("native", "failure", "status", "error_type", "fragments"), UPSTREAM_FAILURES, indirect=["native"]
 )
 async def test_ollama_gemini_upstream_error(
-    native: NativeEnv, stream: bool, failure: NativeFailure, status: int, error_type: str, fragments: tuple[str, ...]
+    native: OllamaGeminiEnv,
+    stream: bool,
+    failure: UpstreamFailure,
+    status: int,
+    error_type: str,
+    fragments: tuple[str, ...],
 ) -> None:
     """An upstream error status becomes the Anthropic status and type, naming the provider and keeping its message."""
     if failure.model or failure.config:
@@ -4715,7 +4755,7 @@ async def test_ollama_gemini_upstream_error(
         reply = failure.reply
         native.stand_in.answer = lambda received: reply
 
-    got_status, got_type, text = await native_error(native, stream)
+    got_status, got_type, text = await ollama_gemini_error(native, stream)
 
     assert (got_status, got_type) == (status, error_type), text
     for fragment in (f"{native.provider} returned HTTP", *fragments):
@@ -4723,7 +4763,7 @@ async def test_ollama_gemini_upstream_error(
     assert len(native.stand_in.received) == 1
 
 
-NATIVE_CUTS = [
+STREAM_CUTS = [
     pytest.param("eof", 200, "closed the stream before", id="closed-after-text"),
     pytest.param("reset", 200, "stream failed", id="reset-after-text"),
     pytest.param("empty", 502, "closed the stream before", id="closed-before-content"),
@@ -4732,48 +4772,48 @@ NATIVE_CUTS = [
 ]
 
 
-@pytest.mark.parametrize(("cut", "status", "fragment"), NATIVE_CUTS)
-async def test_ollama_gemini_truncated_stream(native: NativeEnv, cut: str, status: int, fragment: str) -> None:
+@pytest.mark.parametrize(("cut", "status", "fragment"), STREAM_CUTS)
+async def test_ollama_gemini_truncated_stream(native: OllamaGeminiEnv, cut: str, status: int, fragment: str) -> None:
     """A stream that ends before done / finishReason is an error: an error event once content went out (the
     SSE response's 200), else an HTTP error the client may retry."""
-    native.stand_in.answer_turn(NATIVE_TEXT_TURN, cut)
+    native.stand_in.answer_turn(TEXT_TURN, cut)
 
-    got_status, error_type, text = await native_error(native, True)
+    got_status, error_type, text = await ollama_gemini_error(native, True)
 
     assert (got_status, error_type) == (status, "api_error"), text
     assert native.provider in text
     assert fragment in text
 
 
-async def test_ollama_gemini_truncated_json_body(native: NativeEnv) -> None:
-    native.stand_in.answer_turn(NATIVE_TEXT_TURN, "reset")
+async def test_ollama_gemini_truncated_json_body(native: OllamaGeminiEnv) -> None:
+    native.stand_in.answer_turn(TEXT_TURN, "reset")
 
-    status, error_type, text = await native_error(native, False)
+    status, error_type, text = await ollama_gemini_error(native, False)
 
     assert (status, error_type) == (502, "api_error"), text
     assert native.provider in text
 
 
-NATIVE_IMAGE_URL_MESSAGE = {
+IMAGE_URL_MESSAGE = {
     "role": "user",
     "content": [{"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}],
 }
-NATIVE_REFUSED_BEFORE_UPSTREAM = [
+REFUSED_BEFORE_UPSTREAM = [
     pytest.param({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search", id="web-search"),
-    pytest.param({"messages": [NATIVE_IMAGE_URL_MESSAGE]}, "does not fetch image URLs", id="image-url"),
+    pytest.param({"messages": [IMAGE_URL_MESSAGE]}, "does not fetch image URLs", id="image-url"),
 ]
 
 
-@pytest.mark.parametrize(("params", "fragment"), NATIVE_REFUSED_BEFORE_UPSTREAM)
-async def test_ollama_gemini_unsupported_input_is_refused(native: NativeEnv, params: dict, fragment: str) -> None:
-    status, error_type, text = await native_error(native, False, **params)
+@pytest.mark.parametrize(("params", "fragment"), REFUSED_BEFORE_UPSTREAM)
+async def test_ollama_gemini_unsupported_input_is_refused(native: OllamaGeminiEnv, params: dict, fragment: str) -> None:
+    status, error_type, text = await ollama_gemini_error(native, False, **params)
 
     assert (status, error_type) == (400, "invalid_request_error")
     assert fragment in text
     assert native.stand_in.received == []
 
 
-NATIVE_CONVERSATION: dict[str, Any] = {
+SDK_CONVERSATION: dict[str, Any] = {
     "max_tokens": 1000,
     "extra_body": {"temperature": 0.2, "top_p": 0.9, "top_k": 40},  # this SDK has no sampling parameters
     "stop_sequences": ["</a>", "</b>", "</c>", "</d>", "</e>", "</f>"],
@@ -4781,7 +4821,7 @@ NATIVE_CONVERSATION: dict[str, Any] = {
         {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
         {"type": "text", "text": "Use tools."},
     ],
-    "tools": NATIVE_TOOLS,
+    "tools": READ_AND_GLOB_TOOLS,
     "messages": [
         {"role": "user", "content": "Look at a.py and list the tests."},
         {"role": "system", "content": "Mid-conversation reminder."},
@@ -4789,8 +4829,8 @@ NATIVE_CONVERSATION: dict[str, Any] = {
             "role": "assistant",
             "content": [
                 {"type": "text", "text": "Reading."},
-                {"type": "tool_use", "id": "toolu_01A", "name": "Read", "input": NATIVE_READ_ARGS},
-                {"type": "tool_use", "id": "toolu_01B", "name": "Glob", "input": NATIVE_GLOB_ARGS},
+                {"type": "tool_use", "id": "toolu_01A", "name": "Read", "input": READ_ARGS},
+                {"type": "tool_use", "id": "toolu_01B", "name": "Glob", "input": GLOB_ARGS},
             ],
         },
         {
@@ -4808,20 +4848,20 @@ NATIVE_CONVERSATION: dict[str, Any] = {
         },
     ],
 }
-NATIVE_SYSTEM = "You are terse.\n\nUse tools.\n\nMid-conversation reminder."
-NATIVE_CONVERSATION_PAYLOADS = {
+JOINED_SYSTEM_PROMPT = "You are terse.\n\nUse tools.\n\nMid-conversation reminder."
+SDK_CONVERSATION_PAYLOADS = {
     "ollama": {
         "model": OLLAMA_MODEL,
         "stream": False,
         "messages": [
-            {"role": "system", "content": NATIVE_SYSTEM},
+            {"role": "system", "content": JOINED_SYSTEM_PROMPT},
             {"role": "user", "content": "Look at a.py and list the tests."},
             {
                 "role": "assistant",
                 "content": "Reading.",
                 "tool_calls": [
-                    {"function": {"name": "Read", "arguments": NATIVE_READ_ARGS}},
-                    {"function": {"name": "Glob", "arguments": NATIVE_GLOB_ARGS}},
+                    {"function": {"name": "Read", "arguments": READ_ARGS}},
+                    {"function": {"name": "Glob", "arguments": GLOB_ARGS}},
                 ],
             },
             {"role": "tool", "content": "print(1)", "tool_name": "Read"},
@@ -4836,18 +4876,18 @@ NATIVE_CONVERSATION_PAYLOADS = {
             "top_k": 40,
             "stop": ["</a>", "</b>", "</c>", "</d>", "</e>", "</f>"],
         },
-        "tools": NATIVE_EXPECTED_TOOLS["ollama"],
+        "tools": EXPECTED_TOOLS["ollama"],
     },
     "gemini": {
-        "systemInstruction": {"parts": [{"text": NATIVE_SYSTEM}]},
+        "systemInstruction": {"parts": [{"text": JOINED_SYSTEM_PROMPT}]},
         "contents": [
             {"role": "user", "parts": [{"text": "Look at a.py and list the tests."}]},
             {
                 "role": "model",
                 "parts": [
                     {"text": "Reading."},
-                    {"functionCall": {"name": "Read", "args": NATIVE_READ_ARGS}},
-                    {"functionCall": {"name": "Glob", "args": NATIVE_GLOB_ARGS}},
+                    {"functionCall": {"name": "Read", "args": READ_ARGS}},
+                    {"functionCall": {"name": "Glob", "args": GLOB_ARGS}},
                 ],
             },
             {
@@ -4859,7 +4899,7 @@ NATIVE_CONVERSATION_PAYLOADS = {
                 ],
             },
         ],
-        "tools": NATIVE_EXPECTED_TOOLS["gemini"],
+        "tools": EXPECTED_TOOLS["gemini"],
         "generationConfig": {
             "maxOutputTokens": 1000,
             "temperature": 0.2,
@@ -4871,25 +4911,25 @@ NATIVE_CONVERSATION_PAYLOADS = {
 }
 
 
-async def test_ollama_gemini_request_translation(native: NativeEnv) -> None:
+async def test_ollama_gemini_request_translation(native: OllamaGeminiEnv) -> None:
     """The whole upstream payload for a conversation with system prompts, tool history, results and sampling."""
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
 
-    message = await native.send(False, **NATIVE_CONVERSATION)
+    message = await native.send(False, **SDK_CONVERSATION)
 
-    native_assert_message(native, message, NATIVE_FINAL_TURN, "end_turn")
-    assert native_assert_request(native, False) == NATIVE_CONVERSATION_PAYLOADS[native.provider]
+    assert_message(native, message, FINAL_TURN, "end_turn")
+    assert assert_request(native, False) == SDK_CONVERSATION_PAYLOADS[native.provider]
 
 
-def native_fixture_bodies() -> list[Any]:
+def fixture_bodies() -> list[Any]:
     bodies = [(name.removesuffix(".json"), load_fixture(name)["body"]) for name in fixture_names("/v1/messages")]
     return [pytest.param(body, id=stem) for stem, body in bodies if body.get("tools")]
 
 
-@pytest.mark.parametrize("body", native_fixture_bodies())
-async def test_ollama_gemini_claude_code_fixture_is_accepted(native: NativeEnv, body: dict) -> None:
+@pytest.mark.parametrize("body", fixture_bodies())
+async def test_ollama_gemini_claude_code_fixture_is_accepted(native: OllamaGeminiEnv, body: dict) -> None:
     """Real Claude Code requests pass the stand-in's checks; every Gemini tool schema uses only allowed keys."""
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
 
     answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**body, "stream": False})
 
@@ -4959,14 +4999,14 @@ GEMINI_TRICKY_EXPECTED = {
 
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_schema_is_cleaned_to_the_accepted_subset(native: NativeEnv) -> None:
+async def test_gemini_schema_is_cleaned_to_the_accepted_subset(native: OllamaGeminiEnv) -> None:
     """For a model that takes only `parameters`: $ref resolved, type arrays -> nullable, const -> enum,
     oneOf -> anyOf, unknown keywords dropped."""
     await native.connect(model=GEMINI2_MODEL)
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
     tool = {"name": "Plan", "description": "Plan a trip.", "input_schema": GEMINI_TRICKY_SCHEMA}
 
-    await native.send(False, messages=NATIVE_HELLO, tools=[tool])
+    await native.send(False, messages=HELLO_MESSAGES, tools=[tool])
 
     declaration = native.stand_in.last.body["tools"][0]["functionDeclarations"][0]
     assert declaration == {"name": "Plan", "description": "Plan a trip.", "parameters": GEMINI_TRICKY_EXPECTED}
@@ -4982,36 +5022,36 @@ GEMINI_TOOL_CHOICES = [
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 @pytest.mark.parametrize(("tool_choice", "expected"), GEMINI_TOOL_CHOICES)
-async def test_gemini_tool_choice(native: NativeEnv, tool_choice: dict, expected: dict) -> None:
-    native.stand_in.answer_turn(NATIVE_CALLS_TURN)
+async def test_gemini_tool_choice(native: OllamaGeminiEnv, tool_choice: dict, expected: dict) -> None:
+    native.stand_in.answer_turn(CALLS_TURN)
 
-    await native.send(False, messages=NATIVE_HELLO, tools=NATIVE_TOOLS, tool_choice=tool_choice)
+    await native.send(False, messages=HELLO_MESSAGES, tools=READ_AND_GLOB_TOOLS, tool_choice=tool_choice)
 
     assert native.stand_in.last.body["toolConfig"] == {"functionCallingConfig": expected}
 
 
 GEMINI_REFUSALS = [
-    pytest.param(NativeTurn(finish="SAFETY"), "SAFETY", "", id="safety-no-content"),
+    pytest.param(ScriptedTurn(finish="SAFETY"), "SAFETY", "", id="safety-no-content"),
     pytest.param(
-        NativeTurn(text="Here are the lyrics: ", finish="RECITATION"),
+        ScriptedTurn(text="Here are the lyrics: ", finish="RECITATION"),
         "RECITATION",
         "Here are",
         id="recitation-after-text",
     ),
-    pytest.param(NativeTurn(blocked="PROHIBITED_CONTENT"), "PROHIBITED_CONTENT", "", id="prompt-blocked"),
+    pytest.param(ScriptedTurn(blocked="PROHIBITED_CONTENT"), "PROHIBITED_CONTENT", "", id="prompt-blocked"),
 ]
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 @pytest.mark.parametrize(("turn", "reason", "partial"), GEMINI_REFUSALS)
 async def test_gemini_refusal_is_explained(
-    native: NativeEnv, stream: bool, turn: NativeTurn, reason: str, partial: str
+    native: OllamaGeminiEnv, stream: bool, turn: ScriptedTurn, reason: str, partial: str
 ) -> None:
     """SAFETY / RECITATION / PROHIBITED_CONTENT end in stop_reason refusal with text that names the reason."""
     native.stand_in.answer_turn(turn)
 
-    message = await native.send(stream, messages=NATIVE_HELLO)
+    message = await native.send(stream, messages=HELLO_MESSAGES)
 
     assert message.stop_reason == "refusal"
     texts = "".join(block.text for block in message.content if block.type == "text")
@@ -5020,12 +5060,12 @@ async def test_gemini_refusal_is_explained(
     assert message.usage.input_tokens == turn.usage.prompt
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_malformed_function_call_is_an_error(native: NativeEnv, stream: bool) -> None:
-    native.stand_in.answer_turn(NativeTurn(finish="MALFORMED_FUNCTION_CALL"))
+async def test_gemini_malformed_function_call_is_an_error(native: OllamaGeminiEnv, stream: bool) -> None:
+    native.stand_in.answer_turn(ScriptedTurn(finish="MALFORMED_FUNCTION_CALL"))
 
-    status, error_type, text = await native_error(native, stream)
+    status, error_type, text = await ollama_gemini_error(native, stream)
 
     assert (status, error_type) == (502, "api_error")
     assert "MALFORMED_FUNCTION_CALL" in text
@@ -5057,10 +5097,10 @@ OLLAMA_NUM_CTX = [
 
 @pytest.mark.parametrize("native", ["ollama"], indirect=True)
 @pytest.mark.parametrize(("config", "num_ctx"), OLLAMA_NUM_CTX)
-async def test_ollama_num_ctx(native: NativeEnv, config: dict, num_ctx: int) -> None:
+async def test_ollama_num_ctx(native: OllamaGeminiEnv, config: dict, num_ctx: int) -> None:
     await native.connect(**config)
 
-    await native.send(False, messages=NATIVE_HELLO)
+    await native.send(False, messages=HELLO_MESSAGES)
 
     assert native.stand_in.last.body["options"]["num_ctx"] == num_ctx
 
@@ -5068,7 +5108,7 @@ async def test_ollama_num_ctx(native: NativeEnv, config: dict, num_ctx: int) -> 
 @pytest.mark.parametrize("native", ["ollama"], indirect=True)
 @pytest.mark.parametrize(("num_ctx", "warned"), [(100, True), (100_000, False)], ids=["over", "under"])
 async def test_ollama_warns_when_input_exceeds_num_ctx(
-    native: NativeEnv, caplog: pytest.LogCaptureFixture, num_ctx: int, warned: bool
+    native: OllamaGeminiEnv, caplog: pytest.LogCaptureFixture, num_ctx: int, warned: bool
 ) -> None:
     await native.connect(num_ctx=num_ctx)
     long_text = "lorem ipsum dolor sit amet " * 60  # about 300 tokens
@@ -5090,15 +5130,17 @@ async def test_ollama_warns_when_input_exceeds_num_ctx(
 # The stand-ins are faithful: the official clients parse everything they send
 # ---------------------------------------------------------------------------
 
-NATIVE_CLIENT_TURNS = [
-    pytest.param(NATIVE_TEXT_TURN, id="text"),
-    pytest.param(NATIVE_SIGNED_CALLS_TURN, id="parallel-calls"),
-    pytest.param(NATIVE_THINK_TURN, id="thinking"),
-    pytest.param(NATIVE_LENGTH_TURN, id="length"),
+CLIENT_TURNS = [
+    pytest.param(TEXT_TURN, id="text"),
+    pytest.param(SIGNED_CALLS_TURN, id="parallel-calls"),
+    pytest.param(THINK_TURN, id="thinking"),
+    pytest.param(LENGTH_TURN, id="length"),
 ]
 
 
-async def native_raw(env: NativeEnv, path: str, body: dict, headers: dict[str, str]) -> tuple[int, str, bytes]:
+async def post_to_stand_in(
+    env: OllamaGeminiEnv, path: str, body: dict, headers: dict[str, str]
+) -> tuple[int, str, bytes]:
     """POST straight to the stand-in: status, content type and the raw body (releasing a paused stream)."""
     chunks = []
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -5112,21 +5154,21 @@ async def native_raw(env: NativeEnv, path: str, body: dict, headers: dict[str, s
         return response.status, response.headers["content-type"], b"".join(chunks)
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["ollama"], indirect=True)
-@pytest.mark.parametrize("turn", NATIVE_CLIENT_TURNS)
+@pytest.mark.parametrize("turn", CLIENT_TURNS)
 async def test_ollama_standin_is_faithful_to_the_ollama_client(
-    native: NativeEnv, stream: bool, turn: NativeTurn
+    native: OllamaGeminiEnv, stream: bool, turn: ScriptedTurn
 ) -> None:
     native.stand_in.answer_turn(turn)
     client = ollama.AsyncClient(host=native.stand_in.url)
     tool = {
         "type": "function",
-        "function": {"name": "Read", "description": "Read a file.", "parameters": NATIVE_GLOB_TOOL["input_schema"]},
+        "function": {"name": "Read", "description": "Read a file.", "parameters": GLOB_TOOL["input_schema"]},
     }
     request = {
         "model": OLLAMA_MODEL,
-        "messages": [{"role": "user", "content": "hi", "images": [NATIVE_PNG]}],
+        "messages": [{"role": "user", "content": "hi", "images": [PNG_IMAGE_DATA]}],
         "tools": [tool],
         "think": True,
         "options": {"num_ctx": 4096},
@@ -5139,7 +5181,7 @@ async def test_ollama_standin_is_faithful_to_the_ollama_client(
             native.stand_in.release.set()
     else:
         chunks = [await client.chat(**request)]
-    status, content_type, raw = await native_raw(native, "/api/chat", {**request, "stream": stream}, {})
+    status, content_type, raw = await post_to_stand_in(native, "/api/chat", {**request, "stream": stream}, {})
 
     final = chunks[-1]
     assert "".join(chunk.message.content or "" for chunk in chunks) == turn.text
@@ -5157,7 +5199,7 @@ async def test_ollama_standin_is_faithful_to_the_ollama_client(
         stream,
         True,
         {"num_ctx": 4096},
-        [NATIVE_PNG],
+        [PNG_IMAGE_DATA],
     )
     assert status == 200
     assert content_type == (OLLAMA_NDJSON if stream else OLLAMA_JSON)
@@ -5170,18 +5212,18 @@ async def test_ollama_standin_is_faithful_to_the_ollama_client(
 
 
 @GENAI_WARNINGS
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 @pytest.mark.parametrize(
     "turn",
     [
-        *NATIVE_CLIENT_TURNS,
-        pytest.param(NativeTurn(finish="SAFETY"), id="safety"),
-        pytest.param(NativeTurn(blocked="SAFETY"), id="blocked"),
+        *CLIENT_TURNS,
+        pytest.param(ScriptedTurn(finish="SAFETY"), id="safety"),
+        pytest.param(ScriptedTurn(blocked="SAFETY"), id="blocked"),
     ],
 )
 async def test_gemini_standin_is_faithful_to_the_genai_client(
-    native: NativeEnv, stream: bool, turn: NativeTurn
+    native: OllamaGeminiEnv, stream: bool, turn: ScriptedTurn
 ) -> None:
     native.stand_in.answer_turn(turn)
     client = genai.Client(
@@ -5210,7 +5252,7 @@ async def test_gemini_standin_is_faithful_to_the_genai_client(
         responses = [await client.aio.models.generate_content(**request)]
     method = "streamGenerateContent" if stream else "generateContent"
     raw_body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
-    status, content_type, raw = await native_raw(
+    status, content_type, raw = await post_to_stand_in(
         native,
         f"/v1beta/models/{GEMINI_MODEL}:{method}{'?alt=sse' if stream else ''}",
         raw_body,
@@ -5270,12 +5312,12 @@ OLLAMA_CLIENT_ERRORS = [
 @pytest.mark.parametrize("native", ["ollama"], indirect=True)
 @pytest.mark.parametrize(("model", "script", "status", "message"), OLLAMA_CLIENT_ERRORS)
 async def test_ollama_standin_errors_reach_the_ollama_client(
-    native: NativeEnv, model: str, script: NativeReply | str | None, status: int | None, message: str
+    native: OllamaGeminiEnv, model: str, script: OllamaGeminiReply | str | None, status: int | None, message: str
 ) -> None:
-    if isinstance(script, NativeReply):
+    if isinstance(script, OllamaGeminiReply):
         native.stand_in.answer = lambda received: script
     elif script:
-        native.stand_in.answer_turn(NATIVE_TEXT_TURN, script)
+        native.stand_in.answer_turn(TEXT_TURN, script)
     client = ollama.AsyncClient(host=native.stand_in.url)
 
     with pytest.raises(ollama.ResponseError) as caught:
@@ -5301,11 +5343,11 @@ GEMINI_CLIENT_ERRORS = [
 
 
 @GENAI_WARNINGS
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 @pytest.mark.parametrize(("model", "key", "reply", "code", "status"), GEMINI_CLIENT_ERRORS)
 async def test_gemini_standin_errors_reach_the_genai_client(
-    native: NativeEnv, stream: bool, model: str, key: str, reply: NativeReply | None, code: int, status: str
+    native: OllamaGeminiEnv, stream: bool, model: str, key: str, reply: OllamaGeminiReply | None, code: int, status: str
 ) -> None:
     if reply:
         native.stand_in.answer = lambda received: reply
@@ -5329,17 +5371,17 @@ async def test_gemini_standin_errors_reach_the_genai_client(
 # ===========================================================================
 # Every fault is injected by a stand-in (conftest.StandInServer) answering from a per-test script: an async
 # function that can stall, trickle, cut the connection or send garbage, in any of the four wire formats the
-# proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini generateContent); `rel_ok`
+# proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini generateContent); `answer_ok`
 # answers as the real API would. The stand-in records every request with its arrival time and notes when the
 # proxy drops a connection it is serving (its handler is cancelled), which is how the tests measure that the
 # proxy closed an upstream request.
 
-REL_KINDS = ("anthropic", "openai", "ollama", "gemini")
-REL_MODEL = {"anthropic": "claude-rel", "openai": "gpt-rel", "ollama": "qwen-rel", "gemini": "gemini-rel"}
-REL_CLIENT_MODEL = "claude-rel-client"  # what clients ask for; routes pick the upstream model
+WIRE_KINDS = ("anthropic", "openai", "ollama", "gemini")
+UPSTREAM_MODEL = {"anthropic": "claude-rel", "openai": "gpt-rel", "ollama": "qwen-rel", "gemini": "gemini-rel"}
+ASKED_MODEL = "claude-rel-client"  # what clients ask for; routes pick the upstream model
 
 
-def rel_key(name: str, index: int = 0) -> str:
+def provider_key(name: str, index: int = 0) -> str:
     key = f"rel-sk-{name}-{index}-0cc175b9c0f1b6a8"
     SECRETS.add(key)
     return key
@@ -5350,44 +5392,44 @@ def rel_key(name: str, index: int = 0) -> str:
 # ---------------------------------------------------------------------------
 
 
-RelServers = Callable[[], Awaitable[StandInServer]]
+StandInFactory = Callable[[], Awaitable[StandInServer]]
 
 
 @pytest.fixture
-async def rel_servers() -> AsyncIterator[RelServers]:
-    """A factory of started stand-ins answering from `rel_ok` until a test sets another script, all stopped at
+async def stand_ins() -> AsyncIterator[StandInFactory]:
+    """A factory of started stand-ins answering from `answer_ok` until a test sets another script, all stopped at
     the end of the test."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def new() -> StandInServer:
-            return await stack.enter_async_context(running(StandInServer(rel_ok)))
+            return await stack.enter_async_context(running(StandInServer(answer_ok)))
 
         yield new
 
 
 @pytest.fixture
-async def rel_up(rel_servers: RelServers) -> StandInServer:
-    return await rel_servers()
+async def stand_in_up(stand_ins: StandInFactory) -> StandInServer:
+    return await stand_ins()
 
 
 # ---------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------
 
-REL_BASE_PATH = {"anthropic": "", "openai": "/v1", "ollama": "", "gemini": "/v1beta"}
+BASE_PATHS = {"anthropic": "", "openai": "/v1", "ollama": "", "gemini": "/v1beta"}
 
 
-def rel_provider(name: str, kind: str, url: str, *, keys: int = 1, **extra: Any) -> dict:
+def provider_doc(name: str, kind: str, url: str, *, keys: int = 1, **extra: Any) -> dict:
     """A provider of `kind` at a stand-in, with `keys` distinct registered keys."""
-    provider = {"name": name, "type": kind, "api_base_url": url + REL_BASE_PATH[kind], **extra}
+    provider = {"name": name, "type": kind, "api_base_url": url + BASE_PATHS[kind], **extra}
     if keys == 1:
-        provider["api_key"] = rel_key(name)
+        provider["api_key"] = provider_key(name)
     elif keys > 1:
-        provider["api_keys"] = [rel_key(name, i) for i in range(keys)]
+        provider["api_keys"] = [provider_key(name, i) for i in range(keys)]
     return provider
 
 
-def rel_doc(
+def providers_doc(
     providers: list[dict],
     default: str,
     proxy: Mapping[str, Any] | None = None,
@@ -5398,22 +5440,24 @@ def rel_doc(
     return {"proxy": settings_, "router": {"default": default, **(router or {})}, "providers": providers}
 
 
-def rel_config(
+def scripted_config(
     providers: list[dict],
     default: str,
     proxy: Mapping[str, Any] | None = None,
     router: Mapping[str, Any] | None = None,
 ) -> terraphim_proxy.Config:
-    return build_config(rel_doc(providers, default, proxy, router), "rel.toml", environ={})
+    return build_config(providers_doc(providers, default, proxy, router), "test.toml", environ={})
 
 
-def rel_single_doc(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> dict:
+def single_provider_doc(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> dict:
     """One provider named after its kind, the default route to it."""
-    return rel_doc([rel_provider(kind, kind, url, **extra)], f"{kind},{REL_MODEL[kind]}", proxy)
+    return providers_doc([provider_doc(kind, kind, url, **extra)], f"{kind},{UPSTREAM_MODEL[kind]}", proxy)
 
 
-def rel_single(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> terraphim_proxy.Config:
-    return build_config(rel_single_doc(kind, url, proxy, **extra), "rel.toml", environ={})
+def single_provider_config(
+    kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any
+) -> terraphim_proxy.Config:
+    return build_config(single_provider_doc(kind, url, proxy, **extra), "test.toml", environ={})
 
 
 # ---------------------------------------------------------------------------
@@ -5421,13 +5465,13 @@ def rel_single(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **ex
 # ---------------------------------------------------------------------------
 
 
-def rel_body(text: str | list = "Hello", *, stream: bool = False, **fields: Any) -> dict:
-    body = request(text, **{"model": REL_CLIENT_MODEL, **fields})
+def client_body(text: str | list = "Hello", *, stream: bool = False, **fields: Any) -> dict:
+    body = request(text, **{"model": ASKED_MODEL, **fields})
     return body | ({"stream": True} if stream else {})
 
 
 @dataclass
-class RelReply(Answer):
+class TimedAnswer(Answer):
     times: list[float] = field(default_factory=list)  # arrival of each SSE event
     ended: str = "eof"  # "eof", or "broken" when the connection ended without a complete body
 
@@ -5451,7 +5495,7 @@ class RelReply(Answer):
         return error
 
 
-async def rel_post(
+async def post_client_body(
     http: aiohttp.ClientSession,
     url: str,
     body: Any = None,
@@ -5459,10 +5503,10 @@ async def rel_post(
     data: Any = None,
     headers: Mapping[str, str] | None = None,
     on_event: Callable[[str, dict], Awaitable[None]] | None = None,
-) -> RelReply:
+) -> TimedAnswer:
     """POST /v1/messages; SSE answers are read as they arrive, each event timed and handed to `on_event`."""
     async with http.post(f"{url}/v1/messages", json=body, data=data, headers=headers) as response:
-        reply = RelReply(response.status, response.headers, "")
+        reply = TimedAnswer(response.status, response.headers, "")
         if not response.content_type.startswith("text/event-stream"):
             reply.text = await response.text()
             CAPTURED_BODIES.append(reply.text)
@@ -5488,7 +5532,7 @@ async def rel_post(
 
 
 @contextlib.contextmanager
-def rel_black_hole() -> Iterator[str]:
+def black_hole() -> Iterator[str]:
     """An address whose TCP connects hang: a listener with a full accept queue drops further SYNs."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -5507,7 +5551,7 @@ def rel_black_hole() -> Iterator[str]:
             sock.close()
 
 
-def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> Script:
+def stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> Script:
     """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
@@ -5517,13 +5561,13 @@ def rel_stream_script(kind: str | None = None, *, upto: int | None = None, **wri
     return script
 
 
-async def rel_silent(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+async def never_answer(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """Take the request and never answer."""
     await until_cancelled()
     raise AssertionError("unreachable")
 
 
-async def rel_drop(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+async def drop_connection(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     """A connection error: close the connection without an answer."""
     assert request.transport is not None
     request.transport.close()
@@ -5531,7 +5575,7 @@ async def rel_drop(up: StandInServer, seen: Received, request: web.Request) -> w
     raise AssertionError("unreachable")
 
 
-async def rel_streaming(http: aiohttp.ClientSession, url: str) -> asyncio.Task[RelReply]:
+async def stream_in_background(http: aiohttp.ClientSession, url: str) -> asyncio.Task[TimedAnswer]:
     """A streamed request left running in the background, returned once its first content delta has arrived."""
     first_delta = asyncio.Event()
 
@@ -5539,7 +5583,7 @@ async def rel_streaming(http: aiohttp.ClientSession, url: str) -> asyncio.Task[R
         if name == "content_block_delta":
             first_delta.set()
 
-    task = asyncio.create_task(rel_post(http, url, rel_body(stream=True), on_event=on_event))
+    task = asyncio.create_task(post_client_body(http, url, client_body(stream=True), on_event=on_event))
     await wait_set(first_delta)
     return task
 
@@ -5554,11 +5598,13 @@ async def test_connect_timeout_is_per_provider(
     start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
 ) -> None:
     """[proxy] sets 20 s for everyone; the provider's own 150 ms wins, once per attempt (2 attempts)."""
-    with rel_black_hole() as url:
-        config = rel_single("anthropic", url, {"connect_timeout_ms": 20_000}, connect_timeout_ms=150, retries=1)
+    with black_hole() as url:
+        config = single_provider_config(
+            "anthropic", url, {"connect_timeout_ms": 20_000}, connect_timeout_ms=150, retries=1
+        )
         proxy = await start_proxy(config)
         started = time.monotonic()
-        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        reply = await post_client_body(http, proxy, client_body(stream=stream))
         elapsed = time.monotonic() - started
 
     reply.assert_error(504, "timeout_error", "anthropic")
@@ -5567,7 +5613,7 @@ async def test_connect_timeout_is_per_provider(
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "headers-but-no-frame"])
 async def test_first_byte_timeout(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """No first frame within first_byte_timeout_ms is a timeout, retried; the idle limit is far away.
 
@@ -5579,42 +5625,42 @@ async def test_first_byte_timeout(
         await until_cancelled()
         raise AssertionError("unreachable")
 
-    rel_up.script = silent
+    stand_in_up.script = silent
     limits = {"first_byte_timeout_ms": 150, "idle_timeout_ms": 5000, "timeout_ms": 5000}
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=1, **limits))
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, retries=1, **limits))
     started = time.monotonic()
 
-    reply = await rel_post(http, proxy, rel_body(stream=True))
+    reply = await post_client_body(http, proxy, client_body(stream=True))
 
     elapsed = time.monotonic() - started
     reply.assert_error(504, "timeout_error", "anthropic")
-    assert len(rel_up.received) == 2  # a timeout is retried
+    assert len(stand_in_up.received) == 2  # a timeout is retried
     assert 0.28 <= elapsed < 1.5, elapsed
-    await wait_set(rel_up.gone)  # the silent attempts were closed, not left open
+    await wait_set(stand_in_up.gone)  # the silent attempts were closed, not left open
 
 
-@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("kind", WIRE_KINDS)
 async def test_idle_timeout_mid_stream_ends_in_error_event(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
     """The first chunk arrives, then silence: at idle_timeout_ms the client gets an error event, no retry."""
-    rel_up.script = rel_stream_script(upto=1, then="hang")
+    stand_in_up.script = stream_script(upto=1, then="hang")
     limits = {"idle_timeout_ms": 200, "first_byte_timeout_ms": 5000, "stream_timeout_ms": 60_000}
-    proxy = await start_proxy(rel_single(kind, rel_up.url, retries=2, **limits))
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, retries=2, **limits))
 
-    reply = await rel_post(http, proxy, rel_body(stream=True))
+    reply = await post_client_body(http, proxy, client_body(stream=True))
 
     error = reply.stream_error(kind)
     assert error["type"] == "timeout_error"
-    silence = reply.times[-1] - rel_up.fault_at
+    silence = reply.times[-1] - stand_in_up.fault_at
     assert 0.19 <= silence < 2.0, f"the error came {silence:.3f} s into the silence (idle_timeout_ms is 200)"
-    assert len(rel_up.received) == 1
-    await wait_set(rel_up.gone)
+    assert len(stand_in_up.received) == 1
+    await wait_set(stand_in_up.gone)
 
 
 @pytest.mark.parametrize("headers_sent", [False, True], ids=["no-headers", "body-trickles"])
 async def test_total_timeout_bounds_a_non_streaming_request(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, headers_sent: bool
 ) -> None:
     """A body that trickles in (so the idle limit never fires) is cut at timeout_ms, and retried."""
 
@@ -5627,55 +5673,55 @@ async def test_total_timeout_bounds_a_non_streaming_request(
             await response.write(b" ")
             await asyncio.sleep(0.02)  # pacing of the stand-in's answer, not synchronisation
 
-    rel_up.script = trickle
+    stand_in_up.script = trickle
     limits = {"timeout_ms": 250, "idle_timeout_ms": 2000, "first_byte_timeout_ms": 2000}
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=1, **limits))
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, retries=1, **limits))
     started = time.monotonic()
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     elapsed = time.monotonic() - started
     reply.assert_error(504, "timeout_error", "anthropic")
     assert 0.45 <= elapsed < 1.5, elapsed
-    assert len(rel_up.received) == 2  # nothing had gone to the client, so the timeout is retried
+    assert len(stand_in_up.received) == 2  # nothing had gone to the client, so the timeout is retried
 
 
 # ---------------------------------------------------------------------------
 # Retries: only before any byte went to the client; backoff with jitter; Retry-After up to a cap
 # ---------------------------------------------------------------------------
 
-REL_RETRYABLE = [408, 429, 500, 502, 503, 504, 529]
+RETRIED_STATUSES = [408, 429, 500, 502, 503, 504, 529]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("failure", [*REL_RETRYABLE, "connection-closed"])
+@pytest.mark.parametrize("failure", [*RETRIED_STATUSES, "connection-closed"])
 async def test_retryable_failure_is_retried(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, failure: int | str, stream: bool
 ) -> None:
-    fail = rel_drop if failure == "connection-closed" else rel_status(int(failure))
-    rel_up.script = rel_sequence(fail, fail, rel_ok)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=2))
+    fail = drop_connection if failure == "connection-closed" else answer_status(int(failure))
+    stand_in_up.script = script_sequence(fail, fail, answer_ok)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, retries=2))
 
     with log_waiter("retries=2") as logged:
-        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        reply = await post_client_body(http, proxy, client_body(stream=stream))
         await wait_set(logged)
 
     assert reply.status == 200, reply.text
-    assert len(rel_up.received) == 3
+    assert len(stand_in_up.received) == 3
     assert reply.headers["x-terraphim-route"] == "anthropic,claude-rel"
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
 async def test_retries_stop_at_the_configured_count(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, retries: int
 ) -> None:
-    rel_up.script = rel_status(503, text="busy")
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=retries))
+    stand_in_up.script = answer_status(503, text="busy")
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, retries=retries))
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     reply.assert_error(529, "overloaded_error", "anthropic", "503", "busy")
-    assert len(rel_up.received) == retries + 1
+    assert len(stand_in_up.received) == retries + 1
 
 
 @pytest.mark.parametrize(
@@ -5688,29 +5734,31 @@ async def test_retries_stop_at_the_configured_count(
     ],
 )
 async def test_client_errors_are_never_retried(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int, error_type: str
 ) -> None:
-    rel_up.script = rel_status(status, {"retry-after": "0"})  # a retry-after does not make them retryable
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, retries=3))
+    stand_in_up.script = answer_status(status, {"retry-after": "0"})  # a retry-after does not make them retryable
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, retries=3))
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     reply.assert_error(status, error_type, "anthropic", str(status))
-    assert len(rel_up.received) == 1
+    assert len(stand_in_up.received) == 1
 
 
 async def test_backoff_grows_exponentially(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """retry_base_ms 40: the waits before attempts 2, 3, 4 are 40, 80, 160 ms times a jitter in [0.5, 1]."""
-    rel_up.script = rel_status(503)
+    stand_in_up.script = answer_status(503)
     proxy = await start_proxy(
-        rel_single("anthropic", rel_up.url, {"retry_base_ms": 40, "retry_max_wait_ms": 5000}, retries=3)
+        single_provider_config(
+            "anthropic", stand_in_up.url, {"retry_base_ms": 40, "retry_max_wait_ms": 5000}, retries=3
+        )
     )
 
-    await rel_post(http, proxy, rel_body())
+    await post_client_body(http, proxy, client_body())
 
-    arrivals = [seen.at for seen in rel_up.received]
+    arrivals = [seen.at for seen in stand_in_up.received]
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert len(gaps) == 3
     for attempt, gap in enumerate(gaps):
@@ -5721,8 +5769,8 @@ async def test_backoff_grows_exponentially(
 
 async def test_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> None:
     """retry_delay is a pure function of its inputs; sampled here to see the jitter's spread and the cap."""
-    provider = rel_provider("anthropic", "anthropic", "http://127.0.0.1:9")
-    config = rel_config([provider], "anthropic,m", {"retry_base_ms": 100, "retry_max_wait_ms": 1000})
+    provider = provider_doc("anthropic", "anthropic", "http://127.0.0.1:9")
+    config = scripted_config([provider], "anthropic,m", {"retry_base_ms": 100, "retry_max_wait_ms": 1000})
     retryable = terraphim_proxy.ProxyError(503, "busy", retryable=True)
     delay = terraphim_proxy.retry_delay
     for attempt in range(3):
@@ -5750,39 +5798,41 @@ async def test_retry_delay_has_jitter_a_cap_and_honours_retry_after() -> None:
     ],
 )
 async def test_retry_after_is_honoured(
-    rel_up: StandInServer,
+    stand_in_up: StandInServer,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     status: int,
     headers: dict[str, str],
     wait: float,
 ) -> None:
-    rel_up.script = rel_sequence(rel_status(status, headers), rel_ok)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_max_wait_ms": 2000}, retries=1))
+    stand_in_up.script = script_sequence(answer_status(status, headers), answer_ok)
+    proxy = await start_proxy(
+        single_provider_config("anthropic", stand_in_up.url, {"retry_max_wait_ms": 2000}, retries=1)
+    )
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     assert reply.status == 200, reply.text
-    gap = rel_up.received[1].at - rel_up.received[0].at
+    gap = stand_in_up.received[1].at - stand_in_up.received[0].at
     assert wait <= gap < wait + 1.5, f"the retry came {gap:.3f} s after the first attempt"
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["single-target", "with-fallback"])
 async def test_retry_after_over_the_cap_is_not_waited_for(
-    rel_servers: RelServers,
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     fallback: bool,
 ) -> None:
     """retry-after 30 s is over retry_max_wait_ms: no wait, no retry; the next target, else the 429 itself."""
-    a, b = await rel_servers(), await rel_servers()
-    a.script = rel_status(429, {"retry-after": "30"})
-    providers = [rel_provider("a", "anthropic", a.url, retries=3), rel_provider("b", "anthropic", b.url)]
+    a, b = await stand_ins(), await stand_ins()
+    a.script = answer_status(429, {"retry-after": "30"})
+    providers = [provider_doc("a", "anthropic", a.url, retries=3), provider_doc("b", "anthropic", b.url)]
     route = "a,model-a | b,model-b" if fallback else "a,model-a"
-    proxy = await start_proxy(rel_config(providers, route, {"retry_max_wait_ms": 200}))
+    proxy = await start_proxy(scripted_config(providers, route, {"retry_max_wait_ms": 200}))
     started = time.monotonic()
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     took = time.monotonic() - started
     assert took < 5.0, f"answered after {took:.3f} s; retry-after asked for 30 s"
@@ -5802,14 +5852,14 @@ async def test_retry_after_over_the_cap_is_not_waited_for(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_fallback_chain_tries_each_target_with_its_own_retries(
-    rel_servers: RelServers, start_proxy: StartProxy, stream: bool
+    stand_ins: StandInFactory, start_proxy: StartProxy, stream: bool
 ) -> None:
-    a, b = await rel_servers(), await rel_servers()
-    a.script = rel_status(503)
-    b.script = rel_sequence(rel_status(500), rel_status(500), rel_ok)
-    providers = [rel_provider("a", "anthropic", a.url, retries=1), rel_provider("b", "openai", b.url, retries=2)]
-    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
-    request = {"model": REL_CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    a, b = await stand_ins(), await stand_ins()
+    a.script = answer_status(503)
+    b.script = script_sequence(answer_status(500), answer_status(500), answer_ok)
+    providers = [provider_doc("a", "anthropic", a.url, retries=1), provider_doc("b", "openai", b.url, retries=2)]
+    proxy = await start_proxy(scripted_config(providers, "a,model-a | b,model-b"))
+    request = {"model": ASKED_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
     with log_waiter("fallbacks=1") as logged:
         async with anthropic_client(proxy) as sdk:
@@ -5823,7 +5873,7 @@ async def test_fallback_chain_tries_each_target_with_its_own_retries(
         await wait_set(logged)
 
     CAPTURED_BODIES.append(message.model_dump_json())
-    assert message.content[0].text == REL_TEXT
+    assert message.content[0].text == SCRIPTED_TEXT
     assert headers["x-terraphim-route"] == "b,model-b"
     assert a.models() == ["model-a"] * 2
     assert b.models() == ["model-b"] * 3
@@ -5837,29 +5887,34 @@ async def test_fallback_chain_tries_each_target_with_its_own_retries(
     ("first", "last", "status", "error_type", "fragment"),
     [
         pytest.param(
-            rel_status(500),
-            rel_status(429, {"retry-after": "7"}),
+            answer_status(500),
+            answer_status(429, {"retry-after": "7"}),
             429,
             "rate_limit_error",
             "b returned HTTP 429",
             id="500-then-429",
         ),
         pytest.param(
-            rel_status(429), rel_status(503, text="b is busy"), 529, "overloaded_error", "b is busy", id="429-then-503"
+            answer_status(429),
+            answer_status(503, text="b is busy"),
+            529,
+            "overloaded_error",
+            "b is busy",
+            id="429-then-503",
         ),
         pytest.param(
-            rel_status(503),
-            rel_status(404, text="no such model"),
+            answer_status(503),
+            answer_status(404, text="no such model"),
             404,
             "not_found_error",
             "no such model",
             id="503-then-404",
         ),
-        pytest.param(rel_status(401), None, 502, "api_error", "cannot reach b", id="401-then-unreachable"),
+        pytest.param(answer_status(401), None, 502, "api_error", "cannot reach b", id="401-then-unreachable"),
     ],
 )
 async def test_all_targets_failing_gives_the_last_error(
-    rel_servers: RelServers,
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     first: Script,
@@ -5868,17 +5923,17 @@ async def test_all_targets_failing_gives_the_last_error(
     error_type: str,
     fragment: str,
 ) -> None:
-    a, b = await rel_servers(), await rel_servers()
+    a, b = await stand_ins(), await stand_ins()
     a.script = first
     b_url = b.url
     if last is None:
         await b.stop()  # nothing listens there any more
     else:
         b.script = last
-    providers = [rel_provider("a", "anthropic", a.url), rel_provider("b", "openai", b_url)]
-    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
+    providers = [provider_doc("a", "anthropic", a.url), provider_doc("b", "openai", b_url)]
+    proxy = await start_proxy(scripted_config(providers, "a,model-a | b,model-b"))
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     message = reply.assert_error(status, error_type, fragment)
     assert "a returned" not in message
@@ -5892,54 +5947,54 @@ async def test_all_targets_failing_gives_the_last_error(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("kind", WIRE_KINDS)
 async def test_mid_stream_cut_becomes_an_error_event_within_100ms(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
-    rel_up.script = rel_stream_script(upto=2, then="cut")
-    proxy = await start_proxy(rel_single(kind, rel_up.url, retries=2))
+    stand_in_up.script = stream_script(upto=2, then="cut")
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, retries=2))
 
-    reply = await rel_post(http, proxy, rel_body(stream=True))
+    reply = await post_client_body(http, proxy, client_body(stream=True))
 
     reply.stream_error(kind)
     texts = [data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta"]
-    assert "".join(texts) == REL_TEXT[:16]
-    assert reply.times[-1] - rel_up.fault_at < 0.1, reply.times[-1] - rel_up.fault_at
+    assert "".join(texts) == SCRIPTED_TEXT[:16]
+    assert reply.times[-1] - stand_in_up.fault_at < 0.1, reply.times[-1] - stand_in_up.fault_at
     assert reply.ended == "eof"  # the proxy ended its own response properly
-    assert len(rel_up.received) == 1  # bytes had gone to the client: no retry
+    assert len(stand_in_up.received) == 1  # bytes had gone to the client: no retry
 
 
-async def test_sdk_raises_on_a_mid_stream_failure(rel_up: StandInServer, start_proxy: StartProxy) -> None:
-    rel_up.script = rel_stream_script(upto=2, then="cut")
-    proxy = await start_proxy(rel_single("openai", rel_up.url))
+async def test_sdk_raises_on_a_mid_stream_failure(stand_in_up: StandInServer, start_proxy: StartProxy) -> None:
+    stand_in_up.script = stream_script(upto=2, then="cut")
+    proxy = await start_proxy(single_provider_config("openai", stand_in_up.url))
     texts = []
 
     async with anthropic_client(proxy) as sdk:
         with pytest.raises(anthropic.APIStatusError, match="openai") as caught:
-            async with sdk.messages.stream(**rel_body()) as events:
+            async with sdk.messages.stream(**client_body()) as events:
                 async for event in events:
                     if event.type == "text":
                         texts.append(event.text)
 
     CAPTURED_BODIES.append(str(caught.value))
-    assert "".join(texts) == REL_TEXT[:16]
+    assert "".join(texts) == SCRIPTED_TEXT[:16]
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
 async def test_transport_fault_after_the_end_marker_is_not_a_failure(
-    rel_up: StandInServer, start_proxy: StartProxy, kind: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     """The whole answer, its end marker included, then the connection breaks: the client has a complete
     message and must not get an error event after message_stop (the SDK would raise)."""
-    rel_up.script = rel_stream_script(then="cut")
-    proxy = await start_proxy(rel_single(kind, rel_up.url))
+    stand_in_up.script = stream_script(then="cut")
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
 
-    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**rel_body()) as events:
+    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**client_body()) as events:
         names = [event.type async for event in events]
         final = await events.get_final_message()
 
     assert names[-1] == "message_stop", names
-    assert final.content[0].text == REL_TEXT
+    assert final.content[0].text == SCRIPTED_TEXT
 
 
 # ---------------------------------------------------------------------------
@@ -5947,34 +6002,34 @@ async def test_transport_fault_after_the_end_marker_is_not_a_failure(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("kind", WIRE_KINDS)
 async def test_keys_rotate_round_robin(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
-    proxy = await start_proxy(rel_single(kind, rel_up.url, keys=3))
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, keys=3))
 
     for _ in range(6):
-        assert (await rel_post(http, proxy, rel_body())).status == 200
+        assert (await post_client_body(http, proxy, client_body())).status == 200
 
-    keys = [rel_key(kind, i) for i in range(3)]
-    assert [seen.key for seen in rel_up.received] == keys * 2
+    keys = [provider_key(kind, i) for i in range(3)]
+    assert [seen.key for seen in stand_in_up.received] == keys * 2
 
 
 @pytest.mark.parametrize("status", [401, 403, 429])
 async def test_key_that_failed_is_skipped_during_its_cool_down(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, status: int
 ) -> None:
-    k0, k1, k2 = (rel_key("anthropic", i) for i in range(3))
+    k0, k1, k2 = (provider_key("anthropic", i) for i in range(3))
 
     async def k1_fails(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        return await (rel_status(status) if seen.key == k1 else rel_ok)(up, seen, request)
+        return await (answer_status(status) if seen.key == k1 else answer_ok)(up, seen, request)
 
-    rel_up.script = k1_fails
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, keys=3, retries=1))
+    stand_in_up.script = k1_fails
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, keys=3, retries=1))
 
-    replies = [await rel_post(http, proxy, rel_body()) for _ in range(8)]
+    replies = [await post_client_body(http, proxy, client_body()) for _ in range(8)]
 
-    keys = [seen.key for seen in rel_up.received]
+    keys = [seen.key for seen in stand_in_up.received]
     assert keys[:2] == [k0, k1]
     assert keys.count(k1) == 1, keys  # resting for the default cool-down (60 s) after its failure
     assert set(keys[2:]) == {k0, k2}
@@ -5986,17 +6041,17 @@ async def test_key_that_failed_is_skipped_during_its_cool_down(
 
 
 async def test_key_cool_down_follows_retry_after(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    k1 = rel_key("anthropic", 1)
-    rel_up.script = rel_sequence(rel_ok, rel_status(429, {"retry-after-ms": "200"}), rel_ok)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, keys=3, retries=1))
+    k1 = provider_key("anthropic", 1)
+    stand_in_up.script = script_sequence(answer_ok, answer_status(429, {"retry-after-ms": "200"}), answer_ok)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, keys=3, retries=1))
 
     for _ in range(4):
-        assert (await rel_post(http, proxy, rel_body())).status == 200
+        assert (await post_client_body(http, proxy, client_body())).status == 200
 
-    uses = [seen.at for seen in rel_up.received if seen.key == k1]
-    assert len(uses) == 2, [seen.key for seen in rel_up.received]
+    uses = [seen.at for seen in stand_in_up.received if seen.key == k1]
+    assert len(uses) == 2, [seen.key for seen in stand_in_up.received]
     assert uses[1] - uses[0] >= 0.2  # back in the rotation once its 200 ms rest is over
 
 
@@ -6005,7 +6060,7 @@ async def test_key_cool_down_follows_retry_after(
 # ---------------------------------------------------------------------------
 
 
-async def rel_raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Send POST /v1/messages over a plain socket, so the test decides exactly when the client goes away."""
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -6017,7 +6072,7 @@ async def rel_raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, a
     return reader, writer
 
 
-async def rel_read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
     seen = b""
     while marker not in seen:
         chunk = await asyncio.wait_for(reader.read(65536), TIMEOUT_S)
@@ -6028,34 +6083,36 @@ async def rel_read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
 
 @pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
 async def test_client_disconnect_closes_the_upstream_within_100ms(
-    rel_up: StandInServer, start_proxy: StartProxy, phase: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, phase: str
 ) -> None:
-    rel_up.script = rel_stream_script(upto=1, then="hang") if phase == "mid-stream" else rel_silent
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url))
-    reader, writer = await rel_raw_request(proxy, rel_body(stream=phase != "waiting-json"))
+    stand_in_up.script = stream_script(upto=1, then="hang") if phase == "mid-stream" else never_answer
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url))
+    reader, writer = await raw_request(proxy, client_body(stream=phase != "waiting-json"))
     if phase == "mid-stream":
-        await rel_read_until(reader, b"text_delta")
+        await read_until(reader, b"text_delta")
     else:
-        await wait_set(rel_up.arrived)
+        await wait_set(stand_in_up.arrived)
 
     with log_waiter("outcome=client_closed") as logged:
         closed_at = time.monotonic()
         writer.close()  # the client goes away (FIN), as a killed Claude Code would
-        await wait_set(rel_up.gone)
+        await wait_set(stand_in_up.gone)
         await wait_set(logged)
 
-    assert rel_up.gone_at - closed_at < 0.1, rel_up.gone_at - closed_at
-    assert len(rel_up.received) == 1
+    assert stand_in_up.gone_at - closed_at < 0.1, stand_in_up.gone_at - closed_at
+    assert len(stand_in_up.received) == 1
 
 
 async def test_client_disconnect_during_backoff_stops_the_retries(
-    rel_up: StandInServer, start_proxy: StartProxy
+    stand_in_up: StandInServer, start_proxy: StartProxy
 ) -> None:
     """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
-    rel_up.script = rel_status(503)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"retry_base_ms": 20_000}, retries=3))
+    stand_in_up.script = answer_status(503)
+    proxy = await start_proxy(
+        single_provider_config("anthropic", stand_in_up.url, {"retry_base_ms": 20_000}, retries=3)
+    )
     with log_waiter("retry 1 on") as backing_off:
-        _, writer = await rel_raw_request(proxy, rel_body())
+        _, writer = await raw_request(proxy, client_body())
         await wait_set(backing_off)
 
     with log_waiter("outcome=client_closed") as logged:
@@ -6065,20 +6122,20 @@ async def test_client_disconnect_during_backoff_stops_the_retries(
         noticed = time.monotonic() - closed_at
 
     assert noticed < 5.0, f"noticed {noticed:.3f} s after the client left; the backoff lasts >= 10 s"
-    assert len(rel_up.received) == 1
+    assert len(stand_in_up.received) == 1
 
 
 async def test_disconnect_frees_the_in_flight_slot(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    rel_up.script = rel_stream_script(upto=1, then="hang")
-    config = rel_single("anthropic", rel_up.url, {"max_in_flight": 1}, max_in_flight=1)
+    stand_in_up.script = stream_script(upto=1, then="hang")
+    config = single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}, max_in_flight=1)
     proxy = await start_proxy(config)
-    await abandon_stream(http, proxy, rel_body(stream=True))
-    await wait_set(rel_up.gone)
-    rel_up.script = rel_ok
+    await abandon_stream(http, proxy, client_body(stream=True))
+    await wait_set(stand_in_up.gone)
+    stand_in_up.script = answer_ok
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     assert reply.status == 200, reply.text
 
@@ -6089,39 +6146,39 @@ async def test_disconnect_frees_the_in_flight_slot(
 
 
 async def test_global_max_in_flight(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
-    held = await rel_streaming(http, proxy)
+    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
+    held = await stream_in_background(http, proxy)
 
     async with anthropic_client(proxy) as sdk:
         with pytest.raises(anthropic.RateLimitError, match="max_in_flight") as caught:
-            await sdk.messages.create(**rel_body())
+            await sdk.messages.create(**client_body())
     CAPTURED_BODIES.append(caught.value.response.text)
     assert caught.value.body["error"]["type"] == "rate_limit_error"
     assert int(caught.value.response.headers["retry-after"]) >= 1
-    assert len(rel_up.received) == 1
+    assert len(stand_in_up.received) == 1
 
-    rel_up.release.set()
+    stand_in_up.release.set()
     assert (await held).frames[-1][0] == "message_stop"
-    assert (await rel_post(http, proxy, rel_body())).status == 200  # the slot is free again
+    assert (await post_client_body(http, proxy, client_body())).status == 200  # the slot is free again
 
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["falls-back", "single-target"])
 async def test_provider_max_in_flight(
-    rel_servers: RelServers,
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     fallback: bool,
 ) -> None:
-    a, b = await rel_servers(), await rel_servers()
-    a.script = rel_stream_script(hold_at=1)
-    providers = [rel_provider("a", "anthropic", a.url, max_in_flight=1), rel_provider("b", "anthropic", b.url)]
-    proxy = await start_proxy(rel_config(providers, "a,model-a | b,model-b"))
-    held = await rel_streaming(http, proxy)
+    a, b = await stand_ins(), await stand_ins()
+    a.script = stream_script(hold_at=1)
+    providers = [provider_doc("a", "anthropic", a.url, max_in_flight=1), provider_doc("b", "anthropic", b.url)]
+    proxy = await start_proxy(scripted_config(providers, "a,model-a | b,model-b"))
+    held = await stream_in_background(http, proxy)
 
-    reply = await rel_post(http, proxy, rel_body(model=REL_CLIENT_MODEL if fallback else "a,model-a"))
+    reply = await post_client_body(http, proxy, client_body(model=ASKED_MODEL if fallback else "a,model-a"))
 
     if fallback:
         assert reply.status == 200, reply.text
@@ -6137,22 +6194,22 @@ async def test_provider_max_in_flight(
 
 
 async def test_rate_limit_per_client_key(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    config = rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
+    config = single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
     proxy = await start_proxy(config)
     key = {"x-api-key": PROXY_KEY}
 
-    replies = [await rel_post(http, proxy, rel_body(), headers=key) for _ in range(4)]
+    replies = [await post_client_body(http, proxy, client_body(), headers=key) for _ in range(4)]
 
     assert [reply.status for reply in replies[:3]] == [200, 200, 200]
     replies[3].assert_error(429, "rate_limit_error", "3 requests per minute")
     assert 1 <= int(replies[3].headers["retry-after"]) <= 20  # a token comes back every 60/3 s
-    assert len(rel_up.received) == 3
+    assert len(stand_in_up.received) == 3
     async with anthropic_client(proxy, PROXY_KEY) as sdk:
         with pytest.raises(anthropic.RateLimitError):
-            await sdk.messages.create(**rel_body())
-    assert len(rel_up.received) == 3
+            await sdk.messages.create(**client_body())
+    assert len(stand_in_up.received) == 3
 
 
 # ---------------------------------------------------------------------------
@@ -6160,7 +6217,7 @@ async def test_rate_limit_per_client_key(
 # ---------------------------------------------------------------------------
 
 
-class RelProcess:
+class ProxySubprocess:
     """terraphim_proxy.py run as `python terraphim_proxy.py --config ... --port ...`, its stderr read line by line."""
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int, config: Path) -> None:
@@ -6216,12 +6273,12 @@ class RelProcess:
 
 
 @contextlib.asynccontextmanager
-async def rel_process(tmp_path: Path, doc: dict) -> AsyncIterator[RelProcess]:
+async def proxy_subprocess(tmp_path: Path, doc: dict) -> AsyncIterator[ProxySubprocess]:
     config = tmp_path / "proxy.toml"
     config.write_text(to_toml(doc))
     port = free_port()
     proc = await spawn_proxy("--config", str(config), "--port", str(port), cwd=tmp_path)
-    process = RelProcess(proc, port, config)
+    process = ProxySubprocess(proc, port, config)
     try:
         await wait_healthy(process.url, proc, process.lines)
         yield process
@@ -6234,34 +6291,38 @@ async def rel_process(tmp_path: Path, doc: dict) -> AsyncIterator[RelProcess]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_drains_the_stream_in_flight_then_exits_0(
-    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    rel_up.script = rel_stream_script(hold_at=1)
-    async with rel_process(tmp_path, rel_single_doc("anthropic", rel_up.url, {"drain_timeout_ms": 10_000})) as proxy:
-        streaming = await rel_streaming(http, proxy.url)
+    stand_in_up.script = stream_script(hold_at=1)
+    async with proxy_subprocess(
+        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 10_000})
+    ) as proxy:
+        streaming = await stream_in_background(http, proxy.url)
 
         proxy.proc.send_signal(sig)
         await proxy.wait_for_line("shutting down")
         await proxy.refuses_connections()
         assert not streaming.done()
-        rel_up.release.set()
+        stand_in_up.release.set()
         reply = await asyncio.wait_for(streaming, TIMEOUT_S)
         code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
 
     assert reply.status == 200
     assert [name for name, _ in reply.frames][-1] == "message_stop"
-    assert "".join(d["delta"]["text"] for n, d in reply.frames if n == "content_block_delta") == REL_TEXT
+    assert "".join(d["delta"]["text"] for n, d in reply.frames if n == "content_block_delta") == SCRIPTED_TEXT
     assert code == 0
     assert not any("Traceback" in line for line in proxy.lines), proxy.lines
 
 
 async def test_drain_timeout_bounds_the_shutdown(
-    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
-    rel_up.script = rel_stream_script(upto=1, then="hang")
-    async with rel_process(tmp_path, rel_single_doc("anthropic", rel_up.url, {"drain_timeout_ms": 400})) as proxy:
-        streaming = await rel_streaming(http, proxy.url)
+    stand_in_up.script = stream_script(upto=1, then="hang")
+    async with proxy_subprocess(
+        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 400})
+    ) as proxy:
+        streaming = await stream_in_background(http, proxy.url)
 
         signalled = time.monotonic()
         proxy.proc.send_signal(signal.SIGTERM)
@@ -6274,63 +6335,63 @@ async def test_drain_timeout_bounds_the_shutdown(
     names = [name for name, _ in reply.frames]
     assert "message_stop" not in names
     assert names[-1] == "error", (names, reply.ended)  # the cut stream says why instead of just breaking off
-    await wait_set(rel_up.gone)
+    await wait_set(stand_in_up.gone)
 
 
 async def test_sighup_reload_valid_takes_effect_invalid_is_rejected(
-    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    provider = rel_provider("anthropic", "anthropic", rel_up.url)
-    async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one")) as proxy:
-        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
+    async with proxy_subprocess(tmp_path, providers_doc([provider], "anthropic,model-one")) as proxy:
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
 
-        await proxy.reload(rel_doc([provider], "anthropic,model-two"), "config reloaded")
-        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+        await proxy.reload(providers_doc([provider], "anthropic,model-two"), "config reloaded")
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
 
         problems = []
         invalid = {
             "invalid TOML": "[router\ndefault = 'anthropic,model-three'\n",
-            "unknown provider 'nobody'": to_toml(rel_doc([provider], "nobody,model-three")),
-            "proxy.retries": to_toml(rel_doc([provider], "anthropic,model-three", {"retries": -1})),
+            "unknown provider 'nobody'": to_toml(providers_doc([provider], "nobody,model-three")),
+            "proxy.retries": to_toml(providers_doc([provider], "anthropic,model-three", {"retries": -1})),
         }
         for fragment, text in invalid.items():
             problems.append(await proxy.reload(text, "reload rejected"))
             assert fragment in problems[-1], problems[-1]
-            assert (await rel_post(http, proxy.url, rel_body())).status == 200
+            assert (await post_client_body(http, proxy.url, client_body())).status == 200
 
-    assert rel_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
+    assert stand_in_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
 
 
 async def test_sighup_request_in_flight_keeps_its_config(
-    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Held at its first target while the config changes, the request falls back to its *old* second target."""
 
     async def first_attempt_fails_late(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         if seen.model == "model-a1":
             await up.release.wait()
-            return await rel_status(500)(up, seen, request)
-        return await rel_ok(up, seen, request)
+            return await answer_status(500)(up, seen, request)
+        return await answer_ok(up, seen, request)
 
-    rel_up.script = first_attempt_fails_late
-    a = rel_provider("a", "anthropic", rel_up.url)
+    stand_in_up.script = first_attempt_fails_late
+    a = provider_doc("a", "anthropic", stand_in_up.url)
     old_b, new_b = (
-        rel_provider("b", "anthropic", rel_up.url),
-        {**rel_provider("b", "anthropic", rel_up.url), "api_key": rel_key("b", 1)},
+        provider_doc("b", "anthropic", stand_in_up.url),
+        {**provider_doc("b", "anthropic", stand_in_up.url), "api_key": provider_key("b", 1)},
     )
-    async with rel_process(tmp_path, rel_doc([a, old_b], "a,model-a1 | b,model-b1")) as proxy:
-        in_flight = asyncio.create_task(rel_post(http, proxy.url, rel_body()))
-        await wait_set(rel_up.arrived)
+    async with proxy_subprocess(tmp_path, providers_doc([a, old_b], "a,model-a1 | b,model-b1")) as proxy:
+        in_flight = asyncio.create_task(post_client_body(http, proxy.url, client_body()))
+        await wait_set(stand_in_up.arrived)
 
-        await proxy.reload(rel_doc([a, new_b], "a,model-a2 | b,model-b2"), "config reloaded")
-        rel_up.release.set()
+        await proxy.reload(providers_doc([a, new_b], "a,model-a2 | b,model-b2"), "config reloaded")
+        stand_in_up.release.set()
         reply = await asyncio.wait_for(in_flight, TIMEOUT_S)
-        after = await rel_post(http, proxy.url, rel_body())
+        after = await post_client_body(http, proxy.url, client_body())
 
     assert reply.status == 200, reply.text
     assert reply.headers["x-terraphim-route"] == "b,model-b1"
-    assert rel_up.models() == ["model-a1", "model-b1", "model-a2"]
-    assert rel_up.received[1].key == rel_key("b")  # the old config's key, too
+    assert stand_in_up.models() == ["model-a1", "model-b1", "model-a2"]
+    assert stand_in_up.received[1].key == provider_key("b")  # the old config's key, too
     assert after.headers["x-terraphim-route"] == "a,model-a2"
 
 
@@ -6344,8 +6405,8 @@ async def test_sighup_request_in_flight_keeps_its_config(
 # framing, which content type) and the bytes are built from it, so a failing example prints short.
 # Hypothesis' example database is off (database=None): nothing is written into the checkout.
 
-REL_RICH_BODY: dict = {
-    "model": REL_CLIENT_MODEL,
+RICH_BODY: dict = {
+    "model": ASKED_MODEL,
     "max_tokens": 64,
     "system": [{"type": "text", "text": "Be brief."}],
     "messages": [
@@ -6388,8 +6449,8 @@ REL_RICH_BODY: dict = {
     "metadata": {"user_id": "user_1"},
     "stream": False,
 }
-REL_FUZZ_MODELS = [
-    REL_CLIENT_MODEL,
+FUZZ_MODELS = [
+    ASKED_MODEL,
     "claude-haiku-rel",
     "oa,gpt-rel",
     "ol,qwen-rel",
@@ -6401,21 +6462,21 @@ REL_FUZZ_MODELS = [
 ]
 
 
-def rel_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+def mutation_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     """Every path into a JSON value (dict keys and list indices)."""
     paths = [prefix] if prefix else []
     if isinstance(value, dict):
         for key, item in value.items():
-            paths += rel_paths(item, (*prefix, key))
+            paths += mutation_paths(item, (*prefix, key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            paths += rel_paths(item, (*prefix, index))
+            paths += mutation_paths(item, (*prefix, index))
     return paths
 
 
-REL_RICH_PATHS = rel_paths(REL_RICH_BODY)
-REL_NEST = "\x00rel-nest\x00"  # placeholder replaced by raw deep nesting after serialising
-REL_JSON_SCALARS = (
+RICH_PATHS = mutation_paths(RICH_BODY)
+NESTING_PLACEHOLDER = "\x00rel-nest\x00"  # placeholder replaced by raw deep nesting after serialising
+JSON_SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
@@ -6423,33 +6484,33 @@ REL_JSON_SCALARS = (
     | st.text(st.characters(codec="utf-8", exclude_categories=()), max_size=12)
     | st.text(st.characters(categories=["Cs"]), max_size=2)  # lone surrogates, sent as \\udXXX escapes
 )
-REL_JSON = st.recursive(
-    REL_JSON_SCALARS,
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
     max_leaves=8,
 )
-REL_MUTATION = st.one_of(
-    st.tuples(st.just("replace"), st.sampled_from(REL_RICH_PATHS), REL_JSON),
-    st.tuples(st.just("delete"), st.sampled_from(REL_RICH_PATHS), st.none()),
-    st.tuples(st.just("nest"), st.sampled_from(REL_RICH_PATHS), st.sampled_from([50, 500, 990, 5000])),
-    st.tuples(st.just("huge"), st.sampled_from(REL_RICH_PATHS), st.sampled_from([70_000, 400_000, 1_100_000])),
+BODY_MUTATION = st.one_of(
+    st.tuples(st.just("replace"), st.sampled_from(RICH_PATHS), JSON_VALUES),
+    st.tuples(st.just("delete"), st.sampled_from(RICH_PATHS), st.none()),
+    st.tuples(st.just("nest"), st.sampled_from(RICH_PATHS), st.sampled_from([50, 500, 990, 5000])),
+    st.tuples(st.just("huge"), st.sampled_from(RICH_PATHS), st.sampled_from([70_000, 400_000, 1_100_000])),
 )
-REL_AS_IS = st.tuples(st.just("as-is"), st.none())
-REL_FRAMING = st.one_of(
-    REL_AS_IS,  # well-formed JSON half of the time, so the broken fields reach the transformers
-    REL_AS_IS,
-    REL_AS_IS,
-    REL_AS_IS,
-    REL_AS_IS,
+FRAMING_AS_IS = st.tuples(st.just("as-is"), st.none())
+BODY_FRAMING = st.one_of(
+    FRAMING_AS_IS,  # well-formed JSON half of the time, so the broken fields reach the transformers
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
     st.tuples(st.just("truncate"), st.floats(0, 1)),
     st.tuples(
         st.just("invalid-utf8"), st.tuples(st.floats(0, 1), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
     ),
-    st.tuples(st.just("random-json"), REL_JSON),
+    st.tuples(st.just("random-json"), JSON_VALUES),
     st.tuples(st.just("raw-nesting"), st.sampled_from([b"[" * 100_000, b'{"a":' * 3000 + b"1" + b"}" * 3000])),
     st.tuples(st.just("bytes"), st.binary(max_size=64)),
 )
-REL_CONTENT_TYPES = [
+CONTENT_TYPES = [
     "application/json",
     "text/plain",
     "application/x-www-form-urlencoded",
@@ -6457,18 +6518,18 @@ REL_CONTENT_TYPES = [
     "application/json; charset=latin-1",
     None,
 ]
-REL_HOSTILE = st.fixed_dictionaries(
+HOSTILE_BODIES = st.fixed_dictionaries(
     {
-        "model": st.sampled_from(REL_FUZZ_MODELS),
+        "model": st.sampled_from(FUZZ_MODELS),
         "stream": st.booleans(),
-        "mutations": st.lists(REL_MUTATION, max_size=3),
-        "framing": REL_FRAMING,
-        "content_type": st.sampled_from(REL_CONTENT_TYPES),
+        "mutations": st.lists(BODY_MUTATION, max_size=3),
+        "framing": BODY_FRAMING,
+        "content_type": st.sampled_from(CONTENT_TYPES),
     }
 )
 
 
-def rel_recipe(
+def mutation_recipe(
     model: str,
     *mutations: tuple,
     framing: tuple = ("as-is", None),
@@ -6484,24 +6545,24 @@ def rel_recipe(
     }
 
 
-def rel_has(container: Any, step: Any) -> bool:
+def has_step(container: Any, step: Any) -> bool:
     if isinstance(container, dict):
         return step in container
     return isinstance(container, list) and isinstance(step, int) and step < len(container)
 
 
-def rel_apply(body: Any, kind: str, path: tuple, value: Any) -> Any:
+def apply_mutation(body: Any, kind: str, path: tuple, value: Any) -> Any:
     """The body with one mutation applied at `path` (skipped when an earlier mutation removed the path)."""
     if kind == "nest":
-        value = REL_NEST + str(value)
+        value = NESTING_PLACEHOLDER + str(value)
     elif kind == "huge":
         value = "x" * value
     parent = body
     for step in path[:-1]:
-        if not rel_has(parent, step):
+        if not has_step(parent, step):
             return body
         parent = parent[step]
-    if not rel_has(parent, path[-1]):
+    if not has_step(parent, path[-1]):
         return body
     if kind == "delete":
         del parent[path[-1]]
@@ -6510,12 +6571,12 @@ def rel_apply(body: Any, kind: str, path: tuple, value: Any) -> Any:
     return body
 
 
-def rel_hostile_bytes(recipe: dict) -> bytes:
-    body = json.loads(json.dumps(REL_RICH_BODY)) | {"model": recipe["model"], "stream": recipe["stream"]}
+def hostile_bytes(recipe: dict) -> bytes:
+    body = json.loads(json.dumps(RICH_BODY)) | {"model": recipe["model"], "stream": recipe["stream"]}
     for mutation in recipe["mutations"]:
-        body = rel_apply(body, *mutation)
+        body = apply_mutation(body, *mutation)
     data = json.dumps(body).encode()
-    while REL_NEST.encode("unicode_escape") in data or b"\\u0000rel-nest\\u0000" in data:
+    while NESTING_PLACEHOLDER.encode("unicode_escape") in data or b"\\u0000rel-nest\\u0000" in data:
         head, _, rest = data.partition(b'"\\u0000rel-nest\\u0000')
         depth, _, tail = rest.partition(b'"')
         data = head + b"[" * int(depth) + b"]" * int(depth) + tail
@@ -6532,7 +6593,7 @@ def rel_hostile_bytes(recipe: dict) -> bytes:
     return data
 
 
-def rel_assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -> None:
+def assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -> None:
     """An Anthropic error with a 4xx status, or a valid answer; never a traceback or a key."""
     assert "Traceback" not in text
     for secret in SECRETS:
@@ -6555,16 +6616,16 @@ def rel_assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -
 
 
 @pytest.fixture
-async def rel_fuzz_proxy(rel_up: StandInServer, start_proxy: StartProxy) -> str:
+async def fuzz_proxy(stand_in_up: StandInServer, start_proxy: StartProxy) -> str:
     """One provider of each kind at the stand-in, a proxy key, and a 1 MiB body limit."""
     providers = [
-        rel_provider("anthropic", "anthropic", rel_up.url),
-        rel_provider("oa", "openai", rel_up.url),
-        rel_provider("ol", "ollama", rel_up.url),
-        rel_provider("gm", "gemini", rel_up.url),
+        provider_doc("anthropic", "anthropic", stand_in_up.url),
+        provider_doc("oa", "openai", stand_in_up.url),
+        provider_doc("ol", "ollama", stand_in_up.url),
+        provider_doc("gm", "gemini", stand_in_up.url),
     ]
     proxy = {"api_key": PROXY_KEY, "max_body_bytes": 1024 * 1024}
-    return await start_proxy(rel_config(providers, "anthropic,claude-rel", proxy, {"background": "oa,gpt-rel"}))
+    return await start_proxy(scripted_config(providers, "anthropic,claude-rel", proxy, {"background": "oa,gpt-rel"}))
 
 
 @settings(
@@ -6573,20 +6634,20 @@ async def rel_fuzz_proxy(rel_up: StandInServer, start_proxy: StartProxy) -> str:
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(recipe=REL_HOSTILE)
+@given(recipe=HOSTILE_BODIES)
 # Explicit examples: one per class of input that must always be tried (the random search finds the rest).
-@example(recipe=rel_recipe("oa,gpt-rel", ("replace", ("messages", 1, "content", 2, "id"), None)))
-@example(recipe=rel_recipe("ol,qwen-rel", ("replace", ("messages", 2, "content", 0, "content"), 5)))
-@example(recipe=rel_recipe("gm,gemini-rel", ("replace", ("messages", 0, "content", 1, "source"), "x")))
-@example(recipe=rel_recipe("gm,gemini-rel", ("replace", ("tools", 0, "input_schema", "required"), [[]])))
-@example(recipe=rel_recipe(REL_CLIENT_MODEL, ("nest", ("metadata", "user_id"), 990)))
-@example(recipe=rel_recipe(REL_CLIENT_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
-@example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("raw-nesting", b"[" * 100_000)))
-@example(recipe=rel_recipe(REL_CLIENT_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
+@example(recipe=mutation_recipe("oa,gpt-rel", ("replace", ("messages", 1, "content", 2, "id"), None)))
+@example(recipe=mutation_recipe("ol,qwen-rel", ("replace", ("messages", 2, "content", 0, "content"), 5)))
+@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("messages", 0, "content", 1, "source"), "x")))
+@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("tools", 0, "input_schema", "required"), [[]])))
+@example(recipe=mutation_recipe(ASKED_MODEL, ("nest", ("metadata", "user_id"), 990)))
+@example(recipe=mutation_recipe(ASKED_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
+@example(recipe=mutation_recipe(ASKED_MODEL, framing=("raw-nesting", b"[" * 100_000)))
+@example(recipe=mutation_recipe(ASKED_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
 async def test_hostile_bodies_get_4xx_or_a_valid_answer(
-    rel_fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
+    fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
 ) -> None:
-    data = rel_hostile_bytes(recipe)
+    data = hostile_bytes(recipe)
     headers = {"x-api-key": PROXY_KEY}
     skip = ()
     if recipe["content_type"] is None:
@@ -6594,14 +6655,12 @@ async def test_hostile_bodies_get_4xx_or_a_valid_answer(
     else:
         headers["content-type"] = recipe["content_type"]
 
-    async with http.post(
-        f"{rel_fuzz_proxy}/v1/messages", data=data, headers=headers, skip_auto_headers=skip
-    ) as response:
+    async with http.post(f"{fuzz_proxy}/v1/messages", data=data, headers=headers, skip_auto_headers=skip) as response:
         text = await response.text(errors="replace")
     CAPTURED_BODIES.append(text)
 
-    rel_assert_sane_answer(response.status, response.headers, text)
-    async with http.get(f"{rel_fuzz_proxy}/health") as health:
+    assert_sane_answer(response.status, response.headers, text)
+    async with http.get(f"{fuzz_proxy}/health") as health:
         assert health.status == 200  # the proxy stays up
 
 
@@ -6619,10 +6678,10 @@ async def test_hostile_bodies_get_4xx_or_a_valid_answer(
     ],
 )
 async def test_truncated_or_malformed_framing(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
 ) -> None:
     """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"api_key": PROXY_KEY}))
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"api_key": PROXY_KEY}))
     host, port = proxy.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     request = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {PROXY_KEY}\r\n"
@@ -6642,28 +6701,28 @@ async def test_truncated_or_malformed_framing(
         CAPTURED_BODIES.append(text)
         assert 400 <= status < 500, answer
         assert "Traceback" not in text
-    assert rel_up.received == []
-    assert (await rel_post(http, proxy, rel_body(), headers={"x-api-key": PROXY_KEY})).status == 200
+    assert stand_in_up.received == []
+    assert (await post_client_body(http, proxy, client_body(), headers={"x-api-key": PROXY_KEY})).status == 200
 
 
 # ---------------------------------------------------------------------------
 # Upstream garbage: each gives a clear error, mapped, naming the provider
 # ---------------------------------------------------------------------------
 
-REL_NGINX_PAGE = (
+NGINX_PAGE = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
 
 
-def rel_garbage(status: int, body: bytes, content_type: str, **headers: str) -> Script:
+def garbage_script(status: int, body: bytes, content_type: str, **headers: str) -> Script:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, body=body, headers={"content-type": content_type, **headers})
 
     return script
 
 
-def rel_gzip_answer(damage: str) -> Script:
+def gzip_answer(damage: str) -> Script:
     """The request's proper answer, gzip-encoded, then truncated, corrupted, or with a wrong length."""
 
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
@@ -6695,39 +6754,44 @@ def rel_gzip_answer(damage: str) -> Script:
     return script
 
 
-REL_GARBAGE = {
-    "html-page-200": rel_garbage(200, REL_NGINX_PAGE, "text/html"),
-    "html-page-503": rel_garbage(503, REL_NGINX_PAGE, "text/html"),
-    "invalid-json": rel_garbage(200, b'{"id": "msg_01", "content": [', "application/json"),
-    "json-array": rel_garbage(200, b"[1, 2, 3]", "application/json"),
-    "json-object-not-an-answer": rel_garbage(200, b'{"unexpected": true}', "application/json"),
-    "empty-body": rel_garbage(200, b"", "application/json"),
-    "nonsense-sse": rel_garbage(
+GARBAGE_ANSWERS = {
+    "html-page-200": garbage_script(200, NGINX_PAGE, "text/html"),
+    "html-page-503": garbage_script(503, NGINX_PAGE, "text/html"),
+    "invalid-json": garbage_script(200, b'{"id": "msg_01", "content": [', "application/json"),
+    "json-array": garbage_script(200, b"[1, 2, 3]", "application/json"),
+    "json-object-not-an-answer": garbage_script(200, b'{"unexpected": true}', "application/json"),
+    "empty-body": garbage_script(200, b"", "application/json"),
+    "nonsense-sse": garbage_script(
         200, b"event: hello\ndata: {not json\n\nevent: what\ndata: ???\n\n", "text/event-stream"
     ),
-    "binary-noise": rel_garbage(200, bytes(range(256)) * 8, "application/octet-stream"),
-    "gzip-truncated": rel_gzip_answer("truncated"),
-    "gzip-corrupt": rel_gzip_answer("corrupt"),
-    "gzip-short-length": rel_gzip_answer("short-length"),
-    "gzip-long-length": rel_gzip_answer("long-length"),
+    "binary-noise": garbage_script(200, bytes(range(256)) * 8, "application/octet-stream"),
+    "gzip-truncated": gzip_answer("truncated"),
+    "gzip-corrupt": gzip_answer("corrupt"),
+    "gzip-short-length": gzip_answer("short-length"),
+    "gzip-long-length": gzip_answer("long-length"),
 }
-REL_COMPLETE_BEFORE_FAULT = {"gzip-long-length"}  # the whole answer arrived before the transport fault
+COMPLETE_BEFORE_FAULT = {"gzip-long-length"}  # the whole answer arrived before the transport fault
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", REL_KINDS)
-@pytest.mark.parametrize("garbage", list(REL_GARBAGE))
+@pytest.mark.parametrize("kind", WIRE_KINDS)
+@pytest.mark.parametrize("garbage", list(GARBAGE_ANSWERS))
 async def test_upstream_garbage_gives_a_mapped_error(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, garbage: str, kind: str, stream: bool
+    stand_in_up: StandInServer,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    garbage: str,
+    kind: str,
+    stream: bool,
 ) -> None:
-    rel_up.script = REL_GARBAGE[garbage]
-    proxy = await start_proxy(rel_single(kind, rel_up.url))
+    stand_in_up.script = GARBAGE_ANSWERS[garbage]
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
 
-    reply = await rel_post(http, proxy, rel_body(stream=stream))
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
 
     assert "<h1>" not in reply.text  # the page is summarised, not relayed
     names = [name for name, _ in reply.frames]
-    if garbage in REL_COMPLETE_BEFORE_FAULT and "message_stop" in names:
+    if garbage in COMPLETE_BEFORE_FAULT and "message_stop" in names:
         assert names[-1] == "message_stop", names  # complete: a later transport fault must not add an error
     elif reply.status == 200:  # streaming had begun: the failure is the stream's last event
         assert stream, reply.text
@@ -6737,7 +6801,7 @@ async def test_upstream_garbage_gives_a_mapped_error(
         reply.assert_error(reply.status, terraphim_proxy.ERROR_TYPES[reply.status], kind)
 
 
-REL_ENDLESS = [
+ENDLESS_ANSWER = [
     pytest.param("anthropic", "text-forever", id="anthropic-text-forever"),
     pytest.param("openai", "text-forever", id="openai-text-forever"),
     pytest.param("anthropic", "keepalive-comments", id="anthropic-keepalive-comments"),
@@ -6747,13 +6811,13 @@ REL_ENDLESS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "mode"), REL_ENDLESS)
+@pytest.mark.parametrize(("kind", "mode"), ENDLESS_ANSWER)
 async def test_endless_stream_is_cut_at_stream_timeout(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, mode: str
 ) -> None:
     """stream_timeout_ms (400 ms) bounds the whole stream, whatever the upstream keeps doing after its start."""
     more = {
-        "text-forever": text_stream_parts(kind, REL_MODEL[kind], "........")[0],
+        "text-forever": text_stream_parts(kind, UPSTREAM_MODEL[kind], "........")[0],
         "keepalive-comments": b": keep-alive\n\n",
         "no-frame-end": b"data: xxxxxxxx",
         "silence": b"",
@@ -6768,41 +6832,41 @@ async def test_endless_stream_is_cut_at_stream_timeout(
                 await response.write(more)
             await asyncio.sleep(0.02)  # pacing of the stand-in's stream, not synchronisation
 
-    rel_up.script = endless
+    stand_in_up.script = endless
     limits = {"stream_timeout_ms": 400, "idle_timeout_ms": 3000, "first_byte_timeout_ms": 3000}
-    proxy = await start_proxy(rel_single(kind, rel_up.url, **limits))
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, **limits))
 
     try:
-        reply = await asyncio.wait_for(rel_post(http, proxy, rel_body(stream=True)), 2.5)
+        reply = await asyncio.wait_for(post_client_body(http, proxy, client_body(stream=True)), 2.5)
     except asyncio.TimeoutError:
         pytest.fail(f"{mode}: the stream was still open after 2.5 s (stream_timeout_ms is 400)")
 
     reply.stream_error(kind)
     took = reply.times[-1] - reply.times[0]  # the deadline runs from the first frame the client gets
     assert 0.35 <= took < 2.5, f"cut {took:.3f} s after the first frame (stream_timeout_ms 400, idle 3000)"
-    await wait_set(rel_up.gone)  # and the endless upstream was closed
+    await wait_set(stand_in_up.gone)  # and the endless upstream was closed
 
 
-@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("kind", WIRE_KINDS)
 async def test_json_answer_to_a_stream_request_becomes_sse(
-    rel_up: StandInServer, start_proxy: StartProxy, kind: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, kind: str
 ) -> None:
     async def json_anyway(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.json_response(text_answer(seen.kind, seen.model))
 
-    rel_up.script = json_anyway
-    proxy = await start_proxy(rel_single(kind, rel_up.url))
+    stand_in_up.script = json_anyway
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
 
-    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**rel_body()) as events:
+    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**client_body()) as events:
         names = [event.type async for event in events]
         final = await events.get_final_message()
         content_type = events.response.headers["content-type"]
 
     CAPTURED_BODIES.append(final.model_dump_json())
-    assert rel_up.received[0].stream
+    assert stand_in_up.received[0].stream
     assert content_type.startswith("text/event-stream")
     assert names[0] == "message_start" and names[-1] == "message_stop", names
-    assert final.content[0].text == REL_TEXT
+    assert final.content[0].text == SCRIPTED_TEXT
 
 
 # ---------------------------------------------------------------------------
@@ -6811,27 +6875,29 @@ async def test_json_answer_to_a_stream_request_becomes_sse(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", REL_KINDS)
+@pytest.mark.parametrize("kind", WIRE_KINDS)
 async def test_upstream_echoing_the_key_does_not_leak_it(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
 ) -> None:
     """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
     see it. A retry and a fallback put the message in the log too."""
 
     async def echo(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         text = f"Incorrect API key provided: {seen.key}. Find your key at https://example.invalid/keys"
-        return await rel_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
+        return await answer_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
 
-    rel_up.script = echo
-    providers = [rel_provider(kind, kind, rel_up.url, retries=1), rel_provider("spare", kind, rel_up.url)]
-    proxy = await start_proxy(rel_config(providers, f"{kind},{REL_MODEL[kind]} | spare,{REL_MODEL[kind]}"))
+    stand_in_up.script = echo
+    providers = [provider_doc(kind, kind, stand_in_up.url, retries=1), provider_doc("spare", kind, stand_in_up.url)]
+    proxy = await start_proxy(
+        scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | spare,{UPSTREAM_MODEL[kind]}")
+    )
 
-    reply = await rel_post(http, proxy, rel_body(stream=stream))
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
 
     message = reply.assert_error(401, "authentication_error", "Incorrect API key provided")
-    for seen in rel_up.received:
+    for seen in stand_in_up.received:
         assert seen.key not in message
-    assert len(rel_up.received) == 3
+    assert len(stand_in_up.received) == 3
 
 
 # ---------------------------------------------------------------------------
@@ -6842,21 +6908,21 @@ async def test_upstream_echoing_the_key_does_not_leak_it(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_upstream_redirect_is_not_followed(
-    rel_servers: RelServers,
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     status: int,
     stream: bool,
 ) -> None:
-    up, elsewhere = await rel_servers(), await rel_servers()
+    up, elsewhere = await stand_ins(), await stand_ins()
 
     async def redirect(server: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         return web.Response(status=status, headers={"location": elsewhere.url + request.path})
 
     up.script = redirect
-    proxy = await start_proxy(rel_single("anthropic", up.url, retries=2))
+    proxy = await start_proxy(single_provider_config("anthropic", up.url, retries=2))
 
-    reply = await rel_post(http, proxy, rel_body(stream=stream))
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
 
     reply.assert_error(502, "api_error", "anthropic", "redirect")
     assert elsewhere.received == []  # neither the request nor the key went to the other host
@@ -6873,7 +6939,7 @@ async def test_upstream_redirect_is_not_followed(
         "ws://127.0.0.1:9/",
         "http://",
         "javascript:alert(1)",
-        "${REL_BASE}/v1",  # an env variable that expands to a non-http URL
+        "${BAD_BASE_URL}/v1",  # an env variable that expands to a non-http URL
     ],
 )
 async def test_provider_url_must_be_http_or_https(url: str) -> None:
@@ -6881,7 +6947,7 @@ async def test_provider_url_must_be_http_or_https(url: str) -> None:
     doc = {"router": {"default": "anthropic,m"}, "providers": [provider]}
 
     with pytest.raises(terraphim_proxy.ConfigError) as caught:
-        terraphim_proxy.build_config(doc, "rel.toml", environ={"REL_BASE": "gopher://127.0.0.1"})
+        terraphim_proxy.build_config(doc, "test.toml", environ={"BAD_BASE_URL": "gopher://127.0.0.1"})
 
     assert any("api_base_url" in problem and "http" in problem for problem in caught.value.problems), caught.value
 
@@ -6889,29 +6955,29 @@ async def test_provider_url_must_be_http_or_https(url: str) -> None:
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", "https://api.example.invalid/v1"])
 async def test_provider_url_http_and_https_are_accepted(url: str) -> None:
     provider = {"name": "openai", "api_key": "rel-unused", "api_base_url": url}
-    config = terraphim_proxy.build_config({"router": {"default": "openai,m"}, "providers": [provider]}, "rel.toml", {})
+    config = terraphim_proxy.build_config({"router": {"default": "openai,m"}, "providers": [provider]}, "test.toml", {})
     assert config.providers["openai"].api_base_url == url
 
 
-def rel_image_body(url: str) -> dict:
+def image_body(url: str) -> dict:
     image = {"type": "image", "source": {"type": "url", "url": url}}
-    return rel_body([image, {"type": "text", "text": "What is in this picture?"}])
+    return client_body([image, {"type": "text", "text": "What is in this picture?"}])
 
 
-async def rel_png(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+async def png_answer(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
     return web.Response(body=b"\x89PNG\r\n\x1a\n" + bytes(64), content_type="image/png")
 
 
 @pytest.mark.parametrize("fetch", [False, True], ids=["fetch-off", "fetch-on"])
 async def test_image_url_goes_to_openai_as_a_url(
-    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, fetch: bool
+    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession, fetch: bool
 ) -> None:
-    up, images = await rel_servers(), await rel_servers()
-    images.script = rel_png
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer
     url = f"{images.url}/cat.png"
-    proxy = await start_proxy(rel_single("openai", up.url, {"fetch_image_urls": fetch}))
+    proxy = await start_proxy(single_provider_config("openai", up.url, {"fetch_image_urls": fetch}))
 
-    reply = await rel_post(http, proxy, rel_image_body(url))
+    reply = await post_client_body(http, proxy, image_body(url))
 
     assert reply.status == 200, reply.text
     parts = up.received[0].body["messages"][-1]["content"]
@@ -6921,13 +6987,13 @@ async def test_image_url_goes_to_openai_as_a_url(
 
 @pytest.mark.parametrize("kind", ["ollama", "gemini"])
 async def test_image_url_is_refused_for_inline_only_providers(
-    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
 ) -> None:
-    up, images = await rel_servers(), await rel_servers()
-    images.script = rel_png
-    proxy = await start_proxy(rel_single(kind, up.url))
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer
+    proxy = await start_proxy(single_provider_config(kind, up.url))
 
-    reply = await rel_post(http, proxy, rel_image_body(f"{images.url}/cat.png"))
+    reply = await post_client_body(http, proxy, image_body(f"{images.url}/cat.png"))
 
     reply.assert_error(400, "invalid_request_error", kind, "fetch_image_urls")
     assert up.received == [] and images.received == []
@@ -6937,7 +7003,7 @@ async def test_image_url_is_refused_for_inline_only_providers(
 # Loopback forms point at a real stand-in, so a fetch would be seen; private and link-local ones are IP
 # literals, refused before any connection is tried. A successful fetch needs a public address, which this
 # offline machine does not have, so the positive path is tested with a DNS stand-in (see "Resource limits" below).
-REL_LOCAL_IMAGE_URLS = [
+LOCAL_IMAGE_URLS = [
     "http://127.0.0.1:{port}/cat.png",
     "http://localhost:{port}/cat.png",
     "http://127.1:{port}/cat.png",
@@ -6958,21 +7024,21 @@ REL_LOCAL_IMAGE_URLS = [
 ]
 
 
-@pytest.mark.parametrize("template", REL_LOCAL_IMAGE_URLS)
+@pytest.mark.parametrize("template", LOCAL_IMAGE_URLS)
 @pytest.mark.parametrize("kind", ["ollama", "gemini"])
 async def test_image_fetch_refuses_local_addresses(
-    rel_servers: RelServers,
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     kind: str,
     template: str,
 ) -> None:
-    up, images = await rel_servers(), await rel_servers()
-    images.script = rel_png
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer
     url = template.format(port=images.url.rsplit(":", 1)[1])
-    proxy = await start_proxy(rel_single(kind, up.url, {"fetch_image_urls": True}))
+    proxy = await start_proxy(single_provider_config(kind, up.url, {"fetch_image_urls": True}))
 
-    reply = await rel_post(http, proxy, rel_image_body(url))
+    reply = await post_client_body(http, proxy, image_body(url))
 
     reply.assert_error(400, "invalid_request_error", "image URL")
     assert images.received == []
@@ -6983,24 +7049,24 @@ async def test_image_fetch_refuses_local_addresses(
 # Ecosystem: the OpenAI client dialect, keyword rules, router.module, session memory, /routes, /metrics,
 # --log-format json and the env, code and import-ccr commands
 # ===========================================================================
-# `EcoUpstream` is one server that speaks both upstream wire formats: Anthropic's Messages API (POST
+# `ModelScriptedUpstream` is one server that speaks both upstream wire formats: Anthropic's Messages API (POST
 # /v1/messages: JSON messages, SSE events, Anthropic error bodies) and OpenAI's chat completions (POST
 # .../chat/completions: JSON completions, `data:` chunks ending in [DONE], OpenAI error bodies). It answers from
 # a per-model script.
 
 tomllib = terraphim_proxy.tomllib  # tomllib on 3.11+, tomli on 3.10
 
-ECO_PROMPT_TOKENS = 15  # the sum of ECO_USAGE's three input figures
-ECO_KINDS = ("anthropic", "openai")  # the upstream wire formats
-ECO_UPSTREAM_PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
-ECO_HAIKU_MODEL = "claude-haiku-4-8"  # a background (haiku) model name
+SCRIPTED_PROMPT_TOKENS = 15  # the sum of SCRIPTED_USAGE's three input figures
+CHAT_UPSTREAM_KINDS = ("anthropic", "openai")  # the upstream wire formats
+CHAT_UPSTREAM_PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
+HAIKU_MODEL = "claude-haiku-4-8"  # a background (haiku) model name
 
 
-def eco_default_route(kind: str) -> str:
+def chat_default_route(kind: str) -> str:
     return "anthropic,model-default" if kind == "anthropic" else "openai,gpt-default"
 
 
-def eco_text_of(content: Any) -> str:
+def text_of_content(content: Any) -> str:
     """The text of a string, or of a list of Anthropic text blocks / OpenAI text parts."""
     if isinstance(content, str):
         return content
@@ -7012,13 +7078,13 @@ def eco_text_of(content: Any) -> str:
 # ---------------------------------------------------------------------------
 
 
-def eco_config(
+def chat_config(
     upstream_url: str,
     *,
     router: Mapping[str, Any] | None = None,
     rules: list[dict] | None = None,
     proxy: Mapping[str, Any] | None = None,
-    source: str = "eco.toml",
+    source: str = "test.toml",
 ) -> terraphim_proxy.Config:
     """Providers at the stand-in (anthropic, openai, pinned with a models list), one disabled (offline) and one
     whose port is closed (down); ROUTES, overridable per scenario (None removes one)."""
@@ -7027,7 +7093,7 @@ def eco_config(
         {**at_stand_in, "name": "anthropic"},
         {"name": "openai", "type": "openai", "api_base_url": f"{upstream_url}/v1", "api_key": "$OPENAI_API_KEY"},
         {**at_stand_in, "name": "pinned", "models": ["model-pinned-a", "model-pinned-b"]},
-        {**at_stand_in, "name": "offline", "api_key": "${ECO_UNSET_KEY}", "models": ["model-offline"]},
+        {**at_stand_in, "name": "offline", "api_key": "${UNSET_TEST_KEY}", "models": ["model-offline"]},
         {**at_stand_in, "name": "down", "api_base_url": closed_port_url()},
     ]
     routes = {**ROUTES, "long_context_threshold": SMALL_THRESHOLD, **(router or {})}
@@ -7042,20 +7108,20 @@ def eco_config(
 
 
 @pytest.fixture
-async def eco_upstream() -> AsyncIterator[EcoUpstream]:
-    async with running(EcoUpstream()) as server:
+async def scripted_upstream() -> AsyncIterator[ModelScriptedUpstream]:
+    async with running(ModelScriptedUpstream()) as server:
         yield server
 
 
 @pytest.fixture
-def eco_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict]]:
+def request_log_lines(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict]]:
     """The proxy's request log lines so far, as their fields (what --log-format json writes)."""
     caplog.set_level(logging.INFO, logger="terraphim_proxy")
     return lambda: [{**r.fields, "message": r.getMessage()} for r in caplog.records if hasattr(r, "fields")]
 
 
 @dataclass
-class EcoChat:
+class ChatOutcome:
     """What an openai SDK client got back from one chat completion, streamed or not."""
 
     text: str
@@ -7066,7 +7132,7 @@ class EcoChat:
     headers: Mapping[str, str]
 
 
-async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> EcoChat:
+async def sdk_chat_completion(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> ChatOutcome:
     """One chat completion via the SDK; a stream asks for include_usage and is checked chunk by chunk."""
     kwargs = {"model": "gpt-4o", "max_tokens": 100, **kwargs}
     if not stream:
@@ -7076,7 +7142,7 @@ async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> E
         choice = completion.choices[0]
         calls = [call.model_dump() for call in choice.message.tool_calls or ()]
         text = choice.message.content or ""
-        return EcoChat(text, calls, choice.finish_reason, completion.usage, completion.model, raw.headers)
+        return ChatOutcome(text, calls, choice.finish_reason, completion.usage, completion.model, raw.headers)
     options = {"include_usage": True}
     raw = await client.chat.completions.with_raw_response.create(stream=True, stream_options=options, **kwargs)
     chunks = [chunk async for chunk in raw.parse()]
@@ -7101,7 +7167,7 @@ async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> E
             if fragment.function and fragment.function.arguments:
                 function["arguments"] = function.get("arguments", "") + fragment.function.arguments
     ordered = [calls[index] for index in sorted(calls)]
-    return EcoChat(text, ordered, finishes[0], usage_chunk.usage, chunks[0].model, raw.headers)
+    return ChatOutcome(text, ordered, finishes[0], usage_chunk.usage, chunks[0].model, raw.headers)
 
 
 # ---------------------------------------------------------------------------
@@ -7110,17 +7176,19 @@ async def eco_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> E
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", ECO_KINDS)
-async def test_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool) -> None:
-    route = eco_default_route(kind)
+@pytest.mark.parametrize("kind", CHAT_UPSTREAM_KINDS)
+async def test_openai_sdk_chat(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, kind: str, stream: bool
+) -> None:
+    route = chat_default_route(kind)
     model = route.split(",")[1]
-    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
     usage = {"input_tokens": 40, "cache_read_input_tokens": 8, "cache_creation_input_tokens": 0, "output_tokens": 11}
-    eco_upstream.queue(model, EcoAnswer(text="Hello there, OpenAI client.", usage=usage))
+    scripted_upstream.queue(model, ScriptedAnswer(text="Hello there, OpenAI client.", usage=usage))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 
     async with openai_client(url) as client:
-        chat = await eco_chat(client, stream, messages=messages, max_tokens=50)
+        chat = await sdk_chat_completion(client, stream, messages=messages, max_tokens=50)
 
     assert chat.text == "Hello there, OpenAI client."
     assert chat.finish == "stop"
@@ -7129,8 +7197,8 @@ async def test_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProx
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (48, 11, 59)
     assert chat.usage.prompt_tokens_details.cached_tokens == 8
     assert chat.headers["x-terraphim-route"] == route
-    received = eco_upstream.last
-    assert received.path == ECO_UPSTREAM_PATH[kind]
+    received = scripted_upstream.last
+    assert received.path == CHAT_UPSTREAM_PATH[kind]
     assert received.body["model"] == model
     assert bool(received.body.get("stream")) is stream
     if kind == "anthropic":
@@ -7140,12 +7208,12 @@ async def test_openai_sdk_chat(eco_upstream: EcoUpstream, start_proxy: StartProx
         assert received.body["max_tokens"] == 50
     else:
         assert received.headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
-        roles = [(m["role"], eco_text_of(m["content"])) for m in received.body["messages"]]
+        roles = [(m["role"], text_of_content(m["content"])) for m in received.body["messages"]]
         assert roles == [("system", "Be brief."), ("user", "Say hello")]
     assert all(CLIENT_KEY not in value for value in received.headers.values())
 
 
-ECO_TOOL = {
+CHAT_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -7157,14 +7225,14 @@ ECO_TOOL = {
         },
     },
 }
-ECO_TIME_TOOL = {
+CHAT_TIME_TOOL = {
     "type": "function",
     "function": {
         "name": "get_time",
         "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
     },
 }
-ECO_CALLS = {  # per upstream format: the calls it makes, with its own ids; and what the client answers
+CHAT_TOOL_CALLS = {  # per upstream format: the calls it makes, with its own ids; and what the client answers
     "anthropic": [
         ("toolu_01EcoWeather", "get_weather", {"city": "Paris", "days": 2, "units": {"temperature": "C"}}),
         ("toolu_02EcoTime", "get_time", {"zone": "Europe/Paris"}),
@@ -7174,27 +7242,29 @@ ECO_CALLS = {  # per upstream format: the calls it makes, with its own ids; and 
         ("call_EcoTime02", "get_time", {"zone": "Europe/Paris"}),
     ],
 }
-ECO_TOOL_RESULTS = ["18C, sunny", "14:05"]
+CHAT_TOOL_RESULTS = ["18C, sunny", "14:05"]
 
 
 @pytest.mark.parametrize("count", [1, 2], ids=["one-call", "parallel-calls"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", ECO_KINDS)
+@pytest.mark.parametrize("kind", CHAT_UPSTREAM_KINDS)
 async def test_openai_tool_round_trip(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, stream: bool, count: int
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, kind: str, stream: bool, count: int
 ) -> None:
-    route = eco_default_route(kind)
-    model, upstream_calls = route.split(",")[1], ECO_CALLS[kind][:count]
-    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
-    eco_upstream.queue(
-        model, EcoAnswer(text="Let me check.", tools=upstream_calls), EcoAnswer(text="It is 18C and sunny in Paris.")
+    route = chat_default_route(kind)
+    model, upstream_calls = route.split(",")[1], CHAT_TOOL_CALLS[kind][:count]
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
+    scripted_upstream.queue(
+        model,
+        ScriptedAnswer(text="Let me check.", tools=upstream_calls),
+        ScriptedAnswer(text="It is 18C and sunny in Paris."),
     )
     question = [{"role": "user", "content": "Weather and time in Paris?"}]
-    tools = [ECO_TOOL, ECO_TIME_TOOL]
+    tools = [CHAT_TOOL, CHAT_TIME_TOOL]
 
     async with openai_client(url) as client:
-        first = await eco_chat(client, stream, messages=question, tools=tools)
-        asked = eco_upstream.last.body
+        first = await sdk_chat_completion(client, stream, messages=question, tools=tools)
+        asked = scripted_upstream.last.body
         assert first.finish == "tool_calls"
         assert first.text == "Let me check."
         got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in first.calls]
@@ -7204,22 +7274,22 @@ async def test_openai_tool_round_trip(
         assistant = {"role": "assistant", "content": first.text, "tool_calls": first.calls}
         results = [
             {"role": "tool", "tool_call_id": call_id, "content": text}
-            for call_id, text in zip(ids, ECO_TOOL_RESULTS, strict=False)
+            for call_id, text in zip(ids, CHAT_TOOL_RESULTS, strict=False)
         ]
-        second = await eco_chat(client, stream, messages=[*question, assistant, *results], tools=tools)
+        second = await sdk_chat_completion(client, stream, messages=[*question, assistant, *results], tools=tools)
 
     assert (second.text, second.calls, second.finish) == ("It is 18C and sunny in Paris.", [], "stop")
-    body = eco_upstream.last.body
+    body = scripted_upstream.last.body
     upstream_ids = [call_id for call_id, _, _ in upstream_calls]
     if kind == "anthropic":
         assert [t["name"] for t in asked["tools"]] == ["get_weather", "get_time"]
-        assert asked["tools"][0]["input_schema"] == ECO_TOOL["function"]["parameters"]
+        assert asked["tools"][0]["input_schema"] == CHAT_TOOL["function"]["parameters"]
         assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
         uses = [b for b in body["messages"][1]["content"] if b["type"] == "tool_use"]
         assert uses == [{"type": "tool_use", "id": i, "name": n, "input": x} for i, n, x in upstream_calls]
         returned = [b for b in body["messages"][2]["content"] if b["type"] == "tool_result"]
-        assert [(r["tool_use_id"], eco_text_of(r["content"])) for r in returned] == list(
-            zip(upstream_ids, ECO_TOOL_RESULTS, strict=False)
+        assert [(r["tool_use_id"], text_of_content(r["content"])) for r in returned] == list(
+            zip(upstream_ids, CHAT_TOOL_RESULTS, strict=False)
         )
     else:
         assert [t["function"]["name"] for t in asked["tools"]] == ["get_weather", "get_time"]
@@ -7229,12 +7299,12 @@ async def test_openai_tool_round_trip(
             upstream_calls
         )
         returned = body["messages"][2:]
-        assert [(m["tool_call_id"], eco_text_of(m["content"])) for m in returned] == list(
-            zip(upstream_ids, ECO_TOOL_RESULTS, strict=False)
+        assert [(m["tool_call_id"], text_of_content(m["content"])) for m in returned] == list(
+            zip(upstream_ids, CHAT_TOOL_RESULTS, strict=False)
         )
 
 
-ECO_STATUS_ERRORS = {
+CHAT_STATUS_ERRORS = {
     400: ("invalid_request_error", openai.BadRequestError),
     401: ("authentication_error", openai.AuthenticationError),
     404: ("not_found_error", openai.NotFoundError),
@@ -7242,9 +7312,9 @@ ECO_STATUS_ERRORS = {
 }
 
 
-async def eco_assert_openai_error(request: Awaitable[Any], status: int, *fragments: str) -> openai.APIStatusError:
+async def assert_openai_error(request: Awaitable[Any], status: int, *fragments: str) -> openai.APIStatusError:
     """The SDK raised the class for `status`, from a body in OpenAI's error shape."""
-    error_type, error_class = ECO_STATUS_ERRORS[status]
+    error_type, error_class = CHAT_STATUS_ERRORS[status]
     with pytest.raises(error_class) as raised:
         await request
     err = raised.value
@@ -7259,24 +7329,24 @@ async def eco_assert_openai_error(request: Awaitable[Any], status: int, *fragmen
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", ECO_KINDS)
-@pytest.mark.parametrize("status", sorted(ECO_STATUS_ERRORS))
+@pytest.mark.parametrize("kind", CHAT_UPSTREAM_KINDS)
+@pytest.mark.parametrize("status", sorted(CHAT_STATUS_ERRORS))
 async def test_openai_upstream_error_raises_sdk_class(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, status: int, kind: str, stream: bool
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, status: int, kind: str, stream: bool
 ) -> None:
-    route = eco_default_route(kind)
-    error_type = "rate_limit_error" if status == 429 else ECO_STATUS_ERRORS[status][0]
-    eco_upstream.queue(route.split(",")[1], EcoAnswer(status=status, error_type=error_type))
-    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    route = chat_default_route(kind)
+    error_type = "rate_limit_error" if status == 429 else CHAT_STATUS_ERRORS[status][0]
+    scripted_upstream.queue(route.split(",")[1], ScriptedAnswer(status=status, error_type=error_type))
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
 
     async with openai_client(url) as client:
-        request = eco_chat(client, stream, messages=[{"role": "user", "content": "hi"}])
-        await eco_assert_openai_error(request, status, f"returned HTTP {status}", "scripted")
+        request = sdk_chat_completion(client, stream, messages=[{"role": "user", "content": "hi"}])
+        await assert_openai_error(request, status, f"returned HTTP {status}", "scripted")
 
-    assert len(eco_upstream.received) == 1
+    assert len(scripted_upstream.received) == 1
 
 
-ECO_PROXY_ERRORS = [
+CHAT_PROXY_ERRORS = [
     pytest.param({"messages": [{"role": "wizard", "content": "hi"}]}, {}, None, 400, "unsupported role", id="400"),
     pytest.param({}, {"api_key": PROXY_KEY}, None, 401, "invalid proxy key", id="401"),
     pytest.param({"model": "nobody,gpt-x"}, {}, None, 404, "unknown provider 'nobody'", id="404-provider"),
@@ -7286,9 +7356,9 @@ ECO_PROXY_ERRORS = [
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize(("fields", "proxy", "warm_up", "status", "fragment"), ECO_PROXY_ERRORS)
+@pytest.mark.parametrize(("fields", "proxy", "warm_up", "status", "fragment"), CHAT_PROXY_ERRORS)
 async def test_openai_proxy_error_raises_sdk_class(
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
     fields: dict,
     proxy: dict,
@@ -7297,15 +7367,15 @@ async def test_openai_proxy_error_raises_sdk_class(
     fragment: str,
     stream: bool,
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url, proxy=proxy))
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy=proxy))
     kwargs = {"messages": [{"role": "user", "content": "hi"}], **fields}
 
     async with openai_client(url) as client:
         if warm_up:
-            assert (await eco_chat(client, False, **kwargs)).text == STANDIN_TEXT
-        err = await eco_assert_openai_error(eco_chat(client, stream, **kwargs), status, fragment)
+            assert (await sdk_chat_completion(client, False, **kwargs)).text == STANDIN_TEXT
+        err = await assert_openai_error(sdk_chat_completion(client, stream, **kwargs), status, fragment)
 
-    assert len(eco_upstream.received) == (1 if warm_up else 0)
+    assert len(scripted_upstream.received) == (1 if warm_up else 0)
     if status == 429:
         assert int(err.response.headers["retry-after"]) >= 1
 
@@ -7315,11 +7385,11 @@ async def test_openai_proxy_error_raises_sdk_class(
     [("anthropic", "cut"), ("anthropic", "error"), ("openai", "cut"), ("openai", "error")],
 )
 async def test_openai_mid_stream_failure_raises_api_error(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, kind: str, failure: str
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, kind: str, failure: str
 ) -> None:
-    route = eco_default_route(kind)
-    eco_upstream.queue(route.split(",")[1], EcoAnswer(text="Partial answer, then trouble.", failure=failure))
-    url = await start_proxy(eco_config(eco_upstream.url, router={"default": route}))
+    route = chat_default_route(kind)
+    scripted_upstream.queue(route.split(",")[1], ScriptedAnswer(text="Partial answer, then trouble.", failure=failure))
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
     seen: list[str] = []
 
     async with openai_client(url) as client:
@@ -7331,14 +7401,14 @@ async def test_openai_mid_stream_failure_raises_api_error(
                 seen.append(chunk.choices[0].delta.content or "")
 
     assert not isinstance(raised.value, openai.APIStatusError)  # the HTTP status was 200: the failure came later
-    assert "".join(seen) == eco_pieces("Partial answer, then trouble.")[0]
+    assert "".join(seen) == two_pieces("Partial answer, then trouble.")[0]
     assert raised.value.message
 
 
 async def test_openai_stream_without_include_usage_has_no_usage_chunk(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
+    url = await start_proxy(chat_config(scripted_upstream.url))
 
     async with openai_client(url) as client:
         stream = await client.chat.completions.create(
@@ -7351,47 +7421,49 @@ async def test_openai_stream_without_include_usage_has_no_usage_chunk(
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-async def test_openai_models_list(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
+async def test_openai_models_list(scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url))
 
     async with openai_client(url) as client:
         models = [model async for model in client.models.list()]
-        chat = await eco_chat(client, False, model="pinned,model-pinned-b", messages=[{"role": "user", "content": "x"}])
+        chat = await sdk_chat_completion(
+            client, False, model="pinned,model-pinned-b", messages=[{"role": "user", "content": "x"}]
+        )
 
     # Only providers with a models list are listed; the disabled one (offline) is left out.
     assert [m.id for m in models] == ["pinned,model-pinned-a", "pinned,model-pinned-b"]
     assert {(m.object, m.owned_by) for m in models} == {("model", "pinned")}
     assert chat.headers["x-terraphim-route"] == "pinned,model-pinned-b"
-    assert eco_upstream.last.body["model"] == "model-pinned-b"
+    assert scripted_upstream.last.body["model"] == "model-pinned-b"
 
 
-async def test_openai_models_list_error_in_openai_shape(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
+async def test_openai_models_list_error_in_openai_shape(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
     # /v1/models answers OpenAI clients (no anthropic-version header) in OpenAI's shape; so must its errors.
-    url = await start_proxy(eco_config(eco_upstream.url, proxy={"api_key": PROXY_KEY}))
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"api_key": PROXY_KEY}))
 
     async with openai_client(url, key="wrong") as client:
-        await eco_assert_openai_error(client.models.list(), 401, "invalid proxy key")
+        await assert_openai_error(client.models.list(), 401, "invalid proxy key")
 
 
-ECO_RUST_RULE = {"name": "rust", "keywords": ["rust", "cargo"], "route": "openai,gpt-rust"}
+RUST_RULE = {"name": "rust", "keywords": ["rust", "cargo"], "route": "openai,gpt-rust"}
 
 
-def eco_openai_route_case(case_id: str, fields: dict, scenario: str, route: str) -> Any:
+def openai_route_case(case_id: str, fields: dict, scenario: str, route: str) -> Any:
     return pytest.param(fields, scenario, route, id=case_id)
 
 
-ECO_OPENAI_ROUTE_CASES = [
-    eco_openai_route_case("default", {}, "default", "anthropic,model-default"),
-    eco_openai_route_case(
-        "background", {"model": "claude-3-5-haiku-latest"}, "background", "anthropic,model-background"
-    ),
-    eco_openai_route_case(
+OPENAI_ROUTE_CASES = [
+    openai_route_case("default", {}, "default", "anthropic,model-default"),
+    openai_route_case("background", {"model": "claude-3-5-haiku-latest"}, "background", "anthropic,model-background"),
+    openai_route_case(
         "long-context",
         {"messages": [{"role": "user", "content": LONG_TEXT}]},
         "long_context",
         "anthropic,model-long",
     ),
-    eco_openai_route_case(
+    openai_route_case(
         "image",
         {
             "messages": [
@@ -7407,11 +7479,11 @@ ECO_OPENAI_ROUTE_CASES = [
         "image",
         "anthropic,model-image",
     ),
-    eco_openai_route_case(
+    openai_route_case(
         "rule", {"messages": [{"role": "user", "content": "Fix my Rust code"}]}, "rule:rust", "openai,gpt-rust"
     ),
-    eco_openai_route_case("explicit", {"model": "pinned,model-pinned-a"}, "explicit", "pinned,model-pinned-a"),
-    eco_openai_route_case(
+    openai_route_case("explicit", {"model": "pinned,model-pinned-a"}, "explicit", "pinned,model-pinned-a"),
+    openai_route_case(
         "subagent",
         {
             "messages": [
@@ -7425,26 +7497,26 @@ ECO_OPENAI_ROUTE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("fields", "scenario", "route"), ECO_OPENAI_ROUTE_CASES)
+@pytest.mark.parametrize(("fields", "scenario", "route"), OPENAI_ROUTE_CASES)
 async def test_openai_requests_are_routed_like_messages(
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
-    eco_log: Callable[[], list[dict]],
+    request_log_lines: Callable[[], list[dict]],
     fields: dict,
     scenario: str,
     route: str,
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url, rules=[ECO_RUST_RULE]))
+    url = await start_proxy(chat_config(scripted_upstream.url, rules=[RUST_RULE]))
     provider, model = route.split(",")
 
     async with openai_client(url) as client:
-        chat = await eco_chat(client, False, **{"messages": [{"role": "user", "content": "hi"}], **fields})
+        chat = await sdk_chat_completion(client, False, **{"messages": [{"role": "user", "content": "hi"}], **fields})
 
     assert chat.text == STANDIN_TEXT
     assert chat.headers["x-terraphim-route"] == route
     kind = "openai" if provider == "openai" else "anthropic"
-    assert (eco_upstream.last.path, eco_upstream.last.body["model"]) == (ECO_UPSTREAM_PATH[kind], model)
-    [line] = eco_log()
+    assert (scripted_upstream.last.path, scripted_upstream.last.body["model"]) == (CHAT_UPSTREAM_PATH[kind], model)
+    [line] = request_log_lines()
     assert (line["path"], line["scenario"], line["provider"], line["model"]) == (
         "/v1/chat/completions",
         scenario,
@@ -7452,15 +7524,15 @@ async def test_openai_requests_are_routed_like_messages(
         model,
     )
     if scenario == "subagent":
-        system = eco_upstream.last.body["messages"][0]
-        assert system["role"] == "system" and eco_text_of(system["content"]) == "You review."
+        system = scripted_upstream.last.body["messages"][0]
+        assert system["role"] == "system" and text_of_content(system["content"]) == "You review."
 
 
 # ---------------------------------------------------------------------------
 # Keyword rules
 # ---------------------------------------------------------------------------
 
-ECO_RULES = [  # in config order; the router orders them by priority
+ROUTER_RULES = [  # in config order; the router orders them by priority
     {"name": "cpp", "keywords": ["c++", "C#"], "route": "anthropic,model-cpp"},
     {"name": "rust", "keywords": ["rust", "cargo"], "route": "anthropic,model-rust", "priority": 1},
     {"name": "ship", "keywords": ["deploy"], "pattern": "ship ?it", "route": "anthropic,model-ship", "priority": 2},
@@ -7470,34 +7542,34 @@ ECO_RULES = [  # in config order; the router orders them by priority
 ]
 
 
-def eco_rule_case(case_id: str, body: dict, route: str, scenario: str | None = None) -> Any:
+def rule_case(case_id: str, body: dict, route: str, scenario: str | None = None) -> Any:
     rule = re.fullmatch(r"anthropic,model-(cpp|rust|ship|urgent)", route)
     names = {"cpp": "cpp", "rust": "rust", "ship": "ship", "urgent": "ticket"}
     expected = scenario or (f"rule:{names[rule.group(1)]}" if rule else "default")
     return pytest.param(body, route, expected, id=case_id)
 
 
-ECO_RULE_CASES = [
-    eco_rule_case("keyword", request("How do I write rust macros?"), "anthropic,model-rust"),
-    eco_rule_case("keyword-case-insensitive", request("CARGO build fails"), "anthropic,model-rust"),
-    eco_rule_case("keyword-second-of-list", request("Is cargo slow?"), "anthropic,model-rust"),
-    eco_rule_case("word-boundary-trust", request("I trust you"), "anthropic,model-default"),
-    eco_rule_case("word-boundary-rusty", request("a rusty nail"), "anthropic,model-default"),
-    eco_rule_case("symbols-c++", request("Explain c++ templates"), "anthropic,model-cpp"),
-    eco_rule_case("symbols-at-end", request("I write C++"), "anthropic,model-cpp"),
-    eco_rule_case("symbols-c#", request("is c# managed?"), "anthropic,model-cpp"),
-    eco_rule_case("symbols-inside-word", request("the abc++ operator"), "anthropic,model-default"),
-    eco_rule_case("symbols-not-c", request("grade c only"), "anthropic,model-default"),
-    eco_rule_case("priority-beats-config-order", request("port c++ to rust"), "anthropic,model-rust"),
-    eco_rule_case("priority-pattern-first", request("URGENT-42: rust deploy broke"), "anthropic,model-urgent"),
-    eco_rule_case("pattern", request("ok, ship it"), "anthropic,model-ship"),
-    eco_rule_case("pattern-no-space", request("shipit!"), "anthropic,model-ship"),
-    eco_rule_case("pattern-or-keyword", request("Deploy now"), "anthropic,model-ship"),
-    eco_rule_case("pattern-is-case-sensitive", request("urgent-42"), "anthropic,model-default"),
-    eco_rule_case("disabled-provider-falls-through", request("work offline"), "anthropic,model-default"),
-    eco_rule_case("disabled-provider-next-rule", request("offline rust"), "anthropic,model-rust"),
-    eco_rule_case("disabled-target-skipped", request("a spare one"), "pinned,model-pinned-a", "rule:spare"),
-    eco_rule_case(
+RULE_CASES = [
+    rule_case("keyword", request("How do I write rust macros?"), "anthropic,model-rust"),
+    rule_case("keyword-case-insensitive", request("CARGO build fails"), "anthropic,model-rust"),
+    rule_case("keyword-second-of-list", request("Is cargo slow?"), "anthropic,model-rust"),
+    rule_case("word-boundary-trust", request("I trust you"), "anthropic,model-default"),
+    rule_case("word-boundary-rusty", request("a rusty nail"), "anthropic,model-default"),
+    rule_case("symbols-c++", request("Explain c++ templates"), "anthropic,model-cpp"),
+    rule_case("symbols-at-end", request("I write C++"), "anthropic,model-cpp"),
+    rule_case("symbols-c#", request("is c# managed?"), "anthropic,model-cpp"),
+    rule_case("symbols-inside-word", request("the abc++ operator"), "anthropic,model-default"),
+    rule_case("symbols-not-c", request("grade c only"), "anthropic,model-default"),
+    rule_case("priority-beats-config-order", request("port c++ to rust"), "anthropic,model-rust"),
+    rule_case("priority-pattern-first", request("URGENT-42: rust deploy broke"), "anthropic,model-urgent"),
+    rule_case("pattern", request("ok, ship it"), "anthropic,model-ship"),
+    rule_case("pattern-no-space", request("shipit!"), "anthropic,model-ship"),
+    rule_case("pattern-or-keyword", request("Deploy now"), "anthropic,model-ship"),
+    rule_case("pattern-is-case-sensitive", request("urgent-42"), "anthropic,model-default"),
+    rule_case("disabled-provider-falls-through", request("work offline"), "anthropic,model-default"),
+    rule_case("disabled-provider-next-rule", request("offline rust"), "anthropic,model-rust"),
+    rule_case("disabled-target-skipped", request("a spare one"), "pinned,model-pinned-a", "rule:spare"),
+    rule_case(
         "last-user-message-only",
         {
             **request(),
@@ -7509,29 +7581,27 @@ ECO_RULE_CASES = [
         },
         "anthropic,model-default",
     ),
-    eco_rule_case(
+    rule_case(
         "text-blocks",
         request([{"type": "text", "text": "see"}, {"type": "text", "text": "rust"}]),
         "anthropic,model-rust",
     ),
-    eco_rule_case("rule-before-image", request([IMAGE, {"type": "text", "text": "rust?"}]), "anthropic,model-rust"),
-    eco_rule_case(
+    rule_case("rule-before-image", request([IMAGE, {"type": "text", "text": "rust?"}]), "anthropic,model-rust"),
+    rule_case(
         "image-without-keyword",
         request([IMAGE, {"type": "text", "text": "what?"}]),
         "anthropic,model-image",
         "image",
     ),
-    eco_rule_case("rule-before-background", request("rust", model=ECO_HAIKU_MODEL), "anthropic,model-rust"),
-    eco_rule_case(
+    rule_case("rule-before-background", request("rust", model=HAIKU_MODEL), "anthropic,model-rust"),
+    rule_case(
         "rule-before-think",
         request("rust", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
         "anthropic,model-rust",
     ),
-    eco_rule_case(
-        "explicit-first", request("rust", model="pinned,model-pinned-b"), "pinned,model-pinned-b", "explicit"
-    ),
-    eco_rule_case("long-context-first", request(LONG_TEXT + " rust"), "anthropic,model-long", "long_context"),
-    eco_rule_case(
+    rule_case("explicit-first", request("rust", model="pinned,model-pinned-b"), "pinned,model-pinned-b", "explicit"),
+    rule_case("long-context-first", request(LONG_TEXT + " rust"), "anthropic,model-long", "long_context"),
+    rule_case(
         "subagent-first",
         request("rust", system="<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>Review."),
         "anthropic,model-sub",
@@ -7540,30 +7610,30 @@ ECO_RULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("body", "route", "scenario"), ECO_RULE_CASES)
+@pytest.mark.parametrize(("body", "route", "scenario"), RULE_CASES)
 async def test_keyword_rules(
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
-    eco_log: Callable[[], list[dict]],
+    request_log_lines: Callable[[], list[dict]],
     body: dict,
     route: str,
     scenario: str,
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url, rules=ECO_RULES))
+    url = await start_proxy(chat_config(scripted_upstream.url, rules=ROUTER_RULES))
 
     async with http.post(f"{url}/v1/messages", json=body) as response:
         assert response.status == 200, await response.text()
         header = response.headers["x-terraphim-route"]
 
     assert header == route
-    assert eco_upstream.last.body["model"] == route.split(",")[1]
-    [line] = eco_log()
+    assert scripted_upstream.last.body["model"] == route.split(",")[1]
+    [line] = request_log_lines()
     assert (line["scenario"], f"{line['provider']},{line['model']}") == (scenario, route)
     assert f" scenario={scenario} " in line["message"]
 
 
-ECO_VALID_TOML = """
+VALID_TOML = """
 [router]
 default = "anthropic,model-default"
 
@@ -7573,80 +7643,78 @@ api_key = "sk-ant-check"
 """
 
 
-def eco_rule_toml(**rule: Any) -> str:
+def rule_toml(**rule: Any) -> str:
     lines = [f"{key} = {json.dumps(value)}" for key, value in rule.items()]
-    return ECO_VALID_TOML + "\n[[router.rules]]\n" + "\n".join(lines) + "\n"
+    return VALID_TOML + "\n[[router.rules]]\n" + "\n".join(lines) + "\n"
 
 
-ECO_RULE_MISTAKES = [
+RULE_MISTAKES = [
     pytest.param(
-        eco_rule_toml(name="r", pattern="([a-z", route="anthropic,x"),
+        rule_toml(name="r", pattern="([a-z", route="anthropic,x"),
         "router.rules[0].pattern: ",
         "invalid regular expression",
         id="bad-regex",
     ),
-    pytest.param(eco_rule_toml(name="r", keywords=["rust"]), "router.rules[0].route: ", "required", id="no-route"),
+    pytest.param(rule_toml(name="r", keywords=["rust"]), "router.rules[0].route: ", "required", id="no-route"),
+    pytest.param(rule_toml(keywords=["rust"], route="anthropic,x"), "router.rules[0].name: ", "required", id="no-name"),
     pytest.param(
-        eco_rule_toml(keywords=["rust"], route="anthropic,x"), "router.rules[0].name: ", "required", id="no-name"
-    ),
-    pytest.param(
-        eco_rule_toml(name="r", route="anthropic,x"),
+        rule_toml(name="r", route="anthropic,x"),
         "router.rules[0]: ",
         "needs keywords, a pattern, or both",
         id="no-keywords-no-pattern",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=[], pattern="", route="anthropic,x"),
+        rule_toml(name="r", keywords=[], pattern="", route="anthropic,x"),
         "router.rules[0]: ",
         "needs keywords, a pattern, or both",
         id="empty-keywords-and-pattern",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=["rust"], route="nobody,x"),
+        rule_toml(name="r", keywords=["rust"], route="nobody,x"),
         "router.rules[0].route: ",
         "unknown provider 'nobody'",
         id="unknown-provider",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=["rust"], route="anthropic"),
+        rule_toml(name="r", keywords=["rust"], route="anthropic"),
         "router.rules[0].route: ",
         "not of the form 'provider,model'",
         id="route-without-model",
     ),
     # One mistake, one line: a mistyped keywords must not also say the rule "needs keywords".
     pytest.param(
-        eco_rule_toml(name="r", keywords="rust", route="anthropic,x"),
+        rule_toml(name="r", keywords="rust", route="anthropic,x"),
         "router.rules[0].keywords: ",
         "expected an array",
         id="keywords-string",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=["rust", 7], route="anthropic,x"),
+        rule_toml(name="r", keywords=["rust", 7], route="anthropic,x"),
         "router.rules[0].keywords[1]: ",
         "expected a string",
         id="keyword-not-string",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=["rust"], route="anthropic,x", priority="high"),
+        rule_toml(name="r", keywords=["rust"], route="anthropic,x", priority="high"),
         "router.rules[0].priority: ",
         "expected an integer",
         id="priority-string",
     ),
     pytest.param(
-        eco_rule_toml(name="r", keywords=["rust"], route="anthropic,x", model="m"),
+        rule_toml(name="r", keywords=["rust"], route="anthropic,x", model="m"),
         "router.rules[0].model: ",
         "unknown key",
         id="unknown-key",
     ),
     pytest.param(
-        ECO_VALID_TOML.replace("[router]", '[router]\nrules = ["rust"]'),
+        VALID_TOML.replace("[router]", '[router]\nrules = ["rust"]'),
         "router.rules[0]: ",
         "expected a table",
         id="rule-not-table",
     ),
     # An empty keyword would match at any non-word boundary, i.e. nearly every message.
     pytest.param(
-        eco_rule_toml(name="r", keywords=[""], route="anthropic,x"),
+        rule_toml(name="r", keywords=[""], route="anthropic,x"),
         "router.rules[0].keywords",
         "",
         id="empty-keyword",
@@ -7654,7 +7722,7 @@ ECO_RULE_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "key", "problem"), ECO_RULE_MISTAKES)
+@pytest.mark.parametrize(("text", "key", "problem"), RULE_MISTAKES)
 def test_rule_config_mistake(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, problem: str
 ) -> None:
@@ -7668,7 +7736,7 @@ def test_rule_config_mistake(
 
 def test_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "rules.toml"
-    path.write_text(eco_rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
+    path.write_text(rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
 
     code, out, err = run_check(path, capsys)
 
@@ -7682,7 +7750,7 @@ def test_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixt
 # router.module: a custom router file
 # ---------------------------------------------------------------------------
 
-ECO_ROUTER_FILE = """
+ROUTER_FILE = """
 def route(request, hints):
     content = request["messages"][-1]["content"]
     text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content)
@@ -7701,66 +7769,64 @@ def route(request, hints):
         return "openai,gpt-custom"
     return None
 """
-ECO_SESSION_USER = json.dumps({"device_id": "dev-1", "account_uuid": "", "session_id": "sess-a"})
+SESSION_USER = json.dumps({"device_id": "dev-1", "account_uuid": "", "session_id": "sess-a"})
 
 
-def eco_module_case(case_id: str, body: dict, route: str, scenario: str, warning: str = "") -> Any:
+def module_case(case_id: str, body: dict, route: str, scenario: str, warning: str = "") -> Any:
     return pytest.param(body, route, scenario, warning, id=case_id)
 
 
-ECO_MODULE_CASES = [
-    eco_module_case("string-wins", request("custom please"), "openai,gpt-custom", "custom"),
-    eco_module_case("before-rules", request("custom rust"), "openai,gpt-custom", "custom"),
-    eco_module_case("before-explicit", request("custom", model="pinned,model-pinned-a"), "openai,gpt-custom", "custom"),
-    eco_module_case("before-long-context", request(LONG_TEXT + " custom"), "openai,gpt-custom", "custom"),
-    eco_module_case(
+ROUTER_MODULE_CASES = [
+    module_case("string-wins", request("custom please"), "openai,gpt-custom", "custom"),
+    module_case("before-rules", request("custom rust"), "openai,gpt-custom", "custom"),
+    module_case("before-explicit", request("custom", model="pinned,model-pinned-a"), "openai,gpt-custom", "custom"),
+    module_case("before-long-context", request(LONG_TEXT + " custom"), "openai,gpt-custom", "custom"),
+    module_case(
         "gets-hints",
         request(
             [IMAGE, {"type": "text", "text": "hints"}],
-            model=ECO_HAIKU_MODEL,
-            metadata={"user_id": ECO_SESSION_USER},
+            model=HAIKU_MODEL,
+            metadata={"user_id": SESSION_USER},
         ),
         "anthropic,model-sess-a-true-true-true",
         "custom",
     ),
-    eco_module_case("none-falls-to-rules", request("rust"), "anthropic,model-rust", "rule:rust"),
-    eco_module_case("none-falls-to-default", request("hello"), "anthropic,model-default", "default"),
-    eco_module_case(
-        "raises", request("crash rust"), "anthropic,model-rust", "rule:rust", "RuntimeError: router exploded"
-    ),
-    eco_module_case(
+    module_case("none-falls-to-rules", request("rust"), "anthropic,model-rust", "rule:rust"),
+    module_case("none-falls-to-default", request("hello"), "anthropic,model-default", "default"),
+    module_case("raises", request("crash rust"), "anthropic,model-rust", "rule:rust", "RuntimeError: router exploded"),
+    module_case(
         "unknown-provider", request("unknown"), "anthropic,model-default", "default", "unknown provider 'nobody'"
     ),
-    eco_module_case(
+    module_case(
         "disabled-provider",
         request("disabled"),
         "anthropic,model-default",
         "default",
         "provider 'offline' is disabled",
     ),
-    eco_module_case("not-a-string", request("number"), "anthropic,model-default", "default", "returned int"),
+    module_case("not-a-string", request("number"), "anthropic,model-default", "default", "returned int"),
 ]
 
 
-@pytest.mark.parametrize(("body", "route", "scenario", "warning"), ECO_MODULE_CASES)
+@pytest.mark.parametrize(("body", "route", "scenario", "warning"), ROUTER_MODULE_CASES)
 async def test_router_module(
     tmp_path: Path,
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
-    eco_log: Callable[[], list[dict]],
+    request_log_lines: Callable[[], list[dict]],
     caplog: pytest.LogCaptureFixture,
     body: dict,
     route: str,
     scenario: str,
     warning: str,
 ) -> None:
-    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
-    config = eco_config(
-        eco_upstream.url,
+    (tmp_path / "router.py").write_text(ROUTER_FILE)
+    config = chat_config(
+        scripted_upstream.url,
         router={"module": "router.py"},  # relative to the config file
         rules=[{"name": "rust", "keywords": ["rust"], "route": "anthropic,model-rust"}],
-        source=str(tmp_path / "eco.toml"),
+        source=str(tmp_path / "test.toml"),
     )
     url = await start_proxy(config)
 
@@ -7768,8 +7834,8 @@ async def test_router_module(
         assert response.status == 200, await response.text()
         assert response.headers["x-terraphim-route"] == route
 
-    assert eco_upstream.last.body["model"] == route.split(",")[1]
-    [line] = eco_log()
+    assert scripted_upstream.last.body["model"] == route.split(",")[1]
+    [line] = request_log_lines()
     assert line["scenario"] == scenario
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warning:
@@ -7778,7 +7844,7 @@ async def test_router_module(
         assert not any("router.module" in w for w in warnings), warnings
 
 
-ECO_BAD_ROUTERS = [
+BAD_CUSTOM_ROUTERS = [
     pytest.param(None, "cannot load", id="missing-file"),
     pytest.param("def route(request, hints)\n    return None\n", "SyntaxError", id="syntax-error"),
     pytest.param("def choose(request, hints):\n    return None\n", "defines no function route", id="no-route"),
@@ -7787,14 +7853,14 @@ ECO_BAD_ROUTERS = [
 ]
 
 
-@pytest.mark.parametrize(("source", "problem"), ECO_BAD_ROUTERS)
+@pytest.mark.parametrize(("source", "problem"), BAD_CUSTOM_ROUTERS)
 def test_router_module_load_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str | None, problem: str
 ) -> None:
     if source is not None:
         (tmp_path / "router.py").write_text(source)
-    path = tmp_path / "eco.toml"
-    path.write_text(ECO_VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+    path = tmp_path / "test.toml"
+    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
 
     code, out, err = run_check(path, capsys)
 
@@ -7802,9 +7868,9 @@ def test_router_module_load_error(
 
 
 def test_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
-    path = tmp_path / "eco.toml"
-    path.write_text(ECO_VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+    (tmp_path / "router.py").write_text(ROUTER_FILE)
+    path = tmp_path / "test.toml"
+    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
 
     code, out, err = run_check(path, capsys)
 
@@ -7828,17 +7894,17 @@ def test_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.Cap
 # ---------------------------------------------------------------------------
 
 
-def eco_user_id(session: str, style: str) -> str:
+def claude_code_user_id(session: str, style: str) -> str:
     if style == "json":
         return json.dumps({"device_id": "dev-1", "account_uuid": "acct-1", "session_id": session})
     return f"user_{'a' * 64}_account_acct-1_session_{session}"
 
 
-async def eco_session_request(url: str, client: str, stream: bool, user_id: str) -> str:
+async def session_request(url: str, client: str, stream: bool, user_id: str) -> str:
     """One small request of a session; returns the route the proxy chose."""
     if client == "openai":
         async with openai_client(url) as sdk:
-            chat = await eco_chat(sdk, stream, user=user_id, messages=[{"role": "user", "content": "small"}])
+            chat = await sdk_chat_completion(sdk, stream, user=user_id, messages=[{"role": "user", "content": "small"}])
         return chat.headers["x-terraphim-route"]
     async with anthropic_client(url) as sdk:
         args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
@@ -7863,9 +7929,9 @@ async def eco_session_request(url: str, client: str, stream: bool, user_id: str)
     ],
 )
 async def test_session_memory_routes_long_context(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
+    url = await start_proxy(chat_config(scripted_upstream.url))
     # Each figure is under the threshold; only their sum (the prompt's size) is over it.
     large = {
         "input_tokens": 700,
@@ -7874,15 +7940,15 @@ async def test_session_memory_routes_long_context(
         "output_tokens": 5,
     }
     small = {**large, "input_tokens": 10, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-    eco_upstream.queue("model-default", EcoAnswer(usage=large))
-    eco_upstream.queue("model-long", EcoAnswer(usage=small))
-    session_a, session_b = eco_user_id("sess-a", style), eco_user_id("sess-b", style)
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
+    scripted_upstream.queue("model-long", ScriptedAnswer(usage=small))
+    session_a, session_b = claude_code_user_id("sess-a", style), claude_code_user_id("sess-b", style)
 
     routes = [
-        await eco_session_request(url, client, stream, session_a),  # small: default; upstream reports 2100
-        await eco_session_request(url, client, stream, session_a),  # small, but the session is large
-        await eco_session_request(url, client, stream, session_b),  # another session
-        await eco_session_request(url, client, stream, session_a),  # the last answer said 10
+        await session_request(url, client, stream, session_a),  # small: default; upstream reports 2100
+        await session_request(url, client, stream, session_a),  # small, but the session is large
+        await session_request(url, client, stream, session_b),  # another session
+        await session_request(url, client, stream, session_a),  # the last answer said 10
     ]
 
     assert routes == [
@@ -7893,10 +7959,12 @@ async def test_session_memory_routes_long_context(
     ]
 
 
-async def test_session_memory_needs_a_session_id(eco_upstream: EcoUpstream, start_proxy: StartProxy) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
+async def test_session_memory_needs_a_session_id(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url))
     large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
-    eco_upstream.queue("model-default", EcoAnswer(usage=large), EcoAnswer(usage=large))
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large), ScriptedAnswer(usage=large))
     body = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
 
     async with anthropic_client(url) as sdk:
@@ -7935,14 +8003,14 @@ def test_session_memory_is_bounded() -> None:
     ],
 )
 async def test_admin_endpoints_need_the_proxy_key(
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     path: str,
     headers: dict,
     status: int,
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url, proxy={"api_key": PROXY_KEY}))
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"api_key": PROXY_KEY}))
 
     async with http.get(f"{url}{path}", headers=headers) as response:
         assert response.status == status
@@ -7955,11 +8023,11 @@ async def test_admin_endpoints_need_the_proxy_key(
 
 
 async def test_routes_shows_the_effective_table(
-    tmp_path: Path, eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    tmp_path: Path, scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    (tmp_path / "router.py").write_text(ECO_ROUTER_FILE)
+    (tmp_path / "router.py").write_text(ROUTER_FILE)
     router = {"module": "router.py", "think": "offline,model-offline | pinned,model-pinned-a", "web_search": None}
-    config = eco_config(eco_upstream.url, router=router, rules=ECO_RULES, source=str(tmp_path / "eco.toml"))
+    config = chat_config(scripted_upstream.url, router=router, rules=ROUTER_RULES, source=str(tmp_path / "test.toml"))
     url = await start_proxy(config)
 
     async with http.get(f"{url}/routes") as response:
@@ -7999,12 +8067,12 @@ async def test_routes_shows_the_effective_table(
     assert (table["long_context_threshold"], table["think_efforts"]) == (SMALL_THRESHOLD, ["max"])
 
 
-ECO_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
-ECO_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+METRIC_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+METRIC_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
 
 
 @dataclass
-class EcoMetrics:
+class ParsedMetrics:
     samples: list[tuple[str, dict[str, str], float]]
     types: dict[str, str]
 
@@ -8018,7 +8086,7 @@ class EcoMetrics:
         return found[0]
 
 
-def eco_parse_metrics(text: str) -> EcoMetrics:
+def parse_metrics(text: str) -> ParsedMetrics:
     """Prometheus text format: `# HELP`/`# TYPE` comments, else `name{labels} value`; histograms checked."""
     samples, types = [], {}
     for line in text.splitlines():
@@ -8028,19 +8096,19 @@ def eco_parse_metrics(text: str) -> EcoMetrics:
             continue
         if line.startswith("# HELP ") or not line:
             continue
-        match = ECO_SAMPLE.fullmatch(line)
+        match = METRIC_SAMPLE.fullmatch(line)
         assert match, f"not a sample line: {line!r}"
         name, label_text, value = match.groups()
         labels = {}
         if label_text:
-            pairs = list(ECO_LABEL.finditer(label_text))
+            pairs = list(METRIC_LABEL.finditer(label_text))
             assert "".join(p.group(0) for p in pairs) == label_text, f"bad labels: {line!r}"
             labels = {p.group(1): p.group(2) for p in pairs}
         samples.append((name, labels, float(value)))
     for name, _, _ in samples:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert name in types or types.get(base) == "histogram", f"{name} has no # TYPE"
-    metrics = EcoMetrics(samples, types)
+    metrics = ParsedMetrics(samples, types)
     for family, kind in types.items():
         if kind != "histogram":
             continue
@@ -8058,21 +8126,21 @@ def eco_parse_metrics(text: str) -> EcoMetrics:
     return metrics
 
 
-async def eco_metrics(http: aiohttp.ClientSession, url: str) -> EcoMetrics:
+async def read_metrics(http: aiohttp.ClientSession, url: str) -> ParsedMetrics:
     async with http.get(f"{url}/metrics") as response:
         assert response.status == 200
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-        return eco_parse_metrics(await response.text())
+        return parse_metrics(await response.text())
 
 
-ECO_FALLBACK_RULE = {"name": "fallback", "keywords": ["fallback"], "route": "down,model-down | anthropic,model-backup"}
+FALLBACK_RULE = {"name": "fallback", "keywords": ["fallback"], "route": "down,model-down | anthropic,model-backup"}
 
 
-async def eco_metrics_sequence(upstream: EcoUpstream, start: StartProxy) -> str:
+async def metrics_sequence(upstream: ModelScriptedUpstream, start: StartProxy) -> str:
     """Five requests: two plain (one streamed), one retried, one served by a fallback, one failing with 400."""
-    url = await start(eco_config(upstream.url, rules=[ECO_FALLBACK_RULE], proxy={"retries": 1, "retry_base_ms": 1}))
-    upstream.queue("model-flaky", EcoAnswer(status=529, error_type="overloaded_error"), EcoAnswer())
-    upstream.queue("model-bad", EcoAnswer(status=400, error_type="invalid_request_error"))
+    url = await start(chat_config(upstream.url, rules=[FALLBACK_RULE], proxy={"retries": 1, "retry_base_ms": 1}))
+    upstream.queue("model-flaky", ScriptedAnswer(status=529, error_type="overloaded_error"), ScriptedAnswer())
+    upstream.queue("model-bad", ScriptedAnswer(status=400, error_type="invalid_request_error"))
     hello = [{"role": "user", "content": "hello"}]
     async with anthropic_client(url) as sdk:
         await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
@@ -8087,11 +8155,11 @@ async def eco_metrics_sequence(upstream: EcoUpstream, start: StartProxy) -> str:
 
 
 async def test_metrics_after_known_requests(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    url = await eco_metrics_sequence(eco_upstream, start_proxy)
+    url = await metrics_sequence(scripted_upstream, start_proxy)
 
-    metrics = await eco_metrics(http, url)
+    metrics = await read_metrics(http, url)
 
     assert metrics.types == {
         "terraphim_requests_total": "counter",
@@ -8120,8 +8188,8 @@ async def test_metrics_after_known_requests(
     }
     assert metrics.series("terraphim_first_byte_seconds_count") == {("anthropic", "model-default"): 1}
     served = {("anthropic", m): n for m, n in (("model-default", 2), ("model-flaky", 1), ("model-backup", 1))}
-    input_tokens = {key: n * ECO_PROMPT_TOKENS for key, n in served.items()}
-    output_tokens = {key: n * ECO_USAGE["output_tokens"] for key, n in served.items()}
+    input_tokens = {key: n * SCRIPTED_PROMPT_TOKENS for key, n in served.items()}
+    output_tokens = {key: n * SCRIPTED_USAGE["output_tokens"] for key, n in served.items()}
     assert {k: v for k, v in metrics.series("terraphim_input_tokens_total").items() if v} == input_tokens
     assert {k: v for k, v in metrics.series("terraphim_output_tokens_total").items() if v} == output_tokens
     assert metrics.series("terraphim_upstream_errors_total") == {
@@ -8138,11 +8206,11 @@ async def test_metrics_after_known_requests(
 
 
 async def test_metrics_retries_are_counted_on_the_retried_target(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    url = await eco_metrics_sequence(eco_upstream, start_proxy)
+    url = await metrics_sequence(scripted_upstream, start_proxy)
 
-    metrics = await eco_metrics(http, url)
+    metrics = await read_metrics(http, url)
 
     # The fallback request's retry happened on down,model-down; model-backup answered at its first attempt.
     retries = {key: value for key, value in metrics.series("terraphim_retries_total").items() if value}
@@ -8150,20 +8218,20 @@ async def test_metrics_retries_are_counted_on_the_retried_target(
 
 
 async def test_metrics_in_flight_gauge(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
-    eco_upstream.queue("model-default", EcoAnswer(hold=True))
+    url = await start_proxy(chat_config(scripted_upstream.url))
+    scripted_upstream.queue("model-default", ScriptedAnswer(hold=True))
 
     async with anthropic_client(url) as sdk:
         args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
         async with sdk.messages.stream(**args) as events:
-            await wait_set(eco_upstream.held)
-            during = await eco_metrics(http, url)
-            eco_upstream.release.set()
+            await wait_set(scripted_upstream.held)
+            during = await read_metrics(http, url)
+            scripted_upstream.release.set()
             final = await events.get_final_message()
 
-    after = await eco_metrics(http, url)
+    after = await read_metrics(http, url)
     assert during.value("terraphim_in_flight") == 1
     assert during.series("terraphim_requests_total") == {}
     assert final.content[0].text == STANDIN_TEXT
@@ -8176,13 +8244,13 @@ async def test_metrics_in_flight_gauge(
 # ---------------------------------------------------------------------------
 
 
-def eco_subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **extra}
 
 
-async def test_json_log_format(tmp_path: Path, eco_upstream: EcoUpstream) -> None:
+async def test_json_log_format(tmp_path: Path, scripted_upstream: ModelScriptedUpstream) -> None:
     port = free_port()
-    config = tmp_path / "eco.toml"
+    config = tmp_path / "test.toml"
     config.write_text(
         f"""
 [proxy]
@@ -8194,17 +8262,17 @@ default = "anthropic,model-default"
 
 [[providers]]
 name = "anthropic"
-api_base_url = "{eco_upstream.url}"
-api_key = "${{ECO_UPSTREAM_KEY}}"
+api_base_url = "{scripted_upstream.url}"
+api_key = "${{UPSTREAM_TEST_KEY}}"
 
 [[providers]]
 name = "spare"
 type = "openai"
-api_key = "${{ECO_UNSET_KEY}}"
+api_key = "${{UNSET_TEST_KEY}}"
 """
     )
     upstream_key = "sk-ant-eco-json-log-secret"
-    env = eco_subprocess_env(ECO_UPSTREAM_KEY=upstream_key)
+    env = subprocess_env(UPSTREAM_TEST_KEY=upstream_key)
     process = await spawn_proxy("--config", str(config), "--log-format", "json", env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -8249,11 +8317,11 @@ api_key = "${{ECO_UNSET_KEY}}"
 # The env and code commands
 # ---------------------------------------------------------------------------
 
-ECO_CLAUDE_VARS = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS")
-ECO_ODD_KEY = "s3cr3t 'quoted' $HOME;`id`"
+CLAUDE_VARS = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS")
+ODD_KEY = "s3cr3t 'quoted' $HOME;`id`"
 
 
-def eco_cli_toml(port: int, proxy: str = "", provider: str = "") -> str:
+def cli_toml(port: int, proxy: str = "", provider: str = "") -> str:
     return f"""
 [proxy]
 port = {port}
@@ -8279,9 +8347,9 @@ api_key = "${{OPENAI_API_KEY}}"
     [
         pytest.param("", "", "terraphim-proxy", "600000", id="loopback-no-key"),
         pytest.param(
-            'host = "0.0.0.0"\napi_key = "${ECO_PROXY_KEY}"',
+            'host = "0.0.0.0"\napi_key = "${PROXY_TEST_KEY}"',
             "timeout_ms = 900000",
-            ECO_ODD_KEY,
+            ODD_KEY,
             "900000",
             id="public-key",
         ),
@@ -8289,10 +8357,10 @@ api_key = "${{OPENAI_API_KEY}}"
 )
 def test_env_command(tmp_path: Path, proxy: str, provider: str, token: str, timeout: str) -> None:
     port = free_port()
-    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, proxy, provider))
-    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-env", ECO_PROXY_KEY=ECO_ODD_KEY)
+    (tmp_path / "test.toml").write_text(cli_toml(port, proxy, provider))
+    env = subprocess_env(ANTHROPIC_API_KEY="sk-ant-env", PROXY_TEST_KEY=ODD_KEY)
 
-    done = run_cli(["--config", "eco.toml", "env"], tmp_path, env)
+    done = run_cli(["--config", "test.toml", "env"], tmp_path, env)
 
     assert done.returncode == 0, done.stderr
     expected = {
@@ -8311,7 +8379,7 @@ def test_env_command(tmp_path: Path, proxy: str, provider: str, token: str, time
     assert parsed == expected
     # Source the output in a real shell: the quoting must survive it unchanged.
     (tmp_path / "exports.sh").write_text(done.stdout)
-    show = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(ECO_CLAUDE_VARS)!r}}}))"
+    show = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(CLAUDE_VARS)!r}}}))"
     sourced = subprocess.run(
         ["sh", "-c", '. ./exports.sh && exec "$0" -c "$1"', sys.executable, show],
         cwd=tmp_path,
@@ -8324,20 +8392,20 @@ def test_env_command(tmp_path: Path, proxy: str, provider: str, token: str, time
     assert json.loads(sourced.stdout) == expected
 
 
-ECO_FAKE_CLAUDE = """
+FAKE_CLAUDE = """
 import json, os, sys, urllib.request
 base = os.environ["ANTHROPIC_BASE_URL"]
 token = os.environ["ANTHROPIC_AUTH_TOKEN"]
 health_request = urllib.request.Request(base + "/health", headers={"authorization": "Bearer " + token})
 with urllib.request.urlopen(health_request, timeout=5) as answer:
     status, health = answer.status, json.load(answer)
-names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS", "ECO_MARKER")
+names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "NO_PROXY", "DISABLE_TELEMETRY", "API_TIMEOUT_MS", "TEST_MARKER")
 report = {"argv": sys.argv[1:], "env": {n: os.environ.get(n) for n in names}, "status": status, "pid": health["pid"]}
 print(json.dumps(report))
 """
 
 
-def eco_health(base_url: str, key: str = PROXY_KEY) -> dict | None:
+def read_health_with_key(base_url: str, key: str = PROXY_KEY) -> dict | None:
     """/health with the proxy key (its details, pid included); None when nothing answers."""
     health_request = urllib.request.Request(f"{base_url}/health", headers={"x-api-key": key})
     try:
@@ -8347,14 +8415,14 @@ def eco_health(base_url: str, key: str = PROXY_KEY) -> dict | None:
         return None
 
 
-def eco_stop_background_proxy(base_url: str) -> None:
+def stop_proxy_started_in_background(base_url: str) -> None:
     """SIGTERM the proxy answering at base_url (its pid from /health), then wait until it stops answering."""
-    health = eco_health(base_url)
+    health = read_health_with_key(base_url)
     if health is None:
         return
     os.kill(health["pid"], signal.SIGTERM)
     deadline = time.monotonic() + TIMEOUT_S
-    while eco_health(base_url) is not None:
+    while read_health_with_key(base_url) is not None:
         assert time.monotonic() < deadline, f"the proxy at {base_url} did not stop"
         time.sleep(0.05)
 
@@ -8362,17 +8430,17 @@ def eco_stop_background_proxy(base_url: str) -> None:
 def test_code_command(tmp_path: Path) -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"', "timeout_ms = 700000"))
+    (tmp_path / "test.toml").write_text(cli_toml(port, 'api_key = "${PROXY_TEST_KEY}"', "timeout_ms = 700000"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     claude = bin_dir / "claude"
-    claude.write_text(f"#!{sys.executable}\n{ECO_FAKE_CLAUDE}")
+    claude.write_text(f"#!{sys.executable}\n{FAKE_CLAUDE}")
     claude.chmod(0o755)
-    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", ECO_PROXY_KEY=PROXY_KEY, ECO_MARKER="kept")
+    env = subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", PROXY_TEST_KEY=PROXY_KEY, TEST_MARKER="kept")
     env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
-    assert eco_health(base_url) is None
+    assert read_health_with_key(base_url) is None
     try:
-        first = run_cli(["--config", "eco.toml", "code", "-p", "hello", "--verbose"], tmp_path, env)
+        first = run_cli(["--config", "test.toml", "code", "-p", "hello", "--verbose"], tmp_path, env)
         assert first.returncode == 0, first.stderr
         report = json.loads(first.stdout)
         assert report["argv"] == ["-p", "hello", "--verbose"]
@@ -8382,24 +8450,24 @@ def test_code_command(tmp_path: Path) -> None:
             "NO_PROXY": "127.0.0.1,localhost",
             "DISABLE_TELEMETRY": "1",
             "API_TIMEOUT_MS": "700000",
-            "ECO_MARKER": "kept",
+            "TEST_MARKER": "kept",
         }
         assert report["status"] == 200
         assert f"terraphim-proxy started on {base_url}" in first.stderr
         assert (tmp_path / f"terraphim-proxy-{port}.log").is_file()
         # A second run finds the proxy up and reuses it.
-        second = run_cli(["--config", "eco.toml", "code", "--continue"], tmp_path, env)
+        second = run_cli(["--config", "test.toml", "code", "--continue"], tmp_path, env)
         assert second.returncode == 0, second.stderr
         assert json.loads(second.stdout)["argv"] == ["--continue"]
         assert json.loads(second.stdout)["pid"] == report["pid"]
         assert "started" not in second.stderr
         # Without claude on PATH: a clear message and 127.
-        missing = run_cli(["--config", "eco.toml", "code"], tmp_path, {**env, "PATH": str(tmp_path / "empty")})
+        missing = run_cli(["--config", "test.toml", "code"], tmp_path, {**env, "PATH": str(tmp_path / "empty")})
         assert missing.returncode == 127
         assert "claude not found" in missing.stderr
     finally:
-        eco_stop_background_proxy(base_url)
-    assert eco_health(base_url) is None
+        stop_proxy_started_in_background(base_url)
+    assert read_health_with_key(base_url) is None
 
 
 # ---------------------------------------------------------------------------
@@ -8408,7 +8476,7 @@ def test_code_command(tmp_path: Path) -> None:
 
 
 @dataclass
-class EcoCcr:
+class CcrImportCase:
     """A claude-code-router config and what its conversion must hold."""
 
     text: str
@@ -8419,7 +8487,7 @@ class EcoCcr:
     comments: tuple[str, ...] = ()
 
 
-ECO_CCR_MULTI = EcoCcr(
+CCR_MULTI = CcrImportCase(
     text="""
 // ~/.claude-code-router/config.json, after the README's example
 {
@@ -8526,7 +8594,7 @@ ECO_CCR_MULTI = EcoCcr(
     comments=("API_TIMEOUT_MS = 600000", '"tooluse"', '"openrouter"'),
 )
 
-ECO_CCR_ANTHROPIC = EcoCcr(
+CCR_ANTHROPIC = CcrImportCase(
     text="""{
   "Providers": [
     {
@@ -8579,7 +8647,7 @@ ECO_CCR_ANTHROPIC = EcoCcr(
     comments=('"UseBearer": true',),
 )
 
-ECO_CCR_SERVICE = EcoCcr(
+CCR_SERVICE = CcrImportCase(
     text="""{
   APIKEY: "$CCR_APIKEY",
   HOST: "0.0.0.0",
@@ -8629,7 +8697,7 @@ ECO_CCR_SERVICE = EcoCcr(
     ),
 )
 
-ECO_CCR_MINIMAL = EcoCcr(
+CCR_MINIMAL = CcrImportCase(
     text="""{
   "Providers": [
     {
@@ -8654,7 +8722,7 @@ ECO_CCR_MINIMAL = EcoCcr(
     router={"default": "openai,gpt-4o"},
 )
 
-ECO_ENDPOINT_SUFFIX = {  # what the proxy appends to each type's base URL for a request to `model`
+ENDPOINT_SUFFIX = {  # what the proxy appends to each type's base URL for a request to `model`
     "openai": "/chat/completions",
     "openrouter": "/chat/completions",
     "deepseek": "/chat/completions",
@@ -8664,7 +8732,7 @@ ECO_ENDPOINT_SUFFIX = {  # what the proxy appends to each type's base URL for a 
 }
 
 
-def eco_import(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+def run_import_ccr(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = terraphim_proxy.main(["import-ccr", str(path)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -8673,21 +8741,21 @@ def eco_import(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(ECO_CCR_MULTI, id="deepseek-openrouter-ollama-gemini"),
-        pytest.param(ECO_CCR_ANTHROPIC, id="anthropic-passthrough"),
-        pytest.param(ECO_CCR_SERVICE, id="service-settings-and-plugins"),
-        pytest.param(ECO_CCR_MINIMAL, id="minimal"),
+        pytest.param(CCR_MULTI, id="deepseek-openrouter-ollama-gemini"),
+        pytest.param(CCR_ANTHROPIC, id="anthropic-passthrough"),
+        pytest.param(CCR_SERVICE, id="service-settings-and-plugins"),
+        pytest.param(CCR_MINIMAL, id="minimal"),
     ],
 )
 def test_import_ccr(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: EcoCcr
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: CcrImportCase
 ) -> None:
     for name, value in case.env.items():
         monkeypatch.setenv(name, value)
     source = tmp_path / "config.json"
     source.write_text(case.text)
 
-    code, out, err = eco_import(source, capsys)
+    code, out, err = run_import_ccr(source, capsys)
 
     assert code == 0, err
     doc = tomllib.loads(out)
@@ -8702,7 +8770,7 @@ def test_import_ccr(
             if key != "endpoint":
                 assert provider[key] == value, (name, key)
         model = (provider.get("models") or ["m"])[0]
-        endpoint = provider["api_base_url"] + ECO_ENDPOINT_SUFFIX[provider["type"]].format(model=model)
+        endpoint = provider["api_base_url"] + ENDPOINT_SUFFIX[provider["type"]].format(model=model)
         assert endpoint == expected["endpoint"], name
     comments = [line for line in out.splitlines() if line.startswith("#")]
     for fragment in case.comments:
@@ -8725,16 +8793,16 @@ def test_import_ccr(
 def test_import_ccr_without_env_reports_disabled_providers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ECO_CCR_MULTI.env:
+    for name in CCR_MULTI.env:
         monkeypatch.delenv(name, raising=False)
     source = tmp_path / "config.json"
-    source.write_text(ECO_CCR_MULTI.text)
+    source.write_text(CCR_MULTI.text)
 
-    code, out, _ = eco_import(source, capsys)
+    code, out, _ = run_import_ccr(source, capsys)
 
     assert code == 0
     checks = [line for line in out.splitlines() if line.startswith("# check:")]
-    for var in ECO_CCR_MULTI.env:
+    for var in CCR_MULTI.env:
         assert any(f"${var} is not set" in line for line in checks), (var, checks)
     tomllib.loads(out)
 
@@ -8758,7 +8826,7 @@ def test_import_ccr_bad_input(
     if text is not None:
         source.write_text(text)
 
-    code, out, err = eco_import(source, capsys)
+    code, out, err = run_import_ccr(source, capsys)
 
     assert code == 2
     assert out == ""
@@ -8769,16 +8837,16 @@ def test_import_ccr_bad_input(
 async def test_imported_ccr_config_reaches_both_upstream_formats(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    eco_upstream: EcoUpstream,
+    scripted_upstream: ModelScriptedUpstream,
     start_proxy: StartProxy,
 ) -> None:
     source = tmp_path / "config.json"
     source.write_text(
         f"""{{
   Providers: [
-    {{ name: "local-openai", api_base_url: "{eco_upstream.url}/v1/chat/completions", api_key: "$OPENAI_API_KEY",
+    {{ name: "local-openai", api_base_url: "{scripted_upstream.url}/v1/chat/completions", api_key: "$OPENAI_API_KEY",
        models: ["gpt-eco"] }},
-    {{ name: "local-claude", api_base_url: "{eco_upstream.url}/v1/messages", api_key: "${{ANTHROPIC_API_KEY}}",
+    {{ name: "local-claude", api_base_url: "{scripted_upstream.url}/v1/messages", api_key: "${{ANTHROPIC_API_KEY}}",
        models: ["claude-eco"], transformer: {{ use: ["Anthropic"] }} }},
   ],
   Router: {{ default: "local-openai,gpt-eco", background: "local-claude,claude-eco" }},
@@ -8792,13 +8860,13 @@ async def test_imported_ccr_config_reaches_both_upstream_formats(
     async with anthropic_client(url) as sdk:
         hello = [{"role": "user", "content": "hello"}]
         main = await sdk.messages.create(model=CLIENT_MODEL, max_tokens=64, messages=hello)
-        background = await sdk.messages.create(model=ECO_HAIKU_MODEL, max_tokens=64, messages=hello)
+        background = await sdk.messages.create(model=HAIKU_MODEL, max_tokens=64, messages=hello)
 
     assert main.content[0].text == background.content[0].text == STANDIN_TEXT
-    seen = [(r.path, r.body["model"]) for r in eco_upstream.received]
+    seen = [(r.path, r.body["model"]) for r in scripted_upstream.received]
     assert seen == [("/v1/chat/completions", "gpt-eco"), ("/v1/messages", "claude-eco")]
-    assert eco_upstream.received[0].headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
-    assert eco_upstream.received[1].headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
+    assert scripted_upstream.received[0].headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
+    assert scripted_upstream.received[1].headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
 
 
 # ===========================================================================
@@ -8936,28 +9004,28 @@ async def test_openai_claude_code_cli_writes_file_through_openai_upstream(
 # Through the proxy to the Ollama and Gemini stand-ins
 # ---------------------------------------------------------------------------
 
-NATIVE_E2E_FINAL = "Done: hello.txt written through a native provider."
-NATIVE_E2E_SIGNATURE = base64.b64encode(b"e2e signature for Write").decode()
+CLI_FINAL_TEXT = "Done: hello.txt written through a native provider."
+CLI_SIGNATURE = base64.b64encode(b"e2e signature for Write").decode()
 
 
-def native_cli_answer(provider: str, target: Path, signature: str) -> Callable[[Received], NativeReply]:
+def cli_answer(provider: str, target: Path, signature: str) -> Callable[[Received], OllamaGeminiReply]:
     """Main turn 1 (tools, no results): text and a Write call; turn 2 (with the result): the final text; else 'ok'."""
-    write = NativeCall("Write", {"file_path": str(target), "content": E2E_CONTENT}, "fc_write_1", signature)
-    first = NativeTurn(text="I'll create the file.", calls=(write,))
+    write = ScriptedCall("Write", {"file_path": str(target), "content": E2E_CONTENT}, "fc_write_1", signature)
+    first = ScriptedTurn(text="I'll create the file.", calls=(write,))
 
-    def answer(received: Received) -> NativeReply:
+    def answer(received: Received) -> OllamaGeminiReply:
         body = received.body
         if not body.get("tools"):
-            return native_reply(provider, received, NativeTurn(text="ok"))
-        final = native_has_results(provider, body)
-        return native_reply(provider, received, NativeTurn(text=NATIVE_E2E_FINAL) if final else first)
+            return ollama_gemini_reply(provider, received, ScriptedTurn(text="ok"))
+        final = has_results(provider, body)
+        return ollama_gemini_reply(provider, received, ScriptedTurn(text=CLI_FINAL_TEXT) if final else first)
 
     return answer
 
 
-def native_written_call_and_result(provider: str, body: dict) -> tuple[dict, dict]:
+def written_call_and_result(provider: str, body: dict) -> tuple[dict, dict]:
     """Turn 2's record of the Write call and its result, as the provider sees them."""
-    history = native_history(provider, body)
+    history = upstream_history(provider, body)
     if provider == "ollama":
         call = next(m for m in history if m.get("tool_calls"))["tool_calls"][0]
         result = next(m for m in history if m["role"] == "tool")
@@ -8968,27 +9036,27 @@ def native_written_call_and_result(provider: str, body: dict) -> tuple[dict, dic
     return call, {"name": result["name"], "id": result["id"]}
 
 
-def native_cli_expected(provider: str, args: dict, signature: str) -> tuple[dict, dict]:
+def cli_expected(provider: str, args: dict, signature: str) -> tuple[dict, dict]:
     if provider == "ollama":
         return {"function": {"name": "Write", "arguments": args}}, {"tool_name": "Write"}
     call = {"functionCall": {"name": "Write", "args": args, "id": "fc_write_1"}}
     return call | ({"thoughtSignature": signature} if signature else {}), {"name": "Write", "id": "fc_write_1"}
 
 
-NATIVE_CLI_TARGETS = [
+CLI_TARGETS = [
     pytest.param("ollama", OLLAMA_MODEL, "", id="ollama"),
     pytest.param("gemini", GEMINI_MODEL, "", id="gemini-2.5"),
-    pytest.param("gemini", GEMINI3_MODEL, NATIVE_E2E_SIGNATURE, id="gemini-3-thought-signature"),
+    pytest.param("gemini", GEMINI3_MODEL, CLI_SIGNATURE, id="gemini-3-thought-signature"),
 ]
 
 
-@pytest.mark.parametrize(("native", "model", "signature"), NATIVE_CLI_TARGETS, indirect=["native"])
+@pytest.mark.parametrize(("native", "model", "signature"), CLI_TARGETS, indirect=["native"])
 async def test_claude_code_cli_writes_file_through_native_provider(
-    native: NativeEnv, tmp_path: Path, model: str, signature: str
+    native: OllamaGeminiEnv, tmp_path: Path, model: str, signature: str
 ) -> None:
     """Turn 1 streams a Write call, turn 2 carries its result (and, for Gemini 3, its thought signature)."""
     target = tmp_path / "work" / "hello.txt"
-    native.stand_in.answer = native_cli_answer(native.provider, target, signature)
+    native.stand_in.answer = cli_answer(native.provider, target, signature)
     native.stand_in.pause = False  # nothing here can tell the stand-in that the CLI has seen a delta
     proxy = await native.start_proxy(model=model)
 
@@ -8998,12 +9066,12 @@ async def test_claude_code_cli_writes_file_through_native_provider(
     diag = run.diag([(r.path, r.query) for r in native.stand_in.received])
     assert run.returncode == 0, diag
     assert target.read_text() == E2E_CONTENT, diag
-    assert NATIVE_E2E_FINAL in run.out, diag
-    assert [native_has_results(native.provider, r.body) for r in main] == [False, True], diag
-    assert all(native_is_stream(native.provider, r) for r in main), diag
+    assert CLI_FINAL_TEXT in run.out, diag
+    assert [has_results(native.provider, r.body) for r in main] == [False, True], diag
+    assert all(is_stream(native.provider, r) for r in main), diag
     write_args = {"file_path": str(target), "content": E2E_CONTENT}
-    expected = native_cli_expected(native.provider, write_args, signature)
-    assert native_written_call_and_result(native.provider, main[1].body) == expected, diag
+    expected = cli_expected(native.provider, write_args, signature)
+    assert written_call_and_result(native.provider, main[1].body) == expected, diag
 
 
 # ===========================================================================
@@ -9131,17 +9199,19 @@ def test_env_var_unset_in_a_nested_table_is_a_problem_naming_the_key() -> None:
 
 
 async def test_sighup_applies_a_changed_log_level(
-    rel_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    provider = rel_provider("anthropic", "anthropic", rel_up.url)
-    async with rel_process(tmp_path, rel_doc([provider], "anthropic,model-one", {"log_level": "info"})) as proxy:
-        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
+    async with proxy_subprocess(
+        tmp_path, providers_doc([provider], "anthropic,model-one", {"log_level": "info"})
+    ) as proxy:
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
         await proxy.wait_for_line(" scenario=")
         assert not any(" DEBUG " in line for line in proxy.lines), proxy.lines
 
         mark = len(proxy.lines)
-        await proxy.reload(rel_doc([provider], "anthropic,model-one", {"log_level": "debug"}), "config reloaded")
-        assert (await rel_post(http, proxy.url, rel_body())).status == 200
+        await proxy.reload(providers_doc([provider], "anthropic,model-one", {"log_level": "debug"}), "config reloaded")
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
         debug_line = await proxy.wait_for_line(" hints=", mark)
 
     assert " DEBUG " in debug_line, debug_line
@@ -9272,38 +9342,38 @@ async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, 
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode() + b'{"model": "')
     await writer.drain()
-    return await rel_read_until(reader, b"\r\n\r\n"), writer
+    return await read_until(reader, b"\r\n\r\n"), writer
 
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
 async def test_max_in_flight_refuses_before_reading_the_body(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
 ) -> None:
-    rel_up.script = rel_stream_script(hold_at=1)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": 1}))
-    held = await rel_streaming(http, proxy)
+    stand_in_up.script = stream_script(hold_at=1)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
+    held = await stream_in_background(http, proxy)
 
     head, writer = await lim_unfinished_body(proxy, path, 1024 * 1024)
     writer.close()
 
     assert head.startswith(b"HTTP/1.1 429 "), head
     assert b"retry-after: 1" in head.lower(), head
-    rel_up.release.set()
+    stand_in_up.release.set()
     assert (await held).frames[-1][0] == "message_stop"
-    assert len(rel_up.received) == 1
+    assert len(stand_in_up.received) == 1
 
 
 async def test_rate_limit_refuses_before_reading_the_body(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"rate_limit_rpm": 1}))
-    assert (await rel_post(http, proxy, rel_body())).status == 200
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 1}))
+    assert (await post_client_body(http, proxy, client_body())).status == 200
 
     head, writer = await lim_unfinished_body(proxy, "/v1/messages", 1024 * 1024)
     writer.close()
 
     assert head.startswith(b"HTTP/1.1 429 "), head
-    assert len(rel_up.received) == 1
+    assert len(stand_in_up.received) == 1
 
 
 # With fetch_image_urls on, a fetch reaches only public addresses, which this offline machine lacks. These
@@ -9340,7 +9410,7 @@ async def lim_image_proxy() -> AsyncIterator[StartProxy]:
 
 def lim_image_body(*urls: str) -> dict:
     images = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
-    return rel_body([*images, {"type": "text", "text": "What is in these pictures?"}])
+    return client_body([*images, {"type": "text", "text": "What is in these pictures?"}])
 
 
 def lim_image_url(images: StandInServer, name: str) -> str:
@@ -9349,16 +9419,16 @@ def lim_image_url(images: StandInServer, name: str) -> str:
 
 
 async def test_image_url_is_fetched_once_per_request_across_fallbacks(
-    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    first, second, images = await rel_servers(), await rel_servers(), await rel_servers()
-    first.script, images.script = rel_status(503), rel_png
-    providers = [rel_provider("first", "ollama", first.url), rel_provider("second", "ollama", second.url)]
-    config = rel_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
+    first, second, images = await stand_ins(), await stand_ins(), await stand_ins()
+    first.script, images.script = answer_status(503), png_answer
+    providers = [provider_doc("first", "ollama", first.url), provider_doc("second", "ollama", second.url)]
+    config = scripted_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
     proxy = await lim_image_proxy(config)
     url = lim_image_url(images, "cat.png")
 
-    reply = await rel_post(http, proxy, lim_image_body(url, url))
+    reply = await post_client_body(http, proxy, lim_image_body(url, url))
 
     assert reply.status == 200, reply.text
     assert reply.headers["x-terraphim-route"] == "second,qwen-b"
@@ -9369,73 +9439,75 @@ async def test_image_url_is_fetched_once_per_request_across_fallbacks(
 
 
 async def test_image_urls_over_fetch_image_max_count_are_refused_before_any_fetch(
-    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    up, images = await rel_servers(), await rel_servers()
-    images.script = rel_png
-    proxy = await lim_image_proxy(rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2}))
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer
+    proxy = await lim_image_proxy(
+        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2})
+    )
     urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b", "c")]
 
-    reply = await rel_post(http, proxy, lim_image_body(*urls))
+    reply = await post_client_body(http, proxy, lim_image_body(*urls))
 
     reply.assert_error(400, "invalid_request_error", "3 image URLs", "fetch_image_max_count")
     assert images.received == [] and up.received == []
-    assert (await rel_post(http, proxy, lim_image_body(*urls[:2]))).status == 200
+    assert (await post_client_body(http, proxy, lim_image_body(*urls[:2]))).status == 200
 
 
 async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
-    rel_servers: RelServers, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    up, images = await rel_servers(), await rel_servers()
-    images.script = rel_png  # 72 bytes each
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer  # 72 bytes each
     proxy = await lim_image_proxy(
-        rel_single("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
+        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
     )
     urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b")]
 
-    reply = await rel_post(http, proxy, lim_image_body(*urls))
+    reply = await post_client_body(http, proxy, lim_image_body(*urls))
 
     reply.assert_error(413, "request_too_large", "100 bytes", "fetch_image_max_bytes")
     assert up.received == []
-    assert (await rel_post(http, proxy, lim_image_body(urls[0]))).status == 200
+    assert (await post_client_body(http, proxy, lim_image_body(urls[0]))).status == 200
 
 
 async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
-    rel_up: StandInServer, start_proxy: StartProxy
+    stand_in_up: StandInServer, start_proxy: StartProxy
 ) -> None:
     """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
     streams = 130
-    rel_up.script = rel_stream_script(hold_at=1)
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, {"max_in_flight": streams}))
+    stand_in_up.script = stream_script(hold_at=1)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": streams}))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as client:
-        held = await asyncio.gather(*(rel_streaming(client, proxy) for _ in range(streams)))
+        held = await asyncio.gather(*(stream_in_background(client, proxy) for _ in range(streams)))
 
-        assert len(rel_up.received) == streams
-        rel_up.release.set()
+        assert len(stand_in_up.received) == streams
+        stand_in_up.release.set()
         replies = await asyncio.gather(*held)
     assert all(reply.frames[-1][0] == "message_stop" for reply in replies)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_waiting_for_a_pooled_upstream_connection_times_out(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
 ) -> None:
-    rel_up.script = rel_sequence(rel_stream_script(hold_at=1), rel_ok)
+    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
     limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
     limits |= {"cooldown_after_failures": 1}  # a busy pool is no failed connection: the provider stays up
-    proxy = await start_proxy(rel_single("anthropic", rel_up.url, limits))
-    held = await rel_streaming(http, proxy)  # holds the only pooled connection
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, limits))
+    held = await stream_in_background(http, proxy)  # holds the only pooled connection
 
     started = time.monotonic()
-    reply = await rel_post(http, proxy, rel_body(stream=stream))
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
 
     reply.assert_error(504, "timeout_error", "no free upstream connection within 100 ms")
     assert time.monotonic() - started < TIMEOUT_S / 2
-    assert len(rel_up.received) == 1
-    rel_up.release.set()
+    assert len(stand_in_up.received) == 1
+    stand_in_up.release.set()
     assert (await held).frames[-1][0] == "message_stop"
-    assert (await rel_post(http, proxy, rel_body(stream=stream))).status == 200
+    assert (await post_client_body(http, proxy, client_body(stream=stream))).status == 200
 
 
 # Routing and streams (session memory, keep-alive pings, unreachable upstreams)
@@ -9456,15 +9528,15 @@ async def routed_session_request(url: str, model: str, user_id: str) -> str:
 
 
 async def test_background_request_neither_uses_nor_updates_session_memory(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
 ) -> None:
-    url = await start_proxy(eco_config(eco_upstream.url))
+    url = await start_proxy(chat_config(scripted_upstream.url))
     large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
     small = {**large, "input_tokens": 10}
-    eco_upstream.queue("model-default", EcoAnswer(usage=large))
-    eco_upstream.queue("model-background", EcoAnswer(usage=small))
-    eco_upstream.queue("model-long", EcoAnswer(usage=large))
-    session = eco_user_id("sess-main", "json")
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
+    scripted_upstream.queue("model-background", ScriptedAnswer(usage=small))
+    scripted_upstream.queue("model-long", ScriptedAnswer(usage=large))
+    session = claude_code_user_id("sess-main", "json")
 
     routes = [
         await routed_session_request(url, CLIENT_MODEL, session),  # main, small: default; upstream reports 5000
@@ -9513,13 +9585,13 @@ async def test_silent_pass_through_stream_gets_ping_events(
 
 
 async def test_silent_translated_stream_gets_ping_events(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    eco_upstream.queue("model-x", EcoAnswer(hold=True))  # OpenAI chunks: the first text, then silence
-    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+    scripted_upstream.queue("model-x", ScriptedAnswer(hold=True))  # OpenAI chunks: the first text, then silence
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
 
     async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
-        text = await read_stream_releasing_on(response, PING_FRAME, eco_upstream.release)
+        text = await read_stream_releasing_on(response, PING_FRAME, scripted_upstream.release)
 
     names = [name for name, _ in parse_sse(text)]
     assert "ping" in names[names.index("content_block_delta") :]  # in the silence after the first text
@@ -9529,14 +9601,14 @@ async def test_silent_translated_stream_gets_ping_events(
 
 
 async def test_silent_openai_dialect_stream_gets_comment_pings(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    eco_upstream.queue("model-default", EcoAnswer(hold=True))
-    url = await start_proxy(eco_config(eco_upstream.url, proxy={"stream_ping_ms": 50}))
+    scripted_upstream.queue("model-default", ScriptedAnswer(hold=True))
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
     body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
     async with http.post(f"{url}/v1/chat/completions", json=body) as response:
-        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", eco_upstream.release)
+        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", scripted_upstream.release)
 
     frames = [frame for frame in text.split("\n\n") if frame]
     assert ": ping" in frames and "event: ping" not in text
@@ -9580,10 +9652,10 @@ def unreachable_config(
 
 
 async def test_name_resolution_failure_is_tried_once_and_names_the_url(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     # .invalid never resolves (RFC 6761): the resolver answers locally, without network traffic.
-    config = unreachable_config(eco_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
+    config = unreachable_config(scripted_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
     url = await start_proxy(config)
 
     answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
@@ -9591,17 +9663,17 @@ async def test_name_resolution_failure_is_tried_once_and_names_the_url(
     answer.assert_error(
         502, "api_error", "cannot reach down at http://upstream.invalid/v1/messages: its host name does not resolve"
     )
-    metrics = await eco_metrics(http, url)
+    metrics = await read_metrics(http, url)
     assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 1}
     assert sum(metrics.series("terraphim_retries_total").values()) == 0
 
 
 async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_falls_back(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     down_url = closed_port_url()
     proxy = {"retries": 1, "retry_base_ms": 1, "cooldown_after_failures": 3, "cooldown_ms": 60_000}
-    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy=proxy))
+    url = await start_proxy(unreachable_config(scripted_upstream.url, down_url, proxy=proxy))
     refused = f"cannot reach down at {down_url}/v1/messages: connection refused"
 
     first = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # refused, retried, refused
@@ -9613,7 +9685,7 @@ async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_
     assert (second.status, second.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
     third.assert_error(502, "api_error", "down is marked down for", refused)
     assert (fourth.status, fourth.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
-    metrics = await eco_metrics(http, url)
+    metrics = await read_metrics(http, url)
     assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 3}
     assert metrics.series("terraphim_retries_total") == {("down", "model-down"): 1}
     assert metrics.series("terraphim_upstream_cooldowns_total") == {("down",): 1}
@@ -9624,10 +9696,12 @@ async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_
 
 
 async def test_unreachable_ollama_error_asks_whether_ollama_is_running(
-    eco_upstream: EcoUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     down_url = closed_port_url()
-    url = await start_proxy(unreachable_config(eco_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama"))
+    url = await start_proxy(
+        unreachable_config(scripted_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama")
+    )
 
     answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
 
@@ -9675,7 +9749,7 @@ class CodeSetup:
     port: int
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(["--config", "eco.toml", *args], self.cwd, self.env)
+        return run_cli(["--config", "test.toml", *args], self.cwd, self.env)
 
     @property
     def pid_file(self) -> Path:
@@ -9685,19 +9759,19 @@ class CodeSetup:
 @pytest.fixture
 def code_setup(tmp_path: Path) -> Iterator[CodeSetup]:
     port = free_port()
-    (tmp_path / "eco.toml").write_text(eco_cli_toml(port, 'api_key = "${ECO_PROXY_KEY}"'))
+    (tmp_path / "test.toml").write_text(cli_toml(port, 'api_key = "${PROXY_TEST_KEY}"'))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     claude = bin_dir / "claude"
     claude.write_text(f"#!{sys.executable}\n{CODE_FAKE_CLAUDE}")
     claude.chmod(0o755)
-    env = eco_subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", ECO_PROXY_KEY=PROXY_KEY)
+    env = subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", PROXY_TEST_KEY=PROXY_KEY)
     env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
     setup = CodeSetup(tmp_path, env, f"http://127.0.0.1:{port}", port)
     try:
         yield setup
     finally:
-        eco_stop_background_proxy(setup.base_url)
+        stop_proxy_started_in_background(setup.base_url)
 
 
 @pytest.mark.parametrize(
@@ -9724,7 +9798,7 @@ def test_code_starts_no_proxy_for_claude_commands_that_talk_to_no_model(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"argv": claude_args, "proxy_pid": None}
     assert "started" not in done.stderr
-    assert eco_health(code_setup.base_url) is None
+    assert read_health_with_key(code_setup.base_url) is None
     assert not code_setup.pid_file.exists()
 
 
@@ -9739,7 +9813,7 @@ def test_stop_stops_the_proxy_that_code_started(code_setup: CodeSetup) -> None:
 
     assert stopped.returncode == 0, stopped.stderr
     assert f"(pid {pid})" in stopped.stderr and "stopped" in stopped.stderr
-    assert eco_health(code_setup.base_url) is None
+    assert read_health_with_key(code_setup.base_url) is None
     assert not code_setup.pid_file.exists()
     again = code_setup.run("stop")
     assert again.returncode == 1
@@ -9759,7 +9833,7 @@ def test_stop_never_signals_a_process_that_is_not_the_proxy_code_started(code_se
         assert refused.returncode == 1
         assert "is no longer running" in refused.stderr
         assert bystander.poll() is None
-        assert eco_health(code_setup.base_url) is not None  # the proxy itself is left alone too
+        assert read_health_with_key(code_setup.base_url) is not None  # the proxy itself is left alone too
         os.kill(proxy_pid, 0)
         assert not code_setup.pid_file.exists()
     finally:
@@ -10120,7 +10194,7 @@ def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
     source = tmp_path / "config.json"
     source.write_text(json5_dump(ccr, rnd), encoding="utf-8")
 
-    code, out, err = eco_import(source, capsys)
+    code, out, err = run_import_ccr(source, capsys)
 
     assert code == 0, err
     doc = tomllib.loads(out)
@@ -10144,7 +10218,7 @@ def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
     source = tmp_path / "config.json"
     source.write_text(f"{{ PORT: {number}, Router: {{ longContextThreshold: {number} }}, Other: [{number}] }}")
 
-    code, out, err = eco_import(source, capsys)
+    code, out, err = run_import_ccr(source, capsys)
 
     assert code == 0, err
     doc = tomllib.loads(out)
@@ -10239,22 +10313,22 @@ async def test_openai_incomplete_tool_call_without_length_stop_is_an_error_not_a
         answer.assert_error(502, "api_error", "openai", "not a JSON object")
 
 
-I10_NATIVE_CUT_TURN = NativeTurn(
-    text=I10_TEXT, calls=(NativeCall("Write", {"file_path": "/tmp/b.txt", "content": I10_CUT_TEXT}),), finish="length"
+I10_NATIVE_CUT_TURN = ScriptedTurn(
+    text=I10_TEXT, calls=(ScriptedCall("Write", {"file_path": "/tmp/b.txt", "content": I10_CUT_TEXT}),), finish="length"
 )
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 async def test_ollama_gemini_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
-    native: NativeEnv, stream: bool
+    native: OllamaGeminiEnv, stream: bool
 ) -> None:
     """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
     length ends on is the one the limit cut, and it is dropped."""
     native.stand_in.answer_turn(I10_NATIVE_CUT_TURN)
 
-    message = await native.send(stream, messages=NATIVE_HELLO)
+    message = await native.send(stream, messages=HELLO_MESSAGES)
 
-    assert native_blocks(message) == [{"type": "text", "text": I10_TEXT}]
+    assert ollama_gemini_blocks(message) == [{"type": "text", "text": I10_TEXT}]
     assert message.stop_reason == "max_tokens"
 
 
@@ -10314,24 +10388,25 @@ def i10_malformed(body: Any) -> Script:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
 async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
-    rel_servers: RelServers, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any, stream: bool
+    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any, stream: bool
 ) -> None:
-    bad, good = await rel_servers(), await rel_servers()
+    bad, good = await stand_ins(), await stand_ins()
     bad.script = i10_malformed(body)
-    providers = [rel_provider(kind, kind, bad.url, retries=1), rel_provider("good", "anthropic", good.url)]
-    proxy = await start_proxy(rel_config(providers, f"{kind},{REL_MODEL[kind]} | good,claude-good"))
+    providers = [provider_doc(kind, kind, bad.url, retries=1), provider_doc("good", "anthropic", good.url)]
+    proxy = await start_proxy(scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | good,claude-good"))
 
     with log_waiter("fallbacks=1") as logged:
-        reply = await rel_post(http, proxy, rel_body(stream=stream))
+        reply = await post_client_body(http, proxy, client_body(stream=stream))
         await wait_set(logged)
 
     assert reply.status == 200, reply.text
     if stream:
         assert (
-            "".join(data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta") == REL_TEXT
+            "".join(data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta")
+            == SCRIPTED_TEXT
         )
     else:
-        assert reply.json()["content"][0]["text"] == REL_TEXT
+        assert reply.json()["content"][0]["text"] == SCRIPTED_TEXT
     assert len(bad.received) == 2  # retried once, then the fallback
     (line,) = log_lines(reply.headers["request-id"])
     assert "retries=1 fallbacks=1" in line
@@ -10339,28 +10414,28 @@ async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
 
 @pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
 async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the_provider(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
 ) -> None:
-    rel_up.script = i10_malformed(body)
-    proxy = await start_proxy(rel_single(kind, rel_up.url))
+    stand_in_up.script = i10_malformed(body)
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
 
-    reply = await rel_post(http, proxy, rel_body())
+    reply = await post_client_body(http, proxy, client_body())
 
     reply.assert_error(502, "api_error", kind, "wrong shape")
 
 
 @pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
 async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_in_an_error_event(
-    rel_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
 ) -> None:
     async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
         first = text_stream_parts(seen.kind, seen.model)[0]
         return await up.write_parts(request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
 
-    rel_up.script = script
-    proxy = await start_proxy(rel_single(kind, rel_up.url))
+    stand_in_up.script = script
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
 
-    reply = await rel_post(http, proxy, rel_body(stream=True))
+    reply = await post_client_body(http, proxy, client_body(stream=True))
 
     error = reply.stream_error(kind, "wrong shape")
     assert error["type"] == "api_error"
@@ -10455,13 +10530,13 @@ async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
 ) -> None:
     """After the `done` line the stand-in holds the rest of its body until the client has the whole answer."""
 
-    def answer(received: Received) -> NativeReply:
-        lines = b"".join(ollama_event(line) for line in ollama_lines(NativeTurn(text="ok"), received.body["model"]))
-        return NativeReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
+    def answer(received: Received) -> OllamaGeminiReply:
+        lines = b"".join(ollama_event(line) for line in ollama_lines(ScriptedTurn(text="ok"), received.body["model"]))
+        return OllamaGeminiReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
 
-    async with running(NativeStandIn("ollama")) as upstream:
+    async with running(OllamaGeminiStandIn("ollama")) as upstream:
         upstream.answer = answer
-        proxy = await start_proxy(native_config("ollama", upstream.url, OLLAMA_MODEL))
+        proxy = await start_proxy(ollama_gemini_config("ollama", upstream.url, OLLAMA_MODEL))
         for _ in range(2):
             text = await i10_stream_then_release(http, proxy, request(), upstream.release)
             assert parse_sse(text)[-1][0] == "message_stop"
@@ -10502,11 +10577,11 @@ I10_CHAIN_TOOL = {"name": "mcp__deep__tree", "description": "A deeply shared tre
 
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: NativeEnv) -> None:
+async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: OllamaGeminiEnv) -> None:
     """Gemini 2.5 takes the 18-level chain in parametersJsonSchema as it is: a request of a few KB, not 17 MB."""
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
 
-    await native.send(False, messages=NATIVE_HELLO, tools=[I10_CHAIN_TOOL])
+    await native.send(False, messages=HELLO_MESSAGES, tools=[I10_CHAIN_TOOL])
 
     sent = native.stand_in.last.body
     declaration = sent["tools"][0]["functionDeclarations"][0]
@@ -10519,13 +10594,13 @@ async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(na
 
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_subset_expands_shared_refs_once_per_definition(native: NativeEnv) -> None:
+async def test_gemini_subset_expands_shared_refs_once_per_definition(native: OllamaGeminiEnv) -> None:
     """A model that needs `parameters` gets a 10-level chain written out in full and valid."""
     await native.connect(model=GEMINI2_MODEL)
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
     tool = {**I10_CHAIN_TOOL, "input_schema": i10_ref_chain(10)}
 
-    await native.send(False, messages=NATIVE_HELLO, tools=[tool, NATIVE_READ_TOOL])
+    await native.send(False, messages=HELLO_MESSAGES, tools=[tool, READ_TOOL])
 
     declarations = native.stand_in.last.body["tools"][0]["functionDeclarations"]
     assert gemini_schema_problems(declarations[0]["parameters"], "tree") == []
@@ -10533,13 +10608,15 @@ async def test_gemini_subset_expands_shared_refs_once_per_definition(native: Nat
     assert declarations[1]["parameters"] == GEMINI_READ_PARAMETERS
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_subset_schema_over_the_cap_is_a_400_naming_the_tool(native: NativeEnv, stream: bool) -> None:
+async def test_gemini_subset_schema_over_the_cap_is_a_400_naming_the_tool(
+    native: OllamaGeminiEnv, stream: bool
+) -> None:
     """Written out for `parameters`, the 18-level chain would be 22 MB: the client gets a 400, Gemini nothing."""
     await native.connect(model=GEMINI2_MODEL)
 
-    status, error_type, text = await native_error(native, stream, tools=[I10_CHAIN_TOOL])
+    status, error_type, text = await ollama_gemini_error(native, stream, tools=[I10_CHAIN_TOOL])
 
     assert (status, error_type) == (400, "invalid_request_error")
     assert "mcp__deep__tree" in text
@@ -10560,20 +10637,20 @@ def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
 
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_declarations_are_converted_once_per_tools_text(native: NativeEnv) -> None:
+async def test_gemini_declarations_are_converted_once_per_tools_text(native: OllamaGeminiEnv) -> None:
     """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
     description = f"Read a file ({os.urandom(8).hex()})."
-    tools = [{**NATIVE_READ_TOOL, "description": description}, NATIVE_GLOB_TOOL]
+    tools = [{**READ_TOOL, "description": description}, GLOB_TOOL]
 
     def entries() -> list[list[dict]]:
         cached = native.runners[-1].app[terraphim_proxy.STATE].caches.gemini_declarations.values()
         return [value for value in cached if value and value[0]["description"] == description]
 
-    await native.send(False, messages=NATIVE_HELLO, tools=tools)
-    await native.send(False, messages=NATIVE_HELLO, tools=tools, max_tokens=99)
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools)
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools, max_tokens=99)
     after_same = entries()
-    await native.send(False, messages=NATIVE_HELLO, tools=tools[:1])
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools[:1])
 
     assert len(after_same) == 1
     assert len(entries()) == 2
@@ -10585,26 +10662,26 @@ async def test_gemini_declarations_are_converted_once_per_tools_text(native: Nat
 
 @GENAI_WARNINGS
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: NativeEnv) -> None:
+async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: OllamaGeminiEnv) -> None:
     """The stand-in accepts parametersJsonSchema as google-genai sends it, and refuses it beside `parameters`."""
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
     client = genai.Client(
         api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
     )
-    schema = NATIVE_READ_TOOL["input_schema"]
+    schema = READ_TOOL["input_schema"]
     declaration = genai_types.FunctionDeclaration(name="Read", description="Read.", parameters_json_schema=schema)
     config = genai_types.GenerateContentConfig(tools=[genai_types.Tool(function_declarations=[declaration])])
 
     response = await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi", config=config)
 
-    assert response.text == NATIVE_FINAL_TURN.text
+    assert response.text == FINAL_TURN.text
     sent = native.stand_in.last.body["tools"][0]
     sent_declaration = (sent.get("functionDeclarations") or sent["function_declarations"])[0]
     assert {gemini_camel(key): value for key, value in sent_declaration.items()}["parametersJsonSchema"] == schema
     both = {"name": "Read", "description": "Read.", "parameters": GEMINI_READ_PARAMETERS}
     body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     body["tools"] = [{"functionDeclarations": [{**both, "parametersJsonSchema": schema}]}]
-    status, _, raw = await native_raw(
+    status, _, raw = await post_to_stand_in(
         native, f"/v1beta/models/{GEMINI_MODEL}:generateContent", body, {"x-goog-api-key": GEMINI_KEY}
     )
     assert status == 400
@@ -10645,17 +10722,19 @@ def i10_upstream_names(provider: str, body: dict) -> dict[str, list[str]]:
     }
 
 
-@NATIVE_STREAM
-async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(native: NativeEnv, stream: bool) -> None:
+@JSON_AND_STREAM
+async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(
+    native: OllamaGeminiEnv, stream: bool
+) -> None:
     """A tool name over 64 characters goes upstream shortened (declared, in history, in results, in
     tool_choice) and comes back to the client under its own name."""
     called: list[str] = []
 
-    def answer(received: Received) -> NativeReply:
+    def answer(received: Received) -> OllamaGeminiReply:
         names = i10_upstream_names(native.provider, received.body)
         called.append(names["declared"][1])
-        turn = NativeTurn(calls=(NativeCall(names["declared"][1], {"query": "budget 2026"}),))
-        return native_reply(native.provider, received, turn)
+        turn = ScriptedTurn(calls=(ScriptedCall(names["declared"][1], {"query": "budget 2026"}),))
+        return ollama_gemini_reply(native.provider, received, turn)
 
     native.stand_in.answer = answer
     native.stand_in.pause = False  # a tool call alone is held until complete: no delta comes to end a pause
@@ -10663,7 +10742,7 @@ async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(nativ
     message = await native.send(
         stream,
         messages=I10_LONG_HISTORY,
-        tools=[NATIVE_GLOB_TOOL, I10_LONG_TOOL],
+        tools=[GLOB_TOOL, I10_LONG_TOOL],
         tool_choice={"type": "tool", "name": I10_LONG_NAME},
     )
 
@@ -10697,17 +10776,17 @@ I10_HAIKU = load_fixture("07_haiku_main_turn1.json")["body"]
 )
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
-    native: NativeEnv, model: str, thinking_config: dict
+    native: OllamaGeminiEnv, model: str, thinking_config: dict
 ) -> None:
     """Claude Code's budget_tokens 31999 is clamped to the model's range (Gemini 3 gets a thinkingLevel), so
     Gemini accepts the request."""
     assert I10_HAIKU["thinking"] == {"budget_tokens": 31999, "type": "enabled"}
     await native.connect(model=model)
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
 
     answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**I10_HAIKU, "stream": False})
 
-    assert answer.content[-1].text == NATIVE_FINAL_TURN.text
+    assert answer.content[-1].text == FINAL_TURN.text
     assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == thinking_config
 
 
@@ -10722,13 +10801,13 @@ async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
 )
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_thinking_budget_is_clamped_per_model(
-    native: NativeEnv, model: str, budget: int, expected: dict
+    native: OllamaGeminiEnv, model: str, budget: int, expected: dict
 ) -> None:
     await native.connect(model=model)
-    native.stand_in.answer_turn(NATIVE_FINAL_TURN)
+    native.stand_in.answer_turn(FINAL_TURN)
 
     await native.send(
-        False, messages=NATIVE_HELLO, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
+        False, messages=HELLO_MESSAGES, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
     )
 
     assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == {**expected, "includeThoughts": True}
@@ -10742,14 +10821,14 @@ I10_ESCAPING_MODELS = [
 ]
 
 
-@NATIVE_STREAM
+@JSON_AND_STREAM
 @pytest.mark.parametrize("model", I10_ESCAPING_MODELS)
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
 async def test_gemini_model_name_that_would_leave_its_url_path_is_a_400(
-    native: NativeEnv, stream: bool, model: str
+    native: OllamaGeminiEnv, stream: bool, model: str
 ) -> None:
     """A model holding `/`, `?`, `#` or a control character never reaches Gemini (nor another path there)."""
-    status, error_type, text = await native_error(native, stream, model=model)
+    status, error_type, text = await ollama_gemini_error(native, stream, model=model)
 
     assert (status, error_type) == (400, "invalid_request_error")
     assert "URL" in text
@@ -10757,11 +10836,11 @@ async def test_gemini_model_name_that_would_leave_its_url_path_is_a_400(
 
 
 @pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_model_name_is_percent_encoded_in_the_url(native: NativeEnv) -> None:
+async def test_gemini_model_name_is_percent_encoded_in_the_url(native: OllamaGeminiEnv) -> None:
     """Percent signs and spaces in a model name arrive as that name, inside its own path segment."""
     model = "x%2F..%2F..%2Fv1%2Ffiles pro"
 
-    status, error_type, text = await native_error(native, False, model=f"gemini,{model}")
+    status, error_type, text = await ollama_gemini_error(native, False, model=f"gemini,{model}")
 
     assert (status, error_type) == (404, "not_found_error")
     assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
@@ -11048,7 +11127,7 @@ def openai_payload(delta: dict | None = None, finish: str | None = None) -> str:
 async def test_the_events_of_one_upstream_read_come_out_as_one_part() -> None:
     read = [openai_payload({"role": "assistant", "content": "Hel"}), openai_payload({"content": "lo"})]
     ending = [openai_payload({}, "stop"), "[DONE]"]
-    parts = await ot_collect(openai_stream_to_anthropic(batches_of(read, ending), "claude-x", 5))
+    parts = await collect_async(openai_stream_to_anthropic(batches_of(read, ending), "claude-x", 5))
     assert len(parts) == 2
     first = [event["type"] for event in parts[0]]
     assert first[0] == "message_start" and "content_block_start" in first and first.count("content_block_delta") == 2
