@@ -301,6 +301,10 @@ def tool_result(tool_id: str, content: Any = "ok", **extra: Any) -> dict:
     return {"type": "tool_result", "tool_use_id": tool_id, "content": content, **extra}
 
 
+def system_message_turns(text: str) -> list[dict]:
+    return [{"role": "user", "content": "Hi"}, {"role": "system", "content": text}, {"role": "user", "content": "Go"}]
+
+
 def tool_turns(result: str | list) -> list[dict]:
     """A user turn, an assistant tool call and the user's tool_result carrying `result`."""
     return [
@@ -669,555 +673,733 @@ async def run_claude_cli(proxy: str, tmp_path: Path, prompt: str) -> CliRun:
     return CliRun(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
-# ===========================================================================
-# Core: Anthropic pass-through, routing, auth, bad input, config, CLI, token counting
-# ===========================================================================
-
-
 # ---------------------------------------------------------------------------
-# The anthropic SDK through the proxy
+# The OpenAI family: the proxy and its clients
 # ---------------------------------------------------------------------------
 
 
-async def test_sdk_create_returns_the_upstream_message(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
-    content = [
-        {"type": "text", "text": "Four."},
-        {"type": "tool_use", "id": "toolu_9", "name": "Calc", "input": {"x": 4}},
+def openai_config(upstream_url: str, default: str = "openai,gpt-4o") -> terraphim_proxy.Config:
+    """One provider of each OpenAI-family type, a capped OpenAI provider and Anthropic, all at the stand-in."""
+    providers = [
+        {"name": "openai", "type": "openai", "api_base_url": upstream_url, "api_key": "${OPENAI_API_KEY}"},
+        {"name": "openrouter", "type": "openrouter", "api_base_url": upstream_url, "api_key": "$OPENROUTER_API_KEY"},
+        {"name": "deepseek", "type": "deepseek", "api_base_url": upstream_url, "api_key": "${DEEPSEEK_API_KEY}"},
+        {
+            "name": "capped",
+            "type": "openai",
+            "api_base_url": upstream_url,
+            "api_key": "${OPENAI_API_KEY}",
+            "max_tokens": 4096,
+            "model_max_tokens": {"gpt-4o-mini": 1000},
+        },
+        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
     ]
-    sent = anthropic_message("model-default", content, "tool_use", output_tokens=21)
-    stand_in.reply_with(Reply(json=sent))
-
-    result = await sdk.messages.create(**SDK_REQUEST)
-
-    assert [block.model_dump(exclude_none=True) for block in result.content] == content
-    assert result.usage.input_tokens == 12
-    assert result.usage.output_tokens == 21
-    assert result.stop_reason == "tool_use"
-    assert result.id == sent["id"]
-    assert stand_in.last.body["model"] == "model-default"
+    # no retries: each test scripts exactly the answers the proxy gets
+    data = {"proxy": {"retries": 0}, "router": {"default": default}, "providers": providers}
+    return build_config(data)
 
 
-EXAMPLE_SSE = (FIXTURES / "response_sse_example.txt").read_bytes()
-EXAMPLE_FRAMES = [frame + b"\n\n" for frame in EXAMPLE_SSE.split(b"\n\n") if frame.strip()]
-EXAMPLE_CONTENT = [
-    {"type": "text", "text": "I'll create hello.txt now."},
-    {
-        "type": "tool_use",
-        "id": "toolu_reca6c2d877c6f74bc9",
-        "name": "Write",
-        "input": {"file_path": "/home/dev/hello.txt", "content": "terraphim\n"},
+@pytest.fixture
+async def openai_upstream() -> AsyncIterator[OpenAIStandIn]:
+    async with running(OpenAIStandIn()) as server:
+        yield server
+
+
+@pytest.fixture
+async def openai_proxy_url(openai_upstream: OpenAIStandIn, start_proxy: StartProxy) -> str:
+    return await start_proxy(openai_config(openai_upstream.url))
+
+
+@pytest.fixture
+async def openai_sdk(openai_proxy_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic_client(openai_proxy_url) as client:
+        yield client
+
+
+OPENAI_SDK_PARAMS = frozenset(
+    (
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "stop_sequences",
+        "thinking",
+        "output_config",
+    )
+)
+
+
+def openai_sdk_args(body: dict) -> dict:
+    """SDK keyword arguments for a Messages body; fields the SDK does not type go in extra_body."""
+    args = {key: value for key, value in body.items() if key in OPENAI_SDK_PARAMS}
+    extra = {key: value for key, value in body.items() if key not in OPENAI_SDK_PARAMS and key != "stream"}
+    return {**args, "extra_body": extra} if extra else args
+
+
+async def openai_send(sdk: anthropic.AsyncAnthropic, body: dict, stream: bool) -> anthropic.types.Message:
+    """The final message through the SDK: accumulated from the stream, or the JSON reply."""
+
+    async def run() -> anthropic.types.Message:
+        if stream:
+            async with sdk.messages.stream(**openai_sdk_args(body)) as events:
+                return await events.get_final_message()
+        return await sdk.messages.create(**openai_sdk_args(body))
+
+    return await asyncio.wait_for(run(), TIMEOUT_S)
+
+
+def openai_body(model: str, content: str | list = "Hello", **fields: Any) -> dict:
+    return {"model": model, "max_tokens": 300, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def openai_blocks(message: anthropic.types.Message, flavor: str) -> list[dict]:
+    """The message's blocks as dicts; a proxy signature shows as "terraphim:<flavor>" after it is checked."""
+    blocks = []
+    for block in message.content:
+        data = block.model_dump(exclude_none=True)
+        if data["type"] == "thinking":
+            assert data["signature"].startswith(f"terraphim:{flavor}:"), data
+            data["signature"] = f"terraphim:{flavor}"
+        if data["type"] == "tool_use":
+            assert re.fullmatch(r"toolu_[A-Za-z0-9_-]+", data["id"]), data
+        blocks.append(data)
+    return blocks
+
+
+def openai_usage(message: anthropic.types.Message) -> dict:
+    usage = message.usage
+    return {
+        "input_tokens": usage.input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "output_tokens": usage.output_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Ollama and Gemini: models, marks and the official clients' warnings
+# ---------------------------------------------------------------------------
+# Each provider has a stand-in that speaks its wire format (Ollama: JSON and NDJSON; Gemini: JSON and SSE),
+# rejects what the real API rejects, answers from a per-test script and records every request. The official
+# `ollama` and `google-genai` clients show that the stand-ins are faithful. Streamed answers pause once, in
+# the middle of their second line or frame, until the client has seen a content delta: that proves the proxy
+# handles a line split across reads.
+
+OLLAMA_GEMINI_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
+OLLAMA_GEMINI_PROVIDERS = ["ollama", "gemini"]
+JSON_AND_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+GEMINI_SIG = "terraphim:gemini-sig:"
+GENAI_WARNINGS = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
+
+
+# ---------------------------------------------------------------------------
+# What a model answers, independent of the wire
+# ---------------------------------------------------------------------------
+
+
+GEMINI_SIG_TEXT = base64.b64encode(b"turn-1 signature on the text").decode()
+GEMINI_SIG_READ = base64.b64encode(b"turn-1 signature on Read").decode()
+READ_ARGS = {"file_path": "/src/a.py"}
+GLOB_ARGS = {"pattern": "**/*.py", "path": "/src"}
+TEXT_TURN = ScriptedTurn(
+    text="Hello, wörld ☃ from the stand-in, in pieces.",
+    usage=ScriptedUsage(prompt=900, output=21, cached=300, thoughts=4, tool_prompt=20),
+)
+CALLS_TURN = ScriptedTurn(
+    text="Checking both.", calls=(ScriptedCall("Read", READ_ARGS), ScriptedCall("Glob", GLOB_ARGS))
+)
+SIGNED_CALLS_TURN = ScriptedTurn(
+    text="Checking both.",
+    text_signature=GEMINI_SIG_TEXT,
+    calls=(
+        ScriptedCall("Read", READ_ARGS, "fc_read_1", GEMINI_SIG_READ),
+        ScriptedCall("Glob", GLOB_ARGS, "fc_glob_2"),
+    ),
+)
+THINK_TURN = ScriptedTurn(
+    thinking="The user says hi; a short greeting will do.", text="Hi there!", usage=ScriptedUsage(thoughts=33)
+)
+LENGTH_TURN = ScriptedTurn(text="This answer is cut off by the tok", finish="length")
+FINAL_TURN = ScriptedTurn(text="Both look fine.")
+
+
+# ---------------------------------------------------------------------------
+# The proxy in front of a stand-in, and the anthropic SDK in front of the proxy
+# ---------------------------------------------------------------------------
+
+
+def ollama_gemini_config(provider: str, url: str, model: str, **extra: Any) -> terraphim_proxy.Config:
+    """One provider at the stand-in, routed by default, no retries; `extra` adds or overrides provider keys."""
+    entry: dict[str, Any] = {"name": provider, "type": provider, "api_base_url": url, "retries": 0}
+    if provider == "gemini":
+        entry |= {"api_base_url": f"{url}/v1beta", "api_key": "${GEMINI_API_KEY}"}
+    data = {"router": {"default": f"{provider},{model}"}, "providers": [{**entry, **extra}]}
+    return build_config(data, environ={"GEMINI_API_KEY": GEMINI_KEY})
+
+
+class OllamaGeminiEnv:
+    """A stand-in, the proxy routing to it, and an anthropic SDK client of the proxy."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.model = OLLAMA_GEMINI_MODELS[provider]
+        self.stand_in = OllamaGeminiStandIn(provider)
+        self.runners: list[web.AppRunner] = []
+        self.clients: list[anthropic.AsyncAnthropic] = []
+        self.url = ""
+
+    async def start(self) -> None:
+        await self.stand_in.start()
+        await self.connect()
+
+    async def start_proxy(self, model: str | None = None, **extra: Any) -> str:
+        self.model = model or self.model
+        config = ollama_gemini_config(self.provider, self.stand_in.url, self.model, **extra)
+        self.url = await serve_proxy(config, self.runners)
+        return self.url
+
+    async def connect(self, model: str | None = None, **extra: Any) -> None:
+        """(Re)start the proxy with this model and provider keys; `sdk` then talks to it."""
+        await self.start_proxy(model, **extra)
+        self.sdk = anthropic_client(self.url)
+        self.clients.append(self.sdk)
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            await client.close()
+        self.stand_in.release.set()
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.stand_in.stop()
+
+    async def send(self, stream: bool, **params: Any) -> anthropic.types.Message:
+        """One Messages call through the SDK: create(), or stream() and its accumulated final message."""
+        body = {"model": CLIENT_MODEL, "max_tokens": 256, **params}
+        if not stream:
+            return await self.sdk.messages.create(**body)
+
+        async def consume() -> anthropic.types.Message:
+            async with self.sdk.messages.stream(**body) as events:
+                async for event in events:
+                    if event.type == "content_block_delta":
+                        self.stand_in.release.set()
+                return await events.get_final_message()
+
+        return await asyncio.wait_for(consume(), TIMEOUT_S)
+
+
+@pytest.fixture(params=OLLAMA_GEMINI_PROVIDERS)
+async def native(request: pytest.FixtureRequest) -> AsyncIterator[OllamaGeminiEnv]:
+    env = OllamaGeminiEnv(request.param)
+    await env.start()
+    yield env
+    await env.stop()
+
+
+def upstream_history(provider: str, body: dict) -> list[dict]:
+    return body["messages"] if provider == "ollama" else body["contents"]
+
+
+def has_results(provider: str, body: dict) -> bool:
+    if provider == "ollama":
+        return any(message["role"] == "tool" for message in body["messages"])
+    return any("functionResponse" in part for content in body["contents"] for part in content["parts"])
+
+
+RANDOM_TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def ollama_gemini_blocks(message: anthropic.types.Message) -> list[dict]:
+    """The content as dicts; random tool ids (checked for shape and uniqueness) read "toolu_<random>"."""
+    blocks = [block.model_dump(exclude_none=True) for block in message.content]
+    ids = [block["id"] for block in blocks if block["type"] == "tool_use"]
+    assert len(set(ids)) == len(ids), ids
+    assert all(SAFE_ID.fullmatch(tool_id) for tool_id in ids), ids
+    for block in blocks:
+        if block["type"] == "tool_use" and RANDOM_TOOL_ID.fullmatch(block["id"]):
+            block["id"] = "toolu_<random>"
+    return blocks
+
+
+def ollama_gemini_proxy_signature(provider: str, thinking: str) -> str:
+    return f"terraphim:{provider}:{hashlib.sha256(thinking.encode()).hexdigest()[:16]}"
+
+
+def ollama_gemini_expected(provider: str, turn: ScriptedTurn) -> list[dict]:
+    """The Anthropic content a turn should become; Gemini signatures ride on empty thinking blocks."""
+    signed = provider == "gemini"
+    blocks: list[dict] = []
+    if turn.thinking:
+        blocks.append(
+            {
+                "type": "thinking",
+                "thinking": turn.thinking,
+                "signature": ollama_gemini_proxy_signature(provider, turn.thinking),
+            }
+        )
+    if turn.text_signature and signed:
+        blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + turn.text_signature})
+    if turn.text:
+        blocks.append({"type": "text", "text": turn.text})
+    for call in turn.calls:
+        if call.signature and signed:
+            blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + call.signature})
+        tool_id = f"toolu_g_{call.call_id}" if call.call_id and signed else "toolu_<random>"
+        blocks.append({"type": "tool_use", "id": tool_id, "name": call.name, "input": call.args})
+    return blocks
+
+
+def ollama_gemini_usage(provider: str, usage: ScriptedUsage) -> dict:
+    if provider == "ollama":
+        return {"input_tokens": usage.prompt, "output_tokens": usage.output}
+    return {
+        "input_tokens": usage.prompt - usage.cached + usage.tool_prompt,
+        "output_tokens": usage.output + usage.thoughts,
+        "cache_read_input_tokens": usage.cached,
+    }
+
+
+def assert_message(env: OllamaGeminiEnv, message: anthropic.types.Message, turn: ScriptedTurn, stop: str) -> None:
+    assert ollama_gemini_blocks(message) == ollama_gemini_expected(env.provider, turn)
+    assert message.stop_reason == stop
+    expected = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    expected |= ollama_gemini_usage(env.provider, turn.usage)
+    assert {key: getattr(message.usage, key) for key in expected} == expected
+
+
+def assert_request(env: OllamaGeminiEnv, stream: bool) -> dict:
+    """The transport of the last upstream request (URL, method, key, stream flag); returns its body."""
+    received = env.stand_in.last
+    assert received.method == "POST"
+    assert received.headers["content-type"].startswith("application/json")
+    assert not any(CLIENT_KEY in value for value in received.headers.values())
+    if env.provider == "ollama":
+        assert (received.path, received.query) == ("/api/chat", {})
+        assert "authorization" not in received.headers  # Ollama needs no key
+        assert received.body["stream"] is stream
+        assert received.body["model"] == env.model
+    else:
+        method = "streamGenerateContent" if stream else "generateContent"
+        assert received.path == f"/v1beta/models/{env.model}:{method}"
+        assert received.query == ({"alt": "sse"} if stream else {})
+        assert received.headers["x-goog-api-key"] == GEMINI_KEY
+        assert "stream" not in received.body
+    return received.body
+
+
+HELLO_MESSAGES = [{"role": "user", "content": "Say hello."}]
+READ_TOOL = {
+    "name": "Read",
+    "description": "Read a file from the local filesystem.",
+    "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "file_path": {"type": "string", "description": "The absolute path to the file to read"},
+            "limit": {"type": "integer", "exclusiveMinimum": 0},
+        },
+        "required": ["file_path"],
+        "additionalProperties": False,
     },
-]
-THINKING_CONTENT = [
-    {"type": "thinking", "thinking": "The user wants a sum; two and two make four.", "signature": "EqQBCgIYAhIM+sig=="},
-    {"type": "text", "text": "The answer is 4."},
-]
-
-
-@pytest.mark.parametrize(
-    ("frames", "content", "stop_reason"),
-    [
-        pytest.param(EXAMPLE_FRAMES, EXAMPLE_CONTENT, "tool_use", id="text-then-write-tool"),
-        pytest.param(stream_frames("m", THINKING_CONTENT), THINKING_CONTENT, "end_turn", id="thinking-with-signature"),
+}
+GLOB_TOOL = {
+    "name": "Glob",
+    "description": "Fast file pattern matching.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "path": {"type": "string"}},
+        "required": ["pattern"],
+    },
+}
+READ_AND_GLOB_TOOLS = [READ_TOOL, GLOB_TOOL]
+GEMINI_READ_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "file_path": {"type": "string", "description": "The absolute path to the file to read"},
+        "limit": {"type": "integer", "minimum": 0},
+    },
+    "required": ["file_path"],
+}
+EXPECTED_TOOLS = {
+    "ollama": [
+        {
+            "type": "function",
+            "function": {"name": tool["name"], "description": tool["description"], "parameters": tool["input_schema"]},
+        }
+        for tool in READ_AND_GLOB_TOOLS
     ],
-)
-async def test_sdk_stream_final_message(
-    stand_in: StandIn, sdk: anthropic.AsyncAnthropic, frames: list[bytes], content: list[dict], stop_reason: str
-) -> None:
-    stand_in.reply_with(Reply(frames=frames))
-
-    async with sdk.messages.stream(**SDK_REQUEST) as stream:
-        final = await stream.get_final_message()
-
-    assert len(final.content) == len(content)
-    for got, expected in zip(final.content, content, strict=True):
-        assert got.model_dump(exclude_none=True) == expected
-    assert final.stop_reason == stop_reason
-    assert stand_in.last.body["stream"] is True
-    assert stand_in.last.body["model"] == "model-default"
-
-
-async def test_sdk_count_tokens(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
-    messages = [{"role": "user", "content": "Count the tokens of this sentence, please."}]
-
-    result = await sdk.messages.count_tokens(model=CLIENT_MODEL, messages=messages, system="Be brief.")
-
-    assert result.input_tokens == tiktoken_count({"system": "Be brief.", "messages": messages})
-    assert stand_in.received == []  # counted locally by default
+    "gemini": [
+        {
+            "functionDeclarations": [
+                {
+                    "name": "Read",
+                    "description": READ_TOOL["description"],
+                    "parametersJsonSchema": READ_TOOL["input_schema"],
+                },
+                {
+                    "name": "Glob",
+                    "description": GLOB_TOOL["description"],
+                    "parametersJsonSchema": GLOB_TOOL["input_schema"],
+                },
+            ]
+        }
+    ],
+}
 
 
 # ---------------------------------------------------------------------------
-# Routing: every scenario reaches its model, first match wins, disabled providers fall back
+# Scripted faults: models, keys and the stand-in factory
+# ---------------------------------------------------------------------------
+# Every fault is injected by a stand-in (conftest.StandInServer) answering from a per-test script: an async
+# function that can stall, trickle, cut the connection or send garbage, in any of the four wire formats the
+# proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini generateContent); `answer_ok`
+# answers as the real API would. The stand-in records every request with its arrival time and notes when the
+# proxy drops a connection it is serving (its handler is cancelled), which is how the tests measure that the
+# proxy closed an upstream request.
+
+WIRE_KINDS = ("anthropic", "openai", "ollama", "gemini")
+UPSTREAM_MODEL = {"anthropic": "claude-rel", "openai": "gpt-rel", "ollama": "qwen-rel", "gemini": "gemini-rel"}
+ASKED_MODEL = "claude-rel-client"  # what clients ask for; routes pick the upstream model
+
+
+def provider_key(name: str, index: int = 0) -> str:
+    key = f"rel-sk-{name}-{index}-0cc175b9c0f1b6a8"
+    SECRETS.add(key)
+    return key
+
+
+# ---------------------------------------------------------------------------
+# The stand-in upstream
 # ---------------------------------------------------------------------------
 
 
-def route_case(case_id: str, body: dict, expected_model: str, **router: Any) -> Any:
-    return pytest.param(body, expected_model, router, id=case_id)
+StandInFactory = Callable[[], Awaitable[StandInServer]]
 
 
-ROUTING_CASES = [
-    route_case("default", request(), "model-default"),
-    route_case("background-haiku", request(model="claude-3-5-haiku-20241022"), "model-background"),
-    route_case("think-enabled", request(thinking={"type": "enabled", "budget_tokens": 1024}), "model-think"),
-    route_case("think-effort-max", request(output_config={"effort": "max"}), "model-think"),
-    route_case(
-        "adaptive-high-is-default",
-        load_fixture("05_interactive_main_turn1.json")["body"],
-        "model-default",
-        long_context_threshold=60000,
-    ),
-    route_case("long-context", request(LONG_TEXT), "model-long"),
-    route_case("web-search", request(tools=[WEB_SEARCH_TOOL]), "model-web"),
-    route_case("image", request([IMAGE, {"type": "text", "text": "What is this?"}]), "model-image"),
-    route_case("image-in-tool-result", request(messages=tool_turns([IMAGE])), "model-image"),
-    route_case(
-        "image-only-in-earlier-turn", request(messages=[*tool_turns([IMAGE]), *tool_turns("ok")]), "model-default"
-    ),
-    route_case("explicit", request(model="anthropic,model-explicit"), "model-explicit"),
-    route_case("explicit-with-models-list", request(model="pinned,model-pinned"), "model-pinned"),
-    # first match wins
-    route_case("explicit-beats-long-context", request(LONG_TEXT, model="anthropic,model-explicit"), "model-explicit"),
-    route_case(
-        "long-context-beats-subagent", request(LONG_TEXT, system=SUBAGENT_TAG + "You are a helper."), "model-long"
-    ),
-    route_case("subagent-beats-image", request([IMAGE], system=SUBAGENT_TAG), "model-sub"),
-    route_case("image-beats-web-search", request([IMAGE], tools=[WEB_SEARCH_TOOL]), "model-image"),
-    route_case("web-search-beats-background", request(model="claude-haiku-4-5", tools=[WEB_SEARCH_TOOL]), "model-web"),
-    route_case(
-        "background-beats-think", request(model="claude-haiku-4-5", output_config={"effort": "max"}), "model-background"
-    ),
-    route_case("image-unrouted-to-web-search", request([IMAGE], tools=[WEB_SEARCH_TOOL]), "model-web", image=None),
-    route_case(
-        "image-unrouted-to-background", request([IMAGE], model="claude-haiku-4-5"), "model-background", image=None
-    ),
-    route_case("image-unrouted-to-default", request([IMAGE]), "model-default", image=None),
-    route_case("long-context-unrouted", request(LONG_TEXT), "model-default", long_context=None),
-    # disabled providers (OFFLINE_API_KEY unset)
-    route_case(
-        "disabled-think-uses-fallback",
-        request(output_config={"effort": "max"}),
-        "model-think-2",
-        think="offline,model-offline | anthropic,model-think-2",
-    ),
-    route_case(
-        "disabled-web-search-to-default",
-        request(tools=[WEB_SEARCH_TOOL]),
-        "model-default",
-        web_search="offline,model-offline",
-    ),
-    route_case(
-        "disabled-default-uses-fallback",
-        request(),
-        "model-default-2",
-        default="offline,model-offline | anthropic,model-default-2",
-    ),
-]
+@pytest.fixture
+async def stand_ins() -> AsyncIterator[StandInFactory]:
+    """A factory of started stand-ins answering from `answer_ok` until a test sets another script, all stopped at
+    the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def new() -> StandInServer:
+            return await stack.enter_async_context(running(StandInServer(answer_ok)))
+
+        yield new
 
 
-@pytest.mark.parametrize(("body", "expected_model", "router"), ROUTING_CASES)
-async def test_routing(
-    stand_in: StandIn,
-    start_proxy: StartProxy,
+@pytest.fixture
+async def stand_in_up(stand_ins: StandInFactory) -> StandInServer:
+    return await stand_ins()
+
+
+# ---------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------
+
+BASE_PATHS = {"anthropic": "", "openai": "/v1", "ollama": "", "gemini": "/v1beta"}
+
+
+def provider_doc(name: str, kind: str, url: str, *, keys: int = 1, **extra: Any) -> dict:
+    """A provider of `kind` at a stand-in, with `keys` distinct registered keys."""
+    provider = {"name": name, "type": kind, "api_base_url": url + BASE_PATHS[kind], **extra}
+    if keys == 1:
+        provider["api_key"] = provider_key(name)
+    elif keys > 1:
+        provider["api_keys"] = [provider_key(name, i) for i in range(keys)]
+    return provider
+
+
+def providers_doc(
+    providers: list[dict],
+    default: str,
+    proxy: Mapping[str, Any] | None = None,
+    router: Mapping[str, Any] | None = None,
+) -> dict:
+    """A config document; no retries and 1 ms backoff unless a test says otherwise."""
+    settings_ = {"retries": 0, "retry_base_ms": 1, **(proxy or {})}
+    return {"proxy": settings_, "router": {"default": default, **(router or {})}, "providers": providers}
+
+
+def scripted_config(
+    providers: list[dict],
+    default: str,
+    proxy: Mapping[str, Any] | None = None,
+    router: Mapping[str, Any] | None = None,
+) -> terraphim_proxy.Config:
+    return build_config(providers_doc(providers, default, proxy, router), "test.toml", environ={})
+
+
+def single_provider_doc(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> dict:
+    """One provider named after its kind, the default route to it."""
+    return providers_doc([provider_doc(kind, kind, url, **extra)], f"{kind},{UPSTREAM_MODEL[kind]}", proxy)
+
+
+def single_provider_config(
+    kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any
+) -> terraphim_proxy.Config:
+    return build_config(single_provider_doc(kind, url, proxy, **extra), "test.toml", environ={})
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+
+def client_body(text: str | list = "Hello", *, stream: bool = False, **fields: Any) -> dict:
+    body = request(text, **{"model": ASKED_MODEL, **fields})
+    return body | ({"stream": True} if stream else {})
+
+
+@dataclass
+class TimedAnswer(Answer):
+    times: list[float] = field(default_factory=list)  # arrival of each SSE event
+    ended: str = "eof"  # "eof", or "broken" when the connection ended without a complete body
+
+    @property
+    def frames(self) -> list[tuple[str, Any]]:
+        """Whatever events the text holds (unparsable data kept raw): the answer may be anything."""
+        return parse_sse(self.text, strict=False)
+
+    def stream_error(self, *fragments: str) -> dict:
+        """Assert a 200 stream that ends in an error event and holds no message_stop; return the error."""
+        assert self.status == 200, self.text
+        names = [name for name, _ in self.frames]
+        assert "message_stop" not in names, names
+        assert names and names[-1] == "error", names
+        assert self.text.startswith(("event:", ":")), self.text[:200]  # nothing but events was relayed
+        unparsable = [(name, data) for name, data in self.frames if not isinstance(data, dict)]
+        assert unparsable == [], unparsable
+        error = self.frames[-1][1]["error"]
+        for fragment in fragments:
+            assert fragment in error["message"], error
+        return error
+
+
+async def post_client_body(
     http: aiohttp.ClientSession,
-    body: dict,
-    expected_model: str,
-    router: dict,
-) -> None:
-    url = await start_proxy(make_config(stand_in.url, router={"long_context_threshold": SMALL_THRESHOLD, **router}))
-
-    answer = await call(http, f"{url}/v1/messages", body)
-
-    assert answer.status == 200, answer.text
-    assert len(stand_in.received) == 1
-    assert stand_in.last.body["model"] == expected_model
-    assert answer.headers["x-terraphim-route"].endswith(f",{expected_model}")
-
-
-def system_message_turns(text: str) -> list[dict]:
-    return [{"role": "user", "content": "Hi"}, {"role": "system", "content": text}, {"role": "user", "content": "Go"}]
-
-
-@pytest.mark.parametrize(
-    ("body", "where"),
-    [
-        pytest.param(request(system=SUBAGENT_TAG + "You review code."), ("system",), id="system-string"),
-        pytest.param(
-            request(
-                system=[
-                    {"type": "text", "text": "Header."},
-                    {"type": "text", "text": SUBAGENT_TAG + "You review code."},
-                ]
-            ),
-            ("system", 1, "text"),
-            id="system-block",
-        ),
-        pytest.param(
-            request(messages=system_message_turns(SUBAGENT_TAG + "You review code.")),
-            ("messages", 1, "content"),
-            id="system-message",
-        ),
-    ],
-)
-async def test_subagent_tag_routes_and_is_stripped(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, body: dict, where: tuple
-) -> None:
-    answer = await call(http, f"{proxy_url}/v1/messages", body)
-
-    assert answer.status == 200, answer.text
-    sent = stand_in.last.body
-    assert sent["model"] == "model-sub"
-    stripped = sent
-    for key in where:
-        stripped = stripped[key]
-    assert stripped == "You review code."
-    assert "CCR-SUBAGENT-MODEL" not in json.dumps(sent)
-
-
-# ---------------------------------------------------------------------------
-# Claude Code's recorded requests pass through unchanged
-# ---------------------------------------------------------------------------
-
-HOP_HEADERS = {"host", "content-length", "connection", "accept-encoding", "x-api-key"}
-
-
-def fixture_headers(meta: dict) -> dict[str, str]:
-    """The headers Claude Code sent, with our client key in place of the redacted one."""
-    headers = {key: value for key, value in meta["headers"].items() if key not in HOP_HEADERS}
-    return {**headers, "x-api-key": CLIENT_KEY}
-
-
-def fixture_url(base: str, meta: dict) -> str:
-    query = "&".join(f"{key}={value}" for key, value in meta["query"].items())
-    return f"{base}{meta['path']}" + (f"?{query}" if query else "")
-
-
-@pytest.mark.parametrize("name", fixture_names("/v1/messages"))
-async def test_fixture_passes_through_unchanged(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, name: str
-) -> None:
-    fixture = load_fixture(name)
-    meta, body = fixture["meta"], fixture["body"]
-
-    answer = await call(http, fixture_url(proxy_url, meta), body, headers=fixture_headers(meta))
-
-    assert answer.status == 200, answer.text
-    routed = "model-background" if "haiku" in body["model"] else "model-default"
-    upstream = stand_in.last
-    assert upstream.path == "/v1/messages"
-    assert upstream.body == {**body, "model": routed}
-    assert upstream.headers["anthropic-version"] == meta["headers"]["anthropic-version"]
-    assert upstream.headers["anthropic-beta"] == meta["headers"]["anthropic-beta"]
-    assert upstream.headers["x-api-key"] == UPSTREAM_KEY
-    assert "authorization" not in upstream.headers
-    assert_never_sent(stand_in.received, CLIENT_KEY)
-    if body.get("stream"):
-        assert parse_sse(answer.text)[-1][0] == "message_stop"
-    else:
-        assert answer.json()["content"] == [{"type": "text", "text": STANDIN_TEXT}]
-
-
-@pytest.mark.parametrize("name", fixture_names("/v1/messages/count_tokens"))
-async def test_fixture_count_tokens(stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, name: str) -> None:
-    fixture = load_fixture(name)
-
-    answer = await call(
-        http, fixture_url(proxy_url, fixture["meta"]), fixture["body"], headers=fixture_headers(fixture["meta"])
-    )
-
-    assert answer.status == 200, answer.text
-    assert list(answer.json()) == ["input_tokens"]
-    assert answer.json()["input_tokens"] > 0
-    assert stand_in.received == []  # counted locally
-
-
-async def test_head_probe_needs_no_auth(keyed_proxy_url: str, http: aiohttp.ClientSession) -> None:
-    meta = load_fixture("00_head_preflight.json")["meta"]
-    headers = {key: value for key, value in meta["headers"].items() if key not in HOP_HEADERS}
-
-    answer = await call(http, fixture_url(keyed_proxy_url, meta), method=meta["method"], headers=headers)
-
-    assert answer.status == 200
-
-
-# ---------------------------------------------------------------------------
-# Streaming relay and upstream failures
-# ---------------------------------------------------------------------------
-
-
-async def test_stream_is_relayed_frame_by_frame(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
-    """The stand-in holds the rest of the stream until the client has seen the first text delta."""
-    frames = stream_frames("model-default", [{"type": "text", "text": "Hello there, streaming world."}])
-    stand_in.reply_with(Reply(frames=frames, hold_at=first_delta_index(frames) + 1))
-
-    async def consume() -> tuple[list[str], str]:
-        texts = []
-        async with sdk.messages.stream(**SDK_REQUEST) as stream:
-            async for event in stream:
-                if event.type == "text":
-                    texts.append(event.text)
-                    stand_in.release.set()
-            return texts, (await stream.get_final_message()).content[0].text
-
-    texts, final = await asyncio.wait_for(consume(), TIMEOUT_S)
-
-    assert texts == pieces("Hello there, streaming world.")
-    assert final == "Hello there, streaming world."
-
-
-async def test_stream_bytes_are_passed_through(stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession) -> None:
-    stand_in.reply_with(Reply(frames=EXAMPLE_FRAMES))
-
-    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
-
-    assert answer.status == 200
-    assert answer.headers["content-type"].startswith("text/event-stream")
-    assert answer.text.encode() == b"".join(EXAMPLE_FRAMES)
-
-
-async def test_client_disconnect_cancels_the_upstream_stream(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    frames = stream_frames("model-default", [{"type": "text", "text": "a long answer that the client abandons"}])
-    stand_in.reply_with(Reply(frames=frames, hold_at=first_delta_index(frames) + 1))
-
-    await abandon_stream(http, proxy_url, request(stream=True))
-
-    await wait_set(stand_in.gone)
-
-
-UPSTREAM_ERRORS = [
-    (400, "invalid_request_error"),
-    (401, "authentication_error"),
-    (403, "permission_error"),
-    (404, "not_found_error"),
-    (429, "rate_limit_error"),
-    (500, "api_error"),
-    (529, "overloaded_error"),
-]
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize(("status", "error_type"), UPSTREAM_ERRORS)
-async def test_upstream_error_keeps_status_and_type(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, stream: bool, status: int, error_type: str
-) -> None:
-    headers = {"retry-after": "7"} if status in (429, 529) else {}
-    stand_in.reply_with(anthropic_error(status, error_type, "upstream says no", headers))
-
-    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=stream))
-
-    answer.assert_error(status, error_type, "anthropic", str(status), "upstream says no")
-    assert answer.headers.get("retry-after") == headers.get("retry-after")
-
-
-async def test_upstream_html_error_page_is_summarised(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
-    stand_in.reply_with(Reply(502, raw=page, content_type="text/html"))
-
-    answer = await call(http, f"{proxy_url}/v1/messages", request())
-
-    error_types = {502: "api_error", 529: "overloaded_error"}  # a bad gateway may be reported as overloaded
-    assert answer.status in error_types, answer.text
-    text = answer.assert_error(answer.status, error_types[answer.status], "anthropic", "502")
-    assert "<" not in text
-    assert "Bad Gateway</" not in text
-
-
-TRUNCATED_TEXTS = [
-    pytest.param("Partial answer", id="plain"),
-    pytest.param("The relay ends at event: message_stop", id="text-mentions-message-stop"),
-]
-
-
-@pytest.mark.parametrize("text", TRUNCATED_TEXTS)
-async def test_stream_cut_before_message_stop_ends_in_error_event(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, text: str
-) -> None:
-    stand_in.reply_with(
-        Reply(frames=stream_frames("model-default", [{"type": "text", "text": text}], finish=False, size=100))
-    )
-
-    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
-
-    events = parse_sse(answer.text)
-    assert answer.status == 200
-    assert events[0][0] == "message_start"
-    assert "content_block_delta" in [name for name, _ in events]
-    name, data = events[-1]
-    assert name == "error", events[-1]
-    assert data["type"] == "error"
-    assert data["error"]["type"] == "api_error"
-    assert "anthropic" in data["error"]["message"]
-    assert "message_stop" in data["error"]["message"]
-
-
-async def test_sdk_raises_on_cut_stream(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
-    stand_in.reply_with(
-        Reply(frames=stream_frames("model-default", [{"type": "text", "text": "Partial"}], finish=False))
-    )
-
-    with pytest.raises(anthropic.APIError, match="message_stop"):
-        async with sdk.messages.stream(**SDK_REQUEST) as stream:
-            await stream.get_final_message()
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_upstream_down_gives_502(start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool) -> None:
-    url = await start_proxy(make_config(closed_port_url()))
-
-    answer = await call(http, f"{url}/v1/messages", request(stream=stream))
-
-    answer.assert_error(502, "api_error", "anthropic")
-
-
-# ---------------------------------------------------------------------------
-# Auth
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/models"])
-@pytest.mark.parametrize(
-    ("headers", "status"),
-    [
-        pytest.param({}, 401, id="missing"),
-        pytest.param({"x-api-key": "wrong"}, 401, id="wrong-x-api-key"),
-        pytest.param({"authorization": "Bearer wrong"}, 401, id="wrong-bearer"),
-        pytest.param({"authorization": PROXY_KEY}, 401, id="no-bearer-scheme"),
-        pytest.param({"x-api-key": PROXY_KEY}, 200, id="x-api-key"),
-        pytest.param({"authorization": f"Bearer {PROXY_KEY}"}, 200, id="bearer"),
-    ],
-)
-async def test_proxy_key(
-    stand_in: StandIn, keyed_proxy_url: str, http: aiohttp.ClientSession, path: str, headers: dict, status: int
-) -> None:
-    method = "GET" if path == "/v1/models" else "POST"
-    headers = {"anthropic-version": "2023-06-01", **headers}  # as Anthropic clients send it
-
-    answer = await call(
-        http, keyed_proxy_url + path, None if method == "GET" else request(), method=method, headers=headers
-    )
-
-    if status == 401:
-        answer.assert_error(401, "authentication_error")
-        assert stand_in.received == []
-    else:
-        assert answer.status == 200, answer.text
-    assert_never_sent(stand_in.received, PROXY_KEY)
-
-
-async def test_loopback_without_proxy_key_needs_no_auth(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    answer = await call(http, f"{proxy_url}/v1/messages", request())
-
-    assert answer.status == 200, answer.text
-    assert stand_in.last.headers["x-api-key"] == UPSTREAM_KEY
-
-
-# ---------------------------------------------------------------------------
-# Bad input: an Anthropic error body with the right status, never a traceback
-# ---------------------------------------------------------------------------
-
-
-def body_bytes(**changes: Any) -> bytes:
-    """A valid request, changed; a None value removes the key."""
-    return json.dumps(without_none(request(), changes)).encode()
-
-
-def bad(
-    case_id: str,
-    data: bytes | None,
-    fragment: str,
-    status: int = 400,
-    error_type: str = "invalid_request_error",
+    url: str,
+    body: Any = None,
     *,
-    method: str = "POST",
-    path: str = "/v1/messages",
-) -> Any:
-    return pytest.param(method, path, data, status, error_type, fragment, id=case_id)
+    data: Any = None,
+    headers: Mapping[str, str] | None = None,
+    on_event: Callable[[str, dict], Awaitable[None]] | None = None,
+) -> TimedAnswer:
+    """POST /v1/messages; SSE answers are read as they arrive, each event timed and handed to `on_event`."""
+    async with http.post(f"{url}/v1/messages", json=body, data=data, headers=headers) as response:
+        reply = TimedAnswer(response.status, response.headers, "")
+        if not response.content_type.startswith("text/event-stream"):
+            reply.text = await response.text()
+            CAPTURED_BODIES.append(reply.text)
+            return reply
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        try:
+            async for chunk in response.content.iter_any():
+                now = time.monotonic()
+                text = decoder.decode(chunk)
+                reply.text += text
+                pending += text
+                while "\n\n" in pending:
+                    frame, pending = pending.split("\n\n", 1)
+                    for name, data_ in parse_sse(frame + "\n\n", strict=False):
+                        reply.times.append(now)
+                        if on_event:
+                            await on_event(name, data_)
+        except aiohttp.ClientPayloadError:
+            reply.ended = "broken"
+        CAPTURED_BODIES.append(reply.text)
+        return reply
 
 
-NOT_FOUND = {"status": 404, "error_type": "not_found_error"}
-BAD_REQUESTS = [
-    bad("malformed-json", b'{"model": "claude", "messages": [', "not valid JSON"),
-    bad("array-body", b"[1, 2, 3]", "JSON object"),
-    bad("string-body", b'"hello"', "JSON object"),
-    bad("missing-model", body_bytes(model=None), "model"),
-    bad("missing-messages", body_bytes(messages=None), "messages"),
-    bad("missing-max-tokens", body_bytes(max_tokens=None), "max_tokens"),
-    bad("max-tokens-string", body_bytes(max_tokens="10"), "max_tokens"),
-    bad("messages-object", body_bytes(messages={}), "messages"),
-    bad("stream-string", body_bytes(stream="yes"), "stream"),
-    bad("content-number", body_bytes(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
-    bad("system-number", body_bytes(system=7), "system"),
-    bad("tools-string", body_bytes(tools="x"), "tools"),
-    bad("user-id-number", body_bytes(metadata={"user_id": 3}), "metadata.user_id"),
-    bad("invalid-utf8", b'{"model": "claude-\xff\xfe", "max_tokens": 5, "messages": []}', "UTF-8"),
-    bad("empty-body", b"", "empty"),
-    bad("unknown-path", b"{}", "/v1/nothing", path="/v1/nothing", **NOT_FOUND),
-    bad("get-messages", None, "GET", 405, method="GET"),
-    bad("unknown-provider", body_bytes(model="nobody,model-x"), "nobody", **NOT_FOUND),
-    bad("unknown-model", body_bytes(model="pinned,model-nope"), "model-nope", **NOT_FOUND),
-    bad("disabled-provider", body_bytes(model="offline,model-offline"), "OFFLINE_API_KEY"),
-    bad(
-        "subagent-unknown",
-        body_bytes(system="<CCR-SUBAGENT-MODEL>nobody,x</CCR-SUBAGENT-MODEL>"),
-        "nobody",
-        **NOT_FOUND,
-    ),
-]
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """An address whose TCP connects hang: a listener with a full accept queue drops further SYNs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{address[1]}"
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
 
 
-@pytest.mark.parametrize(("method", "path", "data", "status", "error_type", "fragment"), BAD_REQUESTS)
-async def test_bad_request(
-    stand_in: StandIn,
-    proxy_url: str,
-    http: aiohttp.ClientSession,
-    method: str,
-    path: str,
-    data: bytes | None,
-    status: int,
-    error_type: str,
-    fragment: str,
-) -> None:
-    answer = await call(http, proxy_url + path, method=method, data=data, headers={"content-type": "application/json"})
+def stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> Script:
+    """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
 
-    answer.assert_error(status, error_type, fragment)
-    assert answer.headers["request-id"].startswith("req_")
-    assert stand_in.received == []
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        parts = text_stream_parts(kind or seen.kind, seen.model)[:upto]
+        return await up.write_parts(request, STREAM_TYPES[kind or seen.kind], parts, **write)
+
+    return script
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_body_over_limit_gives_413(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, chunked: bool
-) -> None:
-    url = await start_proxy(make_config(stand_in.url, proxy={"max_body_bytes": 1024}))
-    data = body_bytes(messages=[{"role": "user", "content": "x" * 3000}])
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for i in range(0, len(data), 256):
-            yield data[i : i + 256]
-
-    answer = await call(http, f"{url}/v1/messages", data=chunks() if chunked else data)
-
-    answer.assert_error(413, "request_too_large", "1024")
-    assert stand_in.received == []
+async def never_answer(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+    """Take the request and never answer."""
+    await until_cancelled()
+    raise AssertionError("unreachable")
 
 
-async def test_lone_surrogate_escape_is_not_an_internal_error(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    """`"\\ud800"` is valid JSON that decodes to a lone surrogate: pass it on or reject it, never a 500."""
-    data = b'{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\\ud800"}]}'
+async def drop_connection(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+    """A connection error: close the connection without an answer."""
+    assert request.transport is not None
+    request.transport.close()
+    await until_cancelled()
+    raise AssertionError("unreachable")
 
-    answer = await call(http, f"{proxy_url}/v1/messages", data=data, headers={"content-type": "application/json"})
 
-    if answer.status == 200:
-        assert stand_in.last.body["messages"][0]["content"] == "\ud800"
-    else:
-        answer.assert_error(400, "invalid_request_error")
+async def stream_in_background(http: aiohttp.ClientSession, url: str) -> asyncio.Task[TimedAnswer]:
+    """A streamed request left running in the background, returned once its first content delta has arrived."""
+    first_delta = asyncio.Event()
+
+    async def on_event(name: str, data: dict) -> None:
+        if name == "content_block_delta":
+            first_delta.set()
+
+    task = asyncio.create_task(post_client_body(http, url, client_body(stream=True), on_event=on_event))
+    await wait_set(first_delta)
+    return task
+
+
+# ---------------------------------------------------------------------------
+# Two upstream formats on one server: models and content helpers
+# ---------------------------------------------------------------------------
+# `ModelScriptedUpstream` is one server that speaks both upstream wire formats: Anthropic's Messages API (POST
+# /v1/messages: JSON messages, SSE events, Anthropic error bodies) and OpenAI's chat completions (POST
+# .../chat/completions: JSON completions, `data:` chunks ending in [DONE], OpenAI error bodies). It answers from
+# a per-model script.
+
+tomllib = terraphim_proxy.tomllib  # tomllib on 3.11+, tomli on 3.10
+
+SCRIPTED_PROMPT_TOKENS = 15  # the sum of SCRIPTED_USAGE's three input figures
+CHAT_UPSTREAM_KINDS = ("anthropic", "openai")  # the upstream wire formats
+CHAT_UPSTREAM_PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
+HAIKU_MODEL = "claude-haiku-4-8"  # a background (haiku) model name
+
+
+def chat_default_route(kind: str) -> str:
+    return "anthropic,model-default" if kind == "anthropic" else "openai,gpt-default"
+
+
+def text_of_content(content: Any) -> str:
+    """The text of a string, or of a list of Anthropic text blocks / OpenAI text parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+
+
+# ---------------------------------------------------------------------------
+# Two upstream formats on one server: the proxy and its clients
+# ---------------------------------------------------------------------------
+
+
+def chat_config(
+    upstream_url: str,
+    *,
+    router: Mapping[str, Any] | None = None,
+    rules: list[dict] | None = None,
+    proxy: Mapping[str, Any] | None = None,
+    source: str = "test.toml",
+) -> terraphim_proxy.Config:
+    """Providers at the stand-in (anthropic, openai, pinned with a models list), one disabled (offline) and one
+    whose port is closed (down); ROUTES, overridable per scenario (None removes one)."""
+    at_stand_in = {"type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"}
+    providers = [
+        {**at_stand_in, "name": "anthropic"},
+        {"name": "openai", "type": "openai", "api_base_url": f"{upstream_url}/v1", "api_key": "$OPENAI_API_KEY"},
+        {**at_stand_in, "name": "pinned", "models": ["model-pinned-a", "model-pinned-b"]},
+        {**at_stand_in, "name": "offline", "api_key": "${UNSET_TEST_KEY}", "models": ["model-offline"]},
+        {**at_stand_in, "name": "down", "api_base_url": closed_port_url()},
+    ]
+    routes = {**ROUTES, "long_context_threshold": SMALL_THRESHOLD, **(router or {})}
+    if rules:
+        routes["rules"] = rules
+    data = {
+        "proxy": {"retries": 0, **(proxy or {})},
+        "router": {key: value for key, value in routes.items() if value is not None},
+        "providers": providers,
+    }
+    return build_config(data, source)
+
+
+@pytest.fixture
+async def scripted_upstream() -> AsyncIterator[ModelScriptedUpstream]:
+    async with running(ModelScriptedUpstream()) as server:
+        yield server
+
+
+@pytest.fixture
+def request_log_lines(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict]]:
+    """The proxy's request log lines so far, as their fields (what --log-format json writes)."""
+    caplog.set_level(logging.INFO, logger="terraphim_proxy")
+    return lambda: [{**r.fields, "message": r.getMessage()} for r in caplog.records if hasattr(r, "fields")]
+
+
+@dataclass
+class ChatOutcome:
+    """What an openai SDK client got back from one chat completion, streamed or not."""
+
+    text: str
+    calls: list[dict]
+    finish: str | None
+    usage: Any
+    model: str
+    headers: Mapping[str, str]
+
+
+async def sdk_chat_completion(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> ChatOutcome:
+    """One chat completion via the SDK; a stream asks for include_usage and is checked chunk by chunk."""
+    kwargs = {"model": "gpt-4o", "max_tokens": 100, **kwargs}
+    if not stream:
+        raw = await client.chat.completions.with_raw_response.create(**kwargs)
+        completion = raw.parse()
+        assert completion.object == "chat.completion"
+        choice = completion.choices[0]
+        calls = [call.model_dump() for call in choice.message.tool_calls or ()]
+        text = choice.message.content or ""
+        return ChatOutcome(text, calls, choice.finish_reason, completion.usage, completion.model, raw.headers)
+    options = {"include_usage": True}
+    raw = await client.chat.completions.with_raw_response.create(stream=True, stream_options=options, **kwargs)
+    chunks = [chunk async for chunk in raw.parse()]
+    assert chunks, "empty stream"
+    assert {chunk.id for chunk in chunks} == {chunks[0].id}
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None, usage_chunk
+    assert all(chunk.usage is None and len(chunk.choices) == 1 for chunk in chunks[:-1])
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks[:-1] if chunk.choices[0].finish_reason]
+    assert len(finishes) == 1, finishes
+    text, calls = "", {}
+    for chunk in chunks[:-1]:
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        for fragment in delta.tool_calls or ():
+            call = calls.setdefault(fragment.index, {"id": None, "type": "function", "function": {}})
+            call["id"] = call["id"] or fragment.id
+            function = call["function"]
+            if fragment.function and fragment.function.name:
+                function["name"] = fragment.function.name
+            if fragment.function and fragment.function.arguments:
+                function["arguments"] = function.get("arguments", "") + fragment.function.arguments
+    ordered = [calls[index] for index in sorted(calls)]
+    return ChatOutcome(text, ordered, finishes[0], usage_chunk.usage, chunks[0].model, raw.headers)
+
+
+# ===========================================================================
+# Config
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -1471,48 +1653,316 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ---------------------------------------------------------------------------
-# /health and /v1/models
+# Output caps: the built-in table of model output limits, unless the config sets a cap
 # ---------------------------------------------------------------------------
 
 
-async def test_health(proxy_url: str, http: aiohttp.ClientSession) -> None:
-    answer = await call(http, f"{proxy_url}/health", method="GET")
-
-    assert answer.status == 200
-    health = answer.json()
-    assert health["status"] == "ok"
-    assert health["version"] == terraphim_proxy.__version__
-    assert isinstance(health["uptime_s"], (int, float))
-    assert health["uptime_s"] >= 0
-    assert health["providers"] == {
-        "enabled": ["anthropic", "pinned"],
-        "disabled": {"offline": "$OFFLINE_API_KEY is not set"},
-        "down": {},
-    }
-
-
-async def test_models_list(proxy_url: str, http: aiohttp.ClientSession, sdk: anthropic.AsyncAnthropic) -> None:
-    anthropic_client = {"anthropic-version": "2023-06-01"}
-    answer = await call(http, f"{proxy_url}/v1/models", method="GET", headers=anthropic_client)
-
-    assert answer.status == 200
-    listing = answer.json()
-    assert [entry["id"] for entry in listing["data"]] == ["pinned,model-pinned"]  # offline is disabled
-    assert all(entry["type"] == "model" and entry["display_name"] for entry in listing["data"])
-    assert listing["has_more"] is False
-    assert listing["first_id"] == listing["last_id"] == "pinned,model-pinned"
-    assert [model.id async for model in sdk.models.list()] == ["pinned,model-pinned"]
+def caps_config_data(upstream_url: str) -> dict:
+    """OpenAI and Anthropic providers at the OpenAI stand-in: one without caps, one whose config raises a cap."""
+    at = {"api_base_url": upstream_url}
+    providers = [
+        {**at, "name": "openai", "type": "openai", "api_key": "${OPENAI_API_KEY}", "models": ["gpt-4o"]},
+        {
+            **at,
+            "name": "raised",
+            "type": "openai",
+            "api_key": "${OPENAI_API_KEY}",
+            "models": ["gpt-4o"],
+            "model_max_tokens": {"gpt-4o": 20000},
+        },
+        {**at, "name": "anthropic", "type": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    return {"proxy": {"retries": 0}, "router": {"default": "openai,gpt-4o"}, "providers": providers}
 
 
-async def test_models_list_in_openai_shape_without_anthropic_version(
+async def caps_send(http: aiohttp.ClientSession, url: str, model: str, **fields: Any) -> Answer:
+    body = {"model": model, "max_tokens": 64000, "messages": [{"role": "user", "content": "write a lot"}], **fields}
+    return await call(http, f"{url}/v1/messages", body)
+
+
+@pytest.mark.parametrize(
+    ("models", "cap"),
+    [
+        pytest.param((CLIENT_MODEL, "openai,gpt-4o"), 16384, id="builtin-limit-routed-and-explicit"),
+        pytest.param(("raised,gpt-4o",), 20000, id="configured-model-max-tokens-wins"),
+    ],
+)
+async def test_64000_max_tokens_reach_the_upstream_capped_at_the_models_output_limit(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, models: tuple, cap: int
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+
+    for model in models:
+        answer = await caps_send(http, url, model)
+        assert answer.status == 200, answer.text
+        assert openai_upstream.last.body["max_tokens"] == cap
+
+
+async def test_anthropic_pass_through_caps_max_tokens_and_keeps_the_thinking_budget_below_it(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
+    thinking = {"type": "enabled", "budget_tokens": 63999}
+
+    opus = await caps_send(http, url, "anthropic,claude-opus-4-1-20250805", thinking=thinking)
+    sonnet = await caps_send(http, url, "anthropic,claude-sonnet-4-5", thinking=thinking)
+
+    assert opus.status == sonnet.status == 200, (opus.text, sonnet.text)
+    first, second = [r.body for r in openai_upstream.received if r.path == "/v1/messages"]
+    assert (first["max_tokens"], first["thinking"]["budget_tokens"]) == (32000, 31999)
+    assert (second["max_tokens"], second["thinking"]["budget_tokens"]) == (64000, 63999)  # within its limit
+
+
+def test_check_shows_each_models_effective_output_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, ENVIRON[name])
+    path = tmp_path / "caps.toml"
+    path.write_text(
+        """
+[router]
+default = "openai,gpt-4o"
+
+[[providers]]
+name = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+
+[[providers]]
+name = "raised"
+type = "openai"
+api_key = "${OPENAI_API_KEY}"
+models = ["gpt-4o"]
+model_max_tokens = { "gpt-4o" = 20000 }
+
+[[providers]]
+name = "anthropic"
+api_key = "${ANTHROPIC_API_KEY}"
+"""
+    )
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "models:" in line}
+    assert lines["openai"].endswith("models: gpt-4o (output cap 16384)")
+    assert lines["raised"].endswith("models: gpt-4o (output cap 20000)")
+    assert lines["anthropic"].endswith("models: any")
+
+
+def test_check_of_the_shipped_config_shows_the_output_caps(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", UPSTREAM_KEY)  # the default route needs an enabled target
+    code, out, err = run_check(CHECKOUT / "config.toml", capsys)
+
+    assert code == 0, err
+    for fragment in (
+        "gpt-4o (output cap 16384)",
+        "claude-opus-4-1 (output cap 32000)",
+        "claude-sonnet-4-5 (output cap 64000)",
+        "deepseek-chat (output cap 8192)",  # the config's own model_max_tokens
+        "gemini-2.5-pro (output cap 65536)",
+    ):
+        assert fragment in out, (fragment, out)
+
+
+# ===========================================================================
+# Errors and the request body
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# Bad input: an Anthropic error body with the right status, never a traceback
+# ---------------------------------------------------------------------------
+
+
+def body_bytes(**changes: Any) -> bytes:
+    """A valid request, changed; a None value removes the key."""
+    return json.dumps(without_none(request(), changes)).encode()
+
+
+def bad(
+    case_id: str,
+    data: bytes | None,
+    fragment: str,
+    status: int = 400,
+    error_type: str = "invalid_request_error",
+    *,
+    method: str = "POST",
+    path: str = "/v1/messages",
+) -> Any:
+    return pytest.param(method, path, data, status, error_type, fragment, id=case_id)
+
+
+NOT_FOUND = {"status": 404, "error_type": "not_found_error"}
+BAD_REQUESTS = [
+    bad("malformed-json", b'{"model": "claude", "messages": [', "not valid JSON"),
+    bad("array-body", b"[1, 2, 3]", "JSON object"),
+    bad("string-body", b'"hello"', "JSON object"),
+    bad("missing-model", body_bytes(model=None), "model"),
+    bad("missing-messages", body_bytes(messages=None), "messages"),
+    bad("missing-max-tokens", body_bytes(max_tokens=None), "max_tokens"),
+    bad("max-tokens-string", body_bytes(max_tokens="10"), "max_tokens"),
+    bad("messages-object", body_bytes(messages={}), "messages"),
+    bad("stream-string", body_bytes(stream="yes"), "stream"),
+    bad("content-number", body_bytes(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+    bad("system-number", body_bytes(system=7), "system"),
+    bad("tools-string", body_bytes(tools="x"), "tools"),
+    bad("user-id-number", body_bytes(metadata={"user_id": 3}), "metadata.user_id"),
+    bad("invalid-utf8", b'{"model": "claude-\xff\xfe", "max_tokens": 5, "messages": []}', "UTF-8"),
+    bad("empty-body", b"", "empty"),
+    bad("unknown-path", b"{}", "/v1/nothing", path="/v1/nothing", **NOT_FOUND),
+    bad("get-messages", None, "GET", 405, method="GET"),
+    bad("unknown-provider", body_bytes(model="nobody,model-x"), "nobody", **NOT_FOUND),
+    bad("unknown-model", body_bytes(model="pinned,model-nope"), "model-nope", **NOT_FOUND),
+    bad("disabled-provider", body_bytes(model="offline,model-offline"), "OFFLINE_API_KEY"),
+    bad(
+        "subagent-unknown",
+        body_bytes(system="<CCR-SUBAGENT-MODEL>nobody,x</CCR-SUBAGENT-MODEL>"),
+        "nobody",
+        **NOT_FOUND,
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "data", "status", "error_type", "fragment"), BAD_REQUESTS)
+async def test_bad_request(
+    stand_in: StandIn,
+    proxy_url: str,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    data: bytes | None,
+    status: int,
+    error_type: str,
+    fragment: str,
+) -> None:
+    answer = await call(http, proxy_url + path, method=method, data=data, headers={"content-type": "application/json"})
+
+    answer.assert_error(status, error_type, fragment)
+    assert answer.headers["request-id"].startswith("req_")
+    assert stand_in.received == []
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_over_limit_gives_413(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    url = await start_proxy(make_config(stand_in.url, proxy={"max_body_bytes": 1024}))
+    data = body_bytes(messages=[{"role": "user", "content": "x" * 3000}])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 256):
+            yield data[i : i + 256]
+
+    answer = await call(http, f"{url}/v1/messages", data=chunks() if chunked else data)
+
+    answer.assert_error(413, "request_too_large", "1024")
+    assert stand_in.received == []
+
+
+async def test_lone_surrogate_escape_is_not_an_internal_error(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    """`"\\ud800"` is valid JSON that decodes to a lone surrogate: pass it on or reject it, never a 500."""
+    data = b'{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "\\ud800"}]}'
+
+    answer = await call(http, f"{proxy_url}/v1/messages", data=data, headers={"content-type": "application/json"})
+
+    if answer.status == 200:
+        assert stand_in.last.body["messages"][0]["content"] == "\ud800"
+    else:
+        answer.assert_error(400, "invalid_request_error")
+
+
+# ---------------------------------------------------------------------------
+# Request body: a resent conversation is recognised, not parsed again
+# ---------------------------------------------------------------------------
+
+
+def all_fixture_bodies() -> list[Any]:
+    """Every recorded Claude Code Messages body (both pinned versions) that has messages."""
+    params = []
+    for folder in (FIXTURES, FIXTURES.parent / "claude-code-2.1.328"):
+        for path in sorted(folder.glob("*.json")):
+            body = json.loads(path.read_text())["body"]
+            if isinstance(body, dict) and body.get("messages"):
+                params.append(pytest.param(body, id=f"{folder.name}/{path.stem}"))
+    return params
+
+
+def one_more_turn(body: dict, answer: str, question: str) -> dict:
+    extra = [
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]
+    return {**body, "messages": [*body["messages"], *extra]}
+
+
+@pytest.mark.parametrize("body", all_fixture_bodies())
+def test_a_resent_conversation_takes_its_earlier_messages_from_the_memo(body: dict) -> None:
+    memo = terraphim_proxy.MessageMemo()
+    first = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), memo)
+    memo.remember(first)
+    grown = json.dumps(one_more_turn(body, "Done.", "Now the tests, please.")).encode()
+    second = terraphim_proxy.parse_raw_body(grown, memo)
+    assert second.known_messages == len(body["messages"])
+    assert second.data == json.loads(grown)
+    assert json.loads(second.with_model("swapped")) == {**json.loads(grown), "model": "swapped"}
+    cold = terraphim_proxy.parse_raw_body(grown)
+    assert cold.known_messages == 0 and cold.message_spans == second.message_spans
+
+
+def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
+    memo = terraphim_proxy.MessageMemo()
+    turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
+    memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": turns}).encode(), memo))
+    edited = [*turns[:2], {"role": "user", "content": "turn 2, edited"}, *turns[3:]]
+    raw = json.dumps({"model": "m", "messages": edited}).encode()
+    again = terraphim_proxy.parse_raw_body(raw, memo)
+    assert again.known_messages == 2
+    assert again.data == json.loads(raw)
+
+
+def test_a_body_with_a_duplicate_key_is_parsed_as_json_loads_does() -> None:
+    memo = terraphim_proxy.MessageMemo()
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "messages": []}'
+    parsed = terraphim_proxy.parse_raw_body(raw, memo)
+    assert parsed.data == json.loads(raw) and parsed.data["messages"] == []
+    assert parsed.message_spans == ()
+    memo.remember(parsed)
+    assert not memo.conversations.entries
+
+
+def test_the_message_memo_stays_within_its_byte_bound() -> None:
+    memo = terraphim_proxy.MessageMemo(max_bytes=20_000)
+    for n in range(50):
+        messages = [{"role": "user", "content": f"conversation {n} " + "x" * 1000}]
+        messages += [{"role": "assistant", "content": "y" * 1000}, {"role": "user", "content": "z" * 1000}]
+        memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode()))
+        assert memo.conversations.size <= 20_000
+    entries = memo.conversations.entries
+    assert 0 < len(entries) <= 20_000 // 3000
+    assert memo.conversations.size == sum(len(known.text) for known, _ in entries.values())
+
+
+async def test_a_rejected_body_is_not_remembered_so_its_messages_are_checked_again(
     proxy_url: str, http: aiohttp.ClientSession
 ) -> None:
-    async with openai_client(proxy_url, "unused") as client:
-        models = [model async for model in client.models.list()]
+    broken = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": [{"type": "text"}]}]
+    body = {**request(), "messages": broken}
+    for messages in (broken, [*broken, {"role": "user", "content": "and now?"}]):
+        async with http.post(f"{proxy_url}/v1/messages", json={**body, "messages": messages}) as response:
+            data = await response.json()
+        assert response.status == 400
+        assert data["type"] == "error" and "messages.1.content.0.text" in data["error"]["message"]
 
-    assert [(model.id, model.object, model.owned_by) for model in models] == [
-        ("pinned,model-pinned", "model", "pinned")
-    ]
+
+# ===========================================================================
+# Token counting
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -1631,119 +2081,1394 @@ async def test_upstream_count_tokens(
 
 
 # ===========================================================================
-# The OpenAI family: OpenAI, OpenRouter, DeepSeek
+# Analysis and routing
 # ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# Routing: every scenario reaches its model, first match wins, disabled providers fall back
+# ---------------------------------------------------------------------------
+
+
+def route_case(case_id: str, body: dict, expected_model: str, **router: Any) -> Any:
+    return pytest.param(body, expected_model, router, id=case_id)
+
+
+ROUTING_CASES = [
+    route_case("default", request(), "model-default"),
+    route_case("background-haiku", request(model="claude-3-5-haiku-20241022"), "model-background"),
+    route_case("think-enabled", request(thinking={"type": "enabled", "budget_tokens": 1024}), "model-think"),
+    route_case("think-effort-max", request(output_config={"effort": "max"}), "model-think"),
+    route_case(
+        "adaptive-high-is-default",
+        load_fixture("05_interactive_main_turn1.json")["body"],
+        "model-default",
+        long_context_threshold=60000,
+    ),
+    route_case("long-context", request(LONG_TEXT), "model-long"),
+    route_case("web-search", request(tools=[WEB_SEARCH_TOOL]), "model-web"),
+    route_case("image", request([IMAGE, {"type": "text", "text": "What is this?"}]), "model-image"),
+    route_case("image-in-tool-result", request(messages=tool_turns([IMAGE])), "model-image"),
+    route_case(
+        "image-only-in-earlier-turn", request(messages=[*tool_turns([IMAGE]), *tool_turns("ok")]), "model-default"
+    ),
+    route_case("explicit", request(model="anthropic,model-explicit"), "model-explicit"),
+    route_case("explicit-with-models-list", request(model="pinned,model-pinned"), "model-pinned"),
+    # first match wins
+    route_case("explicit-beats-long-context", request(LONG_TEXT, model="anthropic,model-explicit"), "model-explicit"),
+    route_case(
+        "long-context-beats-subagent", request(LONG_TEXT, system=SUBAGENT_TAG + "You are a helper."), "model-long"
+    ),
+    route_case("subagent-beats-image", request([IMAGE], system=SUBAGENT_TAG), "model-sub"),
+    route_case("image-beats-web-search", request([IMAGE], tools=[WEB_SEARCH_TOOL]), "model-image"),
+    route_case("web-search-beats-background", request(model="claude-haiku-4-5", tools=[WEB_SEARCH_TOOL]), "model-web"),
+    route_case(
+        "background-beats-think", request(model="claude-haiku-4-5", output_config={"effort": "max"}), "model-background"
+    ),
+    route_case("image-unrouted-to-web-search", request([IMAGE], tools=[WEB_SEARCH_TOOL]), "model-web", image=None),
+    route_case(
+        "image-unrouted-to-background", request([IMAGE], model="claude-haiku-4-5"), "model-background", image=None
+    ),
+    route_case("image-unrouted-to-default", request([IMAGE]), "model-default", image=None),
+    route_case("long-context-unrouted", request(LONG_TEXT), "model-default", long_context=None),
+    # disabled providers (OFFLINE_API_KEY unset)
+    route_case(
+        "disabled-think-uses-fallback",
+        request(output_config={"effort": "max"}),
+        "model-think-2",
+        think="offline,model-offline | anthropic,model-think-2",
+    ),
+    route_case(
+        "disabled-web-search-to-default",
+        request(tools=[WEB_SEARCH_TOOL]),
+        "model-default",
+        web_search="offline,model-offline",
+    ),
+    route_case(
+        "disabled-default-uses-fallback",
+        request(),
+        "model-default-2",
+        default="offline,model-offline | anthropic,model-default-2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "expected_model", "router"), ROUTING_CASES)
+async def test_routing(
+    stand_in: StandIn,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    body: dict,
+    expected_model: str,
+    router: dict,
+) -> None:
+    url = await start_proxy(make_config(stand_in.url, router={"long_context_threshold": SMALL_THRESHOLD, **router}))
+
+    answer = await call(http, f"{url}/v1/messages", body)
+
+    assert answer.status == 200, answer.text
+    assert len(stand_in.received) == 1
+    assert stand_in.last.body["model"] == expected_model
+    assert answer.headers["x-terraphim-route"].endswith(f",{expected_model}")
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        pytest.param(request(system=SUBAGENT_TAG + "You review code."), ("system",), id="system-string"),
+        pytest.param(
+            request(
+                system=[
+                    {"type": "text", "text": "Header."},
+                    {"type": "text", "text": SUBAGENT_TAG + "You review code."},
+                ]
+            ),
+            ("system", 1, "text"),
+            id="system-block",
+        ),
+        pytest.param(
+            request(messages=system_message_turns(SUBAGENT_TAG + "You review code.")),
+            ("messages", 1, "content"),
+            id="system-message",
+        ),
+    ],
+)
+async def test_subagent_tag_routes_and_is_stripped(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, body: dict, where: tuple
+) -> None:
+    answer = await call(http, f"{proxy_url}/v1/messages", body)
+
+    assert answer.status == 200, answer.text
+    sent = stand_in.last.body
+    assert sent["model"] == "model-sub"
+    stripped = sent
+    for key in where:
+        stripped = stripped[key]
+    assert stripped == "You review code."
+    assert "CCR-SUBAGENT-MODEL" not in json.dumps(sent)
+
+
+# ---------------------------------------------------------------------------
+# Keyword rules
+# ---------------------------------------------------------------------------
+
+ROUTER_RULES = [  # in config order; the router orders them by priority
+    {"name": "cpp", "keywords": ["c++", "C#"], "route": "anthropic,model-cpp"},
+    {"name": "rust", "keywords": ["rust", "cargo"], "route": "anthropic,model-rust", "priority": 1},
+    {"name": "ship", "keywords": ["deploy"], "pattern": "ship ?it", "route": "anthropic,model-ship", "priority": 2},
+    {"name": "ticket", "pattern": r"\bURGENT-\d+\b", "route": "anthropic,model-urgent", "priority": 5},
+    {"name": "local", "keywords": ["offline"], "route": "offline,model-offline", "priority": 10},
+    {"name": "spare", "keywords": ["spare"], "route": "offline,model-offline | pinned,model-pinned-a", "priority": 3},
+]
+
+
+def rule_case(case_id: str, body: dict, route: str, scenario: str | None = None) -> Any:
+    rule = re.fullmatch(r"anthropic,model-(cpp|rust|ship|urgent)", route)
+    names = {"cpp": "cpp", "rust": "rust", "ship": "ship", "urgent": "ticket"}
+    expected = scenario or (f"rule:{names[rule.group(1)]}" if rule else "default")
+    return pytest.param(body, route, expected, id=case_id)
+
+
+RULE_CASES = [
+    rule_case("keyword", request("How do I write rust macros?"), "anthropic,model-rust"),
+    rule_case("keyword-case-insensitive", request("CARGO build fails"), "anthropic,model-rust"),
+    rule_case("keyword-second-of-list", request("Is cargo slow?"), "anthropic,model-rust"),
+    rule_case("word-boundary-trust", request("I trust you"), "anthropic,model-default"),
+    rule_case("word-boundary-rusty", request("a rusty nail"), "anthropic,model-default"),
+    rule_case("symbols-c++", request("Explain c++ templates"), "anthropic,model-cpp"),
+    rule_case("symbols-at-end", request("I write C++"), "anthropic,model-cpp"),
+    rule_case("symbols-c#", request("is c# managed?"), "anthropic,model-cpp"),
+    rule_case("symbols-inside-word", request("the abc++ operator"), "anthropic,model-default"),
+    rule_case("symbols-not-c", request("grade c only"), "anthropic,model-default"),
+    rule_case("priority-beats-config-order", request("port c++ to rust"), "anthropic,model-rust"),
+    rule_case("priority-pattern-first", request("URGENT-42: rust deploy broke"), "anthropic,model-urgent"),
+    rule_case("pattern", request("ok, ship it"), "anthropic,model-ship"),
+    rule_case("pattern-no-space", request("shipit!"), "anthropic,model-ship"),
+    rule_case("pattern-or-keyword", request("Deploy now"), "anthropic,model-ship"),
+    rule_case("pattern-is-case-sensitive", request("urgent-42"), "anthropic,model-default"),
+    rule_case("disabled-provider-falls-through", request("work offline"), "anthropic,model-default"),
+    rule_case("disabled-provider-next-rule", request("offline rust"), "anthropic,model-rust"),
+    rule_case("disabled-target-skipped", request("a spare one"), "pinned,model-pinned-a", "rule:spare"),
+    rule_case(
+        "last-user-message-only",
+        {
+            **request(),
+            "messages": [
+                {"role": "user", "content": "Tell me about rust"},
+                {"role": "assistant", "content": "Rust is a language."},
+                {"role": "user", "content": "thanks"},
+            ],
+        },
+        "anthropic,model-default",
+    ),
+    rule_case(
+        "text-blocks",
+        request([{"type": "text", "text": "see"}, {"type": "text", "text": "rust"}]),
+        "anthropic,model-rust",
+    ),
+    rule_case("rule-before-image", request([IMAGE, {"type": "text", "text": "rust?"}]), "anthropic,model-rust"),
+    rule_case(
+        "image-without-keyword",
+        request([IMAGE, {"type": "text", "text": "what?"}]),
+        "anthropic,model-image",
+        "image",
+    ),
+    rule_case("rule-before-background", request("rust", model=HAIKU_MODEL), "anthropic,model-rust"),
+    rule_case(
+        "rule-before-think",
+        request("rust", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
+        "anthropic,model-rust",
+    ),
+    rule_case("explicit-first", request("rust", model="pinned,model-pinned-b"), "pinned,model-pinned-b", "explicit"),
+    rule_case("long-context-first", request(LONG_TEXT + " rust"), "anthropic,model-long", "long_context"),
+    rule_case(
+        "subagent-first",
+        request("rust", system="<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>Review."),
+        "anthropic,model-sub",
+        "subagent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "route", "scenario"), RULE_CASES)
+async def test_keyword_rules(
+    scripted_upstream: ModelScriptedUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    request_log_lines: Callable[[], list[dict]],
+    body: dict,
+    route: str,
+    scenario: str,
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url, rules=ROUTER_RULES))
+
+    async with http.post(f"{url}/v1/messages", json=body) as response:
+        assert response.status == 200, await response.text()
+        header = response.headers["x-terraphim-route"]
+
+    assert header == route
+    assert scripted_upstream.last.body["model"] == route.split(",")[1]
+    [line] = request_log_lines()
+    assert (line["scenario"], f"{line['provider']},{line['model']}") == (scenario, route)
+    assert f" scenario={scenario} " in line["message"]
+
+
+VALID_TOML = """
+[router]
+default = "anthropic,model-default"
+
+[[providers]]
+name = "anthropic"
+api_key = "sk-ant-check"
+"""
+
+
+def rule_toml(**rule: Any) -> str:
+    lines = [f"{key} = {json.dumps(value)}" for key, value in rule.items()]
+    return VALID_TOML + "\n[[router.rules]]\n" + "\n".join(lines) + "\n"
+
+
+RULE_MISTAKES = [
+    pytest.param(
+        rule_toml(name="r", pattern="([a-z", route="anthropic,x"),
+        "router.rules[0].pattern: ",
+        "invalid regular expression",
+        id="bad-regex",
+    ),
+    pytest.param(rule_toml(name="r", keywords=["rust"]), "router.rules[0].route: ", "required", id="no-route"),
+    pytest.param(rule_toml(keywords=["rust"], route="anthropic,x"), "router.rules[0].name: ", "required", id="no-name"),
+    pytest.param(
+        rule_toml(name="r", route="anthropic,x"),
+        "router.rules[0]: ",
+        "needs keywords, a pattern, or both",
+        id="no-keywords-no-pattern",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=[], pattern="", route="anthropic,x"),
+        "router.rules[0]: ",
+        "needs keywords, a pattern, or both",
+        id="empty-keywords-and-pattern",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=["rust"], route="nobody,x"),
+        "router.rules[0].route: ",
+        "unknown provider 'nobody'",
+        id="unknown-provider",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=["rust"], route="anthropic"),
+        "router.rules[0].route: ",
+        "not of the form 'provider,model'",
+        id="route-without-model",
+    ),
+    # One mistake, one line: a mistyped keywords must not also say the rule "needs keywords".
+    pytest.param(
+        rule_toml(name="r", keywords="rust", route="anthropic,x"),
+        "router.rules[0].keywords: ",
+        "expected an array",
+        id="keywords-string",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=["rust", 7], route="anthropic,x"),
+        "router.rules[0].keywords[1]: ",
+        "expected a string",
+        id="keyword-not-string",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=["rust"], route="anthropic,x", priority="high"),
+        "router.rules[0].priority: ",
+        "expected an integer",
+        id="priority-string",
+    ),
+    pytest.param(
+        rule_toml(name="r", keywords=["rust"], route="anthropic,x", model="m"),
+        "router.rules[0].model: ",
+        "unknown key",
+        id="unknown-key",
+    ),
+    pytest.param(
+        VALID_TOML.replace("[router]", '[router]\nrules = ["rust"]'),
+        "router.rules[0]: ",
+        "expected a table",
+        id="rule-not-table",
+    ),
+    # An empty keyword would match at any non-word boundary, i.e. nearly every message.
+    pytest.param(
+        rule_toml(name="r", keywords=[""], route="anthropic,x"),
+        "router.rules[0].keywords",
+        "",
+        id="empty-keyword",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), RULE_MISTAKES)
+def test_rule_config_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, problem: str
+) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+
+    code, out, err = run_check(path, capsys)
+
+    assert_one_problem(code, out, err, str(path), key, problem)
+
+
+def test_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line.strip().startswith("rule ")]
+    assert "cpp" in line and "anthropic,x" in line and "c++, rust /ship ?it/" in line
+    assert out.index("subagent") < out.index("rule cpp") < out.index("image")
+
+
+# ---------------------------------------------------------------------------
+# router.module: a custom router file
+# ---------------------------------------------------------------------------
+
+ROUTER_FILE = """
+def route(request, hints):
+    content = request["messages"][-1]["content"]
+    text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content)
+    if "crash" in text:
+        raise RuntimeError("router exploded")
+    if "unknown" in text:
+        return "nobody,model-x"
+    if "disabled" in text:
+        return "offline,model-offline"
+    if "number" in text:
+        return 42
+    if "hints" in text:
+        flags = [hints["session_id"], hints["is_background"], hints["token_count"] > 0, hints["has_images"]]
+        return "anthropic,model-" + "-".join(str(flag).lower() for flag in flags)
+    if "custom" in text:
+        return "openai,gpt-custom"
+    return None
+"""
+SESSION_USER = json.dumps({"device_id": "dev-1", "account_uuid": "", "session_id": "sess-a"})
+
+
+def module_case(case_id: str, body: dict, route: str, scenario: str, warning: str = "") -> Any:
+    return pytest.param(body, route, scenario, warning, id=case_id)
+
+
+ROUTER_MODULE_CASES = [
+    module_case("string-wins", request("custom please"), "openai,gpt-custom", "custom"),
+    module_case("before-rules", request("custom rust"), "openai,gpt-custom", "custom"),
+    module_case("before-explicit", request("custom", model="pinned,model-pinned-a"), "openai,gpt-custom", "custom"),
+    module_case("before-long-context", request(LONG_TEXT + " custom"), "openai,gpt-custom", "custom"),
+    module_case(
+        "gets-hints",
+        request(
+            [IMAGE, {"type": "text", "text": "hints"}],
+            model=HAIKU_MODEL,
+            metadata={"user_id": SESSION_USER},
+        ),
+        "anthropic,model-sess-a-true-true-true",
+        "custom",
+    ),
+    module_case("none-falls-to-rules", request("rust"), "anthropic,model-rust", "rule:rust"),
+    module_case("none-falls-to-default", request("hello"), "anthropic,model-default", "default"),
+    module_case("raises", request("crash rust"), "anthropic,model-rust", "rule:rust", "RuntimeError: router exploded"),
+    module_case(
+        "unknown-provider", request("unknown"), "anthropic,model-default", "default", "unknown provider 'nobody'"
+    ),
+    module_case(
+        "disabled-provider",
+        request("disabled"),
+        "anthropic,model-default",
+        "default",
+        "provider 'offline' is disabled",
+    ),
+    module_case("not-a-string", request("number"), "anthropic,model-default", "default", "returned int"),
+]
+
+
+@pytest.mark.parametrize(("body", "route", "scenario", "warning"), ROUTER_MODULE_CASES)
+async def test_router_module(
+    tmp_path: Path,
+    scripted_upstream: ModelScriptedUpstream,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    request_log_lines: Callable[[], list[dict]],
+    caplog: pytest.LogCaptureFixture,
+    body: dict,
+    route: str,
+    scenario: str,
+    warning: str,
+) -> None:
+    (tmp_path / "router.py").write_text(ROUTER_FILE)
+    config = chat_config(
+        scripted_upstream.url,
+        router={"module": "router.py"},  # relative to the config file
+        rules=[{"name": "rust", "keywords": ["rust"], "route": "anthropic,model-rust"}],
+        source=str(tmp_path / "test.toml"),
+    )
+    url = await start_proxy(config)
+
+    async with http.post(f"{url}/v1/messages", json=body) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["x-terraphim-route"] == route
+
+    assert scripted_upstream.last.body["model"] == route.split(",")[1]
+    [line] = request_log_lines()
+    assert line["scenario"] == scenario
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warning:
+        assert any("router.module" in w and warning in w and "built-in rules" in w for w in warnings), warnings
+    else:
+        assert not any("router.module" in w for w in warnings), warnings
+
+
+BAD_CUSTOM_ROUTERS = [
+    pytest.param(None, "cannot load", id="missing-file"),
+    pytest.param("def route(request, hints)\n    return None\n", "SyntaxError", id="syntax-error"),
+    pytest.param("def choose(request, hints):\n    return None\n", "defines no function route", id="no-route"),
+    pytest.param("route = 'anthropic,x'\n", "defines no function route", id="route-not-callable"),
+    pytest.param("raise ImportError('needs numpy')\n", "ImportError: needs numpy", id="fails-on-import"),
+]
+
+
+@pytest.mark.parametrize(("source", "problem"), BAD_CUSTOM_ROUTERS)
+def test_router_module_load_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str | None, problem: str
+) -> None:
+    if source is not None:
+        (tmp_path / "router.py").write_text(source)
+    path = tmp_path / "test.toml"
+    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+
+    code, out, err = run_check(path, capsys)
+
+    assert_one_problem(code, out, err, str(path), "router.module: ", str(tmp_path / "router.py"), problem)
+
+
+def test_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "router.py").write_text(ROUTER_FILE)
+    path = tmp_path / "test.toml"
+    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+
+    code, out, err = run_check(path, capsys)
+
+    assert code == 0, err
+    routes = out.split("routes (first match wins):")[1].splitlines()
+    assert routes[1].split() == [
+        "module",
+        "router.py:",
+        "route(request,",
+        "hints),",
+        "when",
+        "it",
+        "returns",
+        "a",
+        "route",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Session memory: the upstream's own input count of a session's last answer
+# ---------------------------------------------------------------------------
+
+
+def claude_code_user_id(session: str, style: str) -> str:
+    if style == "json":
+        return json.dumps({"device_id": "dev-1", "account_uuid": "acct-1", "session_id": session})
+    return f"user_{'a' * 64}_account_acct-1_session_{session}"
+
+
+async def session_request(url: str, client: str, stream: bool, user_id: str) -> str:
+    """One small request of a session; returns the route the proxy chose."""
+    if client == "openai":
+        async with openai_client(url) as sdk:
+            chat = await sdk_chat_completion(sdk, stream, user=user_id, messages=[{"role": "user", "content": "small"}])
+        return chat.headers["x-terraphim-route"]
+    async with anthropic_client(url) as sdk:
+        args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
+        args["metadata"] = {"user_id": user_id}
+        if stream:
+            async with sdk.messages.stream(**args) as events:
+                await events.get_final_message()
+                return events.response.headers["x-terraphim-route"]
+        raw = await sdk.messages.with_raw_response.create(**args)
+        await raw.parse()
+        return raw.headers["x-terraphim-route"]
+
+
+@pytest.mark.parametrize(
+    ("client", "style", "stream"),
+    [
+        ("anthropic", "json", False),
+        ("anthropic", "json", True),
+        ("anthropic", "legacy", False),
+        ("openai", "json", False),
+        ("openai", "json", True),
+    ],
+)
+async def test_session_memory_routes_long_context(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url))
+    # Each figure is under the threshold; only their sum (the prompt's size) is over it.
+    large = {
+        "input_tokens": 700,
+        "cache_read_input_tokens": 800,
+        "cache_creation_input_tokens": 600,
+        "output_tokens": 5,
+    }
+    small = {**large, "input_tokens": 10, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
+    scripted_upstream.queue("model-long", ScriptedAnswer(usage=small))
+    session_a, session_b = claude_code_user_id("sess-a", style), claude_code_user_id("sess-b", style)
+
+    routes = [
+        await session_request(url, client, stream, session_a),  # small: default; upstream reports 2100
+        await session_request(url, client, stream, session_a),  # small, but the session is large
+        await session_request(url, client, stream, session_b),  # another session
+        await session_request(url, client, stream, session_a),  # the last answer said 10
+    ]
+
+    assert routes == [
+        "anthropic,model-default",
+        "anthropic,model-long",
+        "anthropic,model-default",
+        "anthropic,model-default",
+    ]
+
+
+async def test_session_memory_needs_a_session_id(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url))
+    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large), ScriptedAnswer(usage=large))
+    body = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
+
+    async with anthropic_client(url) as sdk:
+        routes = []
+        for _ in range(2):
+            raw = await sdk.messages.with_raw_response.create(**body, metadata={"user_id": "not-a-session"})
+            routes.append(raw.headers["x-terraphim-route"])
+
+    assert routes == ["anthropic,model-default", "anthropic,model-default"]
+
+
+def test_session_memory_is_bounded() -> None:
+    memory = terraphim_proxy.SessionMemory(size=2)
+    memory.remember("a", 1)
+    memory.remember("b", 2)
+    memory.remember("a", 3)  # a is now the most recent
+    memory.remember("c", 4)
+
+    assert [memory.get(key) for key in "abc"] == [3, None, 4]
+    assert len(memory.tokens) == 2
+
+
+# ---------------------------------------------------------------------------
+# Session memory: a background request neither reads nor writes it
+# ---------------------------------------------------------------------------
+
+
+async def routed_session_request(url: str, model: str, user_id: str) -> str:
+    """One small non-streamed request of a session for `model`; returns the route the proxy chose."""
+    async with anthropic_client(url) as sdk:
+        raw = await sdk.messages.with_raw_response.create(
+            model=model,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "small"}],
+            metadata={"user_id": user_id},
+        )
+        await raw.parse()
+        return raw.headers["x-terraphim-route"]
+
+
+async def test_background_request_neither_uses_nor_updates_session_memory(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url))
+    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+    small = {**large, "input_tokens": 10}
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
+    scripted_upstream.queue("model-background", ScriptedAnswer(usage=small))
+    scripted_upstream.queue("model-long", ScriptedAnswer(usage=large))
+    session = claude_code_user_id("sess-main", "json")
+
+    routes = [
+        await routed_session_request(url, CLIENT_MODEL, session),  # main, small: default; upstream reports 5000
+        await routed_session_request(url, "claude-haiku-4-5", session),  # background: the session's size is not its
+        await routed_session_request(url, CLIENT_MODEL, session),  # main: the haiku answer's 10 did not overwrite
+    ]
+
+    assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
+
+
+# ---- keep-alive pings on a client stream that has been silent for stream_ping_ms
+
+PING_FRAME = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+async def read_stream_releasing_on(response: aiohttp.ClientResponse, ping: bytes, release: asyncio.Event) -> str:
+    """A streamed answer's whole body; `release` (what holds the upstream silent) is set when `ping` arrives."""
+    body = b""
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if ping in body:
+            release.set()
+    return body.decode()
+
+
+# ===========================================================================
+# Transformers: Anthropic pass-through
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# The anthropic SDK through the proxy
+# ---------------------------------------------------------------------------
+
+
+async def test_sdk_create_returns_the_upstream_message(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
+    content = [
+        {"type": "text", "text": "Four."},
+        {"type": "tool_use", "id": "toolu_9", "name": "Calc", "input": {"x": 4}},
+    ]
+    sent = anthropic_message("model-default", content, "tool_use", output_tokens=21)
+    stand_in.reply_with(Reply(json=sent))
+
+    result = await sdk.messages.create(**SDK_REQUEST)
+
+    assert [block.model_dump(exclude_none=True) for block in result.content] == content
+    assert result.usage.input_tokens == 12
+    assert result.usage.output_tokens == 21
+    assert result.stop_reason == "tool_use"
+    assert result.id == sent["id"]
+    assert stand_in.last.body["model"] == "model-default"
+
+
+EXAMPLE_SSE = (FIXTURES / "response_sse_example.txt").read_bytes()
+EXAMPLE_FRAMES = [frame + b"\n\n" for frame in EXAMPLE_SSE.split(b"\n\n") if frame.strip()]
+EXAMPLE_CONTENT = [
+    {"type": "text", "text": "I'll create hello.txt now."},
+    {
+        "type": "tool_use",
+        "id": "toolu_reca6c2d877c6f74bc9",
+        "name": "Write",
+        "input": {"file_path": "/home/dev/hello.txt", "content": "terraphim\n"},
+    },
+]
+THINKING_CONTENT = [
+    {"type": "thinking", "thinking": "The user wants a sum; two and two make four.", "signature": "EqQBCgIYAhIM+sig=="},
+    {"type": "text", "text": "The answer is 4."},
+]
+
+
+@pytest.mark.parametrize(
+    ("frames", "content", "stop_reason"),
+    [
+        pytest.param(EXAMPLE_FRAMES, EXAMPLE_CONTENT, "tool_use", id="text-then-write-tool"),
+        pytest.param(stream_frames("m", THINKING_CONTENT), THINKING_CONTENT, "end_turn", id="thinking-with-signature"),
+    ],
+)
+async def test_sdk_stream_final_message(
+    stand_in: StandIn, sdk: anthropic.AsyncAnthropic, frames: list[bytes], content: list[dict], stop_reason: str
+) -> None:
+    stand_in.reply_with(Reply(frames=frames))
+
+    async with sdk.messages.stream(**SDK_REQUEST) as stream:
+        final = await stream.get_final_message()
+
+    assert len(final.content) == len(content)
+    for got, expected in zip(final.content, content, strict=True):
+        assert got.model_dump(exclude_none=True) == expected
+    assert final.stop_reason == stop_reason
+    assert stand_in.last.body["stream"] is True
+    assert stand_in.last.body["model"] == "model-default"
+
+
+async def test_sdk_count_tokens(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
+    messages = [{"role": "user", "content": "Count the tokens of this sentence, please."}]
+
+    result = await sdk.messages.count_tokens(model=CLIENT_MODEL, messages=messages, system="Be brief.")
+
+    assert result.input_tokens == tiktoken_count({"system": "Be brief.", "messages": messages})
+    assert stand_in.received == []  # counted locally by default
+
+
+# ---------------------------------------------------------------------------
+# Claude Code's recorded requests pass through unchanged
+# ---------------------------------------------------------------------------
+
+HOP_HEADERS = {"host", "content-length", "connection", "accept-encoding", "x-api-key"}
+
+
+def fixture_headers(meta: dict) -> dict[str, str]:
+    """The headers Claude Code sent, with our client key in place of the redacted one."""
+    headers = {key: value for key, value in meta["headers"].items() if key not in HOP_HEADERS}
+    return {**headers, "x-api-key": CLIENT_KEY}
+
+
+def fixture_url(base: str, meta: dict) -> str:
+    query = "&".join(f"{key}={value}" for key, value in meta["query"].items())
+    return f"{base}{meta['path']}" + (f"?{query}" if query else "")
+
+
+@pytest.mark.parametrize("name", fixture_names("/v1/messages"))
+async def test_fixture_passes_through_unchanged(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, name: str
+) -> None:
+    fixture = load_fixture(name)
+    meta, body = fixture["meta"], fixture["body"]
+
+    answer = await call(http, fixture_url(proxy_url, meta), body, headers=fixture_headers(meta))
+
+    assert answer.status == 200, answer.text
+    routed = "model-background" if "haiku" in body["model"] else "model-default"
+    upstream = stand_in.last
+    assert upstream.path == "/v1/messages"
+    assert upstream.body == {**body, "model": routed}
+    assert upstream.headers["anthropic-version"] == meta["headers"]["anthropic-version"]
+    assert upstream.headers["anthropic-beta"] == meta["headers"]["anthropic-beta"]
+    assert upstream.headers["x-api-key"] == UPSTREAM_KEY
+    assert "authorization" not in upstream.headers
+    assert_never_sent(stand_in.received, CLIENT_KEY)
+    if body.get("stream"):
+        assert parse_sse(answer.text)[-1][0] == "message_stop"
+    else:
+        assert answer.json()["content"] == [{"type": "text", "text": STANDIN_TEXT}]
+
+
+@pytest.mark.parametrize("name", fixture_names("/v1/messages/count_tokens"))
+async def test_fixture_count_tokens(stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, name: str) -> None:
+    fixture = load_fixture(name)
+
+    answer = await call(
+        http, fixture_url(proxy_url, fixture["meta"]), fixture["body"], headers=fixture_headers(fixture["meta"])
+    )
+
+    assert answer.status == 200, answer.text
+    assert list(answer.json()) == ["input_tokens"]
+    assert answer.json()["input_tokens"] > 0
+    assert stand_in.received == []  # counted locally
+
+
+async def test_head_probe_needs_no_auth(keyed_proxy_url: str, http: aiohttp.ClientSession) -> None:
+    meta = load_fixture("00_head_preflight.json")["meta"]
+    headers = {key: value for key, value in meta["headers"].items() if key not in HOP_HEADERS}
+
+    answer = await call(http, fixture_url(keyed_proxy_url, meta), method=meta["method"], headers=headers)
+
+    assert answer.status == 200
+
+
+# ===========================================================================
+# Transformers: what every translation shares
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# Blocks only Anthropic understands, on their way to a translated provider (one pass for every family)
+# ---------------------------------------------------------------------------
+
+TRANSLATED_KINDS = ["openai", "ollama", "gemini"]
+
+
+def upstream_texts(kind: str, messages: list[dict]) -> str:
+    """Every text the family's translation sends for these messages, joined."""
+    provider, model = splice_provider(kind)
+    sent = cold_messages({**request(), "messages": messages}, provider, model)
+    return json.dumps(sent, ensure_ascii=False)
+
+
+def with_assistant_blocks(*blocks: dict) -> list[dict]:
+    return [
+        {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": [*blocks, {"type": "text", "text": "Done."}]},
+        {"role": "user", "content": "Thanks."},
+    ]
+
+
+ANTHROPIC_ONLY_BLOCKS = [
+    pytest.param(
+        {"type": "compaction", "content": "We fixed the parser."},
+        ["[Summary of the earlier conversation]", "We fixed the parser."],
+        id="compaction",
+    ),
+    pytest.param(
+        {"type": "server_tool_use", "id": "srvtoolu_9", "name": "web_fetch", "input": {"url": "https://e.example"}},
+        ["[web_fetch was called with", "https://e.example"],
+        id="server_tool_use",
+    ),
+    pytest.param(
+        {
+            "type": "web_fetch_tool_result",
+            "tool_use_id": "srvtoolu_9",
+            "content": {"type": "web_fetch_result", "url": "https://e.example", "content": {"text": "Page text."}},
+        },
+        ["[web_fetch result]", "Page text."],
+        id="web_fetch_tool_result",
+    ),
+    pytest.param(
+        {
+            "type": "code_execution_tool_result",
+            "tool_use_id": "srvtoolu_8",
+            "content": {"type": "code_execution_result", "stdout": "42\n", "stderr": "", "return_code": 0},
+        },
+        ["[code_execution result]", "42"],
+        id="code_execution_tool_result",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+@pytest.mark.parametrize(("block", "carried"), ANTHROPIC_ONLY_BLOCKS)
+def test_an_anthropic_only_block_reaches_every_family_as_the_text_that_carries_it(
+    kind: str, block: dict, carried: list[str]
+) -> None:
+    texts = upstream_texts(kind, with_assistant_blocks(block))
+    assert all(piece.replace("\n", "\\n") in texts for piece in carried), texts
+    assert "Done." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+def test_a_search_result_in_a_tool_result_reaches_every_family_as_text(kind: str) -> None:
+    result = {
+        "type": "search_result",
+        "source": "https://docs.example/a",
+        "title": "Parser notes",
+        "content": [{"type": "text", "text": "Use a state machine."}],
+    }
+    messages = [
+        {"role": "user", "content": "Search."},
+        {"role": "assistant", "content": [tool_use("toolu_s1", command="search")]},
+        {"role": "user", "content": [tool_result("toolu_s1", [result])]},
+    ]
+    texts = upstream_texts(kind, messages)
+    assert "[search result: Parser notes (https://docs.example/a)]" in texts and "Use a state machine." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+def test_redacted_thinking_stays_with_anthropic(kind: str) -> None:
+    texts = upstream_texts(kind, with_assistant_blocks({"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"}))
+    assert "ZW5jcnlwdGVk" not in texts and "Done." in texts
+
+
+@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ({"type": "container_upload", "file_id": "file_1"}, "'container_upload' content block"),
+        ({"type": "hologram", "data": "?"}, "'hologram' content block"),
+        ({"type": "image", "source": {"type": "file", "file_id": "file_2"}}, "image with a 'file' source"),
+    ],
+)
+def test_a_block_nothing_can_carry_is_a_400_naming_it(kind: str, block: dict, named: str) -> None:
+    with pytest.raises(terraphim_proxy.ProxyError) as caught:
+        upstream_texts(kind, [{"role": "user", "content": [block]}])
+    assert caught.value.status == 400 and named in caught.value.message and kind in caught.value.message
+
+
+def test_a_pdf_is_refused_for_ollama_and_a_text_document_is_its_text() -> None:
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    with pytest.raises(terraphim_proxy.ProxyError, match="document with a 'base64' source"):
+        upstream_texts("ollama", [{"role": "user", "content": [pdf]}])
+    note = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "A."}}
+    assert "Notes\\n\\nA." in upstream_texts("ollama", [{"role": "user", "content": [note]}])
+
+
+async def test_an_unknown_block_is_a_400_before_any_upstream_request(
+    openai_upstream: OpenAIStandIn, http: aiohttp.ClientSession, openai_proxy_url: str
+) -> None:
+    body = {**openai_body("openai,gpt-4o"), "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", body)
+    assert answer.status == 400, answer.text
+    assert answer.error()["type"] == "invalid_request_error" and "'hologram' content block" in answer.error()["message"]
+    assert openai_upstream.chat == []
+
+
+# ---------------------------------------------------------------------------
+# Translation of a resent conversation: resumed where it differs, byte for byte the cold one
+# ---------------------------------------------------------------------------
+
+SPLICE_PROVIDERS = {
+    "openai": ("openai", "gpt-4.1"),
+    "openrouter-anthropic": ("openrouter", "anthropic/claude-sonnet-4.5"),
+    "deepseek-reasoner": ("deepseek", "deepseek-reasoner"),
+    "ollama": ("ollama", "qwen3-coder:30b"),
+    "gemini": ("gemini", "gemini-2.5-pro"),
+}
+
+
+def cold_messages(body: dict, provider: Any, model: str) -> list[dict]:
+    """The upstream messages (Gemini: contents) of the family's pure translator."""
+    if provider.type == "ollama":
+        return terraphim_proxy.anthropic_to_ollama_request(body, model, provider)["messages"]
+    if provider.type == "gemini":
+        return terraphim_proxy.anthropic_to_gemini_request(body, model, provider, [])["contents"]
+    return terraphim_proxy.anthropic_to_openai_request(body, model, provider.type)["messages"]
+
+
+def splice_provider(kind: str) -> tuple[terraphim_proxy.Provider, str]:
+    provider_type, model = SPLICE_PROVIDERS[kind]
+    entry = {"name": kind, "type": provider_type, "api_base_url": "http://127.0.0.1:9", "api_key": "k-splice"}
+    config = build_config({"providers": [entry], "router": {"default": f"{kind},{model}"}})
+    return config.providers[kind], model
+
+
+def upstream_body(raw: terraphim_proxy.RawBody, provider: Any, model: str, caches: Any) -> bytes:
+    """What the proxy sends upstream for this body, with these caches."""
+    record = terraphim_proxy.RequestRecord("req_splice")
+    call = terraphim_proxy.UpstreamCall(raw.data, model, provider, {}, 1, record, caches, "k-splice", raw)
+    payload = terraphim_proxy.TRANSFORMERS[provider.type].build_request(call).payload
+    assert isinstance(payload, bytes)
+    return payload
+
+
+def next_claude_code_turn(body: dict, turn: int) -> dict:
+    """The conversation after one more tool round, as Claude Code resends it: the cache breakpoint moves from the
+    last user message to the new one."""
+    messages = [dict(m) for m in body["messages"]]
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            message["content"] = [{k: v for k, v in b.items() if k != "cache_control"} for b in message["content"]]
+    tool_id = f"toolu_splice{turn:03d}"
+    messages += [
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "thinking",
+                    "thinking": "",
+                    "signature": terraphim_proxy.GEMINI_SIGNATURE_PREFIX + f"c2ln{turn}",
+                },
+                {"type": "text", "text": f"Looking at part {turn}."},
+                {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": f"/src/{turn}.py"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": tool_id, "content": f"print({turn})\n" * 20},
+                {"type": "text", "text": f"And part {turn + 1}?", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+    ]
+    return {**body, "messages": messages}
+
+
+@pytest.mark.parametrize("kind", list(SPLICE_PROVIDERS))
+@pytest.mark.parametrize("body", all_fixture_bodies())
+def test_a_growing_conversation_is_translated_from_where_it_changed_byte_for_byte_as_cold(
+    body: dict, kind: str
+) -> None:
+    provider, model = splice_provider(kind)
+    memo, caches = terraphim_proxy.MessageMemo(), terraphim_proxy.TranslationCaches()
+    previous: Any = None
+    for turn in range(4):
+        data = json.dumps(body).encode()
+        raw = terraphim_proxy.parse_raw_body(data, memo)
+        terraphim_proxy.validate_messages_request(raw.data, False, raw.known_messages)
+        memo.remember(raw)
+        warm = upstream_body(raw, provider, model, caches)
+        cold = upstream_body(terraphim_proxy.parse_raw_body(data), provider, model, terraphim_proxy.TranslationCaches())
+        assert warm == cold, f"turn {turn}"
+        sent = json.loads(warm)
+        assert sent["contents" if provider.type == "gemini" else "messages"] == cold_messages(raw.data, provider, model)
+        (entry, _), *_ = caches.conversations.entries.values()
+        if previous is not None and raw.known_messages > 1 and previous.fragments:
+            assert entry.fragments[0] is previous.fragments[0], "the earlier turns' JSON is reused, not rebuilt"
+        previous = entry
+        body = next_claude_code_turn(body, turn)
+
+
+def test_a_retried_body_reuses_its_whole_translation() -> None:
+    provider, model = splice_provider("openai")
+    caches = terraphim_proxy.TranslationCaches()
+    body = next_claude_code_turn(next_claude_code_turn(request(), 1), 2)
+    raw = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), terraphim_proxy.MessageMemo())
+    first = upstream_body(raw, provider, model, caches)
+    (entry, _), *_ = caches.conversations.entries.values()
+    assert upstream_body(raw, provider, model, caches) == first
+    (again, _), *_ = caches.conversations.entries.values()
+    assert again.fragments and all(a is b for a, b in zip(again.fragments, entry.fragments, strict=True))
+
+
+def test_the_conversation_translation_cache_stays_within_its_byte_bound() -> None:
+    provider, model = splice_provider("openai")
+    caches = terraphim_proxy.TranslationCaches()
+    caches.conversations = terraphim_proxy.SizedLRU(20_000)
+    for n in range(30):
+        body = {**request(), "messages": [{"role": "user", "content": f"conversation {n} " + "x" * 3000}]}
+        upstream_body(terraphim_proxy.parse_raw_body(json.dumps(body).encode()), provider, model, caches)
+        assert caches.conversations.size <= 20_000
+    assert 0 < len(caches.conversations.entries) <= 6
+
+
+# ---------------------------------------------------------------------------
+# Truncated tool calls, badly shaped upstream JSON, mid-stream failures
+# ---------------------------------------------------------------------------
+
+I10_TEXT = "Writing both files."
+I10_WHOLE_ARGS = {"file_path": "/tmp/a.txt", "content": "all of a"}
+I10_CUT_ARGS = '{"file_path": "/tmp/b.txt", "content": "half of b'
+I10_CUT_TEXT = "half of b"
+
+
+def i10_openai_chunks(second_args: str, finish: str) -> list[dict]:
+    """Text, a whole Write call, a second Write call with `second_args`, then `finish`."""
+    return [
+        OPENAI_ROLE,
+        openai_chunk({"content": I10_TEXT}),
+        *openai_split_args(0, "call_a", "Write", json.dumps(I10_WHOLE_ARGS), 9),
+        *openai_split_args(1, "call_b", "Write", second_args, 9),
+        openai_chunk({}, finish),
+        openai_chunk(usage={"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40}),
+    ]
+
+
+def i10_blocks(message: anthropic.types.Message) -> list[dict]:
+    return [block.model_dump(exclude_none=True) for block in message.content]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_openai_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
+    openai_upstream: OpenAIStandIn,
+    openai_sdk: anthropic.AsyncAnthropic,
+    openai_proxy_url: str,
+    http: aiohttp.ClientSession,
+    stream: bool,
+) -> None:
+    chunks = i10_openai_chunks(I10_CUT_ARGS, "length")
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    body = openai_body("openai,gpt-4o")
+
+    message = await openai_send(openai_sdk, body, stream)
+
+    assert i10_blocks(message) == [
+        openai_text_block(I10_TEXT),
+        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
+    ]
+    assert message.stop_reason == "max_tokens"
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", {**body, "stream": stream})
+    assert I10_CUT_TEXT not in answer.text  # the cut call never reached the client, not even its start
+    if stream:
+        starts = [data["content_block"]["type"] for name, data in answer.events() if name == "content_block_start"]
+        assert starts == ["text", "tool_use"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("finish", ["tool_calls", "stop", "length"])
+async def test_openai_complete_tool_calls_stay_tool_use_whatever_the_finish_reason(
+    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, finish: str, stream: bool
+) -> None:
+    chunks = i10_openai_chunks('{"file_path": "/tmp/b.txt"}', finish)
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+
+    message = await openai_send(openai_sdk, openai_body("openai,gpt-4o"), stream)
+
+    assert i10_blocks(message)[1:] == [
+        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
+        openai_tool_block("call_b", "Write", {"file_path": "/tmp/b.txt"}),
+    ]
+    assert message.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_openai_incomplete_tool_call_without_length_stop_is_an_error_not_a_repair(
+    openai_upstream: OpenAIStandIn, openai_proxy_url: str, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    chunks = i10_openai_chunks(I10_CUT_ARGS, "tool_calls")
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+
+    answer = await call(http, f"{openai_proxy_url}/v1/messages", openai_body("openai,gpt-4o", stream=stream))
+
+    if stream:  # the whole call before it went out; the error event then ends the answer without a stop reason
+        events = answer.events()
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
+        assert "message_delta" not in [name for name, _ in events] and I10_CUT_TEXT not in answer.text
+    else:
+        answer.assert_error(502, "api_error", "openai", "not a JSON object")
+
+
+I10_NATIVE_CUT_TURN = ScriptedTurn(
+    text=I10_TEXT, calls=(ScriptedCall("Write", {"file_path": "/tmp/b.txt", "content": I10_CUT_TEXT}),), finish="length"
+)
+
+
+@JSON_AND_STREAM
+async def test_ollama_gemini_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
+    native: OllamaGeminiEnv, stream: bool
+) -> None:
+    """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
+    length ends on is the one the limit cut, and it is dropped."""
+    native.stand_in.answer_turn(I10_NATIVE_CUT_TURN)
+
+    message = await native.send(stream, messages=HELLO_MESSAGES)
+
+    assert ollama_gemini_blocks(message) == [{"type": "text", "text": I10_TEXT}]
+    assert message.stop_reason == "max_tokens"
+
+
+def test_anthropic_stream_drops_only_the_open_tool_block() -> None:
+    """Unit: a held tool block is dropped without an event; the next block takes its index."""
+    stream = AnthropicStream("m")
+    sent = stream.text("a") + stream.tool_start(1, "toolu_1", "Read") + stream.tool_args(1, "{}")
+    sent += stream.tool_start(2, "toolu_2", "Write") + stream.tool_args(2, '{"content": "ha')
+    assert b"toolu_2" not in anthropic_sse(sent) and stream.drop_tool() and not stream.drop_tool()
+    sent += stream.text("b") + stream.finish("max_tokens", cut=True)
+    events = [(event["type"], event.get("index")) for event in sent]
+    assert [index for kind, index in events if kind == "content_block_start"] == [0, 1, 2]
+    assert b"toolu_2" not in anthropic_sse(sent) and sent[-2]["delta"]["stop_reason"] == "max_tokens"
+
+
+I10_MALFORMED = [
+    pytest.param("openai", {"choices": ["x"]}, id="openai-choices"),
+    pytest.param("openai", {"choices": [{"index": 0, "message": {"tool_calls": ["x"]}}]}, id="openai-tool-calls"),
+    pytest.param(
+        "openai",
+        {"choices": [{"index": 0, "message": {"tool_calls": [{"function": {"name": "Bash", "arguments": [1]}}]}}]},
+        id="openai-list-arguments",
+    ),
+    pytest.param("openai", {"choices": [{"index": 0, "delta": "x", "message": "x"}]}, id="openai-message"),
+    pytest.param("ollama", {"message": "x", "done": True}, id="ollama-message"),
+    pytest.param("ollama", {"message": {"tool_calls": ["x"]}, "done": True}, id="ollama-tool-calls"),
+    pytest.param(
+        "ollama",
+        {"message": {"tool_calls": [{"function": {"name": "Bash", "arguments": '{"a'}}]}, "done": True},
+        id="ollama-string-arguments",
+    ),
+    pytest.param("gemini", {"candidates": ["x"]}, id="gemini-candidates"),
+    pytest.param("gemini", {"candidates": [{"content": {"parts": ["x"]}}]}, id="gemini-parts"),
+    pytest.param(
+        "gemini",
+        {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Bash", "args": "x"}}]}}]},
+        id="gemini-args",
+    ),
+]
+
+
+def i10_malformed_part(kind: str, body: Any) -> bytes:
+    return json.dumps(body).encode() + b"\n" if kind == "ollama" else sse_data(body)
+
+
+def i10_malformed(body: Any) -> Script:
+    """Answer with `body`: whole, or as the only chunk of a stream."""
+
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        if not seen.stream:
+            return web.json_response(body)
+        return await up.write_parts(request, STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
+
+    return script
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
+    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any, stream: bool
+) -> None:
+    bad, good = await stand_ins(), await stand_ins()
+    bad.script = i10_malformed(body)
+    providers = [provider_doc(kind, kind, bad.url, retries=1), provider_doc("good", "anthropic", good.url)]
+    proxy = await start_proxy(scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | good,claude-good"))
+
+    with log_waiter("fallbacks=1") as logged:
+        reply = await post_client_body(http, proxy, client_body(stream=stream))
+        await wait_set(logged)
+
+    assert reply.status == 200, reply.text
+    if stream:
+        assert (
+            "".join(data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta")
+            == SCRIPTED_TEXT
+        )
+    else:
+        assert reply.json()["content"][0]["text"] == SCRIPTED_TEXT
+    assert len(bad.received) == 2  # retried once, then the fallback
+    (line,) = log_lines(reply.headers["request-id"])
+    assert "retries=1 fallbacks=1" in line
+
+
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the_provider(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+) -> None:
+    stand_in_up.script = i10_malformed(body)
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
+
+    reply = await post_client_body(http, proxy, client_body())
+
+    reply.assert_error(502, "api_error", kind, "wrong shape")
+
+
+@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
+async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_in_an_error_event(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
+) -> None:
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        first = text_stream_parts(seen.kind, seen.model)[0]
+        return await up.write_parts(request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
+
+    stand_in_up.script = script
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
+
+    reply = await post_client_body(http, proxy, client_body(stream=True))
+
+    error = reply.stream_error(kind, "wrong shape")
+    assert error["type"] == "api_error"
+
+
+I10_CLIENT_TOOL_CALLS = [
+    pytest.param("x", id="not-a-list"),
+    pytest.param(["x"], id="call-not-an-object"),
+    pytest.param([{"id": "c1", "type": "function", "function": "x"}], id="function-not-an-object"),
+    pytest.param([{"id": "c1", "type": "function", "function": {"arguments": "{}"}}], id="function-without-name"),
+    pytest.param(
+        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": {"command": "ls"}}}],
+        id="object-arguments",
+    ),
+    pytest.param(
+        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": "[1, 2]"}}],
+        id="arguments-not-an-object",
+    ),
+]
+
+
+@pytest.mark.parametrize("tool_calls", I10_CLIENT_TOOL_CALLS)
+async def test_openai_dialect_malformed_client_tool_calls_are_a_400(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, tool_calls: Any
+) -> None:
+    messages = [
+        {"role": "user", "content": "List the files."},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
+    ]
+
+    answer = await call(http, f"{proxy_url}/v1/chat/completions", {"model": "gpt-4o", "messages": messages})
+
+    assert answer.status == 400, answer.text
+    body = answer.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert stand_in.received == []
+
+
+async def test_anthropic_mid_stream_error_event_is_logged_as_an_error_outcome(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    overloaded = sse("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    frames = stream_frames("model-default", [{"type": "text", "text": "Half an answer"}], finish=False)
+    stand_in.reply_with(Reply(frames=[*frames, overloaded]))
+
+    with log_waiter(" scenario=") as logged:
+        answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
+        await wait_set(logged)
+
+    assert [name for name, _ in answer.events()][-1] == "error"
+    (line,) = log_lines(answer.headers["request-id"])
+    assert "status=200 outcome=overloaded_error" in line
+
+
+async def i10_stream_then_release(http: aiohttp.ClientSession, url: str, body: dict, release: asyncio.Event) -> str:
+    """POST a streamed request and read it all; once message_stop has arrived, let the stand-in send the rest of
+    its body (what follows its end marker)."""
+    text = ""
+    async with http.post(f"{url}/v1/messages", json={**body, "stream": True}) as response:
+        async for chunk in response.content.iter_any():
+            text += chunk.decode()
+            if "event: message_stop" in text:
+                release.set()
+    return text
+
+
+async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """After `[DONE]` the stand-in holds the rest of its body (a comment, then the end) until the client has the
+    whole answer: the proxy reads it, so the second request comes on the same connection."""
+
+    def answer(received: Received) -> OpenAIReply:
+        frames = openai_sse(openai_text_chunks("ok"), received.body["model"])
+        return OpenAIReply(raw=[*frames, b": end of stream\n\n"], hold_at=len(frames))
+
+    async with running(OpenAIStandIn()) as upstream:
+        upstream.answer = answer
+        proxy = await start_proxy(openai_config(upstream.url))
+        for _ in range(2):
+            upstream.release.clear()
+            text = await i10_stream_then_release(http, proxy, openai_body("openai,gpt-4o"), upstream.release)
+            assert parse_sse(text)[-1][0] == "message_stop"
+
+    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
+
+
+async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """After the `done` line the stand-in holds the rest of its body until the client has the whole answer."""
+
+    def answer(received: Received) -> OllamaGeminiReply:
+        lines = b"".join(ollama_event(line) for line in ollama_lines(ScriptedTurn(text="ok"), received.body["model"]))
+        return OllamaGeminiReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
+
+    async with running(OllamaGeminiStandIn("ollama")) as upstream:
+        upstream.answer = answer
+        proxy = await start_proxy(ollama_gemini_config("ollama", upstream.url, OLLAMA_MODEL))
+        for _ in range(2):
+            text = await i10_stream_then_release(http, proxy, request(), upstream.release)
+            assert parse_sse(text)[-1][0] == "message_stop"
+
+    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
+
+
+# ---------------------------------------------------------------------------
+# Streams: what one upstream read completes is written at once
+# ---------------------------------------------------------------------------
+
+
+async def batches_of(*batches: list[str]) -> AsyncIterator[list[str]]:
+    for batch in batches:
+        yield batch
+
+
+def openai_payload(delta: dict | None = None, finish: str | None = None) -> str:
+    return json.dumps({**openai_chunk(delta, finish), "model": "gpt-x"})
+
+
+async def test_the_events_of_one_upstream_read_come_out_as_one_part() -> None:
+    read = [openai_payload({"role": "assistant", "content": "Hel"}), openai_payload({"content": "lo"})]
+    ending = [openai_payload({}, "stop"), "[DONE]"]
+    parts = await collect_async(openai_stream_to_anthropic(batches_of(read, ending), "claude-x", 5))
+    assert len(parts) == 2
+    first = [event["type"] for event in parts[0]]
+    assert first[0] == "message_start" and "content_block_start" in first and first.count("content_block_delta") == 2
+    assert [event["type"] for event in parts[1]][-1] == "message_stop"
+
+
+async def test_events_before_a_failing_payload_of_the_same_read_still_come_out_first() -> None:
+    read = [openai_payload({"role": "assistant", "content": "Partial"}), "{not json"]
+    stream = openai_stream_to_anthropic(batches_of(read), "claude-x", 5)
+    first = await anext(stream)
+    assert [e.get("delta", {}).get("text") for e in first if e["type"] == "content_block_delta"] == ["Partial"]
+    with pytest.raises(terraphim_proxy.ProxyError, match="invalid JSON"):
+        await anext(stream)
+
+
+# ===========================================================================
+# Transformers: the OpenAI family (OpenAI, OpenRouter, DeepSeek)
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# How these tests are built
+# ---------------------------------------------------------------------------
 
 # `OpenAIStandIn` speaks the chat-completions wire format (`POST /chat/completions`, JSON completions, SSE
 # chunks ending in `data: [DONE]`, OpenAI error bodies); its `POST /v1/messages` route is a minimal Anthropic
 # stand-in, used where a conversation moves from an OpenAI-family provider to Anthropic. The translation
 # functions are tested unit by unit first, then through the proxy with the official SDKs.
-
-
-# ---------------------------------------------------------------------------
-# The proxy and its clients
-# ---------------------------------------------------------------------------
-
-
-def openai_config(upstream_url: str, default: str = "openai,gpt-4o") -> terraphim_proxy.Config:
-    """One provider of each OpenAI-family type, a capped OpenAI provider and Anthropic, all at the stand-in."""
-    providers = [
-        {"name": "openai", "type": "openai", "api_base_url": upstream_url, "api_key": "${OPENAI_API_KEY}"},
-        {"name": "openrouter", "type": "openrouter", "api_base_url": upstream_url, "api_key": "$OPENROUTER_API_KEY"},
-        {"name": "deepseek", "type": "deepseek", "api_base_url": upstream_url, "api_key": "${DEEPSEEK_API_KEY}"},
-        {
-            "name": "capped",
-            "type": "openai",
-            "api_base_url": upstream_url,
-            "api_key": "${OPENAI_API_KEY}",
-            "max_tokens": 4096,
-            "model_max_tokens": {"gpt-4o-mini": 1000},
-        },
-        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
-    ]
-    # no retries: each test scripts exactly the answers the proxy gets
-    data = {"proxy": {"retries": 0}, "router": {"default": default}, "providers": providers}
-    return build_config(data)
-
-
-@pytest.fixture
-async def openai_upstream() -> AsyncIterator[OpenAIStandIn]:
-    async with running(OpenAIStandIn()) as server:
-        yield server
-
-
-@pytest.fixture
-async def openai_proxy_url(openai_upstream: OpenAIStandIn, start_proxy: StartProxy) -> str:
-    return await start_proxy(openai_config(openai_upstream.url))
-
-
-@pytest.fixture
-async def openai_sdk(openai_proxy_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic_client(openai_proxy_url) as client:
-        yield client
-
-
-OPENAI_SDK_PARAMS = frozenset(
-    (
-        "model",
-        "max_tokens",
-        "messages",
-        "system",
-        "tools",
-        "tool_choice",
-        "metadata",
-        "stop_sequences",
-        "thinking",
-        "output_config",
-    )
-)
-
-
-def openai_sdk_args(body: dict) -> dict:
-    """SDK keyword arguments for a Messages body; fields the SDK does not type go in extra_body."""
-    args = {key: value for key, value in body.items() if key in OPENAI_SDK_PARAMS}
-    extra = {key: value for key, value in body.items() if key not in OPENAI_SDK_PARAMS and key != "stream"}
-    return {**args, "extra_body": extra} if extra else args
-
-
-async def openai_send(sdk: anthropic.AsyncAnthropic, body: dict, stream: bool) -> anthropic.types.Message:
-    """The final message through the SDK: accumulated from the stream, or the JSON reply."""
-
-    async def run() -> anthropic.types.Message:
-        if stream:
-            async with sdk.messages.stream(**openai_sdk_args(body)) as events:
-                return await events.get_final_message()
-        return await sdk.messages.create(**openai_sdk_args(body))
-
-    return await asyncio.wait_for(run(), TIMEOUT_S)
-
-
-def openai_body(model: str, content: str | list = "Hello", **fields: Any) -> dict:
-    return {"model": model, "max_tokens": 300, "messages": [{"role": "user", "content": content}], **fields}
-
-
-def openai_blocks(message: anthropic.types.Message, flavor: str) -> list[dict]:
-    """The message's blocks as dicts; a proxy signature shows as "terraphim:<flavor>" after it is checked."""
-    blocks = []
-    for block in message.content:
-        data = block.model_dump(exclude_none=True)
-        if data["type"] == "thinking":
-            assert data["signature"].startswith(f"terraphim:{flavor}:"), data
-            data["signature"] = f"terraphim:{flavor}"
-        if data["type"] == "tool_use":
-            assert re.fullmatch(r"toolu_[A-Za-z0-9_-]+", data["id"]), data
-        blocks.append(data)
-    return blocks
-
-
-def openai_usage(message: anthropic.types.Message) -> dict:
-    usage = message.usage
-    return {
-        "input_tokens": usage.input_tokens,
-        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-        "cache_read_input_tokens": usage.cache_read_input_tokens,
-        "output_tokens": usage.output_tokens,
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -4187,275 +5912,8 @@ async def test_openai_claude_code_fixture_golden(
 
 
 # ===========================================================================
-# Ollama (native /api/chat) and Gemini (generateContent)
+# Transformers: Ollama (native /api/chat) and Gemini (generateContent)
 # ===========================================================================
-# Each provider has a stand-in that speaks its wire format (Ollama: JSON and NDJSON; Gemini: JSON and SSE),
-# rejects what the real API rejects, answers from a per-test script and records every request. The official
-# `ollama` and `google-genai` clients show that the stand-ins are faithful. Streamed answers pause once, in
-# the middle of their second line or frame, until the client has seen a content delta: that proves the proxy
-# handles a line split across reads.
-
-OLLAMA_GEMINI_MODELS = {"ollama": OLLAMA_MODEL, "gemini": GEMINI_MODEL}
-OLLAMA_GEMINI_PROVIDERS = ["ollama", "gemini"]
-JSON_AND_STREAM = pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-GEMINI_SIG = "terraphim:gemini-sig:"
-GENAI_WARNINGS = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
-
-
-# ---------------------------------------------------------------------------
-# What a model answers, independent of the wire
-# ---------------------------------------------------------------------------
-
-
-GEMINI_SIG_TEXT = base64.b64encode(b"turn-1 signature on the text").decode()
-GEMINI_SIG_READ = base64.b64encode(b"turn-1 signature on Read").decode()
-READ_ARGS = {"file_path": "/src/a.py"}
-GLOB_ARGS = {"pattern": "**/*.py", "path": "/src"}
-TEXT_TURN = ScriptedTurn(
-    text="Hello, wörld ☃ from the stand-in, in pieces.",
-    usage=ScriptedUsage(prompt=900, output=21, cached=300, thoughts=4, tool_prompt=20),
-)
-CALLS_TURN = ScriptedTurn(
-    text="Checking both.", calls=(ScriptedCall("Read", READ_ARGS), ScriptedCall("Glob", GLOB_ARGS))
-)
-SIGNED_CALLS_TURN = ScriptedTurn(
-    text="Checking both.",
-    text_signature=GEMINI_SIG_TEXT,
-    calls=(
-        ScriptedCall("Read", READ_ARGS, "fc_read_1", GEMINI_SIG_READ),
-        ScriptedCall("Glob", GLOB_ARGS, "fc_glob_2"),
-    ),
-)
-THINK_TURN = ScriptedTurn(
-    thinking="The user says hi; a short greeting will do.", text="Hi there!", usage=ScriptedUsage(thoughts=33)
-)
-LENGTH_TURN = ScriptedTurn(text="This answer is cut off by the tok", finish="length")
-FINAL_TURN = ScriptedTurn(text="Both look fine.")
-
-
-# ---------------------------------------------------------------------------
-# The proxy in front of a stand-in, and the anthropic SDK in front of the proxy
-# ---------------------------------------------------------------------------
-
-
-def ollama_gemini_config(provider: str, url: str, model: str, **extra: Any) -> terraphim_proxy.Config:
-    """One provider at the stand-in, routed by default, no retries; `extra` adds or overrides provider keys."""
-    entry: dict[str, Any] = {"name": provider, "type": provider, "api_base_url": url, "retries": 0}
-    if provider == "gemini":
-        entry |= {"api_base_url": f"{url}/v1beta", "api_key": "${GEMINI_API_KEY}"}
-    data = {"router": {"default": f"{provider},{model}"}, "providers": [{**entry, **extra}]}
-    return build_config(data, environ={"GEMINI_API_KEY": GEMINI_KEY})
-
-
-class OllamaGeminiEnv:
-    """A stand-in, the proxy routing to it, and an anthropic SDK client of the proxy."""
-
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
-        self.model = OLLAMA_GEMINI_MODELS[provider]
-        self.stand_in = OllamaGeminiStandIn(provider)
-        self.runners: list[web.AppRunner] = []
-        self.clients: list[anthropic.AsyncAnthropic] = []
-        self.url = ""
-
-    async def start(self) -> None:
-        await self.stand_in.start()
-        await self.connect()
-
-    async def start_proxy(self, model: str | None = None, **extra: Any) -> str:
-        self.model = model or self.model
-        config = ollama_gemini_config(self.provider, self.stand_in.url, self.model, **extra)
-        self.url = await serve_proxy(config, self.runners)
-        return self.url
-
-    async def connect(self, model: str | None = None, **extra: Any) -> None:
-        """(Re)start the proxy with this model and provider keys; `sdk` then talks to it."""
-        await self.start_proxy(model, **extra)
-        self.sdk = anthropic_client(self.url)
-        self.clients.append(self.sdk)
-
-    async def stop(self) -> None:
-        for client in self.clients:
-            await client.close()
-        self.stand_in.release.set()
-        for runner in self.runners:
-            await runner.cleanup()
-        await self.stand_in.stop()
-
-    async def send(self, stream: bool, **params: Any) -> anthropic.types.Message:
-        """One Messages call through the SDK: create(), or stream() and its accumulated final message."""
-        body = {"model": CLIENT_MODEL, "max_tokens": 256, **params}
-        if not stream:
-            return await self.sdk.messages.create(**body)
-
-        async def consume() -> anthropic.types.Message:
-            async with self.sdk.messages.stream(**body) as events:
-                async for event in events:
-                    if event.type == "content_block_delta":
-                        self.stand_in.release.set()
-                return await events.get_final_message()
-
-        return await asyncio.wait_for(consume(), TIMEOUT_S)
-
-
-@pytest.fixture(params=OLLAMA_GEMINI_PROVIDERS)
-async def native(request: pytest.FixtureRequest) -> AsyncIterator[OllamaGeminiEnv]:
-    env = OllamaGeminiEnv(request.param)
-    await env.start()
-    yield env
-    await env.stop()
-
-
-def upstream_history(provider: str, body: dict) -> list[dict]:
-    return body["messages"] if provider == "ollama" else body["contents"]
-
-
-def has_results(provider: str, body: dict) -> bool:
-    if provider == "ollama":
-        return any(message["role"] == "tool" for message in body["messages"])
-    return any("functionResponse" in part for content in body["contents"] for part in content["parts"])
-
-
-RANDOM_TOOL_ID = re.compile(r"toolu_[A-Za-z0-9]{24}")
-SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def ollama_gemini_blocks(message: anthropic.types.Message) -> list[dict]:
-    """The content as dicts; random tool ids (checked for shape and uniqueness) read "toolu_<random>"."""
-    blocks = [block.model_dump(exclude_none=True) for block in message.content]
-    ids = [block["id"] for block in blocks if block["type"] == "tool_use"]
-    assert len(set(ids)) == len(ids), ids
-    assert all(SAFE_ID.fullmatch(tool_id) for tool_id in ids), ids
-    for block in blocks:
-        if block["type"] == "tool_use" and RANDOM_TOOL_ID.fullmatch(block["id"]):
-            block["id"] = "toolu_<random>"
-    return blocks
-
-
-def ollama_gemini_proxy_signature(provider: str, thinking: str) -> str:
-    return f"terraphim:{provider}:{hashlib.sha256(thinking.encode()).hexdigest()[:16]}"
-
-
-def ollama_gemini_expected(provider: str, turn: ScriptedTurn) -> list[dict]:
-    """The Anthropic content a turn should become; Gemini signatures ride on empty thinking blocks."""
-    signed = provider == "gemini"
-    blocks: list[dict] = []
-    if turn.thinking:
-        blocks.append(
-            {
-                "type": "thinking",
-                "thinking": turn.thinking,
-                "signature": ollama_gemini_proxy_signature(provider, turn.thinking),
-            }
-        )
-    if turn.text_signature and signed:
-        blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + turn.text_signature})
-    if turn.text:
-        blocks.append({"type": "text", "text": turn.text})
-    for call in turn.calls:
-        if call.signature and signed:
-            blocks.append({"type": "thinking", "thinking": "", "signature": GEMINI_SIG + call.signature})
-        tool_id = f"toolu_g_{call.call_id}" if call.call_id and signed else "toolu_<random>"
-        blocks.append({"type": "tool_use", "id": tool_id, "name": call.name, "input": call.args})
-    return blocks
-
-
-def ollama_gemini_usage(provider: str, usage: ScriptedUsage) -> dict:
-    if provider == "ollama":
-        return {"input_tokens": usage.prompt, "output_tokens": usage.output}
-    return {
-        "input_tokens": usage.prompt - usage.cached + usage.tool_prompt,
-        "output_tokens": usage.output + usage.thoughts,
-        "cache_read_input_tokens": usage.cached,
-    }
-
-
-def assert_message(env: OllamaGeminiEnv, message: anthropic.types.Message, turn: ScriptedTurn, stop: str) -> None:
-    assert ollama_gemini_blocks(message) == ollama_gemini_expected(env.provider, turn)
-    assert message.stop_reason == stop
-    expected = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-    expected |= ollama_gemini_usage(env.provider, turn.usage)
-    assert {key: getattr(message.usage, key) for key in expected} == expected
-
-
-def assert_request(env: OllamaGeminiEnv, stream: bool) -> dict:
-    """The transport of the last upstream request (URL, method, key, stream flag); returns its body."""
-    received = env.stand_in.last
-    assert received.method == "POST"
-    assert received.headers["content-type"].startswith("application/json")
-    assert not any(CLIENT_KEY in value for value in received.headers.values())
-    if env.provider == "ollama":
-        assert (received.path, received.query) == ("/api/chat", {})
-        assert "authorization" not in received.headers  # Ollama needs no key
-        assert received.body["stream"] is stream
-        assert received.body["model"] == env.model
-    else:
-        method = "streamGenerateContent" if stream else "generateContent"
-        assert received.path == f"/v1beta/models/{env.model}:{method}"
-        assert received.query == ({"alt": "sse"} if stream else {})
-        assert received.headers["x-goog-api-key"] == GEMINI_KEY
-        assert "stream" not in received.body
-    return received.body
-
-
-HELLO_MESSAGES = [{"role": "user", "content": "Say hello."}]
-READ_TOOL = {
-    "name": "Read",
-    "description": "Read a file from the local filesystem.",
-    "input_schema": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "type": "object",
-        "properties": {
-            "file_path": {"type": "string", "description": "The absolute path to the file to read"},
-            "limit": {"type": "integer", "exclusiveMinimum": 0},
-        },
-        "required": ["file_path"],
-        "additionalProperties": False,
-    },
-}
-GLOB_TOOL = {
-    "name": "Glob",
-    "description": "Fast file pattern matching.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"pattern": {"type": "string"}, "path": {"type": "string"}},
-        "required": ["pattern"],
-    },
-}
-READ_AND_GLOB_TOOLS = [READ_TOOL, GLOB_TOOL]
-GEMINI_READ_PARAMETERS = {
-    "type": "object",
-    "properties": {
-        "file_path": {"type": "string", "description": "The absolute path to the file to read"},
-        "limit": {"type": "integer", "minimum": 0},
-    },
-    "required": ["file_path"],
-}
-EXPECTED_TOOLS = {
-    "ollama": [
-        {
-            "type": "function",
-            "function": {"name": tool["name"], "description": tool["description"], "parameters": tool["input_schema"]},
-        }
-        for tool in READ_AND_GLOB_TOOLS
-    ],
-    "gemini": [
-        {
-            "functionDeclarations": [
-                {
-                    "name": "Read",
-                    "description": READ_TOOL["description"],
-                    "parametersJsonSchema": READ_TOOL["input_schema"],
-                },
-                {
-                    "name": "Glob",
-                    "description": GLOB_TOOL["description"],
-                    "parametersJsonSchema": GLOB_TOOL["input_schema"],
-                },
-            ]
-        }
-    ],
-}
 
 
 # ---------------------------------------------------------------------------
@@ -5366,226 +6824,312 @@ async def test_gemini_standin_errors_reach_the_genai_client(
     assert caught.value.message
 
 
+# ---------------------------------------------------------------------------
+# Gemini and Ollama translation: schemas, tool names, thinking budgets, model names in URLs
+# ---------------------------------------------------------------------------
+
+
+def i10_ref_chain(levels: int) -> dict:
+    """A schema whose every level holds two $refs to the level below: small as text, 2**levels nodes expanded."""
+    defs: dict[str, Any] = {"L0": {"type": "object", "properties": {"v": {"type": "string", "description": "leaf"}}}}
+    for level in range(1, levels + 1):
+        below = {"$ref": f"#/$defs/L{level - 1}"}
+        defs[f"L{level}"] = {
+            "type": "object",
+            "description": f"level {level}",
+            "properties": {"a": below, "b": dict(below)},
+            "required": ["a", "b"],
+        }
+    return {"type": "object", "$defs": defs, "properties": {"root": {"$ref": f"#/$defs/L{levels}"}}}
+
+
+def i10_depth(schema: dict) -> int:
+    """How many levels of `a` lie below `root` in an expanded chain."""
+    depth, node = 0, schema["properties"]["root"]
+    while "a" in node.get("properties", {}):
+        assert node["properties"]["a"] == node["properties"]["b"]
+        assert node["required"] == ["a", "b"]
+        depth, node = depth + 1, node["properties"]["a"]
+    return depth
+
+
+I10_CHAIN_TOOL = {"name": "mcp__deep__tree", "description": "A deeply shared tree.", "input_schema": i10_ref_chain(18)}
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: OllamaGeminiEnv) -> None:
+    """Gemini 2.5 takes the 18-level chain in parametersJsonSchema as it is: a request of a few KB, not 17 MB."""
+    native.stand_in.answer_turn(FINAL_TURN)
+
+    await native.send(False, messages=HELLO_MESSAGES, tools=[I10_CHAIN_TOOL])
+
+    sent = native.stand_in.last.body
+    declaration = sent["tools"][0]["functionDeclarations"][0]
+    assert declaration == {
+        "name": "mcp__deep__tree",
+        "description": "A deeply shared tree.",
+        "parametersJsonSchema": I10_CHAIN_TOOL["input_schema"],
+    }
+    assert len(json.dumps(sent)) < 3 * len(json.dumps(I10_CHAIN_TOOL))
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_subset_expands_shared_refs_once_per_definition(native: OllamaGeminiEnv) -> None:
+    """A model that needs `parameters` gets a 10-level chain written out in full and valid."""
+    await native.connect(model=GEMINI2_MODEL)
+    native.stand_in.answer_turn(FINAL_TURN)
+    tool = {**I10_CHAIN_TOOL, "input_schema": i10_ref_chain(10)}
+
+    await native.send(False, messages=HELLO_MESSAGES, tools=[tool, READ_TOOL])
+
+    declarations = native.stand_in.last.body["tools"][0]["functionDeclarations"]
+    assert gemini_schema_problems(declarations[0]["parameters"], "tree") == []
+    assert i10_depth(declarations[0]["parameters"]) == 10
+    assert declarations[1]["parameters"] == GEMINI_READ_PARAMETERS
+
+
+@JSON_AND_STREAM
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_subset_schema_over_the_cap_is_a_400_naming_the_tool(
+    native: OllamaGeminiEnv, stream: bool
+) -> None:
+    """Written out for `parameters`, the 18-level chain would be 22 MB: the client gets a 400, Gemini nothing."""
+    await native.connect(model=GEMINI2_MODEL)
+
+    status, error_type, text = await ollama_gemini_error(native, stream, tools=[I10_CHAIN_TOOL])
+
+    assert (status, error_type) == (400, "invalid_request_error")
+    assert "mcp__deep__tree" in text
+    assert native.stand_in.received == []
+
+
+def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
+    """Converting the 18-level chain builds one node per definition, however often the definition is used."""
+    converted = terraphim_proxy.gemini_schema(i10_ref_chain(18))
+    nodes, pending = set(), [converted]
+    while pending:
+        node = pending.pop()
+        if id(node) not in nodes:
+            nodes.add(id(node))
+            pending += node.get("properties", {}).values()
+    assert len(nodes) < 40
+    assert i10_depth(converted) == 18
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_declarations_are_converted_once_per_tools_text(native: OllamaGeminiEnv) -> None:
+    """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
+    native.stand_in.answer_turn(FINAL_TURN)
+    description = f"Read a file ({os.urandom(8).hex()})."
+    tools = [{**READ_TOOL, "description": description}, GLOB_TOOL]
+
+    def entries() -> list[list[dict]]:
+        cached = native.runners[-1].app[terraphim_proxy.STATE].caches.gemini_declarations.values()
+        return [value for value in cached if value and value[0]["description"] == description]
+
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools)
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools, max_tokens=99)
+    after_same = entries()
+    await native.send(False, messages=HELLO_MESSAGES, tools=tools[:1])
+
+    assert len(after_same) == 1
+    assert len(entries()) == 2
+    first, second, third = (received.body["tools"][0]["functionDeclarations"] for received in native.stand_in.received)
+    assert first == second == after_same[0]
+    assert [declaration["name"] for declaration in first] == ["Read", "Glob"]
+    assert third == first[:1]
+
+
+@GENAI_WARNINGS
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: OllamaGeminiEnv) -> None:
+    """The stand-in accepts parametersJsonSchema as google-genai sends it, and refuses it beside `parameters`."""
+    native.stand_in.answer_turn(FINAL_TURN)
+    client = genai.Client(
+        api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
+    )
+    schema = READ_TOOL["input_schema"]
+    declaration = genai_types.FunctionDeclaration(name="Read", description="Read.", parameters_json_schema=schema)
+    config = genai_types.GenerateContentConfig(tools=[genai_types.Tool(function_declarations=[declaration])])
+
+    response = await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi", config=config)
+
+    assert response.text == FINAL_TURN.text
+    sent = native.stand_in.last.body["tools"][0]
+    sent_declaration = (sent.get("functionDeclarations") or sent["function_declarations"])[0]
+    assert {gemini_camel(key): value for key, value in sent_declaration.items()}["parametersJsonSchema"] == schema
+    both = {"name": "Read", "description": "Read.", "parameters": GEMINI_READ_PARAMETERS}
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    body["tools"] = [{"functionDeclarations": [{**both, "parametersJsonSchema": schema}]}]
+    status, _, raw = await post_to_stand_in(
+        native, f"/v1beta/models/{GEMINI_MODEL}:generateContent", body, {"x-goog-api-key": GEMINI_KEY}
+    )
+    assert status == 400
+    assert b"mutually exclusive" in raw
+
+
+I10_LONG_NAME = "mcp__claude_ai_workspace_integration__search_documents_and_spreadsheets_by_owner"
+I10_LONG_TOOL = {
+    "name": I10_LONG_NAME,
+    "description": "Search the workspace.",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+}
+I10_LONG_HISTORY = [
+    {"role": "user", "content": "Find the budget sheet."},
+    {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "toolu_01L", "name": I10_LONG_NAME, "input": {"query": "budget"}}],
+    },
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01L", "content": "none found"}]},
+]
+
+
+def i10_upstream_names(provider: str, body: dict) -> dict[str, list[str]]:
+    """The tool names a native request declares, calls in its history and answers results for."""
+    if provider == "ollama":
+        messages = body["messages"]
+        return {
+            "declared": [tool["function"]["name"] for tool in body["tools"]],
+            "called": [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()],
+            "answered": [m["tool_name"] for m in messages if m["role"] == "tool"],
+        }
+    parts = [part for content in body["contents"] for part in content["parts"]]
+    return {
+        "declared": [d["name"] for d in body["tools"][0]["functionDeclarations"]],
+        "called": [part["functionCall"]["name"] for part in parts if "functionCall" in part],
+        "answered": [part["functionResponse"]["name"] for part in parts if "functionResponse" in part],
+        "allowed": body["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"],
+    }
+
+
+@JSON_AND_STREAM
+async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(
+    native: OllamaGeminiEnv, stream: bool
+) -> None:
+    """A tool name over 64 characters goes upstream shortened (declared, in history, in results, in
+    tool_choice) and comes back to the client under its own name."""
+    called: list[str] = []
+
+    def answer(received: Received) -> OllamaGeminiReply:
+        names = i10_upstream_names(native.provider, received.body)
+        called.append(names["declared"][1])
+        turn = ScriptedTurn(calls=(ScriptedCall(names["declared"][1], {"query": "budget 2026"}),))
+        return ollama_gemini_reply(native.provider, received, turn)
+
+    native.stand_in.answer = answer
+    native.stand_in.pause = False  # a tool call alone is held until complete: no delta comes to end a pause
+
+    message = await native.send(
+        stream,
+        messages=I10_LONG_HISTORY,
+        tools=[GLOB_TOOL, I10_LONG_TOOL],
+        tool_choice={"type": "tool", "name": I10_LONG_NAME},
+    )
+
+    names = i10_upstream_names(native.provider, native.stand_in.last.body)
+    short = names["declared"][1]
+    assert names["declared"][0] == "Glob"
+    assert len(short) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", short) and short != I10_LONG_NAME
+    assert short.startswith(I10_LONG_NAME[:40])
+    assert {key: value for key, value in names.items() if key != "declared"} == {
+        "called": [short],
+        "answered": [short],
+        **({"allowed": [short]} if native.provider == "gemini" else {}),
+    }
+    assert called == [short]
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert [(block.name, block.input) for block in uses] == [(I10_LONG_NAME, {"query": "budget 2026"})]
+    assert message.stop_reason == "tool_use"
+
+
+I10_HAIKU = load_fixture("07_haiku_main_turn1.json")["body"]
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking_config"),
+    [
+        pytest.param(GEMINI_FLASH_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash"),
+        pytest.param(GEMINI_LITE_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash-lite"),
+        pytest.param(GEMINI_MODEL, {"thinkingBudget": 31999, "includeThoughts": True}, id="2.5-pro"),
+        pytest.param(GEMINI3_MODEL, {"thinkingLevel": "HIGH", "includeThoughts": True}, id="3-pro"),
+    ],
+)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
+    native: OllamaGeminiEnv, model: str, thinking_config: dict
+) -> None:
+    """Claude Code's budget_tokens 31999 is clamped to the model's range (Gemini 3 gets a thinkingLevel), so
+    Gemini accepts the request."""
+    assert I10_HAIKU["thinking"] == {"budget_tokens": 31999, "type": "enabled"}
+    await native.connect(model=model)
+    native.stand_in.answer_turn(FINAL_TURN)
+
+    answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**I10_HAIKU, "stream": False})
+
+    assert answer.content[-1].text == FINAL_TURN.text
+    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == thinking_config
+
+
+@pytest.mark.parametrize(
+    ("model", "budget", "expected"),
+    [
+        pytest.param(GEMINI_MODEL, 64, {"thinkingBudget": 128}, id="pro-raised-to-128"),
+        pytest.param(GEMINI_LITE_MODEL, 100, {"thinkingBudget": 512}, id="lite-raised-to-512"),
+        pytest.param(GEMINI_FLASH_MODEL, 2000, {"thinkingBudget": 2000}, id="flash-in-range"),
+        pytest.param(GEMINI3_MODEL, 2048, {"thinkingLevel": "LOW"}, id="3-low"),
+    ],
+)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_thinking_budget_is_clamped_per_model(
+    native: OllamaGeminiEnv, model: str, budget: int, expected: dict
+) -> None:
+    await native.connect(model=model)
+    native.stand_in.answer_turn(FINAL_TURN)
+
+    await native.send(
+        False, messages=HELLO_MESSAGES, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
+    )
+
+    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == {**expected, "includeThoughts": True}
+
+
+I10_ESCAPING_MODELS = [
+    pytest.param("gemini,x/../../v1/files#", id="dot-segments-and-fragment"),
+    pytest.param("gemini,gemini-2.5-pro?alt=media", id="query"),
+    pytest.param("gemini,a#b", id="fragment"),
+    pytest.param("gemini,gemini-2.5-pro\r\nx-goog-api-key: x", id="control-characters"),
+]
+
+
+@JSON_AND_STREAM
+@pytest.mark.parametrize("model", I10_ESCAPING_MODELS)
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_model_name_that_would_leave_its_url_path_is_a_400(
+    native: OllamaGeminiEnv, stream: bool, model: str
+) -> None:
+    """A model holding `/`, `?`, `#` or a control character never reaches Gemini (nor another path there)."""
+    status, error_type, text = await ollama_gemini_error(native, stream, model=model)
+
+    assert (status, error_type) == (400, "invalid_request_error")
+    assert "URL" in text
+    assert native.stand_in.received == []
+
+
+@pytest.mark.parametrize("native", ["gemini"], indirect=True)
+async def test_gemini_model_name_is_percent_encoded_in_the_url(native: OllamaGeminiEnv) -> None:
+    """Percent signs and spaces in a model name arrive as that name, inside its own path segment."""
+    model = "x%2F..%2F..%2Fv1%2Ffiles pro"
+
+    status, error_type, text = await ollama_gemini_error(native, False, model=f"gemini,{model}")
+
+    assert (status, error_type) == (404, "not_found_error")
+    assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
+    assert f"models/{model} is not found" in text
+
+
 # ===========================================================================
-# Reliability: timeouts, retries, fallbacks, key rotation, disconnects, signals, limits, hostile input
+# Upstream client: timeouts, retries, fallbacks, keys, garbage, URLs
 # ===========================================================================
-# Every fault is injected by a stand-in (conftest.StandInServer) answering from a per-test script: an async
-# function that can stall, trickle, cut the connection or send garbage, in any of the four wire formats the
-# proxy talks to (Anthropic Messages, OpenAI chat completions, Ollama /api/chat, Gemini generateContent); `answer_ok`
-# answers as the real API would. The stand-in records every request with its arrival time and notes when the
-# proxy drops a connection it is serving (its handler is cancelled), which is how the tests measure that the
-# proxy closed an upstream request.
-
-WIRE_KINDS = ("anthropic", "openai", "ollama", "gemini")
-UPSTREAM_MODEL = {"anthropic": "claude-rel", "openai": "gpt-rel", "ollama": "qwen-rel", "gemini": "gemini-rel"}
-ASKED_MODEL = "claude-rel-client"  # what clients ask for; routes pick the upstream model
-
-
-def provider_key(name: str, index: int = 0) -> str:
-    key = f"rel-sk-{name}-{index}-0cc175b9c0f1b6a8"
-    SECRETS.add(key)
-    return key
-
-
-# ---------------------------------------------------------------------------
-# The stand-in upstream
-# ---------------------------------------------------------------------------
-
-
-StandInFactory = Callable[[], Awaitable[StandInServer]]
-
-
-@pytest.fixture
-async def stand_ins() -> AsyncIterator[StandInFactory]:
-    """A factory of started stand-ins answering from `answer_ok` until a test sets another script, all stopped at
-    the end of the test."""
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def new() -> StandInServer:
-            return await stack.enter_async_context(running(StandInServer(answer_ok)))
-
-        yield new
-
-
-@pytest.fixture
-async def stand_in_up(stand_ins: StandInFactory) -> StandInServer:
-    return await stand_ins()
-
-
-# ---------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------
-
-BASE_PATHS = {"anthropic": "", "openai": "/v1", "ollama": "", "gemini": "/v1beta"}
-
-
-def provider_doc(name: str, kind: str, url: str, *, keys: int = 1, **extra: Any) -> dict:
-    """A provider of `kind` at a stand-in, with `keys` distinct registered keys."""
-    provider = {"name": name, "type": kind, "api_base_url": url + BASE_PATHS[kind], **extra}
-    if keys == 1:
-        provider["api_key"] = provider_key(name)
-    elif keys > 1:
-        provider["api_keys"] = [provider_key(name, i) for i in range(keys)]
-    return provider
-
-
-def providers_doc(
-    providers: list[dict],
-    default: str,
-    proxy: Mapping[str, Any] | None = None,
-    router: Mapping[str, Any] | None = None,
-) -> dict:
-    """A config document; no retries and 1 ms backoff unless a test says otherwise."""
-    settings_ = {"retries": 0, "retry_base_ms": 1, **(proxy or {})}
-    return {"proxy": settings_, "router": {"default": default, **(router or {})}, "providers": providers}
-
-
-def scripted_config(
-    providers: list[dict],
-    default: str,
-    proxy: Mapping[str, Any] | None = None,
-    router: Mapping[str, Any] | None = None,
-) -> terraphim_proxy.Config:
-    return build_config(providers_doc(providers, default, proxy, router), "test.toml", environ={})
-
-
-def single_provider_doc(kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any) -> dict:
-    """One provider named after its kind, the default route to it."""
-    return providers_doc([provider_doc(kind, kind, url, **extra)], f"{kind},{UPSTREAM_MODEL[kind]}", proxy)
-
-
-def single_provider_config(
-    kind: str, url: str, proxy: Mapping[str, Any] | None = None, **extra: Any
-) -> terraphim_proxy.Config:
-    return build_config(single_provider_doc(kind, url, proxy, **extra), "test.toml", environ={})
-
-
-# ---------------------------------------------------------------------------
-# Clients
-# ---------------------------------------------------------------------------
-
-
-def client_body(text: str | list = "Hello", *, stream: bool = False, **fields: Any) -> dict:
-    body = request(text, **{"model": ASKED_MODEL, **fields})
-    return body | ({"stream": True} if stream else {})
-
-
-@dataclass
-class TimedAnswer(Answer):
-    times: list[float] = field(default_factory=list)  # arrival of each SSE event
-    ended: str = "eof"  # "eof", or "broken" when the connection ended without a complete body
-
-    @property
-    def frames(self) -> list[tuple[str, Any]]:
-        """Whatever events the text holds (unparsable data kept raw): the answer may be anything."""
-        return parse_sse(self.text, strict=False)
-
-    def stream_error(self, *fragments: str) -> dict:
-        """Assert a 200 stream that ends in an error event and holds no message_stop; return the error."""
-        assert self.status == 200, self.text
-        names = [name for name, _ in self.frames]
-        assert "message_stop" not in names, names
-        assert names and names[-1] == "error", names
-        assert self.text.startswith(("event:", ":")), self.text[:200]  # nothing but events was relayed
-        unparsable = [(name, data) for name, data in self.frames if not isinstance(data, dict)]
-        assert unparsable == [], unparsable
-        error = self.frames[-1][1]["error"]
-        for fragment in fragments:
-            assert fragment in error["message"], error
-        return error
-
-
-async def post_client_body(
-    http: aiohttp.ClientSession,
-    url: str,
-    body: Any = None,
-    *,
-    data: Any = None,
-    headers: Mapping[str, str] | None = None,
-    on_event: Callable[[str, dict], Awaitable[None]] | None = None,
-) -> TimedAnswer:
-    """POST /v1/messages; SSE answers are read as they arrive, each event timed and handed to `on_event`."""
-    async with http.post(f"{url}/v1/messages", json=body, data=data, headers=headers) as response:
-        reply = TimedAnswer(response.status, response.headers, "")
-        if not response.content_type.startswith("text/event-stream"):
-            reply.text = await response.text()
-            CAPTURED_BODIES.append(reply.text)
-            return reply
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        try:
-            async for chunk in response.content.iter_any():
-                now = time.monotonic()
-                text = decoder.decode(chunk)
-                reply.text += text
-                pending += text
-                while "\n\n" in pending:
-                    frame, pending = pending.split("\n\n", 1)
-                    for name, data_ in parse_sse(frame + "\n\n", strict=False):
-                        reply.times.append(now)
-                        if on_event:
-                            await on_event(name, data_)
-        except aiohttp.ClientPayloadError:
-            reply.ended = "broken"
-        CAPTURED_BODIES.append(reply.text)
-        return reply
-
-
-@contextlib.contextmanager
-def black_hole() -> Iterator[str]:
-    """An address whose TCP connects hang: a listener with a full accept queue drops further SYNs."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    address = server.getsockname()
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(address)
-        fillers.append(filler)
-    try:
-        yield f"http://127.0.0.1:{address[1]}"
-    finally:
-        for sock in [*fillers, server]:
-            sock.close()
-
-
-def stream_script(kind: str | None = None, *, upto: int | None = None, **write: Any) -> Script:
-    """Stream the standard answer (of the request's own kind unless given); `upto` parts only, then `write`'s end."""
-
-    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        parts = text_stream_parts(kind or seen.kind, seen.model)[:upto]
-        return await up.write_parts(request, STREAM_TYPES[kind or seen.kind], parts, **write)
-
-    return script
-
-
-async def never_answer(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-    """Take the request and never answer."""
-    await until_cancelled()
-    raise AssertionError("unreachable")
-
-
-async def drop_connection(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-    """A connection error: close the connection without an answer."""
-    assert request.transport is not None
-    request.transport.close()
-    await until_cancelled()
-    raise AssertionError("unreachable")
-
-
-async def stream_in_background(http: aiohttp.ClientSession, url: str) -> asyncio.Task[TimedAnswer]:
-    """A streamed request left running in the background, returned once its first content delta has arrived."""
-    first_delta = asyncio.Event()
-
-    async def on_event(name: str, data: dict) -> None:
-        if name == "content_block_delta":
-            first_delta.set()
-
-    task = asyncio.create_task(post_client_body(http, url, client_body(stream=True), on_event=on_event))
-    await wait_set(first_delta)
-    return task
 
 
 # ---------------------------------------------------------------------------
@@ -5943,61 +7487,6 @@ async def test_all_targets_failing_gives_the_last_error(
 
 
 # ---------------------------------------------------------------------------
-# A failure once streaming has begun: an error event, then the end; never message_stop
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", WIRE_KINDS)
-async def test_mid_stream_cut_becomes_an_error_event_within_100ms(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
-) -> None:
-    stand_in_up.script = stream_script(upto=2, then="cut")
-    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, retries=2))
-
-    reply = await post_client_body(http, proxy, client_body(stream=True))
-
-    reply.stream_error(kind)
-    texts = [data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta"]
-    assert "".join(texts) == SCRIPTED_TEXT[:16]
-    assert reply.times[-1] - stand_in_up.fault_at < 0.1, reply.times[-1] - stand_in_up.fault_at
-    assert reply.ended == "eof"  # the proxy ended its own response properly
-    assert len(stand_in_up.received) == 1  # bytes had gone to the client: no retry
-
-
-async def test_sdk_raises_on_a_mid_stream_failure(stand_in_up: StandInServer, start_proxy: StartProxy) -> None:
-    stand_in_up.script = stream_script(upto=2, then="cut")
-    proxy = await start_proxy(single_provider_config("openai", stand_in_up.url))
-    texts = []
-
-    async with anthropic_client(proxy) as sdk:
-        with pytest.raises(anthropic.APIStatusError, match="openai") as caught:
-            async with sdk.messages.stream(**client_body()) as events:
-                async for event in events:
-                    if event.type == "text":
-                        texts.append(event.text)
-
-    CAPTURED_BODIES.append(str(caught.value))
-    assert "".join(texts) == SCRIPTED_TEXT[:16]
-
-
-@pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
-async def test_transport_fault_after_the_end_marker_is_not_a_failure(
-    stand_in_up: StandInServer, start_proxy: StartProxy, kind: str
-) -> None:
-    """The whole answer, its end marker included, then the connection breaks: the client has a complete
-    message and must not get an error event after message_stop (the SDK would raise)."""
-    stand_in_up.script = stream_script(then="cut")
-    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
-
-    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**client_body()) as events:
-        names = [event.type async for event in events]
-        final = await events.get_final_message()
-
-    assert names[-1] == "message_stop", names
-    assert final.content[0].text == SCRIPTED_TEXT
-
-
-# ---------------------------------------------------------------------------
 # Several keys per provider: round-robin, and a key that failed rests
 # ---------------------------------------------------------------------------
 
@@ -6053,656 +7542,6 @@ async def test_key_cool_down_follows_retry_after(
     uses = [seen.at for seen in stand_in_up.received if seen.key == k1]
     assert len(uses) == 2, [seen.key for seen in stand_in_up.received]
     assert uses[1] - uses[0] >= 0.2  # back in the rotation once its 200 ms rest is over
-
-
-# ---------------------------------------------------------------------------
-# Client disconnects: the upstream request is cancelled and its connection closed within 100 ms
-# ---------------------------------------------------------------------------
-
-
-async def raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send POST /v1/messages over a plain socket, so the test decides exactly when the client goes away."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    data = json.dumps(body).encode()
-    head = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(data)}\r\n\r\n"
-    writer.write(head.encode() + data)
-    await writer.drain()
-    return reader, writer
-
-
-async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
-    seen = b""
-    while marker not in seen:
-        chunk = await asyncio.wait_for(reader.read(65536), TIMEOUT_S)
-        assert chunk, f"connection ended before {marker!r}: {seen!r}"
-        seen += chunk
-    return seen
-
-
-@pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
-async def test_client_disconnect_closes_the_upstream_within_100ms(
-    stand_in_up: StandInServer, start_proxy: StartProxy, phase: str
-) -> None:
-    stand_in_up.script = stream_script(upto=1, then="hang") if phase == "mid-stream" else never_answer
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url))
-    reader, writer = await raw_request(proxy, client_body(stream=phase != "waiting-json"))
-    if phase == "mid-stream":
-        await read_until(reader, b"text_delta")
-    else:
-        await wait_set(stand_in_up.arrived)
-
-    with log_waiter("outcome=client_closed") as logged:
-        closed_at = time.monotonic()
-        writer.close()  # the client goes away (FIN), as a killed Claude Code would
-        await wait_set(stand_in_up.gone)
-        await wait_set(logged)
-
-    assert stand_in_up.gone_at - closed_at < 0.1, stand_in_up.gone_at - closed_at
-    assert len(stand_in_up.received) == 1
-
-
-async def test_client_disconnect_during_backoff_stops_the_retries(
-    stand_in_up: StandInServer, start_proxy: StartProxy
-) -> None:
-    """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
-    stand_in_up.script = answer_status(503)
-    proxy = await start_proxy(
-        single_provider_config("anthropic", stand_in_up.url, {"retry_base_ms": 20_000}, retries=3)
-    )
-    with log_waiter("retry 1 on") as backing_off:
-        _, writer = await raw_request(proxy, client_body())
-        await wait_set(backing_off)
-
-    with log_waiter("outcome=client_closed") as logged:
-        closed_at = time.monotonic()
-        writer.close()
-        await wait_set(logged)
-        noticed = time.monotonic() - closed_at
-
-    assert noticed < 5.0, f"noticed {noticed:.3f} s after the client left; the backoff lasts >= 10 s"
-    assert len(stand_in_up.received) == 1
-
-
-async def test_disconnect_frees_the_in_flight_slot(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    stand_in_up.script = stream_script(upto=1, then="hang")
-    config = single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}, max_in_flight=1)
-    proxy = await start_proxy(config)
-    await abandon_stream(http, proxy, client_body(stream=True))
-    await wait_set(stand_in_up.gone)
-    stand_in_up.script = answer_ok
-
-    reply = await post_client_body(http, proxy, client_body())
-
-    assert reply.status == 200, reply.text
-
-
-# ---------------------------------------------------------------------------
-# Concurrency and rate limits
-# ---------------------------------------------------------------------------
-
-
-async def test_global_max_in_flight(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
-    held = await stream_in_background(http, proxy)
-
-    async with anthropic_client(proxy) as sdk:
-        with pytest.raises(anthropic.RateLimitError, match="max_in_flight") as caught:
-            await sdk.messages.create(**client_body())
-    CAPTURED_BODIES.append(caught.value.response.text)
-    assert caught.value.body["error"]["type"] == "rate_limit_error"
-    assert int(caught.value.response.headers["retry-after"]) >= 1
-    assert len(stand_in_up.received) == 1
-
-    stand_in_up.release.set()
-    assert (await held).frames[-1][0] == "message_stop"
-    assert (await post_client_body(http, proxy, client_body())).status == 200  # the slot is free again
-
-
-@pytest.mark.parametrize("fallback", [True, False], ids=["falls-back", "single-target"])
-async def test_provider_max_in_flight(
-    stand_ins: StandInFactory,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    fallback: bool,
-) -> None:
-    a, b = await stand_ins(), await stand_ins()
-    a.script = stream_script(hold_at=1)
-    providers = [provider_doc("a", "anthropic", a.url, max_in_flight=1), provider_doc("b", "anthropic", b.url)]
-    proxy = await start_proxy(scripted_config(providers, "a,model-a | b,model-b"))
-    held = await stream_in_background(http, proxy)
-
-    reply = await post_client_body(http, proxy, client_body(model=ASKED_MODEL if fallback else "a,model-a"))
-
-    if fallback:
-        assert reply.status == 200, reply.text
-        assert reply.headers["x-terraphim-route"] == "b,model-b"
-        assert len(b.received) == 1
-    else:
-        reply.assert_error(429, "rate_limit_error", "a", "max_in_flight")
-        assert int(reply.headers["retry-after"]) >= 1
-        assert b.received == []
-    assert len(a.received) == 1
-    a.release.set()
-    assert (await held).frames[-1][0] == "message_stop"
-
-
-async def test_rate_limit_per_client_key(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    config = single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
-    proxy = await start_proxy(config)
-    key = {"x-api-key": PROXY_KEY}
-
-    replies = [await post_client_body(http, proxy, client_body(), headers=key) for _ in range(4)]
-
-    assert [reply.status for reply in replies[:3]] == [200, 200, 200]
-    replies[3].assert_error(429, "rate_limit_error", "3 requests per minute")
-    assert 1 <= int(replies[3].headers["retry-after"]) <= 20  # a token comes back every 60/3 s
-    assert len(stand_in_up.received) == 3
-    async with anthropic_client(proxy, PROXY_KEY) as sdk:
-        with pytest.raises(anthropic.RateLimitError):
-            await sdk.messages.create(**client_body())
-    assert len(stand_in_up.received) == 3
-
-
-# ---------------------------------------------------------------------------
-# The proxy as a real process: SIGTERM / SIGINT drain, SIGHUP reload
-# ---------------------------------------------------------------------------
-
-
-class ProxySubprocess:
-    """terraphim_proxy.py run as `python terraphim_proxy.py --config ... --port ...`, its stderr read line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, config: Path) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.config = config
-        self.lines: list[str] = []
-        self.grew = asyncio.Event()
-        self.pump = asyncio.create_task(self.read_stderr())
-
-    async def read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            CAPTURED_LOG.append("subprocess " + line)
-            self.grew.set()
-
-    async def wait_for_line(self, fragment: str, start: int = 0) -> str:
-        async def find() -> str:
-            while True:
-                for line in self.lines[start:]:
-                    if fragment in line:
-                        return line
-                assert not self.pump.done(), f"the proxy exited before logging {fragment!r}: {self.lines}"
-                self.grew.clear()
-                await self.grew.wait()
-
-        return await asyncio.wait_for(find(), TIMEOUT_S)
-
-    async def reload(self, doc: dict | str, outcome: str) -> str:
-        """Write a new config, send SIGHUP, and return the log line that says how the reload went."""
-        self.config.write_text(doc if isinstance(doc, str) else to_toml(doc))
-        mark = len(self.lines)
-        self.proc.send_signal(signal.SIGHUP)
-        return await self.wait_for_line(outcome, mark)
-
-    async def refuses_connections(self) -> None:
-        """Poll (bounded) until a new connection is refused; a connect that races the close is retried."""
-        deadline = time.monotonic() + TIMEOUT_S
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2)) as http:
-            while True:
-                try:
-                    async with http.get(f"{self.url}/health") as response:
-                        await response.read()
-                except aiohttp.ClientConnectorError:
-                    return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass
-                assert time.monotonic() < deadline, "the proxy still accepts new connections"
-                await asyncio.sleep(0.02)  # polling interval
-
-
-@contextlib.asynccontextmanager
-async def proxy_subprocess(tmp_path: Path, doc: dict) -> AsyncIterator[ProxySubprocess]:
-    config = tmp_path / "proxy.toml"
-    config.write_text(to_toml(doc))
-    port = free_port()
-    proc = await spawn_proxy("--config", str(config), "--port", str(port), cwd=tmp_path)
-    process = ProxySubprocess(proc, port, config)
-    try:
-        await wait_healthy(process.url, proc, process.lines)
-        yield process
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await process.pump
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_signal_drains_the_stream_in_flight_then_exits_0(
-    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
-) -> None:
-    stand_in_up.script = stream_script(hold_at=1)
-    async with proxy_subprocess(
-        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 10_000})
-    ) as proxy:
-        streaming = await stream_in_background(http, proxy.url)
-
-        proxy.proc.send_signal(sig)
-        await proxy.wait_for_line("shutting down")
-        await proxy.refuses_connections()
-        assert not streaming.done()
-        stand_in_up.release.set()
-        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
-        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
-
-    assert reply.status == 200
-    assert [name for name, _ in reply.frames][-1] == "message_stop"
-    assert "".join(d["delta"]["text"] for n, d in reply.frames if n == "content_block_delta") == SCRIPTED_TEXT
-    assert code == 0
-    assert not any("Traceback" in line for line in proxy.lines), proxy.lines
-
-
-async def test_drain_timeout_bounds_the_shutdown(
-    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
-    stand_in_up.script = stream_script(upto=1, then="hang")
-    async with proxy_subprocess(
-        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 400})
-    ) as proxy:
-        streaming = await stream_in_background(http, proxy.url)
-
-        signalled = time.monotonic()
-        proxy.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
-        took = time.monotonic() - signalled
-        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
-
-    assert code == 0
-    assert 0.35 <= took < 5, took
-    names = [name for name, _ in reply.frames]
-    assert "message_stop" not in names
-    assert names[-1] == "error", (names, reply.ended)  # the cut stream says why instead of just breaking off
-    await wait_set(stand_in_up.gone)
-
-
-async def test_sighup_reload_valid_takes_effect_invalid_is_rejected(
-    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
-    async with proxy_subprocess(tmp_path, providers_doc([provider], "anthropic,model-one")) as proxy:
-        assert (await post_client_body(http, proxy.url, client_body())).status == 200
-
-        await proxy.reload(providers_doc([provider], "anthropic,model-two"), "config reloaded")
-        assert (await post_client_body(http, proxy.url, client_body())).status == 200
-
-        problems = []
-        invalid = {
-            "invalid TOML": "[router\ndefault = 'anthropic,model-three'\n",
-            "unknown provider 'nobody'": to_toml(providers_doc([provider], "nobody,model-three")),
-            "proxy.retries": to_toml(providers_doc([provider], "anthropic,model-three", {"retries": -1})),
-        }
-        for fragment, text in invalid.items():
-            problems.append(await proxy.reload(text, "reload rejected"))
-            assert fragment in problems[-1], problems[-1]
-            assert (await post_client_body(http, proxy.url, client_body())).status == 200
-
-    assert stand_in_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
-
-
-async def test_sighup_request_in_flight_keeps_its_config(
-    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    """Held at its first target while the config changes, the request falls back to its *old* second target."""
-
-    async def first_attempt_fails_late(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        if seen.model == "model-a1":
-            await up.release.wait()
-            return await answer_status(500)(up, seen, request)
-        return await answer_ok(up, seen, request)
-
-    stand_in_up.script = first_attempt_fails_late
-    a = provider_doc("a", "anthropic", stand_in_up.url)
-    old_b, new_b = (
-        provider_doc("b", "anthropic", stand_in_up.url),
-        {**provider_doc("b", "anthropic", stand_in_up.url), "api_key": provider_key("b", 1)},
-    )
-    async with proxy_subprocess(tmp_path, providers_doc([a, old_b], "a,model-a1 | b,model-b1")) as proxy:
-        in_flight = asyncio.create_task(post_client_body(http, proxy.url, client_body()))
-        await wait_set(stand_in_up.arrived)
-
-        await proxy.reload(providers_doc([a, new_b], "a,model-a2 | b,model-b2"), "config reloaded")
-        stand_in_up.release.set()
-        reply = await asyncio.wait_for(in_flight, TIMEOUT_S)
-        after = await post_client_body(http, proxy.url, client_body())
-
-    assert reply.status == 200, reply.text
-    assert reply.headers["x-terraphim-route"] == "b,model-b1"
-    assert stand_in_up.models() == ["model-a1", "model-b1", "model-a2"]
-    assert stand_in_up.received[1].key == provider_key("b")  # the old config's key, too
-    assert after.headers["x-terraphim-route"] == "a,model-a2"
-
-
-# ---------------------------------------------------------------------------
-# Hostile client input: property-based
-# ---------------------------------------------------------------------------
-# How the property test runs: the proxy and its stand-in are started once per test by ordinary fixtures, and
-# pytest-asyncio runs every Hypothesis example as a coroutine on that same event loop, so all examples hit
-# one long-lived proxy; that is the point ("the proxy stays up"), so the function-scoped-fixture health check
-# is switched off on purpose. The strategy draws a small *recipe* (which fields to break and how, which
-# framing, which content type) and the bytes are built from it, so a failing example prints short.
-# Hypothesis' example database is off (database=None): nothing is written into the checkout.
-
-RICH_BODY: dict = {
-    "model": ASKED_MODEL,
-    "max_tokens": 64,
-    "system": [{"type": "text", "text": "Be brief."}],
-    "messages": [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Look at this and run the check."},
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
-                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}},
-            ],
-        },
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "thinking", "thinking": "Run it.", "signature": "c2ln"},
-                {"type": "text", "text": "Running."},
-                {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "make check"}},
-            ],
-        },
-        {
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "ok"}]}
-            ],
-        },
-    ],
-    "tools": [
-        {
-            "name": "Bash",
-            "description": "Run a command",
-            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
-        }
-    ],
-    "tool_choice": {"type": "auto"},
-    "thinking": {"type": "enabled", "budget_tokens": 1024},
-    "temperature": 0.5,
-    "top_p": 0.9,
-    "top_k": 5,
-    "stop_sequences": ["END"],
-    "metadata": {"user_id": "user_1"},
-    "stream": False,
-}
-FUZZ_MODELS = [
-    ASKED_MODEL,
-    "claude-haiku-rel",
-    "oa,gpt-rel",
-    "ol,qwen-rel",
-    "gm,gemini-rel",
-    "nobody,model",
-    "oa,",
-    ",",
-    " ",
-]
-
-
-def mutation_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every path into a JSON value (dict keys and list indices)."""
-    paths = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            paths += mutation_paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            paths += mutation_paths(item, (*prefix, index))
-    return paths
-
-
-RICH_PATHS = mutation_paths(RICH_BODY)
-NESTING_PLACEHOLDER = "\x00rel-nest\x00"  # placeholder replaced by raw deep nesting after serialising
-JSON_SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats()  # NaN and Infinity too: Python's json reads them
-    | st.text(st.characters(codec="utf-8", exclude_categories=()), max_size=12)
-    | st.text(st.characters(categories=["Cs"]), max_size=2)  # lone surrogates, sent as \\udXXX escapes
-)
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-    max_leaves=8,
-)
-BODY_MUTATION = st.one_of(
-    st.tuples(st.just("replace"), st.sampled_from(RICH_PATHS), JSON_VALUES),
-    st.tuples(st.just("delete"), st.sampled_from(RICH_PATHS), st.none()),
-    st.tuples(st.just("nest"), st.sampled_from(RICH_PATHS), st.sampled_from([50, 500, 990, 5000])),
-    st.tuples(st.just("huge"), st.sampled_from(RICH_PATHS), st.sampled_from([70_000, 400_000, 1_100_000])),
-)
-FRAMING_AS_IS = st.tuples(st.just("as-is"), st.none())
-BODY_FRAMING = st.one_of(
-    FRAMING_AS_IS,  # well-formed JSON half of the time, so the broken fields reach the transformers
-    FRAMING_AS_IS,
-    FRAMING_AS_IS,
-    FRAMING_AS_IS,
-    FRAMING_AS_IS,
-    st.tuples(st.just("truncate"), st.floats(0, 1)),
-    st.tuples(
-        st.just("invalid-utf8"), st.tuples(st.floats(0, 1), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
-    ),
-    st.tuples(st.just("random-json"), JSON_VALUES),
-    st.tuples(st.just("raw-nesting"), st.sampled_from([b"[" * 100_000, b'{"a":' * 3000 + b"1" + b"}" * 3000])),
-    st.tuples(st.just("bytes"), st.binary(max_size=64)),
-)
-CONTENT_TYPES = [
-    "application/json",
-    "text/plain",
-    "application/x-www-form-urlencoded",
-    "multipart/form-data; boundary=rel",
-    "application/json; charset=latin-1",
-    None,
-]
-HOSTILE_BODIES = st.fixed_dictionaries(
-    {
-        "model": st.sampled_from(FUZZ_MODELS),
-        "stream": st.booleans(),
-        "mutations": st.lists(BODY_MUTATION, max_size=3),
-        "framing": BODY_FRAMING,
-        "content_type": st.sampled_from(CONTENT_TYPES),
-    }
-)
-
-
-def mutation_recipe(
-    model: str,
-    *mutations: tuple,
-    framing: tuple = ("as-is", None),
-    content_type: str | None = "application/json",
-    stream: bool = False,
-) -> dict:
-    return {
-        "model": model,
-        "stream": stream,
-        "mutations": list(mutations),
-        "framing": framing,
-        "content_type": content_type,
-    }
-
-
-def has_step(container: Any, step: Any) -> bool:
-    if isinstance(container, dict):
-        return step in container
-    return isinstance(container, list) and isinstance(step, int) and step < len(container)
-
-
-def apply_mutation(body: Any, kind: str, path: tuple, value: Any) -> Any:
-    """The body with one mutation applied at `path` (skipped when an earlier mutation removed the path)."""
-    if kind == "nest":
-        value = NESTING_PLACEHOLDER + str(value)
-    elif kind == "huge":
-        value = "x" * value
-    parent = body
-    for step in path[:-1]:
-        if not has_step(parent, step):
-            return body
-        parent = parent[step]
-    if not has_step(parent, path[-1]):
-        return body
-    if kind == "delete":
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = value
-    return body
-
-
-def hostile_bytes(recipe: dict) -> bytes:
-    body = json.loads(json.dumps(RICH_BODY)) | {"model": recipe["model"], "stream": recipe["stream"]}
-    for mutation in recipe["mutations"]:
-        body = apply_mutation(body, *mutation)
-    data = json.dumps(body).encode()
-    while NESTING_PLACEHOLDER.encode("unicode_escape") in data or b"\\u0000rel-nest\\u0000" in data:
-        head, _, rest = data.partition(b'"\\u0000rel-nest\\u0000')
-        depth, _, tail = rest.partition(b'"')
-        data = head + b"[" * int(depth) + b"]" * int(depth) + tail
-    how, arg = recipe["framing"]
-    if how == "truncate":
-        return data[: int(len(data) * arg)]
-    if how == "invalid-utf8":
-        cut = int(len(data) * arg[0])
-        return data[:cut] + arg[1] + data[cut:]
-    if how == "random-json":
-        return json.dumps(arg).encode()
-    if how in ("raw-nesting", "bytes"):
-        return arg
-    return data
-
-
-def assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -> None:
-    """An Anthropic error with a 4xx status, or a valid answer; never a traceback or a key."""
-    assert "Traceback" not in text
-    for secret in SECRETS:
-        assert secret not in text
-    if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
-        names = [name for name, _ in parse_sse(text, strict=False)]
-        assert names and names[0] == "message_start", names
-        assert names[-1] in ("message_stop", "error"), names
-        assert "message_stop" not in names or names.index("message_stop") == len(names) - 1
-        return
-    body = json.loads(text)  # a body, and JSON, whatever the status
-    if status == 200:
-        assert body["type"] == "message", body
-        return
-    assert 400 <= status < 500, (status, text[:500])
-    assert headers.get("content-type", "").startswith("application/json"), headers
-    assert body["type"] == "error", body
-    assert body["error"]["type"] in set(terraphim_proxy.ERROR_TYPES.values()), body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
-
-
-@pytest.fixture
-async def fuzz_proxy(stand_in_up: StandInServer, start_proxy: StartProxy) -> str:
-    """One provider of each kind at the stand-in, a proxy key, and a 1 MiB body limit."""
-    providers = [
-        provider_doc("anthropic", "anthropic", stand_in_up.url),
-        provider_doc("oa", "openai", stand_in_up.url),
-        provider_doc("ol", "ollama", stand_in_up.url),
-        provider_doc("gm", "gemini", stand_in_up.url),
-    ]
-    proxy = {"api_key": PROXY_KEY, "max_body_bytes": 1024 * 1024}
-    return await start_proxy(scripted_config(providers, "anthropic,claude-rel", proxy, {"background": "oa,gpt-rel"}))
-
-
-@settings(
-    max_examples=500,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(recipe=HOSTILE_BODIES)
-# Explicit examples: one per class of input that must always be tried (the random search finds the rest).
-@example(recipe=mutation_recipe("oa,gpt-rel", ("replace", ("messages", 1, "content", 2, "id"), None)))
-@example(recipe=mutation_recipe("ol,qwen-rel", ("replace", ("messages", 2, "content", 0, "content"), 5)))
-@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("messages", 0, "content", 1, "source"), "x")))
-@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("tools", 0, "input_schema", "required"), [[]])))
-@example(recipe=mutation_recipe(ASKED_MODEL, ("nest", ("metadata", "user_id"), 990)))
-@example(recipe=mutation_recipe(ASKED_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
-@example(recipe=mutation_recipe(ASKED_MODEL, framing=("raw-nesting", b"[" * 100_000)))
-@example(recipe=mutation_recipe(ASKED_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
-async def test_hostile_bodies_get_4xx_or_a_valid_answer(
-    fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
-) -> None:
-    data = hostile_bytes(recipe)
-    headers = {"x-api-key": PROXY_KEY}
-    skip = ()
-    if recipe["content_type"] is None:
-        skip = ("Content-Type",)
-    else:
-        headers["content-type"] = recipe["content_type"]
-
-    async with http.post(f"{fuzz_proxy}/v1/messages", data=data, headers=headers, skip_auto_headers=skip) as response:
-        text = await response.text(errors="replace")
-    CAPTURED_BODIES.append(text)
-
-    assert_sane_answer(response.status, response.headers, text)
-    async with http.get(f"{fuzz_proxy}/health") as health:
-        assert health.status == 200  # the proxy stays up
-
-
-@pytest.mark.parametrize(
-    ("head", "body", "how"),
-    [
-        pytest.param(
-            "Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "half-close", id="short-body-half-close"
-        ),
-        pytest.param("Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "close", id="short-body-close"),
-        pytest.param("Transfer-Encoding: chunked", b'40\r\n{"model": "x", "max_tok', "half-close", id="cut-chunk"),
-        pytest.param("Transfer-Encoding: chunked", b"zz\r\nnot hex\r\n0\r\n\r\n", "wait", id="bad-chunk-size"),
-        pytest.param("Content-Length: -5", b"{}", "wait", id="negative-length"),
-        pytest.param("Content-Length: 2\r\nContent-Length: 9", b"{}", "wait", id="two-lengths"),
-    ],
-)
-async def test_truncated_or_malformed_framing(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
-) -> None:
-    """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"api_key": PROXY_KEY}))
-    host, port = proxy.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    request = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {PROXY_KEY}\r\n"
-    writer.write(f"{request}Content-Type: application/json\r\n{head}\r\n\r\n".encode() + body)
-    await writer.drain()
-    if how == "half-close":
-        writer.write_eof()
-    elif how == "close":
-        writer.close()
-    answer = b"" if how == "close" else await asyncio.wait_for(reader.read(), TIMEOUT_S)
-    writer.close()
-
-    if answer:
-        status_line, _, rest = answer.partition(b"\r\n")
-        status = int(status_line.split()[1])
-        text = rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
-        CAPTURED_BODIES.append(text)
-        assert 400 <= status < 500, answer
-        assert "Traceback" not in text
-    assert stand_in_up.received == []
-    assert (await post_client_body(http, proxy, client_body(), headers={"x-api-key": PROXY_KEY})).status == 200
 
 
 # ---------------------------------------------------------------------------
@@ -6870,37 +7709,6 @@ async def test_json_answer_to_a_stream_request_becomes_sse(
 
 
 # ---------------------------------------------------------------------------
-# Keys never reach logs or responses
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("kind", WIRE_KINDS)
-async def test_upstream_echoing_the_key_does_not_leak_it(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
-) -> None:
-    """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
-    see it. A retry and a fallback put the message in the log too."""
-
-    async def echo(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        text = f"Incorrect API key provided: {seen.key}. Find your key at https://example.invalid/keys"
-        return await answer_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
-
-    stand_in_up.script = echo
-    providers = [provider_doc(kind, kind, stand_in_up.url, retries=1), provider_doc("spare", kind, stand_in_up.url)]
-    proxy = await start_proxy(
-        scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | spare,{UPSTREAM_MODEL[kind]}")
-    )
-
-    reply = await post_client_body(http, proxy, client_body(stream=stream))
-
-    message = reply.assert_error(401, "authentication_error", "Incorrect API key provided")
-    for seen in stand_in_up.received:
-        assert seen.key not in message
-    assert len(stand_in_up.received) == 3
-
-
-# ---------------------------------------------------------------------------
 # Redirects, provider URLs and image URLs
 # ---------------------------------------------------------------------------
 
@@ -7045,129 +7853,451 @@ async def test_image_fetch_refuses_local_addresses(
     assert up.received == []
 
 
-# ===========================================================================
-# Ecosystem: the OpenAI client dialect, keyword rules, router.module, session memory, /routes, /metrics,
-# --log-format json and the env, code and import-ccr commands
-# ===========================================================================
-# `ModelScriptedUpstream` is one server that speaks both upstream wire formats: Anthropic's Messages API (POST
-# /v1/messages: JSON messages, SSE events, Anthropic error bodies) and OpenAI's chat completions (POST
-# .../chat/completions: JSON completions, `data:` chunks ending in [DONE], OpenAI error bodies). It answers from
-# a per-model script.
-
-tomllib = terraphim_proxy.tomllib  # tomllib on 3.11+, tomli on 3.10
-
-SCRIPTED_PROMPT_TOKENS = 15  # the sum of SCRIPTED_USAGE's three input figures
-CHAT_UPSTREAM_KINDS = ("anthropic", "openai")  # the upstream wire formats
-CHAT_UPSTREAM_PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
-HAIKU_MODEL = "claude-haiku-4-8"  # a background (haiku) model name
-
-
-def chat_default_route(kind: str) -> str:
-    return "anthropic,model-default" if kind == "anthropic" else "openai,gpt-default"
-
-
-def text_of_content(content: Any) -> str:
-    """The text of a string, or of a list of Anthropic text blocks / OpenAI text parts."""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
-
-
 # ---------------------------------------------------------------------------
-# The proxy and its clients
+# Unreachable upstreams: tried once, named, marked down
 # ---------------------------------------------------------------------------
 
 
-def chat_config(
-    upstream_url: str,
-    *,
-    router: Mapping[str, Any] | None = None,
-    rules: list[dict] | None = None,
-    proxy: Mapping[str, Any] | None = None,
-    source: str = "test.toml",
+async def test_name_resolution_failure_is_tried_once_and_names_the_url(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # .invalid never resolves (RFC 6761): the resolver answers locally, without network traffic.
+    config = unreachable_config(scripted_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", "cannot reach down at http://upstream.invalid/v1/messages: its host name does not resolve"
+    )
+    metrics = await read_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 1}
+    assert sum(metrics.series("terraphim_retries_total").values()) == 0
+
+
+async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_falls_back(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    proxy = {"retries": 1, "retry_base_ms": 1, "cooldown_after_failures": 3, "cooldown_ms": 60_000}
+    url = await start_proxy(unreachable_config(scripted_upstream.url, down_url, proxy=proxy))
+    refused = f"cannot reach down at {down_url}/v1/messages: connection refused"
+
+    first = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # refused, retried, refused
+    second = await call(http, f"{url}/v1/messages", request())  # refused a third time: down; falls back
+    third = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # down: fails fast
+    fourth = await call(http, f"{url}/v1/messages", request())  # down: straight to the fallback
+
+    first.assert_error(502, "api_error", refused)
+    assert (second.status, second.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    third.assert_error(502, "api_error", "down is marked down for", refused)
+    assert (fourth.status, fourth.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
+    metrics = await read_metrics(http, url)
+    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 3}
+    assert metrics.series("terraphim_retries_total") == {("down", "model-down"): 1}
+    assert metrics.series("terraphim_upstream_cooldowns_total") == {("down",): 1}
+    assert 0 < metrics.value("terraphim_upstream_cooldown_seconds", provider="down") <= 60
+    health = (await call(http, f"{url}/health", method="GET")).json()
+    assert list(health["providers"]["down"]) == ["down"]
+    assert 0 < health["providers"]["down"]["down"] <= 60
+
+
+async def test_unreachable_ollama_error_asks_whether_ollama_is_running(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    down_url = closed_port_url()
+    url = await start_proxy(
+        unreachable_config(scripted_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama")
+    )
+
+    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
+
+    answer.assert_error(
+        502, "api_error", f"cannot reach down at {down_url}/api/chat: connection refused", "is Ollama running there?"
+    )
+
+
+def test_public_url_drops_user_info_query_and_fragment() -> None:
+    url = "https://user:pass-secret@gen.example:8443/v1beta/models/m:streamGenerateContent?alt=sse&key=k-secret#frag"
+
+    assert terraphim_proxy.public_url(url) == "https://gen.example:8443/v1beta/models/m:streamGenerateContent"
+
+
+# ===========================================================================
+# SSE relay
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# Streaming relay and upstream failures
+# ---------------------------------------------------------------------------
+
+
+async def test_stream_is_relayed_frame_by_frame(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
+    """The stand-in holds the rest of the stream until the client has seen the first text delta."""
+    frames = stream_frames("model-default", [{"type": "text", "text": "Hello there, streaming world."}])
+    stand_in.reply_with(Reply(frames=frames, hold_at=first_delta_index(frames) + 1))
+
+    async def consume() -> tuple[list[str], str]:
+        texts = []
+        async with sdk.messages.stream(**SDK_REQUEST) as stream:
+            async for event in stream:
+                if event.type == "text":
+                    texts.append(event.text)
+                    stand_in.release.set()
+            return texts, (await stream.get_final_message()).content[0].text
+
+    texts, final = await asyncio.wait_for(consume(), TIMEOUT_S)
+
+    assert texts == pieces("Hello there, streaming world.")
+    assert final == "Hello there, streaming world."
+
+
+async def test_stream_bytes_are_passed_through(stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession) -> None:
+    stand_in.reply_with(Reply(frames=EXAMPLE_FRAMES))
+
+    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
+
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.text.encode() == b"".join(EXAMPLE_FRAMES)
+
+
+async def test_client_disconnect_cancels_the_upstream_stream(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    frames = stream_frames("model-default", [{"type": "text", "text": "a long answer that the client abandons"}])
+    stand_in.reply_with(Reply(frames=frames, hold_at=first_delta_index(frames) + 1))
+
+    await abandon_stream(http, proxy_url, request(stream=True))
+
+    await wait_set(stand_in.gone)
+
+
+UPSTREAM_ERRORS = [
+    (400, "invalid_request_error"),
+    (401, "authentication_error"),
+    (403, "permission_error"),
+    (404, "not_found_error"),
+    (429, "rate_limit_error"),
+    (500, "api_error"),
+    (529, "overloaded_error"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("status", "error_type"), UPSTREAM_ERRORS)
+async def test_upstream_error_keeps_status_and_type(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, stream: bool, status: int, error_type: str
+) -> None:
+    headers = {"retry-after": "7"} if status in (429, 529) else {}
+    stand_in.reply_with(anthropic_error(status, error_type, "upstream says no", headers))
+
+    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=stream))
+
+    answer.assert_error(status, error_type, "anthropic", str(status), "upstream says no")
+    assert answer.headers.get("retry-after") == headers.get("retry-after")
+
+
+async def test_upstream_html_error_page_is_summarised(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+    stand_in.reply_with(Reply(502, raw=page, content_type="text/html"))
+
+    answer = await call(http, f"{proxy_url}/v1/messages", request())
+
+    error_types = {502: "api_error", 529: "overloaded_error"}  # a bad gateway may be reported as overloaded
+    assert answer.status in error_types, answer.text
+    text = answer.assert_error(answer.status, error_types[answer.status], "anthropic", "502")
+    assert "<" not in text
+    assert "Bad Gateway</" not in text
+
+
+TRUNCATED_TEXTS = [
+    pytest.param("Partial answer", id="plain"),
+    pytest.param("The relay ends at event: message_stop", id="text-mentions-message-stop"),
+]
+
+
+@pytest.mark.parametrize("text", TRUNCATED_TEXTS)
+async def test_stream_cut_before_message_stop_ends_in_error_event(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, text: str
+) -> None:
+    stand_in.reply_with(
+        Reply(frames=stream_frames("model-default", [{"type": "text", "text": text}], finish=False, size=100))
+    )
+
+    answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
+
+    events = parse_sse(answer.text)
+    assert answer.status == 200
+    assert events[0][0] == "message_start"
+    assert "content_block_delta" in [name for name, _ in events]
+    name, data = events[-1]
+    assert name == "error", events[-1]
+    assert data["type"] == "error"
+    assert data["error"]["type"] == "api_error"
+    assert "anthropic" in data["error"]["message"]
+    assert "message_stop" in data["error"]["message"]
+
+
+async def test_sdk_raises_on_cut_stream(stand_in: StandIn, sdk: anthropic.AsyncAnthropic) -> None:
+    stand_in.reply_with(
+        Reply(frames=stream_frames("model-default", [{"type": "text", "text": "Partial"}], finish=False))
+    )
+
+    with pytest.raises(anthropic.APIError, match="message_stop"):
+        async with sdk.messages.stream(**SDK_REQUEST) as stream:
+            await stream.get_final_message()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_upstream_down_gives_502(start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool) -> None:
+    url = await start_proxy(make_config(closed_port_url()))
+
+    answer = await call(http, f"{url}/v1/messages", request(stream=stream))
+
+    answer.assert_error(502, "api_error", "anthropic")
+
+
+# ---------------------------------------------------------------------------
+# A failure once streaming has begun: an error event, then the end; never message_stop
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", WIRE_KINDS)
+async def test_mid_stream_cut_becomes_an_error_event_within_100ms(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str
+) -> None:
+    stand_in_up.script = stream_script(upto=2, then="cut")
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url, retries=2))
+
+    reply = await post_client_body(http, proxy, client_body(stream=True))
+
+    reply.stream_error(kind)
+    texts = [data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta"]
+    assert "".join(texts) == SCRIPTED_TEXT[:16]
+    assert reply.times[-1] - stand_in_up.fault_at < 0.1, reply.times[-1] - stand_in_up.fault_at
+    assert reply.ended == "eof"  # the proxy ended its own response properly
+    assert len(stand_in_up.received) == 1  # bytes had gone to the client: no retry
+
+
+async def test_sdk_raises_on_a_mid_stream_failure(stand_in_up: StandInServer, start_proxy: StartProxy) -> None:
+    stand_in_up.script = stream_script(upto=2, then="cut")
+    proxy = await start_proxy(single_provider_config("openai", stand_in_up.url))
+    texts = []
+
+    async with anthropic_client(proxy) as sdk:
+        with pytest.raises(anthropic.APIStatusError, match="openai") as caught:
+            async with sdk.messages.stream(**client_body()) as events:
+                async for event in events:
+                    if event.type == "text":
+                        texts.append(event.text)
+
+    CAPTURED_BODIES.append(str(caught.value))
+    assert "".join(texts) == SCRIPTED_TEXT[:16]
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "ollama"])
+async def test_transport_fault_after_the_end_marker_is_not_a_failure(
+    stand_in_up: StandInServer, start_proxy: StartProxy, kind: str
+) -> None:
+    """The whole answer, its end marker included, then the connection breaks: the client has a complete
+    message and must not get an error event after message_stop (the SDK would raise)."""
+    stand_in_up.script = stream_script(then="cut")
+    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
+
+    async with anthropic_client(proxy) as sdk, sdk.messages.stream(**client_body()) as events:
+        names = [event.type async for event in events]
+        final = await events.get_final_message()
+
+    assert names[-1] == "message_stop", names
+    assert final.content[0].text == SCRIPTED_TEXT
+
+
+# ---------------------------------------------------------------------------
+# Client disconnects: the upstream request is cancelled and its connection closed within 100 ms
+# ---------------------------------------------------------------------------
+
+
+async def raw_request(url: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send POST /v1/messages over a plain socket, so the test decides exactly when the client goes away."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = json.dumps(body).encode()
+    head = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(data)}\r\n\r\n"
+    writer.write(head.encode() + data)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+    seen = b""
+    while marker not in seen:
+        chunk = await asyncio.wait_for(reader.read(65536), TIMEOUT_S)
+        assert chunk, f"connection ended before {marker!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("phase", ["waiting-json", "waiting-stream", "mid-stream"])
+async def test_client_disconnect_closes_the_upstream_within_100ms(
+    stand_in_up: StandInServer, start_proxy: StartProxy, phase: str
+) -> None:
+    stand_in_up.script = stream_script(upto=1, then="hang") if phase == "mid-stream" else never_answer
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url))
+    reader, writer = await raw_request(proxy, client_body(stream=phase != "waiting-json"))
+    if phase == "mid-stream":
+        await read_until(reader, b"text_delta")
+    else:
+        await wait_set(stand_in_up.arrived)
+
+    with log_waiter("outcome=client_closed") as logged:
+        closed_at = time.monotonic()
+        writer.close()  # the client goes away (FIN), as a killed Claude Code would
+        await wait_set(stand_in_up.gone)
+        await wait_set(logged)
+
+    assert stand_in_up.gone_at - closed_at < 0.1, stand_in_up.gone_at - closed_at
+    assert len(stand_in_up.received) == 1
+
+
+async def test_client_disconnect_during_backoff_stops_the_retries(
+    stand_in_up: StandInServer, start_proxy: StartProxy
+) -> None:
+    """The first attempt failed and the proxy waits >= 10 s before the next: the client leaves meanwhile."""
+    stand_in_up.script = answer_status(503)
+    proxy = await start_proxy(
+        single_provider_config("anthropic", stand_in_up.url, {"retry_base_ms": 20_000}, retries=3)
+    )
+    with log_waiter("retry 1 on") as backing_off:
+        _, writer = await raw_request(proxy, client_body())
+        await wait_set(backing_off)
+
+    with log_waiter("outcome=client_closed") as logged:
+        closed_at = time.monotonic()
+        writer.close()
+        await wait_set(logged)
+        noticed = time.monotonic() - closed_at
+
+    assert noticed < 5.0, f"noticed {noticed:.3f} s after the client left; the backoff lasts >= 10 s"
+    assert len(stand_in_up.received) == 1
+
+
+async def test_disconnect_frees_the_in_flight_slot(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    stand_in_up.script = stream_script(upto=1, then="hang")
+    config = single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}, max_in_flight=1)
+    proxy = await start_proxy(config)
+    await abandon_stream(http, proxy, client_body(stream=True))
+    await wait_set(stand_in_up.gone)
+    stand_in_up.script = answer_ok
+
+    reply = await post_client_body(http, proxy, client_body())
+
+    assert reply.status == 200, reply.text
+
+
+# ---------------------------------------------------------------------------
+# Keep-alive pings while an upstream is silent
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hold_at", [0, 1], ids=["before-first-upstream-byte", "after-message-start"])
+async def test_silent_pass_through_stream_gets_ping_events(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, hold_at: int
+) -> None:
+    # The upstream's own ping is left out; its model is the client's, as the proxy rewrites message_start.
+    frames = [f for f in stream_frames(CLIENT_MODEL, [{"type": "text", "text": STANDIN_TEXT}]) if b"ping" not in f]
+    stand_in.reply_with(Reply(frames=frames, hold_at=hold_at))  # silent until the test sees a ping
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status, route = response.status, response.headers["x-terraphim-route"]
+
+    assert (status, route) == (200, "anthropic,model-default")
+    events = parse_sse(text)
+    names = [name for name, _ in events]
+    first_ping = names.index("ping")
+    assert first_ping == hold_at  # the pings fill the silence: before the first frame, or after message_start
+    assert [event for event in events if event[0] != "ping"] == parse_sse(b"".join(frames).decode())
+    assert all(data == {"type": "ping"} for name, data in events if name == "ping")
+
+
+async def test_silent_translated_stream_gets_ping_events(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    scripted_upstream.queue("model-x", ScriptedAnswer(hold=True))  # OpenAI chunks: the first text, then silence
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, scripted_upstream.release)
+
+    names = [name for name, _ in parse_sse(text)]
+    assert "ping" in names[names.index("content_block_delta") :]  # in the silence after the first text
+    assert [name for name in names if name != "ping"][-2:] == ["message_delta", "message_stop"]
+    pieces = [data["delta"]["text"] for name, data in parse_sse(text) if name == "content_block_delta"]
+    assert "".join(pieces) == STANDIN_TEXT
+
+
+async def test_silent_openai_dialect_stream_gets_comment_pings(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    scripted_upstream.queue("model-default", ScriptedAnswer(hold=True))
+    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
+    body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", scripted_upstream.release)
+
+    frames = [frame for frame in text.split("\n\n") if frame]
+    assert ": ping" in frames and "event: ping" not in text
+    data = [frame.removeprefix("data: ") for frame in frames if frame != ": ping"]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == STANDIN_TEXT
+
+
+async def test_failure_after_pings_began_the_stream_is_an_error_event(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    stand_in.reply_with(Reply(frames=[b""], hold_at=0))  # headers, silence until the ping, then an empty stream
+    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
+
+    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
+        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
+        status = response.status
+
+    events = parse_sse(text)
+    assert status == 200
+    assert {name for name, _ in events[:-1]} == {"ping"}
+    name, data = events[-1]
+    assert (name, data["error"]["type"]) == ("error", "api_error")
+    assert "anthropic did not answer with an event stream" in data["error"]["message"]
+
+
+# ---- unreachable upstreams: no retry of a name that does not resolve, a cool-down after failed connections
+
+
+def unreachable_config(
+    upstream_url: str, down_url: str, *, proxy: Mapping[str, Any], down_type: str = "anthropic"
 ) -> terraphim_proxy.Config:
-    """Providers at the stand-in (anthropic, openai, pinned with a models list), one disabled (offline) and one
-    whose port is closed (down); ROUTES, overridable per scenario (None removes one)."""
-    at_stand_in = {"type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"}
+    """`down` (at an address that cannot be reached) first, the stand-in as the fallback of the default route."""
     providers = [
-        {**at_stand_in, "name": "anthropic"},
-        {"name": "openai", "type": "openai", "api_base_url": f"{upstream_url}/v1", "api_key": "$OPENAI_API_KEY"},
-        {**at_stand_in, "name": "pinned", "models": ["model-pinned-a", "model-pinned-b"]},
-        {**at_stand_in, "name": "offline", "api_key": "${UNSET_TEST_KEY}", "models": ["model-offline"]},
-        {**at_stand_in, "name": "down", "api_base_url": closed_port_url()},
+        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
+        {"name": "down", "type": down_type, "api_base_url": down_url, "api_key": "${ANTHROPIC_API_KEY}"},
     ]
-    routes = {**ROUTES, "long_context_threshold": SMALL_THRESHOLD, **(router or {})}
-    if rules:
-        routes["rules"] = rules
-    data = {
-        "proxy": {"retries": 0, **(proxy or {})},
-        "router": {key: value for key, value in routes.items() if value is not None},
-        "providers": providers,
-    }
-    return build_config(data, source)
+    router = {"default": "down,model-down | anthropic,model-backup", "background": "down,model-down"}
+    return build_config({"proxy": dict(proxy), "router": router, "providers": providers})
 
 
-@pytest.fixture
-async def scripted_upstream() -> AsyncIterator[ModelScriptedUpstream]:
-    async with running(ModelScriptedUpstream()) as server:
-        yield server
-
-
-@pytest.fixture
-def request_log_lines(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict]]:
-    """The proxy's request log lines so far, as their fields (what --log-format json writes)."""
-    caplog.set_level(logging.INFO, logger="terraphim_proxy")
-    return lambda: [{**r.fields, "message": r.getMessage()} for r in caplog.records if hasattr(r, "fields")]
-
-
-@dataclass
-class ChatOutcome:
-    """What an openai SDK client got back from one chat completion, streamed or not."""
-
-    text: str
-    calls: list[dict]
-    finish: str | None
-    usage: Any
-    model: str
-    headers: Mapping[str, str]
-
-
-async def sdk_chat_completion(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> ChatOutcome:
-    """One chat completion via the SDK; a stream asks for include_usage and is checked chunk by chunk."""
-    kwargs = {"model": "gpt-4o", "max_tokens": 100, **kwargs}
-    if not stream:
-        raw = await client.chat.completions.with_raw_response.create(**kwargs)
-        completion = raw.parse()
-        assert completion.object == "chat.completion"
-        choice = completion.choices[0]
-        calls = [call.model_dump() for call in choice.message.tool_calls or ()]
-        text = choice.message.content or ""
-        return ChatOutcome(text, calls, choice.finish_reason, completion.usage, completion.model, raw.headers)
-    options = {"include_usage": True}
-    raw = await client.chat.completions.with_raw_response.create(stream=True, stream_options=options, **kwargs)
-    chunks = [chunk async for chunk in raw.parse()]
-    assert chunks, "empty stream"
-    assert {chunk.id for chunk in chunks} == {chunks[0].id}
-    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
-    usage_chunk = chunks[-1]
-    assert usage_chunk.choices == [] and usage_chunk.usage is not None, usage_chunk
-    assert all(chunk.usage is None and len(chunk.choices) == 1 for chunk in chunks[:-1])
-    finishes = [chunk.choices[0].finish_reason for chunk in chunks[:-1] if chunk.choices[0].finish_reason]
-    assert len(finishes) == 1, finishes
-    text, calls = "", {}
-    for chunk in chunks[:-1]:
-        delta = chunk.choices[0].delta
-        text += delta.content or ""
-        for fragment in delta.tool_calls or ():
-            call = calls.setdefault(fragment.index, {"id": None, "type": "function", "function": {}})
-            call["id"] = call["id"] or fragment.id
-            function = call["function"]
-            if fragment.function and fragment.function.name:
-                function["name"] = fragment.function.name
-            if fragment.function and fragment.function.arguments:
-                function["arguments"] = function.get("arguments", "") + fragment.function.arguments
-    ordered = [calls[index] for index in sorted(calls)]
-    return ChatOutcome(text, ordered, finishes[0], usage_chunk.usage, chunks[0].model, raw.headers)
+# ===========================================================================
+# Client dialects
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -7528,463 +8658,350 @@ async def test_openai_requests_are_routed_like_messages(
         assert system["role"] == "system" and text_of_content(system["content"]) == "You review."
 
 
+# ===========================================================================
+# State and metrics
+# ===========================================================================
+
+
 # ---------------------------------------------------------------------------
-# Keyword rules
+# Concurrency and rate limits
 # ---------------------------------------------------------------------------
 
-ROUTER_RULES = [  # in config order; the router orders them by priority
-    {"name": "cpp", "keywords": ["c++", "C#"], "route": "anthropic,model-cpp"},
-    {"name": "rust", "keywords": ["rust", "cargo"], "route": "anthropic,model-rust", "priority": 1},
-    {"name": "ship", "keywords": ["deploy"], "pattern": "ship ?it", "route": "anthropic,model-ship", "priority": 2},
-    {"name": "ticket", "pattern": r"\bURGENT-\d+\b", "route": "anthropic,model-urgent", "priority": 5},
-    {"name": "local", "keywords": ["offline"], "route": "offline,model-offline", "priority": 10},
-    {"name": "spare", "keywords": ["spare"], "route": "offline,model-offline | pinned,model-pinned-a", "priority": 3},
-]
+
+async def test_global_max_in_flight(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
+    held = await stream_in_background(http, proxy)
+
+    async with anthropic_client(proxy) as sdk:
+        with pytest.raises(anthropic.RateLimitError, match="max_in_flight") as caught:
+            await sdk.messages.create(**client_body())
+    CAPTURED_BODIES.append(caught.value.response.text)
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert len(stand_in_up.received) == 1
+
+    stand_in_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert (await post_client_body(http, proxy, client_body())).status == 200  # the slot is free again
 
 
-def rule_case(case_id: str, body: dict, route: str, scenario: str | None = None) -> Any:
-    rule = re.fullmatch(r"anthropic,model-(cpp|rust|ship|urgent)", route)
-    names = {"cpp": "cpp", "rust": "rust", "ship": "ship", "urgent": "ticket"}
-    expected = scenario or (f"rule:{names[rule.group(1)]}" if rule else "default")
-    return pytest.param(body, route, expected, id=case_id)
-
-
-RULE_CASES = [
-    rule_case("keyword", request("How do I write rust macros?"), "anthropic,model-rust"),
-    rule_case("keyword-case-insensitive", request("CARGO build fails"), "anthropic,model-rust"),
-    rule_case("keyword-second-of-list", request("Is cargo slow?"), "anthropic,model-rust"),
-    rule_case("word-boundary-trust", request("I trust you"), "anthropic,model-default"),
-    rule_case("word-boundary-rusty", request("a rusty nail"), "anthropic,model-default"),
-    rule_case("symbols-c++", request("Explain c++ templates"), "anthropic,model-cpp"),
-    rule_case("symbols-at-end", request("I write C++"), "anthropic,model-cpp"),
-    rule_case("symbols-c#", request("is c# managed?"), "anthropic,model-cpp"),
-    rule_case("symbols-inside-word", request("the abc++ operator"), "anthropic,model-default"),
-    rule_case("symbols-not-c", request("grade c only"), "anthropic,model-default"),
-    rule_case("priority-beats-config-order", request("port c++ to rust"), "anthropic,model-rust"),
-    rule_case("priority-pattern-first", request("URGENT-42: rust deploy broke"), "anthropic,model-urgent"),
-    rule_case("pattern", request("ok, ship it"), "anthropic,model-ship"),
-    rule_case("pattern-no-space", request("shipit!"), "anthropic,model-ship"),
-    rule_case("pattern-or-keyword", request("Deploy now"), "anthropic,model-ship"),
-    rule_case("pattern-is-case-sensitive", request("urgent-42"), "anthropic,model-default"),
-    rule_case("disabled-provider-falls-through", request("work offline"), "anthropic,model-default"),
-    rule_case("disabled-provider-next-rule", request("offline rust"), "anthropic,model-rust"),
-    rule_case("disabled-target-skipped", request("a spare one"), "pinned,model-pinned-a", "rule:spare"),
-    rule_case(
-        "last-user-message-only",
-        {
-            **request(),
-            "messages": [
-                {"role": "user", "content": "Tell me about rust"},
-                {"role": "assistant", "content": "Rust is a language."},
-                {"role": "user", "content": "thanks"},
-            ],
-        },
-        "anthropic,model-default",
-    ),
-    rule_case(
-        "text-blocks",
-        request([{"type": "text", "text": "see"}, {"type": "text", "text": "rust"}]),
-        "anthropic,model-rust",
-    ),
-    rule_case("rule-before-image", request([IMAGE, {"type": "text", "text": "rust?"}]), "anthropic,model-rust"),
-    rule_case(
-        "image-without-keyword",
-        request([IMAGE, {"type": "text", "text": "what?"}]),
-        "anthropic,model-image",
-        "image",
-    ),
-    rule_case("rule-before-background", request("rust", model=HAIKU_MODEL), "anthropic,model-rust"),
-    rule_case(
-        "rule-before-think",
-        request("rust", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}),
-        "anthropic,model-rust",
-    ),
-    rule_case("explicit-first", request("rust", model="pinned,model-pinned-b"), "pinned,model-pinned-b", "explicit"),
-    rule_case("long-context-first", request(LONG_TEXT + " rust"), "anthropic,model-long", "long_context"),
-    rule_case(
-        "subagent-first",
-        request("rust", system="<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>Review."),
-        "anthropic,model-sub",
-        "subagent",
-    ),
-]
-
-
-@pytest.mark.parametrize(("body", "route", "scenario"), RULE_CASES)
-async def test_keyword_rules(
-    scripted_upstream: ModelScriptedUpstream,
+@pytest.mark.parametrize("fallback", [True, False], ids=["falls-back", "single-target"])
+async def test_provider_max_in_flight(
+    stand_ins: StandInFactory,
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
-    request_log_lines: Callable[[], list[dict]],
-    body: dict,
-    route: str,
-    scenario: str,
+    fallback: bool,
 ) -> None:
-    url = await start_proxy(chat_config(scripted_upstream.url, rules=ROUTER_RULES))
+    a, b = await stand_ins(), await stand_ins()
+    a.script = stream_script(hold_at=1)
+    providers = [provider_doc("a", "anthropic", a.url, max_in_flight=1), provider_doc("b", "anthropic", b.url)]
+    proxy = await start_proxy(scripted_config(providers, "a,model-a | b,model-b"))
+    held = await stream_in_background(http, proxy)
 
-    async with http.post(f"{url}/v1/messages", json=body) as response:
-        assert response.status == 200, await response.text()
-        header = response.headers["x-terraphim-route"]
+    reply = await post_client_body(http, proxy, client_body(model=ASKED_MODEL if fallback else "a,model-a"))
 
-    assert header == route
-    assert scripted_upstream.last.body["model"] == route.split(",")[1]
-    [line] = request_log_lines()
-    assert (line["scenario"], f"{line['provider']},{line['model']}") == (scenario, route)
-    assert f" scenario={scenario} " in line["message"]
-
-
-VALID_TOML = """
-[router]
-default = "anthropic,model-default"
-
-[[providers]]
-name = "anthropic"
-api_key = "sk-ant-check"
-"""
-
-
-def rule_toml(**rule: Any) -> str:
-    lines = [f"{key} = {json.dumps(value)}" for key, value in rule.items()]
-    return VALID_TOML + "\n[[router.rules]]\n" + "\n".join(lines) + "\n"
-
-
-RULE_MISTAKES = [
-    pytest.param(
-        rule_toml(name="r", pattern="([a-z", route="anthropic,x"),
-        "router.rules[0].pattern: ",
-        "invalid regular expression",
-        id="bad-regex",
-    ),
-    pytest.param(rule_toml(name="r", keywords=["rust"]), "router.rules[0].route: ", "required", id="no-route"),
-    pytest.param(rule_toml(keywords=["rust"], route="anthropic,x"), "router.rules[0].name: ", "required", id="no-name"),
-    pytest.param(
-        rule_toml(name="r", route="anthropic,x"),
-        "router.rules[0]: ",
-        "needs keywords, a pattern, or both",
-        id="no-keywords-no-pattern",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=[], pattern="", route="anthropic,x"),
-        "router.rules[0]: ",
-        "needs keywords, a pattern, or both",
-        id="empty-keywords-and-pattern",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=["rust"], route="nobody,x"),
-        "router.rules[0].route: ",
-        "unknown provider 'nobody'",
-        id="unknown-provider",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=["rust"], route="anthropic"),
-        "router.rules[0].route: ",
-        "not of the form 'provider,model'",
-        id="route-without-model",
-    ),
-    # One mistake, one line: a mistyped keywords must not also say the rule "needs keywords".
-    pytest.param(
-        rule_toml(name="r", keywords="rust", route="anthropic,x"),
-        "router.rules[0].keywords: ",
-        "expected an array",
-        id="keywords-string",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=["rust", 7], route="anthropic,x"),
-        "router.rules[0].keywords[1]: ",
-        "expected a string",
-        id="keyword-not-string",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=["rust"], route="anthropic,x", priority="high"),
-        "router.rules[0].priority: ",
-        "expected an integer",
-        id="priority-string",
-    ),
-    pytest.param(
-        rule_toml(name="r", keywords=["rust"], route="anthropic,x", model="m"),
-        "router.rules[0].model: ",
-        "unknown key",
-        id="unknown-key",
-    ),
-    pytest.param(
-        VALID_TOML.replace("[router]", '[router]\nrules = ["rust"]'),
-        "router.rules[0]: ",
-        "expected a table",
-        id="rule-not-table",
-    ),
-    # An empty keyword would match at any non-word boundary, i.e. nearly every message.
-    pytest.param(
-        rule_toml(name="r", keywords=[""], route="anthropic,x"),
-        "router.rules[0].keywords",
-        "",
-        id="empty-keyword",
-    ),
-]
-
-
-@pytest.mark.parametrize(("text", "key", "problem"), RULE_MISTAKES)
-def test_rule_config_mistake(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, problem: str
-) -> None:
-    path = tmp_path / "rules.toml"
-    path.write_text(text)
-
-    code, out, err = run_check(path, capsys)
-
-    assert_one_problem(code, out, err, str(path), key, problem)
-
-
-def test_rules_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "rules.toml"
-    path.write_text(rule_toml(name="cpp", keywords=["c++", "rust"], pattern="ship ?it", route="anthropic,x"))
-
-    code, out, err = run_check(path, capsys)
-
-    assert code == 0, err
-    [line] = [line for line in out.splitlines() if line.strip().startswith("rule ")]
-    assert "cpp" in line and "anthropic,x" in line and "c++, rust /ship ?it/" in line
-    assert out.index("subagent") < out.index("rule cpp") < out.index("image")
-
-
-# ---------------------------------------------------------------------------
-# router.module: a custom router file
-# ---------------------------------------------------------------------------
-
-ROUTER_FILE = """
-def route(request, hints):
-    content = request["messages"][-1]["content"]
-    text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content)
-    if "crash" in text:
-        raise RuntimeError("router exploded")
-    if "unknown" in text:
-        return "nobody,model-x"
-    if "disabled" in text:
-        return "offline,model-offline"
-    if "number" in text:
-        return 42
-    if "hints" in text:
-        flags = [hints["session_id"], hints["is_background"], hints["token_count"] > 0, hints["has_images"]]
-        return "anthropic,model-" + "-".join(str(flag).lower() for flag in flags)
-    if "custom" in text:
-        return "openai,gpt-custom"
-    return None
-"""
-SESSION_USER = json.dumps({"device_id": "dev-1", "account_uuid": "", "session_id": "sess-a"})
-
-
-def module_case(case_id: str, body: dict, route: str, scenario: str, warning: str = "") -> Any:
-    return pytest.param(body, route, scenario, warning, id=case_id)
-
-
-ROUTER_MODULE_CASES = [
-    module_case("string-wins", request("custom please"), "openai,gpt-custom", "custom"),
-    module_case("before-rules", request("custom rust"), "openai,gpt-custom", "custom"),
-    module_case("before-explicit", request("custom", model="pinned,model-pinned-a"), "openai,gpt-custom", "custom"),
-    module_case("before-long-context", request(LONG_TEXT + " custom"), "openai,gpt-custom", "custom"),
-    module_case(
-        "gets-hints",
-        request(
-            [IMAGE, {"type": "text", "text": "hints"}],
-            model=HAIKU_MODEL,
-            metadata={"user_id": SESSION_USER},
-        ),
-        "anthropic,model-sess-a-true-true-true",
-        "custom",
-    ),
-    module_case("none-falls-to-rules", request("rust"), "anthropic,model-rust", "rule:rust"),
-    module_case("none-falls-to-default", request("hello"), "anthropic,model-default", "default"),
-    module_case("raises", request("crash rust"), "anthropic,model-rust", "rule:rust", "RuntimeError: router exploded"),
-    module_case(
-        "unknown-provider", request("unknown"), "anthropic,model-default", "default", "unknown provider 'nobody'"
-    ),
-    module_case(
-        "disabled-provider",
-        request("disabled"),
-        "anthropic,model-default",
-        "default",
-        "provider 'offline' is disabled",
-    ),
-    module_case("not-a-string", request("number"), "anthropic,model-default", "default", "returned int"),
-]
-
-
-@pytest.mark.parametrize(("body", "route", "scenario", "warning"), ROUTER_MODULE_CASES)
-async def test_router_module(
-    tmp_path: Path,
-    scripted_upstream: ModelScriptedUpstream,
-    start_proxy: StartProxy,
-    http: aiohttp.ClientSession,
-    request_log_lines: Callable[[], list[dict]],
-    caplog: pytest.LogCaptureFixture,
-    body: dict,
-    route: str,
-    scenario: str,
-    warning: str,
-) -> None:
-    (tmp_path / "router.py").write_text(ROUTER_FILE)
-    config = chat_config(
-        scripted_upstream.url,
-        router={"module": "router.py"},  # relative to the config file
-        rules=[{"name": "rust", "keywords": ["rust"], "route": "anthropic,model-rust"}],
-        source=str(tmp_path / "test.toml"),
-    )
-    url = await start_proxy(config)
-
-    async with http.post(f"{url}/v1/messages", json=body) as response:
-        assert response.status == 200, await response.text()
-        assert response.headers["x-terraphim-route"] == route
-
-    assert scripted_upstream.last.body["model"] == route.split(",")[1]
-    [line] = request_log_lines()
-    assert line["scenario"] == scenario
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    if warning:
-        assert any("router.module" in w and warning in w and "built-in rules" in w for w in warnings), warnings
+    if fallback:
+        assert reply.status == 200, reply.text
+        assert reply.headers["x-terraphim-route"] == "b,model-b"
+        assert len(b.received) == 1
     else:
-        assert not any("router.module" in w for w in warnings), warnings
+        reply.assert_error(429, "rate_limit_error", "a", "max_in_flight")
+        assert int(reply.headers["retry-after"]) >= 1
+        assert b.received == []
+    assert len(a.received) == 1
+    a.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
 
 
-BAD_CUSTOM_ROUTERS = [
-    pytest.param(None, "cannot load", id="missing-file"),
-    pytest.param("def route(request, hints)\n    return None\n", "SyntaxError", id="syntax-error"),
-    pytest.param("def choose(request, hints):\n    return None\n", "defines no function route", id="no-route"),
-    pytest.param("route = 'anthropic,x'\n", "defines no function route", id="route-not-callable"),
-    pytest.param("raise ImportError('needs numpy')\n", "ImportError: needs numpy", id="fails-on-import"),
-]
-
-
-@pytest.mark.parametrize(("source", "problem"), BAD_CUSTOM_ROUTERS)
-def test_router_module_load_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str | None, problem: str
+async def test_rate_limit_per_client_key(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    if source is not None:
-        (tmp_path / "router.py").write_text(source)
-    path = tmp_path / "test.toml"
-    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
+    config = single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 3, "api_key": PROXY_KEY})
+    proxy = await start_proxy(config)
+    key = {"x-api-key": PROXY_KEY}
 
-    code, out, err = run_check(path, capsys)
+    replies = [await post_client_body(http, proxy, client_body(), headers=key) for _ in range(4)]
 
-    assert_one_problem(code, out, err, str(path), "router.module: ", str(tmp_path / "router.py"), problem)
-
-
-def test_router_module_in_check_routing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "router.py").write_text(ROUTER_FILE)
-    path = tmp_path / "test.toml"
-    path.write_text(VALID_TOML.replace("[router]", '[router]\nmodule = "router.py"'))
-
-    code, out, err = run_check(path, capsys)
-
-    assert code == 0, err
-    routes = out.split("routes (first match wins):")[1].splitlines()
-    assert routes[1].split() == [
-        "module",
-        "router.py:",
-        "route(request,",
-        "hints),",
-        "when",
-        "it",
-        "returns",
-        "a",
-        "route",
-    ]
+    assert [reply.status for reply in replies[:3]] == [200, 200, 200]
+    replies[3].assert_error(429, "rate_limit_error", "3 requests per minute")
+    assert 1 <= int(replies[3].headers["retry-after"]) <= 20  # a token comes back every 60/3 s
+    assert len(stand_in_up.received) == 3
+    async with anthropic_client(proxy, PROXY_KEY) as sdk:
+        with pytest.raises(anthropic.RateLimitError):
+            await sdk.messages.create(**client_body())
+    assert len(stand_in_up.received) == 3
 
 
 # ---------------------------------------------------------------------------
-# Session memory: the upstream's own input count of a session's last answer
+# Resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
 # ---------------------------------------------------------------------------
 
 
-def claude_code_user_id(session: str, style: str) -> str:
-    if style == "json":
-        return json.dumps({"device_id": "dev-1", "account_uuid": "acct-1", "session_id": session})
-    return f"user_{'a' * 64}_account_acct-1_session_{session}"
+def lim_raw_body(*texts: str) -> terraphim_proxy.RawBody:
+    """A Messages body with one user message per text, parsed as the proxy parses what it receives."""
+    messages = [{"role": "user", "content": text} for text in texts]
+    return terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode())
 
 
-async def session_request(url: str, client: str, stream: bool, user_id: str) -> str:
-    """One small request of a session; returns the route the proxy chose."""
-    if client == "openai":
-        async with openai_client(url) as sdk:
-            chat = await sdk_chat_completion(sdk, stream, user=user_id, messages=[{"role": "user", "content": "small"}])
-        return chat.headers["x-terraphim-route"]
-    async with anthropic_client(url) as sdk:
-        args = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
-        args["metadata"] = {"user_id": user_id}
-        if stream:
-            async with sdk.messages.stream(**args) as events:
-                await events.get_final_message()
-                return events.response.headers["x-terraphim-route"]
-        raw = await sdk.messages.with_raw_response.create(**args)
-        await raw.parse()
-        return raw.headers["x-terraphim-route"]
+async def test_token_cache_keeps_a_reused_entry_when_full() -> None:
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=2)
+    system, first, second = "the system prompt, reused every turn", "turn one", "turn two"
+    await counter.count(lim_raw_body(system, first))
+    await counter.count(lim_raw_body(system, second))  # the full cache evicts `first`, used least recently
+
+    reused = lim_raw_body(system)
+    key = reused.key_of(reused.message_spans[0])
+    assert key in counter.cache
+    assert lim_raw_body(first).key_of(lim_raw_body(first).message_spans[0]) not in counter.cache
+    assert len(counter.cache) == 2
 
 
-@pytest.mark.parametrize(
-    ("client", "style", "stream"),
-    [
-        ("anthropic", "json", False),
-        ("anthropic", "json", True),
-        ("anthropic", "legacy", False),
-        ("openai", "json", False),
-        ("openai", "json", True),
-    ],
-)
-async def test_session_memory_routes_long_context(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, client: str, style: str, stream: bool
+async def test_token_cache_survives_concurrent_large_counts_when_full() -> None:
+    """Large counts run in threads while others read the cache on the loop; a full cache evicts on every miss.
+    A short switch interval lets the threads interleave between any two bytecodes, as a busy server may."""
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=8)
+    shared = lim_raw_body(*(f"shared {i}" for i in range(8)))
+    parts = terraphim_proxy.THREAD_ENCODE_MIN // 64
+    bodies = [lim_raw_body(*(f"{i} {j} " + "x" * 64 for j in range(parts))) for i in range(32)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(4):
+            counts = await asyncio.gather(*(counter.count(body) for body in [*bodies, *[shared] * 32]))
+            assert all(count > 0 for count in counts)
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(counter.cache) <= 8
+
+
+async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, asyncio.StreamWriter]:
+    """POST `path` announcing a `length`-byte body of which only a few bytes are sent; the answer's head, read
+    while the rest of the body is still owed."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode() + b'{"model": "')
+    await writer.drain()
+    return await read_until(reader, b"\r\n\r\n"), writer
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
+async def test_max_in_flight_refuses_before_reading_the_body(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
 ) -> None:
-    url = await start_proxy(chat_config(scripted_upstream.url))
-    # Each figure is under the threshold; only their sum (the prompt's size) is over it.
-    large = {
-        "input_tokens": 700,
-        "cache_read_input_tokens": 800,
-        "cache_creation_input_tokens": 600,
-        "output_tokens": 5,
-    }
-    small = {**large, "input_tokens": 10, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
-    scripted_upstream.queue("model-long", ScriptedAnswer(usage=small))
-    session_a, session_b = claude_code_user_id("sess-a", style), claude_code_user_id("sess-b", style)
+    stand_in_up.script = stream_script(hold_at=1)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
+    held = await stream_in_background(http, proxy)
 
-    routes = [
-        await session_request(url, client, stream, session_a),  # small: default; upstream reports 2100
-        await session_request(url, client, stream, session_a),  # small, but the session is large
-        await session_request(url, client, stream, session_b),  # another session
-        await session_request(url, client, stream, session_a),  # the last answer said 10
-    ]
+    head, writer = await lim_unfinished_body(proxy, path, 1024 * 1024)
+    writer.close()
 
-    assert routes == [
-        "anthropic,model-default",
-        "anthropic,model-long",
-        "anthropic,model-default",
-        "anthropic,model-default",
-    ]
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert b"retry-after: 1" in head.lower(), head
+    stand_in_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert len(stand_in_up.received) == 1
 
 
-async def test_session_memory_needs_a_session_id(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+async def test_rate_limit_refuses_before_reading_the_body(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    url = await start_proxy(chat_config(scripted_upstream.url))
-    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
-    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large), ScriptedAnswer(usage=large))
-    body = {"model": CLIENT_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "small"}]}
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 1}))
+    assert (await post_client_body(http, proxy, client_body())).status == 200
 
-    async with anthropic_client(url) as sdk:
-        routes = []
-        for _ in range(2):
-            raw = await sdk.messages.with_raw_response.create(**body, metadata={"user_id": "not-a-session"})
-            routes.append(raw.headers["x-terraphim-route"])
+    head, writer = await lim_unfinished_body(proxy, "/v1/messages", 1024 * 1024)
+    writer.close()
 
-    assert routes == ["anthropic,model-default", "anthropic,model-default"]
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert len(stand_in_up.received) == 1
 
 
-def test_session_memory_is_bounded() -> None:
-    memory = terraphim_proxy.SessionMemory(size=2)
-    memory.remember("a", 1)
-    memory.remember("b", 2)
-    memory.remember("a", 3)  # a is now the most recent
-    memory.remember("c", 4)
+# With fetch_image_urls on, a fetch reaches only public addresses, which this offline machine lacks. These
+# tests start the proxy with create_app's `image_resolver` seam and a DNS stand-in that names 127.0.0.1, where
+# an image stand-in listens; every other part of the fetch (the session, limits, caching) is the proxy's own.
 
-    assert [memory.get(key) for key in "abc"] == [3, None, 4]
-    assert len(memory.tokens) == 2
+
+class LimLoopbackResolver(aiohttp.abc.AbstractResolver):
+    """The DNS stand-in for image fetches: every host name is 127.0.0.1."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        address = {"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET}
+        return [address | {"proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def lim_image_proxy() -> AsyncIterator[StartProxy]:
+    """Starts proxies whose image URL fetches resolve every host name to 127.0.0.1."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: terraphim_proxy.Config) -> str:
+        app = terraphim_proxy.create_app(config, shared_counter(), image_resolver=LimLoopbackResolver())
+        runner, url = await serve_app(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def lim_image_body(*urls: str) -> dict:
+    images = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
+    return client_body([*images, {"type": "text", "text": "What is in these pictures?"}])
+
+
+def lim_image_url(images: StandInServer, name: str) -> str:
+    """A URL of the image stand-in under a host name, as a public image would have."""
+    return f"http://images.example:{images.url.rsplit(':', 1)[1]}/{name}"
+
+
+async def test_image_url_is_fetched_once_per_request_across_fallbacks(
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    first, second, images = await stand_ins(), await stand_ins(), await stand_ins()
+    first.script, images.script = answer_status(503), png_answer
+    providers = [provider_doc("first", "ollama", first.url), provider_doc("second", "ollama", second.url)]
+    config = scripted_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
+    proxy = await lim_image_proxy(config)
+    url = lim_image_url(images, "cat.png")
+
+    reply = await post_client_body(http, proxy, lim_image_body(url, url))
+
+    assert reply.status == 200, reply.text
+    assert reply.headers["x-terraphim-route"] == "second,qwen-b"
+    assert len(images.received) == 1
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    assert second.received[0].body["messages"][-1]["images"] == [png, png]
+    assert first.received[0].body["messages"][-1]["images"] == [png, png]
+
+
+async def test_image_urls_over_fetch_image_max_count_are_refused_before_any_fetch(
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer
+    proxy = await lim_image_proxy(
+        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2})
+    )
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b", "c")]
+
+    reply = await post_client_body(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(400, "invalid_request_error", "3 image URLs", "fetch_image_max_count")
+    assert images.received == [] and up.received == []
+    assert (await post_client_body(http, proxy, lim_image_body(*urls[:2]))).status == 200
+
+
+async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
+    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    up, images = await stand_ins(), await stand_ins()
+    images.script = png_answer  # 72 bytes each
+    proxy = await lim_image_proxy(
+        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
+    )
+    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b")]
+
+    reply = await post_client_body(http, proxy, lim_image_body(*urls))
+
+    reply.assert_error(413, "request_too_large", "100 bytes", "fetch_image_max_bytes")
+    assert up.received == []
+    assert (await post_client_body(http, proxy, lim_image_body(urls[0]))).status == 200
+
+
+async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
+    stand_in_up: StandInServer, start_proxy: StartProxy
+) -> None:
+    """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
+    streams = 130
+    stand_in_up.script = stream_script(hold_at=1)
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": streams}))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as client:
+        held = await asyncio.gather(*(stream_in_background(client, proxy) for _ in range(streams)))
+
+        assert len(stand_in_up.received) == streams
+        stand_in_up.release.set()
+        replies = await asyncio.gather(*held)
+    assert all(reply.frames[-1][0] == "message_stop" for reply in replies)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_waiting_for_a_pooled_upstream_connection_times_out(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
+    limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
+    limits |= {"cooldown_after_failures": 1}  # a busy pool is no failed connection: the provider stays up
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, limits))
+    held = await stream_in_background(http, proxy)  # holds the only pooled connection
+
+    started = time.monotonic()
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
+
+    reply.assert_error(504, "timeout_error", "no free upstream connection within 100 ms")
+    assert time.monotonic() - started < TIMEOUT_S / 2
+    assert len(stand_in_up.received) == 1
+    stand_in_up.release.set()
+    assert (await held).frames[-1][0] == "message_stop"
+    assert (await post_client_body(http, proxy, client_body(stream=stream))).status == 200
+
+
+# ---------------------------------------------------------------------------
+# App state: nothing at import, each app its own keys and caches
+# ---------------------------------------------------------------------------
+
+
+def test_importing_the_module_adds_no_log_filter_and_holds_no_state() -> None:
+    script = (
+        "import logging, terraphim_proxy as tp; "
+        "loggers = [logging.getLogger(), logging.getLogger('terraphim_proxy')]; "
+        "print([f for logger in loggers for f in logger.filters] + [h for h in logging.getLogger().handlers])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
+
+
+async def test_two_apps_in_one_process_each_redact_their_own_keys_and_reload_only_their_own(
+    stand_in: StandIn, http: aiohttp.ClientSession
+) -> None:
+    keys = {"a": "sk-ant-app-a-" + os.urandom(6).hex(), "b": "sk-ant-app-b-" + os.urandom(6).hex()}
+    SECRETS.update(keys.values())
+
+    def echo_key(received: Received) -> Reply:  # upstreams quote the key they were sent in their errors
+        sent = {name.lower(): value for name, value in received.headers.items()}["x-api-key"]
+        return anthropic_error(401, "authentication_error", f"invalid x-api-key {sent}")
+
+    stand_in.answer = echo_key
+
+    def config(name: str) -> terraphim_proxy.Config:
+        provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "api_key": keys[name]}
+        return build_config({"router": {"default": "anthropic,model-x"}, "providers": [provider | {"retries": 0}]})
+
+    apps = {name: terraphim_proxy.create_app(config(name), shared_counter()) for name in keys}
+    served = {name: await serve_app(app) for name, app in apps.items()}
+    mark = len(CAPTURED_LOG)
+    try:
+        answers = [await call(http, f"{url}/v1/messages", request()) for _, url in served.values()]
+    finally:
+        for runner, _ in served.values():
+            await runner.cleanup()
+
+    for answer in answers:
+        answer.assert_error(401, "authentication_error", "invalid x-api-key [redacted]")
+    logged = "\n".join(CAPTURED_LOG[mark:])
+    assert logged and not any(key in logged for key in keys.values())
+    state_a, state_b = (app[terraphim_proxy.STATE] for app in apps.values())
+    assert keys["b"] not in state_a.redactor.secrets and keys["a"] not in state_b.redactor.secrets
+    state_a.reload(config("a"))
+    assert keys["b"] in state_b.redactor.secrets and state_a.caches is not state_b.caches
 
 
 # ---------------------------------------------------------------------------
@@ -8239,6 +9256,318 @@ async def test_metrics_in_flight_gauge(
     assert after.series("terraphim_requests_total") == {("default", "anthropic", "model-default", "200"): 1}
 
 
+# ===========================================================================
+# HTTP app and handlers
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/models"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({}, 401, id="missing"),
+        pytest.param({"x-api-key": "wrong"}, 401, id="wrong-x-api-key"),
+        pytest.param({"authorization": "Bearer wrong"}, 401, id="wrong-bearer"),
+        pytest.param({"authorization": PROXY_KEY}, 401, id="no-bearer-scheme"),
+        pytest.param({"x-api-key": PROXY_KEY}, 200, id="x-api-key"),
+        pytest.param({"authorization": f"Bearer {PROXY_KEY}"}, 200, id="bearer"),
+    ],
+)
+async def test_proxy_key(
+    stand_in: StandIn, keyed_proxy_url: str, http: aiohttp.ClientSession, path: str, headers: dict, status: int
+) -> None:
+    method = "GET" if path == "/v1/models" else "POST"
+    headers = {"anthropic-version": "2023-06-01", **headers}  # as Anthropic clients send it
+
+    answer = await call(
+        http, keyed_proxy_url + path, None if method == "GET" else request(), method=method, headers=headers
+    )
+
+    if status == 401:
+        answer.assert_error(401, "authentication_error")
+        assert stand_in.received == []
+    else:
+        assert answer.status == 200, answer.text
+    assert_never_sent(stand_in.received, PROXY_KEY)
+
+
+async def test_loopback_without_proxy_key_needs_no_auth(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    answer = await call(http, f"{proxy_url}/v1/messages", request())
+
+    assert answer.status == 200, answer.text
+    assert stand_in.last.headers["x-api-key"] == UPSTREAM_KEY
+
+
+# ---------------------------------------------------------------------------
+# /health and /v1/models
+# ---------------------------------------------------------------------------
+
+
+async def test_health(proxy_url: str, http: aiohttp.ClientSession) -> None:
+    answer = await call(http, f"{proxy_url}/health", method="GET")
+
+    assert answer.status == 200
+    health = answer.json()
+    assert health["status"] == "ok"
+    assert health["version"] == terraphim_proxy.__version__
+    assert isinstance(health["uptime_s"], (int, float))
+    assert health["uptime_s"] >= 0
+    assert health["providers"] == {
+        "enabled": ["anthropic", "pinned"],
+        "disabled": {"offline": "$OFFLINE_API_KEY is not set"},
+        "down": {},
+    }
+
+
+async def test_models_list(proxy_url: str, http: aiohttp.ClientSession, sdk: anthropic.AsyncAnthropic) -> None:
+    anthropic_client = {"anthropic-version": "2023-06-01"}
+    answer = await call(http, f"{proxy_url}/v1/models", method="GET", headers=anthropic_client)
+
+    assert answer.status == 200
+    listing = answer.json()
+    assert [entry["id"] for entry in listing["data"]] == ["pinned,model-pinned"]  # offline is disabled
+    assert all(entry["type"] == "model" and entry["display_name"] for entry in listing["data"])
+    assert listing["has_more"] is False
+    assert listing["first_id"] == listing["last_id"] == "pinned,model-pinned"
+    assert [model.id async for model in sdk.models.list()] == ["pinned,model-pinned"]
+
+
+async def test_models_list_in_openai_shape_without_anthropic_version(
+    proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    async with openai_client(proxy_url, "unused") as client:
+        models = [model async for model in client.models.list()]
+
+    assert [(model.id, model.object, model.owned_by) for model in models] == [
+        ("pinned,model-pinned", "model", "pinned")
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Logs, redaction, /health, config expansion, a default route without an enabled target
+# ---------------------------------------------------------------------------
+
+
+def request_log_lines_since(mark: int) -> list[str]:
+    """The one-line request summaries logged after CAPTURED_LOG had `mark` entries."""
+    return [line for line in CAPTURED_LOG[mark:] if " scenario=" in line]
+
+
+async def test_log_line_escapes_a_newline_from_a_percent_decoded_path(
+    proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    forged = "2026-01-01 00:00:00,000 INFO req_forged /v1/messages status=200 outcome=ok"
+    url = yarl.URL(f"{proxy_url}/v1/messages%0A{forged.replace(' ', '%20')}", encoded=True)
+    async with http.post(url, json=request()) as response:
+        request_id = response.headers["request-id"]
+        status = response.status
+
+    lines = log_lines(request_id)
+    assert status == 404
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0] and f"/v1/messages\\n{forged}" in lines[0], lines[0]
+
+
+async def test_model_name_with_a_control_character_is_a_400_and_never_reaches_the_upstream(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    model = "anthropic,evil\r\n2026-01-01 00:00:00,000 INFO forged"
+    answer = await call(http, f"{proxy_url}/v1/messages", request(model=model))
+
+    answer.assert_error(400, "invalid_request_error", "control character")
+    assert stand_in.received == []
+    assert len(log_lines(answer.headers["request-id"])) == 1
+
+
+async def test_log_lines_escape_control_characters_an_upstream_error_carries(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    forged = "\r\n2026-01-01 00:00:00,000 INFO forged\u2028\x1b[31m"
+    stand_in.reply_with(anthropic_error(500, "api_error", f"upstream broke{forged}"))
+    provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "retries": 0}
+    provider["api_key"] = "${ANTHROPIC_API_KEY}"
+    config = build_config({"router": {"default": "anthropic,model-a | anthropic,model-b"}, "providers": [provider]})
+    url = await start_proxy(config)
+    mark = len(CAPTURED_LOG)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    answer.assert_error(500, "api_error", "upstream broke")
+    fallback = [line for line in CAPTURED_LOG[mark:] if "falling back" in line]
+    assert len(fallback) == 1, CAPTURED_LOG[mark:]
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", fallback[0]), repr(fallback[0])
+    assert "upstream broke\\r\\n2026-01-01 00:00:00,000 INFO forged\\u2028\\x1b[31m" in fallback[0], fallback[0]
+
+
+async def test_short_key_is_not_redacted_inside_words_but_a_long_key_is(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    at_stand_in = {"type": "anthropic", "api_base_url": stand_in.url}
+    providers = [
+        {**at_stand_in, "name": "local", "api_key": "ollama"},  # what local OpenAI-compatible servers take
+        {**at_stand_in, "name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
+    ]
+    config = build_config({"router": {"default": "local,model-x"}, "providers": providers})
+    text = f"model-x not found: run `ollama pull model-x`; the ollama key and {UPSTREAM_KEY} are fine"
+    stand_in.reply_with(anthropic_error(404, "not_found_error", text))
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    message = answer.assert_error(404, "not_found_error")
+    assert "run `ollama pull model-x`; the ollama key and [redacted] are fine" in message, message
+    assert config.secrets() == [UPSTREAM_KEY]
+
+
+async def test_health_without_the_proxy_key_says_only_ok_and_with_it_gives_details(
+    keyed_proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    health = f"{keyed_proxy_url}/health"
+    anonymous = await call(http, health, method="GET")
+    wrong_key = await call(http, health, method="GET", headers={"x-api-key": "not-the-proxy-key"})
+    with_key = await call(http, health, method="GET", headers={"x-api-key": PROXY_KEY})
+    with_bearer = await call(http, health, method="GET", headers={"authorization": f"Bearer {PROXY_KEY}"})
+
+    assert (anonymous.status, anonymous.json()) == (200, {"status": "ok"})
+    assert (wrong_key.status, wrong_key.json()) == (200, {"status": "ok"})
+    for answer in (with_key, with_bearer):
+        assert answer.status == 200
+        details = answer.json()
+        assert details["pid"] == os.getpid()
+        assert details["providers"]["disabled"] == {"offline": "$OFFLINE_API_KEY is not set"}
+
+
+async def test_env_vars_expand_in_nested_tables_so_headers_reach_the_upstream(
+    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    provider = {
+        "name": "anthropic",
+        "api_base_url": stand_in.url,
+        "api_key": "${ANTHROPIC_API_KEY}",
+        "headers": {"X-Title": "${APP_TITLE}", "X-Team": "team-$APP_TEAM"},
+        "model_max_tokens": {"model-default": 100},
+    }
+    environ = {**ENVIRON, "APP_TITLE": "terraphim", "APP_TEAM": "blue"}
+    config = build_config({"router": {"default": "anthropic,model-default"}, "providers": [provider]}, environ=environ)
+    url = await start_proxy(config)
+
+    answer = await call(http, f"{url}/v1/messages", request())
+
+    assert answer.status == 200, answer.text
+    assert config.providers["anthropic"].headers == {"X-Title": "terraphim", "X-Team": "team-blue"}
+    assert (stand_in.last.headers["x-title"], stand_in.last.headers["x-team"]) == ("terraphim", "team-blue")
+
+
+def test_env_var_unset_in_a_nested_table_is_a_problem_naming_the_key() -> None:
+    provider = {"name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}", "headers": {"X-Title": "${APP_TITLE}"}}
+
+    with pytest.raises(terraphim_proxy.ConfigError) as raised:
+        build_config({"router": {"default": "anthropic,m"}, "providers": [provider]})
+
+    assert raised.value.problems == ["test.toml: providers[0].headers.X-Title: uses $APP_TITLE, which is not set"]
+
+
+async def test_sighup_applies_a_changed_log_level(
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
+    async with proxy_subprocess(
+        tmp_path, providers_doc([provider], "anthropic,model-one", {"log_level": "info"})
+    ) as proxy:
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
+        await proxy.wait_for_line(" scenario=")
+        assert not any(" DEBUG " in line for line in proxy.lines), proxy.lines
+
+        mark = len(proxy.lines)
+        await proxy.reload(providers_doc([provider], "anthropic,model-one", {"log_level": "debug"}), "config reloaded")
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
+        debug_line = await proxy.wait_for_line(" hints=", mark)
+
+    assert " DEBUG " in debug_line, debug_line
+
+
+NO_DEFAULT_TOML = """
+[router]
+default = "anthropic,claude-sonnet-4-5 | openrouter,anthropic/claude-sonnet-4.5"
+
+[[providers]]
+name = "anthropic"
+api_key = "${ANTHROPIC_API_KEY}"
+
+[[providers]]
+name = "openrouter"
+api_key = "${OPENROUTER_API_KEY}"
+"""
+
+
+def test_check_exits_2_when_the_default_route_has_no_enabled_target_naming_the_variables(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text(NO_DEFAULT_TOML)
+
+    done = run_cli(["--config", "keys.toml", "--check"], tmp_path, {})
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert check_sections(done.stdout)["routes"]["default"] == "(no enabled target)"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in ("router.default", "$ANTHROPIC_API_KEY is not set", "$OPENROUTER_API_KEY is not set"):
+        assert fragment in errors[0], errors[0]
+
+
+def test_check_builtin_without_keys_routes_to_local_ollama_and_names_the_key_variables(tmp_path: Path) -> None:
+    done = run_cli(["--check"], tmp_path, {})
+
+    assert done.returncode == 0, done.stderr
+    assert check_sections(done.stdout)["routes"]["default"] == "ollama,qwen2.5-coder:7b"
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, done.stdout
+    assert "http://127.0.0.1:11434" in warnings[0]
+    for var in terraphim_proxy.KEY_ENV_VARS.values():
+        assert f"${var}" in warnings[0], warnings[0]
+
+
+async def test_request_to_a_default_route_without_enabled_target_gets_400_naming_the_variable_and_no_retry(
+    stand_in: StandIn, start_proxy: StartProxy
+) -> None:
+    """400 invalid_request_error: Anthropic's SDKs (and Claude Code) retry 408, 409, 429 and >= 500 only."""
+    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
+    mark = len(CAPTURED_LOG)
+
+    async with anthropic.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=3, timeout=TIMEOUT_S) as sdk:
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await sdk.messages.create(**SDK_REQUEST)
+
+    assert raised.value.status_code == 400
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    message = raised.value.body["error"]["message"]
+    assert "default route" in message and "offline: $OFFLINE_API_KEY is not set" in message, message
+    assert len(request_log_lines_since(mark)) == 1  # the SDK did not retry
+    assert stand_in.received == []
+
+
+async def test_claude_code_cli_shows_what_to_set_when_the_default_route_has_no_enabled_target(
+    stand_in: StandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
+    mark = len(CAPTURED_LOG)
+
+    run = await run_claude_cli(url, tmp_path, "hi")
+
+    requests = request_log_lines_since(mark)
+    diag = run.diag(requests)
+    assert run.returncode != 0 and run.returncode is not None, diag
+    assert "$OFFLINE_API_KEY is not set" in run.out + run.err, diag
+    assert requests and all("status=400" in line for line in requests), diag
+    assert len(requests) <= 3, diag  # no retries: at most one try per request the CLI makes
+    assert stand_in.received == []
+
+
 # ---------------------------------------------------------------------------
 # --log-format json (the proxy as a subprocess)
 # ---------------------------------------------------------------------------
@@ -8311,6 +9640,546 @@ api_key = "${{UNSET_TEST_KEY}}"
     failed = requests[missing.value.response.headers["request-id"]]
     assert (failed["status"], failed["outcome"]) == (404, "not_found_error")
     assert upstream_key not in stderr.decode()
+
+
+# ---------------------------------------------------------------------------
+# Keys never reach logs or responses
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", WIRE_KINDS)
+async def test_upstream_echoing_the_key_does_not_leak_it(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, stream: bool
+) -> None:
+    """Real providers quote the key in auth errors ("Incorrect API key provided: sk-..."); the client must not
+    see it. A retry and a fallback put the message in the log too."""
+
+    async def echo(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        text = f"Incorrect API key provided: {seen.key}. Find your key at https://example.invalid/keys"
+        return await answer_status(429 if len(up.received) == 1 else 401, text=text)(up, seen, request)
+
+    stand_in_up.script = echo
+    providers = [provider_doc(kind, kind, stand_in_up.url, retries=1), provider_doc("spare", kind, stand_in_up.url)]
+    proxy = await start_proxy(
+        scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | spare,{UPSTREAM_MODEL[kind]}")
+    )
+
+    reply = await post_client_body(http, proxy, client_body(stream=stream))
+
+    message = reply.assert_error(401, "authentication_error", "Incorrect API key provided")
+    for seen in stand_in_up.received:
+        assert seen.key not in message
+    assert len(stand_in_up.received) == 3
+
+
+# ---------------------------------------------------------------------------
+# The key check every test's teardown runs
+# ---------------------------------------------------------------------------
+
+
+def test_key_check_sees_what_the_proxy_logs_and_finds_a_key() -> None:
+    logging.getLogger("terraphim_proxy").debug("key check probe")
+    assert any("key check probe" in line for line in CAPTURED_LOG)
+    assert key_leaks([f"said {CLIENT_KEY} here"]) == [(CLIENT_KEY, f"said {CLIENT_KEY} here")]
+
+
+# ---------------------------------------------------------------------------
+# Hostile client input: property-based
+# ---------------------------------------------------------------------------
+# How the property test runs: the proxy and its stand-in are started once per test by ordinary fixtures, and
+# pytest-asyncio runs every Hypothesis example as a coroutine on that same event loop, so all examples hit
+# one long-lived proxy; that is the point ("the proxy stays up"), so the function-scoped-fixture health check
+# is switched off on purpose. The strategy draws a small *recipe* (which fields to break and how, which
+# framing, which content type) and the bytes are built from it, so a failing example prints short.
+# Hypothesis' example database is off (database=None): nothing is written into the checkout.
+
+RICH_BODY: dict = {
+    "model": ASKED_MODEL,
+    "max_tokens": 64,
+    "system": [{"type": "text", "text": "Be brief."}],
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look at this and run the check."},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "Run it.", "signature": "c2ln"},
+                {"type": "text", "text": "Running."},
+                {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "make check"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "ok"}]}
+            ],
+        },
+    ],
+    "tools": [
+        {
+            "name": "Bash",
+            "description": "Run a command",
+            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]},
+        }
+    ],
+    "tool_choice": {"type": "auto"},
+    "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 5,
+    "stop_sequences": ["END"],
+    "metadata": {"user_id": "user_1"},
+    "stream": False,
+}
+FUZZ_MODELS = [
+    ASKED_MODEL,
+    "claude-haiku-rel",
+    "oa,gpt-rel",
+    "ol,qwen-rel",
+    "gm,gemini-rel",
+    "nobody,model",
+    "oa,",
+    ",",
+    " ",
+]
+
+
+def mutation_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value (dict keys and list indices)."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += mutation_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths += mutation_paths(item, (*prefix, index))
+    return paths
+
+
+RICH_PATHS = mutation_paths(RICH_BODY)
+NESTING_PLACEHOLDER = "\x00rel-nest\x00"  # placeholder replaced by raw deep nesting after serialising
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and Infinity too: Python's json reads them
+    | st.text(st.characters(codec="utf-8", exclude_categories=()), max_size=12)
+    | st.text(st.characters(categories=["Cs"]), max_size=2)  # lone surrogates, sent as \\udXXX escapes
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=8,
+)
+BODY_MUTATION = st.one_of(
+    st.tuples(st.just("replace"), st.sampled_from(RICH_PATHS), JSON_VALUES),
+    st.tuples(st.just("delete"), st.sampled_from(RICH_PATHS), st.none()),
+    st.tuples(st.just("nest"), st.sampled_from(RICH_PATHS), st.sampled_from([50, 500, 990, 5000])),
+    st.tuples(st.just("huge"), st.sampled_from(RICH_PATHS), st.sampled_from([70_000, 400_000, 1_100_000])),
+)
+FRAMING_AS_IS = st.tuples(st.just("as-is"), st.none())
+BODY_FRAMING = st.one_of(
+    FRAMING_AS_IS,  # well-formed JSON half of the time, so the broken fields reach the transformers
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
+    FRAMING_AS_IS,
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(
+        st.just("invalid-utf8"), st.tuples(st.floats(0, 1), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
+    ),
+    st.tuples(st.just("random-json"), JSON_VALUES),
+    st.tuples(st.just("raw-nesting"), st.sampled_from([b"[" * 100_000, b'{"a":' * 3000 + b"1" + b"}" * 3000])),
+    st.tuples(st.just("bytes"), st.binary(max_size=64)),
+)
+CONTENT_TYPES = [
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=rel",
+    "application/json; charset=latin-1",
+    None,
+]
+HOSTILE_BODIES = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(FUZZ_MODELS),
+        "stream": st.booleans(),
+        "mutations": st.lists(BODY_MUTATION, max_size=3),
+        "framing": BODY_FRAMING,
+        "content_type": st.sampled_from(CONTENT_TYPES),
+    }
+)
+
+
+def mutation_recipe(
+    model: str,
+    *mutations: tuple,
+    framing: tuple = ("as-is", None),
+    content_type: str | None = "application/json",
+    stream: bool = False,
+) -> dict:
+    return {
+        "model": model,
+        "stream": stream,
+        "mutations": list(mutations),
+        "framing": framing,
+        "content_type": content_type,
+    }
+
+
+def has_step(container: Any, step: Any) -> bool:
+    if isinstance(container, dict):
+        return step in container
+    return isinstance(container, list) and isinstance(step, int) and step < len(container)
+
+
+def apply_mutation(body: Any, kind: str, path: tuple, value: Any) -> Any:
+    """The body with one mutation applied at `path` (skipped when an earlier mutation removed the path)."""
+    if kind == "nest":
+        value = NESTING_PLACEHOLDER + str(value)
+    elif kind == "huge":
+        value = "x" * value
+    parent = body
+    for step in path[:-1]:
+        if not has_step(parent, step):
+            return body
+        parent = parent[step]
+    if not has_step(parent, path[-1]):
+        return body
+    if kind == "delete":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return body
+
+
+def hostile_bytes(recipe: dict) -> bytes:
+    body = json.loads(json.dumps(RICH_BODY)) | {"model": recipe["model"], "stream": recipe["stream"]}
+    for mutation in recipe["mutations"]:
+        body = apply_mutation(body, *mutation)
+    data = json.dumps(body).encode()
+    while NESTING_PLACEHOLDER.encode("unicode_escape") in data or b"\\u0000rel-nest\\u0000" in data:
+        head, _, rest = data.partition(b'"\\u0000rel-nest\\u0000')
+        depth, _, tail = rest.partition(b'"')
+        data = head + b"[" * int(depth) + b"]" * int(depth) + tail
+    how, arg = recipe["framing"]
+    if how == "truncate":
+        return data[: int(len(data) * arg)]
+    if how == "invalid-utf8":
+        cut = int(len(data) * arg[0])
+        return data[:cut] + arg[1] + data[cut:]
+    if how == "random-json":
+        return json.dumps(arg).encode()
+    if how in ("raw-nesting", "bytes"):
+        return arg
+    return data
+
+
+def assert_sane_answer(status: int, headers: Mapping[str, str], text: str) -> None:
+    """An Anthropic error with a 4xx status, or a valid answer; never a traceback or a key."""
+    assert "Traceback" not in text
+    for secret in SECRETS:
+        assert secret not in text
+    if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
+        names = [name for name, _ in parse_sse(text, strict=False)]
+        assert names and names[0] == "message_start", names
+        assert names[-1] in ("message_stop", "error"), names
+        assert "message_stop" not in names or names.index("message_stop") == len(names) - 1
+        return
+    body = json.loads(text)  # a body, and JSON, whatever the status
+    if status == 200:
+        assert body["type"] == "message", body
+        return
+    assert 400 <= status < 500, (status, text[:500])
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    assert body["type"] == "error", body
+    assert body["error"]["type"] in set(terraphim_proxy.ERROR_TYPES.values()), body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+
+
+@pytest.fixture
+async def fuzz_proxy(stand_in_up: StandInServer, start_proxy: StartProxy) -> str:
+    """One provider of each kind at the stand-in, a proxy key, and a 1 MiB body limit."""
+    providers = [
+        provider_doc("anthropic", "anthropic", stand_in_up.url),
+        provider_doc("oa", "openai", stand_in_up.url),
+        provider_doc("ol", "ollama", stand_in_up.url),
+        provider_doc("gm", "gemini", stand_in_up.url),
+    ]
+    proxy = {"api_key": PROXY_KEY, "max_body_bytes": 1024 * 1024}
+    return await start_proxy(scripted_config(providers, "anthropic,claude-rel", proxy, {"background": "oa,gpt-rel"}))
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(recipe=HOSTILE_BODIES)
+# Explicit examples: one per class of input that must always be tried (the random search finds the rest).
+@example(recipe=mutation_recipe("oa,gpt-rel", ("replace", ("messages", 1, "content", 2, "id"), None)))
+@example(recipe=mutation_recipe("ol,qwen-rel", ("replace", ("messages", 2, "content", 0, "content"), 5)))
+@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("messages", 0, "content", 1, "source"), "x")))
+@example(recipe=mutation_recipe("gm,gemini-rel", ("replace", ("tools", 0, "input_schema", "required"), [[]])))
+@example(recipe=mutation_recipe(ASKED_MODEL, ("nest", ("metadata", "user_id"), 990)))
+@example(recipe=mutation_recipe(ASKED_MODEL, ("huge", ("messages", 0, "content", 0, "text"), 1_100_000)))
+@example(recipe=mutation_recipe(ASKED_MODEL, framing=("raw-nesting", b"[" * 100_000)))
+@example(recipe=mutation_recipe(ASKED_MODEL, framing=("invalid-utf8", (0.5, b"\xff")), content_type=None))
+async def test_hostile_bodies_get_4xx_or_a_valid_answer(
+    fuzz_proxy: str, http: aiohttp.ClientSession, recipe: dict
+) -> None:
+    data = hostile_bytes(recipe)
+    headers = {"x-api-key": PROXY_KEY}
+    skip = ()
+    if recipe["content_type"] is None:
+        skip = ("Content-Type",)
+    else:
+        headers["content-type"] = recipe["content_type"]
+
+    async with http.post(f"{fuzz_proxy}/v1/messages", data=data, headers=headers, skip_auto_headers=skip) as response:
+        text = await response.text(errors="replace")
+    CAPTURED_BODIES.append(text)
+
+    assert_sane_answer(response.status, response.headers, text)
+    async with http.get(f"{fuzz_proxy}/health") as health:
+        assert health.status == 200  # the proxy stays up
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "how"),
+    [
+        pytest.param(
+            "Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "half-close", id="short-body-half-close"
+        ),
+        pytest.param("Content-Length: 400", b'{"model": "x", "max_tokens": 5, "mess', "close", id="short-body-close"),
+        pytest.param("Transfer-Encoding: chunked", b'40\r\n{"model": "x", "max_tok', "half-close", id="cut-chunk"),
+        pytest.param("Transfer-Encoding: chunked", b"zz\r\nnot hex\r\n0\r\n\r\n", "wait", id="bad-chunk-size"),
+        pytest.param("Content-Length: -5", b"{}", "wait", id="negative-length"),
+        pytest.param("Content-Length: 2\r\nContent-Length: 9", b"{}", "wait", id="two-lengths"),
+    ],
+)
+async def test_truncated_or_malformed_framing(
+    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, head: str, body: bytes, how: str
+) -> None:
+    """Bodies cut on the wire: the proxy answers 4xx (or has nobody left to answer) and stays up."""
+    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"api_key": PROXY_KEY}))
+    host, port = proxy.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {PROXY_KEY}\r\n"
+    writer.write(f"{request}Content-Type: application/json\r\n{head}\r\n\r\n".encode() + body)
+    await writer.drain()
+    if how == "half-close":
+        writer.write_eof()
+    elif how == "close":
+        writer.close()
+    answer = b"" if how == "close" else await asyncio.wait_for(reader.read(), TIMEOUT_S)
+    writer.close()
+
+    if answer:
+        status_line, _, rest = answer.partition(b"\r\n")
+        status = int(status_line.split()[1])
+        text = rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+        CAPTURED_BODIES.append(text)
+        assert 400 <= status < 500, answer
+        assert "Traceback" not in text
+    assert stand_in_up.received == []
+    assert (await post_client_body(http, proxy, client_body(), headers={"x-api-key": PROXY_KEY})).status == 200
+
+
+# ===========================================================================
+# CLI and main
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# The proxy as a real process: SIGTERM / SIGINT drain, SIGHUP reload
+# ---------------------------------------------------------------------------
+
+
+class ProxySubprocess:
+    """terraphim_proxy.py run as `python terraphim_proxy.py --config ... --port ...`, its stderr read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, config: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = config
+        self.lines: list[str] = []
+        self.grew = asyncio.Event()
+        self.pump = asyncio.create_task(self.read_stderr())
+
+    async def read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            CAPTURED_LOG.append("subprocess " + line)
+            self.grew.set()
+
+    async def wait_for_line(self, fragment: str, start: int = 0) -> str:
+        async def find() -> str:
+            while True:
+                for line in self.lines[start:]:
+                    if fragment in line:
+                        return line
+                assert not self.pump.done(), f"the proxy exited before logging {fragment!r}: {self.lines}"
+                self.grew.clear()
+                await self.grew.wait()
+
+        return await asyncio.wait_for(find(), TIMEOUT_S)
+
+    async def reload(self, doc: dict | str, outcome: str) -> str:
+        """Write a new config, send SIGHUP, and return the log line that says how the reload went."""
+        self.config.write_text(doc if isinstance(doc, str) else to_toml(doc))
+        mark = len(self.lines)
+        self.proc.send_signal(signal.SIGHUP)
+        return await self.wait_for_line(outcome, mark)
+
+    async def refuses_connections(self) -> None:
+        """Poll (bounded) until a new connection is refused; a connect that races the close is retried."""
+        deadline = time.monotonic() + TIMEOUT_S
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                try:
+                    async with http.get(f"{self.url}/health") as response:
+                        await response.read()
+                except aiohttp.ClientConnectorError:
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                assert time.monotonic() < deadline, "the proxy still accepts new connections"
+                await asyncio.sleep(0.02)  # polling interval
+
+
+@contextlib.asynccontextmanager
+async def proxy_subprocess(tmp_path: Path, doc: dict) -> AsyncIterator[ProxySubprocess]:
+    config = tmp_path / "proxy.toml"
+    config.write_text(to_toml(doc))
+    port = free_port()
+    proc = await spawn_proxy("--config", str(config), "--port", str(port), cwd=tmp_path)
+    process = ProxySubprocess(proc, port, config)
+    try:
+        await wait_healthy(process.url, proc, process.lines)
+        yield process
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await process.pump
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_drains_the_stream_in_flight_then_exits_0(
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path, sig: signal.Signals
+) -> None:
+    stand_in_up.script = stream_script(hold_at=1)
+    async with proxy_subprocess(
+        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 10_000})
+    ) as proxy:
+        streaming = await stream_in_background(http, proxy.url)
+
+        proxy.proc.send_signal(sig)
+        await proxy.wait_for_line("shutting down")
+        await proxy.refuses_connections()
+        assert not streaming.done()
+        stand_in_up.release.set()
+        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
+        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
+
+    assert reply.status == 200
+    assert [name for name, _ in reply.frames][-1] == "message_stop"
+    assert "".join(d["delta"]["text"] for n, d in reply.frames if n == "content_block_delta") == SCRIPTED_TEXT
+    assert code == 0
+    assert not any("Traceback" in line for line in proxy.lines), proxy.lines
+
+
+async def test_drain_timeout_bounds_the_shutdown(
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A stream that never ends is cut when drain_timeout_ms is over; the process still exits 0."""
+    stand_in_up.script = stream_script(upto=1, then="hang")
+    async with proxy_subprocess(
+        tmp_path, single_provider_doc("anthropic", stand_in_up.url, {"drain_timeout_ms": 400})
+    ) as proxy:
+        streaming = await stream_in_background(http, proxy.url)
+
+        signalled = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proxy.proc.wait(), TIMEOUT_S)
+        took = time.monotonic() - signalled
+        reply = await asyncio.wait_for(streaming, TIMEOUT_S)
+
+    assert code == 0
+    assert 0.35 <= took < 5, took
+    names = [name for name, _ in reply.frames]
+    assert "message_stop" not in names
+    assert names[-1] == "error", (names, reply.ended)  # the cut stream says why instead of just breaking off
+    await wait_set(stand_in_up.gone)
+
+
+async def test_sighup_reload_valid_takes_effect_invalid_is_rejected(
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
+    async with proxy_subprocess(tmp_path, providers_doc([provider], "anthropic,model-one")) as proxy:
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
+
+        await proxy.reload(providers_doc([provider], "anthropic,model-two"), "config reloaded")
+        assert (await post_client_body(http, proxy.url, client_body())).status == 200
+
+        problems = []
+        invalid = {
+            "invalid TOML": "[router\ndefault = 'anthropic,model-three'\n",
+            "unknown provider 'nobody'": to_toml(providers_doc([provider], "nobody,model-three")),
+            "proxy.retries": to_toml(providers_doc([provider], "anthropic,model-three", {"retries": -1})),
+        }
+        for fragment, text in invalid.items():
+            problems.append(await proxy.reload(text, "reload rejected"))
+            assert fragment in problems[-1], problems[-1]
+            assert (await post_client_body(http, proxy.url, client_body())).status == 200
+
+    assert stand_in_up.models() == ["model-one", "model-two", "model-two", "model-two", "model-two"]
+
+
+async def test_sighup_request_in_flight_keeps_its_config(
+    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Held at its first target while the config changes, the request falls back to its *old* second target."""
+
+    async def first_attempt_fails_late(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        if seen.model == "model-a1":
+            await up.release.wait()
+            return await answer_status(500)(up, seen, request)
+        return await answer_ok(up, seen, request)
+
+    stand_in_up.script = first_attempt_fails_late
+    a = provider_doc("a", "anthropic", stand_in_up.url)
+    old_b, new_b = (
+        provider_doc("b", "anthropic", stand_in_up.url),
+        {**provider_doc("b", "anthropic", stand_in_up.url), "api_key": provider_key("b", 1)},
+    )
+    async with proxy_subprocess(tmp_path, providers_doc([a, old_b], "a,model-a1 | b,model-b1")) as proxy:
+        in_flight = asyncio.create_task(post_client_body(http, proxy.url, client_body()))
+        await wait_set(stand_in_up.arrived)
+
+        await proxy.reload(providers_doc([a, new_b], "a,model-a2 | b,model-b2"), "config reloaded")
+        stand_in_up.release.set()
+        reply = await asyncio.wait_for(in_flight, TIMEOUT_S)
+        after = await post_client_body(http, proxy.url, client_body())
+
+    assert reply.status == 200, reply.text
+    assert reply.headers["x-terraphim-route"] == "b,model-b1"
+    assert stand_in_up.models() == ["model-a1", "model-b1", "model-a2"]
+    assert stand_in_up.received[1].key == provider_key("b")  # the old config's key, too
+    assert after.headers["x-terraphim-route"] == "a,model-a2"
 
 
 # ---------------------------------------------------------------------------
@@ -8468,6 +10337,132 @@ def test_code_command(tmp_path: Path) -> None:
     finally:
         stop_proxy_started_in_background(base_url)
     assert read_health_with_key(base_url) is None
+
+
+# ---------------------------------------------------------------------------
+# `code` starts no proxy for claude commands that talk to no model; `stop` stops the one it started
+# ---------------------------------------------------------------------------
+
+CODE_FAKE_CLAUDE = """
+import json, os, sys, urllib.request
+health = urllib.request.Request(
+    os.environ["ANTHROPIC_BASE_URL"] + "/health",
+    headers={"authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]},
+)
+try:
+    with urllib.request.urlopen(health, timeout=2) as answer:
+        pid = json.load(answer)["pid"]
+except OSError:
+    pid = None
+print(json.dumps({"argv": sys.argv[1:], "proxy_pid": pid}))
+"""
+
+
+@dataclass
+class CodeSetup:
+    """A config on a free port, and an environment whose PATH finds a fake claude and whose TMPDIR is tmp_path."""
+
+    cwd: Path
+    env: dict[str, str]
+    base_url: str
+    port: int
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(["--config", "test.toml", *args], self.cwd, self.env)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.cwd / f"terraphim-proxy-{self.port}.pid"
+
+
+@pytest.fixture
+def code_setup(tmp_path: Path) -> Iterator[CodeSetup]:
+    port = free_port()
+    (tmp_path / "test.toml").write_text(cli_toml(port, 'api_key = "${PROXY_TEST_KEY}"'))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text(f"#!{sys.executable}\n{CODE_FAKE_CLAUDE}")
+    claude.chmod(0o755)
+    env = subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", PROXY_TEST_KEY=PROXY_KEY)
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
+    setup = CodeSetup(tmp_path, env, f"http://127.0.0.1:{port}", port)
+    try:
+        yield setup
+    finally:
+        stop_proxy_started_in_background(setup.base_url)
+
+
+@pytest.mark.parametrize(
+    "claude_args",
+    [
+        ["--version"],
+        ["-v"],
+        ["--help"],
+        ["-h"],
+        ["-p", "hello", "--help"],
+        ["mcp", "list"],
+        ["doctor"],
+        ["config", "list"],
+        ["plugin", "list"],
+        ["update"],
+    ],
+    ids=" ".join,
+)
+def test_code_starts_no_proxy_for_claude_commands_that_talk_to_no_model(
+    code_setup: CodeSetup, claude_args: list[str]
+) -> None:
+    done = code_setup.run("code", *claude_args)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"argv": claude_args, "proxy_pid": None}
+    assert "started" not in done.stderr
+    assert read_health_with_key(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+
+
+def test_stop_stops_the_proxy_that_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["proxy_pid"]
+    assert pid is not None and code_setup.pid_file.read_text().strip() == str(pid)
+    assert "terraphim-proxy stop" in started.stderr
+
+    stopped = code_setup.run("stop")
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"(pid {pid})" in stopped.stderr and "stopped" in stopped.stderr
+    assert read_health_with_key(code_setup.base_url) is None
+    assert not code_setup.pid_file.exists()
+    again = code_setup.run("stop")
+    assert again.returncode == 1
+    assert f"no proxy started by `terraphim-proxy code` on port {code_setup.port}" in again.stderr
+
+
+def test_stop_never_signals_a_process_that_is_not_the_proxy_code_started(code_setup: CodeSetup) -> None:
+    started = code_setup.run("code", "-p", "hello")
+    assert started.returncode == 0, started.stderr
+    proxy_pid = json.loads(started.stdout)["proxy_pid"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        code_setup.pid_file.write_text(f"{bystander.pid}\n")  # a stale pid file, its pid since reused
+
+        refused = code_setup.run("stop")
+
+        assert refused.returncode == 1
+        assert "is no longer running" in refused.stderr
+        assert bystander.poll() is None
+        assert read_health_with_key(code_setup.base_url) is not None  # the proxy itself is left alone too
+        os.kill(proxy_pid, 0)
+        assert not code_setup.pid_file.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# ===========================================================================
+# Migration tool: import-ccr
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -8869,9 +10864,191 @@ async def test_imported_ccr_config_reaches_both_upstream_formats(
     assert scripted_upstream.received[1].headers["x-api-key"] == ENVIRON["ANTHROPIC_API_KEY"]
 
 
+# ---------------------------------------------------------------------------
+# import-ccr: any claude-code-router config comes back from tomllib with the same values
+# ---------------------------------------------------------------------------
+# The strategy draws a CCR-shaped config (providers with names, URLs, keys, models and transformer options,
+# Router entries, service keys) whose strings hold any unicode: quotes, backslashes, control characters, line
+# separators, emoji. A seeded Random writes it as JSON5 in every form claude-code-router reads: single or double
+# quotes, \x and \u escapes, line continuations, bare keys, hexadecimal and `+` numbers, comments, trailing
+# commas. import-ccr's whole output, its `# check:` lines included, must parse with tomllib and hold the values.
+
+CCR_TEXT = st.text(max_size=12) | st.sampled_from(
+    ['"', "'", "\\", "\\'", '\\"', "\n\r\t\x00\x1b\x7f", "😀👩‍💻🇫🇷", "é\u2028\u2029ß", "${HOME} $X", "a // b /* c */"]
+)
+CCR_MODEL = CCR_TEXT.filter(lambda text: text != "use")  # a model's transformer entry sits beside "use"
+CCR_CAP = st.integers(1, 2**40)
+CCR_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | CCR_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(CCR_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+CCR_USE = CCR_TEXT | st.tuples(CCR_TEXT, st.dictionaries(CCR_TEXT, CCR_JSON, max_size=2)).map(list)
+CCR_SERVICE_KEYS = ("API_TIMEOUT_MS", "CUSTOM_ROUTER_PATH", "StatusLine", "NON_INTERACTIVE_MODE", "LOG")
+
+
+def maxtoken(cap: int) -> list:
+    return ["maxtoken", {"max_tokens": cap}]
+
+
+@st.composite
+def ccr_providers(draw: st.DrawFn) -> dict:
+    models = draw(st.lists(CCR_MODEL, max_size=3, unique=True))
+    transformer: dict[str, Any] = {"use": draw(st.lists(CCR_USE, max_size=2))}
+    if (cap := draw(st.none() | CCR_CAP)) is not None:
+        transformer["use"].append(maxtoken(cap))
+    for model in models:
+        if draw(st.booleans()):
+            transformer[model] = {"use": [draw(CCR_USE), maxtoken(draw(CCR_CAP))]}
+    fields = {"name": CCR_TEXT, "api_base_url": CCR_TEXT, "api_key": CCR_TEXT}
+    return {**{key: draw(value) for key, value in fields.items()}, "models": models, "transformer": transformer}
+
+
+@st.composite
+def ccr_configs(draw: st.DrawFn) -> dict:
+    keys = draw(st.lists(st.sampled_from(list(terraphim_proxy.CCR_ROUTER_KEYS)), unique=True))
+    router: dict[str, Any] = {key: draw(CCR_TEXT.filter(bool)) for key in keys}
+    if draw(st.booleans()):
+        router["longContextThreshold"] = draw(st.integers(1, 10**6))
+    config = {
+        "APIKEY": draw(CCR_TEXT),
+        "HOST": draw(CCR_TEXT),
+        "PORT": draw(st.integers(-(2**63), 2**63 - 1)),
+        **draw(st.dictionaries(st.sampled_from(CCR_SERVICE_KEYS), CCR_JSON)),
+        "Providers": draw(st.lists(ccr_providers(), max_size=3)),
+        "Router": router,
+    }
+    return {key: value for key, value in config.items() if draw(st.booleans()) or key in ("Providers", "Router")}
+
+
+JSON5_SINGLE_QUOTED = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json5_str(text: str, rnd: random.Random) -> str:
+    if rnd.random() < 0.5:
+        return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
+    pieces = ["\\\n" if rnd.random() < 0.1 else ""]  # a line continuation adds nothing
+    for char in text:
+        escaped = JSON5_SINGLE_QUOTED.get(char)
+        if escaped is None and char < " " and rnd.random() < 0.5:
+            escaped = f"\\x{ord(char):02x}"
+        pieces.append(escaped or char)
+    return "'" + "".join(pieces) + "'"
+
+
+def json5_number(value: int | float, rnd: random.Random) -> str:
+    if isinstance(value, int):
+        sign = "-" if value < 0 else rnd.choice(("", "+"))
+        return sign + (f"0{rnd.choice('xX')}{abs(value):x}" if rnd.random() < 0.5 else str(abs(value)))
+    text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
+    if not text.startswith("-") and rnd.random() < 0.5:
+        text = "+" + text
+    if rnd.random() < 0.5:  # a bare leading point (.5), else a bare trailing one (5.)
+        shortened = re.sub(r"^([+-]?)0\.(?=\d)", r"\1.", text)
+        text = shortened if shortened != text else re.sub(r"(\d)\.0$", r"\1.", text)
+    return text
+
+
+JSON5_BARE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+
+def json5_key(key: str, rnd: random.Random) -> str:
+    bare = JSON5_BARE_KEY.fullmatch(key) and key not in ("true", "false", "null") and rnd.random() < 0.5
+    return key if bare else json5_str(key, rnd)
+
+
+def json5_dump(value: Any, rnd: random.Random) -> str:
+    """`value` as JSON5, each choice of form drawn from `rnd`."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return json5_number(value, rnd)
+    if isinstance(value, str):
+        return json5_str(value, rnd)
+    if isinstance(value, list):
+        items, brackets = [json5_dump(item, rnd) for item in value], "[]"
+    else:
+        items, brackets = [f"{json5_key(key, rnd)}: {json5_dump(item, rnd)}" for key, item in value.items()], "{}"
+    spaced = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) + item for item in items]
+    trailing = "," if items and rnd.random() < 0.5 else ""
+    return brackets[0] + ",".join(spaced) + trailing + "\n" + brackets[1]
+
+
+def ccr_expected_provider(provider: dict) -> dict:
+    kind = terraphim_proxy.ccr_provider_type(provider)
+    base_url = provider["api_base_url"].rstrip("/")
+    for suffix in terraphim_proxy.CCR_URL_SUFFIXES.get(kind, ("/chat/completions",)):
+        base_url = base_url.removesuffix(suffix)
+    entry = {"name": provider["name"], "type": kind, "api_base_url": base_url}
+    entry |= {key: provider[key] for key in ("api_key", "models") if provider[key]}
+    transformer = provider["transformer"]
+    caps = [use[1]["max_tokens"] for use in transformer["use"] if isinstance(use, list) and use[0] == "maxtoken"]
+    if caps:
+        entry["max_tokens"] = caps[-1]
+    if model_caps := {key: chain["use"][-1][1]["max_tokens"] for key, chain in transformer.items() if key != "use"}:
+        entry["model_max_tokens"] = model_caps
+    return entry
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ccr=ccr_configs(), rnd=st.randoms(use_true_random=False))
+@example(ccr={"CUSTOM_ROUTER_PATH": [0.0, -0.5, 5.0, 1e-05], "Providers": [], "Router": {}}, rnd=random.Random(0))
+@example(
+    ccr={
+        "PORT": 0x1F,
+        "HOST": "caf\u00e9 😀",
+        "Providers": [
+            {"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}
+        ],
+        "Router": {"default": "q,m😀", "longContextThreshold": 60000},
+    },
+    rnd=random.Random(0),
+)
+def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: random.Random
+) -> None:
+    for provider in ccr["Providers"]:
+        provider.setdefault("transformer", {}).setdefault("use", [])
+    source = tmp_path / "config.json"
+    source.write_text(json5_dump(ccr, rnd), encoding="utf-8")
+
+    code, out, err = run_import_ccr(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    expected_proxy = {"api_key": ccr.get("APIKEY") or None, "host": ccr.get("HOST"), "port": ccr.get("PORT")}
+    assert doc["proxy"] == {key: value for key, value in expected_proxy.items() if value is not None}
+    router = ccr["Router"]
+    expected_router = {
+        terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router
+    }
+    assert doc["router"] == expected_router
+    assert doc.get("providers", []) == [ccr_expected_provider(provider) for provider in ccr["Providers"]]
+
+
+@pytest.mark.parametrize(
+    ("number", "value"),
+    [("0x1F", 31), ("0XfF", 255), ("-0x10", -16), ("+3456", 3456), ("+0x10", 16), ("+.5", 0.5), ("5.", 5.0)],
+)
+def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], number: str, value: int | float
+) -> None:
+    source = tmp_path / "config.json"
+    source.write_text(f"{{ PORT: {number}, Router: {{ longContextThreshold: {number} }}, Other: [{number}] }}")
+
+    code, out, err = run_import_ccr(source, capsys)
+
+    assert code == 0, err
+    doc = tomllib.loads(out)
+    if isinstance(value, int) and value > 0:
+        assert doc["proxy"]["port"] == value and doc["router"]["long_context_threshold"] == value
+    assert f"Other = [{json.dumps(value)}]" in out
+
+
 # ===========================================================================
 # End to end: the real Claude Code CLI through the proxy
 # ===========================================================================
+
 
 # ---------------------------------------------------------------------------
 # Through the proxy to the Anthropic stand-in
@@ -9075,886 +11252,8 @@ async def test_claude_code_cli_writes_file_through_native_provider(
 
 
 # ===========================================================================
-# Logs, redaction, /health, config expansion, a default route without an enabled target
+# Documentation says what the code does
 # ===========================================================================
-
-
-def request_log_lines_since(mark: int) -> list[str]:
-    """The one-line request summaries logged after CAPTURED_LOG had `mark` entries."""
-    return [line for line in CAPTURED_LOG[mark:] if " scenario=" in line]
-
-
-async def test_log_line_escapes_a_newline_from_a_percent_decoded_path(
-    proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    forged = "2026-01-01 00:00:00,000 INFO req_forged /v1/messages status=200 outcome=ok"
-    url = yarl.URL(f"{proxy_url}/v1/messages%0A{forged.replace(' ', '%20')}", encoded=True)
-    async with http.post(url, json=request()) as response:
-        request_id = response.headers["request-id"]
-        status = response.status
-
-    lines = log_lines(request_id)
-    assert status == 404
-    assert len(lines) == 1, lines
-    assert "\n" not in lines[0] and f"/v1/messages\\n{forged}" in lines[0], lines[0]
-
-
-async def test_model_name_with_a_control_character_is_a_400_and_never_reaches_the_upstream(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    model = "anthropic,evil\r\n2026-01-01 00:00:00,000 INFO forged"
-    answer = await call(http, f"{proxy_url}/v1/messages", request(model=model))
-
-    answer.assert_error(400, "invalid_request_error", "control character")
-    assert stand_in.received == []
-    assert len(log_lines(answer.headers["request-id"])) == 1
-
-
-async def test_log_lines_escape_control_characters_an_upstream_error_carries(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    forged = "\r\n2026-01-01 00:00:00,000 INFO forged\u2028\x1b[31m"
-    stand_in.reply_with(anthropic_error(500, "api_error", f"upstream broke{forged}"))
-    provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "retries": 0}
-    provider["api_key"] = "${ANTHROPIC_API_KEY}"
-    config = build_config({"router": {"default": "anthropic,model-a | anthropic,model-b"}, "providers": [provider]})
-    url = await start_proxy(config)
-    mark = len(CAPTURED_LOG)
-
-    answer = await call(http, f"{url}/v1/messages", request())
-
-    answer.assert_error(500, "api_error", "upstream broke")
-    fallback = [line for line in CAPTURED_LOG[mark:] if "falling back" in line]
-    assert len(fallback) == 1, CAPTURED_LOG[mark:]
-    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", fallback[0]), repr(fallback[0])
-    assert "upstream broke\\r\\n2026-01-01 00:00:00,000 INFO forged\\u2028\\x1b[31m" in fallback[0], fallback[0]
-
-
-async def test_short_key_is_not_redacted_inside_words_but_a_long_key_is(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    at_stand_in = {"type": "anthropic", "api_base_url": stand_in.url}
-    providers = [
-        {**at_stand_in, "name": "local", "api_key": "ollama"},  # what local OpenAI-compatible servers take
-        {**at_stand_in, "name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
-    ]
-    config = build_config({"router": {"default": "local,model-x"}, "providers": providers})
-    text = f"model-x not found: run `ollama pull model-x`; the ollama key and {UPSTREAM_KEY} are fine"
-    stand_in.reply_with(anthropic_error(404, "not_found_error", text))
-    url = await start_proxy(config)
-
-    answer = await call(http, f"{url}/v1/messages", request())
-
-    message = answer.assert_error(404, "not_found_error")
-    assert "run `ollama pull model-x`; the ollama key and [redacted] are fine" in message, message
-    assert config.secrets() == [UPSTREAM_KEY]
-
-
-async def test_health_without_the_proxy_key_says_only_ok_and_with_it_gives_details(
-    keyed_proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    health = f"{keyed_proxy_url}/health"
-    anonymous = await call(http, health, method="GET")
-    wrong_key = await call(http, health, method="GET", headers={"x-api-key": "not-the-proxy-key"})
-    with_key = await call(http, health, method="GET", headers={"x-api-key": PROXY_KEY})
-    with_bearer = await call(http, health, method="GET", headers={"authorization": f"Bearer {PROXY_KEY}"})
-
-    assert (anonymous.status, anonymous.json()) == (200, {"status": "ok"})
-    assert (wrong_key.status, wrong_key.json()) == (200, {"status": "ok"})
-    for answer in (with_key, with_bearer):
-        assert answer.status == 200
-        details = answer.json()
-        assert details["pid"] == os.getpid()
-        assert details["providers"]["disabled"] == {"offline": "$OFFLINE_API_KEY is not set"}
-
-
-async def test_env_vars_expand_in_nested_tables_so_headers_reach_the_upstream(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    provider = {
-        "name": "anthropic",
-        "api_base_url": stand_in.url,
-        "api_key": "${ANTHROPIC_API_KEY}",
-        "headers": {"X-Title": "${APP_TITLE}", "X-Team": "team-$APP_TEAM"},
-        "model_max_tokens": {"model-default": 100},
-    }
-    environ = {**ENVIRON, "APP_TITLE": "terraphim", "APP_TEAM": "blue"}
-    config = build_config({"router": {"default": "anthropic,model-default"}, "providers": [provider]}, environ=environ)
-    url = await start_proxy(config)
-
-    answer = await call(http, f"{url}/v1/messages", request())
-
-    assert answer.status == 200, answer.text
-    assert config.providers["anthropic"].headers == {"X-Title": "terraphim", "X-Team": "team-blue"}
-    assert (stand_in.last.headers["x-title"], stand_in.last.headers["x-team"]) == ("terraphim", "team-blue")
-
-
-def test_env_var_unset_in_a_nested_table_is_a_problem_naming_the_key() -> None:
-    provider = {"name": "anthropic", "api_key": "${ANTHROPIC_API_KEY}", "headers": {"X-Title": "${APP_TITLE}"}}
-
-    with pytest.raises(terraphim_proxy.ConfigError) as raised:
-        build_config({"router": {"default": "anthropic,m"}, "providers": [provider]})
-
-    assert raised.value.problems == ["test.toml: providers[0].headers.X-Title: uses $APP_TITLE, which is not set"]
-
-
-async def test_sighup_applies_a_changed_log_level(
-    stand_in_up: StandInServer, http: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    provider = provider_doc("anthropic", "anthropic", stand_in_up.url)
-    async with proxy_subprocess(
-        tmp_path, providers_doc([provider], "anthropic,model-one", {"log_level": "info"})
-    ) as proxy:
-        assert (await post_client_body(http, proxy.url, client_body())).status == 200
-        await proxy.wait_for_line(" scenario=")
-        assert not any(" DEBUG " in line for line in proxy.lines), proxy.lines
-
-        mark = len(proxy.lines)
-        await proxy.reload(providers_doc([provider], "anthropic,model-one", {"log_level": "debug"}), "config reloaded")
-        assert (await post_client_body(http, proxy.url, client_body())).status == 200
-        debug_line = await proxy.wait_for_line(" hints=", mark)
-
-    assert " DEBUG " in debug_line, debug_line
-
-
-NO_DEFAULT_TOML = """
-[router]
-default = "anthropic,claude-sonnet-4-5 | openrouter,anthropic/claude-sonnet-4.5"
-
-[[providers]]
-name = "anthropic"
-api_key = "${ANTHROPIC_API_KEY}"
-
-[[providers]]
-name = "openrouter"
-api_key = "${OPENROUTER_API_KEY}"
-"""
-
-
-def test_check_exits_2_when_the_default_route_has_no_enabled_target_naming_the_variables(tmp_path: Path) -> None:
-    (tmp_path / "keys.toml").write_text(NO_DEFAULT_TOML)
-
-    done = run_cli(["--config", "keys.toml", "--check"], tmp_path, {})
-
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert check_sections(done.stdout)["routes"]["default"] == "(no enabled target)"
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, done.stderr
-    for fragment in ("router.default", "$ANTHROPIC_API_KEY is not set", "$OPENROUTER_API_KEY is not set"):
-        assert fragment in errors[0], errors[0]
-
-
-def test_check_builtin_without_keys_routes_to_local_ollama_and_names_the_key_variables(tmp_path: Path) -> None:
-    done = run_cli(["--check"], tmp_path, {})
-
-    assert done.returncode == 0, done.stderr
-    assert check_sections(done.stdout)["routes"]["default"] == "ollama,qwen2.5-coder:7b"
-    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1, done.stdout
-    assert "http://127.0.0.1:11434" in warnings[0]
-    for var in terraphim_proxy.KEY_ENV_VARS.values():
-        assert f"${var}" in warnings[0], warnings[0]
-
-
-async def test_request_to_a_default_route_without_enabled_target_gets_400_naming_the_variable_and_no_retry(
-    stand_in: StandIn, start_proxy: StartProxy
-) -> None:
-    """400 invalid_request_error: Anthropic's SDKs (and Claude Code) retry 408, 409, 429 and >= 500 only."""
-    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
-    mark = len(CAPTURED_LOG)
-
-    async with anthropic.AsyncAnthropic(base_url=url, api_key=CLIENT_KEY, max_retries=3, timeout=TIMEOUT_S) as sdk:
-        with pytest.raises(anthropic.BadRequestError) as raised:
-            await sdk.messages.create(**SDK_REQUEST)
-
-    assert raised.value.status_code == 400
-    assert raised.value.body["error"]["type"] == "invalid_request_error"
-    message = raised.value.body["error"]["message"]
-    assert "default route" in message and "offline: $OFFLINE_API_KEY is not set" in message, message
-    assert len(request_log_lines_since(mark)) == 1  # the SDK did not retry
-    assert stand_in.received == []
-
-
-async def test_claude_code_cli_shows_what_to_set_when_the_default_route_has_no_enabled_target(
-    stand_in: StandIn, start_proxy: StartProxy, tmp_path: Path
-) -> None:
-    url = await start_proxy(make_config(stand_in.url, router={"default": "offline,model-offline"}))
-    mark = len(CAPTURED_LOG)
-
-    run = await run_claude_cli(url, tmp_path, "hi")
-
-    requests = request_log_lines_since(mark)
-    diag = run.diag(requests)
-    assert run.returncode != 0 and run.returncode is not None, diag
-    assert "$OFFLINE_API_KEY is not set" in run.out + run.err, diag
-    assert requests and all("status=400" in line for line in requests), diag
-    assert len(requests) <= 3, diag  # no retries: at most one try per request the CLI makes
-    assert stand_in.received == []
-
-
-# ===========================================================================
-# Resource limits (in-flight before the body, image fetch caps, upstream pool, token-count cache)
-# ===========================================================================
-
-
-def lim_raw_body(*texts: str) -> terraphim_proxy.RawBody:
-    """A Messages body with one user message per text, parsed as the proxy parses what it receives."""
-    messages = [{"role": "user", "content": text} for text in texts]
-    return terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode())
-
-
-async def test_token_cache_keeps_a_reused_entry_when_full() -> None:
-    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=2)
-    system, first, second = "the system prompt, reused every turn", "turn one", "turn two"
-    await counter.count(lim_raw_body(system, first))
-    await counter.count(lim_raw_body(system, second))  # the full cache evicts `first`, used least recently
-
-    reused = lim_raw_body(system)
-    key = reused.key_of(reused.message_spans[0])
-    assert key in counter.cache
-    assert lim_raw_body(first).key_of(lim_raw_body(first).message_spans[0]) not in counter.cache
-    assert len(counter.cache) == 2
-
-
-async def test_token_cache_survives_concurrent_large_counts_when_full() -> None:
-    """Large counts run in threads while others read the cache on the loop; a full cache evicts on every miss.
-    A short switch interval lets the threads interleave between any two bytecodes, as a busy server may."""
-    counter = terraphim_proxy.TokenCounter(shared_counter().encoding, cache_entries=8)
-    shared = lim_raw_body(*(f"shared {i}" for i in range(8)))
-    parts = terraphim_proxy.THREAD_ENCODE_MIN // 64
-    bodies = [lim_raw_body(*(f"{i} {j} " + "x" * 64 for j in range(parts))) for i in range(32)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for _ in range(4):
-            counts = await asyncio.gather(*(counter.count(body) for body in [*bodies, *[shared] * 32]))
-            assert all(count > 0 for count in counts)
-    finally:
-        sys.setswitchinterval(interval)
-    assert len(counter.cache) <= 8
-
-
-async def lim_unfinished_body(url: str, path: str, length: int) -> tuple[bytes, asyncio.StreamWriter]:
-    """POST `path` announcing a `length`-byte body of which only a few bytes are sent; the answer's head, read
-    while the rest of the body is still owed."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-    writer.write(f"{head}Content-Length: {length}\r\n\r\n".encode() + b'{"model": "')
-    await writer.drain()
-    return await read_until(reader, b"\r\n\r\n"), writer
-
-
-@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"])
-async def test_max_in_flight_refuses_before_reading_the_body(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, path: str
-) -> None:
-    stand_in_up.script = stream_script(hold_at=1)
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": 1}))
-    held = await stream_in_background(http, proxy)
-
-    head, writer = await lim_unfinished_body(proxy, path, 1024 * 1024)
-    writer.close()
-
-    assert head.startswith(b"HTTP/1.1 429 "), head
-    assert b"retry-after: 1" in head.lower(), head
-    stand_in_up.release.set()
-    assert (await held).frames[-1][0] == "message_stop"
-    assert len(stand_in_up.received) == 1
-
-
-async def test_rate_limit_refuses_before_reading_the_body(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"rate_limit_rpm": 1}))
-    assert (await post_client_body(http, proxy, client_body())).status == 200
-
-    head, writer = await lim_unfinished_body(proxy, "/v1/messages", 1024 * 1024)
-    writer.close()
-
-    assert head.startswith(b"HTTP/1.1 429 "), head
-    assert len(stand_in_up.received) == 1
-
-
-# With fetch_image_urls on, a fetch reaches only public addresses, which this offline machine lacks. These
-# tests start the proxy with create_app's `image_resolver` seam and a DNS stand-in that names 127.0.0.1, where
-# an image stand-in listens; every other part of the fetch (the session, limits, caching) is the proxy's own.
-
-
-class LimLoopbackResolver(aiohttp.abc.AbstractResolver):
-    """The DNS stand-in for image fetches: every host name is 127.0.0.1."""
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
-        address = {"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET}
-        return [address | {"proto": 0, "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        return None
-
-
-@pytest.fixture
-async def lim_image_proxy() -> AsyncIterator[StartProxy]:
-    """Starts proxies whose image URL fetches resolve every host name to 127.0.0.1."""
-    runners: list[web.AppRunner] = []
-
-    async def start(config: terraphim_proxy.Config) -> str:
-        app = terraphim_proxy.create_app(config, shared_counter(), image_resolver=LimLoopbackResolver())
-        runner, url = await serve_app(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-        runners.append(runner)
-        return url
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-def lim_image_body(*urls: str) -> dict:
-    images = [{"type": "image", "source": {"type": "url", "url": url}} for url in urls]
-    return client_body([*images, {"type": "text", "text": "What is in these pictures?"}])
-
-
-def lim_image_url(images: StandInServer, name: str) -> str:
-    """A URL of the image stand-in under a host name, as a public image would have."""
-    return f"http://images.example:{images.url.rsplit(':', 1)[1]}/{name}"
-
-
-async def test_image_url_is_fetched_once_per_request_across_fallbacks(
-    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    first, second, images = await stand_ins(), await stand_ins(), await stand_ins()
-    first.script, images.script = answer_status(503), png_answer
-    providers = [provider_doc("first", "ollama", first.url), provider_doc("second", "ollama", second.url)]
-    config = scripted_config(providers, "first,qwen-a | second,qwen-b", {"fetch_image_urls": True})
-    proxy = await lim_image_proxy(config)
-    url = lim_image_url(images, "cat.png")
-
-    reply = await post_client_body(http, proxy, lim_image_body(url, url))
-
-    assert reply.status == 200, reply.text
-    assert reply.headers["x-terraphim-route"] == "second,qwen-b"
-    assert len(images.received) == 1
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
-    assert second.received[0].body["messages"][-1]["images"] == [png, png]
-    assert first.received[0].body["messages"][-1]["images"] == [png, png]
-
-
-async def test_image_urls_over_fetch_image_max_count_are_refused_before_any_fetch(
-    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    up, images = await stand_ins(), await stand_ins()
-    images.script = png_answer
-    proxy = await lim_image_proxy(
-        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_count": 2})
-    )
-    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b", "c")]
-
-    reply = await post_client_body(http, proxy, lim_image_body(*urls))
-
-    reply.assert_error(400, "invalid_request_error", "3 image URLs", "fetch_image_max_count")
-    assert images.received == [] and up.received == []
-    assert (await post_client_body(http, proxy, lim_image_body(*urls[:2]))).status == 200
-
-
-async def test_image_urls_over_fetch_image_max_bytes_together_are_refused(
-    stand_ins: StandInFactory, lim_image_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    up, images = await stand_ins(), await stand_ins()
-    images.script = png_answer  # 72 bytes each
-    proxy = await lim_image_proxy(
-        single_provider_config("ollama", up.url, {"fetch_image_urls": True, "fetch_image_max_bytes": 100})
-    )
-    urls = [lim_image_url(images, f"{name}.png") for name in ("a", "b")]
-
-    reply = await post_client_body(http, proxy, lim_image_body(*urls))
-
-    reply.assert_error(413, "request_too_large", "100 bytes", "fetch_image_max_bytes")
-    assert up.received == []
-    assert (await post_client_body(http, proxy, lim_image_body(urls[0]))).status == 200
-
-
-async def test_upstream_pool_does_not_cap_max_in_flight_below_its_limit(
-    stand_in_up: StandInServer, start_proxy: StartProxy
-) -> None:
-    """More streams to one host than a per-host pool cap of 128 would let through all reach it."""
-    streams = 130
-    stand_in_up.script = stream_script(hold_at=1)
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, {"max_in_flight": streams}))
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as client:
-        held = await asyncio.gather(*(stream_in_background(client, proxy) for _ in range(streams)))
-
-        assert len(stand_in_up.received) == streams
-        stand_in_up.release.set()
-        replies = await asyncio.gather(*held)
-    assert all(reply.frames[-1][0] == "message_stop" for reply in replies)
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_waiting_for_a_pooled_upstream_connection_times_out(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, stream: bool
-) -> None:
-    stand_in_up.script = script_sequence(stream_script(hold_at=1), answer_ok)
-    limits = {"upstream_connections": 1, "pool_timeout_ms": 100, "connect_timeout_ms": 100}
-    limits |= {"cooldown_after_failures": 1}  # a busy pool is no failed connection: the provider stays up
-    proxy = await start_proxy(single_provider_config("anthropic", stand_in_up.url, limits))
-    held = await stream_in_background(http, proxy)  # holds the only pooled connection
-
-    started = time.monotonic()
-    reply = await post_client_body(http, proxy, client_body(stream=stream))
-
-    reply.assert_error(504, "timeout_error", "no free upstream connection within 100 ms")
-    assert time.monotonic() - started < TIMEOUT_S / 2
-    assert len(stand_in_up.received) == 1
-    stand_in_up.release.set()
-    assert (await held).frames[-1][0] == "message_stop"
-    assert (await post_client_body(http, proxy, client_body(stream=stream))).status == 200
-
-
-# Routing and streams (session memory, keep-alive pings, unreachable upstreams)
-# ===========================================================================
-
-
-async def routed_session_request(url: str, model: str, user_id: str) -> str:
-    """One small non-streamed request of a session for `model`; returns the route the proxy chose."""
-    async with anthropic_client(url) as sdk:
-        raw = await sdk.messages.with_raw_response.create(
-            model=model,
-            max_tokens=64,
-            messages=[{"role": "user", "content": "small"}],
-            metadata={"user_id": user_id},
-        )
-        await raw.parse()
-        return raw.headers["x-terraphim-route"]
-
-
-async def test_background_request_neither_uses_nor_updates_session_memory(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
-) -> None:
-    url = await start_proxy(chat_config(scripted_upstream.url))
-    large = {"input_tokens": 5000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
-    small = {**large, "input_tokens": 10}
-    scripted_upstream.queue("model-default", ScriptedAnswer(usage=large))
-    scripted_upstream.queue("model-background", ScriptedAnswer(usage=small))
-    scripted_upstream.queue("model-long", ScriptedAnswer(usage=large))
-    session = claude_code_user_id("sess-main", "json")
-
-    routes = [
-        await routed_session_request(url, CLIENT_MODEL, session),  # main, small: default; upstream reports 5000
-        await routed_session_request(url, "claude-haiku-4-5", session),  # background: the session's size is not its
-        await routed_session_request(url, CLIENT_MODEL, session),  # main: the haiku answer's 10 did not overwrite
-    ]
-
-    assert routes == ["anthropic,model-default", "anthropic,model-background", "anthropic,model-long"]
-
-
-# ---- keep-alive pings on a client stream that has been silent for stream_ping_ms
-
-PING_FRAME = b'event: ping\ndata: {"type": "ping"}\n\n'
-
-
-async def read_stream_releasing_on(response: aiohttp.ClientResponse, ping: bytes, release: asyncio.Event) -> str:
-    """A streamed answer's whole body; `release` (what holds the upstream silent) is set when `ping` arrives."""
-    body = b""
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if ping in body:
-            release.set()
-    return body.decode()
-
-
-@pytest.mark.parametrize("hold_at", [0, 1], ids=["before-first-upstream-byte", "after-message-start"])
-async def test_silent_pass_through_stream_gets_ping_events(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, hold_at: int
-) -> None:
-    # The upstream's own ping is left out; its model is the client's, as the proxy rewrites message_start.
-    frames = [f for f in stream_frames(CLIENT_MODEL, [{"type": "text", "text": STANDIN_TEXT}]) if b"ping" not in f]
-    stand_in.reply_with(Reply(frames=frames, hold_at=hold_at))  # silent until the test sees a ping
-    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
-
-    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
-        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
-        status, route = response.status, response.headers["x-terraphim-route"]
-
-    assert (status, route) == (200, "anthropic,model-default")
-    events = parse_sse(text)
-    names = [name for name, _ in events]
-    first_ping = names.index("ping")
-    assert first_ping == hold_at  # the pings fill the silence: before the first frame, or after message_start
-    assert [event for event in events if event[0] != "ping"] == parse_sse(b"".join(frames).decode())
-    assert all(data == {"type": "ping"} for name, data in events if name == "ping")
-
-
-async def test_silent_translated_stream_gets_ping_events(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    scripted_upstream.queue("model-x", ScriptedAnswer(hold=True))  # OpenAI chunks: the first text, then silence
-    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
-
-    async with http.post(f"{url}/v1/messages", json=request(model="openai,model-x", stream=True)) as response:
-        text = await read_stream_releasing_on(response, PING_FRAME, scripted_upstream.release)
-
-    names = [name for name, _ in parse_sse(text)]
-    assert "ping" in names[names.index("content_block_delta") :]  # in the silence after the first text
-    assert [name for name in names if name != "ping"][-2:] == ["message_delta", "message_stop"]
-    pieces = [data["delta"]["text"] for name, data in parse_sse(text) if name == "content_block_delta"]
-    assert "".join(pieces) == STANDIN_TEXT
-
-
-async def test_silent_openai_dialect_stream_gets_comment_pings(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    scripted_upstream.queue("model-default", ScriptedAnswer(hold=True))
-    url = await start_proxy(chat_config(scripted_upstream.url, proxy={"stream_ping_ms": 50}))
-    body = {"model": CLIENT_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-    async with http.post(f"{url}/v1/chat/completions", json=body) as response:
-        text = await read_stream_releasing_on(response, b"\n\n: ping\n\n", scripted_upstream.release)
-
-    frames = [frame for frame in text.split("\n\n") if frame]
-    assert ": ping" in frames and "event: ping" not in text
-    data = [frame.removeprefix("data: ") for frame in frames if frame != ": ping"]
-    assert data[-1] == "[DONE]"
-    chunks = [json.loads(item) for item in data[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == STANDIN_TEXT
-
-
-async def test_failure_after_pings_began_the_stream_is_an_error_event(
-    stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    stand_in.reply_with(Reply(frames=[b""], hold_at=0))  # headers, silence until the ping, then an empty stream
-    url = await start_proxy(make_config(stand_in.url, proxy={"stream_ping_ms": 50}))
-
-    async with http.post(f"{url}/v1/messages", json=request(stream=True)) as response:
-        text = await read_stream_releasing_on(response, PING_FRAME, stand_in.release)
-        status = response.status
-
-    events = parse_sse(text)
-    assert status == 200
-    assert {name for name, _ in events[:-1]} == {"ping"}
-    name, data = events[-1]
-    assert (name, data["error"]["type"]) == ("error", "api_error")
-    assert "anthropic did not answer with an event stream" in data["error"]["message"]
-
-
-# ---- unreachable upstreams: no retry of a name that does not resolve, a cool-down after failed connections
-
-
-def unreachable_config(
-    upstream_url: str, down_url: str, *, proxy: Mapping[str, Any], down_type: str = "anthropic"
-) -> terraphim_proxy.Config:
-    """`down` (at an address that cannot be reached) first, the stand-in as the fallback of the default route."""
-    providers = [
-        {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": "${ANTHROPIC_API_KEY}"},
-        {"name": "down", "type": down_type, "api_base_url": down_url, "api_key": "${ANTHROPIC_API_KEY}"},
-    ]
-    router = {"default": "down,model-down | anthropic,model-backup", "background": "down,model-down"}
-    return build_config({"proxy": dict(proxy), "router": router, "providers": providers})
-
-
-async def test_name_resolution_failure_is_tried_once_and_names_the_url(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    # .invalid never resolves (RFC 6761): the resolver answers locally, without network traffic.
-    config = unreachable_config(scripted_upstream.url, "http://upstream.invalid", proxy={"retries": 2})
-    url = await start_proxy(config)
-
-    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
-
-    answer.assert_error(
-        502, "api_error", "cannot reach down at http://upstream.invalid/v1/messages: its host name does not resolve"
-    )
-    metrics = await read_metrics(http, url)
-    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 1}
-    assert sum(metrics.series("terraphim_retries_total").values()) == 0
-
-
-async def test_refused_connections_mark_the_provider_down_then_it_fails_fast_or_falls_back(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    down_url = closed_port_url()
-    proxy = {"retries": 1, "retry_base_ms": 1, "cooldown_after_failures": 3, "cooldown_ms": 60_000}
-    url = await start_proxy(unreachable_config(scripted_upstream.url, down_url, proxy=proxy))
-    refused = f"cannot reach down at {down_url}/v1/messages: connection refused"
-
-    first = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # refused, retried, refused
-    second = await call(http, f"{url}/v1/messages", request())  # refused a third time: down; falls back
-    third = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))  # down: fails fast
-    fourth = await call(http, f"{url}/v1/messages", request())  # down: straight to the fallback
-
-    first.assert_error(502, "api_error", refused)
-    assert (second.status, second.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
-    third.assert_error(502, "api_error", "down is marked down for", refused)
-    assert (fourth.status, fourth.headers["x-terraphim-route"]) == (200, "anthropic,model-backup")
-    metrics = await read_metrics(http, url)
-    assert metrics.series("terraphim_upstream_errors_total") == {("down", "api_error"): 3}
-    assert metrics.series("terraphim_retries_total") == {("down", "model-down"): 1}
-    assert metrics.series("terraphim_upstream_cooldowns_total") == {("down",): 1}
-    assert 0 < metrics.value("terraphim_upstream_cooldown_seconds", provider="down") <= 60
-    health = (await call(http, f"{url}/health", method="GET")).json()
-    assert list(health["providers"]["down"]) == ["down"]
-    assert 0 < health["providers"]["down"]["down"] <= 60
-
-
-async def test_unreachable_ollama_error_asks_whether_ollama_is_running(
-    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    down_url = closed_port_url()
-    url = await start_proxy(
-        unreachable_config(scripted_upstream.url, down_url, proxy={"retries": 0}, down_type="ollama")
-    )
-
-    answer = await call(http, f"{url}/v1/messages", request(model="claude-haiku-4-5"))
-
-    answer.assert_error(
-        502, "api_error", f"cannot reach down at {down_url}/api/chat: connection refused", "is Ollama running there?"
-    )
-
-
-def test_public_url_drops_user_info_query_and_fragment() -> None:
-    url = "https://user:pass-secret@gen.example:8443/v1beta/models/m:streamGenerateContent?alt=sse&key=k-secret#frag"
-
-    assert terraphim_proxy.public_url(url) == "https://gen.example:8443/v1beta/models/m:streamGenerateContent"
-
-
-# ===========================================================================
-# Import-ccr round trip, `code` and `stop`, output caps, README facts
-# ===========================================================================
-
-# ---------------------------------------------------------------------------
-# `code` starts no proxy for claude commands that talk to no model; `stop` stops the one it started
-# ---------------------------------------------------------------------------
-
-CODE_FAKE_CLAUDE = """
-import json, os, sys, urllib.request
-health = urllib.request.Request(
-    os.environ["ANTHROPIC_BASE_URL"] + "/health",
-    headers={"authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]},
-)
-try:
-    with urllib.request.urlopen(health, timeout=2) as answer:
-        pid = json.load(answer)["pid"]
-except OSError:
-    pid = None
-print(json.dumps({"argv": sys.argv[1:], "proxy_pid": pid}))
-"""
-
-
-@dataclass
-class CodeSetup:
-    """A config on a free port, and an environment whose PATH finds a fake claude and whose TMPDIR is tmp_path."""
-
-    cwd: Path
-    env: dict[str, str]
-    base_url: str
-    port: int
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(["--config", "test.toml", *args], self.cwd, self.env)
-
-    @property
-    def pid_file(self) -> Path:
-        return self.cwd / f"terraphim-proxy-{self.port}.pid"
-
-
-@pytest.fixture
-def code_setup(tmp_path: Path) -> Iterator[CodeSetup]:
-    port = free_port()
-    (tmp_path / "test.toml").write_text(cli_toml(port, 'api_key = "${PROXY_TEST_KEY}"'))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    claude = bin_dir / "claude"
-    claude.write_text(f"#!{sys.executable}\n{CODE_FAKE_CLAUDE}")
-    claude.chmod(0o755)
-    env = subprocess_env(ANTHROPIC_API_KEY="sk-ant-code", PROXY_TEST_KEY=PROXY_KEY)
-    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp_path)}
-    setup = CodeSetup(tmp_path, env, f"http://127.0.0.1:{port}", port)
-    try:
-        yield setup
-    finally:
-        stop_proxy_started_in_background(setup.base_url)
-
-
-@pytest.mark.parametrize(
-    "claude_args",
-    [
-        ["--version"],
-        ["-v"],
-        ["--help"],
-        ["-h"],
-        ["-p", "hello", "--help"],
-        ["mcp", "list"],
-        ["doctor"],
-        ["config", "list"],
-        ["plugin", "list"],
-        ["update"],
-    ],
-    ids=" ".join,
-)
-def test_code_starts_no_proxy_for_claude_commands_that_talk_to_no_model(
-    code_setup: CodeSetup, claude_args: list[str]
-) -> None:
-    done = code_setup.run("code", *claude_args)
-
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"argv": claude_args, "proxy_pid": None}
-    assert "started" not in done.stderr
-    assert read_health_with_key(code_setup.base_url) is None
-    assert not code_setup.pid_file.exists()
-
-
-def test_stop_stops_the_proxy_that_code_started(code_setup: CodeSetup) -> None:
-    started = code_setup.run("code", "-p", "hello")
-    assert started.returncode == 0, started.stderr
-    pid = json.loads(started.stdout)["proxy_pid"]
-    assert pid is not None and code_setup.pid_file.read_text().strip() == str(pid)
-    assert "terraphim-proxy stop" in started.stderr
-
-    stopped = code_setup.run("stop")
-
-    assert stopped.returncode == 0, stopped.stderr
-    assert f"(pid {pid})" in stopped.stderr and "stopped" in stopped.stderr
-    assert read_health_with_key(code_setup.base_url) is None
-    assert not code_setup.pid_file.exists()
-    again = code_setup.run("stop")
-    assert again.returncode == 1
-    assert f"no proxy started by `terraphim-proxy code` on port {code_setup.port}" in again.stderr
-
-
-def test_stop_never_signals_a_process_that_is_not_the_proxy_code_started(code_setup: CodeSetup) -> None:
-    started = code_setup.run("code", "-p", "hello")
-    assert started.returncode == 0, started.stderr
-    proxy_pid = json.loads(started.stdout)["proxy_pid"]
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        code_setup.pid_file.write_text(f"{bystander.pid}\n")  # a stale pid file, its pid since reused
-
-        refused = code_setup.run("stop")
-
-        assert refused.returncode == 1
-        assert "is no longer running" in refused.stderr
-        assert bystander.poll() is None
-        assert read_health_with_key(code_setup.base_url) is not None  # the proxy itself is left alone too
-        os.kill(proxy_pid, 0)
-        assert not code_setup.pid_file.exists()
-    finally:
-        bystander.kill()
-        bystander.wait()
-
-
-# ---------------------------------------------------------------------------
-# Output caps: the built-in table of model output limits, unless the config sets a cap
-# ---------------------------------------------------------------------------
-
-
-def caps_config_data(upstream_url: str) -> dict:
-    """OpenAI and Anthropic providers at the OpenAI stand-in: one without caps, one whose config raises a cap."""
-    at = {"api_base_url": upstream_url}
-    providers = [
-        {**at, "name": "openai", "type": "openai", "api_key": "${OPENAI_API_KEY}", "models": ["gpt-4o"]},
-        {
-            **at,
-            "name": "raised",
-            "type": "openai",
-            "api_key": "${OPENAI_API_KEY}",
-            "models": ["gpt-4o"],
-            "model_max_tokens": {"gpt-4o": 20000},
-        },
-        {**at, "name": "anthropic", "type": "anthropic", "api_key": "${ANTHROPIC_API_KEY}"},
-    ]
-    return {"proxy": {"retries": 0}, "router": {"default": "openai,gpt-4o"}, "providers": providers}
-
-
-async def caps_send(http: aiohttp.ClientSession, url: str, model: str, **fields: Any) -> Answer:
-    body = {"model": model, "max_tokens": 64000, "messages": [{"role": "user", "content": "write a lot"}], **fields}
-    return await call(http, f"{url}/v1/messages", body)
-
-
-@pytest.mark.parametrize(
-    ("models", "cap"),
-    [
-        pytest.param((CLIENT_MODEL, "openai,gpt-4o"), 16384, id="builtin-limit-routed-and-explicit"),
-        pytest.param(("raised,gpt-4o",), 20000, id="configured-model-max-tokens-wins"),
-    ],
-)
-async def test_64000_max_tokens_reach_the_upstream_capped_at_the_models_output_limit(
-    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession, models: tuple, cap: int
-) -> None:
-    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
-
-    for model in models:
-        answer = await caps_send(http, url, model)
-        assert answer.status == 200, answer.text
-        assert openai_upstream.last.body["max_tokens"] == cap
-
-
-async def test_anthropic_pass_through_caps_max_tokens_and_keeps_the_thinking_budget_below_it(
-    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    url = await start_proxy(build_config(caps_config_data(openai_upstream.url)))
-    thinking = {"type": "enabled", "budget_tokens": 63999}
-
-    opus = await caps_send(http, url, "anthropic,claude-opus-4-1-20250805", thinking=thinking)
-    sonnet = await caps_send(http, url, "anthropic,claude-sonnet-4-5", thinking=thinking)
-
-    assert opus.status == sonnet.status == 200, (opus.text, sonnet.text)
-    first, second = [r.body for r in openai_upstream.received if r.path == "/v1/messages"]
-    assert (first["max_tokens"], first["thinking"]["budget_tokens"]) == (32000, 31999)
-    assert (second["max_tokens"], second["thinking"]["budget_tokens"]) == (64000, 63999)  # within its limit
-
-
-def test_check_shows_each_models_effective_output_cap(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
-        monkeypatch.setenv(name, ENVIRON[name])
-    path = tmp_path / "caps.toml"
-    path.write_text(
-        """
-[router]
-default = "openai,gpt-4o"
-
-[[providers]]
-name = "openai"
-api_key = "${OPENAI_API_KEY}"
-models = ["gpt-4o"]
-
-[[providers]]
-name = "raised"
-type = "openai"
-api_key = "${OPENAI_API_KEY}"
-models = ["gpt-4o"]
-model_max_tokens = { "gpt-4o" = 20000 }
-
-[[providers]]
-name = "anthropic"
-api_key = "${ANTHROPIC_API_KEY}"
-"""
-    )
-
-    code, out, err = run_check(path, capsys)
-
-    assert code == 0, err
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "models:" in line}
-    assert lines["openai"].endswith("models: gpt-4o (output cap 16384)")
-    assert lines["raised"].endswith("models: gpt-4o (output cap 20000)")
-    assert lines["anthropic"].endswith("models: any")
-
-
-def test_check_of_the_shipped_config_shows_the_output_caps(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", UPSTREAM_KEY)  # the default route needs an enabled target
-    code, out, err = run_check(CHECKOUT / "config.toml", capsys)
-
-    assert code == 0, err
-    for fragment in (
-        "gpt-4o (output cap 16384)",
-        "claude-opus-4-1 (output cap 32000)",
-        "claude-sonnet-4-5 (output cap 64000)",
-        "deepseek-chat (output cap 8192)",  # the config's own model_max_tokens
-        "gemini-2.5-pro (output cap 65536)",
-    ):
-        assert fragment in out, (fragment, out)
 
 
 # ---------------------------------------------------------------------------
@@ -10044,1220 +11343,3 @@ def test_bench_help_gives_the_measured_duration_of_quick() -> None:
     assert f"about {seconds} s" in " ".join(done.stdout.split())
     assert f"--quick             # about {seconds} s" in source  # the module docstring
     assert f"--quick for a short run (about {seconds} s)" in readme_text()
-
-
-# ---------------------------------------------------------------------------
-# import-ccr: any claude-code-router config comes back from tomllib with the same values
-# ---------------------------------------------------------------------------
-# The strategy draws a CCR-shaped config (providers with names, URLs, keys, models and transformer options,
-# Router entries, service keys) whose strings hold any unicode: quotes, backslashes, control characters, line
-# separators, emoji. A seeded Random writes it as JSON5 in every form claude-code-router reads: single or double
-# quotes, \x and \u escapes, line continuations, bare keys, hexadecimal and `+` numbers, comments, trailing
-# commas. import-ccr's whole output, its `# check:` lines included, must parse with tomllib and hold the values.
-
-CCR_TEXT = st.text(max_size=12) | st.sampled_from(
-    ['"', "'", "\\", "\\'", '\\"', "\n\r\t\x00\x1b\x7f", "😀👩‍💻🇫🇷", "é\u2028\u2029ß", "${HOME} $X", "a // b /* c */"]
-)
-CCR_MODEL = CCR_TEXT.filter(lambda text: text != "use")  # a model's transformer entry sits beside "use"
-CCR_CAP = st.integers(1, 2**40)
-CCR_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | CCR_TEXT,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(CCR_TEXT, inner, max_size=3),
-    max_leaves=8,
-)
-CCR_USE = CCR_TEXT | st.tuples(CCR_TEXT, st.dictionaries(CCR_TEXT, CCR_JSON, max_size=2)).map(list)
-CCR_SERVICE_KEYS = ("API_TIMEOUT_MS", "CUSTOM_ROUTER_PATH", "StatusLine", "NON_INTERACTIVE_MODE", "LOG")
-
-
-def maxtoken(cap: int) -> list:
-    return ["maxtoken", {"max_tokens": cap}]
-
-
-@st.composite
-def ccr_providers(draw: st.DrawFn) -> dict:
-    models = draw(st.lists(CCR_MODEL, max_size=3, unique=True))
-    transformer: dict[str, Any] = {"use": draw(st.lists(CCR_USE, max_size=2))}
-    if (cap := draw(st.none() | CCR_CAP)) is not None:
-        transformer["use"].append(maxtoken(cap))
-    for model in models:
-        if draw(st.booleans()):
-            transformer[model] = {"use": [draw(CCR_USE), maxtoken(draw(CCR_CAP))]}
-    fields = {"name": CCR_TEXT, "api_base_url": CCR_TEXT, "api_key": CCR_TEXT}
-    return {**{key: draw(value) for key, value in fields.items()}, "models": models, "transformer": transformer}
-
-
-@st.composite
-def ccr_configs(draw: st.DrawFn) -> dict:
-    keys = draw(st.lists(st.sampled_from(list(terraphim_proxy.CCR_ROUTER_KEYS)), unique=True))
-    router: dict[str, Any] = {key: draw(CCR_TEXT.filter(bool)) for key in keys}
-    if draw(st.booleans()):
-        router["longContextThreshold"] = draw(st.integers(1, 10**6))
-    config = {
-        "APIKEY": draw(CCR_TEXT),
-        "HOST": draw(CCR_TEXT),
-        "PORT": draw(st.integers(-(2**63), 2**63 - 1)),
-        **draw(st.dictionaries(st.sampled_from(CCR_SERVICE_KEYS), CCR_JSON)),
-        "Providers": draw(st.lists(ccr_providers(), max_size=3)),
-        "Router": router,
-    }
-    return {key: value for key, value in config.items() if draw(st.booleans()) or key in ("Providers", "Router")}
-
-
-JSON5_SINGLE_QUOTED = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def json5_str(text: str, rnd: random.Random) -> str:
-    if rnd.random() < 0.5:
-        return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
-    pieces = ["\\\n" if rnd.random() < 0.1 else ""]  # a line continuation adds nothing
-    for char in text:
-        escaped = JSON5_SINGLE_QUOTED.get(char)
-        if escaped is None and char < " " and rnd.random() < 0.5:
-            escaped = f"\\x{ord(char):02x}"
-        pieces.append(escaped or char)
-    return "'" + "".join(pieces) + "'"
-
-
-def json5_number(value: int | float, rnd: random.Random) -> str:
-    if isinstance(value, int):
-        sign = "-" if value < 0 else rnd.choice(("", "+"))
-        return sign + (f"0{rnd.choice('xX')}{abs(value):x}" if rnd.random() < 0.5 else str(abs(value)))
-    text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
-    if not text.startswith("-") and rnd.random() < 0.5:
-        text = "+" + text
-    if rnd.random() < 0.5:  # a bare leading point (.5), else a bare trailing one (5.)
-        shortened = re.sub(r"^([+-]?)0\.(?=\d)", r"\1.", text)
-        text = shortened if shortened != text else re.sub(r"(\d)\.0$", r"\1.", text)
-    return text
-
-
-JSON5_BARE_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
-
-
-def json5_key(key: str, rnd: random.Random) -> str:
-    bare = JSON5_BARE_KEY.fullmatch(key) and key not in ("true", "false", "null") and rnd.random() < 0.5
-    return key if bare else json5_str(key, rnd)
-
-
-def json5_dump(value: Any, rnd: random.Random) -> str:
-    """`value` as JSON5, each choice of form drawn from `rnd`."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return json5_number(value, rnd)
-    if isinstance(value, str):
-        return json5_str(value, rnd)
-    if isinstance(value, list):
-        items, brackets = [json5_dump(item, rnd) for item in value], "[]"
-    else:
-        items, brackets = [f"{json5_key(key, rnd)}: {json5_dump(item, rnd)}" for key, item in value.items()], "{}"
-    spaced = [rnd.choice((" ", "\n  ", " /* c */ ", " // c\n  ")) + item for item in items]
-    trailing = "," if items and rnd.random() < 0.5 else ""
-    return brackets[0] + ",".join(spaced) + trailing + "\n" + brackets[1]
-
-
-def ccr_expected_provider(provider: dict) -> dict:
-    kind = terraphim_proxy.ccr_provider_type(provider)
-    base_url = provider["api_base_url"].rstrip("/")
-    for suffix in terraphim_proxy.CCR_URL_SUFFIXES.get(kind, ("/chat/completions",)):
-        base_url = base_url.removesuffix(suffix)
-    entry = {"name": provider["name"], "type": kind, "api_base_url": base_url}
-    entry |= {key: provider[key] for key in ("api_key", "models") if provider[key]}
-    transformer = provider["transformer"]
-    caps = [use[1]["max_tokens"] for use in transformer["use"] if isinstance(use, list) and use[0] == "maxtoken"]
-    if caps:
-        entry["max_tokens"] = caps[-1]
-    if model_caps := {key: chain["use"][-1][1]["max_tokens"] for key, chain in transformer.items() if key != "use"}:
-        entry["model_max_tokens"] = model_caps
-    return entry
-
-
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ccr=ccr_configs(), rnd=st.randoms(use_true_random=False))
-@example(ccr={"CUSTOM_ROUTER_PATH": [0.0, -0.5, 5.0, 1e-05], "Providers": [], "Router": {}}, rnd=random.Random(0))
-@example(
-    ccr={
-        "PORT": 0x1F,
-        "HOST": "caf\u00e9 😀",
-        "Providers": [
-            {"name": 'q"\\\n\x7f', "api_base_url": "u", "api_key": "k😀", "models": ["m😀"], "transformer": {}}
-        ],
-        "Router": {"default": "q,m😀", "longContextThreshold": 60000},
-    },
-    rnd=random.Random(0),
-)
-def test_import_ccr_writes_toml_that_tomllib_reads_back_with_the_same_values(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], ccr: dict, rnd: random.Random
-) -> None:
-    for provider in ccr["Providers"]:
-        provider.setdefault("transformer", {}).setdefault("use", [])
-    source = tmp_path / "config.json"
-    source.write_text(json5_dump(ccr, rnd), encoding="utf-8")
-
-    code, out, err = run_import_ccr(source, capsys)
-
-    assert code == 0, err
-    doc = tomllib.loads(out)
-    expected_proxy = {"api_key": ccr.get("APIKEY") or None, "host": ccr.get("HOST"), "port": ccr.get("PORT")}
-    assert doc["proxy"] == {key: value for key, value in expected_proxy.items() if value is not None}
-    router = ccr["Router"]
-    expected_router = {
-        terraphim_proxy.CCR_ROUTER_KEYS.get(key, "long_context_threshold"): router[key] for key in router
-    }
-    assert doc["router"] == expected_router
-    assert doc.get("providers", []) == [ccr_expected_provider(provider) for provider in ccr["Providers"]]
-
-
-@pytest.mark.parametrize(
-    ("number", "value"),
-    [("0x1F", 31), ("0XfF", 255), ("-0x10", -16), ("+3456", 3456), ("+0x10", 16), ("+.5", 0.5), ("5.", 5.0)],
-)
-def test_import_ccr_converts_json5_hexadecimal_and_plus_signed_numbers(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], number: str, value: int | float
-) -> None:
-    source = tmp_path / "config.json"
-    source.write_text(f"{{ PORT: {number}, Router: {{ longContextThreshold: {number} }}, Other: [{number}] }}")
-
-    code, out, err = run_import_ccr(source, capsys)
-
-    assert code == 0, err
-    doc = tomllib.loads(out)
-    if isinstance(value, int) and value > 0:
-        assert doc["proxy"]["port"] == value and doc["router"]["long_context_threshold"] == value
-    assert f"Other = [{json.dumps(value)}]" in out
-
-
-# ===========================================================================
-# Truncated tool calls, badly shaped upstream JSON, mid-stream failures
-# ===========================================================================
-
-I10_TEXT = "Writing both files."
-I10_WHOLE_ARGS = {"file_path": "/tmp/a.txt", "content": "all of a"}
-I10_CUT_ARGS = '{"file_path": "/tmp/b.txt", "content": "half of b'
-I10_CUT_TEXT = "half of b"
-
-
-def i10_openai_chunks(second_args: str, finish: str) -> list[dict]:
-    """Text, a whole Write call, a second Write call with `second_args`, then `finish`."""
-    return [
-        OPENAI_ROLE,
-        openai_chunk({"content": I10_TEXT}),
-        *openai_split_args(0, "call_a", "Write", json.dumps(I10_WHOLE_ARGS), 9),
-        *openai_split_args(1, "call_b", "Write", second_args, 9),
-        openai_chunk({}, finish),
-        openai_chunk(usage={"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40}),
-    ]
-
-
-def i10_blocks(message: anthropic.types.Message) -> list[dict]:
-    return [block.model_dump(exclude_none=True) for block in message.content]
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_openai_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
-    openai_upstream: OpenAIStandIn,
-    openai_sdk: anthropic.AsyncAnthropic,
-    openai_proxy_url: str,
-    http: aiohttp.ClientSession,
-    stream: bool,
-) -> None:
-    chunks = i10_openai_chunks(I10_CUT_ARGS, "length")
-    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
-    body = openai_body("openai,gpt-4o")
-
-    message = await openai_send(openai_sdk, body, stream)
-
-    assert i10_blocks(message) == [
-        openai_text_block(I10_TEXT),
-        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
-    ]
-    assert message.stop_reason == "max_tokens"
-    answer = await call(http, f"{openai_proxy_url}/v1/messages", {**body, "stream": stream})
-    assert I10_CUT_TEXT not in answer.text  # the cut call never reached the client, not even its start
-    if stream:
-        starts = [data["content_block"]["type"] for name, data in answer.events() if name == "content_block_start"]
-        assert starts == ["text", "tool_use"]
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("finish", ["tool_calls", "stop", "length"])
-async def test_openai_complete_tool_calls_stay_tool_use_whatever_the_finish_reason(
-    openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, finish: str, stream: bool
-) -> None:
-    chunks = i10_openai_chunks('{"file_path": "/tmp/b.txt"}', finish)
-    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
-
-    message = await openai_send(openai_sdk, openai_body("openai,gpt-4o"), stream)
-
-    assert i10_blocks(message)[1:] == [
-        openai_tool_block("call_a", "Write", I10_WHOLE_ARGS),
-        openai_tool_block("call_b", "Write", {"file_path": "/tmp/b.txt"}),
-    ]
-    assert message.stop_reason == "tool_use"
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_openai_incomplete_tool_call_without_length_stop_is_an_error_not_a_repair(
-    openai_upstream: OpenAIStandIn, openai_proxy_url: str, http: aiohttp.ClientSession, stream: bool
-) -> None:
-    chunks = i10_openai_chunks(I10_CUT_ARGS, "tool_calls")
-    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
-
-    answer = await call(http, f"{openai_proxy_url}/v1/messages", openai_body("openai,gpt-4o", stream=stream))
-
-    if stream:  # the whole call before it went out; the error event then ends the answer without a stop reason
-        events = answer.events()
-        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
-        assert "message_delta" not in [name for name, _ in events] and I10_CUT_TEXT not in answer.text
-    else:
-        answer.assert_error(502, "api_error", "openai", "not a JSON object")
-
-
-I10_NATIVE_CUT_TURN = ScriptedTurn(
-    text=I10_TEXT, calls=(ScriptedCall("Write", {"file_path": "/tmp/b.txt", "content": I10_CUT_TEXT}),), finish="length"
-)
-
-
-@JSON_AND_STREAM
-async def test_ollama_gemini_length_cut_tool_call_is_dropped_and_stop_is_max_tokens(
-    native: OllamaGeminiEnv, stream: bool
-) -> None:
-    """Ollama (done_reason "length") and Gemini (MAX_TOKENS) hand over calls parsed: the call an answer cut for
-    length ends on is the one the limit cut, and it is dropped."""
-    native.stand_in.answer_turn(I10_NATIVE_CUT_TURN)
-
-    message = await native.send(stream, messages=HELLO_MESSAGES)
-
-    assert ollama_gemini_blocks(message) == [{"type": "text", "text": I10_TEXT}]
-    assert message.stop_reason == "max_tokens"
-
-
-def test_anthropic_stream_drops_only_the_open_tool_block() -> None:
-    """Unit: a held tool block is dropped without an event; the next block takes its index."""
-    stream = AnthropicStream("m")
-    sent = stream.text("a") + stream.tool_start(1, "toolu_1", "Read") + stream.tool_args(1, "{}")
-    sent += stream.tool_start(2, "toolu_2", "Write") + stream.tool_args(2, '{"content": "ha')
-    assert b"toolu_2" not in anthropic_sse(sent) and stream.drop_tool() and not stream.drop_tool()
-    sent += stream.text("b") + stream.finish("max_tokens", cut=True)
-    events = [(event["type"], event.get("index")) for event in sent]
-    assert [index for kind, index in events if kind == "content_block_start"] == [0, 1, 2]
-    assert b"toolu_2" not in anthropic_sse(sent) and sent[-2]["delta"]["stop_reason"] == "max_tokens"
-
-
-I10_MALFORMED = [
-    pytest.param("openai", {"choices": ["x"]}, id="openai-choices"),
-    pytest.param("openai", {"choices": [{"index": 0, "message": {"tool_calls": ["x"]}}]}, id="openai-tool-calls"),
-    pytest.param(
-        "openai",
-        {"choices": [{"index": 0, "message": {"tool_calls": [{"function": {"name": "Bash", "arguments": [1]}}]}}]},
-        id="openai-list-arguments",
-    ),
-    pytest.param("openai", {"choices": [{"index": 0, "delta": "x", "message": "x"}]}, id="openai-message"),
-    pytest.param("ollama", {"message": "x", "done": True}, id="ollama-message"),
-    pytest.param("ollama", {"message": {"tool_calls": ["x"]}, "done": True}, id="ollama-tool-calls"),
-    pytest.param(
-        "ollama",
-        {"message": {"tool_calls": [{"function": {"name": "Bash", "arguments": '{"a'}}]}, "done": True},
-        id="ollama-string-arguments",
-    ),
-    pytest.param("gemini", {"candidates": ["x"]}, id="gemini-candidates"),
-    pytest.param("gemini", {"candidates": [{"content": {"parts": ["x"]}}]}, id="gemini-parts"),
-    pytest.param(
-        "gemini",
-        {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Bash", "args": "x"}}]}}]},
-        id="gemini-args",
-    ),
-]
-
-
-def i10_malformed_part(kind: str, body: Any) -> bytes:
-    return json.dumps(body).encode() + b"\n" if kind == "ollama" else sse_data(body)
-
-
-def i10_malformed(body: Any) -> Script:
-    """Answer with `body`: whole, or as the only chunk of a stream."""
-
-    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        if not seen.stream:
-            return web.json_response(body)
-        return await up.write_parts(request, STREAM_TYPES[seen.kind], [i10_malformed_part(seen.kind, body)])
-
-    return script
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
-async def test_badly_shaped_upstream_json_is_retried_then_falls_back(
-    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any, stream: bool
-) -> None:
-    bad, good = await stand_ins(), await stand_ins()
-    bad.script = i10_malformed(body)
-    providers = [provider_doc(kind, kind, bad.url, retries=1), provider_doc("good", "anthropic", good.url)]
-    proxy = await start_proxy(scripted_config(providers, f"{kind},{UPSTREAM_MODEL[kind]} | good,claude-good"))
-
-    with log_waiter("fallbacks=1") as logged:
-        reply = await post_client_body(http, proxy, client_body(stream=stream))
-        await wait_set(logged)
-
-    assert reply.status == 200, reply.text
-    if stream:
-        assert (
-            "".join(data["delta"]["text"] for name, data in reply.frames if name == "content_block_delta")
-            == SCRIPTED_TEXT
-        )
-    else:
-        assert reply.json()["content"][0]["text"] == SCRIPTED_TEXT
-    assert len(bad.received) == 2  # retried once, then the fallback
-    (line,) = log_lines(reply.headers["request-id"])
-    assert "retries=1 fallbacks=1" in line
-
-
-@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
-async def test_badly_shaped_upstream_json_alone_is_a_mapped_api_error_naming_the_provider(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
-) -> None:
-    stand_in_up.script = i10_malformed(body)
-    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
-
-    reply = await post_client_body(http, proxy, client_body())
-
-    reply.assert_error(502, "api_error", kind, "wrong shape")
-
-
-@pytest.mark.parametrize(("kind", "body"), I10_MALFORMED)
-async def test_badly_shaped_upstream_chunk_after_the_first_byte_ends_the_stream_in_an_error_event(
-    stand_in_up: StandInServer, start_proxy: StartProxy, http: aiohttp.ClientSession, kind: str, body: Any
-) -> None:
-    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
-        first = text_stream_parts(seen.kind, seen.model)[0]
-        return await up.write_parts(request, STREAM_TYPES[seen.kind], [first, i10_malformed_part(kind, body)])
-
-    stand_in_up.script = script
-    proxy = await start_proxy(single_provider_config(kind, stand_in_up.url))
-
-    reply = await post_client_body(http, proxy, client_body(stream=True))
-
-    error = reply.stream_error(kind, "wrong shape")
-    assert error["type"] == "api_error"
-
-
-I10_CLIENT_TOOL_CALLS = [
-    pytest.param("x", id="not-a-list"),
-    pytest.param(["x"], id="call-not-an-object"),
-    pytest.param([{"id": "c1", "type": "function", "function": "x"}], id="function-not-an-object"),
-    pytest.param([{"id": "c1", "type": "function", "function": {"arguments": "{}"}}], id="function-without-name"),
-    pytest.param(
-        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": {"command": "ls"}}}],
-        id="object-arguments",
-    ),
-    pytest.param(
-        [{"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": "[1, 2]"}}],
-        id="arguments-not-an-object",
-    ),
-]
-
-
-@pytest.mark.parametrize("tool_calls", I10_CLIENT_TOOL_CALLS)
-async def test_openai_dialect_malformed_client_tool_calls_are_a_400(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession, tool_calls: Any
-) -> None:
-    messages = [
-        {"role": "user", "content": "List the files."},
-        {"role": "assistant", "content": None, "tool_calls": tool_calls},
-        {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
-    ]
-
-    answer = await call(http, f"{proxy_url}/v1/chat/completions", {"model": "gpt-4o", "messages": messages})
-
-    assert answer.status == 400, answer.text
-    body = answer.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["type"] == "invalid_request_error"
-    assert stand_in.received == []
-
-
-async def test_anthropic_mid_stream_error_event_is_logged_as_an_error_outcome(
-    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    overloaded = sse("error", error={"type": "overloaded_error", "message": "Overloaded"})
-    frames = stream_frames("model-default", [{"type": "text", "text": "Half an answer"}], finish=False)
-    stand_in.reply_with(Reply(frames=[*frames, overloaded]))
-
-    with log_waiter(" scenario=") as logged:
-        answer = await call(http, f"{proxy_url}/v1/messages", request(stream=True))
-        await wait_set(logged)
-
-    assert [name for name, _ in answer.events()][-1] == "error"
-    (line,) = log_lines(answer.headers["request-id"])
-    assert "status=200 outcome=overloaded_error" in line
-
-
-async def i10_stream_then_release(http: aiohttp.ClientSession, url: str, body: dict, release: asyncio.Event) -> str:
-    """POST a streamed request and read it all; once message_stop has arrived, let the stand-in send the rest of
-    its body (what follows its end marker)."""
-    text = ""
-    async with http.post(f"{url}/v1/messages", json={**body, "stream": True}) as response:
-        async for chunk in response.content.iter_any():
-            text += chunk.decode()
-            if "event: message_stop" in text:
-                release.set()
-    return text
-
-
-async def test_openai_stream_is_read_to_its_end_so_the_connection_is_reused(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    """After `[DONE]` the stand-in holds the rest of its body (a comment, then the end) until the client has the
-    whole answer: the proxy reads it, so the second request comes on the same connection."""
-
-    def answer(received: Received) -> OpenAIReply:
-        frames = openai_sse(openai_text_chunks("ok"), received.body["model"])
-        return OpenAIReply(raw=[*frames, b": end of stream\n\n"], hold_at=len(frames))
-
-    async with running(OpenAIStandIn()) as upstream:
-        upstream.answer = answer
-        proxy = await start_proxy(openai_config(upstream.url))
-        for _ in range(2):
-            upstream.release.clear()
-            text = await i10_stream_then_release(http, proxy, openai_body("openai,gpt-4o"), upstream.release)
-            assert parse_sse(text)[-1][0] == "message_stop"
-
-    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
-
-
-async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
-    start_proxy: StartProxy, http: aiohttp.ClientSession
-) -> None:
-    """After the `done` line the stand-in holds the rest of its body until the client has the whole answer."""
-
-    def answer(received: Received) -> OllamaGeminiReply:
-        lines = b"".join(ollama_event(line) for line in ollama_lines(ScriptedTurn(text="ok"), received.body["model"]))
-        return OllamaGeminiReply(content_type=OLLAMA_NDJSON, segments=[lines, None, b"\n"])
-
-    async with running(OllamaGeminiStandIn("ollama")) as upstream:
-        upstream.answer = answer
-        proxy = await start_proxy(ollama_gemini_config("ollama", upstream.url, OLLAMA_MODEL))
-        for _ in range(2):
-            text = await i10_stream_then_release(http, proxy, request(), upstream.release)
-            assert parse_sse(text)[-1][0] == "message_stop"
-
-    assert len(upstream.ports) == 2 and upstream.ports[0] == upstream.ports[1], upstream.ports
-
-
-# ===========================================================================
-# Gemini and Ollama translation: schemas, tool names, thinking budgets, model names in URLs
-# ===========================================================================
-
-
-def i10_ref_chain(levels: int) -> dict:
-    """A schema whose every level holds two $refs to the level below: small as text, 2**levels nodes expanded."""
-    defs: dict[str, Any] = {"L0": {"type": "object", "properties": {"v": {"type": "string", "description": "leaf"}}}}
-    for level in range(1, levels + 1):
-        below = {"$ref": f"#/$defs/L{level - 1}"}
-        defs[f"L{level}"] = {
-            "type": "object",
-            "description": f"level {level}",
-            "properties": {"a": below, "b": dict(below)},
-            "required": ["a", "b"],
-        }
-    return {"type": "object", "$defs": defs, "properties": {"root": {"$ref": f"#/$defs/L{levels}"}}}
-
-
-def i10_depth(schema: dict) -> int:
-    """How many levels of `a` lie below `root` in an expanded chain."""
-    depth, node = 0, schema["properties"]["root"]
-    while "a" in node.get("properties", {}):
-        assert node["properties"]["a"] == node["properties"]["b"]
-        assert node["required"] == ["a", "b"]
-        depth, node = depth + 1, node["properties"]["a"]
-    return depth
-
-
-I10_CHAIN_TOOL = {"name": "mcp__deep__tree", "description": "A deeply shared tree.", "input_schema": i10_ref_chain(18)}
-
-
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_shared_ref_chain_is_sent_as_json_schema_and_stays_small(native: OllamaGeminiEnv) -> None:
-    """Gemini 2.5 takes the 18-level chain in parametersJsonSchema as it is: a request of a few KB, not 17 MB."""
-    native.stand_in.answer_turn(FINAL_TURN)
-
-    await native.send(False, messages=HELLO_MESSAGES, tools=[I10_CHAIN_TOOL])
-
-    sent = native.stand_in.last.body
-    declaration = sent["tools"][0]["functionDeclarations"][0]
-    assert declaration == {
-        "name": "mcp__deep__tree",
-        "description": "A deeply shared tree.",
-        "parametersJsonSchema": I10_CHAIN_TOOL["input_schema"],
-    }
-    assert len(json.dumps(sent)) < 3 * len(json.dumps(I10_CHAIN_TOOL))
-
-
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_subset_expands_shared_refs_once_per_definition(native: OllamaGeminiEnv) -> None:
-    """A model that needs `parameters` gets a 10-level chain written out in full and valid."""
-    await native.connect(model=GEMINI2_MODEL)
-    native.stand_in.answer_turn(FINAL_TURN)
-    tool = {**I10_CHAIN_TOOL, "input_schema": i10_ref_chain(10)}
-
-    await native.send(False, messages=HELLO_MESSAGES, tools=[tool, READ_TOOL])
-
-    declarations = native.stand_in.last.body["tools"][0]["functionDeclarations"]
-    assert gemini_schema_problems(declarations[0]["parameters"], "tree") == []
-    assert i10_depth(declarations[0]["parameters"]) == 10
-    assert declarations[1]["parameters"] == GEMINI_READ_PARAMETERS
-
-
-@JSON_AND_STREAM
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_subset_schema_over_the_cap_is_a_400_naming_the_tool(
-    native: OllamaGeminiEnv, stream: bool
-) -> None:
-    """Written out for `parameters`, the 18-level chain would be 22 MB: the client gets a 400, Gemini nothing."""
-    await native.connect(model=GEMINI2_MODEL)
-
-    status, error_type, text = await ollama_gemini_error(native, stream, tools=[I10_CHAIN_TOOL])
-
-    assert (status, error_type) == (400, "invalid_request_error")
-    assert "mcp__deep__tree" in text
-    assert native.stand_in.received == []
-
-
-def test_gemini_subset_of_the_chain_shares_each_converted_definition() -> None:
-    """Converting the 18-level chain builds one node per definition, however often the definition is used."""
-    converted = terraphim_proxy.gemini_schema(i10_ref_chain(18))
-    nodes, pending = set(), [converted]
-    while pending:
-        node = pending.pop()
-        if id(node) not in nodes:
-            nodes.add(id(node))
-            pending += node.get("properties", {}).values()
-    assert len(nodes) < 40
-    assert i10_depth(converted) == 18
-
-
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_declarations_are_converted_once_per_tools_text(native: OllamaGeminiEnv) -> None:
-    """Two turns with the same tools text reuse one converted declaration list; other tools get their own."""
-    native.stand_in.answer_turn(FINAL_TURN)
-    description = f"Read a file ({os.urandom(8).hex()})."
-    tools = [{**READ_TOOL, "description": description}, GLOB_TOOL]
-
-    def entries() -> list[list[dict]]:
-        cached = native.runners[-1].app[terraphim_proxy.STATE].caches.gemini_declarations.values()
-        return [value for value in cached if value and value[0]["description"] == description]
-
-    await native.send(False, messages=HELLO_MESSAGES, tools=tools)
-    await native.send(False, messages=HELLO_MESSAGES, tools=tools, max_tokens=99)
-    after_same = entries()
-    await native.send(False, messages=HELLO_MESSAGES, tools=tools[:1])
-
-    assert len(after_same) == 1
-    assert len(entries()) == 2
-    first, second, third = (received.body["tools"][0]["functionDeclarations"] for received in native.stand_in.received)
-    assert first == second == after_same[0]
-    assert [declaration["name"] for declaration in first] == ["Read", "Glob"]
-    assert third == first[:1]
-
-
-@GENAI_WARNINGS
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_standin_takes_parameters_json_schema_from_the_genai_client(native: OllamaGeminiEnv) -> None:
-    """The stand-in accepts parametersJsonSchema as google-genai sends it, and refuses it beside `parameters`."""
-    native.stand_in.answer_turn(FINAL_TURN)
-    client = genai.Client(
-        api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=native.stand_in.url, api_version="v1beta")
-    )
-    schema = READ_TOOL["input_schema"]
-    declaration = genai_types.FunctionDeclaration(name="Read", description="Read.", parameters_json_schema=schema)
-    config = genai_types.GenerateContentConfig(tools=[genai_types.Tool(function_declarations=[declaration])])
-
-    response = await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi", config=config)
-
-    assert response.text == FINAL_TURN.text
-    sent = native.stand_in.last.body["tools"][0]
-    sent_declaration = (sent.get("functionDeclarations") or sent["function_declarations"])[0]
-    assert {gemini_camel(key): value for key, value in sent_declaration.items()}["parametersJsonSchema"] == schema
-    both = {"name": "Read", "description": "Read.", "parameters": GEMINI_READ_PARAMETERS}
-    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
-    body["tools"] = [{"functionDeclarations": [{**both, "parametersJsonSchema": schema}]}]
-    status, _, raw = await post_to_stand_in(
-        native, f"/v1beta/models/{GEMINI_MODEL}:generateContent", body, {"x-goog-api-key": GEMINI_KEY}
-    )
-    assert status == 400
-    assert b"mutually exclusive" in raw
-
-
-I10_LONG_NAME = "mcp__claude_ai_workspace_integration__search_documents_and_spreadsheets_by_owner"
-I10_LONG_TOOL = {
-    "name": I10_LONG_NAME,
-    "description": "Search the workspace.",
-    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
-}
-I10_LONG_HISTORY = [
-    {"role": "user", "content": "Find the budget sheet."},
-    {
-        "role": "assistant",
-        "content": [{"type": "tool_use", "id": "toolu_01L", "name": I10_LONG_NAME, "input": {"query": "budget"}}],
-    },
-    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01L", "content": "none found"}]},
-]
-
-
-def i10_upstream_names(provider: str, body: dict) -> dict[str, list[str]]:
-    """The tool names a native request declares, calls in its history and answers results for."""
-    if provider == "ollama":
-        messages = body["messages"]
-        return {
-            "declared": [tool["function"]["name"] for tool in body["tools"]],
-            "called": [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()],
-            "answered": [m["tool_name"] for m in messages if m["role"] == "tool"],
-        }
-    parts = [part for content in body["contents"] for part in content["parts"]]
-    return {
-        "declared": [d["name"] for d in body["tools"][0]["functionDeclarations"]],
-        "called": [part["functionCall"]["name"] for part in parts if "functionCall" in part],
-        "answered": [part["functionResponse"]["name"] for part in parts if "functionResponse" in part],
-        "allowed": body["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"],
-    }
-
-
-@JSON_AND_STREAM
-async def test_ollama_gemini_long_tool_names_are_shortened_and_mapped_back(
-    native: OllamaGeminiEnv, stream: bool
-) -> None:
-    """A tool name over 64 characters goes upstream shortened (declared, in history, in results, in
-    tool_choice) and comes back to the client under its own name."""
-    called: list[str] = []
-
-    def answer(received: Received) -> OllamaGeminiReply:
-        names = i10_upstream_names(native.provider, received.body)
-        called.append(names["declared"][1])
-        turn = ScriptedTurn(calls=(ScriptedCall(names["declared"][1], {"query": "budget 2026"}),))
-        return ollama_gemini_reply(native.provider, received, turn)
-
-    native.stand_in.answer = answer
-    native.stand_in.pause = False  # a tool call alone is held until complete: no delta comes to end a pause
-
-    message = await native.send(
-        stream,
-        messages=I10_LONG_HISTORY,
-        tools=[GLOB_TOOL, I10_LONG_TOOL],
-        tool_choice={"type": "tool", "name": I10_LONG_NAME},
-    )
-
-    names = i10_upstream_names(native.provider, native.stand_in.last.body)
-    short = names["declared"][1]
-    assert names["declared"][0] == "Glob"
-    assert len(short) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", short) and short != I10_LONG_NAME
-    assert short.startswith(I10_LONG_NAME[:40])
-    assert {key: value for key, value in names.items() if key != "declared"} == {
-        "called": [short],
-        "answered": [short],
-        **({"allowed": [short]} if native.provider == "gemini" else {}),
-    }
-    assert called == [short]
-    uses = [block for block in message.content if block.type == "tool_use"]
-    assert [(block.name, block.input) for block in uses] == [(I10_LONG_NAME, {"query": "budget 2026"})]
-    assert message.stop_reason == "tool_use"
-
-
-I10_HAIKU = load_fixture("07_haiku_main_turn1.json")["body"]
-
-
-@pytest.mark.parametrize(
-    ("model", "thinking_config"),
-    [
-        pytest.param(GEMINI_FLASH_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash"),
-        pytest.param(GEMINI_LITE_MODEL, {"thinkingBudget": 24576, "includeThoughts": True}, id="2.5-flash-lite"),
-        pytest.param(GEMINI_MODEL, {"thinkingBudget": 31999, "includeThoughts": True}, id="2.5-pro"),
-        pytest.param(GEMINI3_MODEL, {"thinkingLevel": "HIGH", "includeThoughts": True}, id="3-pro"),
-    ],
-)
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_thinking_budget_of_the_haiku_fixture_fits_the_model(
-    native: OllamaGeminiEnv, model: str, thinking_config: dict
-) -> None:
-    """Claude Code's budget_tokens 31999 is clamped to the model's range (Gemini 3 gets a thinkingLevel), so
-    Gemini accepts the request."""
-    assert I10_HAIKU["thinking"] == {"budget_tokens": 31999, "type": "enabled"}
-    await native.connect(model=model)
-    native.stand_in.answer_turn(FINAL_TURN)
-
-    answer = await native.sdk.post("/v1/messages", cast_to=anthropic.types.Message, body={**I10_HAIKU, "stream": False})
-
-    assert answer.content[-1].text == FINAL_TURN.text
-    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == thinking_config
-
-
-@pytest.mark.parametrize(
-    ("model", "budget", "expected"),
-    [
-        pytest.param(GEMINI_MODEL, 64, {"thinkingBudget": 128}, id="pro-raised-to-128"),
-        pytest.param(GEMINI_LITE_MODEL, 100, {"thinkingBudget": 512}, id="lite-raised-to-512"),
-        pytest.param(GEMINI_FLASH_MODEL, 2000, {"thinkingBudget": 2000}, id="flash-in-range"),
-        pytest.param(GEMINI3_MODEL, 2048, {"thinkingLevel": "LOW"}, id="3-low"),
-    ],
-)
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_thinking_budget_is_clamped_per_model(
-    native: OllamaGeminiEnv, model: str, budget: int, expected: dict
-) -> None:
-    await native.connect(model=model)
-    native.stand_in.answer_turn(FINAL_TURN)
-
-    await native.send(
-        False, messages=HELLO_MESSAGES, max_tokens=40000, thinking={"type": "enabled", "budget_tokens": budget}
-    )
-
-    assert native.stand_in.last.body["generationConfig"]["thinkingConfig"] == {**expected, "includeThoughts": True}
-
-
-I10_ESCAPING_MODELS = [
-    pytest.param("gemini,x/../../v1/files#", id="dot-segments-and-fragment"),
-    pytest.param("gemini,gemini-2.5-pro?alt=media", id="query"),
-    pytest.param("gemini,a#b", id="fragment"),
-    pytest.param("gemini,gemini-2.5-pro\r\nx-goog-api-key: x", id="control-characters"),
-]
-
-
-@JSON_AND_STREAM
-@pytest.mark.parametrize("model", I10_ESCAPING_MODELS)
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_model_name_that_would_leave_its_url_path_is_a_400(
-    native: OllamaGeminiEnv, stream: bool, model: str
-) -> None:
-    """A model holding `/`, `?`, `#` or a control character never reaches Gemini (nor another path there)."""
-    status, error_type, text = await ollama_gemini_error(native, stream, model=model)
-
-    assert (status, error_type) == (400, "invalid_request_error")
-    assert "URL" in text
-    assert native.stand_in.received == []
-
-
-@pytest.mark.parametrize("native", ["gemini"], indirect=True)
-async def test_gemini_model_name_is_percent_encoded_in_the_url(native: OllamaGeminiEnv) -> None:
-    """Percent signs and spaces in a model name arrive as that name, inside its own path segment."""
-    model = "x%2F..%2F..%2Fv1%2Ffiles pro"
-
-    status, error_type, text = await ollama_gemini_error(native, False, model=f"gemini,{model}")
-
-    assert (status, error_type) == (404, "not_found_error")
-    assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
-    assert f"models/{model} is not found" in text
-
-
-# ---------------------------------------------------------------------------
-# App state: nothing at import, each app its own keys and caches
-# ---------------------------------------------------------------------------
-
-
-def test_importing_the_module_adds_no_log_filter_and_holds_no_state() -> None:
-    script = (
-        "import logging, terraphim_proxy as tp; "
-        "loggers = [logging.getLogger(), logging.getLogger('terraphim_proxy')]; "
-        "print([f for logger in loggers for f in logger.filters] + [h for h in logging.getLogger().handlers])"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
-
-    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
-
-
-async def test_two_apps_in_one_process_each_redact_their_own_keys_and_reload_only_their_own(
-    stand_in: StandIn, http: aiohttp.ClientSession
-) -> None:
-    keys = {"a": "sk-ant-app-a-" + os.urandom(6).hex(), "b": "sk-ant-app-b-" + os.urandom(6).hex()}
-    SECRETS.update(keys.values())
-
-    def echo_key(received: Received) -> Reply:  # upstreams quote the key they were sent in their errors
-        sent = {name.lower(): value for name, value in received.headers.items()}["x-api-key"]
-        return anthropic_error(401, "authentication_error", f"invalid x-api-key {sent}")
-
-    stand_in.answer = echo_key
-
-    def config(name: str) -> terraphim_proxy.Config:
-        provider = {"name": "anthropic", "type": "anthropic", "api_base_url": stand_in.url, "api_key": keys[name]}
-        return build_config({"router": {"default": "anthropic,model-x"}, "providers": [provider | {"retries": 0}]})
-
-    apps = {name: terraphim_proxy.create_app(config(name), shared_counter()) for name in keys}
-    served = {name: await serve_app(app) for name, app in apps.items()}
-    mark = len(CAPTURED_LOG)
-    try:
-        answers = [await call(http, f"{url}/v1/messages", request()) for _, url in served.values()]
-    finally:
-        for runner, _ in served.values():
-            await runner.cleanup()
-
-    for answer in answers:
-        answer.assert_error(401, "authentication_error", "invalid x-api-key [redacted]")
-    logged = "\n".join(CAPTURED_LOG[mark:])
-    assert logged and not any(key in logged for key in keys.values())
-    state_a, state_b = (app[terraphim_proxy.STATE] for app in apps.values())
-    assert keys["b"] not in state_a.redactor.secrets and keys["a"] not in state_b.redactor.secrets
-    state_a.reload(config("a"))
-    assert keys["b"] in state_b.redactor.secrets and state_a.caches is not state_b.caches
-
-
-# ===========================================================================
-# The key check every test's teardown runs
-# ===========================================================================
-
-
-def test_key_check_sees_what_the_proxy_logs_and_finds_a_key() -> None:
-    logging.getLogger("terraphim_proxy").debug("key check probe")
-    assert any("key check probe" in line for line in CAPTURED_LOG)
-    assert key_leaks([f"said {CLIENT_KEY} here"]) == [(CLIENT_KEY, f"said {CLIENT_KEY} here")]
-
-
-# ---------------------------------------------------------------------------
-# Request body: a resent conversation is recognised, not parsed again
-# ---------------------------------------------------------------------------
-
-
-def all_fixture_bodies() -> list[Any]:
-    """Every recorded Claude Code Messages body (both pinned versions) that has messages."""
-    params = []
-    for folder in (FIXTURES, FIXTURES.parent / "claude-code-2.1.328"):
-        for path in sorted(folder.glob("*.json")):
-            body = json.loads(path.read_text())["body"]
-            if isinstance(body, dict) and body.get("messages"):
-                params.append(pytest.param(body, id=f"{folder.name}/{path.stem}"))
-    return params
-
-
-def one_more_turn(body: dict, answer: str, question: str) -> dict:
-    extra = [
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        {"role": "user", "content": [{"type": "text", "text": question}]},
-    ]
-    return {**body, "messages": [*body["messages"], *extra]}
-
-
-@pytest.mark.parametrize("body", all_fixture_bodies())
-def test_a_resent_conversation_takes_its_earlier_messages_from_the_memo(body: dict) -> None:
-    memo = terraphim_proxy.MessageMemo()
-    first = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), memo)
-    memo.remember(first)
-    grown = json.dumps(one_more_turn(body, "Done.", "Now the tests, please.")).encode()
-    second = terraphim_proxy.parse_raw_body(grown, memo)
-    assert second.known_messages == len(body["messages"])
-    assert second.data == json.loads(grown)
-    assert json.loads(second.with_model("swapped")) == {**json.loads(grown), "model": "swapped"}
-    cold = terraphim_proxy.parse_raw_body(grown)
-    assert cold.known_messages == 0 and cold.message_spans == second.message_spans
-
-
-def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
-    memo = terraphim_proxy.MessageMemo()
-    turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
-    memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": turns}).encode(), memo))
-    edited = [*turns[:2], {"role": "user", "content": "turn 2, edited"}, *turns[3:]]
-    raw = json.dumps({"model": "m", "messages": edited}).encode()
-    again = terraphim_proxy.parse_raw_body(raw, memo)
-    assert again.known_messages == 2
-    assert again.data == json.loads(raw)
-
-
-def test_a_body_with_a_duplicate_key_is_parsed_as_json_loads_does() -> None:
-    memo = terraphim_proxy.MessageMemo()
-    raw = b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "messages": []}'
-    parsed = terraphim_proxy.parse_raw_body(raw, memo)
-    assert parsed.data == json.loads(raw) and parsed.data["messages"] == []
-    assert parsed.message_spans == ()
-    memo.remember(parsed)
-    assert not memo.conversations.entries
-
-
-def test_the_message_memo_stays_within_its_byte_bound() -> None:
-    memo = terraphim_proxy.MessageMemo(max_bytes=20_000)
-    for n in range(50):
-        messages = [{"role": "user", "content": f"conversation {n} " + "x" * 1000}]
-        messages += [{"role": "assistant", "content": "y" * 1000}, {"role": "user", "content": "z" * 1000}]
-        memo.remember(terraphim_proxy.parse_raw_body(json.dumps({"model": "m", "messages": messages}).encode()))
-        assert memo.conversations.size <= 20_000
-    entries = memo.conversations.entries
-    assert 0 < len(entries) <= 20_000 // 3000
-    assert memo.conversations.size == sum(len(known.text) for known, _ in entries.values())
-
-
-async def test_a_rejected_body_is_not_remembered_so_its_messages_are_checked_again(
-    proxy_url: str, http: aiohttp.ClientSession
-) -> None:
-    broken = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": [{"type": "text"}]}]
-    body = {**request(), "messages": broken}
-    for messages in (broken, [*broken, {"role": "user", "content": "and now?"}]):
-        async with http.post(f"{proxy_url}/v1/messages", json={**body, "messages": messages}) as response:
-            data = await response.json()
-        assert response.status == 400
-        assert data["type"] == "error" and "messages.1.content.0.text" in data["error"]["message"]
-
-
-# ---------------------------------------------------------------------------
-# Translation of a resent conversation: resumed where it differs, byte for byte the cold one
-# ---------------------------------------------------------------------------
-
-SPLICE_PROVIDERS = {
-    "openai": ("openai", "gpt-4.1"),
-    "openrouter-anthropic": ("openrouter", "anthropic/claude-sonnet-4.5"),
-    "deepseek-reasoner": ("deepseek", "deepseek-reasoner"),
-    "ollama": ("ollama", "qwen3-coder:30b"),
-    "gemini": ("gemini", "gemini-2.5-pro"),
-}
-
-
-def cold_messages(body: dict, provider: Any, model: str) -> list[dict]:
-    """The upstream messages (Gemini: contents) of the family's pure translator."""
-    if provider.type == "ollama":
-        return terraphim_proxy.anthropic_to_ollama_request(body, model, provider)["messages"]
-    if provider.type == "gemini":
-        return terraphim_proxy.anthropic_to_gemini_request(body, model, provider, [])["contents"]
-    return terraphim_proxy.anthropic_to_openai_request(body, model, provider.type)["messages"]
-
-
-def splice_provider(kind: str) -> tuple[terraphim_proxy.Provider, str]:
-    provider_type, model = SPLICE_PROVIDERS[kind]
-    entry = {"name": kind, "type": provider_type, "api_base_url": "http://127.0.0.1:9", "api_key": "k-splice"}
-    config = build_config({"providers": [entry], "router": {"default": f"{kind},{model}"}})
-    return config.providers[kind], model
-
-
-def upstream_body(raw: terraphim_proxy.RawBody, provider: Any, model: str, caches: Any) -> bytes:
-    """What the proxy sends upstream for this body, with these caches."""
-    record = terraphim_proxy.RequestRecord("req_splice")
-    call = terraphim_proxy.UpstreamCall(raw.data, model, provider, {}, 1, record, caches, "k-splice", raw)
-    payload = terraphim_proxy.TRANSFORMERS[provider.type].build_request(call).payload
-    assert isinstance(payload, bytes)
-    return payload
-
-
-def next_claude_code_turn(body: dict, turn: int) -> dict:
-    """The conversation after one more tool round, as Claude Code resends it: the cache breakpoint moves from the
-    last user message to the new one."""
-    messages = [dict(m) for m in body["messages"]]
-    for message in messages:
-        if isinstance(message.get("content"), list):
-            message["content"] = [{k: v for k, v in b.items() if k != "cache_control"} for b in message["content"]]
-    tool_id = f"toolu_splice{turn:03d}"
-    messages += [
-        {
-            "role": "assistant",
-            "content": [
-                {
-                    "type": "thinking",
-                    "thinking": "",
-                    "signature": terraphim_proxy.GEMINI_SIGNATURE_PREFIX + f"c2ln{turn}",
-                },
-                {"type": "text", "text": f"Looking at part {turn}."},
-                {"type": "tool_use", "id": tool_id, "name": "Read", "input": {"file_path": f"/src/{turn}.py"}},
-            ],
-        },
-        {
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": tool_id, "content": f"print({turn})\n" * 20},
-                {"type": "text", "text": f"And part {turn + 1}?", "cache_control": {"type": "ephemeral"}},
-            ],
-        },
-    ]
-    return {**body, "messages": messages}
-
-
-@pytest.mark.parametrize("kind", list(SPLICE_PROVIDERS))
-@pytest.mark.parametrize("body", all_fixture_bodies())
-def test_a_growing_conversation_is_translated_from_where_it_changed_byte_for_byte_as_cold(
-    body: dict, kind: str
-) -> None:
-    provider, model = splice_provider(kind)
-    memo, caches = terraphim_proxy.MessageMemo(), terraphim_proxy.TranslationCaches()
-    previous: Any = None
-    for turn in range(4):
-        data = json.dumps(body).encode()
-        raw = terraphim_proxy.parse_raw_body(data, memo)
-        terraphim_proxy.validate_messages_request(raw.data, False, raw.known_messages)
-        memo.remember(raw)
-        warm = upstream_body(raw, provider, model, caches)
-        cold = upstream_body(terraphim_proxy.parse_raw_body(data), provider, model, terraphim_proxy.TranslationCaches())
-        assert warm == cold, f"turn {turn}"
-        sent = json.loads(warm)
-        assert sent["contents" if provider.type == "gemini" else "messages"] == cold_messages(raw.data, provider, model)
-        (entry, _), *_ = caches.conversations.entries.values()
-        if previous is not None and raw.known_messages > 1 and previous.fragments:
-            assert entry.fragments[0] is previous.fragments[0], "the earlier turns' JSON is reused, not rebuilt"
-        previous = entry
-        body = next_claude_code_turn(body, turn)
-
-
-def test_a_retried_body_reuses_its_whole_translation() -> None:
-    provider, model = splice_provider("openai")
-    caches = terraphim_proxy.TranslationCaches()
-    body = next_claude_code_turn(next_claude_code_turn(request(), 1), 2)
-    raw = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), terraphim_proxy.MessageMemo())
-    first = upstream_body(raw, provider, model, caches)
-    (entry, _), *_ = caches.conversations.entries.values()
-    assert upstream_body(raw, provider, model, caches) == first
-    (again, _), *_ = caches.conversations.entries.values()
-    assert again.fragments and all(a is b for a, b in zip(again.fragments, entry.fragments, strict=True))
-
-
-def test_the_conversation_translation_cache_stays_within_its_byte_bound() -> None:
-    provider, model = splice_provider("openai")
-    caches = terraphim_proxy.TranslationCaches()
-    caches.conversations = terraphim_proxy.SizedLRU(20_000)
-    for n in range(30):
-        body = {**request(), "messages": [{"role": "user", "content": f"conversation {n} " + "x" * 3000}]}
-        upstream_body(terraphim_proxy.parse_raw_body(json.dumps(body).encode()), provider, model, caches)
-        assert caches.conversations.size <= 20_000
-    assert 0 < len(caches.conversations.entries) <= 6
-
-
-# ---------------------------------------------------------------------------
-# Streams: what one upstream read completes is written at once
-# ---------------------------------------------------------------------------
-
-
-async def batches_of(*batches: list[str]) -> AsyncIterator[list[str]]:
-    for batch in batches:
-        yield batch
-
-
-def openai_payload(delta: dict | None = None, finish: str | None = None) -> str:
-    return json.dumps({**openai_chunk(delta, finish), "model": "gpt-x"})
-
-
-async def test_the_events_of_one_upstream_read_come_out_as_one_part() -> None:
-    read = [openai_payload({"role": "assistant", "content": "Hel"}), openai_payload({"content": "lo"})]
-    ending = [openai_payload({}, "stop"), "[DONE]"]
-    parts = await collect_async(openai_stream_to_anthropic(batches_of(read, ending), "claude-x", 5))
-    assert len(parts) == 2
-    first = [event["type"] for event in parts[0]]
-    assert first[0] == "message_start" and "content_block_start" in first and first.count("content_block_delta") == 2
-    assert [event["type"] for event in parts[1]][-1] == "message_stop"
-
-
-async def test_events_before_a_failing_payload_of_the_same_read_still_come_out_first() -> None:
-    read = [openai_payload({"role": "assistant", "content": "Partial"}), "{not json"]
-    stream = openai_stream_to_anthropic(batches_of(read), "claude-x", 5)
-    first = await anext(stream)
-    assert [e.get("delta", {}).get("text") for e in first if e["type"] == "content_block_delta"] == ["Partial"]
-    with pytest.raises(terraphim_proxy.ProxyError, match="invalid JSON"):
-        await anext(stream)
-
-
-# ---------------------------------------------------------------------------
-# Blocks only Anthropic understands, on their way to a translated provider (one pass for every family)
-# ---------------------------------------------------------------------------
-
-TRANSLATED_KINDS = ["openai", "ollama", "gemini"]
-
-
-def upstream_texts(kind: str, messages: list[dict]) -> str:
-    """Every text the family's translation sends for these messages, joined."""
-    provider, model = splice_provider(kind)
-    sent = cold_messages({**request(), "messages": messages}, provider, model)
-    return json.dumps(sent, ensure_ascii=False)
-
-
-def with_assistant_blocks(*blocks: dict) -> list[dict]:
-    return [
-        {"role": "user", "content": "Go on."},
-        {"role": "assistant", "content": [*blocks, {"type": "text", "text": "Done."}]},
-        {"role": "user", "content": "Thanks."},
-    ]
-
-
-ANTHROPIC_ONLY_BLOCKS = [
-    pytest.param(
-        {"type": "compaction", "content": "We fixed the parser."},
-        ["[Summary of the earlier conversation]", "We fixed the parser."],
-        id="compaction",
-    ),
-    pytest.param(
-        {"type": "server_tool_use", "id": "srvtoolu_9", "name": "web_fetch", "input": {"url": "https://e.example"}},
-        ["[web_fetch was called with", "https://e.example"],
-        id="server_tool_use",
-    ),
-    pytest.param(
-        {
-            "type": "web_fetch_tool_result",
-            "tool_use_id": "srvtoolu_9",
-            "content": {"type": "web_fetch_result", "url": "https://e.example", "content": {"text": "Page text."}},
-        },
-        ["[web_fetch result]", "Page text."],
-        id="web_fetch_tool_result",
-    ),
-    pytest.param(
-        {
-            "type": "code_execution_tool_result",
-            "tool_use_id": "srvtoolu_8",
-            "content": {"type": "code_execution_result", "stdout": "42\n", "stderr": "", "return_code": 0},
-        },
-        ["[code_execution result]", "42"],
-        id="code_execution_tool_result",
-    ),
-]
-
-
-@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
-@pytest.mark.parametrize(("block", "carried"), ANTHROPIC_ONLY_BLOCKS)
-def test_an_anthropic_only_block_reaches_every_family_as_the_text_that_carries_it(
-    kind: str, block: dict, carried: list[str]
-) -> None:
-    texts = upstream_texts(kind, with_assistant_blocks(block))
-    assert all(piece.replace("\n", "\\n") in texts for piece in carried), texts
-    assert "Done." in texts
-
-
-@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
-def test_a_search_result_in_a_tool_result_reaches_every_family_as_text(kind: str) -> None:
-    result = {
-        "type": "search_result",
-        "source": "https://docs.example/a",
-        "title": "Parser notes",
-        "content": [{"type": "text", "text": "Use a state machine."}],
-    }
-    messages = [
-        {"role": "user", "content": "Search."},
-        {"role": "assistant", "content": [tool_use("toolu_s1", command="search")]},
-        {"role": "user", "content": [tool_result("toolu_s1", [result])]},
-    ]
-    texts = upstream_texts(kind, messages)
-    assert "[search result: Parser notes (https://docs.example/a)]" in texts and "Use a state machine." in texts
-
-
-@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
-def test_redacted_thinking_stays_with_anthropic(kind: str) -> None:
-    texts = upstream_texts(kind, with_assistant_blocks({"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"}))
-    assert "ZW5jcnlwdGVk" not in texts and "Done." in texts
-
-
-@pytest.mark.parametrize("kind", TRANSLATED_KINDS)
-@pytest.mark.parametrize(
-    ("block", "named"),
-    [
-        ({"type": "container_upload", "file_id": "file_1"}, "'container_upload' content block"),
-        ({"type": "hologram", "data": "?"}, "'hologram' content block"),
-        ({"type": "image", "source": {"type": "file", "file_id": "file_2"}}, "image with a 'file' source"),
-    ],
-)
-def test_a_block_nothing_can_carry_is_a_400_naming_it(kind: str, block: dict, named: str) -> None:
-    with pytest.raises(terraphim_proxy.ProxyError) as caught:
-        upstream_texts(kind, [{"role": "user", "content": [block]}])
-    assert caught.value.status == 400 and named in caught.value.message and kind in caught.value.message
-
-
-def test_a_pdf_is_refused_for_ollama_and_a_text_document_is_its_text() -> None:
-    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
-    with pytest.raises(terraphim_proxy.ProxyError, match="document with a 'base64' source"):
-        upstream_texts("ollama", [{"role": "user", "content": [pdf]}])
-    note = {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "A."}}
-    assert "Notes\\n\\nA." in upstream_texts("ollama", [{"role": "user", "content": [note]}])
-
-
-async def test_an_unknown_block_is_a_400_before_any_upstream_request(
-    openai_upstream: OpenAIStandIn, http: aiohttp.ClientSession, openai_proxy_url: str
-) -> None:
-    body = {**openai_body("openai,gpt-4o"), "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}
-    answer = await call(http, f"{openai_proxy_url}/v1/messages", body)
-    assert answer.status == 400, answer.text
-    assert answer.error()["type"] == "invalid_request_error" and "'hologram' content block" in answer.error()["message"]
-    assert openai_upstream.chat == []
