@@ -141,6 +141,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_MS = 600_000
 DEFAULT_LONG_CONTEXT_THRESHOLD = 60_000
 DEFAULT_THINK_EFFORTS = ("max",)
+DEFAULT_BACKGROUND_MODELS = ("haiku",)  # substrings of the requested model that make a request background
 DEFAULT_NUM_CTX = 32768  # Ollama context window when the config names none
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -181,6 +182,7 @@ ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
     **{scenario: str for scenario in SCENARIOS},
     "long_context_threshold": int,
     "think_efforts": list,
+    "background_models": list,
     "rules": list,
     "module": str,
 }
@@ -325,6 +327,7 @@ class Config:
     upstream_count_tokens: bool = False
     long_context_threshold: int = DEFAULT_LONG_CONTEXT_THRESHOLD
     think_efforts: tuple[str, ...] = DEFAULT_THINK_EFFORTS
+    background_models: tuple[str, ...] = DEFAULT_BACKGROUND_MODELS
     retry_base_ms: int = 500
     retry_max_wait_ms: int = 30_000
     max_in_flight: int = 512
@@ -593,6 +596,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
     if level not in LOG_LEVELS:
         check.problem("proxy.log_level", f"unknown level '{level}' (one of {', '.join(LOG_LEVELS)})")
     efforts = check.string_list(router.get("think_efforts", list(DEFAULT_THINK_EFFORTS)), "router.think_efforts")
+    background = check.string_list(
+        router.get("background_models", list(DEFAULT_BACKGROUND_MODELS)), "router.background_models"
+    )
 
     configured: dict[str, tuple[Target, ...]] = {}
     for scenario in SCENARIOS:
@@ -629,6 +635,7 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         upstream_count_tokens=proxy.get("upstream_count_tokens", False),
         long_context_threshold=router.get("long_context_threshold", DEFAULT_LONG_CONTEXT_THRESHOLD),
         think_efforts=efforts,
+        background_models=tuple(model.lower() for model in background if model),
         rules=tuple(sorted(enabled_rules, key=lambda rule: -rule.priority)),
         router_module=router.get("module", ""),
         custom_router=custom_router,
@@ -1313,6 +1320,12 @@ class Hints:
     session_tokens: int | None = None  # the upstream's own input count for this session's previous answer
 
 
+def is_background_model(model: str, background_models: tuple[str, ...]) -> bool:
+    """The requested model names a background model: it contains one of the configured substrings, any case."""
+    lowered = model.lower()
+    return any(name in lowered for name in background_models)
+
+
 def wants_thinking(body: dict, think_efforts: tuple[str, ...]) -> bool:
     """Extended thinking was asked for: `thinking.type == enabled`, or an effort in the configured list."""
     thinking = body.get("thinking")
@@ -1397,7 +1410,7 @@ async def analyse(raw: RawBody, config: Config, counter: TokenCounter, exact: bo
     hints = Hints(
         token_count=tokens,
         token_count_exact=is_exact,
-        is_background="haiku" in model.lower(),
+        is_background=is_background_model(model, config.background_models),
         thinking=wants_thinking(body, config.think_efforts),
         has_web_search=has_web_search_tool(body),
         has_images=last_user_has_images(body),
@@ -5819,6 +5832,7 @@ async def handle_routes(request: web.Request) -> web.Response:
             "rules": rules,
             "long_context_threshold": config.long_context_threshold,
             "think_efforts": list(config.think_efforts),
+            "background_models": list(config.background_models),
         }
     )
 

@@ -2725,6 +2725,34 @@ async def read_stream_releasing_on(response: aiohttp.ClientResponse, ping: bytes
     return body.decode()
 
 
+# ---------------------------------------------------------------------------
+# Background models: configured substrings, not one vendor's naming
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("background_models", "model", "route"),
+    [
+        pytest.param(None, "claude-haiku-4-5", "background", id="default-haiku"),
+        pytest.param(None, "gpt-5-mini", "default", id="default-not-mini"),
+        pytest.param(["haiku", "MINI"], "gpt-5-mini", "background", id="configured-mini-any-case"),
+        pytest.param(["flash"], "claude-haiku-4-5", "default", id="configured-list-replaces-haiku"),
+    ],
+)
+async def test_background_models_decide_the_background_route(
+    stand_in: StandIn,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    background_models: list[str] | None,
+    model: str,
+    route: str,
+) -> None:
+    url = await start_proxy(make_config(stand_in.url, router={"background_models": background_models}))
+    answer = await call(http, f"{url}/v1/messages", request("Hello", model=model))
+    assert answer.status == 200, answer.text
+    assert answer.headers["x-terraphim-route"] == ROUTES[route]
+
+
 # ===========================================================================
 # Transformers: Anthropic pass-through
 # ===========================================================================
