@@ -99,12 +99,12 @@ KEY_ENV_VARS = {
 KEYLESS_TYPES = frozenset({"ollama"})
 # Models used by the built-in config (no config file): the main and the background model.
 BUILTIN_MODELS = {
-    "anthropic": ("claude-sonnet-4-5", "claude-haiku-4-5"),
-    "openai": ("gpt-4o", "gpt-4o-mini"),
+    "anthropic": ("claude-opus-5-5", "claude-haiku-4-5"),
+    "openai": ("gpt-5.2", "gpt-5-mini"),
     "openrouter": ("anthropic/claude-sonnet-4.5", "anthropic/claude-haiku-4.5"),
-    "deepseek": ("deepseek-chat", "deepseek-chat"),
-    "gemini": ("gemini-2.5-pro", "gemini-2.5-flash"),
-    "ollama": ("qwen2.5-coder:7b", "qwen2.5-coder:7b"),
+    "deepseek": ("deepseek-v4-pro", "deepseek-v4-flash"),
+    "gemini": ("gemini-pro-latest", "gemini-flash-latest"),
+    "ollama": ("qwen3-coder:30b", "qwen3-coder:30b"),
 }
 # Output limits (the largest max_tokens each model accepts) of the models the shipped configs name and their
 # current siblings, keyed as output_limit_key spells a model; requests above a limit get a 400 upstream.
@@ -127,6 +127,8 @@ MODEL_OUTPUT_LIMITS = {
     "o3-mini": 100000,
     "o4-mini": 100000,
     "gpt-5": 128000,
+    "gpt-5-1": 128000,
+    "gpt-5-2": 128000,
     "gpt-5-mini": 128000,
     "gpt-5-nano": 128000,
     "deepseek-chat": 8192,

@@ -1628,12 +1628,12 @@ def test_check_prints_routing_table_for_example_config() -> None:
         assert "enabled" in providers[name]
     for name, var in (("openai", "OPENAI"), ("openrouter", "OPENROUTER"), ("gemini", "GEMINI")):
         assert f"DISABLED (${var}_API_KEY is not set)" in providers[name]
-    assert routes["default"] == "anthropic,claude-sonnet-4-5"
+    assert routes["default"] == "anthropic,claude-opus-5-5"
     assert routes["background"] == "anthropic,claude-haiku-4-5"
-    assert routes["think"].startswith("anthropic,claude-opus-4-1 | deepseek,deepseek-reasoner")
-    assert routes["long_context"].startswith("anthropic,claude-sonnet-4-5  when tokens > 60000")
+    assert routes["think"].startswith("anthropic,claude-opus-5-5 | deepseek,deepseek-v4-pro")
+    assert routes["long_context"].startswith("anthropic,claude-opus-5-5  when tokens > 60000")
     assert routes["web_search"].startswith("(not set")
-    assert routes["image"] == "anthropic,claude-sonnet-4-5"
+    assert routes["image"] == "anthropic,claude-opus-5-5"
 
 
 def test_check_without_config_file_uses_builtin(tmp_path: Path) -> None:
@@ -1643,10 +1643,10 @@ def test_check_without_config_file_uses_builtin(tmp_path: Path) -> None:
     assert done.stdout.startswith("config: <built-in>")
     sections = check_sections(done.stdout)
     assert sections["providers"]["anthropic"].endswith(
-        "enabled; models: claude-sonnet-4-5 (output cap 64000), claude-haiku-4-5 (output cap 64000)"
+        "enabled; models: claude-opus-5-5, claude-haiku-4-5 (output cap 64000)"
     )
     assert "DISABLED" in sections["providers"]["openai"]
-    assert sections["routes"]["default"] == "anthropic,claude-sonnet-4-5"
+    assert sections["routes"]["default"] == "anthropic,claude-opus-5-5"
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1764,11 +1764,11 @@ def test_check_of_the_shipped_config_shows_the_output_caps(
 
     assert code == 0, err
     for fragment in (
-        "gpt-4o (output cap 16384)",
-        "claude-opus-4-1 (output cap 32000)",
+        "gpt-5.2 (output cap 128000)",
         "claude-sonnet-4-5 (output cap 64000)",
-        "deepseek-chat (output cap 8192)",  # the config's own model_max_tokens
-        "gemini-2.5-pro (output cap 65536)",
+        "claude-haiku-4-5 (output cap 64000)",
+        "anthropic/claude-sonnet-4.5 (output cap 64000)",
+        "models: claude-opus-5-5,",  # a model whose limit the table does not know gets no cap
     ):
         assert fragment in out, (fragment, out)
 
@@ -9557,7 +9557,7 @@ def test_check_builtin_without_keys_routes_to_local_ollama_and_names_the_key_var
     done = run_cli(["--check"], tmp_path, {})
 
     assert done.returncode == 0, done.stderr
-    assert check_sections(done.stdout)["routes"]["default"] == "ollama,qwen2.5-coder:7b"
+    assert check_sections(done.stdout)["routes"]["default"] == "ollama,qwen3-coder:30b"
     warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1, done.stdout
     assert "http://127.0.0.1:11434" in warnings[0]
