@@ -43,6 +43,7 @@ class Received:
     headers: dict[str, str]
     body: Any  # the JSON body; None when there was none or it was not JSON
     at: float = field(default_factory=time.monotonic)  # arrival
+    raw: bytes = b""  # the body's bytes as they arrived
 
     @property
     def kind(self) -> str:
@@ -131,7 +132,7 @@ class StandInServer:
         except ValueError:
             body = None
         headers = {key.lower(): value for key, value in request.headers.items()}
-        received = Received(request.method, request.path, dict(request.query), headers, body)
+        received = Received(request.method, request.path, dict(request.query), headers, body, raw=raw)
         if self.record:
             self.received.append(received)
             assert request.transport is not None

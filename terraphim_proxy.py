@@ -1637,6 +1637,75 @@ def proxy_signature(provider_type: str, thinking: str, details: list[dict] | Non
     return f"{PROXY_SIGNATURE_PREFIX}{provider_type}:{payload}"
 
 
+HIDDEN_THINKING_MARK = "t."  # a proxy signature payload that carries thinking the client was not shown
+
+
+def carried_thinking_signature(signature: str, thinking: str) -> str:
+    """For a client that asked for thinking without its text (display "omitted"): the proxy signature of a
+    thinking block, now carrying the text itself (base64url), so a provider that needs it back next turn
+    (DeepSeek's reasoning_content) still gets it. Signatures that carry something else stay as they are."""
+    provider_type, _, payload = signature.removeprefix(PROXY_SIGNATURE_PREFIX).partition(":")
+    if not signature.startswith(PROXY_SIGNATURE_PREFIX) or payload != short_hash(thinking, 16):
+        return signature
+    packed = base64.urlsafe_b64encode(thinking.encode()).decode()
+    return f"{PROXY_SIGNATURE_PREFIX}{provider_type}:{HIDDEN_THINKING_MARK}{packed}"
+
+
+def signature_thinking(signature: str) -> str:
+    """The thinking text a proxy signature carries (see carried_thinking_signature), or ""."""
+    _, _, payload = signature.removeprefix(PROXY_SIGNATURE_PREFIX).partition(":")
+    if not signature.startswith(PROXY_SIGNATURE_PREFIX) or not payload.startswith(HIDDEN_THINKING_MARK):
+        return ""
+    try:
+        return base64.urlsafe_b64decode(payload[len(HIDDEN_THINKING_MARK) :]).decode()
+    except ValueError:
+        return ""
+
+
+def omits_thinking_text(body: dict) -> bool:
+    """The client asked for thinking blocks without their text (thinking.display "omitted")."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("display") == "omitted"
+
+
+def message_without_thinking_text(message: dict) -> dict:
+    """A whole answer's thinking blocks with their text moved into their signatures."""
+    content = [
+        {
+            **block,
+            "thinking": "",
+            "signature": carried_thinking_signature(block.get("signature", ""), block["thinking"]),
+        }
+        if block.get("type") == "thinking" and block.get("thinking")
+        else block
+        for block in message.get("content") or ()
+    ]
+    return {**message, "content": content}
+
+
+async def stream_without_thinking_text(parts: AsyncIterator[StreamPart]) -> AsyncIterator[StreamPart]:
+    """A translated stream with its thinking text withheld: each thinking block keeps its signature, which then
+    carries the text (carried_thinking_signature)."""
+    texts: dict[int, str] = {}
+    async with contextlib.aclosing(parts):
+        async for part in parts:
+            if type(part) is bytes:
+                yield part
+                continue
+            kept = []
+            for event in part:
+                delta = event.get("delta") if event.get("type") == "content_block_delta" else None
+                if delta and delta.get("type") == "thinking_delta":
+                    texts[event["index"]] = texts.get(event["index"], "") + delta.get("thinking", "")
+                    continue
+                if delta and delta.get("type") == "signature_delta" and event["index"] in texts:
+                    carried = carried_thinking_signature(delta.get("signature", ""), texts[event["index"]])
+                    event = {**event, "delta": {**delta, "signature": carried}}
+                kept.append(event)
+            if kept:
+                yield kept
+
+
 def signature_details(signature: str) -> list[dict]:
     """OpenRouter reasoning_details packed into a proxy signature, or [] when there are none."""
     prefix = PROXY_SIGNATURE_PREFIX + "openrouter:"
@@ -2578,10 +2647,19 @@ def deepseek_reasoning_passback(body: dict, model: str) -> bool:
 # ---- request: content ------------------------------------------------------------------
 
 
+CACHE_TTLS = ("5m", "1h")
+
+
+def openrouter_cache_control(cache_control: dict) -> dict:
+    """A cache breakpoint as OpenRouter passes it to Anthropic models: the type, and a ttl it knows."""
+    ttl = cache_control.get("ttl")
+    return {"type": "ephemeral"} | ({"ttl": ttl} if ttl in CACHE_TTLS else {})
+
+
 def text_part(text: str, block: dict, keep_cache: bool) -> dict:
     part = {"type": "text", "text": text}
-    if keep_cache and block.get("cache_control"):
-        part["cache_control"] = block["cache_control"]
+    if keep_cache and isinstance(block.get("cache_control"), dict):
+        part["cache_control"] = openrouter_cache_control(block["cache_control"])
     return part
 
 
@@ -2679,7 +2757,7 @@ def assistant_message(blocks: list[dict], provider_type: str, keep_cache: bool, 
             function = {"name": block.get("name", ""), "arguments": arguments}
             calls.append({"id": openai_tool_id(block.get("id", "")), "type": "function", "function": function})
         elif kind == "thinking":
-            thinking.append(block.get("thinking") or "")
+            thinking.append(block.get("thinking") or signature_thinking(block.get("signature") or ""))
             details += signature_details(block.get("signature") or "")
     message: dict = {"role": "assistant", "content": parts}
     if calls:
@@ -2740,7 +2818,8 @@ def with_messages(
     messages) or completes it, finalized. Empty messages are dropped."""
     done: list[dict] = []
     for message in messages:
-        if not (message["content"] or message.get("tool_calls") or message["role"] == "tool"):
+        carried = ("content", "tool_calls", "reasoning_content", "reasoning_details")
+        if message["role"] != "tool" and not any(message.get(key) for key in carried):
             continue
         if pending is not None and pending["role"] == message["role"] and message["role"] in ("user", "assistant"):
             pending = merged(pending, message)
@@ -2815,10 +2894,16 @@ def is_server_tool(tool: dict) -> bool:
     return "input_schema" not in tool and tool.get("type") not in (None, "custom")
 
 
+def is_sent_elsewhere(tool: dict) -> bool:
+    """A client tool that translated providers get: not a server tool, and not one whose loading is deferred
+    (only Anthropic can defer loading; Claude Code's placeholder for deferred tools must not be callable)."""
+    return not is_server_tool(tool) and tool.get("defer_loading") is not True
+
+
 def openai_tools(tools: list[dict]) -> list[dict]:
     functions = []
     for tool in tools:
-        if is_server_tool(tool):
+        if not is_sent_elsewhere(tool):
             continue
         function = {"name": openai_tool_name(tool.get("name", ""))}
         if tool.get("description"):
@@ -3320,22 +3405,35 @@ def openai_stream_to_anthropic(
 OPENROUTER_HEADERS = {"HTTP-Referer": "http://127.0.0.1", "X-Title": "terraphim-proxy"}
 
 
+ANTHROPIC_ONLY_FIELDS = ("mcp_servers", "container")  # request fields only Anthropic can act on
+
+
 def refuse_server_tools(call: UpstreamCall) -> None:
-    """Anthropic's web_search server tool cannot run elsewhere: say so instead of answering without search."""
+    """Server tools run on Anthropic's side: a translated request that offers one (or MCP servers, or a
+    container) gets a 400 naming it and the provider instead of an answer made without it. OpenRouter runs
+    web_search with its web plugin."""
     provider = call.provider
-    if has_web_search_tool(call.body):
+    where = f"{provider.name} ({provider.type})"
+    if has_web_search_tool(call.body) and provider.type != "openrouter":
         raise ProxyError(
             400,
-            f"{provider.name} ({provider.type}) cannot run Anthropic's web_search server tool; "
+            f"{where} cannot run Anthropic's web_search server tool; "
             "route the web_search scenario to an anthropic or openrouter provider",
         )
+    for tool in call.body.get("tools") or ():
+        if is_server_tool(tool) and not str(tool.get("type", "")).startswith("web_search"):
+            raise ProxyError(
+                400, f"{where} cannot run Anthropic's {tool.get('type')} server tool; route it to anthropic"
+            )
+    for field_name in ANTHROPIC_ONLY_FIELDS:
+        if call.body.get(field_name):
+            raise ProxyError(400, f"{where} cannot take the request's {field_name}; route it to anthropic")
 
 
 def openai_family_build_request(call: UpstreamCall) -> UpstreamRequest:
     """POST {base}/chat/completions with a Bearer key; OpenRouter also gets its attribution headers."""
     provider = call.provider
-    if provider.type != "openrouter":
-        refuse_server_tools(call)
+    refuse_server_tools(call)
     fields = openai_request_fields(call.body, call.model, provider.type, provider.max_tokens_cap(call.model))
     messages = translated_messages_json(call, *openai_message_translator(call.body, call.model, provider))
     headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
@@ -3405,7 +3503,8 @@ def result_images(block: dict) -> list[dict]:
 
 
 def function_tools(body: dict) -> list[dict]:
-    """Client tools as {name, description, parameters} under the names sent upstream; server tools are left out."""
+    """Client tools as {name, description, parameters} under the names sent upstream; server tools and deferred
+    ones are left out."""
     return [
         {
             "name": openai_tool_name(t.get("name", "")),
@@ -3413,7 +3512,7 @@ def function_tools(body: dict) -> list[dict]:
             "parameters": t.get("input_schema") or {},
         }
         for t in body.get("tools") or ()
-        if not is_server_tool(t)
+        if is_sent_elsewhere(t)
     ]
 
 
@@ -3495,9 +3594,30 @@ def ollama_request_fields(body: dict, model: str, provider: Provider) -> dict:
     tools = function_tools(body)
     if tools:
         payload["tools"] = [{"type": "function", "function": tool} for tool in tools]
-    if (body.get("thinking") or {}).get("type") == "enabled":
-        payload["think"] = True
+    think = ollama_think(body, model)
+    if think is not None:
+        payload["think"] = think
     return payload
+
+
+OLLAMA_EFFORT_LEVELS = {
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "high",
+}
+
+
+def ollama_think(body: dict, model: str) -> bool | str | None:
+    """Ollama's `think`: for gpt-oss models, which take a level, the effort's level (low, medium, high); for the
+    others true when thinking is `enabled`. Adaptive thinking keeps the model's default (a model that cannot
+    think would refuse `think`)."""
+    effort = requested_effort(body)
+    if bare_model(model).startswith("gpt-oss") and effort is not None:
+        return OLLAMA_EFFORT_LEVELS.get(effort, "medium")
+    return True if (body.get("thinking") or {}).get("type") == "enabled" else None
 
 
 def ollama_usage(data: dict) -> dict:
@@ -3667,6 +3787,7 @@ GEMINI_THINKING_BUDGETS = (  # model prefix, lowest and highest thinkingBudget i
     ("gemini-flash-latest", 0, 24576),
 )
 GEMINI3_LOW_THINKING_BUDGET = 4096  # Gemini 3 takes a thinkingLevel: LOW up to this budget, HIGH above
+GEMINI_EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 16384, "xhigh": 24576, "max": 32768}
 
 
 def schema_definitions(schema: Any) -> dict[str, Any]:
@@ -3838,8 +3959,9 @@ def gemini_declarations(call: UpstreamCall, json_schema: bool) -> list[dict]:
     return cached
 
 
-def gemini_takes_json_schema(model: str) -> bool:
-    """Gemini 2.5 and later take `parametersJsonSchema`; older models only the `parameters` subset."""
+def is_thinking_gemini(model: str) -> bool:
+    """Gemini 2.5 and later (and the -latest aliases): they think, and take `parametersJsonSchema`; older models
+    take neither (only the `parameters` subset)."""
     return GEMINI_JSON_SCHEMA_MODELS.match(model) is not None
 
 
@@ -3851,17 +3973,21 @@ def gemini_thinking_budget(budget: int, model: str) -> int:
     return budget
 
 
-def gemini_thinking_config(thinking: dict, model: str) -> dict | None:
-    """thinkingConfig for Anthropic's `thinking`: a budget clamped to the model's range, or for Gemini 3,
-    which takes a thinkingLevel instead, the level nearest the budget."""
+def gemini_thinking_config(body: dict, model: str) -> dict | None:
+    """thinkingConfig for Anthropic's `thinking` and effort: a budget clamped to the model's range, or for Gemini
+    3, which takes a thinkingLevel instead, the level nearest the budget. Adaptive thinking and an effort
+    without a budget get the effort's budget (GEMINI_EFFORT_BUDGETS)."""
+    thinking = body.get("thinking") or {}
     kind = thinking.get("type")
-    if kind == "adaptive":
-        return {"includeThoughts": True}
-    if kind != "enabled":
-        return None
-    budget = thinking.get("budget_tokens", -1)
-    if not isinstance(budget, int) or isinstance(budget, bool):
+    effort = requested_effort(body)
+    if kind == "enabled" and _is_int(thinking.get("budget_tokens")):
+        budget = thinking["budget_tokens"]
+    elif effort in GEMINI_EFFORT_BUDGETS and is_thinking_gemini(model):
+        budget = GEMINI_EFFORT_BUDGETS[effort]
+    elif kind == "enabled":
         budget = -1
+    else:
+        return None
     if model.startswith("gemini-3"):
         config: dict = {"includeThoughts": True}
         if budget >= 0:
@@ -3870,10 +3996,12 @@ def gemini_thinking_config(thinking: dict, model: str) -> dict | None:
     return {"thinkingBudget": gemini_thinking_budget(budget, model), "includeThoughts": True}
 
 
-def gemini_tool_config(choice: dict | None) -> dict | None:
+def gemini_tool_config(choice: dict | None, declared: set[str]) -> dict | None:
+    """functionCallingConfig for Anthropic's tool_choice; a named tool that is not declared is left to AUTO."""
     kind = (choice or {}).get("type")
     if kind == "tool":
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [openai_tool_name(choice["name"])]}}
+        name = openai_tool_name(choice.get("name", ""))
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}} if name in declared else None
     modes = {"auto": "AUTO", "any": "ANY", "none": "NONE"}
     return {"functionCallingConfig": {"mode": modes[kind]}} if kind in modes else None
 
@@ -3989,7 +4117,7 @@ def gemini_request_fields(body: dict, model: str, provider: Provider, declaratio
         payload["systemInstruction"] = {"parts": [{"text": system}]}
     if declarations:
         payload["tools"] = [{"functionDeclarations": declarations}]
-        tool_config = gemini_tool_config(body.get("tool_choice"))
+        tool_config = gemini_tool_config(body.get("tool_choice"), {d["name"] for d in declarations})
         if tool_config:
             payload["toolConfig"] = tool_config
     config: dict = {}
@@ -4000,7 +4128,7 @@ def gemini_request_fields(body: dict, model: str, provider: Provider, declaratio
             config[name] = body[key]
     if body.get("stop_sequences"):
         config["stopSequences"] = body["stop_sequences"][:GEMINI_MAX_STOP_SEQUENCES]
-    thinking_config = gemini_thinking_config(body.get("thinking") or {}, model)
+    thinking_config = gemini_thinking_config(body, model)
     if thinking_config:
         config["thinkingConfig"] = thinking_config
     if config:
@@ -4130,7 +4258,7 @@ def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
     method = "streamGenerateContent?alt=sse" if call.body.get("stream") is True else "generateContent"
     check_model_name(provider, call.model)
     headers = {"content-type": "application/json", "x-goog-api-key": call.api_key, **provider.headers}
-    json_schema = gemini_takes_json_schema(call.model)
+    json_schema = is_thinking_gemini(call.model)
     declarations = gemini_declarations(call, json_schema)
     contents = translated_messages_json(call, gemini_message_translator(call.body, provider), ("gemini", provider.name))
     fields = gemini_request_fields(call.body, call.model, provider, declarations)
@@ -4454,15 +4582,19 @@ async def start_upstream_answer(
     upstream = await open_upstream(
         session, translated_request(transformer, call), provider, provider.timeouts.client_timeout(stream)
     )
+    hide_thinking = provider.type != "anthropic" and omits_thinking_text(call.body)  # Anthropic does it itself
     try:
         if not stream:
+            message = transformer.parse_response(await read_upstream_json(upstream, provider), call)
             return UpstreamAnswer(
-                upstream, message=transformer.parse_response(await read_upstream_json(upstream, provider), call)
+                upstream, message=message_without_thinking_text(message) if hide_thinking else message
             )
         if upstream.content_type == "application/json":
             parts = whole_answer_events(upstream, transformer, call)
         else:
             parts = transformer.stream(upstream, call)
+        if hide_thinking:
+            parts = stream_without_thinking_text(parts)
         try:
             return UpstreamAnswer(upstream, parts, await parts.__anext__())
         except StopAsyncIteration:
@@ -5529,13 +5661,13 @@ def validate_messages_request(body: dict, need_max_tokens: bool = True, checked_
         if key in body and body[key] is not None:
             _expect(ok(body[key]), key, text)
     for i, tool in enumerate(body.get("tools") or ()):
-        _expect(isinstance(tool.get("name"), str) and tool["name"] != "", f"tools.{i}.name", "required string")
+        named = "mcp_server_name" if tool.get("type") == "mcp_toolset" else "name"  # a toolset names its server
+        _expect(isinstance(tool.get(named), str) and tool[named] != "", f"tools.{i}.{named}", "required string")
+        schema = tool.get("input_schema")
+        _expect(schema is None or isinstance(schema, dict), f"tools.{i}.input_schema", "expected an object")
     thinking = body.get("thinking") or {}
     budget = thinking.get("budget_tokens")
     _expect(budget is None or _is_int(budget), "thinking.budget_tokens", "expected an integer")
-    for i, tool in enumerate(body.get("tools") or ()):
-        schema = tool.get("input_schema")
-        _expect(schema is None or isinstance(schema, dict), f"tools.{i}.input_schema", "expected an object")
     metadata = body.get("metadata") or {}
     _expect(
         metadata.get("user_id") is None or isinstance(metadata["user_id"], str), "metadata.user_id", "expected a string"

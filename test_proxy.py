@@ -323,13 +323,17 @@ WEB_SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_use
 SUBAGENT_TAG = "<CCR-SUBAGENT-MODEL>anthropic,model-sub</CCR-SUBAGENT-MODEL>"
 
 
+CLAUDE_CODE_FIXTURE_DIRS = ("claude-code", "claude-code-2.1.328")  # recorded from Claude Code 2.1.197 and 2.1.328
+
+
 def load_fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+    """A recorded request: "2.1.328-dir/file.json", or a bare file name of the 2.1.197 recordings."""
+    return json.loads((FIXTURES.parent / (name if "/" in name else f"claude-code/{name}")).read_text())
 
 
 def fixture_names(path: str | None = None) -> list[str]:
-    """The recorded Claude Code requests (for `path` only, when given)."""
-    names = sorted(p.name for p in FIXTURES.glob("*.json"))
+    """The recorded Claude Code requests of both versions, as "dir/file.json" (for `path` only, when given)."""
+    names = [f"{d}/{p.name}" for d in CLAUDE_CODE_FIXTURE_DIRS for p in sorted((FIXTURES.parent / d).glob("*.json"))]
     return [name for name in names if path is None or load_fixture(name)["meta"]["path"] == path]
 
 
@@ -2855,13 +2859,16 @@ async def test_fixture_passes_through_unchanged(
     fixture = load_fixture(name)
     meta, body = fixture["meta"], fixture["body"]
 
-    answer = await call(http, fixture_url(proxy_url, meta), body, headers=fixture_headers(meta))
+    sent = json.dumps(body, ensure_ascii=False).encode()  # as Claude Code sends it: UTF-8, not ASCII escapes
+    answer = await call(http, fixture_url(proxy_url, meta), data=sent, headers=fixture_headers(meta))
 
     assert answer.status == 200, answer.text
     routed = "model-background" if "haiku" in body["model"] else "model-default"
     upstream = stand_in.last
     assert upstream.path == "/v1/messages"
     assert upstream.body == {**body, "model": routed}
+    model_field = f'"model": {json.dumps(body["model"])}'.encode()
+    assert upstream.raw == sent.replace(model_field, f'"model": {json.dumps(routed)}'.encode(), 1)  # byte-exact
     assert upstream.headers["anthropic-version"] == meta["headers"]["anthropic-version"]
     assert upstream.headers["anthropic-beta"] == meta["headers"]["anthropic-beta"]
     assert upstream.headers["x-api-key"] == UPSTREAM_KEY
@@ -3489,6 +3496,192 @@ async def test_events_before_a_failing_payload_of_the_same_read_still_come_out_f
         await anext(stream)
 
 
+# ---------------------------------------------------------------------------
+# The 2026 request surface on every translated provider: effort, display, context_management, deferred tools,
+# tools that change between turns, cache_control with a ttl, server tools
+# ---------------------------------------------------------------------------
+
+NEW_CLAUDE_CODE_BODY = "claude-code-2.1.328/01_print_main_turn1.json"
+
+
+def payload_of(kind: str, body: dict, model: str | None = None, caches: Any = None) -> dict:
+    """The JSON the proxy sends to a provider of `kind` (SPLICE_PROVIDERS) for this body."""
+    provider, default_model = splice_provider(kind)
+    raw = terraphim_proxy.parse_raw_body(json.dumps(body).encode())
+    return json.loads(
+        upstream_body(raw, provider, model or default_model, caches or terraphim_proxy.TranslationCaches())
+    )
+
+
+def effort_body(effort: str) -> dict:
+    return request("Plan it.", thinking={"type": "adaptive", "display": "omitted"}, output_config={"effort": effort})
+
+
+# effort: OpenAI reasoning_effort, DeepSeek reasoning_effort, Gemini 2.5 budget, Gemini 3 level, gpt-oss level
+EFFORT_MAPPING = [
+    ("low", "low", "low", 1024, "LOW", "low"),
+    ("medium", "medium", "high", 8192, "HIGH", "medium"),
+    ("high", "high", "high", 16384, "HIGH", "high"),
+    ("xhigh", "high", "max", 24576, "HIGH", "high"),
+    ("max", "high", "max", 32768, "HIGH", "high"),
+]
+
+
+@pytest.mark.parametrize(("effort", "openai", "deepseek", "gemini_budget", "gemini_level", "gpt_oss"), EFFORT_MAPPING)
+def test_adaptive_thinking_effort_maps_to_each_providers_reasoning_control(
+    effort: str, openai: str, deepseek: str, gemini_budget: int, gemini_level: str, gpt_oss: str
+) -> None:
+    body = effort_body(effort)
+    assert payload_of("openai", body, "gpt-5.2")["reasoning_effort"] == openai
+    assert payload_of("deepseek-reasoner", body, "deepseek-v4-pro")["reasoning_effort"] == deepseek
+    gemini_25 = payload_of("gemini", body, "gemini-2.5-pro")["generationConfig"]["thinkingConfig"]
+    assert gemini_25 == {"thinkingBudget": gemini_budget, "includeThoughts": True}
+    gemini_3 = payload_of("gemini", body, "gemini-3-pro-preview")["generationConfig"]["thinkingConfig"]
+    assert gemini_3 == {"includeThoughts": True, "thinkingLevel": gemini_level}
+    assert payload_of("ollama", body, "gpt-oss:20b")["think"] == gpt_oss
+    assert "think" not in payload_of("ollama", body, "qwen3-coder:30b")  # adaptive keeps the model's default
+
+
+def test_enabled_thinking_with_display_omitted_still_thinks_on_every_provider() -> None:
+    body = request("Plan it.", thinking={"type": "enabled", "budget_tokens": 31999, "display": "omitted"})
+    assert payload_of("openai", body, "gpt-5.2")["reasoning_effort"] == "high"
+    assert payload_of("deepseek-reasoner", body, "deepseek-v4-flash")["thinking"] == {"type": "enabled"}
+    assert (
+        payload_of("gemini", body, "gemini-2.5-flash")["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 24576
+    )
+    assert payload_of("ollama", body, "qwen3:8b")["think"] is True
+
+
+@pytest.mark.parametrize("kind", ["openai", "deepseek-reasoner", "ollama", "gemini"])
+def test_context_management_and_deferred_tools_stay_with_anthropic(kind: str) -> None:
+    body = load_fixture(NEW_CLAUDE_CODE_BODY)["body"]
+    assert body["context_management"]["edits"][0]["type"] == "clear_thinking_20251015"
+    sent = payload_of(kind, body)
+    text = json.dumps(sent)
+    assert "context_management" not in text and "clear_thinking" not in text and "defer_loading" not in text
+    if kind == "gemini":
+        names = [declaration["name"] for declaration in sent["tools"][0]["functionDeclarations"]]
+    else:
+        names = [tool["function"]["name"] for tool in sent["tools"]]
+    assert "DeferredToolPlaceholder" not in names and "ToolSearch" in names and len(names) == 11
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "gemini"])
+def test_tools_that_appear_or_vanish_between_turns_reach_the_upstream_as_sent(kind: str) -> None:
+    caches = terraphim_proxy.TranslationCaches()
+    read = {"name": "Read", "description": "Read a file.", "input_schema": {"type": "object", "properties": {}}}
+    grep = {"name": "Grep", "description": "Search.", "input_schema": {"type": "object", "properties": {}}}
+    for tools in ([read], [read, grep], [grep], [read]):
+        sent = payload_of(kind, request("Go on.", tools=tools), caches=caches)
+        if kind == "gemini":
+            names = [declaration["name"] for declaration in sent["tools"][0]["functionDeclarations"]]
+        else:
+            names = [tool["function"]["name"] for tool in sent["tools"]]
+        assert names == [tool["name"] for tool in tools]
+
+
+def cached_everywhere(cache_control: dict) -> dict:
+    """A body with `cache_control` on the system prompt, a message, a tool result and a tool definition."""
+    tool = {"name": "Read", "input_schema": {"type": "object", "properties": {}}, "cache_control": cache_control}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Read it.", "cache_control": cache_control}]},
+        {"role": "assistant", "content": [tool_use("toolu_c1", file_path="a.py")]},
+        {"role": "user", "content": [{**tool_result("toolu_c1", "print(1)"), "cache_control": cache_control}]},
+    ]
+    system = [{"type": "text", "text": "Be brief.", "cache_control": cache_control}]
+    return request(messages=messages, system=system, tools=[tool])
+
+
+@pytest.mark.parametrize("kind", ["openai", "deepseek-reasoner", "ollama", "gemini"])
+def test_cache_control_with_a_ttl_is_stripped_for_translated_providers(kind: str) -> None:
+    text = json.dumps(payload_of(kind, cached_everywhere({"type": "ephemeral", "ttl": "1h"})))
+    assert "cache_control" not in text and '"ttl"' not in text
+
+
+def test_openrouter_anthropic_models_keep_cache_control_without_fields_they_reject() -> None:
+    sent = payload_of("openrouter-anthropic", cached_everywhere({"type": "ephemeral", "ttl": "1h", "scope": "global"}))
+    found = re.findall(r'"cache_control": (\{[^}]*\})', json.dumps(sent))
+    assert found and all(json.loads(item) == {"type": "ephemeral", "ttl": "1h"} for item in found)
+    odd = payload_of("openrouter-anthropic", cached_everywhere({"type": "ephemeral", "ttl": "2d"}))
+    assert all(
+        json.loads(item) == {"type": "ephemeral"}
+        for item in re.findall(r'"cache_control": (\{[^}]*\})', json.dumps(odd))
+    )
+
+
+SERVER_TOOLS = [
+    pytest.param({"type": "web_fetch_20250910", "name": "web_fetch"}, "web_fetch_20250910", id="web_fetch"),
+    pytest.param({"type": "code_execution_20250825", "name": "code_execution"}, "code_execution_20250825", id="code"),
+    pytest.param(
+        {"type": "tool_search_tool_regex_20251119", "name": "tool_search"},
+        "tool_search_tool_regex_20251119",
+        id="search",
+    ),
+    pytest.param({"type": "mcp_toolset", "mcp_server_name": "docs"}, "mcp_toolset", id="mcp_toolset"),
+]
+
+
+@pytest.mark.parametrize("kind", ["openai", "openrouter-anthropic", "ollama", "gemini"])
+@pytest.mark.parametrize(("tool", "named"), SERVER_TOOLS)
+def test_a_server_tool_other_than_web_search_is_a_400_naming_it_and_the_provider(
+    kind: str, tool: dict, named: str
+) -> None:
+    with pytest.raises(terraphim_proxy.ProxyError) as caught:
+        payload_of(kind, request("Go.", tools=[tool]))
+    assert caught.value.status == 400
+    assert named in caught.value.message and f"{kind} (" in caught.value.message
+
+
+@pytest.mark.parametrize("field_name", ["mcp_servers", "container"])
+def test_mcp_servers_and_containers_are_a_400_for_translated_providers(field_name: str) -> None:
+    value = [{"type": "url", "url": "https://mcp.example/sse", "name": "docs"}] if field_name == "mcp_servers" else "c1"
+    with pytest.raises(terraphim_proxy.ProxyError, match=f"cannot take the request's {field_name}"):
+        payload_of("openai", request("Go.", **{field_name: value}))
+
+
+async def test_server_tools_and_mcp_servers_pass_through_to_anthropic(
+    stand_in: StandIn, proxy_url: str, http: aiohttp.ClientSession
+) -> None:
+    tools = [param.values[0] for param in SERVER_TOOLS]
+    mcp = [{"type": "url", "url": "https://mcp.example/sse", "name": "docs"}]
+    body = request("Go.", tools=tools, mcp_servers=mcp, container="container_1")
+    answer = await call(http, f"{proxy_url}/v1/messages", body)
+    assert answer.status == 200, answer.text
+    assert stand_in.last.body == {**body, "model": "model-default"}
+
+
+async def test_display_omitted_withholds_thinking_text_and_carries_it_back_to_deepseek(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    chunks = [
+        openai_chunk({"role": "assistant", "content": "", "reasoning_content": "Check the cache "}),
+        openai_chunk({"reasoning_content": "first."}),
+        openai_chunk({"content": "Done."}),
+        openai_chunk({}, "stop"),
+        openai_chunk(usage={"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}),
+    ]
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    proxy = await start_proxy(openai_config(openai_upstream.url, default="deepseek,deepseek-v4-pro"))
+    thinking = {"type": "adaptive", "display": "omitted"}
+    for stream in (True, False):
+        body = request("Why is it slow?", thinking=thinking, stream=stream)
+        answer = await call(http, f"{proxy}/v1/messages", body)
+        assert answer.status == 200, answer.text
+        if stream:
+            deltas = [data["delta"] for name, data in answer.events() if name == "content_block_delta"]
+            assert not [delta for delta in deltas if delta["type"] == "thinking_delta"]
+            signature = next(delta["signature"] for delta in deltas if delta["type"] == "signature_delta")
+            block = {"type": "thinking", "thinking": "", "signature": signature}
+        else:
+            block = json.loads(answer.text)["content"][0]
+            assert block["type"] == "thinking" and block["thinking"] == ""
+        assert "Check the cache" not in answer.text
+        turn = [{"role": "user", "content": "Why is it slow?"}, {"role": "assistant", "content": [block]}]
+        follow = request(messages=[*turn, {"role": "user", "content": "And now?"}], thinking=thinking)
+        assert (await call(http, f"{proxy}/v1/messages", follow)).status == 200
+        assert openai_upstream.last.body["messages"][1]["reasoning_content"] == "Check the cache first."
+
+
 # ===========================================================================
 # Transformers: the OpenAI family (OpenAI, OpenRouter, DeepSeek)
 # ===========================================================================
@@ -3580,7 +3773,8 @@ def test_openai_request_of_every_fixture(name: str, body: dict, flavor: str, mod
     calls = [c for m in messages for c in m.get("tool_calls", [])]
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [t["input"] for t in tool_uses]
     assert all("parameters" in t["function"] for t in payload.get("tools", []))
-    assert len(payload.get("tools", [])) == len(body.get("tools", []))
+    callable_tools = [tool["name"] for tool in body.get("tools", []) if tool.get("defer_loading") is not True]
+    assert [tool["function"]["name"] for tool in payload.get("tools", [])] == callable_tools
     forbidden = {"context_management", "output_config", "metadata", "system"}
     if flavor != "deepseek":
         forbidden.add("thinking")
@@ -5911,7 +6105,7 @@ async def test_openai_claude_code_fixture_golden(
     haystack = openai_payload_texts(payload)
     missing = [text[:60] for text in openai_fixture_texts(body) if text not in haystack]
     assert missing == []
-    tools = {tool["name"]: tool["input_schema"] for tool in body.get("tools") or []}
+    tools = {tool["name"]: tool["input_schema"] for tool in body.get("tools") or [] if not tool.get("defer_loading")}
     assert {f["function"]["name"]: f["function"]["parameters"] for f in payload.get("tools") or []} == tools
     calls = [
         (call["function"]["name"], json.loads(call["function"]["arguments"]))
@@ -6426,7 +6620,7 @@ async def test_ollama_gemini_claude_code_fixture_is_accepted(native: OllamaGemin
 
     assert answer.content[0].type == "text"
     sent = native.stand_in.last.body
-    client_tools = [tool for tool in body["tools"] if "input_schema" in tool]
+    client_tools = [tool for tool in body["tools"] if "input_schema" in tool and not tool.get("defer_loading")]
     if native.provider == "ollama":
         assert [tool["function"]["name"] for tool in sent["tools"]] == [tool["name"] for tool in client_tools]
         assert [tool["function"]["parameters"] for tool in sent["tools"]] == [t["input_schema"] for t in client_tools]
