@@ -5123,6 +5123,375 @@ class OpenAIChunkWriter:
         return b""
 
 
+# --- OpenAI's Responses API (/v1/responses): the Codex CLI's dialect, and openai.responses.create.
+
+OPENAI_RESPONSES_PATH = "/v1/responses"
+RESPONSES_DEFAULT_MAX_OUTPUT = 16384  # Codex sends no max_output_tokens; the model's output cap still applies
+NAMESPACE_SEPARATOR = "__"  # a namespace tool's function goes upstream as "<namespace>__<name>"
+ANTHROPIC_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "max", "max": "max"}
+
+
+def responses_content_blocks(content: Any) -> list[dict]:
+    """Anthropic blocks for a Responses message's content: input_text/output_text, input_image, input_file."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise ProxyError(400, "input[].content: expected a string or a list of content parts")
+    blocks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            url = part["image_url"]
+            blocks.append({"type": "image", "source": data_url_source(url) or {"type": "url", "url": url}})
+        elif kind == "input_file" and isinstance(part.get("file_data"), str):
+            source = data_url_source(part["file_data"])
+            if source is None:
+                raise ProxyError(400, "input_file parts need file_data as a base64 data: URL")
+            blocks.append({"type": "document", "source": source})
+        elif kind == "refusal":
+            blocks.append({"type": "text", "text": str(part.get("refusal", ""))})
+        else:
+            raise ProxyError(400, f"input[].content: unsupported content part type {kind!r}")
+    return blocks
+
+
+def responses_item_turn(item: dict) -> tuple[str, list[dict]]:
+    """The Anthropic role and blocks of one Responses input item ("system" for system and developer text)."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ProxyError(400, f"input[].role: unsupported role {role!r}")
+        blocks = responses_content_blocks(item.get("content"))
+        return ("system" if role in ("system", "developer") else role), blocks
+    if kind == "function_call":
+        arguments = tool_input(item.get("arguments"))
+        if arguments is None:
+            raise ProxyError(400, f"function_call {item.get('call_id')!r}: arguments are not a JSON object")
+        name = str(item.get("name", ""))
+        if item.get("namespace"):
+            name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        return "assistant", [{"type": "tool_use", "id": str(item.get("call_id", "")), "name": name, "input": arguments}]
+    if kind == "function_call_output":
+        output = item.get("output")
+        content = output if isinstance(output, str) else responses_content_blocks(output or [])
+        return "user", [{"type": "tool_result", "tool_use_id": str(item.get("call_id", "")), "content": content}]
+    if kind == "reasoning":
+        summary = "".join(part.get("text", "") for part in item.get("summary") or () if isinstance(part, dict))
+        signature = item.get("encrypted_content")
+        if not isinstance(signature, str) or not signature:
+            return "assistant", []  # reasoning the proxy cannot hand back: its summary was shown already
+        return "assistant", [{"type": "thinking", "thinking": summary, "signature": signature}]
+    raise ProxyError(400, f"input[].type: unsupported item type {kind!r}")
+
+
+def responses_tools(tools: Any) -> tuple[list[dict], bool]:
+    """Anthropic tools for Responses tools (a namespace's functions flattened), and whether web search was
+    offered with web access."""
+    out, web_search = [], False
+    for tool in tools or ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function":
+            out.append(responses_function_tool(tool, ""))
+        elif kind == "namespace":
+            out += [responses_function_tool(inner, tool.get("name", "")) for inner in tool.get("tools") or ()]
+        elif kind in ("web_search", "web_search_preview"):
+            web_search = web_search or tool.get("external_web_access") is not False
+        else:
+            raise ProxyError(400, f"tools[].type: unsupported tool type {kind!r}")
+    return out, web_search
+
+
+def responses_function_tool(tool: dict, namespace: str) -> dict:
+    name = str(tool.get("name", ""))
+    return {
+        "name": f"{namespace}{NAMESPACE_SEPARATOR}{name}" if namespace else name,
+        "description": tool.get("description") or "",
+        "input_schema": tool.get("parameters") or {"type": "object", "properties": {}},
+    }
+
+
+def responses_request_to_anthropic(data: dict) -> dict:
+    """An Anthropic Messages body for a Responses request."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProxyError(400, "model: expected a non-empty string")
+    if data.get("previous_response_id"):
+        raise ProxyError(400, "previous_response_id: the proxy keeps no conversation state; send the whole input")
+    if data.get("store") is True:
+        raise ProxyError(400, "store: the proxy keeps no responses; send store: false (Codex CLI does)")
+    items = data.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ProxyError(400, "input: expected a string or a list of items")
+    system = [{"type": "text", "text": data["instructions"]}] if isinstance(data.get("instructions"), str) else []
+    turns: list[dict] = []
+    for item in items:
+        role, blocks = responses_item_turn(item)
+        if role == "system":
+            system += blocks
+        elif turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        elif blocks:
+            turns.append({"role": role, "content": blocks})
+    body: dict = {"model": model, "messages": turns}
+    body["max_tokens"] = data.get("max_output_tokens") or RESPONSES_DEFAULT_MAX_OUTPUT
+    if system:
+        body["system"] = [block for block in system if block.get("text")]
+    for key in ("temperature", "top_p", "stream"):
+        if data.get(key) is not None:
+            body[key] = min(data[key], 1.0) if key == "temperature" and _is_number(data[key]) else data[key]
+    if isinstance(data.get("prompt_cache_key"), str):  # Codex sends its session id here
+        body["metadata"] = {"user_id": json.dumps({"session_id": data["prompt_cache_key"]})}
+    effort = (data.get("reasoning") or {}).get("effort")
+    if effort in ANTHROPIC_EFFORTS:
+        body["thinking"] = {"type": "adaptive"}
+        body["output_config"] = {"effort": ANTHROPIC_EFFORTS[effort]}
+    text_format = (data.get("text") or {}).get("format") or {}
+    if text_format.get("type") == "json_schema" and isinstance(text_format.get("schema"), dict):
+        body["output_config"] = {
+            **body.get("output_config", {}),
+            "format": {"type": "json_schema", "schema": text_format["schema"]},
+        }
+    tools, web_search = responses_tools(data.get("tools"))
+    if web_search:
+        tools.append({"type": "web_search_20250305", "name": "web_search"})
+    if tools:
+        body["tools"] = tools
+        choice = responses_choice_to_anthropic(data.get("tool_choice"))
+        if data.get("parallel_tool_calls") is False:
+            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        if choice:
+            body["tool_choice"] = choice
+    return body
+
+
+def responses_choice_to_anthropic(choice: Any) -> dict | None:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "tool", "name": str(choice.get("name", ""))}
+    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice)
+
+
+def responses_usage(usage: dict, reasoning_chars: int) -> dict:
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
+    output = usage.get("output_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": min((reasoning_chars + 3) // 4, output)},
+        "total_tokens": prompt + output,
+    }
+
+
+def namespaced(name: str) -> dict:
+    """A function call's name, split back into its namespace (see responses_function_tool) when it has one."""
+    namespace, sep, inner = name.partition(NAMESPACE_SEPARATOR)
+    return {"name": inner, "namespace": namespace} if sep and namespace and inner else {"name": name}
+
+
+class ResponsesWriter:
+    """Turns a stream's parts (Anthropic events, or whole relayed Anthropic frames) into Responses API events,
+    numbered, in the order the openai SDK's stream accumulator expects; keeps the finished output items for the
+    final response object."""
+
+    def __init__(self, model: str, redact: Callable[[str], str] = str) -> None:
+        self.model = model
+        self.redact = redact
+        self.id = "resp_" + random_base62(24)
+        self.created = int(time.time())
+        self.sequence = 0
+        self.usage: dict = {}
+        self.stop_reason: str | None = None
+        self.output: list[dict] = []
+        self.open: dict[int, dict] = {}  # Anthropic block index -> the item being written
+        self.reasoning_chars = 0
+
+    def response(self, status: str, **extra: Any) -> dict:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "model": self.model,
+            "output": list(self.output),
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": responses_usage(self.usage, self.reasoning_chars) if status != "in_progress" else None,
+            **extra,
+        }
+
+    def frame(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return sse_frame(kind, data)
+
+    def feed(self, part: StreamPart) -> bytes:
+        return b"".join([self.event(event) for event in (frame_events(part) if type(part) is bytes else part)])
+
+    def event(self, event: dict) -> bytes:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.usage = dict(event["message"].get("usage") or {})
+            started = self.response("in_progress")
+            return self.frame("response.created", response=started) + self.frame(
+                "response.in_progress", response=started
+            )
+        if kind == "content_block_start":
+            return self.start_item(event["index"], event["content_block"])
+        if kind == "content_block_delta":
+            return self.delta(event["index"], event["delta"])
+        if kind == "content_block_stop":
+            return self.finish_item(event["index"])
+        if kind == "message_delta":
+            self.usage.update(event.get("usage") or {})
+            self.stop_reason = event["delta"].get("stop_reason")
+            return b""
+        if kind == "message_stop":
+            if self.stop_reason in ("max_tokens", "model_context_window_exceeded"):
+                details = {"reason": "max_output_tokens"}
+                return self.frame(
+                    "response.incomplete", response=self.response("incomplete", incomplete_details=details)
+                )
+            return self.frame("response.completed", response=self.response("completed"))
+        if kind == "error":
+            err = event.get("error") or {}
+            return self.failed(str(err.get("type") or "api_error"), self.redact(str(err.get("message", "error"))))
+        return b""
+
+    def failed(self, code: str, message: str) -> bytes:
+        return self.frame("response.failed", response=self.response("failed", error={"code": code, "message": message}))
+
+    def start_item(self, index: int, block: dict) -> bytes:
+        kind = block.get("type")
+        position = len(self.output) + len(self.open)
+        if kind == "text":
+            item = {
+                "id": "msg_" + random_base62(24),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self.open[index] = {"item": item, "at": position, "text": ""}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            return self.frame("response.output_item.added", output_index=position, item=item) + self.frame(
+                "response.content_part.added", item_id=item["id"], output_index=position, content_index=0, part=part
+            )
+        if kind == "thinking":
+            item = {"id": "rs_" + random_base62(24), "type": "reasoning", "summary": []}
+            self.open[index] = {"item": item, "at": position, "text": "", "signature": ""}
+            part = {"type": "summary_text", "text": ""}
+            return self.frame("response.output_item.added", output_index=position, item=item) + self.frame(
+                "response.reasoning_summary_part.added",
+                item_id=item["id"],
+                output_index=position,
+                summary_index=0,
+                part=part,
+            )
+        if kind == "tool_use":
+            call = {"id": "fc_" + random_base62(24), "type": "function_call", "status": "in_progress"}
+            item = {**call, "call_id": block.get("id", ""), **namespaced(block.get("name", "")), "arguments": ""}
+            self.open[index] = {"item": item, "at": position, "text": ""}
+            return self.frame("response.output_item.added", output_index=position, item=item)
+        return b""
+
+    def delta(self, index: int, delta: dict) -> bytes:
+        slot = self.open.get(index)
+        if slot is None:
+            return b""
+        item, position = slot["item"], slot["at"]
+        kind = delta.get("type")
+        if kind == "text_delta":
+            slot["text"] += delta.get("text", "")
+            return self.frame(
+                "response.output_text.delta",
+                item_id=item["id"],
+                output_index=position,
+                content_index=0,
+                delta=delta.get("text", ""),
+                logprobs=[],
+            )
+        if kind == "thinking_delta":
+            slot["text"] += delta.get("thinking", "")
+            self.reasoning_chars += len(delta.get("thinking", ""))
+            return self.frame(
+                "response.reasoning_summary_text.delta",
+                item_id=item["id"],
+                output_index=position,
+                summary_index=0,
+                delta=delta.get("thinking", ""),
+            )
+        if kind == "signature_delta":
+            slot["signature"] += delta.get("signature", "")
+            return b""
+        if kind == "input_json_delta":
+            slot["text"] += delta.get("partial_json", "")
+            return self.frame(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=position,
+                delta=delta.get("partial_json", ""),
+            )
+        return b""
+
+    def finish_item(self, index: int) -> bytes:
+        slot = self.open.pop(index, None)
+        if slot is None:
+            return b""
+        item, position, text = slot["item"], slot["at"], slot["text"]
+        ids = {"item_id": item["id"], "output_index": position}
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            done = {**item, "status": "completed", "content": [part]}
+            frames = self.frame("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+            frames += self.frame("response.content_part.done", **ids, content_index=0, part=part)
+        elif item["type"] == "reasoning":
+            summary = {"type": "summary_text", "text": text}
+            done = {**item, "summary": [summary] if text else [], "encrypted_content": slot["signature"] or None}
+            frames = self.frame("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
+            frames += self.frame("response.reasoning_summary_part.done", **ids, summary_index=0, part=summary)
+        else:
+            done = {**item, "status": "completed", "arguments": text or "{}"}
+            frames = self.frame(
+                "response.function_call_arguments.done", **ids, arguments=done["arguments"], name=item["name"]
+            )
+        self.output.append(done)
+        return frames + self.frame("response.output_item.done", output_index=position, item=done)
+
+
+def anthropic_to_responses_object(message: dict, model: str) -> dict:
+    """A whole Responses object for an Anthropic message, built by the same writer a stream goes through."""
+    writer = ResponsesWriter(model)
+    for event in message_to_events(message):
+        writer.event(event)
+    incomplete = writer.stop_reason in ("max_tokens", "model_context_window_exceeded")
+    if incomplete:
+        return writer.response("incomplete", incomplete_details={"reason": "max_output_tokens"})
+    return writer.response("completed")
+
+
+def responses_error_event(err: ProxyError, request_id: str) -> bytes:
+    failed = ResponsesWriter("")
+    return failed.failed(err.error_type, err.message)
+
+
+def responses_dialect(model: str) -> Dialect:
+    def writer(redact: Callable[[str], str]) -> Callable[[StreamPart], bytes]:
+        return ResponsesWriter(model, redact).feed
+
+    return Dialect(
+        lambda message: anthropic_to_responses_object(message, model), writer, responses_error_event, OPENAI_PING
+    )
+
+
 # ---------------------------------------------------------------------------
 # State and metrics: what the app keeps between requests
 # ---------------------------------------------------------------------------
@@ -5503,8 +5872,9 @@ def log_request_record(record: RequestRecord, path: str, status: int, seconds: f
 
 
 def speaks_openai(request: web.Request) -> bool:
-    """OpenAI clients: everything on /v1/chat/completions, and /v1/models without anthropic-version."""
-    if request.path == OPENAI_CHAT_PATH:
+    """OpenAI clients: everything on /v1/chat/completions and /v1/responses, and /v1/models without
+    anthropic-version."""
+    if request.path in (OPENAI_CHAT_PATH, OPENAI_RESPONSES_PATH):
         return True
     return request.path == "/v1/models" and "anthropic-version" not in request.headers
 
@@ -5720,18 +6090,21 @@ def in_flight_slot(state: ProxyState, config: Config) -> Iterator[None]:
 
 
 async def parse_and_route(
-    request: web.Request, snapshot: ConfigSnapshot, need_max_tokens: bool, openai: bool = False
+    request: web.Request, snapshot: ConfigSnapshot, need_max_tokens: bool, client: str = "messages"
 ) -> RoutedRequest:
     """The shared front half of the API handlers after `admit`: parse, validate, analyse, route.
-    With `openai`, the body is a chat-completions request, turned into a Messages one first."""
+    A `chat` (chat completions) or `responses` (Responses API) client's body is turned into a Messages one first."""
     config = snapshot.config
     memo = request.app[STATE].messages
-    raw = await read_json_body(request, config.max_body_bytes, None if openai else memo)
+    raw = await read_json_body(request, config.max_body_bytes, memo if client == "messages" else None)
     dialect = ANTHROPIC_DIALECT
-    if openai:
+    if client == "chat":
         include_usage = bool((raw.data.get("stream_options") or {}).get("include_usage"))
         raw = RawBody("", openai_request_to_anthropic(raw.data), raw.size)
         dialect = openai_dialect(raw.data["model"], include_usage)
+    elif client == "responses":
+        raw = RawBody("", responses_request_to_anthropic(raw.data), raw.size)
+        dialect = responses_dialect(raw.data["model"])
     validate_messages_request(raw.data, need_max_tokens, raw.known_messages)
     memo.remember(raw)
     record = request[RECORD]
@@ -5749,19 +6122,24 @@ async def parse_and_route(
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
-    return await serve_request(request, openai=False)
+    return await serve_request(request, "messages")
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
-    return await serve_request(request, openai=True)
+    return await serve_request(request, "chat")
 
 
-async def serve_request(request: web.Request, openai: bool) -> web.StreamResponse:
-    """A Messages or chat-completions request: prepared, held to the in-flight limit, served by its route."""
+async def handle_responses(request: web.Request) -> web.StreamResponse:
+    return await serve_request(request, "responses")
+
+
+async def serve_request(request: web.Request, client: str) -> web.StreamResponse:
+    """A Messages, chat-completions or Responses request: prepared, held to the in-flight limit, served by its
+    route."""
     state = request.app[STATE]
     snapshot = admit(request)
     with in_flight_slot(state, snapshot.config):
-        routed = await parse_and_route(request, snapshot, need_max_tokens=True, openai=openai)
+        routed = await parse_and_route(request, snapshot, need_max_tokens=True, client=client)
         if routed.body.get("stream") is True:
             return await serve_stream(request, state, routed)
         return await try_targets(request, state, routed)
@@ -6021,6 +6399,7 @@ def create_app(
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post(OPENAI_CHAT_PATH, handle_chat_completions)
+    app.router.add_post(OPENAI_RESPONSES_PATH, handle_responses)
     app.router.add_get("/routes", handle_routes)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/health", handle_health)

@@ -8885,6 +8885,169 @@ async def test_openai_requests_are_routed_like_messages(
         assert system["role"] == "system" and text_of_content(system["content"]) == "You review."
 
 
+# ---------------------------------------------------------------------------
+# Responses client dialect: /v1/responses through the openai SDK (Codex CLI's API)
+# ---------------------------------------------------------------------------
+
+
+async def sdk_response(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> Any:
+    """One Responses call via the SDK: create, or stream with the SDK's own accumulator (every event parsed)."""
+    kwargs = {"model": "gpt-5-codex", "store": False, **kwargs}
+    if not stream:
+        return await client.responses.create(**kwargs)
+    async with client.responses.stream(**kwargs) as events:
+        kinds = [event.type async for event in events]
+        final = await events.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed", kinds
+    return final
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", CHAT_UPSTREAM_KINDS)
+async def test_responses_api_text_through_the_proxy(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, kind: str, stream: bool
+) -> None:
+    route = chat_default_route(kind)
+    model = route.split(",")[1]
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
+    usage = {"input_tokens": 40, "cache_read_input_tokens": 8, "cache_creation_input_tokens": 0, "output_tokens": 11}
+    scripted_upstream.queue(model, ScriptedAnswer(text="Hello from the Responses dialect.", usage=usage))
+
+    async with openai_client(url) as client:
+        response = await sdk_response(client, stream, instructions="Be brief.", input="Say hello", max_output_tokens=50)
+
+    assert response.output_text == "Hello from the Responses dialect."
+    assert response.status == "completed" and response.model == "gpt-5-codex"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (48, 11)
+    assert response.usage.input_tokens_details.cached_tokens == 8
+    received = scripted_upstream.last
+    assert received.body["model"] == model and bool(received.body.get("stream")) is stream
+    if kind == "anthropic":
+        assert received.body["system"] == [{"type": "text", "text": "Be brief."}]
+        assert received.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}]
+        assert received.body["max_tokens"] == 50
+
+
+RESPONSES_TOOLS = [
+    {
+        "type": "function",
+        "name": "exec_command",
+        "description": "Run a shell command.",
+        "strict": False,
+        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]},
+    },
+    {
+        "type": "namespace",
+        "name": "multi_agent_v1",
+        "description": "Agents.",
+        "tools": [
+            {
+                "type": "function",
+                "name": "close_agent",
+                "description": "Close an agent.",
+                "strict": False,
+                "parameters": {"type": "object", "properties": {"id": {"type": "string"}}},
+            }
+        ],
+    },
+    {"type": "web_search", "external_web_access": False},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("kind", CHAT_UPSTREAM_KINDS)
+async def test_responses_api_parallel_tool_round_trip(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, kind: str, stream: bool
+) -> None:
+    route = chat_default_route(kind)
+    model = route.split(",")[1]
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": route}))
+    calls = [
+        ("toolu_r1", "exec_command", {"cmd": "ls"}),
+        ("toolu_r2", "multi_agent_v1__close_agent", {"id": "a1"}),
+    ]
+    scripted_upstream.queue(model, ScriptedAnswer(text="Running both.", tools=calls), ScriptedAnswer(text="All done."))
+
+    async with openai_client(url) as client:
+        first = await sdk_response(client, stream, input="List and close.", tools=RESPONSES_TOOLS)
+        function_calls = [item for item in first.output if item.type == "function_call"]
+        assert [(c.name, json.loads(c.arguments)) for c in function_calls] == [
+            ("exec_command", {"cmd": "ls"}),
+            ("close_agent", {"id": "a1"}),
+        ]
+        assert function_calls[1].model_dump().get("namespace") == "multi_agent_v1"
+        follow = [
+            {"role": "user", "content": "List and close."},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            *[{"type": "function_call_output", "call_id": c.call_id, "output": f"ok {c.name}"} for c in function_calls],
+        ]
+        second = await sdk_response(client, stream, input=follow, tools=RESPONSES_TOOLS)
+
+    assert second.output_text == "All done."
+    sent = scripted_upstream.last.body
+    dump = json.dumps(sent)
+    assert "ok exec_command" in dump and "ok close_agent" in dump
+    if kind == "anthropic":
+        names = [tool["name"] for tool in sent["tools"]]
+        assert names == ["exec_command", "multi_agent_v1__close_agent"]  # web search without web access is left out
+        results = [b for m in sent["messages"] for b in m["content"] if b.get("type") == "tool_result"]
+        assert [r["tool_use_id"] for r in results] == ["toolu_r1", "toolu_r2"]
+
+
+async def test_responses_api_reasoning_round_trips_with_its_signature(stand_in: StandIn, proxy_url: str) -> None:
+    thinking = {"type": "thinking", "thinking": "Check the tests first.", "signature": "EqQBsig"}
+    stand_in.answer = lambda received: answer_message(received, [thinking, {"type": "text", "text": "Tests first."}])
+
+    async with openai_client(proxy_url) as client:
+        first = await sdk_response(
+            client, True, input="Where do I start?", reasoning={"effort": "high", "summary": "auto"}
+        )
+        reasoning = [item for item in first.output if item.type == "reasoning"]
+        assert reasoning and reasoning[0].summary[0].text == "Check the tests first."
+        assert reasoning[0].encrypted_content == "EqQBsig"
+        follow = [
+            {"role": "user", "content": "Where do I start?"},
+            *[i.model_dump(exclude_none=True) for i in first.output],
+        ]
+        await sdk_response(client, False, input=[*follow, {"role": "user", "content": "Go on."}])
+
+    sent = stand_in.last.body
+    assert sent["messages"][1]["content"][0] == thinking
+    assert stand_in.received[0].body["output_config"] == {"effort": "high"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"previous_response_id": "resp_1"}, "keeps no conversation state"),
+        ({"store": True}, "keeps no responses"),
+        ({"input": [{"type": "computer_call"}]}, "unsupported item type 'computer_call'"),
+        ({"model": ""}, "model"),
+    ],
+)
+async def test_responses_api_refusals_are_openai_errors_the_sdk_raises(
+    proxy_url: str, fields: dict, fragment: str
+) -> None:
+    async with openai_client(proxy_url) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.responses.create(**{"model": "gpt-5-codex", "input": "Hi", **fields})
+    assert fragment in str(caught.value)
+
+
+async def test_responses_api_stream_failing_after_start_ends_with_response_failed(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(chat_config(scripted_upstream.url, router={"default": "anthropic,model-default"}))
+    scripted_upstream.queue("model-default", ScriptedAnswer(text="Partial answer, then trouble.", failure="error"))
+    body = {"model": "gpt-5-codex", "input": "Hi", "stream": True, "store": False}
+    answer = await call(http, f"{url}/v1/responses", body)
+    names = [name for name, _ in answer.events()]
+    assert names[0] == "response.created" and names[-1] == "response.failed", names
+    assert "response.completed" not in names
+    numbers = [data["sequence_number"] for _, data in answer.events()]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
 # ===========================================================================
 # State and metrics
 # ===========================================================================
