@@ -5188,21 +5188,23 @@ def responses_item_turn(item: dict) -> tuple[str, list[dict]]:
     raise ProxyError(400, f"input[].type: unsupported item type {kind!r}")
 
 
-def responses_tools(tools: Any) -> tuple[list[dict], bool]:
-    """Anthropic tools for Responses tools (a namespace's functions flattened), and whether web search was
-    offered with web access."""
-    out, web_search = [], False
+WEB_SEARCH_TOOL_TYPES = ("web_search", "web_search_preview")
+
+
+def responses_tools(tools: Any) -> list[dict]:
+    """Anthropic tools for Responses function tools (a namespace's functions flattened). Web search tools are
+    left out here: the Codex CLI offers one on every request, which must not send every request to the
+    web_search route; a request that forces web search (tool_choice) gets it (responses_request_to_anthropic)."""
+    out = []
     for tool in tools or ():
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == "function":
             out.append(responses_function_tool(tool, ""))
         elif kind == "namespace":
             out += [responses_function_tool(inner, tool.get("name", "")) for inner in tool.get("tools") or ()]
-        elif kind in ("web_search", "web_search_preview"):
-            web_search = web_search or tool.get("external_web_access") is not False
-        else:
+        elif kind not in WEB_SEARCH_TOOL_TYPES:
             raise ProxyError(400, f"tools[].type: unsupported tool type {kind!r}")
-    return out, web_search
+    return out
 
 
 def responses_function_tool(tool: dict, namespace: str) -> dict:
@@ -5256,8 +5258,9 @@ def responses_request_to_anthropic(data: dict) -> dict:
             **body.get("output_config", {}),
             "format": {"type": "json_schema", "schema": text_format["schema"]},
         }
-    tools, web_search = responses_tools(data.get("tools"))
-    if web_search:
+    tools = responses_tools(data.get("tools"))
+    forced = data.get("tool_choice")
+    if isinstance(forced, dict) and forced.get("type") in WEB_SEARCH_TOOL_TYPES:  # routed like Anthropic's
         tools.append({"type": "web_search_20250305", "name": "web_search"})
     if tools:
         body["tools"] = tools
@@ -5272,6 +5275,8 @@ def responses_request_to_anthropic(data: dict) -> dict:
 def responses_choice_to_anthropic(choice: Any) -> dict | None:
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "tool", "name": str(choice.get("name", ""))}
+    if isinstance(choice, dict) and choice.get("type") in WEB_SEARCH_TOOL_TYPES:
+        return {"type": "tool", "name": "web_search"}
     return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice)
 
 

@@ -9048,6 +9048,20 @@ async def test_responses_api_stream_failing_after_start_ends_with_response_faile
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
 
 
+async def test_responses_api_forced_web_search_takes_the_web_search_route_and_a_standing_one_does_not(
+    stand_in: StandIn, proxy_url: str
+) -> None:
+    tools = [{"type": "web_search"}, RESPONSES_TOOLS[0]]
+    async with openai_client(proxy_url) as client:
+        await client.responses.create(model="gpt-5-codex", input="News?", tools=tools, store=False)
+        assert stand_in.last.body["model"] == "model-default"
+        assert [tool["name"] for tool in stand_in.last.body["tools"]] == ["exec_command"]
+        forced = {"type": "web_search"}
+        await client.responses.create(model="gpt-5-codex", input="News?", tools=tools, tool_choice=forced, store=False)
+    assert stand_in.last.body["model"] == "model-web"
+    assert stand_in.last.body["tool_choice"] == {"type": "tool", "name": "web_search"}
+
+
 # ===========================================================================
 # State and metrics
 # ===========================================================================
@@ -11639,6 +11653,155 @@ async def test_claude_code_cli_writes_file_through_native_provider(
     write_args = {"file_path": str(target), "content": E2E_CONTENT}
     expected = cli_expected(native.provider, write_args, signature)
     assert written_call_and_result(native.provider, main[1].body) == expected, diag
+
+
+# ---------------------------------------------------------------------------
+# The real Codex CLI through the proxy's Responses API
+# ---------------------------------------------------------------------------
+
+CODEX_VERSION = "0.169.0"
+CODEX_CONTENT = "terraphim codex e2e\n"
+CODEX_FINAL = "Done: hello.txt written through terraphim-proxy."
+CODEX_PROMPT = "Create hello.txt containing 'terraphim codex e2e'."
+CODEX_COMMAND = "printf 'terraphim codex e2e\\n' > hello.txt"
+
+
+def find_codex_cli() -> str:
+    """$CODEX_BIN, or the checkout's .e2e/codex-<version> install; skip only without Node.js."""
+    if shutil.which("node") is None:
+        pytest.skip("Node.js (node) is not installed, so the Codex CLI cannot run")
+    for candidate in filter(
+        None, [os.environ.get("CODEX_BIN"), str(CHECKOUT / f".e2e/codex-{CODEX_VERSION}/node_modules/.bin/codex")]
+    ):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(
+        f"Codex CLI not found: run `npm install --prefix .e2e/codex-{CODEX_VERSION} @openai/codex@{CODEX_VERSION}` "
+        f"in {CHECKOUT} (or set CODEX_BIN)"
+    )
+
+
+async def run_codex_cli(proxy: str, tmp_path: Path, prompt: str, model: str = "gpt-5-codex") -> CliRun:
+    """`codex exec PROMPT` through `proxy` (a custom Responses provider), offline, in tmp_path/work."""
+    workdir, home = tmp_path / "work", tmp_path / "codex-home"
+    workdir.mkdir(exist_ok=True)
+    home.mkdir()
+    provider = "model_providers.terraphim"
+    argv = [find_codex_cli(), "exec", "--skip-git-repo-check", "-s", "danger-full-access", "-m", model]
+    argv += ["-c", "model_provider=terraphim", "-c", f'{provider}.name="terraphim"']
+    argv += ["-c", f'{provider}.base_url="{proxy}/v1"', "-c", f'{provider}.env_key="OPENAI_API_KEY"']
+    argv += ["-c", f'{provider}.wire_api="responses"', prompt]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(tmp_path / "home"),
+        "CODEX_HOME": str(home),
+        "OPENAI_API_KEY": CLIENT_KEY,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "NO_COLOR": "1",
+    }
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=workdir,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+    return CliRun(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def codex_answer(received: Received) -> Reply:
+    """Turn 1: an exec_command call that writes hello.txt; once its output came back: the final text."""
+    if received.path != "/v1/messages":
+        return default_answer(received)
+    if has_tool_result(received.body):
+        return answer_message(received, [{"type": "text", "text": CODEX_FINAL}])
+    call = {"type": "tool_use", "id": "toolu_codex_01", "name": "exec_command", "input": {"cmd": CODEX_COMMAND}}
+    return answer_message(received, [{"type": "text", "text": "Writing the file."}, call], "tool_use")
+
+
+async def test_codex_cli_writes_file_through_the_proxy_to_anthropic(
+    stand_in: StandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    stand_in.answer = codex_answer
+    proxy = await start_proxy(make_config(stand_in.url, router={"default": "anthropic,claude-codex-routed"}))
+
+    run = await run_codex_cli(proxy, tmp_path, CODEX_PROMPT)
+
+    diag = run.diag([(r.path, (r.body or {}).get("model")) for r in stand_in.received])
+    assert run.returncode == 0, diag
+    assert (tmp_path / "work" / "hello.txt").read_text() == CODEX_CONTENT, diag
+    assert CODEX_FINAL in run.out, diag
+    turns = [r.body for r in stand_in.received if r.path == "/v1/messages"]
+    assert [has_tool_result(body) for body in turns][-2:] == [False, True], diag
+    assert all(body["model"] == "claude-codex-routed" for body in turns), diag
+    assert all(r.headers["x-api-key"] == UPSTREAM_KEY for r in stand_in.received), diag
+
+
+def codex_openai_answer(received: Received) -> OpenAIReply:
+    """Turn 1: a streamed exec_command call that writes hello.txt; once its output came back: the final text."""
+    if any(message["role"] == "tool" for message in received.body["messages"]):
+        return openai_reply_for(received, openai_text_chunks(CODEX_FINAL))
+    chunks = [
+        OPENAI_ROLE,
+        openai_chunk({"content": "Writing the file."}),
+        *openai_split_args(0, "call_codex01", "exec_command", json.dumps({"cmd": CODEX_COMMAND}), 16),
+        openai_chunk({}, "tool_calls"),
+        openai_chunk(usage=OPENAI_USAGE),
+    ]
+    return openai_reply_for(received, chunks)
+
+
+async def test_codex_cli_writes_file_through_the_proxy_to_openai_chat(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    openai_upstream.answer = codex_openai_answer
+    proxy = await start_proxy(openai_config(openai_upstream.url, default="openai,gpt-4o"))
+
+    run = await run_codex_cli(proxy, tmp_path, CODEX_PROMPT)
+
+    diag = run.diag([(r.path, (r.body or {}).get("model")) for r in openai_upstream.received])
+    assert run.returncode == 0, diag
+    assert (tmp_path / "work" / "hello.txt").read_text() == CODEX_CONTENT, diag
+    assert CODEX_FINAL in run.out, diag
+    last = openai_upstream.last.body["messages"]
+    assert [m["tool_call_id"] for m in last if m["role"] == "tool"] == ["call_codex01"], diag
+    assert all(r.body["model"] == "gpt-4o" for r in openai_upstream.chat), diag
+
+
+def codex_native_answer(provider: str) -> Callable[[Received], OllamaGeminiReply]:
+    call = ScriptedCall("exec_command", {"cmd": CODEX_COMMAND}, "fc_codex_1", "")
+    first = ScriptedTurn(text="Writing the file.", calls=(call,))
+
+    def answer(received: Received) -> OllamaGeminiReply:
+        final = has_results(provider, received.body)
+        return ollama_gemini_reply(provider, received, ScriptedTurn(text=CODEX_FINAL) if final else first)
+
+    return answer
+
+
+@pytest.mark.parametrize(("native", "model", "signature"), CLI_TARGETS[:2], indirect=["native"])
+async def test_codex_cli_writes_file_through_the_proxy_to_ollama_and_gemini(
+    native: OllamaGeminiEnv, tmp_path: Path, model: str, signature: str
+) -> None:
+    native.stand_in.answer = codex_native_answer(native.provider)
+    native.stand_in.pause = False
+    proxy = await native.start_proxy(model=model)
+
+    run = await run_codex_cli(proxy, tmp_path, CODEX_PROMPT)
+
+    diag = run.diag([(r.path, r.query) for r in native.stand_in.received])
+    assert run.returncode == 0, diag
+    assert (tmp_path / "work" / "hello.txt").read_text() == CODEX_CONTENT, diag
+    assert CODEX_FINAL in run.out, diag
+    assert has_results(native.provider, native.stand_in.received[-1].body), diag
 
 
 # ===========================================================================
