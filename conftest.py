@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -1213,3 +1214,144 @@ class ModelScriptedUpstream(StandInServer):
         rest = {"error": [error], "cut": []}.get(answer.failure, tail)
         hold_at = len(head) if answer.hold else None
         return await self.write_parts(request, SSE_TYPE, [*head, *rest], hold_at=hold_at, headers=SSE_HEADERS)
+
+
+# ---------------------------------------------------------------------------
+# OpenAI Responses API
+# ---------------------------------------------------------------------------
+
+RESPONSES_FIELDS = frozenset(
+    {
+        "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
+        "max_output_tokens", "temperature", "top_p", "text", "store", "include", "stream", "prompt_cache_key",
+        "metadata", "user", "truncation", "client_metadata", "service_tier",
+    }
+)  # fmt: skip
+
+
+@dataclass
+class ResponsesTurn:
+    """One scripted Responses answer: reasoning (a summary), text, and function calls (call_id, name, arguments)."""
+
+    text: str = "ok"
+    calls: list[tuple[str, str, dict]] = field(default_factory=list)
+    reasoning: str = ""
+
+
+def responses_error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+class ResponsesStandIn(StandInServer):
+    """A local OpenAI Responses API (POST /v1/responses) that checks what the real one checks: no unknown
+    parameters, every function_call_output answers a function_call of the input, and every reasoning item comes
+    back with an encrypted_content this server issued. Answers from a script, as JSON or numbered SSE events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: Callable[[Received], ResponsesTurn] = lambda received: ResponsesTurn()
+        self.issued: set[str] = set()
+
+    @property
+    def last(self) -> Received:
+        calls = [r for r in self.received if r.path.endswith("/responses")]
+        assert calls, "the stand-in received no Responses request"
+        return calls[-1]
+
+    def problem(self, body: Any) -> web.Response | None:
+        if not isinstance(body, dict):
+            return responses_error(400, "We could not parse the JSON body of your request.", "invalid_json")
+        for key in body:
+            if key not in RESPONSES_FIELDS:
+                return responses_error(400, f"Unknown parameter: '{key}'.", "unknown_parameter", key)
+        calls: set[str] = set()
+        for item in body.get("input") if isinstance(body.get("input"), list) else ():
+            kind = item.get("type")
+            if kind == "function_call":
+                calls.add(item.get("call_id"))
+            elif kind == "function_call_output" and item.get("call_id") not in calls:
+                message = f"No tool call found for function call output with call_id {item.get('call_id')}."
+                return responses_error(400, message, "invalid_function_call_output", "input")
+            elif kind == "reasoning" and item.get("encrypted_content") not in self.issued:
+                message = f"The encrypted content for item {item.get('id')} could not be verified."
+                return responses_error(400, message, "invalid_encrypted_content", "input")
+        return None
+
+    def items(self, turn: ResponsesTurn) -> list[dict]:
+        out: list[dict] = []
+        if turn.reasoning:
+            encrypted = f"enc-{len(self.issued)}-{secrets.token_hex(6)}"
+            self.issued.add(encrypted)
+            summary = [{"type": "summary_text", "text": turn.reasoning}]
+            out.append(
+                {"id": f"rs_{len(out)}", "type": "reasoning", "summary": summary, "encrypted_content": encrypted}
+            )
+        if turn.text:
+            part = {"type": "output_text", "text": turn.text, "annotations": []}
+            message = {"id": f"msg_{len(out)}", "type": "message", "status": "completed", "role": "assistant"}
+            out.append({**message, "content": [part]})
+        for call_id, name, arguments in turn.calls:
+            call = {"id": f"fc_{len(out)}", "type": "function_call", "status": "completed", "call_id": call_id}
+            out.append({**call, "name": name, "arguments": json.dumps(arguments)})
+        return out
+
+    def response(self, model: str, output: list[dict], status: str = "completed") -> dict:
+        usage = {
+            "input_tokens": 30,
+            "input_tokens_details": {"cached_tokens": 10},
+            "output_tokens": 12,
+            "output_tokens_details": {"reasoning_tokens": 4},
+            "total_tokens": 42,
+        }
+        head = {"id": "resp_standin", "object": "response", "created_at": 1_700_000_000, "status": status}
+        return {**head, "model": model, "output": output, "usage": usage if status != "in_progress" else None}
+
+    def events(self, model: str, output: list[dict]) -> list[bytes]:
+        frames: list[tuple[str, dict]] = [("response.created", {"response": self.response(model, [], "in_progress")})]
+        for index, item in enumerate(output):
+            ids = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "reasoning":
+                text = item["summary"][0]["text"]
+                frames.append(("response.output_item.added", {"output_index": index, "item": {**item, "summary": []}}))
+                part = {"type": "summary_text", "text": ""}
+                frames.append(("response.reasoning_summary_part.added", {**ids, "summary_index": 0, "part": part}))
+                for piece in pieces(text, 8):
+                    frames.append(
+                        ("response.reasoning_summary_text.delta", {**ids, "summary_index": 0, "delta": piece})
+                    )
+                frames.append(("response.reasoning_summary_text.done", {**ids, "summary_index": 0, "text": text}))
+            elif item["type"] == "message":
+                text = item["content"][0]["text"]
+                added = {**item, "status": "in_progress", "content": []}
+                frames.append(("response.output_item.added", {"output_index": index, "item": added}))
+                part = {"type": "output_text", "text": "", "annotations": []}
+                frames.append(("response.content_part.added", {**ids, "content_index": 0, "part": part}))
+                for piece in pieces(text, 8):
+                    delta = {**ids, "content_index": 0, "delta": piece, "logprobs": []}
+                    frames.append(("response.output_text.delta", delta))
+                frames.append(("response.output_text.done", {**ids, "content_index": 0, "text": text, "logprobs": []}))
+            else:
+                added = {**item, "status": "in_progress", "arguments": ""}
+                frames.append(("response.output_item.added", {"output_index": index, "item": added}))
+                for piece in pieces(item["arguments"], 8):
+                    frames.append(("response.function_call_arguments.delta", {**ids, "delta": piece}))
+                frames.append(("response.function_call_arguments.done", {**ids, "arguments": item["arguments"]}))
+            frames.append(("response.output_item.done", {"output_index": index, "item": item}))
+        frames.append(("response.completed", {"response": self.response(model, output)}))
+        return [
+            f"event: {name}\ndata: {json.dumps({'type': name, 'sequence_number': n, **data})}\n\n".encode()
+            for n, (name, data) in enumerate(frames)
+        ]
+
+    async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
+        if (request.method, request.path.rsplit("/", 1)[-1]) != ("POST", "responses"):
+            return responses_error(404, f"Unknown request URL: {request.method} {request.path}", "unknown_url")
+        refused = self.problem(received.body)
+        if refused is not None:
+            return refused
+        output = self.items(self.answer(received))
+        model = received.body.get("model", "")
+        if not received.body.get("stream"):
+            return web.json_response(self.response(model, output))
+        return await self.write_parts(request, SSE_TYPE, self.events(model, output), headers=SSE_HEADERS)

@@ -208,7 +208,9 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "headers": dict,
     "num_ctx": int,
     "model_num_ctx": dict,
+    "api": str,
 }
+PROVIDER_APIS = ("chat", "responses")  # an openai or openrouter provider's API: chat completions, or Responses
 POSITIVE_INT_KEYS = frozenset(
     {
         "port",
@@ -296,6 +298,7 @@ class Provider:
     headers: dict[str, str] = field(default_factory=dict)
     num_ctx: int | None = None
     model_num_ctx: dict[str, int] = field(default_factory=dict)
+    api: str = "chat"
 
     @property
     def enabled(self) -> bool:
@@ -556,8 +559,14 @@ def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, i
         if not isinstance(value, str):
             check.problem(f"{path}.headers.{header}", f"expected a string, got {_type_name(type(value))}")
     extra = {
-        key: values[key] for key in ("max_tokens", "model_max_tokens", "num_ctx", "model_num_ctx") if key in values
+        key: values[key]
+        for key in ("max_tokens", "model_max_tokens", "num_ctx", "model_num_ctx", "api")
+        if key in values
     }
+    if values.get("api", "chat") not in PROVIDER_APIS:
+        check.problem(f"{path}.api", f"unknown API '{values['api']}' (one of {', '.join(PROVIDER_APIS)})")
+    elif values.get("api", "chat") != "chat" and kind not in ("openai", "openrouter"):
+        check.problem(f"{path}.api", f"'{values['api']}' is for openai and openrouter providers, not {kind}")
     extra["headers"] = headers
     timeouts = Timeouts(**{field_name: settings[key] for key, field_name in TIMEOUT_KEYS.items() if key in settings})
     extra |= {
@@ -4267,10 +4276,264 @@ def gemini_build_request(call: UpstreamCall) -> UpstreamRequest:
     return UpstreamRequest(url, headers, translated_payload_json(fields, "contents", contents, call, variant))
 
 
+# --- OpenAI's Responses API upstream (a provider with api = "responses"): POST {base}/responses.
+#
+# Reasoning round trip: a reasoning output item comes back to the client as a thinking block (its summary as
+# the text) signed "terraphim:responses:<base64url JSON {id, encrypted_content}>"; the next turn sends it back
+# as that reasoning item, so a tool loop keeps the model's reasoning with store: false.
+
+RESPONSES_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "responses:"
+RESPONSES_REQUEST_FIELDS = ("model", "instructions", "input", "tools", "tool_choice", "parallel_tool_calls")
+
+
+def responses_signature(item: dict) -> str:
+    packed = json.dumps({"id": item.get("id"), "encrypted_content": item.get("encrypted_content")})
+    return RESPONSES_SIGNATURE_PREFIX + base64.urlsafe_b64encode(packed.encode()).decode()
+
+
+def reasoning_item(block: dict) -> dict | None:
+    """The reasoning item behind a thinking block the proxy signed for a Responses upstream, or None."""
+    signature = str(block.get("signature") or "")
+    if not signature.startswith(RESPONSES_SIGNATURE_PREFIX):
+        return None
+    try:
+        packed = json.loads(base64.urlsafe_b64decode(signature[len(RESPONSES_SIGNATURE_PREFIX) :]))
+    except ValueError:
+        return None
+    if not isinstance(packed, dict) or not isinstance(packed.get("encrypted_content"), str):
+        return None
+    summary = [{"type": "summary_text", "text": block["thinking"]}] if block.get("thinking") else []
+    return {
+        "type": "reasoning",
+        "id": packed.get("id"),
+        "summary": summary,
+        "encrypted_content": packed["encrypted_content"],
+    }
+
+
+def responses_input_items(message: dict, support: BlockSupport) -> list[dict]:
+    """The Responses input items of one Anthropic message."""
+    role = message.get("role")
+    blocks = portable_blocks(as_blocks(message.get("content")), support)
+    items: list[dict] = []
+    parts: list[dict] = []
+    text_type = "output_text" if role == "assistant" else "input_text"
+
+    def flush() -> None:
+        if parts:
+            items.append({"type": "message", "role": "developer" if role == "system" else role, "content": list(parts)})
+            parts.clear()
+
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text" and block.get("text"):
+            parts.append({"type": text_type, "text": block["text"]})
+        elif kind == "image":
+            parts.append({"type": "input_image", "image_url": media_url(block.get("source") or {}), "detail": "auto"})
+        elif kind == "document":
+            parts.append(
+                {
+                    "type": "input_file",
+                    "filename": (block.get("title") or "document") + ".pdf",
+                    "file_data": media_url(block.get("source") or {}),
+                }
+            )
+        elif kind == "thinking" and (item := reasoning_item(block)):
+            flush()
+            items.append(item)
+        elif kind == "tool_use":
+            flush()
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": openai_tool_id(block.get("id", "")),
+                    "name": block.get("name", ""),
+                    "arguments": arguments,
+                }
+            )
+        elif kind == "tool_result":
+            flush()
+            output = result_text(block)
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": openai_tool_id(block.get("tool_use_id", "")),
+                    "output": output,
+                }
+            )
+    flush()
+    return items
+
+
+def strict_schema(schema: Any) -> bool:
+    """Whether a tool's JSON schema meets OpenAI's strict mode: every object closed, every property required."""
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False or set(schema.get("required") or ()) != set(properties):
+            return False
+        return all(strict_schema(value) for value in properties.values())
+    if "items" in schema:
+        return strict_schema(schema["items"])
+    return not any(key in schema for key in ("anyOf", "oneOf", "allOf", "$ref"))
+
+
+def anthropic_to_responses_request(body: dict, model: str, provider: Provider) -> dict:
+    """The Responses request for an Anthropic Messages body (store: false, reasoning kept encrypted)."""
+    support = block_support(provider)
+    payload: dict = {"model": model}
+    system = system_text({"system": body.get("system")})
+    if system:
+        payload["instructions"] = system
+    payload["input"] = [
+        item for message in body.get("messages") or () for item in responses_input_items(message, support)
+    ]
+    tools = [
+        {
+            "type": "function",
+            "name": openai_tool_name(tool.get("name", "")),
+            "description": tool.get("description", ""),
+            "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
+            "strict": strict_schema(tool.get("input_schema")),
+        }
+        for tool in body.get("tools") or ()
+        if is_sent_elsewhere(tool)
+    ]
+    if tools:
+        payload["tools"] = tools
+        choice = body.get("tool_choice") or {}
+        names = {tool["name"] for tool in tools}
+        mapped = openai_tool_choice(choice, names, False)
+        if isinstance(mapped, dict):
+            mapped = {"type": "function", "name": mapped["function"]["name"]}
+        if mapped is not None:
+            payload["tool_choice"] = mapped
+        if choice.get("disable_parallel_tool_use"):
+            payload["parallel_tool_calls"] = False
+    effort = requested_effort(body)
+    reasoning = is_openai_reasoning_model(model)
+    if effort in OPENAI_EFFORT and reasoning:
+        payload["reasoning"] = {"effort": OPENAI_EFFORT[effort], "summary": "auto"}
+    if body.get("max_tokens") is not None:
+        payload["max_output_tokens"] = capped(body["max_tokens"], provider.max_tokens_cap(model))
+    if not reasoning:
+        payload.update({key: body[key] for key in ("temperature", "top_p") if body.get(key) is not None})
+    if fmt := response_format(body):
+        payload["text"] = {"format": {"type": "json_schema", "name": "output", "schema": fmt["json_schema"]["schema"]}}
+    payload["store"] = False
+    payload["include"] = ["reasoning.encrypted_content"]
+    if body.get("stream"):
+        payload["stream"] = True
+    return payload
+
+
+def responses_build_request(call: UpstreamCall) -> UpstreamRequest:
+    """POST {base}/responses with a Bearer key; OpenRouter also gets its attribution headers."""
+    provider = call.provider
+    refuse_server_tools(call)
+    payload = anthropic_to_responses_request(call.body, call.model, provider)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
+    if provider.type == "openrouter":
+        headers |= OPENROUTER_HEADERS
+    return UpstreamRequest(f"{provider.api_base_url}/responses", headers | provider.headers, dump_json(payload))
+
+
+def responses_upstream_usage(usage: dict | None) -> dict:
+    """Anthropic usage for a Responses usage: input_tokens without the cached ones, as Anthropic counts it."""
+    usage = usage or {}
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    return {
+        "input_tokens": max((usage.get("input_tokens") or 0) - cached, 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": usage.get("output_tokens") or 0,
+    }
+
+
+class ResponsesConverter:
+    """Feeds a Responses upstream's stream events, or one whole response object, into one AnthropicStream."""
+
+    def __init__(self, model: str, input_tokens: int, tool_names: dict[str, str]) -> None:
+        self.stream = AnthropicStream(model, input_tokens, "responses")
+        self.tool_names = tool_names
+        self.called = False
+
+    def feed(self, data: Any) -> list[dict]:
+        if not isinstance(data, dict):
+            raise MalformedAnswer("the Responses upstream sent JSON that is not an object")
+        if data.get("object") == "response":  # a whole answer
+            events: list[dict] = []
+            for item in data.get("output") or ():
+                events += self.item(item, whole=True)
+            return events + self.finish(data)
+        kind = data.get("type", "")
+        if kind == "response.output_item.added" and (data.get("item") or {}).get("type") == "function_call":
+            item = data["item"]
+            self.called = True
+            name = item.get("name", "")
+            return self.stream.tool_start(
+                item.get("id"), anthropic_tool_id(item.get("call_id")), self.tool_names.get(name, name)
+            )
+        if kind == "response.output_text.delta":
+            return self.stream.text(data.get("delta") or "")
+        if kind == "response.reasoning_summary_text.delta":
+            return self.stream.thinking(data.get("delta") or "")
+        if kind == "response.function_call_arguments.delta":
+            return self.stream.tool_args(data.get("item_id"), data.get("delta") or "")
+        if kind == "response.output_item.done" and (data.get("item") or {}).get("type") == "reasoning":
+            return self.stream.signature(responses_signature(data["item"]))
+        if kind in ("response.completed", "response.incomplete"):
+            return self.finish(data.get("response") or {})
+        if kind in ("response.failed", "error"):
+            error = (data.get("response") or {}).get("error") or data.get("error") or data
+            raise TranslationError(f"the Responses upstream failed: {error_object_message(error)}")
+        return []
+
+    def item(self, item: dict, whole: bool) -> list[dict]:
+        kind = item.get("type")
+        if kind == "reasoning":
+            text = "".join(part.get("text", "") for part in item.get("summary") or ())
+            return self.stream.thinking(text) + self.stream.signature(responses_signature(item))
+        if kind == "message":
+            text = "".join(
+                part.get("text", "") for part in item.get("content") or () if part.get("type") == "output_text"
+            )
+            refusal = "".join(
+                part.get("refusal", "") for part in item.get("content") or () if part.get("type") == "refusal"
+            )
+            return self.stream.text(text or refusal)
+        if kind == "function_call":
+            self.called = True
+            name = item.get("name", "")
+            events = self.stream.tool_start(
+                item.get("id"), anthropic_tool_id(item.get("call_id")), self.tool_names.get(name, name)
+            )
+            return events + self.stream.tool_args(item.get("id"), item.get("arguments") or "{}")
+        return []
+
+    def finish(self, response: dict) -> list[dict]:
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        if response.get("status") == "incomplete":
+            stop = "refusal" if reason == "content_filter" else "max_tokens"
+        else:
+            stop = "tool_use" if self.called else "end_turn"
+        cut = stop == "max_tokens" and self.stream.drop_tool()
+        return self.stream.finish(stop, responses_upstream_usage(response.get("usage")), cut)
+
+    def end(self, clean: bool = False) -> list[dict]:
+        """Nothing after response.completed; an error when the stream closed before it."""
+        if not self.stream.done:
+            raise TranslationError("the Responses upstream closed the stream before response.completed")
+        return []
+
+
 def converter_transformer(
     build_request: Callable[[UpstreamCall], UpstreamRequest],
     converter: Callable[[str, int, dict[str, str]], ChunkConverter],
     payloads: Callable[[AsyncIterator[bytes]], AsyncIterator[list[str]]],
+    inline_images: bool = True,
 ) -> Transformer:
     """A transformer whose whole answers and streams go through the same chunk converter (Ollama, Gemini)."""
 
@@ -4283,7 +4546,7 @@ def converter_transformer(
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return json_chunks_to_anthropic(converting, chunks)
 
-    return Transformer(build_request, parse_response, stream, inline_images=True)
+    return Transformer(build_request, parse_response, stream, inline_images=inline_images)
 
 
 TRANSFORMERS: dict[str, Transformer] = {
@@ -4298,7 +4561,13 @@ TRANSFORMERS: dict[str, Transformer] = {
     "deepseek": OPENAI_FAMILY,
     "ollama": converter_transformer(ollama_build_request, OllamaConverter, iter_ndjson),
     "gemini": converter_transformer(gemini_build_request, GeminiConverter, iter_sse_data),
+    "responses": converter_transformer(responses_build_request, ResponsesConverter, iter_sse_data, inline_images=False),
 }
+
+
+def transformer_for(provider: Provider) -> Transformer:
+    """The provider type's transformer; an openai or openrouter provider with api = "responses" has its own."""
+    return TRANSFORMERS["responses" if provider.api == "responses" else provider.type]
 
 
 # ---------------------------------------------------------------------------
@@ -4651,7 +4920,7 @@ async def answer_from_target(routed: RoutedRequest, target: Target, request: web
     config = snapshot.config
     provider = config.providers[target.provider]
     record = request[RECORD]
-    transformer = TRANSFORMERS[provider.type]
+    transformer = transformer_for(provider)
     cooldowns = snapshot.cooldowns
     if transformer.inline_images and config.fetch_image_urls and has_url_images(body):
         check_image_url_count(body, config)
@@ -6248,7 +6517,7 @@ async def count_tokens(request: web.Request, routed: RoutedRequest) -> web.Respo
     target = routed.route.targets[0]
     provider = snapshot.config.providers[target.provider]
     record.provider, record.model = provider.name, target.model
-    count_url = TRANSFORMERS[provider.type].count_tokens_url
+    count_url = transformer_for(provider).count_tokens_url
     if snapshot.config.upstream_count_tokens and count_url is not None:
         caches = request.app[STATE].caches
         call = UpstreamCall(routed.body, target.model, provider, request.headers, hints.token_count, record, caches)

@@ -81,6 +81,8 @@ from conftest import (
     OpenAIStandIn,
     Received,
     Reply,
+    ResponsesStandIn,
+    ResponsesTurn,
     Script,
     ScriptedAnswer,
     ScriptedCall,
@@ -7352,6 +7354,177 @@ async def test_gemini_model_name_is_percent_encoded_in_the_url(native: OllamaGem
     assert (status, error_type) == (404, "not_found_error")
     assert [received.path for received in native.stand_in.received] == [f"/v1beta/models/{model}:generateContent"]
     assert f"models/{model} is not found" in text
+
+
+# ---------------------------------------------------------------------------
+# Transformers: the Responses API upstream (a provider with api = "responses")
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def responses_upstream() -> AsyncIterator[ResponsesStandIn]:
+    async with running(ResponsesStandIn()) as server:
+        yield server
+
+
+def responses_config(upstream_url: str, model: str = "gpt-5-codex") -> terraphim_proxy.Config:
+    provider = {
+        "name": "codex",
+        "type": "openai",
+        "api": "responses",
+        "api_base_url": f"{upstream_url}/v1",
+        "api_key": "${OPENAI_API_KEY}",
+    }
+    return build_config({"proxy": {"retries": 0}, "router": {"default": f"codex,{model}"}, "providers": [provider]})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_stand_in_is_what_the_openai_sdk_parses(
+    responses_upstream: ResponsesStandIn, stream: bool
+) -> None:
+    responses_upstream.answer = lambda received: ResponsesTurn("Hi there.", [("call_1", "ls", {"d": "."})], "Think.")
+    client = openai.AsyncOpenAI(base_url=f"{responses_upstream.url}/v1", api_key="k", max_retries=0)
+    async with client:
+        if stream:
+            async with client.responses.stream(model="gpt-5-codex", input="Hi", store=False) as events:
+                kinds = [event.type async for event in events]
+                response = await events.get_final_response()
+            assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        else:
+            response = await client.responses.create(model="gpt-5-codex", input="Hi", store=False)
+        assert response.output_text == "Hi there."
+        assert [item.type for item in response.output] == ["reasoning", "message", "function_call"]
+        with pytest.raises(openai.BadRequestError, match="Unknown parameter"):
+            await client.responses.create(model="m", input="Hi", store=False, extra_body={"frobnicate": 1})
+        orphan = [{"type": "function_call_output", "call_id": "call_x", "output": "?"}]
+        with pytest.raises(openai.BadRequestError, match="No tool call found"):
+            await client.responses.create(model="m", input=orphan, store=False)
+        forged = [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "forged"}]
+        with pytest.raises(openai.BadRequestError, match="could not be verified"):
+            await client.responses.create(model="m", input=forged, store=False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_upstream_text_and_the_request_it_gets(
+    responses_upstream: ResponsesStandIn, start_proxy: StartProxy, stream: bool
+) -> None:
+    responses_upstream.answer = lambda received: ResponsesTurn("Hello through Responses.")
+    url = await start_proxy(responses_config(responses_upstream.url))
+    async with anthropic_client(url) as client:
+        body = request("Say hello", system="Be brief.", max_tokens=300)
+        if stream:
+            async with client.messages.stream(**body) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**body)
+    assert [block.text for block in message.content if block.type == "text"] == ["Hello through Responses."]
+    assert message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.output_tokens) == (
+        20,
+        10,
+        12,
+    )
+    sent = responses_upstream.last
+    assert sent.path == "/v1/responses" and sent.headers["authorization"] == f"Bearer {ENVIRON['OPENAI_API_KEY']}"
+    assert sent.body["instructions"] == "Be brief." and sent.body["max_output_tokens"] == 300
+    assert sent.body["store"] is False and sent.body["include"] == ["reasoning.encrypted_content"]
+    assert sent.body["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_upstream_parallel_tool_loop_keeps_its_reasoning(
+    responses_upstream: ResponsesStandIn, start_proxy: StartProxy, stream: bool
+) -> None:
+    def answer(received: Received) -> ResponsesTurn:
+        if any(item.get("type") == "function_call_output" for item in received.body["input"]):
+            return ResponsesTurn("Both done.")
+        calls = [("call_a", "Bash", {"command": "ls"}), ("call_b", "Bash", {"command": "pwd"})]
+        return ResponsesTurn("Running two.", calls, "Run both at once.")
+
+    responses_upstream.answer = answer
+    url = await start_proxy(responses_config(responses_upstream.url))
+    tools = [{"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+    first_body = request("List and locate.", tools=tools, thinking={"type": "enabled", "budget_tokens": 2048})
+    async with anthropic_client(url) as client:
+        if stream:
+            async with client.messages.stream(**first_body) as events:
+                first = await events.get_final_message()
+        else:
+            first = await client.messages.create(**first_body)
+        assert first.stop_reason == "tool_use"
+        assert [block.type for block in first.content] == ["thinking", "text", "tool_use", "tool_use"]
+        assert first.content[0].thinking == "Run both at once."
+        uses = [block for block in first.content if block.type == "tool_use"]
+        results = [
+            {"type": "tool_result", "tool_use_id": use.id, "content": f"out {use.input['command']}"} for use in uses
+        ]
+        history = [
+            {"role": "user", "content": "List and locate."},
+            {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+            {"role": "user", "content": results},
+        ]
+        second = await client.messages.create(**{**first_body, "messages": history})
+    assert [block.text for block in second.content if block.type == "text"] == ["Both done."]
+    items = responses_upstream.last.body["input"]
+    calls, outputs = ["function_call"] * 2, ["function_call_output"] * 2
+    assert [item["type"] for item in items] == ["message", "reasoning", "message", *calls, *outputs]
+    assert items[1]["encrypted_content"] in responses_upstream.issued
+    assert [item["call_id"] for item in items[3:]] == ["call_a", "call_b", "call_a", "call_b"]
+    assert responses_upstream.received[0].body["reasoning"] == {"effort": "low", "summary": "auto"}
+
+
+def test_responses_api_is_a_config_error_for_other_provider_types() -> None:
+    provider = {"name": "g", "type": "gemini", "api": "responses", "api_key": "k"}
+    with pytest.raises(terraphim_proxy.ConfigError, match="for openai and openrouter providers"):
+        build_config({"router": {"default": "g,m"}, "providers": [provider]})
+    unknown = {"name": "o", "type": "openai", "api": "assistants", "api_key": "k"}
+    with pytest.raises(terraphim_proxy.ConfigError, match="unknown API 'assistants'"):
+        build_config({"router": {"default": "o,m"}, "providers": [unknown]})
+
+
+async def test_claude_code_cli_writes_file_through_a_responses_provider(
+    claude_cli: str, responses_upstream: ResponsesStandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    target = tmp_path / "work" / "hello.txt"
+
+    def answer(received: Received) -> ResponsesTurn:
+        if not received.body.get("tools"):
+            return ResponsesTurn("ok")
+        if any(item.get("type") == "function_call_output" for item in received.body["input"]):
+            return ResponsesTurn(E2E_FINAL)
+        return ResponsesTurn("Writing.", [("call_w1", "Write", {"file_path": str(target), "content": E2E_CONTENT})])
+
+    responses_upstream.answer = answer
+    proxy = await start_proxy(responses_config(responses_upstream.url))
+
+    run = await run_claude_cli(claude_cli, proxy, tmp_path, E2E_PROMPT)
+
+    diag = run.diag([(r.path, (r.body or {}).get("model")) for r in responses_upstream.received])
+    assert run.returncode == 0, diag
+    assert target.read_text() == E2E_CONTENT, diag
+    assert E2E_FINAL in run.out, diag
+
+
+async def test_codex_cli_writes_file_through_the_proxy_to_a_responses_provider(
+    responses_upstream: ResponsesStandIn, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    def answer(received: Received) -> ResponsesTurn:
+        if any(item.get("type") == "function_call_output" for item in received.body["input"]):
+            return ResponsesTurn(CODEX_FINAL)
+        return ResponsesTurn("Writing the file.", [("call_c1", "exec_command", {"cmd": CODEX_COMMAND})], "Use printf.")
+
+    responses_upstream.answer = answer
+    proxy = await start_proxy(responses_config(responses_upstream.url))
+
+    run = await run_codex_cli(proxy, tmp_path, CODEX_PROMPT)
+
+    diag = run.diag([(r.path, (r.body or {}).get("model")) for r in responses_upstream.received])
+    assert run.returncode == 0, diag
+    assert (tmp_path / "work" / "hello.txt").read_text() == CODEX_CONTENT, diag
+    assert CODEX_FINAL in run.out, diag
+    assert any(item.get("type") == "reasoning" for item in responses_upstream.last.body["input"]), diag
 
 
 # ===========================================================================
