@@ -9235,6 +9235,71 @@ async def test_responses_api_forced_web_search_takes_the_web_search_route_and_a_
     assert stand_in.last.body["tool_choice"] == {"type": "tool", "name": "web_search"}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_api_both_ways_tool_loop_with_reasoning(
+    responses_upstream: ResponsesStandIn, start_proxy: StartProxy, stream: bool
+) -> None:
+    """The openai SDK's Responses client in front, a Responses provider behind: parallel calls and reasoning."""
+
+    def answer(received: Received) -> ResponsesTurn:
+        if any(item.get("type") == "function_call_output" for item in received.body["input"]):
+            return ResponsesTurn("All done.")
+        calls = [("call_p1", "exec_command", {"cmd": "ls"}), ("call_p2", "exec_command", {"cmd": "pwd"})]
+        return ResponsesTurn("Two at once.", calls, "Both are read-only.")
+
+    responses_upstream.answer = answer
+    url = await start_proxy(responses_config(responses_upstream.url))
+    async with openai_client(url) as client:
+        first = await sdk_response(client, stream, input="Look around.", tools=RESPONSES_TOOLS[:1])
+        assert [item.type for item in first.output] == ["reasoning", "message", "function_call", "function_call"]
+        assert first.output[0].summary[0].text == "Both are read-only."
+        outputs = [
+            {"type": "function_call_output", "call_id": item.call_id, "output": "ok"}
+            for item in first.output
+            if item.type == "function_call"
+        ]
+        history = [
+            {"role": "user", "content": "Look around."},
+            *[i.model_dump(exclude_none=True) for i in first.output],
+        ]
+        second = await sdk_response(client, stream, input=[*history, *outputs], tools=RESPONSES_TOOLS[:1])
+    assert second.output_text == "All done."
+    items = responses_upstream.last.body["input"]
+    assert [item["call_id"] for item in items if item["type"] == "function_call_output"] == ["call_p1", "call_p2"]
+    reasoning = [item for item in items if item["type"] == "reasoning"]
+    assert reasoning and reasoning[0]["encrypted_content"] in responses_upstream.issued
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("ollama_gemini", OLLAMA_GEMINI_PROVIDERS)
+async def test_responses_api_tool_round_trip_through_ollama_and_gemini(ollama_gemini: str, stream: bool) -> None:
+    env = OllamaGeminiEnv(ollama_gemini)
+    await env.stand_in.start()
+    env.stand_in.pause = False
+    try:
+        call = ScriptedCall("exec_command", {"cmd": "ls"}, "fc_r1", "")
+        env.stand_in.answer = lambda received: ollama_gemini_reply(
+            ollama_gemini,
+            received,
+            ScriptedTurn(text="Done.") if has_results(ollama_gemini, received.body) else ScriptedTurn(calls=(call,)),
+        )
+        url = await env.start_proxy()
+        async with openai_client(url) as client:
+            first = await sdk_response(client, stream, input="List.", tools=RESPONSES_TOOLS[:1])
+            calls = [item for item in first.output if item.type == "function_call"]
+            assert [(c.name, json.loads(c.arguments)) for c in calls] == [("exec_command", {"cmd": "ls"})]
+            follow = [
+                {"role": "user", "content": "List."},
+                *[item.model_dump(exclude_none=True) for item in first.output],
+                {"type": "function_call_output", "call_id": calls[0].call_id, "output": "a.txt"},
+            ]
+            second = await sdk_response(client, stream, input=follow, tools=RESPONSES_TOOLS[:1])
+        assert second.output_text == "Done."
+        assert "a.txt" in json.dumps(env.stand_in.received[-1].body)
+    finally:
+        await env.stop()
+
+
 # ===========================================================================
 # State and metrics
 # ===========================================================================
