@@ -12,6 +12,9 @@ The load generator in this process sends Anthropic requests over these paths (se
     openai        client -> proxy (Anthropic -> OpenAI) -> stand-in /chat/completions
     ollama        client -> proxy (Anthropic -> Ollama) -> stand-in /api/chat
     gemini        client -> proxy (Anthropic -> Gemini) -> stand-in /v1beta/models/...
+    responses     client -> proxy (Anthropic -> OpenAI Responses, api = "responses") -> stand-in /responses
+    responses-in  client (the same requests in the Responses API's shape) -> proxy /v1/responses -> stand-in
+                  /v1/messages (the Codex CLI's path, pass-through)
     NAME          client -> a peer proxy the user started (--peer NAME=URL), configured to forward to the stand-in
 
 interleaved within each round over several rounds, and reports the medians over the rounds. Bodies: `small`,
@@ -99,11 +102,17 @@ STANDIN_MODELS = {
     "openai": "gpt-4o",
     "ollama": "qwen-bench",
     "gemini": "gemini-bench",
+    "responses": "gpt-bench-codex",
 }
 STANDIN_OPENAI_MODEL = STANDIN_MODELS["openai"]
 STANDIN_OLLAMA_MODEL = STANDIN_MODELS["ollama"]
 STANDIN_GEMINI_MODEL = STANDIN_MODELS["gemini"]
-STANDIN_PATHS = {"anthropic": "/v1/messages", "openai": "/chat/completions", "ollama": "/api/chat"}
+STANDIN_PATHS = {
+    "anthropic": "/v1/messages",
+    "openai": "/chat/completions",
+    "ollama": "/api/chat",
+    "responses": "/responses",
+}
 STANDIN_WORD = "word "
 
 
@@ -433,6 +442,7 @@ class Route:
     base_path: str = ""  # appended to the stand-in's URL
     keyless: bool = False
     explicit: bool = True
+    api: str = "chat"  # for openai providers: "responses" for the Responses API
 
     @property
     def request_model(self) -> str | None:
@@ -444,15 +454,18 @@ ROUTES = {
     "openai": Route("bench-openai", "openai", STANDIN_OPENAI_MODEL),
     "ollama": Route("bench-ollama", "ollama", STANDIN_OLLAMA_MODEL, keyless=True),
     "gemini": Route("bench-gemini", "gemini", STANDIN_GEMINI_MODEL, base_path="/v1beta"),
+    "responses": Route("bench-responses", "openai", STANDIN_MODELS["responses"], api="responses"),
 }
-PATH_NAMES = ("direct", *ROUTES)
+INBOUND_RESPONSES = "responses-in"  # the client speaks the Responses API to the proxy; routed pass-through
+PATH_NAMES = ("direct", *ROUTES, INBOUND_RESPONSES)
 
 
 def provider_toml(route: Route, upstream_url: str) -> str:
     key = "" if route.keyless else 'api_key = "bench-upstream-key"\n'
+    api = f'api = "{route.api}"\n' if route.api != "chat" else ""
     return (
         f'[[providers]]\nname = "{route.provider}"\ntype = "{route.type}"\n'
-        f'api_base_url = "{upstream_url}{route.base_path}"\n{key}models = ["{route.model}"]\n'
+        f'api_base_url = "{upstream_url}{route.base_path}"\n{key}{api}models = ["{route.model}"]\n'
     )
 
 
@@ -521,10 +534,11 @@ class BenchPath:
     pid: int | None = None
     model: str | None = None
     baseline: str | None = None
+    dialect: str = "messages"  # or "responses": the same requests in the Responses API's shape
 
     @property
     def messages_url(self) -> str:
-        return f"{self.base_url}/v1/messages"
+        return f"{self.base_url}/v1/{self.dialect}"
 
 
 @dataclass(frozen=True)
@@ -642,24 +656,69 @@ class Payloads:
     """Request bodies as bytes, made before the timing starts: a fixed body is the same bytes every time; a body with
     UNIQUE_MARK is serialised once, split at the mark, and joined with a new tag for each request."""
 
-    def __init__(self, models: Iterable[str | None], bodies: Mapping[str, Callable[[], dict]]):
-        self.parts: dict[tuple[str | None, str, bool], list[bytes]] = {}
-        overrides = set(models)
+    def __init__(self, paths: Iterable[BenchPath], bodies: Mapping[str, Callable[[], dict]]):
+        self.parts: dict[tuple[str | None, str, str, bool], list[bytes]] = {}
+        overrides = {(path.model, path.dialect) for path in paths}
         for name, make in {"small": small_body, **bodies}.items():  # small: the preflight's
             body = make()
-            for model in overrides:
+            for model, dialect in overrides:
                 override = {"model": model} if model else {}
                 for stream in (False, True):
-                    data = compact({**body, **override, "stream": stream})
-                    self.parts[model, name, stream] = data.split(UNIQUE_MARK.encode())
+                    shaped = {**body, **override, "stream": stream}
+                    data = compact(responses_body(shaped) if dialect == "responses" else shaped)
+                    self.parts[model, dialect, name, stream] = data.split(UNIQUE_MARK.encode())
         self.nonce = secrets.token_hex(4)  # new each run, so a peer's response cache cannot help either
         self.serial = itertools.count()
 
-    def take(self, model: str | None, body: str, stream: bool, count: int) -> list[bytes]:
-        parts = self.parts[model, body, stream]
+    def take(self, path: BenchPath, body: str, stream: bool, count: int) -> list[bytes]:
+        parts = self.parts[path.model, path.dialect, body, stream]
         if len(parts) == 1:
             return [parts[0]] * count
         return [f"{self.nonce}-{next(self.serial)}".encode().join(parts) for _ in range(count)]
+
+
+def responses_text(role: str, text: str) -> dict:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {
+        "type": "message",
+        "role": "developer" if role == "system" else role,
+        "content": [{"type": kind, "text": text}],
+    }
+
+
+def responses_body(body: dict) -> dict:
+    """The same request in the Responses API's shape, as the Codex CLI sends one (store false, whole input)."""
+    items: list[dict] = []
+    for message in body["messages"]:
+        role, content = message["role"], message["content"]
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if block["type"] == "text":
+                items.append(responses_text(role, block["text"]))
+            elif block["type"] == "tool_use":
+                arguments = json.dumps(block["input"])
+                items.append(
+                    {"type": "function_call", "call_id": block["id"], "name": block["name"], "arguments": arguments}
+                )
+            elif block["type"] == "tool_result":
+                inner = block.get("content")
+                text = inner if isinstance(inner, str) else "".join(b.get("text", "") for b in inner or ())
+                items.append({"type": "function_call_output", "call_id": block["tool_use_id"], "output": text})
+    system = body.get("system") or ""
+    instructions = system if isinstance(system, str) else "\n\n".join(block["text"] for block in system)
+    tools = [
+        {
+            "type": "function",
+            "name": tool["name"],
+            "description": tool.get("description", ""),
+            "parameters": tool["input_schema"],
+        }
+        for tool in body.get("tools") or ()
+        if "input_schema" in tool
+    ]
+    shaped = {"model": body["model"], "input": items, "max_output_tokens": body["max_tokens"], "store": False}
+    shaped |= {"instructions": instructions} if instructions else {}
+    shaped |= {"tools": tools} if tools else {}
+    return shaped | {"stream": body.get("stream", False)}
 
 
 def all_cases(concurrencies: tuple[int, ...]) -> list[Case]:
@@ -704,9 +763,9 @@ async def timed_request(session: aiohttp.ClientSession, url: str, payload: bytes
         async for chunk in response.content.iter_any():
             if not first:
                 first = time.perf_counter()
-            tail = (tail + chunk)[-256:]
+            tail = (tail + chunk)[-4096:]  # a Responses stream ends with the whole response
         last = time.perf_counter()
-    if response.status != 200 or b"event: message_stop" not in tail:
+    if response.status != 200 or not (b"event: message_stop" in tail or b"event: response.completed" in tail):
         raise BadResponse(f"HTTP {response.status}, stream ended with {tail[-120:]!r}")
     return first - start, last - start
 
@@ -768,7 +827,7 @@ async def preflight(session: aiohttp.ClientSession, paths: list[BenchPath], payl
     """One small request per path, so a path that cannot answer (a peer not started) fails with a clear message."""
     for path in paths:
         try:
-            await timed_request(session, path.messages_url, payloads.take(path.model, "small", False, 1)[0], False)
+            await timed_request(session, path.messages_url, payloads.take(path, "small", False, 1)[0], False)
         except (aiohttp.ClientError, asyncio.TimeoutError, BadResponse) as exc:
             raise RuntimeError(f"path {path.name} ({path.messages_url}): {type(exc).__name__}: {exc}") from None
 
@@ -782,7 +841,7 @@ async def measure_all(
 ) -> tuple[Results, collections.Counter[str]]:
     """Every case, round by round, every path in turn (A/B/C, A/B/C, ...), over one shared keep-alive pool.
     Returns the measurements and the number of requests sent over each path."""
-    payloads = Payloads((path.model for path in paths), bodies)
+    payloads = Payloads(paths, bodies)
     sent: collections.Counter[str] = collections.Counter({path.name: 1 for path in paths})  # the preflight
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=max(c.concurrency for c in cases))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -794,7 +853,7 @@ async def measure_all(
             per_path: dict[str, list[Measurement]] = {path.name: [] for path in paths}
             for _ in range(rounds):
                 for path in paths:
-                    batch = payloads.take(path.model, case.body, case.stream, case.concurrency + requests)
+                    batch = payloads.take(path, case.body, case.stream, case.concurrency + requests)
                     per_path[path.name].append(await run_load(s, path, case, batch))
                     sent[path.name] += len(batch)
             results[case] = per_path
@@ -1026,7 +1085,7 @@ async def soak_phase(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for job in jobs:  # shared by all workers
-            payload = payloads.take(job.path.model, job.body, job.stream, 1)[0]
+            payload = payloads.take(job.path, job.body, job.stream, 1)[0]
             tally.add(job, await soak_request(session, job.path.messages_url, payload))
             count = next(done)
             if count % step == 0:
@@ -1087,7 +1146,7 @@ async def soak(
     paths: list[BenchPath], proxy: Child, proxy_url: str, upstream_url: str, args: argparse.Namespace, settings: dict
 ) -> SoakReport:
     """Warm up (a tenth of the requests), read the proxy's state, run the soak, close the pool, read it again."""
-    payloads = Payloads((path.model for path in paths), BODIES)
+    payloads = Payloads(paths, BODIES)
     requests, concurrency = args.soak_requests, args.soak_concurrency
     warmup = max(requests // 10, concurrency)
     jobs = soak_jobs(paths, warmup + requests, args.soak_seed)
@@ -1350,6 +1409,8 @@ def bench_paths(
     for name in names:
         if name == "direct":
             paths.append(BenchPath(name, upstream_url))
+        elif name == INBOUND_RESPONSES and proxy is not None:
+            paths.append(BenchPath(name, proxy[1], proxy[0].pid, dialect="responses"))
         elif proxy is not None:
             paths.append(BenchPath(name, proxy[1], proxy[0].pid, model=ROUTES[name].request_model))
     paths += [BenchPath(name, url, peer_pids.get(name)) for name, url in peers.items()]

@@ -24,9 +24,11 @@ from aiohttp import web
 
 
 def wire_format_of(path: str) -> str:
-    """Which upstream API a request path belongs to: anthropic, openai, ollama or gemini."""
+    """Which upstream API a request path belongs to: anthropic, openai, responses, ollama or gemini."""
     if path.endswith("/chat/completions"):
         return "openai"
+    if path.endswith("/responses"):
+        return "responses"
     if path.endswith("/api/chat"):
         return "ollama"
     if ":generateContent" in path or ":streamGenerateContent" in path:
@@ -1005,6 +1007,7 @@ SCRIPTED_TEXT = "Hello from the reliability stand-in."
 STREAM_TYPES = {
     "anthropic": "text/event-stream",
     "openai": "text/event-stream",
+    "responses": "text/event-stream",
     "gemini": "text/event-stream",
     "ollama": "application/x-ndjson",
 }
@@ -1032,6 +1035,8 @@ def text_stream_parts(
             )
         frames = openai_sse([*chunks, *ending], model)
         return [*frames[:count], b"".join(frames[count:])]
+    if kind == "responses":
+        return responses_events(model, responses_output(ResponsesTurn(text)), size)
     turn = ScriptedTurn(text=text)
     if kind == "gemini":
         return [gemini_event(chunk) for chunk in gemini_chunks(turn, model, size)]
@@ -1045,6 +1050,8 @@ def text_answer(kind: str, model: str, text: str = SCRIPTED_TEXT) -> dict:
     if kind == "openai":
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         return {**openai_completion({"content": text}, "stop", usage), "model": model}
+    if kind == "responses":
+        return responses_object(model, responses_output(ResponsesTurn(text)))
     if kind == "gemini":
         return gemini_whole(ScriptedTurn(text=text), model)
     return ollama_whole(ScriptedTurn(text=text), model)
@@ -1243,6 +1250,76 @@ def responses_error(status: int, message: str, code: str, param: str | None = No
     return web.json_response(body, status=status)
 
 
+def responses_output(turn: ResponsesTurn, encrypted: str = "enc-0") -> list[dict]:
+    """A turn's Responses output items: reasoning (with `encrypted`), a message, function calls."""
+    out: list[dict] = []
+    if turn.reasoning:
+        summary = [{"type": "summary_text", "text": turn.reasoning}]
+        out.append({"id": f"rs_{len(out)}", "type": "reasoning", "summary": summary, "encrypted_content": encrypted})
+    if turn.text:
+        part = {"type": "output_text", "text": turn.text, "annotations": []}
+        message = {"id": f"msg_{len(out)}", "type": "message", "status": "completed", "role": "assistant"}
+        out.append({**message, "content": [part]})
+    for call_id, name, arguments in turn.calls:
+        call = {"id": f"fc_{len(out)}", "type": "function_call", "status": "completed", "call_id": call_id}
+        out.append({**call, "name": name, "arguments": json.dumps(arguments)})
+    return out
+
+
+def responses_object(model: str, output: list[dict], status: str = "completed") -> dict:
+    """A Responses object as the API writes it."""
+    usage = {
+        "input_tokens": 30,
+        "input_tokens_details": {"cached_tokens": 10},
+        "output_tokens": 12,
+        "output_tokens_details": {"reasoning_tokens": 4},
+        "total_tokens": 42,
+    }
+    head = {"id": "resp_standin", "object": "response", "created_at": 1_700_000_000, "status": status}
+    return {**head, "model": model, "output": output, "usage": usage if status != "in_progress" else None}
+
+
+def responses_item_frames(item: dict, index: int, size: int) -> list[tuple[str, dict]]:
+    """The events that stream one output item, deltas of `size` characters."""
+    ids = {"item_id": item["id"], "output_index": index}
+    if item["type"] == "reasoning":
+        text = item["summary"][0]["text"]
+        frames = [("response.output_item.added", {"output_index": index, "item": {**item, "summary": []}})]
+        part = {"type": "summary_text", "text": ""}
+        frames.append(("response.reasoning_summary_part.added", {**ids, "summary_index": 0, "part": part}))
+        for piece in pieces(text, size):
+            frames.append(("response.reasoning_summary_text.delta", {**ids, "summary_index": 0, "delta": piece}))
+        frames.append(("response.reasoning_summary_text.done", {**ids, "summary_index": 0, "text": text}))
+    elif item["type"] == "message":
+        text = item["content"][0]["text"]
+        added = {**item, "status": "in_progress", "content": []}
+        frames = [("response.output_item.added", {"output_index": index, "item": added})]
+        part = {"type": "output_text", "text": "", "annotations": []}
+        frames.append(("response.content_part.added", {**ids, "content_index": 0, "part": part}))
+        for piece in pieces(text, size):
+            frames.append(("response.output_text.delta", {**ids, "content_index": 0, "delta": piece, "logprobs": []}))
+        frames.append(("response.output_text.done", {**ids, "content_index": 0, "text": text, "logprobs": []}))
+    else:
+        added = {**item, "status": "in_progress", "arguments": ""}
+        frames = [("response.output_item.added", {"output_index": index, "item": added})]
+        for piece in pieces(item["arguments"], size):
+            frames.append(("response.function_call_arguments.delta", {**ids, "delta": piece}))
+        frames.append(("response.function_call_arguments.done", {**ids, "arguments": item["arguments"]}))
+    return [*frames, ("response.output_item.done", {"output_index": index, "item": item})]
+
+
+def responses_events(model: str, output: list[dict], size: int = 8) -> list[bytes]:
+    """The numbered SSE events that stream `output`, one write per event."""
+    frames = [("response.created", {"response": responses_object(model, [], "in_progress")})]
+    for index, item in enumerate(output):
+        frames += responses_item_frames(item, index, size)
+    frames.append(("response.completed", {"response": responses_object(model, output)}))
+    return [
+        f"event: {name}\ndata: {json.dumps({'type': name, 'sequence_number': n, **data})}\n\n".encode()
+        for n, (name, data) in enumerate(frames)
+    ]
+
+
 class ResponsesStandIn(StandInServer):
     """A local OpenAI Responses API (POST /v1/responses) that checks what the real one checks: no unknown
     parameters, every function_call_output answers a function_call of the input, and every reasoning item comes
@@ -1279,70 +1356,11 @@ class ResponsesStandIn(StandInServer):
         return None
 
     def items(self, turn: ResponsesTurn) -> list[dict]:
-        out: list[dict] = []
+        """The turn's output items; its reasoning's encrypted_content is one this server issued."""
+        encrypted = f"enc-{len(self.issued)}-{secrets.token_hex(6)}"
         if turn.reasoning:
-            encrypted = f"enc-{len(self.issued)}-{secrets.token_hex(6)}"
             self.issued.add(encrypted)
-            summary = [{"type": "summary_text", "text": turn.reasoning}]
-            out.append(
-                {"id": f"rs_{len(out)}", "type": "reasoning", "summary": summary, "encrypted_content": encrypted}
-            )
-        if turn.text:
-            part = {"type": "output_text", "text": turn.text, "annotations": []}
-            message = {"id": f"msg_{len(out)}", "type": "message", "status": "completed", "role": "assistant"}
-            out.append({**message, "content": [part]})
-        for call_id, name, arguments in turn.calls:
-            call = {"id": f"fc_{len(out)}", "type": "function_call", "status": "completed", "call_id": call_id}
-            out.append({**call, "name": name, "arguments": json.dumps(arguments)})
-        return out
-
-    def response(self, model: str, output: list[dict], status: str = "completed") -> dict:
-        usage = {
-            "input_tokens": 30,
-            "input_tokens_details": {"cached_tokens": 10},
-            "output_tokens": 12,
-            "output_tokens_details": {"reasoning_tokens": 4},
-            "total_tokens": 42,
-        }
-        head = {"id": "resp_standin", "object": "response", "created_at": 1_700_000_000, "status": status}
-        return {**head, "model": model, "output": output, "usage": usage if status != "in_progress" else None}
-
-    def events(self, model: str, output: list[dict]) -> list[bytes]:
-        frames: list[tuple[str, dict]] = [("response.created", {"response": self.response(model, [], "in_progress")})]
-        for index, item in enumerate(output):
-            ids = {"item_id": item["id"], "output_index": index}
-            if item["type"] == "reasoning":
-                text = item["summary"][0]["text"]
-                frames.append(("response.output_item.added", {"output_index": index, "item": {**item, "summary": []}}))
-                part = {"type": "summary_text", "text": ""}
-                frames.append(("response.reasoning_summary_part.added", {**ids, "summary_index": 0, "part": part}))
-                for piece in pieces(text, 8):
-                    frames.append(
-                        ("response.reasoning_summary_text.delta", {**ids, "summary_index": 0, "delta": piece})
-                    )
-                frames.append(("response.reasoning_summary_text.done", {**ids, "summary_index": 0, "text": text}))
-            elif item["type"] == "message":
-                text = item["content"][0]["text"]
-                added = {**item, "status": "in_progress", "content": []}
-                frames.append(("response.output_item.added", {"output_index": index, "item": added}))
-                part = {"type": "output_text", "text": "", "annotations": []}
-                frames.append(("response.content_part.added", {**ids, "content_index": 0, "part": part}))
-                for piece in pieces(text, 8):
-                    delta = {**ids, "content_index": 0, "delta": piece, "logprobs": []}
-                    frames.append(("response.output_text.delta", delta))
-                frames.append(("response.output_text.done", {**ids, "content_index": 0, "text": text, "logprobs": []}))
-            else:
-                added = {**item, "status": "in_progress", "arguments": ""}
-                frames.append(("response.output_item.added", {"output_index": index, "item": added}))
-                for piece in pieces(item["arguments"], 8):
-                    frames.append(("response.function_call_arguments.delta", {**ids, "delta": piece}))
-                frames.append(("response.function_call_arguments.done", {**ids, "arguments": item["arguments"]}))
-            frames.append(("response.output_item.done", {"output_index": index, "item": item}))
-        frames.append(("response.completed", {"response": self.response(model, output)}))
-        return [
-            f"event: {name}\ndata: {json.dumps({'type': name, 'sequence_number': n, **data})}\n\n".encode()
-            for n, (name, data) in enumerate(frames)
-        ]
+        return responses_output(turn, encrypted)
 
     async def handle(self, request: web.Request, received: Received) -> web.StreamResponse:
         if (request.method, request.path.rsplit("/", 1)[-1]) != ("POST", "responses"):
@@ -1353,5 +1371,5 @@ class ResponsesStandIn(StandInServer):
         output = self.items(self.answer(received))
         model = received.body.get("model", "")
         if not received.body.get("stream"):
-            return web.json_response(self.response(model, output))
-        return await self.write_parts(request, SSE_TYPE, self.events(model, output), headers=SSE_HEADERS)
+            return web.json_response(responses_object(model, output))
+        return await self.write_parts(request, SSE_TYPE, responses_events(model, output), headers=SSE_HEADERS)

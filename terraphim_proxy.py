@@ -1273,7 +1273,7 @@ class TokenCounter:
             return (len(text.encode("utf-8")) + 3) // 4
         return len(self.encoding.encode_ordinary(text))
 
-    def _count_parts(self, parts: list[tuple[tuple[int, int] | None, list[str]]]) -> list[int]:
+    def _count_parts(self, parts: list[tuple[tuple[int, int], list[str]]]) -> list[int]:
         """Each part's count; touches no shared state, so it can run in a thread."""
         return [sum(self.encode_len(text) for text in texts) for _, texts in parts]
 
@@ -1286,25 +1286,27 @@ class TokenCounter:
         """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
         thread."""
         total = 0
-        misses: list[tuple[tuple[int, int] | None, list[str]]] = []
+        misses: list[tuple[tuple[int, int], list[str]]] = []
         message_spans = iter(raw.message_spans)
         for name, texts in request_parts(raw.data):
             span = next(message_spans, None) if name == "messages" else raw.spans.get(name)
-            key = None
             if span is not None:
-                key = raw.key_of(span)
-                if key in self.cache:
-                    self.cache.move_to_end(key)
-                    total += self.cache[key]
-                    continue
-            misses.append((key, list(texts)))
+                key, part = raw.key_of(span), None
+            else:  # a body translated from another dialect has no text to key on: key on the part's texts
+                part = list(texts)
+                joined = "\x00".join(part)
+                key = (-len(joined), hash(joined))
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                total += self.cache[key]
+                continue
+            misses.append((key, list(texts) if part is None else part))
         if sum(len(text) for _, texts in misses for text in texts) >= THREAD_ENCODE_MIN:
             counts = await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
         else:
             counts = self._count_parts(misses)
         for (key, _), count in zip(misses, counts, strict=True):
-            if key is not None:
-                self._remember(key, count)
+            self._remember(key, count)
         return total + sum(counts)
 
 
