@@ -7527,6 +7527,52 @@ async def test_codex_cli_writes_file_through_the_proxy_to_a_responses_provider(
     assert any(item.get("type") == "reasoning" for item in responses_upstream.last.body["input"]), diag
 
 
+def responses_payload(body: dict, model: str = "gpt-5-codex") -> dict:
+    provider = responses_config("http://127.0.0.1:9").providers["codex"]
+    return terraphim_proxy.anthropic_to_responses_request(body, model, provider)
+
+
+def test_responses_request_mapping_tools_choice_images_and_effort() -> None:
+    closed = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    open_schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    tools = [{"name": "Closed", "input_schema": closed}, {"name": "Open", "input_schema": open_schema}]
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_DATA}}
+    body = request(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Look."}, image]}],
+        tools=tools,
+        tool_choice={"type": "tool", "name": "Open", "disable_parallel_tool_use": True},
+        output_config={"effort": "xhigh"},
+        thinking={"type": "adaptive"},
+    )
+    payload = responses_payload(body)
+    assert [(tool["name"], tool["strict"]) for tool in payload["tools"]] == [("Closed", True), ("Open", False)]
+    assert payload["tool_choice"] == {"type": "function", "name": "Open"} and payload["parallel_tool_calls"] is False
+    assert payload["reasoning"] == {"effort": "high", "summary": "auto"}
+    assert payload["input"][0]["content"][1] == {
+        "type": "input_image",
+        "image_url": f"data:image/png;base64,{PNG_DATA}",
+        "detail": "auto",
+    }
+    assert "temperature" not in payload and payload["store"] is False
+
+
+async def test_responses_upstream_incomplete_answer_stops_with_max_tokens() -> None:
+    converter = terraphim_proxy.ResponsesConverter("claude-x", 5, {})
+    item = {"id": "msg_1", "type": "message", "content": [{"type": "output_text", "text": "Cut sh"}]}
+    whole = {"object": "response", "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    events = converter.feed({**whole, "output": [item], "usage": {"input_tokens": 5, "output_tokens": 3}})
+    message = terraphim_proxy.message_from_events(events)
+    assert message["stop_reason"] == "max_tokens" and message["content"] == [{"type": "text", "text": "Cut sh"}]
+    failed = terraphim_proxy.ResponsesConverter("claude-x", 5, {})
+    with pytest.raises(terraphim_proxy.TranslationError, match="quota gone"):
+        failed.feed({"type": "response.failed", "response": {"error": {"code": "x", "message": "quota gone"}}})
+
+
 # ===========================================================================
 # Upstream client: timeouts, retries, fallbacks, keys, garbage, URLs
 # ===========================================================================
