@@ -5167,30 +5167,35 @@ def openai_dialect(model: str, include_usage: bool) -> Dialect:
     )
 
 
-def openai_content_blocks(content: Any) -> list[dict]:
-    """Anthropic blocks for an OpenAI message's content: text, image_url (data: URLs become base64) and files."""
+def openai_content_blocks(content: Any, where: str = "messages[].content") -> list[dict]:
+    """Anthropic blocks for an OpenAI client's message content: chat-completions parts (text, image_url, file)
+    or Responses parts (input_text, output_text, refusal, input_image, input_file); data: URLs become base64."""
     if content is None:
         return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
-        raise ProxyError(400, "messages[].content: expected a string or a list of content parts")
+        raise ProxyError(400, f"{where}: expected a string or a list of content parts")
     blocks = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
             if part["text"]:
                 blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
+        elif kind == "refusal":
+            blocks.append({"type": "text", "text": str(part.get("refusal", ""))})
+        elif kind in ("image_url", "input_image"):
+            url = part.get("image_url")
+            url = str((url or {}).get("url", "") if isinstance(url, dict) else url or "")
             blocks.append({"type": "image", "source": data_url_source(url) or {"type": "url", "url": url}})
-        elif kind == "file" and (part.get("file") or {}).get("file_data"):
-            source = data_url_source(part["file"]["file_data"])
+        elif kind in ("file", "input_file"):
+            data = (part.get("file") or {}).get("file_data") if kind == "file" else part.get("file_data")
+            source = data_url_source(data) if isinstance(data, str) else None
             if source is None:
-                raise ProxyError(400, "file parts need file_data as a base64 data: URL")
+                raise ProxyError(400, f"{where}: {kind} parts need file_data as a base64 data: URL")
             blocks.append({"type": "document", "source": source})
         else:
-            raise ProxyError(400, f"unsupported content part type {kind!r}")
+            raise ProxyError(400, f"{where}: unsupported content part type {kind!r}")
     return blocks
 
 
@@ -5276,12 +5281,17 @@ def openai_request_to_anthropic(data: dict) -> dict:
             }
             for f in tools
         ]
-        choice = openai_choice_to_anthropic(data.get("tool_choice"))
-        if data.get("parallel_tool_calls") is False:
-            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        choice = with_parallel_calls(openai_choice_to_anthropic(data.get("tool_choice")), data)
         if choice:
             body["tool_choice"] = choice
     return body
+
+
+def with_parallel_calls(choice: dict | None, data: dict) -> dict | None:
+    """An Anthropic tool_choice that also says `parallel_tool_calls: false` (an OpenAI request's), if it did."""
+    if data.get("parallel_tool_calls") is False:
+        return {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return choice
 
 
 def openai_choice_to_anthropic(choice: Any) -> dict | None:
@@ -5333,9 +5343,19 @@ def anthropic_to_openai_completion(message: dict, model: str) -> dict:
     }
 
 
-class OpenAIChunkWriter:
-    """Turns a stream's parts (Anthropic events, or whole relayed Anthropic frames) into chat.completion.chunk
-    frames."""
+class EventWriter:
+    """Writes a stream's parts (Anthropic events, or whole relayed Anthropic frames) in a client's dialect, one
+    Anthropic event at a time (`event`)."""
+
+    def feed(self, part: StreamPart) -> bytes:
+        return b"".join([self.event(event) for event in (frame_events(part) if type(part) is bytes else part)])
+
+    def event(self, event: dict) -> bytes:
+        raise NotImplementedError
+
+
+class OpenAIChunkWriter(EventWriter):
+    """Turns a stream's parts into chat.completion.chunk frames."""
 
     def __init__(self, model: str, include_usage: bool, redact: Callable[[str], str]) -> None:
         self.model = model
@@ -5350,9 +5370,6 @@ class OpenAIChunkWriter:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
         return b"data: " + dump_json({**data, "choices": [choice]}) + b"\n\n"
-
-    def feed(self, part: StreamPart) -> bytes:
-        return b"".join([self.event(event) for event in (frame_events(part) if type(part) is bytes else part)])
 
     def event(self, event: dict) -> bytes:
         kind = event.get("type")
@@ -5402,33 +5419,6 @@ NAMESPACE_SEPARATOR = "__"  # a namespace tool's function goes upstream as "<nam
 ANTHROPIC_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "max", "max": "max"}
 
 
-def responses_content_blocks(content: Any) -> list[dict]:
-    """Anthropic blocks for a Responses message's content: input_text/output_text, input_image, input_file."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise ProxyError(400, "input[].content: expected a string or a list of content parts")
-    blocks = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            if part["text"]:
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            url = part["image_url"]
-            blocks.append({"type": "image", "source": data_url_source(url) or {"type": "url", "url": url}})
-        elif kind == "input_file" and isinstance(part.get("file_data"), str):
-            source = data_url_source(part["file_data"])
-            if source is None:
-                raise ProxyError(400, "input_file parts need file_data as a base64 data: URL")
-            blocks.append({"type": "document", "source": source})
-        elif kind == "refusal":
-            blocks.append({"type": "text", "text": str(part.get("refusal", ""))})
-        else:
-            raise ProxyError(400, f"input[].content: unsupported content part type {kind!r}")
-    return blocks
-
-
 def responses_item_turn(item: dict) -> tuple[str, list[dict]]:
     """The Anthropic role and blocks of one Responses input item ("system" for system and developer text)."""
     kind = item.get("type", "message")
@@ -5436,7 +5426,7 @@ def responses_item_turn(item: dict) -> tuple[str, list[dict]]:
         role = item.get("role")
         if role not in ("system", "developer", "user", "assistant"):
             raise ProxyError(400, f"input[].role: unsupported role {role!r}")
-        blocks = responses_content_blocks(item.get("content"))
+        blocks = openai_content_blocks(item.get("content"), "input[].content")
         return ("system" if role in ("system", "developer") else role), blocks
     if kind == "function_call":
         arguments = tool_input(item.get("arguments"))
@@ -5448,7 +5438,7 @@ def responses_item_turn(item: dict) -> tuple[str, list[dict]]:
         return "assistant", [{"type": "tool_use", "id": str(item.get("call_id", "")), "name": name, "input": arguments}]
     if kind == "function_call_output":
         output = item.get("output")
-        content = output if isinstance(output, str) else responses_content_blocks(output or [])
+        content = output if isinstance(output, str) else openai_content_blocks(output or [], "input[].output")
         return "user", [{"type": "tool_result", "tool_use_id": str(item.get("call_id", "")), "content": content}]
     if kind == "reasoning":
         summary = "".join(part.get("text", "") for part in item.get("summary") or () if isinstance(part, dict))
@@ -5535,9 +5525,7 @@ def responses_request_to_anthropic(data: dict) -> dict:
         tools.append({"type": "web_search_20250305", "name": "web_search"})
     if tools:
         body["tools"] = tools
-        choice = responses_choice_to_anthropic(data.get("tool_choice"))
-        if data.get("parallel_tool_calls") is False:
-            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        choice = with_parallel_calls(responses_choice_to_anthropic(data.get("tool_choice")), data)
         if choice:
             body["tool_choice"] = choice
     return body
@@ -5570,8 +5558,15 @@ def namespaced(name: str) -> dict:
     return {"name": inner, "namespace": namespace} if sep and namespace and inner else {"name": name}
 
 
-class ResponsesWriter:
-    """Turns a stream's parts (Anthropic events, or whole relayed Anthropic frames) into Responses API events,
+RESPONSES_DELTA_EVENTS = {  # Anthropic delta type: its text field, the Responses event, that event's fields
+    "text_delta": ("text", "response.output_text.delta", {"content_index": 0, "logprobs": []}),
+    "thinking_delta": ("thinking", "response.reasoning_summary_text.delta", {"summary_index": 0}),
+    "input_json_delta": ("partial_json", "response.function_call_arguments.delta", {}),
+}
+
+
+class ResponsesWriter(EventWriter):
+    """Turns a stream's parts into Responses API events,
     numbered, in the order the openai SDK's stream accumulator expects; keeps the finished output items for the
     final response object."""
 
@@ -5608,9 +5603,6 @@ class ResponsesWriter:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return sse_frame(kind, data)
-
-    def feed(self, part: StreamPart) -> bytes:
-        return b"".join([self.event(event) for event in (frame_events(part) if type(part) is bytes else part)])
 
     def event(self, event: dict) -> bytes:
         kind = event.get("type")
@@ -5681,42 +5673,21 @@ class ResponsesWriter:
 
     def delta(self, index: int, delta: dict) -> bytes:
         slot = self.open.get(index)
+        kind = delta.get("type")
         if slot is None:
             return b""
-        item, position = slot["item"], slot["at"]
-        kind = delta.get("type")
-        if kind == "text_delta":
-            slot["text"] += delta.get("text", "")
-            return self.frame(
-                "response.output_text.delta",
-                item_id=item["id"],
-                output_index=position,
-                content_index=0,
-                delta=delta.get("text", ""),
-                logprobs=[],
-            )
-        if kind == "thinking_delta":
-            slot["text"] += delta.get("thinking", "")
-            self.reasoning_chars += len(delta.get("thinking", ""))
-            return self.frame(
-                "response.reasoning_summary_text.delta",
-                item_id=item["id"],
-                output_index=position,
-                summary_index=0,
-                delta=delta.get("thinking", ""),
-            )
         if kind == "signature_delta":
             slot["signature"] += delta.get("signature", "")
             return b""
-        if kind == "input_json_delta":
-            slot["text"] += delta.get("partial_json", "")
-            return self.frame(
-                "response.function_call_arguments.delta",
-                item_id=item["id"],
-                output_index=position,
-                delta=delta.get("partial_json", ""),
-            )
-        return b""
+        if kind not in RESPONSES_DELTA_EVENTS:
+            return b""
+        field_name, event_type, extra = RESPONSES_DELTA_EVENTS[kind]
+        text = delta.get(field_name, "")
+        slot["text"] += text
+        if kind == "thinking_delta":
+            self.reasoning_chars += len(text)
+        ids = {"item_id": slot["item"]["id"], "output_index": slot["at"]}
+        return self.frame(event_type, **ids, **extra, delta=text)
 
     def finish_item(self, index: int) -> bytes:
         slot = self.open.pop(index, None)
