@@ -9323,27 +9323,57 @@ async def test_responses_api_tool_round_trip_through_ollama_and_gemini(ollama_ge
     await env.stand_in.start()
     env.stand_in.pause = False
     try:
-        call = ScriptedCall("exec_command", {"cmd": "ls"}, "fc_r1", "")
+        calls = (
+            ScriptedCall("exec_command", {"cmd": "ls"}, "fc_r1", ""),
+            ScriptedCall("exec_command", {"cmd": "pwd"}, "fc_r2", ""),
+        )
+        first_turn = ScriptedTurn(thinking="Look twice.", calls=calls)
         env.stand_in.answer = lambda received: ollama_gemini_reply(
             ollama_gemini,
             received,
-            ScriptedTurn(text="Done.") if has_results(ollama_gemini, received.body) else ScriptedTurn(calls=(call,)),
+            ScriptedTurn(text="Done.") if has_results(ollama_gemini, received.body) else first_turn,
         )
         url = await env.start_proxy()
         async with openai_client(url) as client:
             first = await sdk_response(client, stream, input="List.", tools=RESPONSES_TOOLS[:1])
-            calls = [item for item in first.output if item.type == "function_call"]
-            assert [(c.name, json.loads(c.arguments)) for c in calls] == [("exec_command", {"cmd": "ls"})]
+            reasoning = [item for item in first.output if item.type == "reasoning"]
+            assert reasoning and reasoning[0].summary[0].text == "Look twice."
+            made = [item for item in first.output if item.type == "function_call"]
+            assert [json.loads(c.arguments) for c in made] == [{"cmd": "ls"}, {"cmd": "pwd"}]
             follow = [
                 {"role": "user", "content": "List."},
                 *[item.model_dump(exclude_none=True) for item in first.output],
-                {"type": "function_call_output", "call_id": calls[0].call_id, "output": "a.txt"},
+                *[
+                    {"type": "function_call_output", "call_id": c.call_id, "output": f"out {i}"}
+                    for i, c in enumerate(made)
+                ],
             ]
             second = await sdk_response(client, stream, input=follow, tools=RESPONSES_TOOLS[:1])
         assert second.output_text == "Done."
-        assert "a.txt" in json.dumps(env.stand_in.received[-1].body)
+        sent = json.dumps(env.stand_in.received[-1].body)
+        assert "out 0" in sent and "out 1" in sent
     finally:
         await env.stop()
+
+
+async def test_responses_api_reasoning_through_an_openai_chat_provider_goes_back_as_reasoning_content(
+    openai_upstream: OpenAIStandIn, start_proxy: StartProxy
+) -> None:
+    chunks = [
+        openai_chunk({"role": "assistant", "content": "", "reasoning_content": "Small steps."}),
+        openai_chunk({"content": "Step one."}),
+        openai_chunk({}, "stop"),
+        openai_chunk(usage={"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}),
+    ]
+    openai_upstream.answer = lambda received: openai_reply_for(received, chunks)
+    url = await start_proxy(openai_config(openai_upstream.url, default="deepseek,deepseek-v4-pro"))
+    async with openai_client(url) as client:
+        first = await sdk_response(client, True, input="Plan.")
+        assert [item.type for item in first.output] == ["reasoning", "message"]
+        assert first.output[0].summary[0].text == "Small steps."
+        history = [{"role": "user", "content": "Plan."}, *[i.model_dump(exclude_none=True) for i in first.output]]
+        await sdk_response(client, False, input=[*history, {"role": "user", "content": "Next?"}])
+    assert openai_upstream.last.body["messages"][1]["reasoning_content"] == "Small steps."
 
 
 # ===========================================================================
