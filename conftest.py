@@ -1329,6 +1329,7 @@ class ResponsesStandIn(StandInServer):
         super().__init__()
         self.answer: Callable[[Received], ResponsesTurn] = lambda received: ResponsesTurn()
         self.issued: set[str] = set()
+        self.failures: list[int] = []  # statuses to answer the next requests with, as the API writes them
 
     @property
     def last(self) -> Received:
@@ -1368,6 +1369,9 @@ class ResponsesStandIn(StandInServer):
         refused = self.problem(received.body)
         if refused is not None:
             return refused
+        if self.failures:
+            status = self.failures.pop(0)
+            return web.json_response(openai_error_body("The server had an error.", "server_error"), status=status)
         output = self.items(self.answer(received))
         model = received.body.get("model", "")
         if not received.body.get("stream"):

@@ -7573,6 +7573,45 @@ async def test_responses_upstream_incomplete_answer_stops_with_max_tokens() -> N
         failed.feed({"type": "response.failed", "response": {"error": {"code": "x", "message": "quota gone"}}})
 
 
+async def test_responses_upstream_errors_retries_and_fallbacks_work_as_for_chat(
+    responses_upstream: ResponsesStandIn, stand_in: StandIn, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    codex = responses_config(responses_upstream.url).providers["codex"]
+    anthropic = {
+        "name": "anthropic",
+        "type": "anthropic",
+        "api_base_url": stand_in.url,
+        "api_key": "${ANTHROPIC_API_KEY}",
+    }
+    provider = {"name": "codex", "type": "openai", "api": "responses", "api_base_url": codex.api_base_url}
+    data = {
+        "proxy": {"retries": 1, "retry_base_ms": 1},
+        "router": {"default": "codex,gpt-5-codex | anthropic,model-default"},
+        "providers": [{**provider, "api_key": "${OPENAI_API_KEY}"}, anthropic],
+    }
+    url = await start_proxy(build_config(data))
+    responses_upstream.failures = [503]  # one failure: the retry answers
+    answer = await call(http, f"{url}/v1/messages", request("Hi"))
+    assert answer.status == 200 and answer.headers["x-terraphim-route"] == "codex,gpt-5-codex"
+    assert len([r for r in responses_upstream.received if r.path == "/v1/responses"]) == 2
+    responses_upstream.failures = [500, 500]  # the target's retries run out: the fallback answers
+    answer = await call(http, f"{url}/v1/messages", request("Hi"))
+    assert answer.status == 200 and answer.headers["x-terraphim-route"] == "anthropic,model-default"
+    forged = {
+        "type": "thinking",
+        "thinking": "x",
+        "signature": "terraphim:responses:" + "eyJpZCI6InJzXzkiLCJlbmNyeXB0ZWRfY29udGVudCI6ImZvcmdlZCJ9",
+    }
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [forged]},
+        {"role": "user", "content": "Go"},
+    ]
+    refused = await call(http, f"{url}/v1/messages", request(messages=history, model="codex,gpt-5-codex"))
+    assert refused.status == 400 and "could not be verified" in refused.error()["message"]
+    assert refused.error()["message"].startswith("codex")
+
+
 # ===========================================================================
 # Upstream client: timeouts, retries, fallbacks, keys, garbage, URLs
 # ===========================================================================
