@@ -9,14 +9,20 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import re
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
+
+# The proxy records usage in the user's state directory by default: the tests' proxies use a directory of
+# their own (a test that checks the database sets proxy.usage_db itself).
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="terraphim-test-state-")
 
 # ---------------------------------------------------------------------------
 # Scaffolding: a real server on 127.0.0.1 that records every request

@@ -32,6 +32,7 @@ import bisect
 import codecs
 import collections
 import contextlib
+import datetime
 import functools
 import hashlib
 import hmac
@@ -44,16 +45,19 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
 import random
 import re
 import secrets
 import shlex
 import signal
 import socket
+import sqlite3
 import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
@@ -165,6 +169,9 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "port": int,
     "api_key": str,
     "max_body_bytes": int,
+    "usage_db": str,
+    "usage_retention_days": int,
+    "clients": list,
     "log_level": str,
     "upstream_count_tokens": bool,
     "retry_base_ms": int,
@@ -209,6 +216,7 @@ PROVIDER_KEYS: dict[str, type | tuple[type, ...]] = {
     "num_ctx": int,
     "model_num_ctx": dict,
     "api": str,
+    "prices": dict,
 }
 PROVIDER_APIS = ("chat", "responses")  # an openai or openrouter provider's API: chat completions, or Responses
 POSITIVE_INT_KEYS = frozenset(
@@ -223,6 +231,7 @@ POSITIVE_INT_KEYS = frozenset(
         "fetch_image_max_count",
         "fetch_image_max_bytes",
         "upstream_connections",
+        "usage_retention_days",
     }
     | set(TIMEOUT_KEYS)
 )
@@ -283,6 +292,36 @@ def output_limit_key(model: str) -> str:
 
 
 @dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens."""
+
+    input: float
+    output: float
+    cache_read: float = 0.0
+    cache_write: float = 0.0
+
+
+# List prices per million tokens (input, output, cache read, cache write) of models whose prices are published
+# and known here, keyed as output_limit_key spells a model; last checked against the providers' price pages in
+# December 2026. A model that is not here and has no configured price has no cost (null), never a guess.
+MODEL_PRICES = {
+    "claude-opus-4-5": Price(5.0, 25.0, 0.5, 6.25),
+    "claude-opus-4-1": Price(15.0, 75.0, 1.5, 18.75),
+    "claude-sonnet-4-5": Price(3.0, 15.0, 0.3, 3.75),
+    "claude-haiku-4-5": Price(1.0, 5.0, 0.1, 1.25),
+    "gpt-5": Price(1.25, 10.0, 0.125),
+    "gpt-5-mini": Price(0.25, 2.0, 0.025),
+    "gpt-4o": Price(2.5, 10.0, 1.25),
+    "gpt-4o-mini": Price(0.15, 0.6, 0.075),
+    "deepseek-chat": Price(0.28, 0.42, 0.028),
+    "deepseek-reasoner": Price(0.28, 0.42, 0.028),
+    "gemini-2-5-pro": Price(1.25, 10.0, 0.125),
+    "gemini-2-5-flash": Price(0.3, 2.5, 0.03),
+}
+FREE = Price(0.0, 0.0)  # a local provider (Ollama) costs nothing unless its prices say otherwise
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     type: str
@@ -299,6 +338,7 @@ class Provider:
     num_ctx: int | None = None
     model_num_ctx: dict[str, int] = field(default_factory=dict)
     api: str = "chat"
+    prices: dict[str, Price] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -328,6 +368,9 @@ class Config:
     port: int = DEFAULT_PORT
     api_key: str = ""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    usage_db: str = ""  # "" for the user's state directory (default_usage_db), "off" for none
+    usage_retention_days: int = 30
+    clients: tuple[tuple[str, str], ...] = ()  # (name, key) of every client key; the api_key is "default"
     log_level: str = "info"
     upstream_count_tokens: bool = False
     long_context_threshold: int = DEFAULT_LONG_CONTEXT_THRESHOLD
@@ -515,6 +558,46 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return names.get(kind, kind.__name__)
 
 
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+
+
+def read_prices(check: _Checker, path: str, table: dict) -> dict[str, Price]:
+    """A provider's `prices = { "model" = { input = 3.0, output = 15.0, cache_read = .., cache_write = .. } }`."""
+    prices = {}
+    for model, entry in table.items():
+        if not isinstance(entry, dict) or not {"input", "output"} <= set(entry) or set(entry) - set(PRICE_FIELDS):
+            check.problem(f"{path}.{model}", "expected { input, output[, cache_read, cache_write] } in $ per million")
+            continue
+        if not all(_is_number(value) and value >= 0 for value in entry.values()):
+            check.problem(f"{path}.{model}", "prices must be numbers of 0 or more")
+            continue
+        prices[model] = Price(**{key: float(value) for key, value in entry.items()})
+    return prices
+
+
+def read_clients(check: _Checker, entries: list, api_key: str) -> tuple[tuple[str, str], ...]:
+    """The named client keys of `[[proxy.clients]]` (name, key or keys), the api_key as client "default"."""
+    clients = [("default", api_key)] if api_key else []
+    for i, entry in enumerate(entries):
+        path = f"proxy.clients[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            check.problem(path, "expected a table with a name and a key (or keys)")
+            continue
+        raw = [entry["key"]] if isinstance(entry.get("key"), str) else entry.get("keys", [])
+        if not raw or not all(isinstance(key, str) for key in raw):
+            check.problem(f"{path}.key", f"client '{entry['name']}' needs a key (or keys): strings")
+            continue
+        for key in raw:
+            value, missing = expand_env(key, check.environ)
+            if missing:
+                check.problem(f"{path}.key", f"uses ${missing[0]}, which is not set")
+            elif any(key_ == value for _, key_ in clients):
+                check.problem(f"{path}.key", f"client '{entry['name']}' shares a key with another client")
+            else:
+                clients.append((entry["name"], value))
+    return tuple(clients)
+
+
 def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, int]) -> Provider | None:
     path = f"providers[{index}]"
     values = check.entry(data, path, PROVIDER_KEYS, ("name",))
@@ -563,6 +646,7 @@ def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, i
         for key in ("max_tokens", "model_max_tokens", "num_ctx", "model_num_ctx", "api")
         if key in values
     }
+    extra["prices"] = read_prices(check, f"{path}.prices", values.get("prices", {}))
     if values.get("api", "chat") not in PROVIDER_APIS:
         check.problem(f"{path}.api", f"unknown API '{values['api']}' (one of {', '.join(PROVIDER_APIS)})")
     elif values.get("api", "chat") != "chat" and kind not in ("openai", "openrouter"):
@@ -599,7 +683,8 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
     api_key, missing = expand_env(raw_api_key, check.environ) if isinstance(raw_api_key, str) else ("", [])
     if missing:
         check.problem("proxy.api_key", f"uses ${missing[0]}, which is not set (remove the key to run without auth)")
-    if not api_key and not is_loopback_host(host):
+    clients = read_clients(check, proxy.get("clients", []), api_key)
+    if not clients and not is_loopback_host(host):
         check.problem("proxy.api_key", f"required when proxy.host ('{host}') is not a loopback address")
     if "port" in proxy and proxy["port"] > 65535:
         check.problem("proxy.port", f"must be at most 65535, got {proxy['port']}")
@@ -641,6 +726,9 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         host=host,
         port=proxy.get("port", DEFAULT_PORT),
         api_key=api_key,
+        clients=clients,
+        usage_db=proxy.get("usage_db", ""),
+        usage_retention_days=proxy.get("usage_retention_days", 30),
         max_body_bytes=proxy.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         log_level=level,
         upstream_count_tokens=proxy.get("upstream_count_tokens", False),
@@ -5869,9 +5957,11 @@ class Metrics:
         self.retries: collections.Counter[tuple] = collections.Counter()
         self.fallbacks: collections.Counter[tuple] = collections.Counter()
         self.cooldowns: collections.Counter[tuple] = collections.Counter()
+        self.cost: collections.Counter[tuple] = collections.Counter()
 
-    def observe(self, record: RequestRecord, status: int, seconds: float) -> None:
+    def observe(self, record: RequestRecord, status: int, seconds: float, cost: float | None = None) -> None:
         target = (record.provider, record.model)
+        self.cost[target] += cost or 0.0
         self.requests[(record.scenario, *target, status)] += 1
         self.latency.observe(target, seconds)
         if record.first_byte_s is not None:
@@ -5890,6 +5980,12 @@ class Metrics:
             lines.extend(f"{name}{{{prom_labels(labels, key)}}} {value}" for key, value in values.items())
 
         counter("terraphim_requests_total", "API requests by outcome.", self.requests, self.REQUEST_LABELS)
+        counter(
+            "terraphim_cost_usd_total",
+            "Cost in US dollars at the price table (unpriced models add 0).",
+            self.cost,
+            self.TARGET_LABELS,
+        )
         lines.append("# HELP terraphim_request_seconds Time from request to the end of the answer.")
         lines += self.latency.render("terraphim_request_seconds", self.TARGET_LABELS)
         lines.append("# HELP terraphim_first_byte_seconds Time from request to the first answer byte.")
@@ -5961,6 +6057,206 @@ class ConfigSnapshot:
         return cls(config, keyrings, limiter, Cooldowns(config.cooldown_after_failures, config.cooldown_ms / 1000))
 
 
+def request_cost(provider: Provider | None, model: str, usage: dict) -> float | None:
+    """US dollars for a request's usage at the model's price (configured, else built in; Ollama free); None
+    when the price is unknown."""
+    if provider is None:
+        return None
+    price = provider.prices.get(model)
+    if price is None:
+        price = FREE if provider.type in KEYLESS_TYPES else MODEL_PRICES.get(output_limit_key(model))
+    if price is None:
+        return None
+    tokens = (
+        (usage.get("input_tokens") or 0) * price.input
+        + (usage.get("output_tokens") or 0) * price.output
+        + (usage.get("cache_read_input_tokens") or 0) * price.cache_read
+        + (usage.get("cache_creation_input_tokens") or 0) * price.cache_write
+    )
+    return round(tokens / 1_000_000, 8)
+
+
+def default_usage_db() -> Path:
+    """The usage database in the user's state directory: $XDG_STATE_HOME/terraphim-proxy/usage.db."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "terraphim-proxy" / "usage.db"
+
+
+def usage_db_path(config: Config) -> Path | None:
+    """Where this config keeps usage: None when it is off."""
+    if config.usage_db == "off":
+        return None
+    return Path(config.usage_db).expanduser() if config.usage_db else default_usage_db()
+
+
+USAGE_COLUMNS = (
+    "time", "request_id", "session_id", "client", "endpoint", "dialect", "scenario", "route", "provider", "model",
+    "status", "outcome", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost",
+    "latency_ms", "first_byte_ms", "retries", "fallbacks",
+)  # fmt: skip
+USAGE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS requests (time REAL, request_id TEXT, session_id TEXT, client TEXT, endpoint TEXT, "
+    "dialect TEXT, scenario TEXT, route TEXT, provider TEXT, model TEXT, status INTEGER, outcome TEXT, "
+    "input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER, "
+    "cost REAL, latency_ms REAL, first_byte_ms REAL, retries INTEGER, fallbacks INTEGER)"
+)
+USAGE_BATCH = 500  # rows written in one transaction at most
+DIALECTS = {"/v1/messages": "anthropic", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
+
+
+def usage_row(record: RequestRecord, path: str, status: int, seconds: float, cost: float | None) -> tuple:
+    usage = record.usage
+    first_byte = round(record.first_byte_s * 1000, 1) if record.first_byte_s is not None else None
+    route = f"{record.provider},{record.model}" if record.provider != "-" else "-"
+    return (
+        time.time(), record.request_id, record.session_id, record.client, path, DIALECTS.get(path, "-"),
+        record.scenario, route, record.provider, record.model, status, record.outcome,
+        usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, usage.get("cache_read_input_tokens") or 0,
+        usage.get("cache_creation_input_tokens") or 0, cost, round(seconds * 1000, 1), first_byte,
+        record.retries, record.fallbacks,
+    )  # fmt: skip
+
+
+def open_usage_db(path: Path) -> sqlite3.Connection:
+    """The usage database for writing: created if needed, in WAL mode, so that several workers can share it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(USAGE_SCHEMA)
+    connection.execute("CREATE INDEX IF NOT EXISTS requests_time ON requests (time)")
+    return connection
+
+
+class UsageStore:
+    """The usage database's writer: rows are queued by the request path (which never waits on disk) and written
+    in batches by a background thread. A database that cannot be opened or written is logged once, and the
+    proxy keeps serving (those rows are lost; nothing else is)."""
+
+    def __init__(self, path: Path, retention_days: int):
+        self.path = path
+        self.retention_s = retention_days * 86400
+        self.rows: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="terraphim-usage", daemon=True)
+        self.broken = ""
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def add(self, row: tuple) -> None:
+        self.rows.put(row)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        self.rows.put(None)
+        self.thread.join(timeout=10)
+
+    def run(self) -> None:
+        connection = self.connect()
+        while True:
+            batch = [self.rows.get()]
+            while batch[-1] is not None and len(batch) < USAGE_BATCH:
+                try:
+                    batch.append(self.rows.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [row for row in batch if row is not None]
+            if rows and connection is not None:
+                try:
+                    with connection:
+                        connection.executemany(
+                            f"INSERT INTO requests VALUES ({','.join('?' * len(USAGE_COLUMNS))})", rows
+                        )
+                except sqlite3.Error as exc:
+                    self.fail(f"cannot write {self.path}: {exc}")
+            if batch[-1] is None:
+                if connection is not None:
+                    connection.close()
+                return
+
+    def connect(self) -> sqlite3.Connection | None:
+        try:
+            connection = open_usage_db(self.path)
+            with connection:
+                connection.execute("DELETE FROM requests WHERE time < ?", (time.time() - self.retention_s,))
+            return connection
+        except (sqlite3.Error, OSError) as exc:
+            self.fail(f"cannot open {self.path}: {exc}")
+            return None
+
+    def fail(self, problem: str) -> None:
+        if not self.broken:
+            log.error("usage database: %s; the proxy keeps serving without recording usage", problem)
+        self.broken = problem
+
+
+USAGE_GROUPS = {
+    "provider": "provider",
+    "model": "model",
+    "route": "route",
+    "scenario": "scenario",
+    "session": "session_id",
+    "client": "client",
+    "day": "date(time, 'unixepoch')",
+}
+
+
+def parse_since(text: str, now: float) -> float:
+    """A time as the usage queries take it: "7d", "24h", "30m" ago, a Unix time, or an ISO date or datetime."""
+    match = re.fullmatch(r"(\d+)([dhm])", text.strip())
+    if match:
+        return now - int(match.group(1)) * {"d": 86400, "h": 3600, "m": 60}[match.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ProxyError(400, f"since/until: expected 7d, 24h, 30m, a Unix time or an ISO date, got {text!r}") from None
+    return moment.replace(tzinfo=moment.tzinfo or datetime.timezone.utc).timestamp()
+
+
+def usage_summary(path: Path, since: float, until: float, by: list[str]) -> dict:
+    """Totals between two times, grouped by `by` (USAGE_GROUPS), from the database (read-only)."""
+    unknown = [name for name in by if name not in USAGE_GROUPS]
+    if unknown:
+        raise ProxyError(400, f"by: unknown group {unknown[0]!r} (one of {', '.join(USAGE_GROUPS)})")
+    keys = [f"{USAGE_GROUPS[name]} AS {name}" for name in by]
+    sums = (
+        "COUNT(*) AS requests, SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, "
+        "SUM(cache_read_tokens) AS cache_read_tokens, SUM(cache_write_tokens) AS cache_write_tokens, "
+        "SUM(cost) AS cost, SUM(cost IS NULL AND status < 400) AS unpriced_requests"
+    )
+    group = f" GROUP BY {', '.join(by)} ORDER BY {', '.join(by)}" if by else ""
+    query = f"SELECT {', '.join([*keys, sums])} FROM requests WHERE time >= ? AND time < ?{group}"
+    rows = usage_query(path, query, (since, until))
+    return {"since": since, "until": until, "by": by, "groups": rows, "note": UNPRICED_NOTE}
+
+
+UNPRICED_NOTE = "cost is null for requests to models without a known price; set prices in the provider's config"
+
+
+def usage_requests(path: Path, limit: int) -> list[dict]:
+    return usage_query(path, "SELECT * FROM requests ORDER BY time DESC LIMIT ?", (limit,))
+
+
+def usage_query(path: Path, query: str, params: tuple) -> list[dict]:
+    """Rows as dicts, read with a read-only connection; none when there is no database yet."""
+    if not path.is_file():
+        return []
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as exc:
+        raise ProxyError(503, f"the usage database cannot be read: {exc}") from None
+    try:
+        connection.row_factory = sqlite3.Row
+        return [dict(row) for row in connection.execute(query, params)]
+    except sqlite3.Error as exc:
+        raise ProxyError(503, f"the usage database cannot be read: {exc}") from None
+    finally:
+        connection.close()
+
+
 class ProxyState:
     """The app's mutable state: the current snapshot and the in-flight counters."""
 
@@ -5975,6 +6271,8 @@ class ProxyState:
         self.caches = TranslationCaches()
         self.messages = MessageMemo()
         self.redactor = RedactingFilter(config.secrets())
+        path = usage_db_path(config)
+        self.usage = UsageStore(path, config.usage_retention_days) if path is not None else None
 
     def cut_open_streams(self) -> None:
         """At the end of the shutdown drain: close the upstream of every stream still open, so each ends with
@@ -6011,6 +6309,7 @@ class RequestRecord:
     first_byte_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
     usage: dict = field(default_factory=dict)
+    client: str = "-"  # the name of the client key (see check_auth)
 
     def prompt_tokens(self) -> int | None:
         """The upstream's own count of this request's input (cache reads and writes included), if it said."""
@@ -6075,9 +6374,13 @@ async def record_middleware(request: web.Request, handler: Callable) -> web.Stre
         return response
     finally:
         if request.path.startswith("/v1/"):
+            state = request.app[STATE]
             seconds = time.perf_counter() - started
-            request.app[STATE].metrics.observe(record, status, seconds)
+            cost = request_cost(state.current.config.providers.get(record.provider), record.model, record.usage)
+            state.metrics.observe(record, status, seconds, cost)
             log_request_record(record, request.path, status, seconds)
+            if state.usage is not None and request.path in DIALECTS:
+                state.usage.add(usage_row(record, request.path, status, seconds, cost))
 
 
 def log_request_record(record: RequestRecord, path: str, status: int, seconds: float) -> None:
@@ -6147,8 +6450,9 @@ def http_exception_error(exc: web.HTTPException, request: web.Request) -> ProxyE
 def check_auth(request: web.Request, config: Config) -> str:
     """Accept `x-api-key` or `Authorization: Bearer`, compared in constant time; no key configured, no auth.
 
-    Returns who the client is for rate limiting: its key, or its address when there is no auth."""
-    if not config.api_key:
+    Returns who the client is for rate limiting: its key, or its address when there is no auth; notes the
+    client's name (its [[proxy.clients]] entry, "default" for the api_key) on the request's record."""
+    if not config.clients:
         return request.remote or "-"
     offered = request.headers.get("x-api-key")
     if offered is None:
@@ -6156,8 +6460,10 @@ def check_auth(request: web.Request, config: Config) -> str:
         offered = token.strip() if scheme.lower() == "bearer" else None
     if offered is None:
         raise ProxyError(401, "missing proxy key: send it in x-api-key or Authorization: Bearer")
-    if not hmac.compare_digest(offered.encode(), config.api_key.encode()):
+    matches = [name for name, key in config.clients if hmac.compare_digest(offered.encode(), key.encode())]
+    if not matches:
         raise ProxyError(401, "invalid proxy key")
+    request[RECORD].client = matches[0]
     return offered
 
 
@@ -6572,6 +6878,36 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response({"data": data, "has_more": False, "first_id": first, "last_id": last})
 
 
+async def handle_usage(request: web.Request) -> web.Response:
+    """Usage totals from the database: ?since=7d&until=...&by=provider,model (auth like /metrics)."""
+    config = request.app[STATE].current.config
+    check_auth(request, config)
+    path = usage_db_path(config)
+    if path is None:
+        raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    now = time.time()
+    since = parse_since(request.query.get("since", "7d"), now)
+    until = parse_since(request.query["until"], now) if "until" in request.query else now + 1
+    by = [name for name in request.query.get("by", "provider,model").split(",") if name]
+    summary = await asyncio.get_running_loop().run_in_executor(None, usage_summary, path, since, until, by)
+    return web.json_response(summary)
+
+
+async def handle_usage_requests(request: web.Request) -> web.Response:
+    """The latest usage rows: ?limit=50 (at most 1000)."""
+    config = request.app[STATE].current.config
+    check_auth(request, config)
+    path = usage_db_path(config)
+    if path is None:
+        raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    try:
+        limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
+    except ValueError:
+        raise ProxyError(400, "limit: expected an integer") from None
+    rows = await asyncio.get_running_loop().run_in_executor(None, usage_requests, path, limit)
+    return web.json_response({"requests": rows})
+
+
 async def handle_routes(request: web.Request) -> web.Response:
     """The effective routing table, in the order the router applies it."""
     config = request.app[STATE].current.config
@@ -6620,6 +6956,16 @@ async def redaction_ctx(app: web.Application) -> AsyncIterator[None]:
         target.removeFilter(redactor)
 
 
+async def usage_store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The usage writer runs while the app does; what is queued is written before it stops."""
+    store = app[STATE].usage
+    if store is not None:
+        store.start()
+    yield
+    if store is not None:
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+
 async def _client_session_ctx(
     app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
 ) -> AsyncIterator[None]:
@@ -6641,6 +6987,7 @@ def create_app(
     app[STARTED] = time.monotonic()
     app[STARTED_WALL] = time.time()
     app.cleanup_ctx.append(redaction_ctx)
+    app.cleanup_ctx.append(usage_store_ctx)
     app.cleanup_ctx.append(functools.partial(_client_session_ctx, image_resolver=image_resolver))
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -6649,6 +6996,8 @@ def create_app(
     app.router.add_post(OPENAI_RESPONSES_PATH, handle_responses)
     app.router.add_get("/routes", handle_routes)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/usage", handle_usage)
+    app.router.add_get("/usage/requests", handle_usage_requests)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/", handle_root)
     return app
@@ -6669,7 +7018,7 @@ def models_text(provider: Provider) -> str:
 
 def routing_table(config: Config) -> str:
     """The human view of a config that --check prints."""
-    auth = "proxy key required" if config.api_key else "no auth on loopback"
+    auth = "proxy key required" if config.clients else "no auth on loopback"
     lines = [f"config: {config.source}", f"listen: http://{config.host}:{config.port} ({auth})", "providers:"]
     for p in config.providers.values():
         state = "enabled" if p.enabled else f"DISABLED ({p.disabled_reason})"
@@ -6701,7 +7050,7 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = ("serve", "env", "code", "stop", "import-ccr")
+COMMANDS = ("serve", "env", "code", "stop", "usage", "import-ccr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -6709,7 +7058,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="terraphim-proxy",
         description="LLM routing proxy for Claude Code.",
         epilog="commands: serve (default); env: print the exports Claude Code needs; code [ARGS...]: start the "
-        "proxy in the background if needed and run claude; stop: stop the proxy that code started; "
+        "proxy in the background if needed and run claude; stop: stop the proxy that code started; usage [--since "
+        "7d] [--by provider,model]: usage and cost from the database; "
         "import-ccr PATH: convert a claude-code-router config.json to TOML",
     )
     parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve", help=argparse.SUPPRESS)
@@ -6736,7 +7086,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if v}
     if overrides:
         config = replace(config, **overrides)
-    if not config.api_key and not is_loopback_host(config.host):
+    if not config.clients and not is_loopback_host(config.host):
         raise ConfigError([f"--host {config.host}: proxy.api_key is required when not on a loopback address"])
     return config
 
@@ -7014,6 +7364,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_claude_code(config, args)
     if args.command == "stop":
         return stop_background_proxy(config)
+    if args.command == "usage":
+        return usage_command(config, args.rest)
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -7024,6 +7376,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         return run_workers(config, args)
     return run_worker(config, args, reuse_port=False)
+
+
+def usage_command(config: Config, argv: list[str]) -> int:
+    """`terraphim-proxy usage [--since 7d] [--until T] [--by provider,model]`: a table from the database, read
+    directly, so it works while the proxy is down."""
+    parser = argparse.ArgumentParser(prog="terraphim-proxy usage")
+    parser.add_argument("--since", default="7d")
+    parser.add_argument("--until")
+    parser.add_argument("--by", default="provider,model")
+    args = parser.parse_args(argv)
+    path = usage_db_path(config)
+    if path is None:
+        print('error: usage is off (proxy.usage_db = "off")', file=sys.stderr)
+        return 2
+    try:
+        now = time.time()
+        since, until = parse_since(args.since, now), parse_since(args.until, now) if args.until else now + 1
+        summary = usage_summary(path, since, until, [name for name in args.by.split(",") if name])
+    except ProxyError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    print(usage_table(summary))
+    return 0
+
+
+def usage_table(summary: dict) -> str:
+    """The usage summary as a text table; an unknown cost shows as "?" (see UNPRICED_NOTE)."""
+    columns = [*summary["by"], "requests", "input", "output", "cache_read", "cache_write", "cost_usd"]
+    rows = []
+    for group in summary["groups"]:
+        cost = group["cost"]
+        priced = "?" if cost is None else f"{cost:.4f}" + ("+?" if group["unpriced_requests"] else "")
+        counts = [
+            group[k] or 0
+            for k in ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+        ]
+        rows.append([*(str(group[name]) for name in summary["by"]), *map(str, counts), priced])
+    widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [columns, *rows]
+    ]
+    return "\n".join([*lines, "", f"note: {UNPRICED_NOTE}"]) if rows else "no requests in that time"
 
 
 # ---------------------------------------------------------------------------

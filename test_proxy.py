@@ -9937,6 +9937,7 @@ async def test_metrics_after_known_requests(
 
     assert metrics.types == {
         "terraphim_requests_total": "counter",
+        "terraphim_cost_usd_total": "counter",
         "terraphim_request_seconds": "histogram",
         "terraphim_first_byte_seconds": "histogram",
         "terraphim_input_tokens_total": "counter",
