@@ -7346,6 +7346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "import-ccr":
         return import_ccr_command(args.rest)
+    if args.command == "usage":
+        return usage_command(args)
     try:
         config = resolve_config(args)
     except ConfigError as err:
@@ -7364,8 +7366,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_claude_code(config, args)
     if args.command == "stop":
         return stop_background_proxy(config)
-    if args.command == "usage":
-        return usage_command(config, args.rest)
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -7378,14 +7378,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_worker(config, args, reuse_port=False)
 
 
-def usage_command(config: Config, argv: list[str]) -> int:
-    """`terraphim-proxy usage [--since 7d] [--until T] [--by provider,model]`: a table from the database, read
-    directly, so it works while the proxy is down."""
+def usage_command(main_args: argparse.Namespace) -> int:
+    """`terraphim-proxy usage [--since 7d] [--until T] [--by provider,model] [--config F]`: a table from the
+    database, read directly, so it works while the proxy is down."""
     parser = argparse.ArgumentParser(prog="terraphim-proxy usage")
     parser.add_argument("--since", default="7d")
     parser.add_argument("--until")
     parser.add_argument("--by", default="provider,model")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", default=main_args.config)
+    args = parser.parse_args(main_args.rest)
+    try:
+        config = resolve_config(argparse.Namespace(**{**vars(main_args), "config": args.config}))
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     path = usage_db_path(config)
     if path is None:
         print('error: usage is off (proxy.usage_db = "off")', file=sys.stderr)

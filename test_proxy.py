@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10012,6 +10013,165 @@ async def test_metrics_in_flight_gauge(
     assert final.content[0].text == STANDIN_TEXT
     assert after.value("terraphim_in_flight") == 0
     assert after.series("terraphim_requests_total") == {("default", "anthropic", "model-default", "200"): 1}
+
+
+# ---------------------------------------------------------------------------
+# Usage store, prices, /usage and the usage command
+# ---------------------------------------------------------------------------
+
+SONNET_LIKE_PRICE = {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75}
+
+
+def usage_config(upstream_url: str, db: Path, **proxy: Any) -> terraphim_proxy.Config:
+    """An Anthropic provider with a configured price and an OpenAI one without, both at the two-format stand-in."""
+    anthropic_provider = {
+        "name": "anthropic",
+        "type": "anthropic",
+        "api_base_url": upstream_url,
+        "api_key": "${ANTHROPIC_API_KEY}",
+        "prices": {"model-default": SONNET_LIKE_PRICE},
+    }
+    openai_provider = {
+        "name": "openai",
+        "type": "openai",
+        "api_base_url": f"{upstream_url}/v1",
+        "api_key": "$OPENAI_API_KEY",
+    }
+    data = {
+        "proxy": {"retries": 0, "usage_db": str(db), **proxy},
+        "router": {"default": "anthropic,model-default"},
+        "providers": [anthropic_provider, openai_provider],
+    }
+    return build_config(data)
+
+
+async def served_then_stopped(config: terraphim_proxy.Config, run: Callable[[str], Awaitable[None]]) -> None:
+    """Serve `config`, run the client part, then stop the app, which writes every queued usage row."""
+    runners: list[web.AppRunner] = []
+    url = await serve_proxy(config, runners)
+    try:
+        await run(url)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def usage_rows(db: Path) -> list[dict]:
+    connection = sqlite3.connect(db)
+    connection.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in connection.execute("SELECT * FROM requests ORDER BY time")]
+    finally:
+        connection.close()
+
+
+async def test_usage_rows_hold_each_providers_usage_and_cost(
+    scripted_upstream: ModelScriptedUpstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "usage.db"
+    config = usage_config(scripted_upstream.url, db, clients=[{"name": "alice", "key": "alice-key-0123456789"}])
+
+    async def run(url: str) -> None:
+        headers = {"x-api-key": "alice-key-0123456789"}
+        for model, stream in (("claude-x", False), ("claude-x", True), ("openai,gpt-default", False)):
+            answer = await call(http, f"{url}/v1/messages", request("Hi", model=model, stream=stream), headers=headers)
+            assert answer.status == 200, answer.text
+        denied = await call(http, f"{url}/v1/messages", request("Hi"), headers={"x-api-key": "wrong"})
+        assert denied.status == 401
+
+    await served_then_stopped(config, run)
+
+    rows = usage_rows(db)
+    assert [(r["route"], r["status"], r["client"], r["dialect"]) for r in rows] == [
+        ("anthropic,model-default", 200, "alice", "anthropic"),
+        ("anthropic,model-default", 200, "alice", "anthropic"),
+        ("openai,gpt-default", 200, "alice", "anthropic"),
+        ("-", 401, "-", "anthropic"),
+    ]
+    tokens = [(r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"], r["output_tokens"]) for r in rows]
+    assert tokens[:2] == [(10, 3, 2, 7)] * 2  # Anthropic's usage as it reported it
+    assert tokens[2] == (12, 3, 0, 7)  # OpenAI's prompt_tokens 15 with 3 cached
+    assert rows[0]["cost"] == pytest.approx((10 * 3.0 + 7 * 15.0 + 3 * 0.3 + 2 * 3.75) / 1e6)
+    assert rows[2]["cost"] is None  # a model without a known price has no cost, never a guess
+    assert all(r["latency_ms"] >= 0 and r["request_id"].startswith("req_") for r in rows)
+    assert rows[1]["first_byte_ms"] is not None
+
+
+async def test_usage_endpoints_and_command_group_the_rows(
+    scripted_upstream: ModelScriptedUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "usage.db"
+    config = usage_config(scripted_upstream.url, db)
+
+    async def run(url: str) -> None:
+        for model in ("claude-x", "claude-x", "openai,gpt-default"):
+            assert (await call(http, f"{url}/v1/messages", request("Hi", model=model))).status == 200
+
+    await served_then_stopped(config, run)
+
+    async def query(url: str) -> None:
+        async with http.get(f"{url}/usage", params={"since": "1h", "by": "provider,model"}) as response:
+            summary = await response.json()
+        groups = {(g["provider"], g["model"]): g for g in summary["groups"]}
+        assert groups["anthropic", "model-default"]["requests"] == 2
+        assert groups["anthropic", "model-default"]["cost"] == pytest.approx(2 * 143.4e-6)
+        assert (
+            groups["openai", "gpt-default"]["cost"] is None
+            and groups["openai", "gpt-default"]["unpriced_requests"] == 1
+        )
+        async with http.get(f"{url}/usage/requests", params={"limit": "2"}) as response:
+            latest = (await response.json())["requests"]
+        assert [row["route"] for row in latest] == ["openai,gpt-default", "anthropic,model-default"]
+        async with http.get(f"{url}/usage", params={"by": "planet"}) as response:
+            assert response.status == 400 and "unknown group 'planet'" in (await response.text())
+
+    await served_then_stopped(config, query)
+
+    toml = tmp_path / "proxy.toml"
+    toml.write_text(
+        f'[proxy]\nusage_db = "{db}"\n[router]\ndefault = "ollama,qwen3-coder:30b"\n[[providers]]\nname = "ollama"\n'
+    )
+    assert terraphim_proxy.main(["usage", "--config", str(toml), "--since", "1d", "--by", "provider"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["provider", "requests", "input", "output", "cache_read", "cache_write", "cost_usd"]
+    assert table[1].split()[:2] == ["anthropic", "2"] and table[1].split()[-1] == "0.0003"
+    assert table[2].split()[:2] == ["openai", "1"] and table[2].split()[-1] == "?"
+
+
+@pytest.mark.parametrize("broken", ["corrupt", "directory"])
+async def test_a_broken_usage_database_is_logged_once_and_the_proxy_keeps_serving(
+    scripted_upstream: ModelScriptedUpstream,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    broken: str,
+) -> None:
+    db = tmp_path / "usage.db"
+    if broken == "corrupt":
+        db.write_bytes(b"this is not a database " * 200)
+    else:
+        db.mkdir()
+    config = usage_config(scripted_upstream.url, db)
+
+    async def run(url: str) -> None:
+        for _ in range(3):
+            assert (await call(http, f"{url}/v1/messages", request("Hi"))).status == 200
+
+    await served_then_stopped(config, run)
+    problems = [r for r in caplog.records if r.getMessage().startswith("usage database:")]
+    assert len(problems) == 1 and "keeps serving" in problems[0].getMessage()
+
+
+def test_prices_in_the_config_are_checked() -> None:
+    provider = {"name": "a", "type": "anthropic", "api_key": "k", "prices": {"m": {"input": "cheap", "output": 1}}}
+    with pytest.raises(terraphim_proxy.ConfigError, match="prices must be numbers"):
+        build_config({"router": {"default": "a,m"}, "providers": [provider]})
+    provider["prices"] = {"m": {"input": 1.0}}
+    with pytest.raises(terraphim_proxy.ConfigError, match="expected \\{ input, output"):
+        build_config({"router": {"default": "a,m"}, "providers": [provider]})
 
 
 # ===========================================================================
