@@ -6236,6 +6236,17 @@ def usage_summary(path: Path, since: float, until: float, by: list[str]) -> dict
 UNPRICED_NOTE = "cost is null for requests to models without a known price; set prices in the provider's config"
 
 
+def usage_session(path: Path, session_id: str) -> dict:
+    """A session's last route, and its tokens and cost so far (cost null when any request had no price)."""
+    query = (
+        "SELECT COUNT(*) AS requests, SUM(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
+        "AS tokens, SUM(cost) AS cost, SUM(cost IS NULL AND status < 400) AS unpriced, "
+        "(SELECT route FROM requests WHERE session_id = ? ORDER BY time DESC LIMIT 1) AS route "
+        "FROM requests WHERE session_id = ?"
+    )
+    return usage_query(path, query, (session_id, session_id))[0] if path.is_file() else {"requests": 0}
+
+
 def usage_requests(path: Path, limit: int) -> list[dict]:
     return usage_query(path, "SELECT * FROM requests ORDER BY time DESC LIMIT ?", (limit,))
 
@@ -6893,6 +6904,17 @@ async def handle_usage(request: web.Request) -> web.Response:
     return web.json_response(summary)
 
 
+async def handle_usage_session(request: web.Request) -> web.Response:
+    """One session's last route, tokens and cost: ?id=SESSION (for `terraphim-proxy statusline`)."""
+    config = request.app[STATE].current.config
+    check_auth(request, config)
+    path = usage_db_path(config)
+    if path is None:
+        raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    summary = await asyncio.get_running_loop().run_in_executor(None, usage_session, path, request.query.get("id", ""))
+    return web.json_response(summary)
+
+
 async def handle_usage_requests(request: web.Request) -> web.Response:
     """The latest usage rows: ?limit=50 (at most 1000)."""
     config = request.app[STATE].current.config
@@ -6998,6 +7020,7 @@ def create_app(
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/usage", handle_usage)
     app.router.add_get("/usage/requests", handle_usage_requests)
+    app.router.add_get("/usage/session", handle_usage_session)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/", handle_root)
     return app
@@ -7050,7 +7073,7 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = ("serve", "env", "code", "stop", "usage", "import-ccr")
+COMMANDS = ("serve", "env", "code", "stop", "usage", "statusline", "import-ccr")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -7348,6 +7371,8 @@ def main(argv: list[str] | None = None) -> int:
         return import_ccr_command(args.rest)
     if args.command == "usage":
         return usage_command(args)
+    if args.command == "statusline":
+        return statusline_command(args)
     try:
         config = resolve_config(args)
     except ConfigError as err:
@@ -7385,13 +7410,8 @@ def usage_command(main_args: argparse.Namespace) -> int:
     parser.add_argument("--since", default="7d")
     parser.add_argument("--until")
     parser.add_argument("--by", default="provider,model")
-    parser.add_argument("--config", default=main_args.config)
-    args = parser.parse_args(main_args.rest)
-    try:
-        config = resolve_config(argparse.Namespace(**{**vars(main_args), "config": args.config}))
-    except ConfigError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    args, config = subcommand_config(main_args, parser)
+    if config is None:
         return 2
     path = usage_db_path(config)
     if path is None:
@@ -7406,6 +7426,68 @@ def usage_command(main_args: argparse.Namespace) -> int:
         return 2
     print(usage_table(summary))
     return 0
+
+
+STATUSLINE_TIMEOUT_S = 0.05  # the proxy's share of the statusline's 100 ms; the database is the fallback
+
+
+def subcommand_config(
+    main_args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, Config | None]:
+    """A subcommand's own arguments (its --config among them, as after the command name) and the config they
+    name; None (the problems printed) when it is wrong."""
+    parser.add_argument("--config", default=main_args.config)
+    args = parser.parse_args(main_args.rest)
+    try:
+        return args, resolve_config(argparse.Namespace(**{**vars(main_args), "config": args.config}))
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return args, None
+
+
+def statusline_command(main_args: argparse.Namespace) -> int:
+    """`terraphim-proxy statusline`: Claude Code's statusLine command. Reads Claude Code's JSON on stdin and prints
+    the route that served the session's last request, and its tokens and real cost: from the proxy, or, when
+    it does not answer at once, from the usage database."""
+    try:
+        session_id = str(json.loads(sys.stdin.read() or "{}").get("session_id") or "")
+    except (ValueError, AttributeError):
+        session_id = ""
+    _, config = subcommand_config(main_args, argparse.ArgumentParser(prog="terraphim-proxy statusline"))
+    if config is None:
+        print("terraphim-proxy: config error (see terraphim-proxy --check)")
+        return 0
+    summary = session_from_proxy(config, session_id)
+    path = usage_db_path(config)
+    if summary is None and path is not None:
+        try:
+            summary = usage_session(path, session_id)
+        except ProxyError:
+            summary = None
+    print(statusline_text(summary))
+    return 0
+
+
+def session_from_proxy(config: Config, session_id: str) -> dict | None:
+    url = f"{claude_env(config)['ANTHROPIC_BASE_URL']}/usage/session?id={quote(session_id)}"
+    headers = {"x-api-key": config.api_key} if config.api_key else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=STATUSLINE_TIMEOUT_S
+        ) as answer:
+            data = json.loads(answer.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def statusline_text(summary: dict | None) -> str:
+    if not summary or not summary.get("requests"):
+        return "terraphim-proxy: no requests yet in this session"
+    cost = summary.get("cost")
+    price = "cost ?" if cost is None else f"${cost:.4f}" + ("+?" if summary.get("unpriced") else "")
+    return f"{summary.get('route') or '-'} · {summary.get('tokens') or 0:,} tokens · {price}"
 
 
 def usage_table(summary: dict) -> str:

@@ -10174,6 +10174,54 @@ def test_prices_in_the_config_are_checked() -> None:
         build_config({"router": {"default": "a,m"}, "providers": [provider]})
 
 
+CLAUDE_CODE_STATUSLINE_INPUT = {  # what Claude Code writes on a statusLine command's stdin
+    "hook_event_name": "Status",
+    "session_id": "5a6f0c1e-statusline-session",
+    "transcript_path": "/home/dev/.claude/projects/demo/5a6f0c1e.jsonl",
+    "cwd": "/home/dev/demo",
+    "model": {"id": "claude-opus-5-5", "display_name": "Opus"},
+    "workspace": {"current_dir": "/home/dev/demo", "project_dir": "/home/dev/demo"},
+    "version": "2.1.328",
+    "output_style": {"name": "default"},
+    "cost": {"total_cost_usd": 0.42, "total_duration_ms": 120000, "total_api_duration_ms": 9000},
+    "context_window": {"total_input_tokens": 12000, "total_output_tokens": 900, "context_window_size": 200000},
+}
+
+
+async def test_statusline_shows_the_sessions_route_tokens_and_real_cost(
+    scripted_upstream: ModelScriptedUpstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "usage.db"
+    config = usage_config(scripted_upstream.url, db)
+    session = CLAUDE_CODE_STATUSLINE_INPUT["session_id"]
+    metadata = {"user_id": json.dumps({"device_id": "d1", "session_id": session})}
+
+    async def run(url: str) -> None:
+        for model in ("claude-x", "claude-x"):
+            body = request("Hi", model=model, metadata=metadata)
+            assert (await call(http, f"{url}/v1/messages", body)).status == 200
+
+    await served_then_stopped(config, run)
+    toml = tmp_path / "proxy.toml"
+    port = free_port()  # nothing listens there: the statusline falls back to the database
+    toml.write_text(
+        f'[proxy]\nport = {port}\nusage_db = "{db}"\n[router]\ndefault = "ollama,m"\n[[providers]]\nname = "ollama"\n'
+    )
+    stdin = json.dumps(CLAUDE_CODE_STATUSLINE_INPUT)
+    done = subprocess.run(
+        [sys.executable, str(MODULE_PATH), "statusline", "--config", str(toml)],
+        input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"anthropic,model-default · {2 * 22:,} tokens · ${2 * 143.4e-6:.4f}"
+    other = json.dumps({**CLAUDE_CODE_STATUSLINE_INPUT, "session_id": "another"})
+    quiet = subprocess.run(
+        [sys.executable, str(MODULE_PATH), "statusline", "--config", str(toml)],
+        input=other, capture_output=True, text=True, timeout=TIMEOUT_S, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert quiet.stdout.strip() == "terraphim-proxy: no requests yet in this session"
+
+
 # ===========================================================================
 # HTTP app and handlers
 # ===========================================================================
