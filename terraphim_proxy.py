@@ -6284,6 +6284,7 @@ class ProxyState:
         self.redactor = RedactingFilter(config.secrets())
         path = usage_db_path(config)
         self.usage = UsageStore(path, config.usage_retention_days) if path is not None else None
+        self.live: set[asyncio.Queue[dict]] = set()  # one per dashboard following /ui/events
 
     def cut_open_streams(self) -> None:
         """At the end of the shutdown drain: close the upstream of every stream still open, so each ends with
@@ -6390,8 +6391,13 @@ async def record_middleware(request: web.Request, handler: Callable) -> web.Stre
             cost = request_cost(state.current.config.providers.get(record.provider), record.model, record.usage)
             state.metrics.observe(record, status, seconds, cost)
             log_request_record(record, request.path, status, seconds)
-            if state.usage is not None and request.path in DIALECTS:
-                state.usage.add(usage_row(record, request.path, status, seconds, cost))
+            if request.path in DIALECTS:
+                row = usage_row(record, request.path, status, seconds, cost)
+                if state.usage is not None:
+                    state.usage.add(row)
+                for feed in state.live:
+                    with contextlib.suppress(asyncio.QueueFull):  # a dashboard that does not keep up misses rows
+                        feed.put_nowait(dict(zip(USAGE_COLUMNS, row, strict=True)))
 
 
 def log_request_record(record: RequestRecord, path: str, status: int, seconds: float) -> None:
@@ -6860,6 +6866,10 @@ async def handle_health(request: web.Request) -> web.Response:
                 "disabled": {p.name: p.disabled_reason for p in providers if not p.enabled},
                 "down": state.current.cooldowns.down(),
             },
+            "resting_keys": {
+                name: sum(until > time.monotonic() for until in ring.resting.values())
+                for name, ring in state.current.keyrings.items()
+            },
         }
     )
 
@@ -6902,6 +6912,160 @@ async def handle_usage(request: web.Request) -> web.Response:
     by = [name for name in request.query.get("by", "provider,model").split(",") if name]
     summary = await asyncio.get_running_loop().run_in_executor(None, usage_summary, path, since, until, by)
     return web.json_response(summary)
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>terraphim-proxy</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+header{background:#1d232b;color:#fff;padding:10px 18px;display:flex;gap:18px;align-items:baseline}
+header h1{font-size:17px;margin:0}main{padding:14px 18px}
+.totals,.cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:14px}
+.box{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:10px 14px;min-width:170px}
+.box h3{margin:0 0 6px;font-size:13px;color:#56606b}.box .big{font-size:20px;font-weight:600}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #dde1e6}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eef0f3;font-variant-numeric:tabular-nums}
+th{background:#eef0f3;font-size:12px}tr.err td{color:#b3261e}.muted{color:#56606b}
+</style></head><body>
+<header><h1>terraphim-proxy</h1><span id="status" class="muted">connecting…</span></header>
+<main>
+<section class="totals" id="totals"></section>
+<section class="cards" id="cards"></section>
+<h2>Requests</h2>
+<table id="requests"><thead><tr><th>time</th><th>route</th><th>model</th><th>scenario</th><th>tokens</th>
+<th>cost</th><th>latency</th><th>status</th></tr></thead><tbody></tbody></table>
+<h2>Routing</h2><table id="routes"><thead><tr><th>scenario</th><th>targets</th></tr></thead><tbody></tbody></table>
+</main>
+<script>
+"use strict";
+const KEY = "terraphim-proxy-key";
+let key = sessionStorage.getItem(KEY) || "";
+const headers = () => (key ? {"x-api-key": key} : {});
+async function get(path) {
+  let answer = await fetch(path, {headers: headers()});
+  if (answer.status === 401) {
+    key = prompt("terraphim-proxy key") || "";
+    sessionStorage.setItem(KEY, key);
+    answer = await fetch(path, {headers: headers()});
+  }
+  if (!answer.ok) throw new Error(path + ": HTTP " + answer.status);
+  return answer.json();
+}
+const text = (value) => document.createTextNode(value === null || value === undefined ? "?" : String(value));
+function cells(row, values) {
+  for (const value of values) row.insertCell().appendChild(text(value));
+}
+const money = (cost) => (cost === null || cost === undefined ? "?" : "$" + Number(cost).toFixed(4));
+function box(parent, title, big, lines) {
+  const el = document.createElement("div"); el.className = "box"; el.dataset.name = title;
+  const h = document.createElement("h3"); h.appendChild(text(title)); el.appendChild(h);
+  const b = document.createElement("div"); b.className = "big"; b.appendChild(text(big)); el.appendChild(b);
+  for (const line of lines) { const d = document.createElement("div"); d.appendChild(text(line)); el.appendChild(d); }
+  parent.appendChild(el);
+}
+function median(values) {
+  const s = [...values].sort((a, b) => a - b);
+  return s.length ? s[Math.floor(s.length / 2)] : 0;
+}
+async function refresh() {
+  const midnight = new Date(); midnight.setHours(0, 0, 0, 0);
+  const [health, today, rows] = await Promise.all([
+    get("/health"), get("/usage?by=&since=" + Math.floor(midnight / 1000)), get("/usage/requests?limit=1000")]);
+  const started = Date.now() / 1000 - (health.uptime_s || 0);
+  const run = await get("/usage?by=&since=" + Math.floor(started));
+  const totals = document.getElementById("totals"); totals.replaceChildren();
+  for (const [title, summary] of [["today", today], ["this run", run]]) {
+    const t = summary.groups[0] || {};
+    box(totals, title, (t.requests || 0) + " requests", [
+      ((t.input_tokens || 0) + (t.output_tokens || 0)) + " tokens", "cost " + money(t.cost)]);
+  }
+  const cards = document.getElementById("cards"); cards.replaceChildren();
+  const byProvider = {};
+  for (const row of rows.requests) { if (row.provider !== "-") (byProvider[row.provider] ||= []).push(row); }
+  const resting = health.resting_keys || {};
+  for (const [provider, list] of Object.entries(byProvider)) {
+    const errors = list.filter((r) => r.status >= 400).length;
+    box(cards, provider, list.length + " requests", [
+      "errors " + Math.round(100 * errors / list.length) + "%",
+      "p50 " + median(list.map((r) => r.latency_ms)).toFixed(1) + " ms",
+      "retries " + list.reduce((n, r) => n + r.retries, 0),
+      "fallbacks " + list.reduce((n, r) => n + r.fallbacks, 0),
+      "keys resting " + (resting[provider] || 0)]);
+  }
+}
+function addRow(r) {
+  const body = document.querySelector("#requests tbody");
+  const row = body.insertRow(0); if (r.status >= 400) row.className = "err";
+  cells(row, [new Date(r.time * 1000).toLocaleTimeString(), r.route, r.model, r.scenario,
+    r.input_tokens + r.output_tokens + r.cache_read_tokens + r.cache_write_tokens, money(r.cost),
+    r.latency_ms.toFixed(1) + " ms", r.status]);
+  while (body.rows.length > 200) body.deleteRow(-1);
+}
+async function follow() {
+  const answer = await fetch("/ui/events", {headers: headers()});
+  document.getElementById("status").textContent = "live";
+  const reader = answer.body.getReader(); const decoder = new TextDecoder(); let pending = "";
+  for (;;) {
+    const {value, done} = await reader.read(); if (done) break;
+    pending += decoder.decode(value, {stream: true});
+    const frames = pending.split("\\n\\n"); pending = frames.pop();
+    for (const frame of frames) {
+      const lines = frame.split("\\n").filter((l) => l.startsWith("data: "));
+      const data = lines.map((l) => l.slice(6)).join("\\n");
+      if (data) { addRow(JSON.parse(data)); refresh().catch(() => {}); }
+    }
+  }
+  document.getElementById("status").textContent = "disconnected; reload to reconnect";
+}
+async function start() {
+  const routes = await get("/routes");
+  const body = document.querySelector("#routes tbody");
+  for (const scenario of routes.order) {
+    cells(body.insertRow(), [scenario, (routes.routes[scenario] || []).join(" | ") || "-"]);
+  }
+  const latest = await get("/usage/requests?limit=50");
+  for (const r of latest.requests.reverse()) addRow(r);
+  await refresh();
+  await follow();
+}
+start().catch((e) => { document.getElementById("status").textContent = String(e); });
+</script></body></html>
+"""
+LIVE_FEED_ROWS = 1000  # rows a dashboard may fall behind by before it misses some
+LIVE_PING_S = 15.0
+
+
+async def handle_ui(request: web.Request) -> web.Response:
+    """The live dashboard: one self-contained page. With client keys configured, the page asks for one and sends
+    it with every request it makes (the page holds none); without, it is served on loopback only."""
+    config = request.app[STATE].current.config
+    if not config.clients and not is_loopback_host(request.remote or ""):
+        raise ProxyError(403, "the dashboard is served on loopback only when no proxy.api_key is set")
+    return web.Response(text=DASHBOARD_HTML, content_type="text/html", headers={"cache-control": "no-store"})
+
+
+async def handle_ui_events(request: web.Request) -> web.StreamResponse:
+    """Each API request as it ends (a usage row, as JSON), as server-sent events, for the dashboard."""
+    state = request.app[STATE]
+    check_auth(request, state.current.config)
+    feed: asyncio.Queue[dict] = asyncio.Queue(LIVE_FEED_ROWS)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-store"})
+    await response.prepare(request)
+    state.live.add(feed)
+    try:
+        while not state.shutting_down:
+            try:
+                row = await asyncio.wait_for(feed.get(), LIVE_PING_S)
+            except asyncio.TimeoutError:
+                await response.write(b": ping\n\n")
+                continue
+            await response.write(b"data: " + dump_json(row) + b"\n\n")
+    except ConnectionResetError:  # the page was closed: nothing to say to it
+        pass
+    finally:
+        state.live.discard(feed)
+    return response
 
 
 async def handle_usage_session(request: web.Request) -> web.Response:
@@ -7021,6 +7185,8 @@ def create_app(
     app.router.add_get("/usage", handle_usage)
     app.router.add_get("/usage/requests", handle_usage_requests)
     app.router.add_get("/usage/session", handle_usage_session)
+    app.router.add_get("/ui", handle_ui)
+    app.router.add_get("/ui/events", handle_ui_events)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/", handle_root)
     return app

@@ -10960,6 +10960,62 @@ async def test_truncated_or_malformed_framing(
     assert (await post_client_body(http, proxy, client_body(), headers={"x-api-key": PROXY_KEY})).status == 200
 
 
+# ---------------------------------------------------------------------------
+# The live dashboard in a real browser (headless Chromium from the system packages)
+# ---------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+async def test_dashboard_shows_requests_live_and_provider_cards_in_chromium(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail("Chromium not found: apt-get install -y chromium (the dashboard test drives a real browser)")
+    playwright_api = pytest.importorskip("playwright.async_api")
+    url = await start_proxy(usage_config(scripted_upstream.url, tmp_path / "usage.db"))
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 700})
+            await page.goto(f"{url}/ui")
+            await page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=5000)
+            for model in ("claude-x", "openai,gpt-default", "claude-x"):
+                assert (await call(http, f"{url}/v1/messages", request("Hi", model=model))).status == 200
+            rows = page.locator("#requests tbody tr")
+            await page.wait_for_function("document.querySelectorAll('#requests tbody tr').length === 3", timeout=2000)
+            assert "anthropic,model-default" in await rows.nth(0).inner_text()
+            assert "openai,gpt-default" in await rows.nth(1).inner_text()
+            card = page.locator('.box[data-name="anthropic"]')
+            await card.wait_for(timeout=2000)
+            await page.wait_for_function(
+                "document.querySelector('.box[data-name=\"anthropic\"] .big').textContent === '2 requests'",
+                timeout=2000,
+            )
+            assert "errors 0%" in await card.inner_text()
+            assert "default" in await page.locator("#routes").inner_text()
+            screenshot = tmp_path / "dashboard.png"
+            await page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+            html = await page.content()
+            assert UPSTREAM_KEY not in html and ENVIRON["OPENAI_API_KEY"] not in html
+        finally:
+            await browser.close()
+
+
+async def test_dashboard_asks_for_the_key_and_is_loopback_only_without_one(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    url = await start_proxy(usage_config(scripted_upstream.url, tmp_path / "usage.db", api_key=PROXY_KEY))
+    async with http.get(f"{url}/ui") as page:
+        html = await page.text()
+    assert page.status == 200 and PROXY_KEY not in html and 'prompt("terraphim-proxy key")' in html
+    async with http.get(f"{url}/ui/events") as events:
+        assert events.status == 401
+    async with http.get(f"{url}/usage") as usage:
+        assert usage.status == 401
+
+
 # ===========================================================================
 # CLI and main
 # ===========================================================================
