@@ -26,6 +26,7 @@ request in its first system block and its last user text, so no cache can help).
     python bench.py --workers-compare   # the proxy with --workers 1 vs --workers 2 on the Claude Code cases
     python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
     python bench.py --sizes             # added latency and CPU for 10 KB to 1.5 MB conversations, warm and cold
+    python bench.py --usage-compare     # the usage database off vs on; every request's row written
     python bench.py --json out.json     # also write the results as JSON
 """
 
@@ -46,6 +47,7 @@ import random
 import secrets
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -469,9 +471,10 @@ def provider_toml(route: Route, upstream_url: str) -> str:
     )
 
 
-def proxy_config(upstream_url: str, port: int, settings: dict[str, int]) -> str:
-    """One provider per route at the stand-in; the default route is pass-through. `settings` go into [proxy]."""
-    extra = "".join(f"{key} = {value}\n" for key, value in settings.items())
+def proxy_config(upstream_url: str, port: int, settings: dict[str, int | str]) -> str:
+    """One provider per route at the stand-in; the default route is pass-through. `settings` go into [proxy]; the
+    usage database is off unless they name one."""
+    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in {"usage_db": "off", **settings}.items())
     default = ROUTES["pass-through"]
     head = (
         f'[proxy]\nhost = "{HOST}"\nport = {port}\nlog_level = "warning"\n{extra}\n'
@@ -505,7 +508,7 @@ def start_proxy(
     name: str,
     upstream_url: str,
     workers: int = 1,
-    settings: dict[str, int] | None = None,
+    settings: dict[str, int | str] | None = None,
 ) -> tuple[Child, str]:
     port = free_port()
     config_path = workdir / f"{name}.toml"
@@ -1342,6 +1345,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     mode.add_argument("--soak", action="store_true", help="instead: a soak against a failing stand-in; leak checks")
     mode.add_argument(
+        "--usage-compare",
+        action="store_true",
+        help="instead: the proxy with its usage database off and on, side by side; then every request's row counted",
+    )
+    mode.add_argument(
         "--sizes",
         action="store_true",
         help=f"instead: added c1 p50 and proxy CPU per request for conversations of {', '.join(SIZES)} bytes, "
@@ -1462,14 +1470,13 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def compare_paths(routes: list[str], proxies: list[tuple[Child, str]]) -> list[BenchPath]:
-    """For each route, one path per proxy ("<route> w1", "<route> w2"); each w2 compares with its w1."""
+def compare_paths(routes: list[str], proxies: list[tuple[Child, str]], labels: tuple[str, str]) -> list[BenchPath]:
+    """For each route, one path per proxy ("<route> <label>"); the second compares with the first."""
     paths = []
     for route in routes:
-        for number_of_workers, (child, url) in enumerate(proxies, 1):
-            baseline = f"{route} w1" if number_of_workers > 1 else None
-            model = ROUTES[route].request_model
-            paths.append(BenchPath(f"{route} w{number_of_workers}", url, child.pid, model, baseline))
+        for label, (child, url) in zip(labels, proxies, strict=True):
+            baseline = f"{route} {labels[0]}" if label != labels[0] else None
+            paths.append(BenchPath(f"{route} {label}", url, child.pid, ROUTES[route].request_model, baseline))
     return paths
 
 
@@ -1483,7 +1490,7 @@ def run_workers_compare(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
         proxies = [start_proxy(stack, workdir, f"workers{n}", upstream_url, workers=n) for n in (1, 2)]
-        paths = compare_paths(routes, proxies)
+        paths = compare_paths(routes, proxies, ("w1", "w2"))
         results, sent = run_event_loop(measure_all(paths, cases, rounds, requests))
         processes = {child.name: process_report(child.name, child.pid, paths, sent) for child, _ in proxies}
         errors = report_failures(results, [upstream, *(child for child, _ in proxies)])
@@ -1497,6 +1504,45 @@ def run_workers_compare(args: argparse.Namespace) -> int:
         print(process_line(report))
     write_json(args.json, results_json(settings, paths, results, processes))
     return 1 if errors else 0
+
+
+USAGE_COMPARE_PATHS = ("pass-through", "openai")
+
+
+def run_usage_compare(args: argparse.Namespace) -> int:
+    """The proxy with its usage database off and on, side by side, then every request's row counted."""
+    rounds, requests = run_sizes(args)
+    routes = [name for name in args.paths or USAGE_COMPARE_PATHS if name in ROUTES]
+    cases = [
+        Case(body, stream, c) for body in ("small", "cc-warm") for stream in (False, True) for c in args.concurrency
+    ]
+    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp:
+        workdir = Path(tmp)
+        database = workdir / "usage.db"
+        with contextlib.ExitStack() as stack:
+            upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
+            proxies = [
+                start_proxy(stack, workdir, "usage-off", upstream_url),
+                start_proxy(stack, workdir, "usage-on", upstream_url, settings={"usage_db": str(database)}),
+            ]
+            paths = compare_paths(routes, proxies, ("off", "on"))
+            results, sent = run_event_loop(measure_all(paths, cases, rounds, requests))
+            processes = {child.name: process_report(child.name, child.pid, paths, sent) for child, _ in proxies}
+            errors = report_failures(results, [upstream, *(child for child, _ in proxies)])
+        # The proxies have stopped: the store has written every row it had queued.
+        with contextlib.closing(sqlite3.connect(database)) as connection:
+            rows = connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    expected = sum(count for name, count in sent.items() if name.endswith(" on"))
+    settings = {**base_settings(args, rounds, requests), "upstream": upstream_url, "mode": "usage-compare"}
+    print()
+    print(settings_line("terraphim-proxy usage database off vs on", settings))
+    print("Medians over rounds; ms. Ratio rows (and added ms) = on / off.")
+    print(format_table(paths, results))
+    for report in processes.values():
+        print(process_line(report))
+    print(f"usage rows written: {rows} of {expected} requests sent to the proxy with the database on")
+    write_json(args.json, {**results_json(settings, paths, results, processes), "usage_rows": rows, "sent": expected})
+    return 1 if errors or rows != expected else 0
 
 
 def run_soak(args: argparse.Namespace) -> int:
@@ -1553,7 +1599,8 @@ def main(argv: list[str] | None = None) -> int:
         run_event_loop(serve_standin(args.serve_upstream, args.chunks, args.faults))
         return 0
     signal.signal(signal.SIGTERM, interrupt)
-    mode = run_soak if args.soak else run_workers_compare if args.workers_compare else run_bench
+    modes = {"soak": run_soak, "workers_compare": run_workers_compare, "usage_compare": run_usage_compare}
+    mode = next((run for flag, run in modes.items() if getattr(args, flag)), run_bench)
     try:
         return mode(args)
     except KeyboardInterrupt:

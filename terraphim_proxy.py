@@ -6101,6 +6101,7 @@ USAGE_SCHEMA = (
     "cost REAL, latency_ms REAL, first_byte_ms REAL, retries INTEGER, fallbacks INTEGER)"
 )
 USAGE_BATCH = 500  # rows written in one transaction at most
+USAGE_FLUSH_S = 0.25  # rows wait this long for others, so the writer wakes a few times a second, not per request
 DIALECTS = {"/v1/messages": "anthropic", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
 
@@ -6122,6 +6123,7 @@ def open_usage_db(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last rows
     connection.execute(USAGE_SCHEMA)
     connection.execute("CREATE INDEX IF NOT EXISTS requests_time ON requests (time)")
     return connection
@@ -6137,6 +6139,7 @@ class UsageStore:
         self.retention_s = retention_days * 86400
         self.rows: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name="terraphim-usage", daemon=True)
+        self.closing = threading.Event()
         self.broken = ""
 
     def start(self) -> None:
@@ -6147,6 +6150,7 @@ class UsageStore:
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
+        self.closing.set()
         self.rows.put(None)
         self.thread.join(timeout=10)
 
@@ -6154,6 +6158,8 @@ class UsageStore:
         connection = self.connect()
         while True:
             batch = [self.rows.get()]
+            if batch[0] is not None:
+                self.closing.wait(USAGE_FLUSH_S)
             while batch[-1] is not None and len(batch) < USAGE_BATCH:
                 try:
                     batch.append(self.rows.get_nowait())
@@ -6994,6 +7000,11 @@ async function refresh() {
       "keys resting " + (resting[provider] || 0)]);
   }
 }
+let refreshing = null;
+function refreshSoon() {  // the database gets each row within USAGE_FLUSH_S; the cards are read from it
+  clearTimeout(refreshing);
+  refreshing = setTimeout(() => refresh().catch(() => {}), 600);
+}
 function addRow(r) {
   const body = document.querySelector("#requests tbody");
   const row = body.insertRow(0); if (r.status >= 400) row.className = "err";
@@ -7013,7 +7024,7 @@ async function follow() {
     for (const frame of frames) {
       const lines = frame.split("\\n").filter((l) => l.startsWith("data: "));
       const data = lines.map((l) => l.slice(6)).join("\\n");
-      if (data) { addRow(JSON.parse(data)); refresh().catch(() => {}); }
+      if (data) { addRow(JSON.parse(data)); refreshSoon(); }
     }
   }
   document.getElementById("status").textContent = "disconnected; reload to reconnect";
