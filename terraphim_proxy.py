@@ -7506,10 +7506,20 @@ def run_claude_code(config: Config, args: argparse.Namespace) -> int:
     if talks_to_a_model(args.rest) and not proxy_is_up(base_url) and not start_background_proxy(config, args, base_url):
         return 1
     try:
-        os.execvpe("claude", ["claude", *args.rest], {**os.environ, **env})
+        os.execvpe("claude", ["claude", *args.rest, *statusline_settings(args)], {**os.environ, **env})
     except FileNotFoundError:
         print("error: claude not found; install it with: npm install -g @anthropic-ai/claude-code", file=sys.stderr)
         return 127
+
+
+def statusline_settings(args: argparse.Namespace) -> list[str]:
+    """`--settings` for claude that shows `terraphim-proxy statusline` in its status line, unless the user passes
+    settings of their own."""
+    if "--settings" in args.rest or not talks_to_a_model(args.rest):
+        return []
+    command = [sys.executable, str(Path(__file__).resolve()), "statusline"]
+    command += ["--config", str(Path(args.config).resolve())] if args.config else []
+    return ["--settings", json.dumps({"statusLine": {"type": "command", "command": shlex.join(command)}})]
 
 
 def stop_background_proxy(config: Config) -> int:

@@ -10222,6 +10222,37 @@ async def test_statusline_shows_the_sessions_route_tokens_and_real_cost(
     assert quiet.stdout.strip() == "terraphim-proxy: no requests yet in this session"
 
 
+async def test_every_worker_of_a_multi_worker_proxy_writes_its_rows_to_one_database(
+    scripted_upstream: ModelScriptedUpstream, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "usage.db"
+    provider = {
+        "name": "anthropic",
+        "type": "anthropic",
+        "api_base_url": scripted_upstream.url,
+        "api_key": UPSTREAM_KEY,
+    }
+    doc = {"proxy": {"usage_db": str(db)}, "router": {"default": "anthropic,model-default"}, "providers": [provider]}
+    (tmp_path / "proxy.toml").write_text(to_toml(doc))
+    port = free_port()
+    proc = await spawn_proxy("--config", str(tmp_path / "proxy.toml"), "--port", str(port), "--workers", "2")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", proc)
+        for _ in range(40):  # each on a new connection, which the kernel gives to either worker
+            async with aiohttp.ClientSession() as fresh:
+                url = f"http://127.0.0.1:{port}"
+                async with fresh.post(f"{url}/v1/messages", json=request("Hi")) as answer:
+                    assert answer.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), TIMEOUT_S) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    rows = usage_rows(db)
+    assert len(rows) == 40 and len({row["request_id"] for row in rows}) == 40
+
+
 # ===========================================================================
 # HTTP app and handlers
 # ===========================================================================
@@ -11334,7 +11365,10 @@ def test_code_command(tmp_path: Path) -> None:
         first = run_cli(["--config", "test.toml", "code", "-p", "hello", "--verbose"], tmp_path, env)
         assert first.returncode == 0, first.stderr
         report = json.loads(first.stdout)
-        assert report["argv"] == ["-p", "hello", "--verbose"]
+        assert report["argv"][:4] == ["-p", "hello", "--verbose", "--settings"]
+        status_line = json.loads(report["argv"][4])["statusLine"]
+        assert status_line["type"] == "command"
+        assert shlex.split(status_line["command"])[-3:] == ["statusline", "--config", str(tmp_path / "test.toml")]
         assert report["env"] == {
             "ANTHROPIC_BASE_URL": base_url,
             "ANTHROPIC_AUTH_TOKEN": PROXY_KEY,
@@ -11349,7 +11383,7 @@ def test_code_command(tmp_path: Path) -> None:
         # A second run finds the proxy up and reuses it.
         second = run_cli(["--config", "test.toml", "code", "--continue"], tmp_path, env)
         assert second.returncode == 0, second.stderr
-        assert json.loads(second.stdout)["argv"] == ["--continue"]
+        assert json.loads(second.stdout)["argv"][:2] == ["--continue", "--settings"]
         assert json.loads(second.stdout)["pid"] == report["pid"]
         assert "started" not in second.stderr
         # Without claude on PATH: a clear message and 127.
