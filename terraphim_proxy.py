@@ -6905,13 +6905,19 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response({"data": data, "has_more": False, "first_id": first, "last_id": last})
 
 
-async def handle_usage(request: web.Request) -> web.Response:
-    """Usage totals from the database: ?since=7d&until=...&by=provider,model (auth like /metrics)."""
+def authorized_usage_db(request: web.Request) -> Path:
+    """The usage database, for a request with the proxy key (auth like /metrics); 404 when usage is off."""
     config = request.app[STATE].current.config
     check_auth(request, config)
     path = usage_db_path(config)
     if path is None:
         raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    return path
+
+
+async def handle_usage(request: web.Request) -> web.Response:
+    """Usage totals from the database: ?since=7d&until=...&by=provider,model (auth like /metrics)."""
+    path = authorized_usage_db(request)
     now = time.time()
     since = parse_since(request.query.get("since", "7d"), now)
     until = parse_since(request.query["until"], now) if "until" in request.query else now + 1
@@ -7081,22 +7087,14 @@ async def handle_ui_events(request: web.Request) -> web.StreamResponse:
 
 async def handle_usage_session(request: web.Request) -> web.Response:
     """One session's last route, tokens and cost: ?id=SESSION (for `terraphim-proxy statusline`)."""
-    config = request.app[STATE].current.config
-    check_auth(request, config)
-    path = usage_db_path(config)
-    if path is None:
-        raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    path = authorized_usage_db(request)
     summary = await asyncio.get_running_loop().run_in_executor(None, usage_session, path, request.query.get("id", ""))
     return web.json_response(summary)
 
 
 async def handle_usage_requests(request: web.Request) -> web.Response:
     """The latest usage rows: ?limit=50 (at most 1000)."""
-    config = request.app[STATE].current.config
-    check_auth(request, config)
-    path = usage_db_path(config)
-    if path is None:
-        raise ProxyError(404, 'usage is off (proxy.usage_db = "off")')
+    path = authorized_usage_db(request)
     try:
         limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
     except ValueError:
