@@ -5,8 +5,8 @@ config, errors, request body, token counting, analysis, routing, transformers, u
 SSE relay, client dialects, state and metrics, HTTP app and handlers, CLI; last, the import-ccr
 migration tool.
 
-The path of one Messages (or chat-completions) request, by function, and what each step hands on:
-    handle_messages / handle_chat_completions
+The path of one Messages (or chat-completions, or Responses) request, by function, and what each step hands on:
+    handle_messages / handle_chat_completions / handle_responses
     -> serve_request        admit (auth, rate limit: a ConfigSnapshot), in_flight_slot, then
     -> parse_and_route      read, parse, validate, analyse, route: a RoutedRequest (the RequestRecord,
                             the request's log line, is filled in along the way)
@@ -21,6 +21,9 @@ One event model: every translating transformer turns its upstream's answer into 
 dicts (AnthropicStream builds them), and a client dialect makes bytes of them once, at the relay. Only the
 Anthropic pass-through hands on the upstream's SSE bytes unchanged, for speed; read_relayed_frames is the one
 place that reads them (usage, errors, the end of the stream).
+
+When the request has been answered, record_middleware prices its usage (request_cost), counts it in the metrics,
+logs its line, queues its row for the usage database (UsageStore) and shows it on any open dashboard (/ui).
 """
 
 from __future__ import annotations
