@@ -11003,7 +11003,10 @@ async def test_dashboard_shows_requests_live_and_provider_cards_in_chromium(
 ) -> None:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail("Chromium not found: apt-get install -y chromium (the dashboard test drives a real browser)")
-    playwright_api = pytest.importorskip("playwright.async_api")
+    try:
+        from playwright import async_api as playwright_api
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -e '.[test]' (it drives the system's Chromium)")
     url = await start_proxy(usage_config(scripted_upstream.url, tmp_path / "usage.db"))
     async with playwright_api.async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
