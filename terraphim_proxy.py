@@ -6104,6 +6104,7 @@ USAGE_SCHEMA = (
     "cost REAL, latency_ms REAL, first_byte_ms REAL, retries INTEGER, fallbacks INTEGER)"
 )
 USAGE_BATCH = 500  # rows written in one transaction at most
+USAGE_OPEN_ATTEMPTS = 100  # a tenth of a second apart: another worker may be setting the database up
 USAGE_FLUSH_S = 0.25  # rows wait this long for others, so the writer wakes a few times a second, not per request
 DIALECTS = {"/v1/messages": "anthropic", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
@@ -6183,14 +6184,23 @@ class UsageStore:
                 return
 
     def connect(self) -> sqlite3.Connection | None:
-        try:
-            connection = open_usage_db(self.path)
-            with connection:
-                connection.execute("DELETE FROM requests WHERE time < ?", (time.time() - self.retention_s,))
-            return connection
-        except (sqlite3.Error, OSError) as exc:
-            self.fail(f"cannot open {self.path}: {exc}")
-            return None
+        """The database, set up; workers starting together may find it locked for a moment, so that is retried."""
+        for _ in range(USAGE_OPEN_ATTEMPTS):
+            try:
+                connection = open_usage_db(self.path)
+                with connection:
+                    connection.execute("DELETE FROM requests WHERE time < ?", (time.time() - self.retention_s,))
+                return connection
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    self.fail(f"cannot open {self.path}: {exc}")
+                    return None
+                self.closing.wait(0.1)
+            except (sqlite3.Error, OSError) as exc:
+                self.fail(f"cannot open {self.path}: {exc}")
+                return None
+        self.fail(f"cannot open {self.path}: it stayed locked")
+        return None
 
     def fail(self, problem: str) -> None:
         if not self.broken:

@@ -10249,8 +10249,11 @@ async def test_every_worker_of_a_multi_worker_proxy_writes_its_rows_to_one_datab
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    assert proc.stderr is not None
+    logged = (await proc.stderr.read()).decode(errors="replace")
     rows = usage_rows(db)
-    assert len(rows) == 40 and len({row["request_id"] for row in rows}) == 40
+    assert len(rows) == 40 and len({row["request_id"] for row in rows}) == 40, logged[-3000:]
+    assert "usage database" not in logged, logged[-3000:]
 
 
 # ===========================================================================
