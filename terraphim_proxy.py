@@ -1045,6 +1045,8 @@ class RawBody:
     raw: bytes = b""
     known_messages: int = 0
     known_text: str | None = None  # the text of the body those messages were recognised in
+    known_counts: list[int] = field(default_factory=list, compare=False)  # that body's message token counts
+    message_counts: list[int] = field(default_factory=list, compare=False)  # this body's, once counted
 
     def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
         """A cache key for the text at `span`: its length and hash, computed once per request."""
@@ -1071,6 +1073,7 @@ class KnownConversation(NamedTuple):
     spans: tuple[tuple[int, int], ...]
     messages: list
     keys: dict[tuple[int, int], tuple[int, int]]
+    counts: list[int]  # each message's token count, once the body's were counted (see TokenCounter.count)
 
 
 class SizedLRU:
@@ -1117,7 +1120,7 @@ class MessageMemo:
 
     def remember(self, raw: RawBody) -> None:
         if raw.message_spans:
-            known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys)
+            known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys, raw.message_counts)
             self.conversations.put(raw.key_of(raw.message_spans[0]), known, len(raw.text))
 
 
@@ -1145,6 +1148,7 @@ def parse_raw_body(raw: bytes, memo: MessageMemo | None = None) -> RawBody:
                 raw,
                 scan.known_messages,
                 scan.known_text,
+                scan.known_counts,
             )
     except (ValueError, StopIteration, IndexError):
         pass
@@ -1167,6 +1171,7 @@ class ObjectScan:
         self.keys: dict[tuple[int, int], tuple[int, int]] = {}
         self.known_messages = 0
         self.known_text: str | None = None
+        self.known_counts: list[int] = []
 
     def object(self, i: int) -> int:
         text = self.text
@@ -1235,7 +1240,7 @@ class ObjectScan:
         start, stop = known.spans[0]
         if stop - start != len(piece) or not known.text.startswith(piece, start):
             return None
-        self.known_messages, self.known_text = 1, known.text
+        self.known_messages, self.known_text, self.known_counts = 1, known.text, known.counts
         return known
 
     def recognised(self, known: KnownConversation, index: int, i: int) -> tuple[Any, int] | None:
@@ -1280,15 +1285,15 @@ def request_texts(body: dict) -> Iterator[str]:
         yield from texts
 
 
-def request_parts(body: dict) -> Iterator[tuple[str, Iterator[str]]]:
+def request_parts(body: dict, skip_messages: int = 0) -> Iterator[tuple[str, Iterator[str]]]:
     """The request in the parts the token cache keys on: ("system", texts), ("messages", texts) for each
-    message in order, ("tools", texts)."""
+    message in order (after the first `skip_messages`), ("tools", texts)."""
     system = body.get("system")
     if isinstance(system, str):
         yield "system", iter((system,))
     elif isinstance(system, list):
         yield "system", _block_texts(system)
-    for message in body.get("messages") or ():
+    for message in (body.get("messages") or ())[skip_messages:]:
         if isinstance(message, dict):
             content = message.get("content")
             yield "messages", iter((content,)) if isinstance(content, str) else _block_texts(content or ())
@@ -1375,11 +1380,14 @@ class TokenCounter:
 
     async def count(self, raw: RawBody) -> int:
         """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
-        thread."""
-        total = 0
+        thread. The messages a MessageMemo recognised count as they did in the body they were recognised in
+        (RawBody.known_counts), without a walk over them, so a resent conversation costs its new messages."""
+        known = raw.known_messages if len(raw.known_counts) >= raw.known_messages else 0
+        total = sum(raw.known_counts[:known])
+        message_counts = list(raw.known_counts[:known])  # then a count, or -(1 + its index in misses)
         misses: list[tuple[tuple[int, int], list[str]]] = []
-        message_spans = iter(raw.message_spans)
-        for name, texts in request_parts(raw.data):
+        message_spans = iter(raw.message_spans[known:])
+        for name, texts in request_parts(raw.data, known):
             span = next(message_spans, None) if name == "messages" else raw.spans.get(name)
             if span is not None:
                 key, part = raw.key_of(span), None
@@ -1390,7 +1398,11 @@ class TokenCounter:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 total += self.cache[key]
+                if name == "messages":
+                    message_counts.append(self.cache[key])
                 continue
+            if name == "messages":
+                message_counts.append(-1 - len(misses))
             misses.append((key, list(texts) if part is None else part))
         if sum(len(text) for _, texts in misses for text in texts) >= THREAD_ENCODE_MIN:
             counts = await asyncio.get_running_loop().run_in_executor(None, self._count_parts, misses)
@@ -1398,6 +1410,8 @@ class TokenCounter:
             counts = self._count_parts(misses)
         for (key, _), count in zip(misses, counts, strict=True):
             self._remember(key, count)
+        if raw.message_spans:  # kept for the next turn of this conversation (see MessageMemo)
+            raw.message_counts[:] = [count if count >= 0 else counts[-1 - count] for count in message_counts]
         return total + sum(counts)
 
 

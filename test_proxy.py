@@ -1927,6 +1927,25 @@ def test_a_resent_conversation_takes_its_earlier_messages_from_the_memo(body: di
     assert cold.known_messages == 0 and cold.message_spans == second.message_spans
 
 
+@pytest.mark.parametrize("body", all_fixture_bodies()[:4])
+async def test_a_resent_conversation_counts_its_known_messages_without_walking_them(body: dict) -> None:
+    memo = terraphim_proxy.MessageMemo()
+    counter = terraphim_proxy.TokenCounter(shared_counter().encoding)
+    previous: Any = None
+    for turn in range(4):
+        data = json.dumps(body).encode()
+        raw = terraphim_proxy.parse_raw_body(data, memo)
+        memo.remember(raw)
+        warm = await counter.count(raw)
+        cold = await terraphim_proxy.TokenCounter(shared_counter().encoding).count(terraphim_proxy.parse_raw_body(data))
+        assert warm == cold, f"turn {turn}"
+        assert len(raw.message_counts) == len(body["messages"])
+        if turn >= 2:  # turn 1 dropped the first message's cache breakpoint: a new first message, a new memo entry
+            assert raw.known_messages > 0 and raw.known_counts is previous.message_counts
+        previous = raw
+        body = next_claude_code_turn(body, turn)
+
+
 def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
     memo = terraphim_proxy.MessageMemo()
     turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
