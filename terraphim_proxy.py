@@ -1373,6 +1373,19 @@ class TokenCounter:
         """Each part's count; touches no shared state, so it can run in a thread."""
         return [sum(self.encode_len(text) for text in texts) for _, texts in parts]
 
+    def known_tokens(self, raw: RawBody, known: int) -> tuple[int, int]:
+        """What is known of a body's tokens without an encode: the counts of its first `known` messages (from last
+        turn) and of its system prompt and tools when the cache has them; and the size of the rest in bytes,
+        which bounds its tokens (characters of the known parts are taken away, and a character is >= 1 byte)."""
+        counted = sum(raw.known_counts[:known])
+        rest = raw.size - sum(end - start for start, end in raw.message_spans[:known])
+        for name in ("system", "tools"):
+            span = raw.spans.get(name)
+            if span is not None and (count := self.cache.get(raw.key_of(span))) is not None:
+                counted += count
+                rest -= span[1] - span[0]
+        return counted, rest
+
     def _remember(self, key: tuple[int, int], count: int) -> None:
         if len(self.cache) >= self.cache_entries:
             self.cache.popitem(last=False)
@@ -1382,7 +1395,7 @@ class TokenCounter:
         """Tokens of a request's texts (images are added by the caller); a large uncached encode runs in a
         thread. The messages a MessageMemo recognised count as they did in the body they were recognised in
         (RawBody.known_counts), without a walk over them, so a resent conversation costs its new messages."""
-        known = raw.known_messages if len(raw.known_counts) >= raw.known_messages else 0
+        known = min(raw.known_messages, len(raw.known_counts))
         total = sum(raw.known_counts[:known])
         message_counts = list(raw.known_counts[:known])  # then a count, or -(1 + its index in misses)
         misses: list[tuple[tuple[int, int], list[str]]] = []
@@ -1514,17 +1527,21 @@ def take_subagent_route(body: dict) -> tuple[str | None, dict]:
 async def analyse(raw: RawBody, config: Config, counter: TokenCounter, exact: bool = False) -> tuple[Hints, dict]:
     """Compute the routing hints; returns the body with any subagent tag removed.
 
-    Tokens never outnumber UTF-8 bytes in cl100k, so when the body's size (plus the images) proves the request
-    is under the long-context threshold and no exact count was asked for, the encode is skipped for an estimate.
+    Tokens never outnumber UTF-8 bytes in cl100k, so when an upper bound proves the request is under the
+    long-context threshold and no exact count was asked for, the encode is skipped for an estimate. The bound
+    is the body's size, or for a resent conversation the counts of the messages known from last turn plus the
+    size of the rest (RawBody.known_counts); the known counts are handed on either way.
     """
     subagent, body = take_subagent_route(raw.data)
     model = body.get("model", "")
     images = count_images(body) * IMAGE_TOKENS
-    upper_bound = raw.size + images
-    if exact or upper_bound > config.long_context_threshold:
+    known = min(raw.known_messages, len(raw.known_counts))
+    counted, rest = counter.known_tokens(raw, known)
+    if exact or counted + rest + images > config.long_context_threshold:
         tokens, is_exact = images + await counter.count(raw), True
     else:
-        tokens, is_exact = upper_bound // 4, False
+        tokens, is_exact = counted + rest // 4 + images, False
+        raw.message_counts[:] = raw.known_counts[:known]  # for the next turn
     hints = Hints(
         token_count=tokens,
         token_count_exact=is_exact,

@@ -1946,6 +1946,29 @@ async def test_a_resent_conversation_counts_its_known_messages_without_walking_t
         body = next_claude_code_turn(body, turn)
 
 
+@pytest.mark.parametrize(("threshold", "exact_second"), [(60000, False), (10000, True)])
+async def test_a_resent_conversation_is_bounded_by_last_turns_counts_before_any_encode(
+    threshold: int, exact_second: bool
+) -> None:
+    """A body over the threshold in bytes, whose known messages and cached system prompt count far fewer tokens:
+    no encode is needed to prove it under the threshold. Over the threshold by tokens too, it is counted."""
+    config = build_config(
+        {"router": {"default": "ollama,m", "long_context_threshold": threshold}, "providers": [{"name": "ollama"}]}
+    )
+    memo, counter = terraphim_proxy.MessageMemo(), terraphim_proxy.TokenCounter(shared_counter().encoding)
+    turns = [{"role": role, "content": "word " * 4000} for role in ["user", "assistant"] * 4]  # 160 KB, ~32K tokens
+    hints = []
+    for extra in ("And now?", "And then?"):
+        body = request(messages=[*turns, {"role": "user", "content": extra}], system="rule " * 12000)  # 60 KB
+        raw = terraphim_proxy.parse_raw_body(json.dumps(body).encode(), memo)
+        memo.remember(raw)
+        assert raw.size > threshold
+        hints.append((await terraphim_proxy.analyse(raw, config, counter))[0])
+    assert hints[0].token_count_exact is True  # cold: the size proves nothing, so it is counted
+    assert hints[1].token_count_exact is exact_second
+    assert hints[1].token_count == pytest.approx(hints[0].token_count, rel=0.01)
+
+
 def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
     memo = terraphim_proxy.MessageMemo()
     turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
