@@ -11065,11 +11065,11 @@ async def test_dashboard_shows_requests_live_and_provider_cards_in_chromium(
             await page.wait_for_function("document.querySelectorAll('#requests tbody tr').length === 3", timeout=2000)
             assert "anthropic,model-default" in await rows.nth(0).inner_text()
             assert "openai,gpt-default" in await rows.nth(1).inner_text()
-            card = page.locator('.box[data-name="anthropic"]')
-            await card.wait_for(timeout=2000)
+            card = page.locator('.box[data-name="anthropic"]')  # read once the rows are in the database
+            await card.wait_for(timeout=5000)
             await page.wait_for_function(
                 "document.querySelector('.box[data-name=\"anthropic\"] .big').textContent === '2 requests'",
-                timeout=2000,
+                timeout=5000,
             )
             assert "errors 0%" in await card.inner_text()
             assert "default" in await page.locator("#routes").inner_text()
