@@ -53,6 +53,7 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -180,6 +181,7 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "retry_base_ms": int,
     "retry_max_wait_ms": int,
     "rate_limit_rpm": int,
+    "rate_limit_tpm": int,
     "drain_timeout_ms": int,
     "fetch_image_urls": bool,
     "fetch_image_max_count": int,
@@ -190,6 +192,7 @@ PROXY_KEYS: dict[str, type | tuple[type, ...]] = {
     "cooldown_ms": int,
     **UPSTREAM_KEYS,
 }
+CLUSTER_KEYS: dict[str, type | tuple[type, ...]] = {"redis_url": str, "redis_timeout_ms": int, "key_prefix": str}
 ROUTER_KEYS: dict[str, type | tuple[type, ...]] = {
     **{scenario: str for scenario in SCENARIOS},
     "long_context_threshold": int,
@@ -231,6 +234,8 @@ POSITIVE_INT_KEYS = frozenset(
         "num_ctx",
         "max_in_flight",
         "rate_limit_rpm",
+        "rate_limit_tpm",
+        "redis_timeout_ms",
         "fetch_image_max_count",
         "fetch_image_max_bytes",
         "upstream_connections",
@@ -292,6 +297,13 @@ def output_limit_key(model: str) -> str:
     """A model as MODEL_OUTPUT_LIMITS spells it: no provider prefix or date suffix, lower case, dots as dashes."""
     name = model.rsplit("/", 1)[-1].lower()
     return re.sub(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$", "", name).replace(".", "-")
+
+
+class Budget(NamedTuple):
+    """A client's daily allowance: `budget_usd_per_day` and `budget_tokens_per_day` of [[proxy.clients]]."""
+
+    usd: float | None
+    tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -383,6 +395,11 @@ class Config:
     retry_max_wait_ms: int = 30_000
     max_in_flight: int = 512
     rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None  # input and output tokens per minute per client key
+    budgets: dict[str, Budget] = field(default_factory=dict)  # client name -> its daily budget
+    redis_url: str = ""  # [cluster]: the Redis that instances share limits through; "" for none
+    redis_timeout_ms: int = 50
+    redis_prefix: str = "terraphim-proxy:"
     drain_timeout_ms: int = 30_000
     fetch_image_urls: bool = False
     fetch_image_max_count: int = 20  # distinct image URLs fetched for one request
@@ -398,8 +415,9 @@ class Config:
     no_default_reason: str = ""  # why router.default has no enabled target and what to set; "" when it has one
 
     def secrets(self) -> list[str]:
-        """Every configured key of MIN_REDACTED_LENGTH characters or more, for redaction."""
-        keys = [self.api_key] + [key for p in self.providers.values() for key in p.api_keys]
+        """Every configured key and the Redis password, of MIN_REDACTED_LENGTH characters or more, for redaction."""
+        keys = [key for _, key in self.clients] + [key for p in self.providers.values() for key in p.api_keys]
+        keys.append(urlsplit(self.redis_url).password or "")
         return [k for k in keys if len(k) >= MIN_REDACTED_LENGTH]
 
 
@@ -578,14 +596,22 @@ def read_prices(check: _Checker, path: str, table: dict) -> dict[str, Price]:
     return prices
 
 
-def read_clients(check: _Checker, entries: list, api_key: str) -> tuple[tuple[str, str], ...]:
-    """The named client keys of `[[proxy.clients]]` (name, key or keys), the api_key as client "default"."""
+def read_clients(check: _Checker, entries: list, api_key: str) -> tuple[tuple[tuple[str, str], ...], dict[str, Budget]]:
+    """The named client keys of `[[proxy.clients]]` (name, key or keys), the api_key as client "default"; and
+    the clients' daily budgets."""
     clients = [("default", api_key)] if api_key else []
+    budgets: dict[str, Budget] = {}
     for i, entry in enumerate(entries):
         path = f"proxy.clients[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             check.problem(path, "expected a table with a name and a key (or keys)")
             continue
+        unknown = sorted(set(entry) - CLIENT_KEYS)
+        if unknown:
+            check.problem(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(CLIENT_KEYS))})")
+        budget = read_budget(check, path, entry)
+        if budget is not None:
+            budgets[entry["name"]] = budget
         raw = [entry["key"]] if isinstance(entry.get("key"), str) else entry.get("keys", [])
         if not raw or not all(isinstance(key, str) for key in raw):
             check.problem(f"{path}.key", f"client '{entry['name']}' needs a key (or keys): strings")
@@ -598,7 +624,36 @@ def read_clients(check: _Checker, entries: list, api_key: str) -> tuple[tuple[st
                 check.problem(f"{path}.key", f"client '{entry['name']}' shares a key with another client")
             else:
                 clients.append((entry["name"], value))
-    return tuple(clients)
+    return tuple(clients), budgets
+
+
+CLIENT_KEYS = frozenset({"name", "key", "keys", "budget_usd_per_day", "budget_tokens_per_day"})
+
+
+def read_budget(check: _Checker, path: str, entry: dict) -> Budget | None:
+    """A client's budget_usd_per_day (a number above 0) and budget_tokens_per_day (a positive integer)."""
+    usd, tokens = entry.get("budget_usd_per_day"), entry.get("budget_tokens_per_day")
+    if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd <= 0):
+        check.problem(f"{path}.budget_usd_per_day", f"must be a number above 0, got {usd!r}")
+        usd = None
+    if tokens is not None and (not _is_int(tokens) or tokens <= 0):
+        check.problem(f"{path}.budget_tokens_per_day", f"must be a positive integer, got {tokens!r}")
+        tokens = None
+    if usd is None and tokens is None:
+        return None
+    return Budget(float(usd) if usd is not None else None, tokens)
+
+
+def read_cluster(check: _Checker, cluster: dict) -> dict[str, Any]:
+    """`[cluster]`: the Redis URL (redis://, rediss:// or unix://; a password may come from ${VAR}), its timeout
+    and key prefix, as Config fields. The `redis` package must be installed when a URL is set."""
+    url = cluster.get("redis_url", "")
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        check.problem("cluster.redis_url", "expected a redis://, rediss:// or unix:// URL")
+    elif url and importlib.util.find_spec("redis") is None:
+        check.problem("cluster.redis_url", "needs the redis package: pipx install 'terraphim-proxy[redis]'")
+    fields = {"redis_url": url, "redis_prefix": cluster.get("key_prefix", "terraphim-proxy:")}
+    return fields | ({"redis_timeout_ms": cluster["redis_timeout_ms"]} if "redis_timeout_ms" in cluster else {})
 
 
 def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, int]) -> Provider | None:
@@ -667,8 +722,9 @@ def _read_provider(check: _Checker, index: int, data: Any, defaults: dict[str, i
 def build_config(data: dict, source: str, environ: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML document and build the Config; raise ConfigError listing every problem."""
     check = _Checker(source, os.environ if environ is None else environ)
-    top = check.table(data, "", {"proxy": dict, "router": dict, "providers": list})
+    top = check.table(data, "", {"proxy": dict, "router": dict, "providers": list, "cluster": dict})
     proxy = check.table(top.get("proxy", {}), "proxy", PROXY_KEYS)
+    cluster = read_cluster(check, check.table(top.get("cluster", {}), "cluster", CLUSTER_KEYS))
     router = check.table(top.get("router", {}), "router", ROUTER_KEYS)
 
     upstream_defaults = {key: proxy[key] for key in TIMEOUT_KEYS.keys() | {"retries"} if key in proxy}
@@ -686,7 +742,7 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
     api_key, missing = expand_env(raw_api_key, check.environ) if isinstance(raw_api_key, str) else ("", [])
     if missing:
         check.problem("proxy.api_key", f"uses ${missing[0]}, which is not set (remove the key to run without auth)")
-    clients = read_clients(check, proxy.get("clients", []), api_key)
+    clients, budgets = read_clients(check, proxy.get("clients", []), api_key)
     if not clients and not is_loopback_host(host):
         check.problem("proxy.api_key", f"required when proxy.host ('{host}') is not a loopback address")
     if "port" in proxy and proxy["port"] > 65535:
@@ -730,6 +786,8 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
         port=proxy.get("port", DEFAULT_PORT),
         api_key=api_key,
         clients=clients,
+        budgets=budgets,
+        **cluster,
         usage_db=proxy.get("usage_db", ""),
         usage_retention_days=proxy.get("usage_retention_days", 30),
         max_body_bytes=proxy.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
@@ -748,6 +806,7 @@ def build_config(data: dict, source: str, environ: Mapping[str, str] | None = No
                 "retry_max_wait_ms",
                 "max_in_flight",
                 "rate_limit_rpm",
+                "rate_limit_tpm",
                 "drain_timeout_ms",
                 "fetch_image_urls",
                 "fetch_image_max_count",
@@ -5075,20 +5134,23 @@ async def answer_from_target(routed: RoutedRequest, target: Target, request: web
             err = ProxyError(504, f"{provider.name} sent no answer within first_byte_timeout_ms", retryable=True)
         except ProxyError as failure:
             err = failure
-        ring.report(call.api_key, err)
-        metrics = request.app[STATE].metrics
-        metrics.upstream_errors[(provider.name, err.error_type)] += 1
+        state = request.app[STATE]
+        rests = ring.report(call.api_key, err)
+        if rests is not None:
+            state.shared.rest(key_digest(call.api_key), rests)
+        state.metrics.upstream_errors[(provider.name, err.error_type)] += 1
         if not isinstance(err, ConnectFailure):
             cooldowns.connected(provider.name)
         elif cooldowns.failed(provider.name, err.message):
-            metrics.cooldowns[(provider.name,)] += 1
+            state.metrics.cooldowns[(provider.name,)] += 1
+            state.shared.down(provider.name, cooldowns.seconds, err.message)
             log.warning("%s marked down for %d ms: %s", provider.name, config.cooldown_ms, err.message)
             raise err
         wait = retry_delay(err, attempt, provider.retries, config)
         if wait is None:
             raise err
         record.retries += 1
-        metrics.retries[(provider.name, target.model)] += 1
+        state.metrics.retries[(provider.name, target.model)] += 1
         log.info("%s retry %d on %s in %.2f s: %s", record.request_id, attempt + 1, target, wait, err.message)
         await asyncio.sleep(wait)
     raise AssertionError("unreachable")
@@ -5873,6 +5935,7 @@ class KeyRing:
         self.keys = keys or ("",)
         self.turn = 0
         self.resting: dict[str, float] = {}
+        self.digests = {key_digest(key): key for key in keys}  # how the shared state names them
 
     def pick(self) -> str:
         now = time.monotonic()
@@ -5883,9 +5946,21 @@ class KeyRing:
                 return key
         return min(self.keys, key=lambda k: self.resting[k])
 
-    def report(self, key: str, err: ProxyError) -> None:
-        if err.upstream_status in (401, 403, 429):
-            self.resting[key] = time.monotonic() + (err.retry_after or KEY_COOLDOWN_S)
+    def report(self, key: str, err: ProxyError) -> float | None:
+        """Rest the key after a 401, 403 or 429; the seconds it rests, or None."""
+        if err.upstream_status not in (401, 403, 429):
+            return None
+        seconds = err.retry_after or KEY_COOLDOWN_S
+        self.resting[key] = time.monotonic() + seconds
+        return seconds
+
+    def rest(self, resting: Mapping[str, float]) -> None:
+        """Rest the keys that rest elsewhere (key digest -> seconds left)."""
+        now = time.monotonic()
+        for digest, left in resting.items():
+            key = self.digests.get(digest)
+            if key is not None:
+                self.resting[key] = max(self.resting.get(key, 0.0), now + left)
 
 
 class Cooldowns:
@@ -5916,6 +5991,11 @@ class Cooldowns:
     def connected(self, name: str) -> None:
         if name in self.failures:
             del self.failures[name]
+
+    def mark_down(self, name: str, seconds: float, reason: str) -> None:
+        """A provider marked down elsewhere is down here too."""
+        self.until[name] = max(self.until.get(name, 0.0), time.monotonic() + seconds)
+        self.reasons[name] = reason
 
     def down(self) -> dict[str, float]:
         """The providers marked down now, with the seconds left."""
@@ -6005,8 +6085,9 @@ class Metrics:
         self.output_tokens[target] += usage.get("output_tokens") or 0 if isinstance(usage, dict) else 0
         self.fallbacks[target] += record.fallbacks
 
-    def render(self, in_flight: int, down: Mapping[str, float]) -> str:
-        """The exposition; `down`: the providers marked down now, with the seconds left (see Cooldowns)."""
+    def render(self, in_flight: int, down: Mapping[str, float], shared: list[dict]) -> str:
+        """The exposition; `down`: the providers marked down now, with the seconds left (see Cooldowns);
+        `shared`: the shared state's stores (see FailoverStore.health)."""
         lines: list[str] = []
 
         def counter(name: str, help_text: str, values: collections.Counter[tuple], labels: tuple[str, ...]) -> None:
@@ -6055,6 +6136,16 @@ class Metrics:
             lines.append(f"terraphim_upstream_cooldown_seconds{{{prom_labels(('provider',), (name,))}}} {left}")
         lines += ["# HELP terraphim_in_flight Requests being served.", "# TYPE terraphim_in_flight gauge"]
         lines.append(f"terraphim_in_flight {in_flight}")
+        lines.append("# HELP terraphim_shared_state_up Whether this process reaches the store of its shared state.")
+        lines.append("# TYPE terraphim_shared_state_up gauge")
+        lines += [f'terraphim_shared_state_up{{store="{store["store"]}"}} {store["up"]:d}' for store in shared]
+        lines.append("# HELP terraphim_shared_state_outages_total Times the store became unreachable.")
+        lines.append("# TYPE terraphim_shared_state_outages_total counter")
+        lines += [
+            f'terraphim_shared_state_outages_total{{store="{store["store"]}"}} {store["outages"]}'
+            for store in shared
+            if "outages" in store
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -6089,6 +6180,13 @@ class ConfigSnapshot:
         keyrings = {name: KeyRing(p.api_keys) for name, p in config.providers.items()}
         limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
         return cls(config, keyrings, limiter, Cooldowns(config.cooldown_after_failures, config.cooldown_ms / 1000))
+
+    def rest(self, verdict: Verdict) -> None:
+        """Rest here the keys and providers that the shared state says rest on other processes."""
+        for ring in self.keyrings.values():
+            ring.rest(verdict.resting)
+        for name, (left, reason) in verdict.down.items():
+            self.cooldowns.mark_down(name, left, reason)
 
 
 def request_cost(provider: Provider | None, model: str, usage: dict) -> float | None:
@@ -6318,14 +6416,582 @@ def usage_query(path: Path, query: str, params: tuple) -> list[dict]:
         connection.close()
 
 
+# ---- shared state: limits that hold across workers and instances -------------------------------------------------
+# Each request asks the shared state once, after its body is parsed (`SharedStore.check`): its rates, its client's
+# budgets, its session's memory, and the keys and providers resting on other processes. What it spent is told
+# afterwards without waiting (`record`). Three stores answer: this process alone (`ProcessStore`), the parent of
+# `--workers N` over a Unix socket (`ParentStore`), and Redis for many instances (`RedisStore`). `FailoverStore`
+# puts a remote one in front of a local one and serves on the local one while the remote is unreachable.
+
+SESSION_TTL_S = 86_400  # a session's memory lasts this long in a shared store after its last answer
+SHARED_RETRY_S = (0.05, 2.0)  # first and longest wait between tries to reach a shared store that failed
+PARENT_TIMEOUT_S = 0.5  # a worker waits this long for its parent's answer before serving on its own limits
+LEASE_MARGIN_S = 60  # a provider slot held by a process that died frees itself this long after its timeout
+
+
+class Ask(NamedTuple):
+    """What one request asks of the shared state before it is routed."""
+
+    client: str  # who the rates count: a digest of the client's key, or its address
+    name: str  # the client's name when it has a budget, else ""
+    rpm: int | None  # None: this process checked the request rate itself (see admit)
+    tpm: int | None
+    usd_per_day: float | None
+    tokens_per_day: int | None
+    session: str | None  # the session whose memory routing wants, if any
+
+
+class Refusal(NamedTuple):
+    """A limit the request is over: which ("rpm", "tpm", "usd", "tokens"), how much is used, seconds to reset."""
+
+    limit: str
+    used: float
+    reset_s: float
+
+
+class Verdict(NamedTuple):
+    refusal: Refusal | None
+    session_tokens: int | None
+    resting: dict[str, float]  # key digest -> seconds it still rests
+    down: dict[str, tuple[float, str]]  # provider -> seconds it is still down, and why
+
+
+class Spend(NamedTuple):
+    """What a request used, told to the shared state after its answer."""
+
+    client: str  # "" when no token rate is set
+    name: str  # "" when the client has no budget
+    session: str | None
+    session_tokens: int | None  # the upstream's input count, remembered for the session
+    tokens: int
+    usd: float
+
+
+def key_digest(key: str) -> str:
+    """How keys are named in shared state: never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+class Windows:
+    """Counters per fixed time window (a minute, a UTC day); a counter of an older window reads as 0."""
+
+    MAX_COUNTERS = 100_000
+
+    def __init__(self) -> None:
+        self.counters: dict[str, tuple[int, float]] = {}
+
+    def get(self, name: str, window: int) -> float:
+        index, value = self.counters.get(name, (window, 0.0))
+        return value if index == window else 0.0
+
+    def add(self, name: str, window: int, amount: float) -> None:
+        value = self.get(name, window) + amount
+        self.counters.pop(name, None)
+        if len(self.counters) >= self.MAX_COUNTERS:
+            del self.counters[next(iter(self.counters))]
+        self.counters[name] = (window, value)
+
+
+class SharedLimits:
+    """The rules of the shared state, kept in this process's memory: what `ProcessStore` and the parent of
+    `--workers N` keep; RedisStore's scripts keep the same rules in Redis."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, RateLimiter] = {}
+        self.windows = Windows()
+        self.sessions = SessionMemory()
+        self.rests: dict[str, float] = {}  # key digest -> monotonic time its rest ends
+        self.downs: dict[str, tuple[float, str]] = {}  # provider -> monotonic time its cool-down ends, reason
+        self.holders: dict[str, dict[str, float]] = collections.defaultdict(dict)  # provider -> holder -> lease end
+
+    def check(self, ask: Ask) -> Verdict:
+        now, wall = time.monotonic(), time.time()
+        refusal = self.over_budget(ask, wall)
+        if refusal is None and ask.rpm:
+            wait = self.rates.setdefault(ask.rpm, RateLimiter(ask.rpm)).wait_needed(ask.client)
+            refusal = Refusal("rpm", ask.rpm, wait) if wait else None
+        tokens = self.sessions.get(ask.session) if ask.session else None
+        resting = {key: until - now for key, until in self.rests.items() if until > now}
+        down = {name: (until - now, why) for name, (until, why) in self.downs.items() if until > now}
+        self.rests = {key: now + left for key, left in resting.items()}
+        self.downs = {name: (now + left, why) for name, (left, why) in down.items()}
+        return Verdict(refusal, tokens, resting, down)
+
+    def over_budget(self, ask: Ask, wall: float) -> Refusal | None:
+        """The first of the client's daily budgets and token rate that is used up."""
+        day, minute = int(wall // 86400), int(wall // 60)
+        limits = (
+            ("usd", f"usd:{ask.name}", day, ask.usd_per_day, 86400),
+            ("tokens", f"tokens:{ask.name}", day, ask.tokens_per_day, 86400),
+            ("tpm", f"tpm:{ask.client}", minute, ask.tpm, 60),
+        )
+        for kind, name, window, limit, seconds in limits:
+            if limit is not None and (used := self.windows.get(name, window)) >= limit:
+                return Refusal(kind, used, (window + 1) * seconds - wall)
+        return None
+
+    def record(self, spend: Spend) -> None:
+        wall = time.time()
+        day, minute = int(wall // 86400), int(wall // 60)
+        if spend.name:
+            self.windows.add(f"usd:{spend.name}", day, spend.usd)
+            self.windows.add(f"tokens:{spend.name}", day, spend.tokens)
+        if spend.client:
+            self.windows.add(f"tpm:{spend.client}", minute, spend.tokens)
+        if spend.session and spend.session_tokens is not None:
+            self.sessions.remember(spend.session, spend.session_tokens)
+
+    def rest(self, key: str, seconds: float) -> None:
+        self.rests[key] = max(self.rests.get(key, 0.0), time.monotonic() + seconds)
+
+    def down(self, provider: str, seconds: float, reason: str) -> None:
+        self.downs[provider] = (time.monotonic() + seconds, reason)
+
+    def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> bool:
+        now = time.monotonic()
+        held = self.holders[provider]
+        for name in [name for name, until in held.items() if until <= now]:
+            del held[name]
+        if len(held) >= limit:
+            return False
+        held[holder] = now + lease_s
+        return True
+
+    def release(self, provider: str, holder: str) -> None:
+        self.holders[provider].pop(holder, None)
+
+    def seed(self, path: Path | None) -> None:
+        """Today's spend of each client from the usage database, so that a restart does not reset budgets."""
+        if path is None:
+            return
+        wall = time.time()
+        try:
+            groups = usage_summary(path, wall - wall % 86400, wall + 1, ["client"])["groups"]
+        except ProxyError as err:
+            log.warning("budgets start from zero: %s", err.message)
+            return
+        day = int(wall // 86400)
+        for group in groups:
+            tokens = sum(group[k] or 0 for k in ("input_tokens", "output_tokens", "cache_read_tokens"))
+            self.windows.add(f"usd:{group['client']}", day, group["cost"] or 0.0)
+            self.windows.add(f"tokens:{group['client']}", day, tokens + (group["cache_write_tokens"] or 0))
+
+
+class ProcessStore:
+    """The shared state of one process: its own `SharedLimits`. The request rate is not checked here, because
+    `admit` checks it before the body is read; keys and providers rest in the process's KeyRing and Cooldowns."""
+
+    kind = "process"
+
+    def __init__(self, limits: SharedLimits):
+        self.limits = limits
+
+    async def check(self, ask: Ask) -> Verdict:
+        return self.limits.check(ask._replace(rpm=None))
+
+    def record(self, spend: Spend) -> None:
+        self.limits.record(spend)
+
+    def rest(self, key: str, seconds: float) -> None:
+        return None
+
+    def down(self, provider: str, seconds: float, reason: str) -> None:
+        return None
+
+    async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> Callable[[], None] | None:
+        if not self.limits.acquire(provider, limit, holder, lease_s):
+            return None
+        return functools.partial(self.limits.release, provider, holder)
+
+    def health(self) -> list[dict]:
+        return [{"store": self.kind, "up": True}]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def verdict_from_wire(items: list) -> Verdict:
+    """A Verdict as JSON or a Redis script gives it back (lists for tuples)."""
+    refusal, tokens, resting, down = items
+    down = {name: (float(left), why) for name, (left, why) in down.items()}
+    return Verdict(Refusal(*refusal) if refusal else None, tokens, resting, down)
+
+
+class ParentStore:
+    """The shared state of `--workers N`: the parent process keeps one `SharedLimits` (serve_shared_limits) and
+    each worker asks it over a Unix socket, one JSON array per line; answers come back in order."""
+
+    kind = "workers"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.writer: asyncio.StreamWriter | None = None
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.reader: asyncio.Future | None = None
+
+    async def ping(self) -> None:
+        if self.writer is None or self.writer.is_closing():
+            reader, self.writer = await asyncio.open_unix_connection(self.path)
+            self.waiting = collections.deque()
+            self.reader = asyncio.ensure_future(self.read_answers(reader, self.waiting))
+        await self.call("ping")
+
+    async def read_answers(self, reader: asyncio.StreamReader, waiting: collections.deque[asyncio.Future]) -> None:
+        try:
+            while line := await reader.readline():
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(json.loads(line))
+        except (OSError, ValueError, IndexError):
+            pass
+        for future in waiting:
+            if not future.done():
+                future.set_exception(ConnectionResetError("the parent process closed the shared state"))
+        if self.writer is not None:
+            self.writer.close()
+
+    def send(self, *message: Any) -> None:
+        if self.writer is None or self.writer.is_closing():
+            raise ConnectionResetError("not connected to the parent process")
+        self.writer.write(dump_json(message) + b"\n")
+
+    async def call(self, *message: Any) -> Any:
+        self.send(*message)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        return await future
+
+    async def check(self, ask: Ask) -> Verdict:
+        return verdict_from_wire(await self.call("check", *ask))
+
+    def record(self, spend: Spend) -> None:
+        self.send("record", *spend)
+
+    def rest(self, key: str, seconds: float) -> None:
+        self.send("rest", key, seconds)
+
+    def down(self, provider: str, seconds: float, reason: str) -> None:
+        self.send("down", provider, seconds, reason)
+
+    async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> bool:
+        return await self.call("acquire", provider, limit, holder, lease_s)
+
+    def release(self, provider: str, holder: str) -> None:
+        self.send("release", provider, holder)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.reader is not None:
+            self.reader.cancel()
+
+
+PARENT_OPS: dict[str, Callable[..., Any]] = {
+    "ping": lambda limits: True,
+    "check": lambda limits, *ask: limits.check(Ask(*ask)),
+    "record": lambda limits, *spend: limits.record(Spend(*spend)),
+    "rest": SharedLimits.rest,
+    "down": SharedLimits.down,
+    "acquire": SharedLimits.acquire,
+    "release": SharedLimits.release,
+}
+PARENT_ANSWERS = frozenset({"ping", "check", "acquire"})  # the others are told, not asked
+
+
+async def serve_shared_limits(sock: socket.socket, limits: SharedLimits) -> None:
+    """The parent of `--workers N`: answer its workers' shared-state calls until the process ends."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while line := await reader.readline():
+                op, *args = json.loads(line)
+                result = PARENT_OPS[op](limits, *args)
+                if op in PARENT_ANSWERS:
+                    writer.write(dump_json(result) + b"\n")
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, sock=sock)
+    await server.serve_forever()
+
+
+# The Redis scripts keep SharedLimits' rules. Times are Redis's own (TIME), so instances need no common clock;
+# every key expires, so nothing grows without bound. Numbers go back as strings: Redis would cut them to integers.
+REDIS_CHECK = """
+local p, client, name = ARGV[1], ARGV[2], ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local day, minute = math.floor(now / 86400), math.floor(now / 60)
+local refusal = false
+local limits = {
+  {'usd', 'usd:' .. name .. ':' .. day, ARGV[6], (day + 1) * 86400},
+  {'tokens', 'tokens:' .. name .. ':' .. day, ARGV[7], (day + 1) * 86400},
+  {'tpm', 'tpm:' .. client .. ':' .. minute, ARGV[5], (minute + 1) * 60},
+}
+for _, limit in ipairs(limits) do
+  if not refusal and limit[3] ~= '' then
+    local used = tonumber(redis.call('GET', p .. limit[2]) or '0')
+    if used >= tonumber(limit[3]) then refusal = {limit[1], tostring(used), tostring(limit[4] - now)} end
+  end
+end
+if not refusal and ARGV[4] ~= '' then
+  local rpm, key = tonumber(ARGV[4]), p .. 'rpm:' .. client
+  local bucket = redis.call('HMGET', key, 'tokens', 'time')
+  local tokens = math.min(rpm, tonumber(bucket[1] or rpm) + (now - tonumber(bucket[2] or now)) * rpm / 60)
+  if tokens < 1 then
+    refusal = {'rpm', tostring(rpm), tostring((1 - tokens) * 60 / rpm)}
+  else
+    redis.call('HSET', key, 'tokens', tostring(tokens - 1), 'time', tostring(now))
+    redis.call('EXPIRE', key, 120)
+  end
+end
+local session = false
+if ARGV[8] ~= '' then session = redis.call('GET', p .. 'session:' .. ARGV[8]) end
+local resting, down = {}, {}
+for _, kind in ipairs({{'rests', resting}, {'downs', down}}) do
+  local fields = redis.call('HGETALL', p .. kind[1])
+  for i = 1, #fields, 2 do
+    local until_, why = string.match(fields[i + 1], '^([^|]*)|?(.*)$')
+    local left = tonumber(until_) - now
+    if left > 0 then
+      kind[2][#kind[2] + 1] = {fields[i], tostring(left), why}
+    else
+      redis.call('HDEL', p .. kind[1], fields[i])
+    end
+  end
+end
+return {refusal, session, resting, down}
+"""
+REDIS_RECORD = """
+local p, client, name, session = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local day, minute = math.floor(now / 86400), math.floor(now / 60)
+if name ~= '' then
+  redis.call('INCRBYFLOAT', p .. 'usd:' .. name .. ':' .. day, ARGV[7])
+  redis.call('EXPIRE', p .. 'usd:' .. name .. ':' .. day, 172800)
+  redis.call('INCRBY', p .. 'tokens:' .. name .. ':' .. day, ARGV[6])
+  redis.call('EXPIRE', p .. 'tokens:' .. name .. ':' .. day, 172800)
+end
+if client ~= '' then
+  redis.call('INCRBY', p .. 'tpm:' .. client .. ':' .. minute, ARGV[6])
+  redis.call('EXPIRE', p .. 'tpm:' .. client .. ':' .. minute, 120)
+end
+if session ~= '' and ARGV[5] ~= '' then
+  redis.call('SET', p .. 'session:' .. session, ARGV[5], 'EX', ARGV[8])
+end
+return 1
+"""
+REDIS_REST = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], tostring(until_) .. '|' .. ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) * 1000 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+end
+return 1
+"""
+REDIS_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+
+
+def redis_arg(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class RedisStore:
+    """The shared state of many instances, in Redis (`[cluster] redis_url`): one script call per request before
+    it is routed, one after it, each atomic. Needs the `redis` package (the `redis` extra)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str, timeout_s: float):
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.prefix = prefix
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        self.scripts = {
+            name: self.client.register_script(text)
+            for name, text in (
+                ("check", REDIS_CHECK),
+                ("record", REDIS_RECORD),
+                ("rest", REDIS_REST),
+                ("acquire", REDIS_ACQUIRE),
+            )
+        }
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def check(self, ask: Ask) -> Verdict:
+        refusal, session, resting, down = await self.scripts["check"](args=[self.prefix, *map(redis_arg, ask)])
+        return Verdict(
+            Refusal(refusal[0].decode(), float(refusal[1]), float(refusal[2])) if refusal else None,
+            int(session) if session else None,
+            {key.decode(): float(left) for key, left, _ in resting},
+            {name.decode(): (float(left), why.decode()) for name, left, why in down},
+        )
+
+    async def record(self, spend: Spend) -> None:
+        await self.scripts["record"](args=[self.prefix, *map(redis_arg, spend), SESSION_TTL_S])
+
+    async def rest(self, key: str, seconds: float) -> None:
+        await self.scripts["rest"](keys=[self.prefix + "rests"], args=[key, "", seconds])
+
+    async def down(self, provider: str, seconds: float, reason: str) -> None:
+        await self.scripts["rest"](keys=[self.prefix + "downs"], args=[provider, reason, seconds])
+
+    async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> bool:
+        return bool(
+            await self.scripts["acquire"](keys=[f"{self.prefix}slots:{provider}"], args=[limit, holder, lease_s])
+        )
+
+    async def release(self, provider: str, holder: str) -> None:
+        await self.client.zrem(f"{self.prefix}slots:{provider}", holder)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class FailoverStore:
+    """A remote store (Redis, or the parent of the workers) in front of a local one. A call that fails or takes
+    longer than `timeout_s` is served by the local store, and so is every call until the remote answers a
+    ping again; retried with backoff, logged once per outage, shown in /health and /metrics."""
+
+    def __init__(self, remote: Any, local: Any, timeout_s: float):
+        self.remote, self.local, self.timeout_s = remote, local, timeout_s
+        self.kind = remote.kind
+        self.up = True
+        self.outages = 0
+        self.down_since = 0.0
+        self.tasks: set[asyncio.Future] = set()
+        self.reconnecting: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        try:
+            await asyncio.wait_for(self.remote.ping(), max(self.timeout_s, 1.0))
+        except Exception as exc:
+            self.failed(exc)
+        await self.local.start()
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.up:
+            return
+        self.up = False
+        self.outages += 1
+        self.down_since = time.monotonic()
+        why = type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+        log.warning(
+            "shared state (%s) unreachable: %s; serving on %s limits until it is back", self.kind, why, self.local.kind
+        )
+        self.reconnecting = asyncio.ensure_future(self.reconnect())
+
+    async def reconnect(self) -> None:
+        wait = SHARED_RETRY_S[0]
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                await asyncio.wait_for(self.remote.ping(), max(self.timeout_s, 1.0))
+            except Exception:
+                wait = min(wait * 2, SHARED_RETRY_S[1])
+                continue
+            self.up = True
+            log.warning("shared state (%s) is back after %.1f s", self.kind, time.monotonic() - self.down_since)
+            return
+
+    def tell(self, method: Callable[..., Awaitable | None], *args: Any) -> None:
+        """Tell the remote without waiting for it (a parent's call is written at once, a Redis call runs as a
+        task); one that fails starts an outage."""
+        if not self.up:
+            return
+        try:
+            call = method(*args)
+        except Exception as exc:
+            self.failed(exc)
+            return
+        if call is not None:
+            task = asyncio.ensure_future(asyncio.wait_for(call, self.timeout_s))
+            self.tasks.add(task)
+            task.add_done_callback(self.finished)
+
+    def finished(self, task: asyncio.Future) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failed(task.exception())
+
+    async def check(self, ask: Ask) -> Verdict:
+        if self.up:
+            try:
+                return await asyncio.wait_for(self.remote.check(ask), self.timeout_s)
+            except Exception as exc:
+                self.failed(exc)
+        return await self.local.check(ask)
+
+    def record(self, spend: Spend) -> None:
+        self.local.record(spend)
+        self.tell(self.remote.record, spend)
+
+    def rest(self, key: str, seconds: float) -> None:
+        self.local.rest(key, seconds)
+        self.tell(self.remote.rest, key, seconds)
+
+    def down(self, provider: str, seconds: float, reason: str) -> None:
+        self.local.down(provider, seconds, reason)
+        self.tell(self.remote.down, provider, seconds, reason)
+
+    async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> Callable[[], None] | None:
+        if self.up:
+            try:
+                if not await asyncio.wait_for(self.remote.acquire(provider, limit, holder, lease_s), self.timeout_s):
+                    return None
+                return functools.partial(self.release, provider, holder)
+            except Exception as exc:
+                self.failed(exc)
+        return await self.local.acquire(provider, limit, holder, lease_s)
+
+    def release(self, provider: str, holder: str) -> None:
+        """Free a remote slot; one held while the remote was lost frees itself when its lease ends."""
+        self.tell(self.remote.release, provider, holder)
+
+    def health(self) -> list[dict]:
+        state = {"store": self.kind, "up": self.up, "outages": self.outages}
+        if not self.up:
+            state["down_s"] = round(time.monotonic() - self.down_since, 1)
+        return [state, *self.local.health()]
+
+    async def close(self) -> None:
+        """Let what is being told arrive (each call has its timeout), then close."""
+        if self.reconnecting is not None:
+            self.reconnecting.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.remote.close()
+        await self.local.close()
+
+
 class ProxyState:
     """The app's mutable state: the current snapshot and the in-flight counters."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, parent: str | None = None):
         self.current = ConfigSnapshot.of(config)
         self.in_flight = 0
-        self.provider_in_flight: collections.Counter[str] = collections.Counter()
-        self.sessions = SessionMemory()
+        self.limits = SharedLimits()
+        if config.budgets:
+            self.limits.seed(usage_db_path(config))
+        self.shared = shared_store(config, self.limits, parent)
+        self.holders = itertools.count()  # numbers this process's provider slots (see try_targets)
         self.metrics = Metrics()
         self.open_streams: set[UpstreamAnswer] = set()
         self.shutting_down = False
@@ -6345,6 +7011,25 @@ class ProxyState:
     def reload(self, config: Config) -> None:
         self.current = ConfigSnapshot.of(config)
         self.redactor.secrets = config.secrets()
+
+    def holder(self) -> str:
+        """A name for one provider slot that no other process of any instance uses."""
+        return f"{HOST_NAME}:{os.getpid()}:{next(self.holders)}"
+
+
+HOST_NAME = socket.gethostname()
+
+
+def shared_store(config: Config, limits: SharedLimits, parent: str | None) -> ProcessStore | FailoverStore:
+    """This process's limits; in front of them the parent's (`--workers N`), and Redis's in front of all when
+    `[cluster] redis_url` is set."""
+    store: ProcessStore | FailoverStore = ProcessStore(limits)
+    if parent is not None:
+        store = FailoverStore(ParentStore(parent), store, PARENT_TIMEOUT_S)
+    if config.redis_url:
+        timeout = config.redis_timeout_ms / 1000
+        store = FailoverStore(RedisStore(config.redis_url, config.redis_prefix, timeout), store, timeout)
+    return store
 
 
 # ---------------------------------------------------------------------------
@@ -6372,6 +7057,7 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     usage: dict = field(default_factory=dict)
     client: str = "-"  # the name of the client key (see check_auth)
+    caller: str = "-"  # who the rates count: a digest of the client's key, or its address (see admit)
 
     def prompt_tokens(self) -> int | None:
         """The upstream's own count of this request's input (cache reads and writes included), if it said."""
@@ -6438,16 +7124,33 @@ async def record_middleware(request: web.Request, handler: Callable) -> web.Stre
         if request.path.startswith("/v1/"):
             state = request.app[STATE]
             seconds = time.perf_counter() - started
-            cost = request_cost(state.current.config.providers.get(record.provider), record.model, record.usage)
+            config = state.current.config
+            cost = request_cost(config.providers.get(record.provider), record.model, record.usage)
             state.metrics.observe(record, status, seconds, cost)
             log_request_record(record, request.path, status, seconds)
             if request.path in DIALECTS:
+                spend = request_spend(record, config, cost)
+                if spend is not None:
+                    state.shared.record(spend)
                 row = usage_row(record, request.path, status, seconds, cost)
                 if state.usage is not None:
                     state.usage.add(row)
                 for feed in state.live:
                     with contextlib.suppress(asyncio.QueueFull):  # a dashboard that does not keep up misses rows
                         feed.put_nowait(dict(zip(USAGE_COLUMNS, row, strict=True)))
+
+
+def request_spend(record: RequestRecord, config: Config, cost: float | None) -> Spend | None:
+    """What the shared state is told after a request: its tokens and cost for the client's budget and token
+    rate, the session's input count for its memory; None when none of these is kept."""
+    name = record.client if record.client in config.budgets else ""
+    client = record.caller if config.rate_limit_tpm else ""
+    session_tokens = record.prompt_tokens() if record.session_id is not None else None
+    output = record.usage.get("output_tokens")
+    tokens = (record.prompt_tokens() or 0) + (output if _is_int(output) else 0)
+    if not ((name or client) and tokens) and session_tokens is None:
+        return None
+    return Spend(client, name, record.session_id, session_tokens, tokens, cost or 0.0)
 
 
 def log_request_record(record: RequestRecord, path: str, status: int, seconds: float) -> None:
@@ -6687,6 +7390,7 @@ def admit(request: web.Request) -> ConfigSnapshot:
     snapshot = request.app[STATE].current
     config = snapshot.config
     client = check_auth(request, config)
+    request[RECORD].caller = key_digest(client)
     if snapshot.limiter is not None:
         wait = snapshot.limiter.wait_needed(client)
         if wait:
@@ -6731,14 +7435,54 @@ async def parse_and_route(
     hints, body = await analyse(raw, config, request.app[COUNTER], exact=not need_max_tokens)
     if hints.session_id is not None and not hints.is_background:
         # Session memory is the main model's: a background (haiku) request neither reads nor updates it.
-        hints = replace(hints, session_tokens=request.app[STATE].sessions.get(hints.session_id))
         record.session_id = hints.session_id
     record.tokens, record.tokens_exact = hints.token_count, hints.token_count_exact
+    hints = await check_shared_limits(request, snapshot, hints)
     route = choose_route(hints, config, body)
     record.scenario = route.scenario
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s hints=%s body=%s", record.request_id, hints, json.dumps(body)[:4000])
     return RoutedRequest(snapshot, raw, body, hints, route, dialect)
+
+
+async def check_shared_limits(request: web.Request, snapshot: ConfigSnapshot, hints: Hints) -> Hints:
+    """Ask the shared state (see SharedStore): 429 when a rate or budget of the client is used up; the keys and
+    providers resting on other processes rest here too; the hints get the session's memory."""
+    config, record = snapshot.config, request[RECORD]
+    budget = config.budgets.get(record.client)
+    ask = Ask(
+        record.caller,
+        record.client if budget else "",
+        config.rate_limit_rpm,
+        config.rate_limit_tpm,
+        budget.usd if budget else None,
+        budget.tokens if budget else None,
+        record.session_id,
+    )
+    verdict = await request.app[STATE].shared.check(ask)
+    if verdict.refusal is not None:
+        raise refusal_error(verdict.refusal, ask)
+    if verdict.resting or verdict.down:
+        snapshot.rest(verdict)
+    return replace(hints, session_tokens=verdict.session_tokens) if verdict.session_tokens is not None else hints
+
+
+def refusal_error(refusal: Refusal, ask: Ask) -> ProxyError:
+    """The 429 for a limit that is used up: which limit, and when it has room again."""
+    limit, used, reset_s = refusal
+    if limit == "rpm":
+        text = f"rate limit of {ask.rpm} requests per minute reached"
+    elif limit == "tpm":
+        text = f"token rate limit of {ask.tpm} tokens per minute reached ({used:.0f} used this minute)"
+    else:
+        resets = datetime.datetime.fromtimestamp(time.time() + reset_s, datetime.timezone.utc)
+        budget = f"${ask.usd_per_day:.2f}" if limit == "usd" else f"{ask.tokens_per_day} tokens"
+        spent = f"${used:.4f}" if limit == "usd" else f"{used:.0f} tokens"
+        text = (
+            f"client '{ask.name}' has used its daily budget of {budget} ({spent} today); "
+            f"it resets at {resets:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    return ProxyError(429, text, headers={"retry-after": str(max(1, math.ceil(reset_s)))})
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -6794,24 +7538,23 @@ async def try_targets(
         if number:
             record.fallbacks += 1
             log.warning("%s falling back to %s after: %s", record.request_id, target, failure.message)
-        if provider.max_in_flight is not None and state.provider_in_flight[provider.name] >= provider.max_in_flight:
-            failure = ProxyError(429, f"{provider.name} is at its max_in_flight limit ({provider.max_in_flight})")
-            failure.headers["retry-after"] = "1"
-            continue
-        state.provider_in_flight[provider.name] += 1
+        release = None
+        if provider.max_in_flight is not None:
+            lease = max(provider.timeouts.total_ms, provider.timeouts.stream_ms) / 1000 + LEASE_MARGIN_S
+            release = await state.shared.acquire(provider.name, provider.max_in_flight, state.holder(), lease)
+            if release is None:
+                failure = ProxyError(429, f"{provider.name} is at its max_in_flight limit ({provider.max_in_flight})")
+                failure.headers["retry-after"] = "1"
+                continue
         try:
             answer = await answer_from_target(routed, target, request)
             deadline = time.monotonic() + provider.timeouts.stream_ms / 1000
-            response = await send_answer(request, answer, target, deadline, routed.dialect, stream)
+            return await send_answer(request, answer, target, deadline, routed.dialect, stream)
         except ProxyError as err:
             failure = err
-            continue
         finally:
-            state.provider_in_flight[provider.name] -= 1
-        prompt_tokens = record.prompt_tokens()
-        if record.session_id is not None and prompt_tokens is not None:
-            state.sessions.remember(record.session_id, prompt_tokens)
-        return response
+            if release is not None:
+                release()
     raise failure
 
 
@@ -6920,6 +7663,7 @@ async def handle_health(request: web.Request) -> web.Response:
                 name: sum(until > time.monotonic() for until in ring.resting.values())
                 for name, ring in state.current.keyrings.items()
             },
+            "shared_state": state.shared.health(),
         }
     )
 
@@ -7174,7 +7918,7 @@ async def handle_routes(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     check_auth(request, state.current.config)
-    body = state.metrics.render(state.in_flight, state.current.cooldowns.down()).encode()
+    body = state.metrics.render(state.in_flight, state.current.cooldowns.down(), state.shared.health()).encode()
     return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -7205,6 +7949,14 @@ async def usage_store_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 
 
+async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reach the shared state's stores at start-up (one that cannot be reached starts an outage); close them."""
+    store = app[STATE].shared
+    await store.start()
+    yield
+    await store.close()
+
+
 async def _client_session_ctx(
     app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
 ) -> AsyncIterator[None]:
@@ -7216,17 +7968,22 @@ async def _client_session_ctx(
 
 
 def create_app(
-    config: Config, counter: TokenCounter | None = None, image_resolver: aiohttp.abc.AbstractResolver | None = None
+    config: Config,
+    counter: TokenCounter | None = None,
+    image_resolver: aiohttp.abc.AbstractResolver | None = None,
+    parent: str | None = None,
 ) -> web.Application:
     """The aiohttp application for a config; the token counter can be shared between apps. `image_resolver` is
-    a test seam: the DNS that image URL fetches use instead of the public-only guard."""
+    a test seam: the DNS that image URL fetches use instead of the public-only guard. `parent`: the socket of
+    the shared state of `--workers N` (see ParentStore)."""
     app = web.Application(middlewares=[record_middleware])
-    app[STATE] = ProxyState(config)
+    app[STATE] = ProxyState(config, parent)
     app[COUNTER] = counter or TokenCounter(load_encoding())
     app[STARTED] = time.monotonic()
     app[STARTED_WALL] = time.time()
     app.cleanup_ctx.append(redaction_ctx)
     app.cleanup_ctx.append(usage_store_ctx)
+    app.cleanup_ctx.append(shared_state_ctx)
     app.cleanup_ctx.append(functools.partial(_client_session_ctx, image_resolver=image_resolver))
     app.router.add_post("/v1/messages", handle_messages)
     app.router.add_post("/v1/messages/count_tokens", handle_count_tokens)
@@ -7365,12 +8122,14 @@ def apply_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool = False) -> None:
+async def serve(
+    config: Config, reload: Callable[[], Config], reuse_port: bool = False, parent: str | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and let in-flight requests finish (drain_timeout_ms).
 
     SIGHUP calls `reload` for a new config; an invalid one is logged and the old one stays. Requests in flight
     keep the config they started with."""
-    app = create_app(config)
+    app = create_app(config, parent=parent)
     drain = config.drain_timeout_ms / 1000
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain + 2)
     await runner.setup()
@@ -7389,8 +8148,8 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
             for problem in err.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
             return
-        if (new.host, new.port, new.upstream_connections) != (config.host, config.port, config.upstream_connections):
-            log.warning("reload: a new host, port or upstream_connections takes effect only after a restart")
+        if restart_settings(new) != restart_settings(config):
+            log.warning("reload: a new host, port, upstream_connections or cluster takes effect only after a restart")
         app[STATE].reload(new)
         apply_log_level(new.log_level)
         log.info("config reloaded from %s", new.source)
@@ -7415,6 +8174,11 @@ async def serve(config: Config, reload: Callable[[], Config], reuse_port: bool =
     await runner.cleanup()
 
 
+def restart_settings(config: Config) -> tuple:
+    """The settings that a reload cannot change."""
+    return config.host, config.port, config.upstream_connections, config.redis_url, config.redis_prefix
+
+
 def run_event_loop(coro: Any) -> None:
     """asyncio.run on uvloop where it is installed."""
     try:
@@ -7425,9 +8189,9 @@ def run_event_loop(coro: Any) -> None:
     uvloop.run(coro)
 
 
-def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool) -> int:
+def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool, parent: str | None = None) -> int:
     try:
-        run_event_loop(serve(config, lambda: resolve_config(args), reuse_port))
+        run_event_loop(serve(config, lambda: resolve_config(args), reuse_port, parent))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 1
@@ -7437,11 +8201,22 @@ def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool) -> in
 
 
 def run_workers(config: Config, args: argparse.Namespace) -> int:
-    """`--workers N`: N processes accept on one port (SO_REUSEPORT); SIGINT, SIGTERM and SIGHUP go to all."""
+    """`--workers N`: N processes accept on one port (SO_REUSEPORT); SIGINT, SIGTERM and SIGHUP go to all. This
+    process keeps their shared state (rates, budgets, slots, resting keys and providers, session memory) and
+    answers them on a Unix socket in a private directory."""
+    folder = tempfile.mkdtemp(prefix="terraphim-proxy-")
+    path = os.path.join(folder, "shared.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=run_worker, args=(config, args, True)) for _ in range(args.workers)]
+    workers = [context.Process(target=run_worker, args=(config, args, True, path)) for _ in range(args.workers)]
     for worker in workers:
         worker.start()
+    limits = SharedLimits()
+    if config.budgets:
+        limits.seed(usage_db_path(config))
+    threading.Thread(target=asyncio.run, args=(serve_shared_limits(listener, limits),), daemon=True).start()
 
     def pass_on(signum: int, _frame: Any) -> None:
         for worker in workers:
@@ -7452,6 +8227,7 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
         signal.signal(signum, pass_on)
     for worker in workers:
         worker.join()
+    shutil.rmtree(folder, ignore_errors=True)
     failed = [w.pid for w in workers if w.exitcode]
     if failed:
         log.error("workers %s exited with an error", failed)

@@ -9991,7 +9991,10 @@ async def test_metrics_after_known_requests(
         "terraphim_upstream_cooldowns_total": "counter",
         "terraphim_upstream_cooldown_seconds": "gauge",
         "terraphim_in_flight": "gauge",
+        "terraphim_shared_state_up": "gauge",
+        "terraphim_shared_state_outages_total": "counter",
     }
+    assert metrics.series("terraphim_shared_state_up") == {("process",): 1}
     assert metrics.series("terraphim_requests_total") == {
         ("default", "anthropic", "model-default", "200"): 2,
         ("explicit", "anthropic", "model-flaky", "200"): 1,
