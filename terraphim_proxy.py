@@ -6652,6 +6652,10 @@ class ParentStore:
                 future.set_exception(ConnectionResetError("the parent process closed the shared state"))
         if self.writer is not None:
             self.writer.close()
+        # The parent keeps its socket open until its workers have ended; closed before, the parent died (SIGKILL,
+        # say), and a worker does not serve on as an orphan.
+        log.error("the parent process is gone (its shared-state socket closed); this worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def send(self, *message: Any) -> None:
         if self.writer is None or self.writer.is_closing():
@@ -6683,10 +6687,10 @@ class ParentStore:
         self.send("release", provider, holder)
 
     async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()  # first: the end of the connection is not the parent's end here
         if self.writer is not None:
             self.writer.close()
-        if self.reader is not None:
-            self.reader.cancel()
 
 
 PARENT_OPS: dict[str, Callable[..., Any]] = {
@@ -6818,10 +6822,14 @@ class RedisStore:
         import redis.asyncio
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         self.prefix = prefix
+        # A pooled connection that Redis closed (a restart, an idle timeout) is tried again at once, on a new one;
+        # a timeout is not: FailoverStore serves on local limits instead.
+        once = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
         self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=once
         )
         self.scripts = {
             name: self.client.register_script(text)

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import codecs
 import contextlib
+import datetime
 import functools
 import gzip
 import hashlib
@@ -38,7 +39,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ import anthropic
 import ollama
 import openai
 import pytest
+import redis.asyncio
 import tiktoken
 import yarl
 from aiohttp import web
@@ -568,9 +570,18 @@ def assert_one_problem(code: int, out: str, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def toml_value(value: Any) -> str:
+    """A TOML value: JSON scalars are valid TOML; tables go inline, in arrays too."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return json.dumps(value)
+
+
 def to_toml(doc: dict) -> str:
-    """TOML for flat tables and arrays of tables; JSON scalars and arrays are valid TOML values."""
-    lines = [f"{key} = {json.dumps(value)}" for key, value in doc.items() if not isinstance(value, (dict, list))]
+    """TOML for tables and arrays of tables, whose own tables are written inline."""
+    lines = [f"{key} = {toml_value(value)}" for key, value in doc.items() if not isinstance(value, (dict, list))]
     for key, value in doc.items():
         if isinstance(value, dict):
             tables = [(f"[{key}]", value)]
@@ -579,7 +590,7 @@ def to_toml(doc: dict) -> str:
         else:
             continue
         for header, table in tables:
-            lines += [header, *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
+            lines += [header, *(f"{k} = {toml_value(v)}" for k, v in table.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -1453,6 +1464,28 @@ CONFIG_MISTAKES = [
         "expected a boolean",
     ),
     mistake("log-level", {"proxy": {"log_level": "loud"}}, "proxy.log_level", "unknown level"),
+    mistake("redis-url-scheme", {"cluster": {"redis_url": "http://cache:6379"}}, "cluster.redis_url", "redis://"),
+    mistake("redis-timeout-zero", {"cluster": {"redis_timeout_ms": 0}}, "cluster.redis_timeout_ms", "positive"),
+    mistake("cluster-unknown-key", {"cluster": {"redis": "x"}}, "cluster.redis", "unknown key"),
+    mistake("tpm-zero", {"proxy": {"rate_limit_tpm": 0}}, "proxy.rate_limit_tpm", "positive"),
+    mistake(
+        "budget-negative",
+        {"proxy": {"clients": [{"name": "a", "key": "client-key-1", "budget_usd_per_day": -1}]}},
+        "proxy.clients[0].budget_usd_per_day",
+        "a number above 0",
+    ),
+    mistake(
+        "budget-tokens-float",
+        {"proxy": {"clients": [{"name": "a", "key": "client-key-1", "budget_tokens_per_day": 1.5}]}},
+        "proxy.clients[0].budget_tokens_per_day",
+        "a positive integer",
+    ),
+    mistake(
+        "client-unknown-key",
+        {"proxy": {"clients": [{"name": "a", "key": "client-key-1", "budget": 5}]}},
+        "proxy.clients[0].budget",
+        "unknown key",
+    ),
     mistake("default-number", {"router": {"default": 5}}, "router.default", "expected a string"),
     mistake("efforts-string", {"router": {"think_efforts": "max"}}, "router.think_efforts", "expected an array"),
     mistake(
@@ -10299,6 +10332,466 @@ async def test_every_worker_of_a_multi_worker_proxy_writes_its_rows_to_one_datab
     rows = usage_rows(db)
     assert len(rows) == 40 and len({row["request_id"] for row in rows}) == 40, logged[-3000:]
     assert "usage database" not in logged, logged[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Shared state: limits that hold across the workers of an instance, and across instances through Redis
+# ---------------------------------------------------------------------------
+
+TEAM_KEY, DEV_KEY, OPS_KEY = "terraphim-team-key-0001", "terraphim-dev-key-0002", "terraphim-ops-key-0003"
+SHARED_THRESHOLD = 1000  # long_context above this many input tokens
+LARGE_USAGE = {"input_tokens": 2000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 5}
+SCRIPTED_TOKENS = sum(SCRIPTED_USAGE.values())  # what each default scripted answer counts against a budget
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, keeping nothing on disk; stopped by its PID."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is not installed: .ci/run installs the redis-server package"
+        self.process = await asyncio.create_subprocess_exec(
+            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        while b"Ready to accept connections" not in (
+            line := await asyncio.wait_for(self.process.stdout.readline(), TIMEOUT_S)
+        ):
+            assert line, "redis-server exited during start-up"
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def values(self, pattern: str) -> dict[str, Any]:
+        """The keys matching a pattern, with their values (a string, or a hash as a dict), as the proxy stored them."""
+        client = redis.asyncio.Redis(port=self.port, decode_responses=True)
+        try:
+            keys = [key async for key in client.scan_iter(pattern)]
+            kinds = [await client.type(key) for key in keys]
+            return {
+                key: await (client.hgetall(key) if kind == "hash" else client.get(key))
+                for key, kind in zip(keys, kinds, strict=True)
+            }
+        finally:
+            await client.aclose()
+
+    async def until_value(self, pattern: str, done: Callable[[list[Any]], bool]) -> list[Any]:
+        """Wait (bounded) until what a request told the shared state has arrived."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while not done(values := list((await self.values(pattern)).values())):
+            assert time.monotonic() < deadline, f"{pattern}: {values}"
+            await asyncio.sleep(0.01)  # polling interval for a store the proxy writes after answering
+        return values
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisProcess]:
+    server = RedisProcess()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def shared_doc(upstream: str, redis_url: str | None = None, **proxy: Any) -> dict:
+    """Two clients (one with a daily budget of two default answers' tokens), a provider with two keys, and a
+    long_context route."""
+    provider = provider_doc("anthropic", "anthropic", upstream, keys=2)
+    clients = [
+        {"name": "team", "key": TEAM_KEY, "budget_tokens_per_day": SCRIPTED_TOKENS * 2 - 1},
+        {"name": "dev", "key": DEV_KEY},
+        {"name": "ops", "key": OPS_KEY},
+    ]
+    settings = {
+        "log_level": "warning",
+        "usage_db": "off",
+        "retries": 1,
+        "retry_base_ms": 1,
+        "clients": clients,
+        **proxy,
+    }
+    router = {"long_context": "anthropic,model-long", "long_context_threshold": SHARED_THRESHOLD}
+    doc = providers_doc([provider], "anthropic,model-default", settings, router)
+    if redis_url is not None:
+        doc["cluster"] = {"redis_url": redis_url}
+    return doc
+
+
+@dataclass
+class Instances:
+    """Proxy processes started from one config, each with its workers."""
+
+    urls: list[str]
+    processes: list[asyncio.subprocess.Process]
+
+    async def stop(self) -> str:
+        """Stop them all (SIGTERM); their logs together."""
+        logs = []
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(process.wait(), TIMEOUT_S)
+            assert process.stderr is not None
+            logs.append((await process.stderr.read()).decode(errors="replace"))
+            assert code == 0, logs[-1][-3000:]
+        return "\n".join(logs)
+
+
+@contextlib.asynccontextmanager
+async def proxy_instances(doc: dict, tmp_path: Path, count: int = 2, workers: int = 2) -> AsyncIterator[Instances]:
+    path = tmp_path / "proxy.toml"
+    path.write_text(to_toml(doc))
+    ports = [free_port() for _ in range(count)]
+    processes = []
+    try:
+        for port in ports:
+            args = ("--config", str(path), "--port", str(port), "--workers", str(workers))
+            processes.append(await spawn_proxy(*args, start_new_session=True))
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url, process in zip(urls, processes, strict=True):
+            await wait_healthy(url, process)
+        yield Instances(urls, processes)
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)  # the workers too
+                await process.wait()
+
+
+async def fresh_post(url: str, key: str, body: dict | None = None) -> tuple[int, dict, Mapping[str, str]]:
+    """POST /v1/messages on a new connection, which the kernel gives to any worker of the instance."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+    )
+    headers = {"x-api-key": key}
+    async with session as http, http.post(f"{url}/v1/messages", json=body or request("Hi"), headers=headers) as reply:
+        return reply.status, await reply.json(), reply.headers
+
+
+async def spread_posts(urls: list[str], key: str, count: int, body: dict | None = None) -> list[int]:
+    """`count` requests in turn to each instance, each on a new connection; their statuses."""
+    return [(await fresh_post(urls[i % len(urls)], key, body))[0] for i in range(count)]
+
+
+async def health_of(url: str, key: str) -> dict:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as http,
+        http.get(f"{url}/health", headers={"x-api-key": key}) as reply,
+    ):
+        return await reply.json()
+
+
+async def until_workers(url: str, workers: int, state: Callable[[dict], bool]) -> None:
+    """Ask /health on new connections until `workers` of the instance's workers have said `state` (bounded)."""
+    seen: dict[int, bool] = {}
+    deadline = time.monotonic() + TIMEOUT_S * 2
+    while sum(seen.values()) < workers:
+        assert time.monotonic() < deadline, f"{url}: {seen}"
+        health = await health_of(url, TEAM_KEY)
+        seen[health["pid"]] = state(health)
+        await asyncio.sleep(0.01)  # polling interval: each worker reconnects on its own backoff
+
+
+def redis_up(health: dict) -> bool:
+    return {store["store"]: store["up"] for store in health["shared_state"]}["redis"]
+
+
+def session_body(session: str) -> dict:
+    return request("small", metadata={"user_id": claude_code_user_id(session, "json")})
+
+
+def budget_config(upstream_url: str, **proxy: Any) -> terraphim_proxy.Config:
+    """Client "team" with a daily budget, "dev" without; each default answer costs $1 (10 input tokens at
+    $100,000 per million) and counts SCRIPTED_TOKENS tokens."""
+    provider = {"name": "anthropic", "type": "anthropic", "api_base_url": upstream_url, "api_key": UPSTREAM_KEY}
+    provider["prices"] = {"model-default": {"input": 100_000.0, "output": 0.0}}
+    clients = [{"name": "team", "key": TEAM_KEY, "budget_usd_per_day": 1.5}, {"name": "dev", "key": DEV_KEY}]
+    doc = {
+        "proxy": {"clients": clients, "usage_db": "off", **proxy},
+        "router": {"default": "anthropic,model-default"},
+        "providers": [provider],
+    }
+    return build_config(doc, "test.toml", environ={})
+
+
+async def test_a_daily_budget_in_dollars_stops_its_client_with_a_429_that_says_when_it_resets(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(budget_config(scripted_upstream.url))
+
+    statuses = [(await fresh_post(url, TEAM_KEY))[0] for _ in range(2)]  # $1 used: under $1.50, so one more
+    status, error, headers = await fresh_post(url, TEAM_KEY)
+    other = (await fresh_post(url, DEV_KEY))[0]
+
+    assert statuses == [200, 200] and other == 200
+    assert status == 429 and error["error"]["type"] == "rate_limit_error"
+    tomorrow = datetime.datetime.now(datetime.timezone.utc).date() + datetime.timedelta(days=1)
+    assert error["error"]["message"] == (
+        f"client 'team' has used its daily budget of $1.50 ($2.0000 today); it resets at {tomorrow}T00:00:00Z"
+    )
+    assert 0 < int(headers["retry-after"]) <= 86400
+    assert len(scripted_upstream.received) == 3
+
+
+async def test_a_token_rate_limit_counts_what_the_upstream_reported(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy
+) -> None:
+    url = await start_proxy(budget_config(scripted_upstream.url, rate_limit_tpm=SCRIPTED_TOKENS + 1))
+
+    statuses = [(await fresh_post(url, DEV_KEY))[0] for _ in range(2)]
+    status, error, headers = await fresh_post(url, DEV_KEY)
+
+    assert statuses == [200, 200]
+    assert status == 429
+    assert error["error"]["message"] == (
+        f"token rate limit of {SCRIPTED_TOKENS + 1} tokens per minute reached ({SCRIPTED_TOKENS * 2} used this minute)"
+    )
+    assert 1 <= int(headers["retry-after"]) <= 60
+
+
+async def test_a_budget_outlives_a_restart_through_the_usage_database(
+    scripted_upstream: ModelScriptedUpstream, tmp_path: Path
+) -> None:
+    config = replace(budget_config(scripted_upstream.url), usage_db=str(tmp_path / "usage.db"))
+    statuses = []
+    for _ in range(2):  # two runs of the proxy, one after the other, on one database
+        runner, url = await serve_app(terraphim_proxy.create_app(config, shared_counter()))
+        try:
+            statuses += [(await fresh_post(url, TEAM_KEY))[0] for _ in range(2)]
+        finally:
+            await runner.cleanup()  # writes what is queued
+
+    assert statuses == [200, 200, 429, 429]
+
+
+@pytest.fixture
+async def paused_redis(redis_server: RedisProcess) -> AsyncIterator[RedisProcess]:
+    """Redis, to be stopped with SIGSTOP by the test: it takes connections and never answers."""
+    yield redis_server
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_redis_that_does_not_answer_costs_a_request_its_timeout_then_local_limits(
+    scripted_upstream: ModelScriptedUpstream,
+    paused_redis: RedisProcess,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    doc = shared_doc(scripted_upstream.url, paused_redis.url, rate_limit_rpm=3)
+    doc["cluster"]["redis_timeout_ms"] = 20
+    url = await start_proxy(build_config(doc, "test.toml", environ={}))
+    assert (await fresh_post(url, DEV_KEY))[0] == 200
+    assert paused_redis.process is not None
+    paused_redis.process.send_signal(signal.SIGSTOP)
+
+    statuses = [(await fresh_post(url, DEV_KEY))[0] for _ in range(3)]
+    down = await health_of(url, DEV_KEY)
+    async with http.get(f"{url}/metrics", headers={"x-api-key": DEV_KEY}) as answer:
+        metrics = parse_metrics(await answer.text())
+    paused_redis.process.send_signal(signal.SIGCONT)
+    await until_workers(url, 1, redis_up)
+
+    assert statuses == [200, 200, 429]  # the process's own limit of 3 holds while Redis is out
+    assert down["shared_state"][0] | {"down_s": 0} == {"store": "redis", "up": False, "outages": 1, "down_s": 0}
+    assert metrics.series("terraphim_shared_state_up") == {("redis",): 0, ("process",): 1}
+    assert metrics.series("terraphim_shared_state_outages_total") == {("redis",): 1}
+
+
+async def test_a_provider_slot_limit_holds_across_instances(
+    scripted_upstream: ModelScriptedUpstream,
+    redis_server: RedisProcess,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    doc = shared_doc(scripted_upstream.url, redis_server.url)
+    doc["providers"][0]["max_in_flight"] = 1
+    config = build_config(doc, "test.toml", environ={})
+    one, other = await start_proxy(config), await start_proxy(config)
+    scripted_upstream.queue("model-default", ScriptedAnswer(hold=True))
+
+    async def held_stream() -> str:
+        headers = {"x-api-key": DEV_KEY}
+        async with http.post(f"{one}/v1/messages", json=request("Hi", stream=True), headers=headers) as answer:
+            return await answer.text()
+
+    held = asyncio.ensure_future(held_stream())
+    await asyncio.wait_for(scripted_upstream.held.wait(), TIMEOUT_S)
+
+    status, error, _ = await fresh_post(other, DEV_KEY)
+    scripted_upstream.release.set()
+    assert "message_stop" in await held
+    after = await fresh_post(other, DEV_KEY)
+
+    assert status == 429 and "anthropic is at its max_in_flight limit (1)" in error["error"]["message"]
+    assert after[0] == 200
+
+
+async def test_limits_and_session_memory_hold_across_the_workers_of_one_instance(
+    scripted_upstream: ModelScriptedUpstream, tmp_path: Path
+) -> None:
+    doc = shared_doc(scripted_upstream.url, rate_limit_rpm=5)
+    sessions = [f"terraphim-session-key-{i:04}" for i in range(6)]  # a client key each: 2 requests, under 5 rpm
+    doc["proxy"]["clients"] += [{"name": f"session-{i}", "key": key} for i, key in enumerate(sessions)]
+    async with proxy_instances(doc, tmp_path, count=1) as instances:
+        (url,) = instances.urls
+        statuses = await spread_posts(instances.urls, DEV_KEY, 20)
+        # Six sessions, each a large answer then a small request, every request on a new connection: the second
+        # reaches the other worker about half the time, and must still know the session's size.
+        routes = []
+        for i, key in enumerate(sessions):
+            scripted_upstream.queue("model-default", ScriptedAnswer(usage=LARGE_USAGE))
+            assert (await fresh_post(url, key, session_body(f"workers-{i}")))[0] == 200
+            routes.append((await fresh_post(url, key, session_body(f"workers-{i}")))[2]["x-terraphim-route"])
+        health = await health_of(url, DEV_KEY)
+        await instances.stop()
+
+    assert statuses.count(200) == 5 and statuses.count(429) == 15, statuses
+    assert routes == ["anthropic,model-long"] * 6
+    assert [store["store"] for store in health["shared_state"]] == ["workers", "process"]
+
+
+def process_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_when_their_parent_dies(scripted_upstream: ModelScriptedUpstream, tmp_path: Path) -> None:
+    async with proxy_instances(shared_doc(scripted_upstream.url), tmp_path, count=1) as instances:
+        (url,), (parent,) = instances.urls, instances.processes
+        pids: set[int] = set()
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(pids) < 2:  # each /health on a new connection reaches either worker
+            assert time.monotonic() < deadline, pids
+            pids.add((await health_of(url, DEV_KEY))["pid"])
+        parent.kill()
+        while not all(process_gone(pid) for pid in pids):
+            assert time.monotonic() < deadline + TIMEOUT_S, pids
+            await asyncio.sleep(0.02)  # polling interval: a worker notices on its socket to the parent
+
+    assert await parent.wait() == -signal.SIGKILL
+
+
+async def test_a_client_rate_limit_holds_across_instances_and_workers(
+    scripted_upstream: ModelScriptedUpstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    doc = shared_doc(scripted_upstream.url, redis_server.url, rate_limit_rpm=10)
+    async with proxy_instances(doc, tmp_path) as instances:
+        statuses = await spread_posts(instances.urls, DEV_KEY, 20)
+        status, error, headers = await fresh_post(instances.urls[1], DEV_KEY)
+        other = await spread_posts(instances.urls, OPS_KEY, 2)
+        stored = await redis_server.values("*")
+        await instances.stop()
+
+    assert statuses.count(200) == 10 and statuses.count(429) == 10, statuses
+    assert status == 429 and "10 requests per minute" in error["error"]["message"]
+    assert 1 <= int(headers["retry-after"]) <= 6
+    assert other == [200, 200]  # each client key has its own rate
+    assert len(scripted_upstream.received) == 12
+    buckets = {key: value for key, value in stored.items() if key.startswith("terraphim-proxy:rpm:")}
+    assert len(buckets) == 2 and not any(k in json.dumps(stored) for k in (DEV_KEY, OPS_KEY))  # keys only digested
+
+
+async def test_a_key_that_got_a_429_on_one_instance_rests_on_the_other(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    tired = provider_key("anthropic", 0)
+
+    async def script(up: StandInServer, seen: Received, request: web.Request) -> web.StreamResponse:
+        if seen.key == tired:
+            return await answer_status(429)(up, seen, request)
+        return await answer_ok(up, seen, request)
+
+    async with running(StandInServer(script)) as upstream:
+        doc = shared_doc(upstream.url, redis_server.url)
+        async with proxy_instances(doc, tmp_path) as instances:
+            first = await fresh_post(instances.urls[0], DEV_KEY)  # the first key first: 429, then the second
+            later = [await fresh_post(instances.urls[1], DEV_KEY) for _ in range(6)]
+            await instances.stop()
+        keys = [seen.key for seen in upstream.received]
+
+    assert first[0] == 200 and [reply[0] for reply in later] == [200] * 6, (first, later)
+    assert keys == [tired] + [provider_key("anthropic", 1)] * 7
+
+
+async def test_a_long_sessions_memory_routes_long_context_on_the_other_instance(
+    scripted_upstream: ModelScriptedUpstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    scripted_upstream.queue("model-default", ScriptedAnswer(usage=LARGE_USAGE))
+    doc = shared_doc(scripted_upstream.url, redis_server.url)
+    async with proxy_instances(doc, tmp_path) as instances:
+        first = await fresh_post(instances.urls[0], DEV_KEY, session_body("long-one"))
+        await redis_server.until_value("terraphim-proxy:session:long-one", bool)
+        second = await fresh_post(instances.urls[1], DEV_KEY, session_body("long-one"))
+        other = await fresh_post(instances.urls[1], DEV_KEY, session_body("short-one"))
+        await instances.stop()
+
+    assert first[2]["x-terraphim-route"] == "anthropic,model-default"
+    assert second[2]["x-terraphim-route"] == "anthropic,model-long"
+    assert other[2]["x-terraphim-route"] == "anthropic,model-default"
+
+
+async def test_a_daily_budget_stops_a_client_across_instances(
+    scripted_upstream: ModelScriptedUpstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    doc = shared_doc(scripted_upstream.url, redis_server.url)
+    spent = "terraphim-proxy:tokens:team:*"
+    async with proxy_instances(doc, tmp_path) as instances:
+        a, b = instances.urls
+        assert (await fresh_post(a, TEAM_KEY))[0] == 200
+        await redis_server.until_value(spent, lambda values: values == [str(SCRIPTED_TOKENS)])
+        assert (await fresh_post(b, TEAM_KEY))[0] == 200
+        await redis_server.until_value(spent, lambda values: values == [str(SCRIPTED_TOKENS * 2)])
+        refused = [await fresh_post(url, TEAM_KEY) for url in (a, b)]
+        others = await spread_posts(instances.urls, DEV_KEY, 2)
+        await instances.stop()
+
+    for status, error, headers in refused:
+        assert status == 429 and error["error"]["type"] == "rate_limit_error"
+        message = error["error"]["message"]
+        assert f"client 'team' has used its daily budget of {SCRIPTED_TOKENS * 2 - 1} tokens" in message
+        assert f"({SCRIPTED_TOKENS * 2} tokens today); it resets at " in message and message.endswith("T00:00:00Z")
+        assert 0 < int(headers["retry-after"]) <= 86400
+    assert others == [200, 200]
+    assert len(scripted_upstream.received) == 4
+
+
+async def test_instances_keep_answering_without_redis_and_share_limits_again_when_it_returns(
+    scripted_upstream: ModelScriptedUpstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    doc = shared_doc(scripted_upstream.url, redis_server.url, rate_limit_rpm=10)
+    async with proxy_instances(doc, tmp_path) as instances:
+        before = await spread_posts(instances.urls, DEV_KEY, 3)
+        await redis_server.stop()
+        during = await spread_posts(instances.urls, DEV_KEY, 6)  # each process's own limit of 10 still has room
+        for url in instances.urls:  # each instance served 3 of them: at least one of its workers saw Redis go
+            await until_workers(url, 1, lambda health: not redis_up(health))
+        await redis_server.start()
+        for url in instances.urls:
+            await until_workers(url, 2, redis_up)
+        after = await spread_posts(instances.urls, OPS_KEY, 14)
+        logs = await instances.stop()
+
+    assert before == [200] * 3 and during == [200] * 6
+    assert after.count(200) == 10 and after.count(429) == 4, after  # one limit for all four processes again
+    outages = re.findall(r"\[(\d+)\] shared state \(redis\) unreachable", logs)
+    assert outages and len(outages) == len(set(outages)), logs  # logged once per outage by each process
+    assert len(re.findall(r"shared state \(redis\) is back", logs)) == len(outages), logs
 
 
 # ===========================================================================
