@@ -27,6 +27,7 @@ request in its first system block and its last user text, so no cache can help).
     python bench.py --soak              # many requests against a stand-in that fails on purpose; leak check
     python bench.py --sizes             # added latency and CPU for 10 KB to 1.5 MB conversations, warm and cold
     python bench.py --usage-compare     # the usage database off vs on; every request's row written
+    python bench.py --redis-compare     # limits kept in the process vs shared through a local redis-server
     python bench.py --json out.json     # also write the results as JSON
 """
 
@@ -471,15 +472,19 @@ def provider_toml(route: Route, upstream_url: str) -> str:
     )
 
 
-def proxy_config(upstream_url: str, port: int, settings: dict[str, int | str]) -> str:
+def proxy_config(
+    upstream_url: str, port: int, settings: dict[str, int | str], cluster: dict[str, str] | None = None
+) -> str:
     """One provider per route at the stand-in; the default route is pass-through. `settings` go into [proxy]; the
-    usage database is off unless they name one."""
+    usage database is off unless they name one; `cluster`, if given, is the [cluster] table."""
     extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in {"usage_db": "off", **settings}.items())
     default = ROUTES["pass-through"]
     head = (
         f'[proxy]\nhost = "{HOST}"\nport = {port}\nlog_level = "warning"\n{extra}\n'
         f'[router]\ndefault = "{default.provider},{default.model}"\n'
     )
+    if cluster:
+        head += "\n[cluster]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in cluster.items())
     return "\n".join([head, *(provider_toml(route, upstream_url) for route in ROUTES.values())])
 
 
@@ -509,10 +514,11 @@ def start_proxy(
     upstream_url: str,
     workers: int = 1,
     settings: dict[str, int | str] | None = None,
+    cluster: dict[str, str] | None = None,
 ) -> tuple[Child, str]:
     port = free_port()
     config_path = workdir / f"{name}.toml"
-    config_path.write_text(proxy_config(upstream_url, port, settings or {}))
+    config_path.write_text(proxy_config(upstream_url, port, settings or {}, cluster))
     argv = [sys.executable, str(PROXY_SCRIPT), "--config", str(config_path), "--port", str(port)]
     argv += ["--log-level", "warning", "--workers", str(workers)]
     child = stack.enter_context(running_child(name, argv, workdir))
@@ -1350,6 +1356,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead: the proxy with its usage database off and on, side by side; then every request's row counted",
     )
     mode.add_argument(
+        "--redis-compare",
+        action="store_true",
+        help="instead: the proxy with its limits in the process and shared through a local redis-server",
+    )
+    mode.add_argument(
         "--sizes",
         action="store_true",
         help=f"instead: added c1 p50 and proxy CPU per request for conversations of {', '.join(SIZES)} bytes, "
@@ -1545,6 +1556,80 @@ def run_usage_compare(args: argparse.Namespace) -> int:
     return 1 if errors or rows != expected else 0
 
 
+REDIS_COMPARE_PATHS = ("pass-through", "openai")
+# Limits that every request checks and records, high enough never to refuse one: what a team's proxy runs with.
+SHARED_LIMITS = {"rate_limit_rpm": 1_000_000_000, "rate_limit_tpm": 1_000_000_000_000}
+
+
+def redis_command(port: int, *words: str) -> bytes:
+    """One command to a Redis on this host, its whole reply's bytes (enough for PING and INFO)."""
+    request = f"*{len(words)}\r\n" + "".join(f"${len(word)}\r\n{word}\r\n" for word in words)
+    with socket.create_connection((HOST, port), timeout=1) as sock:
+        sock.sendall(request.encode())
+        reply = sock.recv(1 << 16)
+    return reply
+
+
+def start_redis(stack: contextlib.ExitStack, workdir: Path) -> int:
+    """A redis-server (the Debian package) on a free port, keeping nothing on disk; its port once it answers."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    try:
+        child = stack.enter_context(running_child("redis", argv, workdir))
+    except FileNotFoundError:
+        raise RuntimeError("--redis-compare needs redis-server (apt-get install redis-server)") from None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if redis_command(port, "PING").startswith(b"+PONG"):
+                return port
+        if child.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not start:\n{child.output_tail()}")
+
+
+def redis_calls(port: int) -> int:
+    """How many scripts Redis has run: each request checks once, and records once."""
+    stats = redis_command(port, "INFO", "commandstats").decode()
+    return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines() if "cmdstat_evalsha" in line)
+
+
+def run_redis_compare(args: argparse.Namespace) -> int:
+    """The proxy with its limits in the process and shared through Redis, side by side, with the same limits."""
+    rounds, requests = run_sizes(args)
+    routes = [name for name in args.paths or REDIS_COMPARE_PATHS if name in ROUTES]
+    cases = [
+        Case(body, stream, c) for body in ("small", "cc-warm") for stream in (False, True) for c in args.concurrency
+    ]
+    with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        redis_port = start_redis(stack, workdir)
+        upstream, upstream_url = start_standin(stack, workdir, args.chunks, args.upstream_port)
+        cluster = {"redis_url": f"redis://{HOST}:{redis_port}/0"}
+        proxies = [
+            start_proxy(stack, workdir, "redis-off", upstream_url, settings=SHARED_LIMITS),
+            start_proxy(stack, workdir, "redis-on", upstream_url, settings=SHARED_LIMITS, cluster=cluster),
+        ]
+        paths = compare_paths(routes, proxies, ("off", "on"))
+        results, sent = run_event_loop(measure_all(paths, cases, rounds, requests))
+        processes = {child.name: process_report(child.name, child.pid, paths, sent) for child, _ in proxies}
+        errors = report_failures(results, [upstream, *(child for child, _ in proxies)])
+        calls = redis_calls(redis_port)
+    expected = sum(count for name, count in sent.items() if name.endswith(" on"))
+    settings = {**base_settings(args, rounds, requests), "upstream": upstream_url, "mode": "redis-compare"}
+    print()
+    print(settings_line("terraphim-proxy limits in the process vs shared through Redis", settings))
+    print(f"Both with {', '.join(f'{k} = {v}' for k, v in SHARED_LIMITS.items())}; medians over rounds; ms.")
+    print("Ratio rows (and added ms) = on / off.")
+    print(format_table(paths, results))
+    for report in processes.values():
+        print(process_line(report))
+    print(f"redis scripts run: {calls} for {expected} requests (a check and a record each)")
+    write_json(args.json, {**results_json(settings, paths, results, processes), "redis_calls": calls})
+    return 1 if errors or calls < expected else 0
+
+
 def run_soak(args: argparse.Namespace) -> int:
     args.soak_requests = args.soak_requests or (QUICK_SOAK_REQUESTS if args.quick else DEFAULT_SOAK_REQUESTS)
     routes = [name for name in args.paths or SOAK_PATHS if name in ROUTES]
@@ -1599,7 +1684,12 @@ def main(argv: list[str] | None = None) -> int:
         run_event_loop(serve_standin(args.serve_upstream, args.chunks, args.faults))
         return 0
     signal.signal(signal.SIGTERM, interrupt)
-    modes = {"soak": run_soak, "workers_compare": run_workers_compare, "usage_compare": run_usage_compare}
+    modes = {
+        "soak": run_soak,
+        "workers_compare": run_workers_compare,
+        "usage_compare": run_usage_compare,
+        "redis_compare": run_redis_compare,
+    }
     mode = next((run for flag, run in modes.items() if getattr(args, flag)), run_bench)
     try:
         return mode(args)

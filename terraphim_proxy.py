@@ -6723,10 +6723,43 @@ async def serve_shared_limits(sock: socket.socket, limits: SharedLimits) -> None
 
 # The Redis scripts keep SharedLimits' rules. Times are Redis's own (TIME), so instances need no common clock;
 # every key expires, so nothing grows without bound. Numbers go back as strings: Redis would cut them to integers.
-REDIS_CHECK = """
-local p, client, name = ARGV[1], ARGV[2], ARGV[3]
+# What requests spent (Spend, 6 arguments each) rides along with the next check, or goes on its own after
+# REDIS_RECORD_WAIT_S when no request comes: one round trip per request.
+REDIS_SPENDS = """
+local function record(p, now, ttl, first)
+  local day, minute = math.floor(now / 86400), math.floor(now / 60)
+  for i = first, #ARGV, 6 do
+    local client, name, session, session_tokens, tokens, usd = unpack(ARGV, i, i + 5)
+    if name ~= '' then
+      redis.call('INCRBYFLOAT', p .. 'usd:' .. name .. ':' .. day, usd)
+      redis.call('EXPIRE', p .. 'usd:' .. name .. ':' .. day, 172800)
+      redis.call('INCRBY', p .. 'tokens:' .. name .. ':' .. day, tokens)
+      redis.call('EXPIRE', p .. 'tokens:' .. name .. ':' .. day, 172800)
+    end
+    if client ~= '' then
+      redis.call('INCRBY', p .. 'tpm:' .. client .. ':' .. minute, tokens)
+      redis.call('EXPIRE', p .. 'tpm:' .. client .. ':' .. minute, 120)
+    end
+    if session ~= '' and session_tokens ~= '' then
+      redis.call('SET', p .. 'session:' .. session, session_tokens, 'EX', ttl)
+    end
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+"""
+REDIS_RECORD = (
+    REDIS_SPENDS
+    + """
+record(ARGV[1], now, ARGV[2], 3)
+return 1
+"""
+)
+REDIS_CHECK = (
+    REDIS_SPENDS
+    + """
+local p, client, name = ARGV[1], ARGV[2], ARGV[3]
+record(p, now, ARGV[9], 10)
 local day, minute = math.floor(now / 86400), math.floor(now / 60)
 local refusal = false
 local limits = {
@@ -6768,26 +6801,8 @@ for _, kind in ipairs({{'rests', resting}, {'downs', down}}) do
 end
 return {refusal, session, resting, down}
 """
-REDIS_RECORD = """
-local p, client, name, session = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local t = redis.call('TIME')
-local now = tonumber(t[1])
-local day, minute = math.floor(now / 86400), math.floor(now / 60)
-if name ~= '' then
-  redis.call('INCRBYFLOAT', p .. 'usd:' .. name .. ':' .. day, ARGV[7])
-  redis.call('EXPIRE', p .. 'usd:' .. name .. ':' .. day, 172800)
-  redis.call('INCRBY', p .. 'tokens:' .. name .. ':' .. day, ARGV[6])
-  redis.call('EXPIRE', p .. 'tokens:' .. name .. ':' .. day, 172800)
-end
-if client ~= '' then
-  redis.call('INCRBY', p .. 'tpm:' .. client .. ':' .. minute, ARGV[6])
-  redis.call('EXPIRE', p .. 'tpm:' .. client .. ':' .. minute, 120)
-end
-if session ~= '' and ARGV[5] ~= '' then
-  redis.call('SET', p .. 'session:' .. session, ARGV[5], 'EX', ARGV[8])
-end
-return 1
-"""
+)
+REDIS_RECORD_WAIT_S = 0.05  # the longest a spend waits for a request's check to carry it to Redis
 REDIS_REST = """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3])
@@ -6819,7 +6834,7 @@ class RedisStore:
     kind = "redis"
 
     def __init__(self, url: str, prefix: str, timeout_s: float):
-        import redis.asyncio
+        import redis.asyncio  # only here: without [cluster], nothing of Redis is imported
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -6840,12 +6855,24 @@ class RedisStore:
                 ("acquire", REDIS_ACQUIRE),
             )
         }
+        self.spends: list[str] = []  # told, not yet in Redis: 6 arguments each
+        self.flushing: asyncio.TimerHandle | None = None
+        self.failed: Callable[[BaseException], None] = lambda exc: None  # set by FailoverStore
+        self.tasks: set[asyncio.Future] = set()
 
     async def ping(self) -> None:
         await self.client.ping()
 
+    def take_spends(self) -> list[str]:
+        spends, self.spends = self.spends, []
+        if self.flushing is not None:
+            self.flushing.cancel()
+            self.flushing = None
+        return spends
+
     async def check(self, ask: Ask) -> Verdict:
-        refusal, session, resting, down = await self.scripts["check"](args=[self.prefix, *map(redis_arg, ask)])
+        args = [self.prefix, *map(redis_arg, ask), SESSION_TTL_S, *self.take_spends()]
+        refusal, session, resting, down = await self.scripts["check"](args=args)
         return Verdict(
             Refusal(refusal[0].decode(), float(refusal[1]), float(refusal[2])) if refusal else None,
             int(session) if session else None,
@@ -6853,8 +6880,22 @@ class RedisStore:
             {name.decode(): (float(left), why.decode()) for name, left, why in down},
         )
 
-    async def record(self, spend: Spend) -> None:
-        await self.scripts["record"](args=[self.prefix, *map(redis_arg, spend), SESSION_TTL_S])
+    def record(self, spend: Spend) -> None:
+        """Keep the spend for the next check; sent on its own after REDIS_RECORD_WAIT_S without one."""
+        self.spends += map(redis_arg, spend)
+        if self.flushing is None:
+            self.flushing = asyncio.get_running_loop().call_later(REDIS_RECORD_WAIT_S, self.flush)
+
+    def flush(self) -> None:
+        self.flushing = None
+        task = asyncio.ensure_future(self.scripts["record"](args=[self.prefix, SESSION_TTL_S, *self.take_spends()]))
+        self.tasks.add(task)
+        task.add_done_callback(self.flushed)
+
+    def flushed(self, task: asyncio.Future) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failed(task.exception())
 
     async def rest(self, key: str, seconds: float) -> None:
         await self.scripts["rest"](keys=[self.prefix + "rests"], args=[key, "", seconds])
@@ -6871,7 +6912,19 @@ class RedisStore:
         await self.client.zrem(f"{self.prefix}slots:{provider}", holder)
 
     async def close(self) -> None:
+        """Send what is still kept, then close."""
+        if self.spends:
+            self.flush()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.client.aclose()
+
+
+async def within(call: Awaitable[Any], seconds: float) -> Any:
+    """`call`'s result, or TimeoutError after `seconds` (without the task asyncio.wait_for makes, where it can)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await call
+    return await asyncio.wait_for(call, seconds)
 
 
 class FailoverStore:
@@ -6881,6 +6934,7 @@ class FailoverStore:
 
     def __init__(self, remote: Any, local: Any, timeout_s: float):
         self.remote, self.local, self.timeout_s = remote, local, timeout_s
+        remote.failed = self.failed  # calls the remote makes on its own (RedisStore.flush) report here
         self.kind = remote.kind
         self.up = True
         self.outages = 0
@@ -6890,7 +6944,7 @@ class FailoverStore:
 
     async def start(self) -> None:
         try:
-            await asyncio.wait_for(self.remote.ping(), max(self.timeout_s, 1.0))
+            await within(self.remote.ping(), max(self.timeout_s, 1.0))
         except Exception as exc:
             self.failed(exc)
         await self.local.start()
@@ -6912,7 +6966,7 @@ class FailoverStore:
         while True:
             await asyncio.sleep(wait)
             try:
-                await asyncio.wait_for(self.remote.ping(), max(self.timeout_s, 1.0))
+                await within(self.remote.ping(), max(self.timeout_s, 1.0))
             except Exception:
                 wait = min(wait * 2, SHARED_RETRY_S[1])
                 continue
@@ -6931,7 +6985,7 @@ class FailoverStore:
             self.failed(exc)
             return
         if call is not None:
-            task = asyncio.ensure_future(asyncio.wait_for(call, self.timeout_s))
+            task = asyncio.ensure_future(within(call, self.timeout_s))
             self.tasks.add(task)
             task.add_done_callback(self.finished)
 
@@ -6943,7 +6997,7 @@ class FailoverStore:
     async def check(self, ask: Ask) -> Verdict:
         if self.up:
             try:
-                return await asyncio.wait_for(self.remote.check(ask), self.timeout_s)
+                return await within(self.remote.check(ask), self.timeout_s)
             except Exception as exc:
                 self.failed(exc)
         return await self.local.check(ask)
@@ -6963,7 +7017,7 @@ class FailoverStore:
     async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> Callable[[], None] | None:
         if self.up:
             try:
-                if not await asyncio.wait_for(self.remote.acquire(provider, limit, holder, lease_s), self.timeout_s):
+                if not await within(self.remote.acquire(provider, limit, holder, lease_s), self.timeout_s):
                     return None
                 return functools.partial(self.release, provider, holder)
             except Exception as exc:
