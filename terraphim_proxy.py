@@ -6823,6 +6823,28 @@ return 1
 """
 
 
+class Background:
+    """Calls run without waiting for them; one that fails is reported to `failed`."""
+
+    def __init__(self, failed: Callable[[BaseException], None]):
+        self.failed = failed
+        self.tasks: set[asyncio.Future] = set()
+
+    def run(self, call: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(call)
+        self.tasks.add(task)
+        task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Future) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failed(task.exception())
+
+    async def settle(self) -> None:
+        """Wait for the calls still running (each bounded by its own timeout)."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 def redis_arg(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -6858,7 +6880,7 @@ class RedisStore:
         self.spends: list[str] = []  # told, not yet in Redis: 6 arguments each
         self.flushing: asyncio.TimerHandle | None = None
         self.failed: Callable[[BaseException], None] = lambda exc: None  # set by FailoverStore
-        self.tasks: set[asyncio.Future] = set()
+        self.background = Background(lambda exc: self.failed(exc))
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -6888,14 +6910,7 @@ class RedisStore:
 
     def flush(self) -> None:
         self.flushing = None
-        task = asyncio.ensure_future(self.scripts["record"](args=[self.prefix, SESSION_TTL_S, *self.take_spends()]))
-        self.tasks.add(task)
-        task.add_done_callback(self.flushed)
-
-    def flushed(self, task: asyncio.Future) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.failed(task.exception())
+        self.background.run(self.scripts["record"](args=[self.prefix, SESSION_TTL_S, *self.take_spends()]))
 
     async def rest(self, key: str, seconds: float) -> None:
         await self.scripts["rest"](keys=[self.prefix + "rests"], args=[key, "", seconds])
@@ -6915,7 +6930,7 @@ class RedisStore:
         """Send what is still kept, then close."""
         if self.spends:
             self.flush()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.background.settle()
         await self.client.aclose()
 
 
@@ -6939,7 +6954,7 @@ class FailoverStore:
         self.up = True
         self.outages = 0
         self.down_since = 0.0
-        self.tasks: set[asyncio.Future] = set()
+        self.background = Background(self.failed)
         self.reconnecting: asyncio.Future | None = None
 
     async def start(self) -> None:
@@ -6985,14 +7000,7 @@ class FailoverStore:
             self.failed(exc)
             return
         if call is not None:
-            task = asyncio.ensure_future(within(call, self.timeout_s))
-            self.tasks.add(task)
-            task.add_done_callback(self.finished)
-
-    def finished(self, task: asyncio.Future) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.failed(task.exception())
+            self.background.run(within(call, self.timeout_s))
 
     async def check(self, ask: Ask) -> Verdict:
         if self.up:
@@ -7038,7 +7046,7 @@ class FailoverStore:
         """Let what is being told arrive (each call has its timeout), then close."""
         if self.reconnecting is not None:
             self.reconnecting.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.background.settle()
         await self.remote.close()
         await self.local.close()
 
