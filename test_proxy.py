@@ -10655,12 +10655,27 @@ async def test_limits_and_session_memory_hold_across_the_workers_of_one_instance
             scripted_upstream.queue("model-default", ScriptedAnswer(usage=LARGE_USAGE))
             assert (await fresh_post(url, key, session_body(f"workers-{i}")))[0] == 200
             routes.append((await fresh_post(url, key, session_body(f"workers-{i}")))[2]["x-terraphim-route"])
+        budget = [(await fresh_post(url, TEAM_KEY))[0] for _ in range(4)]  # two answers' tokens, less one
         health = await health_of(url, DEV_KEY)
         await instances.stop()
 
     assert statuses.count(200) == 5 and statuses.count(429) == 15, statuses
     assert routes == ["anthropic,model-long"] * 6
+    assert budget == [200, 200, 429, 429]
     assert [store["store"] for store in health["shared_state"]] == ["workers", "process"]
+
+
+def test_without_a_cluster_nothing_of_redis_is_imported(stand_in_up: StandInServer) -> None:
+    doc = json.dumps(single_provider_doc("anthropic", stand_in_up.url, {"rate_limit_rpm": 5}))
+    script = (
+        "import json, sys, terraphim_proxy as t\n"
+        f"app = t.create_app(t.build_config(json.loads({doc!r}), 'x.toml', environ={{}}))\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'redis'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=CHECKOUT)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def process_gone(pid: int) -> bool:
