@@ -10347,8 +10347,9 @@ SCRIPTED_TOKENS = sum(SCRIPTED_USAGE.values())  # what each default scripted ans
 class RedisProcess:
     """A real redis-server on a free loopback port, keeping nothing on disk; stopped by its PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str = "") -> None:
         self.port = free_port()
+        self.password = password
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -10358,8 +10359,9 @@ class RedisProcess:
     async def start(self) -> None:
         server = shutil.which("redis-server")
         assert server, "redis-server is not installed: .ci/run installs the redis-server package"
+        auth = ["--requirepass", self.password] if self.password else []
         self.process = await asyncio.create_subprocess_exec(
-            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -10375,7 +10377,7 @@ class RedisProcess:
 
     async def values(self, pattern: str) -> dict[str, Any]:
         """The keys matching a pattern, with their values (a string, or a hash as a dict), as the proxy stored them."""
-        client = redis.asyncio.Redis(port=self.port, decode_responses=True)
+        client = redis.asyncio.Redis(port=self.port, password=self.password or None, decode_responses=True)
         try:
             keys = [key async for key in client.scan_iter(pattern)]
             kinds = [await client.type(key) for key in keys]
@@ -10663,6 +10665,32 @@ async def test_limits_and_session_memory_hold_across_the_workers_of_one_instance
     assert routes == ["anthropic,model-long"] * 6
     assert budget == [200, 200, 429, 429]
     assert [store["store"] for store in health["shared_state"]] == ["workers", "process"]
+
+
+async def test_a_redis_password_comes_from_the_environment_and_never_reaches_a_log(
+    scripted_upstream: ModelScriptedUpstream, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    server = RedisProcess(password="terraphim-redis-password-42")
+    await server.start()
+    try:
+        doc = shared_doc(scripted_upstream.url, rate_limit_rpm=2)
+        doc["cluster"] = {"redis_url": f"redis://:${{REDIS_PASSWORD}}@127.0.0.1:{server.port}/0"}
+        wrong = build_config(doc, environ={**ENVIRON, "REDIS_PASSWORD": "terraphim-wrong-password-7"})
+        right = build_config(doc, environ={**ENVIRON, "REDIS_PASSWORD": server.password})
+        with log_waiter("shared state (redis) unreachable") as refused:
+            locked_out = await start_proxy(wrong)
+            await wait_set(refused)
+        served = [(await fresh_post(locked_out, DEV_KEY))[0] for _ in range(3)]  # its own limit of 2
+        url = await start_proxy(right)
+        shared = [(await fresh_post(url, OPS_KEY))[0] for _ in range(3)]
+        buckets = await server.values("terraphim-proxy:rpm:*")
+        health = await health_of(url, DEV_KEY)
+    finally:
+        await server.stop()
+
+    assert served == [200, 200, 429] and shared == [200, 200, 429]
+    assert len(buckets) == 1 and health["shared_state"][0] == {"store": "redis", "up": True, "outages": 0}
+    assert "terraphim-redis-password-42" in SECRETS and "terraphim-wrong-password-7" in SECRETS  # the teardown greps
 
 
 def test_without_a_cluster_nothing_of_redis_is_imported(stand_in_up: StandInServer) -> None:
