@@ -8259,7 +8259,14 @@ def run_event_loop(coro: Any) -> None:
     uvloop.run(coro)
 
 
+def stop_starting(signum: int, frame: Any) -> None:
+    """SIGTERM before serve() listens for it (a worker still starting): stop as Ctrl-C does, cleanly."""
+    raise KeyboardInterrupt
+
+
 def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool, parent: str | None = None) -> int:
+    signal.signal(signal.SIGTERM, stop_starting)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload before serve() has a config running
     try:
         run_event_loop(serve(config, lambda: resolve_config(args), reuse_port, parent))
     except OSError as exc:
@@ -8281,20 +8288,27 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
     listener.listen(64)
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=run_worker, args=(config, args, True, path)) for _ in range(args.workers)]
-    for worker in workers:
-        worker.start()
-    limits = SharedLimits()
-    if config.budgets:
-        limits.seed(usage_db_path(config))
-    threading.Thread(target=asyncio.run, args=(serve_shared_limits(listener, limits),), daemon=True).start()
+    parent, stopping = os.getpid(), []
 
     def pass_on(signum: int, _frame: Any) -> None:
+        if os.getpid() != parent:  # a worker just forked, before run_worker's own handlers: stop cleanly
+            raise KeyboardInterrupt
+        if signum != signal.SIGHUP:
+            stopping.append(signum)  # no worker starts after this
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, pass_on)
+    for worker in workers:
+        if not stopping:
+            worker.start()
+    workers = [worker for worker in workers if worker.pid is not None]
+    limits = SharedLimits()
+    if config.budgets:
+        limits.seed(usage_db_path(config))
+    threading.Thread(target=asyncio.run, args=(serve_shared_limits(listener, limits),), daemon=True).start()
     for worker in workers:
         worker.join()
     shutil.rmtree(folder, ignore_errors=True)
