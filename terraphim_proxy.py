@@ -1106,6 +1106,8 @@ class RawBody:
     known_text: str | None = None  # the text of the body those messages were recognised in
     known_counts: list[int] = field(default_factory=list, compare=False)  # that body's message token counts
     message_counts: list[int] = field(default_factory=list, compare=False)  # this body's, once counted
+    known_images: list[int] = field(default_factory=list, compare=False)  # that body's images per message
+    message_images: list[int] = field(default_factory=list, compare=False)  # this body's, once counted
 
     def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
         """A cache key for the text at `span`: its length and hash, computed once per request."""
@@ -1133,6 +1135,7 @@ class KnownConversation(NamedTuple):
     messages: list
     keys: dict[tuple[int, int], tuple[int, int]]
     counts: list[int]  # each message's token count, once the body's were counted (see TokenCounter.count)
+    images: list[int]  # each message's image count, once counted (see analyse)
 
 
 class SizedLRU:
@@ -1179,7 +1182,9 @@ class MessageMemo:
 
     def remember(self, raw: RawBody) -> None:
         if raw.message_spans:
-            known = KnownConversation(raw.text, raw.message_spans, raw.data["messages"], raw.keys, raw.message_counts)
+            known = KnownConversation(
+                raw.text, raw.message_spans, raw.data["messages"], raw.keys, raw.message_counts, raw.message_images
+            )
             self.conversations.put(raw.key_of(raw.message_spans[0]), known, len(raw.text))
 
 
@@ -1208,6 +1213,7 @@ def parse_raw_body(raw: bytes, memo: MessageMemo | None = None) -> RawBody:
                 scan.known_messages,
                 scan.known_text,
                 scan.known_counts,
+                known_images=scan.known_images,
             )
     except (ValueError, StopIteration, IndexError):
         pass
@@ -1231,6 +1237,7 @@ class ObjectScan:
         self.known_messages = 0
         self.known_text: str | None = None
         self.known_counts: list[int] = []
+        self.known_images: list[int] = []
 
     def object(self, i: int) -> int:
         text = self.text
@@ -1281,6 +1288,8 @@ class ObjectScan:
                     known = self.recall_first(i, end)
             items.append(value)
             spans.append((i, end))
+            if known is not None and len(items) == 1:
+                end = self.recognised_run(known, items, end)
             i = JSON_SPACE.match(text, end).end()
             if text[i] == "]":
                 return items, i + 1
@@ -1300,7 +1309,25 @@ class ObjectScan:
         if stop - start != len(piece) or not known.text.startswith(piece, start):
             return None
         self.known_messages, self.known_text, self.known_counts = 1, known.text, known.counts
+        self.known_images = known.images
         return known
+
+    def recognised_run(self, known: KnownConversation, items: list, end: int) -> int:
+        """After the memo's first message (ending at `end` here): the memo's messages up to its last but one,
+        taken at once when the text here continues with all of their text (one comparison for the whole run);
+        where the run ends, or `end` when it does not match. The last one is left to `recognised`: a client
+        often changes it (Claude Code moves its cache mark to the newest message)."""
+        last = len(known.spans) - 2
+        if last < 1:
+            return end
+        first_end, run_end = known.spans[0][1], known.spans[last][1]
+        if not self.text.startswith(known.text[first_end:run_end], end):
+            return end
+        shift = end - first_end
+        items += known.messages[1 : last + 1]
+        self.message_spans += [(start + shift, stop + shift) for start, stop in known.spans[1 : last + 1]]
+        self.known_messages += last
+        return run_end + shift
 
     def recognised(self, known: KnownConversation, index: int, i: int) -> tuple[Any, int] | None:
         """The memo's message `index` and where it ends here, when the text at i starts with its text."""
@@ -1392,8 +1419,14 @@ def _block_texts(blocks: list) -> Iterator[str]:
                 yield data
 
 
-def count_images(body: dict) -> int:
-    return sum(1 for _ in _iter_images(body.get("messages") or ()))
+def count_images(raw: RawBody, messages: list) -> int:
+    """The images of a body's messages; those the memo recognised count as they did last turn, without a walk.
+    Each message's count is kept on the body for the next turn."""
+    known = raw.known_messages if len(raw.known_images) >= raw.known_messages else 0
+    per_message = raw.known_images[:known]
+    per_message += [sum(1 for _ in _iter_images((message,))) for message in messages[known:]]
+    raw.message_images[:] = per_message
+    return sum(per_message)
 
 
 def _iter_images(messages: Any) -> Iterator[dict]:
@@ -1593,7 +1626,7 @@ async def analyse(raw: RawBody, config: Config, counter: TokenCounter, exact: bo
     """
     subagent, body = take_subagent_route(raw.data)
     model = body.get("model", "")
-    images = count_images(body) * IMAGE_TOKENS
+    images = count_images(raw, body.get("messages") or []) * IMAGE_TOKENS
     known = min(raw.known_messages, len(raw.known_counts))
     counted, rest = counter.known_tokens(raw, known)
     if exact or counted + rest + images > config.long_context_threshold:
@@ -2359,19 +2392,25 @@ def cached_tools_json(tools: list, call: UpstreamCall, variant: str = "") -> byt
     return cached
 
 
-def spliced_json(payload: dict, pieces: dict[str, bytes]) -> bytes:
-    """The payload as JSON, with each of `pieces` (already JSON) added at its end under its key."""
+JsonText = bytes | list[bytes]  # JSON, whole or in pieces to be joined once (see spliced_json)
+
+
+def spliced_json(payload: dict, pieces: dict[str, JsonText]) -> bytes:
+    """The payload as JSON, with each of `pieces` (already JSON) added at its end under its key; the bytes are
+    copied once, however large the pieces."""
     rest = dump_json(payload)
     if not pieces:
         return rest
     chunks = [rest[:-1]]
     for key, value in pieces.items():
-        chunks += [b"," if len(chunks) > 1 or len(rest) > 2 else b"", dump_json(key), b":", value]
-    return b"".join([*chunks, b"}"])
+        chunks += [b"," if len(chunks) > 1 or len(rest) > 2 else b"", dump_json(key), b":"]
+        chunks += value if isinstance(value, list) else (value,)
+    chunks.append(b"}")
+    return b"".join(chunks)
 
 
 def translated_payload_json(
-    fields: dict, messages_key: str, messages: bytes, call: UpstreamCall, variant: str = ""
+    fields: dict, messages_key: str, messages: JsonText, call: UpstreamCall, variant: str = ""
 ) -> bytes:
     """A translated payload as JSON: its fields, then its messages (already JSON) and its tools, spliced in from
     cached_tools_json."""
@@ -2405,11 +2444,12 @@ class MessageTranslator:
 
 def translated_messages_json(
     call: UpstreamCall, translator: MessageTranslator, settings: Hashable, head: list[dict] | None = None
-) -> bytes:
-    """The upstream messages as a JSON array. Claude Code resends the whole conversation every turn: when the
-    body's first messages are those of a body translated before (as the MessageMemo found, or the same body on a
-    retry), the translation resumes from that body's checkpoint after them and reuses its JSON fragments, so a
-    conversation that grows by a turn costs one turn's translation. The output is byte for byte the cold one.
+) -> list[bytes]:
+    """The upstream messages as a JSON array, in pieces (json_array_pieces). Claude Code resends the whole
+    conversation every turn: when the body's first messages are those of a body translated before (as the
+    MessageMemo found, or the same body on a retry), the translation resumes from that body's checkpoint after
+    them and reuses its JSON fragments, so a conversation that grows by a turn costs one turn's translation. The
+    output is byte for byte the cold one.
     `head`: upstream messages that go first and are not cached (Ollama's system prompt, which gathers the
     role:"system" messages of the whole conversation). A tool result is taken to name the tool of a call
     before it, as every client sends them."""
@@ -2442,8 +2482,17 @@ def translated_messages_json(
     if key is not None and raw is not None:
         translated = TranslatedConversation(raw.text, tuple(checkpoints), tuple(fragments))
         call.caches.conversations.put(key, translated, len(raw.text) + sum(map(len, fragments)))  # what it holds
-    ends = [dump_json(m) for m in translator.end(state)]
-    return b"[" + b",".join([*map(dump_json, head or ()), *fragments, *ends]) + b"]"
+    items = [*map(dump_json, head or ()), *fragments, *map(dump_json, translator.end(state))]
+    return json_array_pieces(items)
+
+
+def json_array_pieces(items: list[bytes]) -> list[bytes]:
+    """A JSON array of items (each already JSON) in pieces, separators included, for spliced_json to join once."""
+    if not items:
+        return [b"[]"]
+    pieces = [b"[", *itertools.chain.from_iterable(zip(items, itertools.repeat(b",")))]
+    pieces[-1] = b"]"
+    return pieces
 
 
 def capped(requested: int, cap: int | None) -> int:
