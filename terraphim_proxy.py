@@ -1122,7 +1122,8 @@ class RawBody:
             return None
         start, end = self.spans["model"]
         if len(self.raw) == len(self.text):  # ASCII: text offsets are byte offsets
-            return b"".join((self.raw[:start], json.dumps(model).encode(), self.raw[end:]))
+            raw = memoryview(self.raw)  # slices without copies: the join is the one copy
+            return b"".join((raw[:start], json.dumps(model).encode(), raw[end:]))
         return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
 
 
@@ -2695,8 +2696,13 @@ def anthropic_build_request(call: UpstreamCall) -> UpstreamRequest:
     max_tokens lowered to the model's output cap).
 
     When nothing else changed, `model` is swapped in the received text, so the body is not serialised again."""
-    body = with_output_cap(without_proxy_thinking(call.body), call.provider.max_tokens_cap(call.model))
-    payload = call.raw.with_model(call.model) if call.raw is not None and body is call.raw.data else None
+    raw = call.raw
+    # Clients send the proxy's signatures back as they got them (the prefix needs no JSON escape): a body whose
+    # text lacks the prefix has no proxy-made thinking, and its messages need no walk.
+    signed = raw is None or call.body is not raw.data or PROXY_SIGNATURE_PREFIX in raw.text
+    body = without_proxy_thinking(call.body) if signed else call.body
+    body = with_output_cap(body, call.provider.max_tokens_cap(call.model))
+    payload = raw.with_model(call.model) if raw is not None and body is raw.data else None
     if payload is None:
         payload = dump_json({**body, "model": call.model})
     return UpstreamRequest(f"{call.provider.api_base_url}/v1/messages", anthropic_headers(call), payload)
