@@ -2101,7 +2101,28 @@ class WireFacts:
 
 def sse_frame(event: str, data: dict) -> bytes:
     """One Anthropic SSE frame: the event line, one compact JSON data line, a blank line."""
+    if event == "content_block_delta":
+        text = text_delta_text(data)
+        if text is not None:  # most frames of a stream: only the text is encoded, into the same bytes
+            return b"%s%d%s%s}}\n\n" % (TEXT_DELTA_HEAD, data["index"], TEXT_DELTA_MIDDLE, JSON_STRING(text).encode())
     return b"event: " + event.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
+
+
+TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+TEXT_DELTA_MIDDLE = b',"delta":{"type":"text_delta","text":'
+JSON_STRING = json.encoder.encode_basestring_ascii  # as dump_json writes a string
+
+
+def text_delta_text(data: dict) -> str | None:
+    """The text of a content_block_delta event with exactly the keys, in the order, that StreamState._delta
+    gives a text delta (so the template writes what dump_json would), else None."""
+    delta = data.get("delta")
+    if tuple(data) != ("type", "index", "delta") or type(data["index"]) is not int or type(delta) is not dict:
+        return None
+    text = delta.get("text")
+    if tuple(delta) != ("type", "text") or delta["type"] != "text_delta" or type(text) is not str:
+        return None
+    return text
 
 
 def anthropic_sse(part: StreamPart) -> bytes:
