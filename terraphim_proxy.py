@@ -4642,13 +4642,26 @@ def strict_schema(schema: Any) -> bool:
 def anthropic_to_responses_request(body: dict, model: str, provider: Provider) -> dict:
     """The Responses request for an Anthropic Messages body (store: false, reasoning kept encrypted)."""
     support = block_support(provider)
+    items = [item for message in body.get("messages") or () for item in responses_input_items(message, support)]
+    return {**responses_request_fields(body, model, provider), "input": items}
+
+
+def responses_message_translator(provider: Provider) -> MessageTranslator:
+    """responses_input_items as translation steps: each message's items depend on that message alone."""
+    support = block_support(provider)
+    return MessageTranslator(
+        start=lambda: None,
+        step=lambda state, message: (state, responses_input_items(message, support)),
+        end=lambda state: [],
+    )
+
+
+def responses_request_fields(body: dict, model: str, provider: Provider) -> dict:
+    """Everything of a Responses request but its input items."""
     payload: dict = {"model": model}
     system = system_text({"system": body.get("system")})
     if system:
         payload["instructions"] = system
-    payload["input"] = [
-        item for message in body.get("messages") or () for item in responses_input_items(message, support)
-    ]
     tools = [
         {
             "type": "function",
@@ -4692,11 +4705,13 @@ def responses_build_request(call: UpstreamCall) -> UpstreamRequest:
     """POST {base}/responses with a Bearer key; OpenRouter also gets its attribution headers."""
     provider = call.provider
     refuse_server_tools(call)
-    payload = anthropic_to_responses_request(call.body, call.model, provider)
+    fields = responses_request_fields(call.body, call.model, provider)
+    items = translated_messages_json(call, responses_message_translator(provider), ("responses", provider.name))
+    payload = translated_payload_json(fields, "input", items, call, "responses")
     headers = {"content-type": "application/json", "authorization": f"Bearer {call.api_key}"}
     if provider.type == "openrouter":
         headers |= OPENROUTER_HEADERS
-    return UpstreamRequest(f"{provider.api_base_url}/responses", headers | provider.headers, dump_json(payload))
+    return UpstreamRequest(f"{provider.api_base_url}/responses", headers | provider.headers, payload)
 
 
 def responses_upstream_usage(usage: dict | None) -> dict:

@@ -3116,11 +3116,15 @@ SPLICE_PROVIDERS = {
     "deepseek-reasoner": ("deepseek", "deepseek-reasoner"),
     "ollama": ("ollama", "qwen3-coder:30b"),
     "gemini": ("gemini", "gemini-2.5-pro"),
+    "responses": ("openai", "gpt-5.2"),  # api = "responses"
 }
+SPLICE_KEYS = {"gemini": "contents", "responses": "input"}  # where each upstream body holds the messages
 
 
 def cold_messages(body: dict, provider: Any, model: str) -> list[dict]:
-    """The upstream messages (Gemini: contents) of the family's pure translator."""
+    """The upstream messages (Gemini: contents; Responses: input items) of the family's pure translator."""
+    if provider.api == "responses":
+        return terraphim_proxy.anthropic_to_responses_request(body, model, provider)["input"]
     if provider.type == "ollama":
         return terraphim_proxy.anthropic_to_ollama_request(body, model, provider)["messages"]
     if provider.type == "gemini":
@@ -3131,6 +3135,8 @@ def cold_messages(body: dict, provider: Any, model: str) -> list[dict]:
 def splice_provider(kind: str) -> tuple[terraphim_proxy.Provider, str]:
     provider_type, model = SPLICE_PROVIDERS[kind]
     entry = {"name": kind, "type": provider_type, "api_base_url": "http://127.0.0.1:9", "api_key": "k-splice"}
+    if kind == "responses":
+        entry["api"] = "responses"
     config = build_config({"providers": [entry], "router": {"default": f"{kind},{model}"}})
     return config.providers[kind], model
 
@@ -3139,7 +3145,7 @@ def upstream_body(raw: terraphim_proxy.RawBody, provider: Any, model: str, cache
     """What the proxy sends upstream for this body, with these caches."""
     record = terraphim_proxy.RequestRecord("req_splice")
     call = terraphim_proxy.UpstreamCall(raw.data, model, provider, {}, 1, record, caches, "k-splice", raw)
-    payload = terraphim_proxy.TRANSFORMERS[provider.type].build_request(call).payload
+    payload = terraphim_proxy.transformer_for(provider).build_request(call).payload
     assert isinstance(payload, bytes)
     return payload
 
@@ -3193,7 +3199,7 @@ def test_a_growing_conversation_is_translated_from_where_it_changed_byte_for_byt
         cold = upstream_body(terraphim_proxy.parse_raw_body(data), provider, model, terraphim_proxy.TranslationCaches())
         assert warm == cold, f"turn {turn}"
         sent = json.loads(warm)
-        assert sent["contents" if provider.type == "gemini" else "messages"] == cold_messages(raw.data, provider, model)
+        assert sent[SPLICE_KEYS.get(kind, "messages")] == cold_messages(raw.data, provider, model)
         (entry, _), *_ = caches.conversations.entries.values()
         if previous is not None and raw.known_messages > 1 and previous.fragments:
             assert entry.fragments[0] is previous.fragments[0], "the earlier turns' JSON is reused, not rebuilt"
