@@ -2036,15 +2036,19 @@ def shape_check(shape: Any) -> ShapeCheck:
 
 
 def object_check(shape: dict) -> ShapeCheck:
-    """shape_check for an object. It walks the value's own keys, usually fewer than the shape names: those of a
-    plain type are checked inline, the others by their own check."""
+    """shape_check for an object. It walks whichever is shorter, the value's keys or the shape's (an upstream
+    chunk has ids and timestamps the shape leaves out; a delta has one or two of the shape's many keys): those
+    of a plain type are checked inline, the others by their own check."""
     plain = {key: item for key, item in shape.items() if is_plain(item)}
     nested = {key: shape_check(item) for key, item in shape.items() if not is_plain(item)}
+    names = tuple(shape)
 
     def check_object(value: Any) -> Misfit | None:
         if not isinstance(value, dict):
             return "", "an object"
-        for key, item in value.items():
+        keys = names if len(value) > len(names) else value
+        for key in keys:
+            item = value.get(key)
             if item is None:
                 continue
             kind = plain.get(key)
