@@ -1278,7 +1278,7 @@ def parse_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
-        args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+        args.concurrency = tuple(int(c) for c in (args.concurrency or ("1" if args.sizes else "1,32")).split(","))
     except ValueError:
         parser.error(f"--concurrency: expected comma-separated integers, got '{args.concurrency}'")
     if args.paths is not None:
@@ -1319,7 +1319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"requests per path, case and round (default {DEFAULT_REQUESTS}, quick {QUICK_REQUESTS})",
     )
     parser.add_argument(
-        "--concurrency", default="1,32", help="comma-separated concurrency levels (default 1,32)", metavar="LIST"
+        "--concurrency",
+        help="comma-separated concurrency levels (default 1,32; --sizes: 1)",
+        metavar="LIST",
     )
     parser.add_argument(
         "--chunks", type=int, metavar="N", default=20, help="text deltas per streamed answer (default 20)"
@@ -1456,7 +1458,7 @@ def run_bench(args: argparse.Namespace) -> int:
         names = args.paths or list(SIZE_PATHS)
         requests = args.requests or (QUICK_SIZE_REQUESTS if args.quick else SIZE_REQUESTS)
         bodies = size_bodies()
-        cases = [Case(name, False, 1) for name in bodies]
+        cases = [Case(name, False, c) for name in bodies for c in args.concurrency]
     if args.peers and not args.upstream_port:
         print("note: --peer without --upstream-port: the stand-in's port is new each run", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="terraphim-bench-") as tmp, contextlib.ExitStack() as stack:
