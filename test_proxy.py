@@ -3552,6 +3552,17 @@ async def test_ollama_stream_is_read_to_its_end_so_the_connection_is_reused(
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("text", ["Hello", "", 'é "quoted" \\ slash\n\t\x00 \u2028 👋 \ud800', "x" * 5000])
+@pytest.mark.parametrize("index", [0, 7, 1234])
+def test_a_text_delta_frame_is_byte_for_byte_what_json_writes(text: str, index: int) -> None:
+    delta = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+    reordered = {"index": index, "type": "content_block_delta", "delta": {"text": text, "type": "text_delta"}}
+
+    for event in (delta, reordered):  # the template for the usual key order; dump_json for any other
+        expected = b"event: content_block_delta\ndata: " + terraphim_proxy.dump_json(event) + b"\n\n"
+        assert terraphim_proxy.sse_frame("content_block_delta", event) == expected
+
+
 async def batches_of(*batches: list[str]) -> AsyncIterator[list[str]]:
     for batch in batches:
         yield batch
