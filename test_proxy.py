@@ -5733,6 +5733,14 @@ async def test_openai_frame_split_across_tcp_writes(
 # ---------------------------------------------------------------------------
 
 
+def test_random_ids_are_base62_of_the_asked_length_and_use_every_character() -> None:
+    ids = [terraphim_proxy.random_base62(24) for _ in range(2000)]
+
+    assert all(len(value) == 24 and set(value) <= set(terraphim_proxy.BASE62) for value in ids)
+    assert set("".join(ids)) == set(terraphim_proxy.BASE62)  # 48,000 draws: each of 62 characters shows up
+    assert len(set(ids)) == len(ids)
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
 async def test_openai_tool_id_round_trip(
     openai_upstream: OpenAIStandIn, openai_sdk: anthropic.AsyncAnthropic, stream: bool
