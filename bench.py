@@ -1627,7 +1627,9 @@ def run_redis_compare(args: argparse.Namespace) -> int:
     print(format_table(paths, results))
     for report in processes.values():
         print(process_line(report))
-    print(f"redis scripts run: {calls} for {expected} requests (a check and a record each)")
+    print(
+        f"redis scripts run: {calls} for {expected} requests (one check each; what a request spent rides with the next)"
+    )
     write_json(args.json, {**results_json(settings, paths, results, processes), "redis_calls": calls})
     return 1 if errors or calls < expected else 0
 
