@@ -70,9 +70,17 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote, urlsplit
 
-import aiohttp
-import aiohttp.abc
-from aiohttp import web
+try:
+    import aiohttp
+    import aiohttp.abc
+    from aiohttp import web
+except ImportError as missing:  # run as a script by a Python without the dependencies: say so, not a traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit(
+        f"terraphim-proxy: this Python ({sys.executable}) lacks the {missing.name} package; install the proxy "
+        "with `pipx install .` (or `pip install .` in a virtual environment) and run `terraphim-proxy`"
+    )
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -6660,6 +6668,14 @@ class SharedLimits:
     def release(self, provider: str, holder: str) -> None:
         self.holders[provider].pop(holder, None)
 
+    @classmethod
+    def for_config(cls, config: Config) -> SharedLimits:
+        """New limits; with budgets configured, today's spend is read back from the usage database."""
+        limits = cls()
+        if config.budgets:
+            limits.seed(usage_db_path(config))
+        return limits
+
     def seed(self, path: Path | None) -> None:
         """Today's spend of each client from the usage database, so that a restart does not reset budgets."""
         if path is None:
@@ -7057,9 +7073,13 @@ class FailoverStore:
         self.background = Background(self.failed)
         self.reconnecting: asyncio.Future | None = None
 
+    async def ping(self) -> None:
+        """Reach the remote; a first connection (TLS, say) may take longer than a call, up to a second."""
+        await within(self.remote.ping(), max(self.timeout_s, 1.0))
+
     async def start(self) -> None:
         try:
-            await within(self.remote.ping(), max(self.timeout_s, 1.0))
+            await self.ping()
         except Exception as exc:
             self.failed(exc)
         await self.local.start()
@@ -7081,7 +7101,7 @@ class FailoverStore:
         while True:
             await asyncio.sleep(wait)
             try:
-                await within(self.remote.ping(), max(self.timeout_s, 1.0))
+                await self.ping()
             except Exception:
                 wait = min(wait * 2, SHARED_RETRY_S[1])
                 continue
@@ -7157,9 +7177,7 @@ class ProxyState:
     def __init__(self, config: Config, parent: str | None = None):
         self.current = ConfigSnapshot.of(config)
         self.in_flight = 0
-        self.limits = SharedLimits()
-        if config.budgets:
-            self.limits.seed(usage_db_path(config))
+        self.limits = SharedLimits.for_config(config)
         self.shared = shared_store(config, self.limits, parent)
         self.holders = itertools.count()  # numbers this process's provider slots (see try_targets)
         self.metrics = Metrics()
@@ -8405,9 +8423,7 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
         if not stopping:
             worker.start()
     workers = [worker for worker in workers if worker.pid is not None]
-    limits = SharedLimits()
-    if config.budgets:
-        limits.seed(usage_db_path(config))
+    limits = SharedLimits.for_config(config)
     threading.Thread(target=asyncio.run, args=(serve_shared_limits(listener, limits),), daemon=True).start()
     for worker in workers:
         worker.join()

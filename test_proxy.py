@@ -11680,6 +11680,17 @@ async def test_dashboard_asks_for_the_key_and_is_loopback_only_without_one(
 # ---------------------------------------------------------------------------
 
 
+def test_a_python_without_the_dependencies_gets_a_one_line_message_not_a_traceback() -> None:
+    """`python terraphim_proxy.py` from a Python whose packages lack aiohttp (-S: no site-packages)."""
+    result = subprocess.run(
+        [sys.executable, "-S", str(MODULE_PATH), "--check"], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("terraphim-proxy: this Python") and "lacks the aiohttp package" in result.stderr
+    assert "pipx install ." in result.stderr and "Traceback" not in result.stderr
+
+
 class ProxySubprocess:
     """terraphim_proxy.py run as `python terraphim_proxy.py --config ... --port ...`, its stderr read line by line."""
 
