@@ -8354,6 +8354,7 @@ async def serve(
         if sig is not None:
             with contextlib.suppress(NotImplementedError):  # Windows has no signal handlers in asyncio
                 loop.add_signal_handler(sig, action)
+    hold_signals(False)  # one that came while starting is handled now, by the handlers above
     await stop.wait()
     log.info("shutting down: no new connections; waiting up to %.0f s for requests in flight", drain)
     state = app[STATE]
@@ -8377,14 +8378,20 @@ def run_event_loop(coro: Any) -> None:
     uvloop.run(coro)
 
 
-def stop_starting(signum: int, frame: Any) -> None:
-    """SIGTERM before serve() listens for it (a worker still starting): stop as Ctrl-C does, cleanly."""
-    raise KeyboardInterrupt
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def hold_signals(hold: bool) -> None:
+    """Block SIGINT, SIGTERM and SIGHUP (they stay pending) or deliver them; nothing on Windows.
+
+    A process starting to serve holds them until serve() handles them on its event loop: a Python handler that
+    raises while the loop starts can be lost inside uvloop, which left a worker running after its SIGTERM."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def run_worker(config: Config, args: argparse.Namespace, reuse_port: bool, parent: str | None = None) -> int:
-    signal.signal(signal.SIGTERM, stop_starting)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload before serve() has a config running
+    hold_signals(True)  # a worker forked by run_workers starts with them held already
     try:
         run_event_loop(serve(config, lambda: resolve_config(args), reuse_port, parent))
     except OSError as exc:
@@ -8406,23 +8413,18 @@ def run_workers(config: Config, args: argparse.Namespace) -> int:
     listener.listen(64)
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=run_worker, args=(config, args, True, path)) for _ in range(args.workers)]
-    parent, stopping = os.getpid(), []
 
     def pass_on(signum: int, _frame: Any) -> None:
-        if os.getpid() != parent:  # a worker just forked, before run_worker's own handlers: stop cleanly
-            raise KeyboardInterrupt
-        if signum != signal.SIGHUP:
-            stopping.append(signum)  # no worker starts after this
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
+            if worker.is_alive():
                 os.kill(worker.pid, signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, pass_on)
-    for worker in workers:
-        if not stopping:
-            worker.start()
-    workers = [worker for worker in workers if worker.pid is not None]
+    hold_signals(True)  # a signal during the forks waits until every worker has its pid, and each worker
+    for worker in workers:  # inherits the hold until its serve() handles them
+        worker.start()
+    hold_signals(False)
     limits = SharedLimits.for_config(config)
     threading.Thread(target=asyncio.run, args=(serve_shared_limits(listener, limits),), daemon=True).start()
     for worker in workers:
