@@ -5245,13 +5245,13 @@ async def answer_from_target(routed: RoutedRequest, target: Target, request: web
         state = request.app[STATE]
         rests = ring.report(call.api_key, err)
         if rests is not None:
-            state.shared.rest(key_digest(call.api_key), rests)
+            await state.shared.rest(key_digest(call.api_key), rests)
         state.metrics.upstream_errors[(provider.name, err.error_type)] += 1
         if not isinstance(err, ConnectFailure):
             cooldowns.connected(provider.name)
         elif cooldowns.failed(provider.name, err.message):
             state.metrics.cooldowns[(provider.name,)] += 1
-            state.shared.down(provider.name, cooldowns.seconds, err.message)
+            await state.shared.down(provider.name, cooldowns.seconds, err.message)
             log.warning("%s marked down for %d ms: %s", provider.name, config.cooldown_ms, err.message)
             raise err
         wait = retry_delay(err, attempt, provider.retries, config)
@@ -6708,10 +6708,10 @@ class ProcessStore:
     def record(self, spend: Spend) -> None:
         self.limits.record(spend)
 
-    def rest(self, key: str, seconds: float) -> None:
+    async def rest(self, key: str, seconds: float) -> None:
         return None
 
-    def down(self, provider: str, seconds: float, reason: str) -> None:
+    async def down(self, provider: str, seconds: float, reason: str) -> None:
         return None
 
     async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> Callable[[], None] | None:
@@ -7109,18 +7109,33 @@ class FailoverStore:
             log.warning("shared state (%s) is back after %.1f s", self.kind, time.monotonic() - self.down_since)
             return
 
-    def tell(self, method: Callable[..., Awaitable | None], *args: Any) -> None:
-        """Tell the remote without waiting for it (a parent's call is written at once, a Redis call runs as a
-        task); one that fails starts an outage."""
+    def start_call(self, method: Callable[..., Awaitable | None], *args: Any) -> Awaitable | None:
+        """Start a call to the remote: a parent's call is written at once (None), a Redis call comes back to be
+        awaited within the timeout; one that fails at once starts an outage."""
         if not self.up:
-            return
+            return None
         try:
             call = method(*args)
         except Exception as exc:
             self.failed(exc)
-            return
+            return None
+        return None if call is None else within(call, self.timeout_s)
+
+    def tell(self, method: Callable[..., Awaitable | None], *args: Any) -> None:
+        """Tell the remote without waiting for it."""
+        call = self.start_call(method, *args)
         if call is not None:
-            self.background.run(within(call, self.timeout_s))
+            self.background.run(call)
+
+    async def tell_and_wait(self, method: Callable[..., Awaitable | None], *args: Any) -> None:
+        """Tell the remote and wait until it has it, so that a request started after this one's answer sees it
+        on every instance; one that fails starts an outage."""
+        call = self.start_call(method, *args)
+        if call is not None:
+            try:
+                await call
+            except Exception as exc:
+                self.failed(exc)
 
     async def check(self, ask: Ask) -> Verdict:
         if self.up:
@@ -7134,13 +7149,13 @@ class FailoverStore:
         self.local.record(spend)
         self.tell(self.remote.record, spend)
 
-    def rest(self, key: str, seconds: float) -> None:
-        self.local.rest(key, seconds)
-        self.tell(self.remote.rest, key, seconds)
+    async def rest(self, key: str, seconds: float) -> None:
+        await self.local.rest(key, seconds)
+        await self.tell_and_wait(self.remote.rest, key, seconds)
 
-    def down(self, provider: str, seconds: float, reason: str) -> None:
-        self.local.down(provider, seconds, reason)
-        self.tell(self.remote.down, provider, seconds, reason)
+    async def down(self, provider: str, seconds: float, reason: str) -> None:
+        await self.local.down(provider, seconds, reason)
+        await self.tell_and_wait(self.remote.down, provider, seconds, reason)
 
     async def acquire(self, provider: str, limit: int, holder: str, lease_s: float) -> Callable[[], None] | None:
         if self.up:
