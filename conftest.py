@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -81,13 +82,14 @@ class Received:
 
 
 async def serve_app(
-    app: web.Application, port: int = 0, backlog: int = 128, **options: Any
+    app: web.Application, port: int = 0, backlog: int = 128, tls: ssl.SSLContext | None = None, **options: Any
 ) -> tuple[web.AppRunner, str]:
-    """Serve `app` on 127.0.0.1 (on a free port unless told one); returns its runner (to clean up) and base URL."""
+    """Serve `app` on 127.0.0.1 (on a free port unless told one; over TLS with `tls`); returns its runner (to
+    clean up) and base URL."""
     runner = web.AppRunner(app, **options)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=backlog).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=backlog, ssl_context=tls).start()
+    return runner, f"{'https' if tls else 'http'}://127.0.0.1:{runner.addresses[0][1]}"
 
 
 Script = Callable[["StandInServer", Received, web.Request], Awaitable[web.StreamResponse]]
@@ -100,9 +102,10 @@ class StandInServer:
     With `record` off (bench.py's long runs) it keeps nothing of the requests.
     """
 
-    def __init__(self, script: Script | None = None, *, record: bool = True) -> None:
+    def __init__(self, script: Script | None = None, *, record: bool = True, tls: ssl.SSLContext | None = None) -> None:
         self.script = script
         self.record = record
+        self.tls = tls
         self.received: list[Received] = []
         self.ports: list[int] = []
         self.release = asyncio.Event()  # lets a held answer go on
@@ -127,7 +130,7 @@ class StandInServer:
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         # handler_cancellation: a connection the proxy drops cancels the handler (the stand-ins notice it)
         options = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 0.2}
-        self.runner, self.url = await serve_app(app, port, backlog, **options)
+        self.runner, self.url = await serve_app(app, port, backlog, self.tls, **options)
 
     async def stop(self) -> None:
         self.release.set()

@@ -13,7 +13,8 @@ The path of one Messages (or chat-completions, or Responses) request, by functio
     -> serve_stream         for streams: a ClientStream kept alive with pings
     -> try_targets          the route's targets in order, each with its retries
     -> answer_from_target   one target: an UpstreamCall per attempt
-    -> start_upstream_answer  send it and wait for the first stream part: an UpstreamAnswer
+    -> start_upstream_answer  send it (UpstreamClient: PlainPool for http://, aiohttp for https://) and wait for
+                            the first stream part: an UpstreamAnswer
     -> send_answer          the whole message, or
     -> relay_stream         the stream parts, as they come, made into bytes in the client's dialect
 
@@ -74,6 +75,7 @@ try:
     import aiohttp
     import aiohttp.abc
     from aiohttp import web
+    from multidict import CIMultiDict, CIMultiDictProxy  # aiohttp's own dependency
 except ImportError as missing:  # run as a script by a Python without the dependencies: say so, not a traceback
     if __name__ != "__main__":
         raise
@@ -301,6 +303,7 @@ class Timeouts:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def output_limit_key(model: str) -> str:
     """A model as MODEL_OUTPUT_LIMITS spells it: no provider prefix or date suffix, lower case, dots as dashes."""
     name = model.rsplit("/", 1)[-1].lower()
@@ -1821,7 +1824,7 @@ class UpstreamCall:
 class Transformer:
     build_request: Callable[[UpstreamCall], UpstreamRequest]
     parse_response: Callable[[dict, UpstreamCall], dict]
-    stream: Callable[[aiohttp.ClientResponse, UpstreamCall], AsyncIterator[StreamPart]]
+    stream: Callable[[UpstreamResponse, UpstreamCall], AsyncIterator[StreamPart]]
     count_tokens_url: Callable[[Provider], str] | None = None
     inline_images: bool = False  # the provider takes image bytes only, not URLs
 
@@ -2773,7 +2776,7 @@ def with_client_model(frames: bytes, model: str, provider: str) -> bytes:
 MAX_PENDING_FRAME_BYTES = 16 * 1024 * 1024  # an upstream frame larger than this is garbage, not a frame
 
 
-async def anthropic_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
+async def anthropic_stream(upstream: UpstreamResponse, call: UpstreamCall) -> AsyncIterator[bytes]:
     """Relay Anthropic SSE as it arrives, cut at frame boundaries, unparsed but for read_relayed_frames. The first
     frame must be a message_start; the stream ends at message_stop or an error event, and one that breaks off
     before either is an error."""
@@ -3738,7 +3741,7 @@ def openai_family_parse_response(data: dict, call: UpstreamCall) -> dict:
     return message
 
 
-def openai_family_stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
+def openai_family_stream(upstream: UpstreamResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
     payloads = iter_sse_data(upstream.content.iter_any())
     names = tool_name_map(call.body)
     return openai_stream_to_anthropic(payloads, call.client_model, call.input_tokens, names, call.provider.type)
@@ -4832,7 +4835,7 @@ def converter_transformer(
         answer = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return message_from_events(answer.feed(data) + answer.end())
 
-    def stream(upstream: aiohttp.ClientResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
+    def stream(upstream: UpstreamResponse, call: UpstreamCall) -> AsyncIterator[list[dict]]:
         chunks = payloads(upstream.content.iter_any())
         converting = converter(call.client_model, call.input_tokens, tool_name_map(call.body))
         return json_chunks_to_anthropic(converting, chunks)
@@ -4869,12 +4872,509 @@ MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
 KEY_COOLDOWN_S = 60.0  # a key answered 401/403/429 rests this long (or as long as retry-after says)
 
 
-def new_client_session(config: Config) -> aiohttp.ClientSession:
-    """The upstream session. Its pool has no per-host cap, and no cap at all unless `upstream_connections` sets
-    one, so it never holds requests back below the max_in_flight limits."""
-    limit = config.upstream_connections or 0
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+MAX_ANSWER_HEAD_BYTES = 64 * 1024  # an upstream's status line and headers together
+PLAIN_PAUSE_BYTES = 1024 * 1024  # an answer's unread bytes past which the socket is no longer read
+PLAIN_KEEPALIVE_S = 60.0  # how long an idle plain-HTTP connection is kept for reuse
+
+
+@functools.lru_cache(maxsize=256)
+def plain_http_target(url: str) -> tuple[str, int, bytes]:
+    """Host, port and the request head's first two lines (without the headers) for a plain http:// URL."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 80
+    authority = f"[{host}]" if ":" in host else host
+    if port != 80:
+        authority += f":{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return host, port, f"POST {target} HTTP/1.1\r\nhost: {authority}\r\n".encode()
+
+
+def plain_request_head(first_lines: bytes, headers: Mapping[str, str], length: int) -> bytes:
+    """An HTTP/1.1 POST head; a header that would break a line is a ValueError, as in aiohttp."""
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if text.count("\n") != len(headers) or text.count("\r") != len(headers):
+        raise ValueError("a header name or value holds a line break")
+    return first_lines + text.encode() + b"content-length: %d\r\n\r\n" % length
+
+
+def is_ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+class InvalidHTTPAnswer(aiohttp.ClientError):
+    """A plain-HTTP upstream sent something that is not an HTTP/1.1 answer."""
+
+
+class PlainResponse:
+    """An upstream answer read off a PlainConnection, with the part of aiohttp's ClientResponse the proxy uses:
+    status, headers, content_type, read(), close(), release(), and `content` (itself) for the body's chunks."""
+
+    def __init__(self, connection: PlainConnection, deadline: float | None, idle_s: float | None):
+        self.connection: PlainConnection | None = connection
+        self.deadline, self.idle_s = deadline, idle_s
+        self.status = 0
+        self.headers: CIMultiDictProxy[str] | None = None
+        self.content_type = "application/octet-stream"
+        self.content = self
+        self.head = bytearray()  # bytes of the head not parsed yet; then, when chunked, of the body
+        self.chunks: collections.deque[bytes] = collections.deque()  # the body's bytes, not read yet
+        self.unread = 0
+        self.framing = ""  # "length", "chunked" or "close" (the body ends with the connection)
+        self.left = 0  # bytes left of the body (length) or of the current chunk (chunked)
+        self.keep_alive = True
+        self.eof = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.received = False
+
+    # Fed by the connection
+
+    def feed(self, data: bytes) -> None:
+        self.received = True
+        if self.headers is not None:
+            self.feed_body(data)
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_ANSWER_HEAD_BYTES:
+                self.fail(InvalidHTTPAnswer(f"its status line and headers pass {MAX_ANSWER_HEAD_BYTES} bytes"))
+            return
+        head, rest = bytes(self.head[:end]), bytes(self.head[end + 4 :])
+        self.head.clear()
+        try:
+            self.parse_head(head)
+        except ValueError as exc:
+            self.fail(InvalidHTTPAnswer(str(exc)))
+            return
+        if self.headers is None:  # an informational (1xx) answer: the real one follows
+            if rest:
+                self.feed(rest)
+            return
+        self.wake()
+        if self.framing == "length" and self.left == 0:
+            self.finish(rest)
+        elif rest:
+            self.feed_body(rest)
+
+    def parse_head(self, head: bytes) -> None:
+        """Status, headers and framing; a ValueError says what is wrong (never quoting the bytes)."""
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        status = rest[:3]
+        if not version.startswith("HTTP/1.") or not is_ascii_number(status) or rest[3:4] not in ("", " "):
+            raise ValueError("its status line is not HTTP/1.x")
+        code = int(status)
+        if 100 <= code < 200:
+            return
+        pairs = [line.partition(":") for line in lines]
+        if not all(colon and name and name == name.strip() for name, colon, _ in pairs):
+            raise ValueError("a header line is malformed")
+        headers = CIMultiDict([(name, value.strip()) for name, _, value in pairs])
+        self.status, self.headers = code, CIMultiDictProxy(headers)
+        self.content_type = headers.get("content-type", self.content_type).partition(";")[0].strip().lower()
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = (version == "HTTP/1.1" and connection != "close") or connection == "keep-alive"
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.framing = "chunked"
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not is_ascii_number(length):
+                raise ValueError("its content-length is not a number")
+            self.framing, self.left = "length", int(length)
+        elif code in (204, 304):
+            self.framing = "length"
+        else:
+            self.framing, self.keep_alive = "close", False
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise ValueError(f"it is compressed ({encoding[:40]}), which the proxy does not ask for")
+
+    def feed_body(self, data: bytes) -> None:
+        if self.framing == "length":
+            if len(data) < self.left:
+                self.left -= len(data)
+                self.add(data)
+            else:
+                self.add(data[: self.left])
+                self.finish(data[self.left :])
+        elif self.framing == "chunked":
+            self.head += data
+            self.feed_chunks()
+        else:
+            self.add(data)
+
+    def feed_chunks(self) -> None:
+        """Take out of `head` every whole chunk of a chunked body; the last (empty) one ends it."""
+        buffer = self.head
+        while True:
+            if self.left:
+                piece = bytes(buffer[: self.left])
+                del buffer[: self.left]
+                self.left -= len(piece)
+                self.add(piece)
+                if self.left:
+                    return
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0:
+                if len(buffer) > MAX_ANSWER_HEAD_BYTES:
+                    self.fail(aiohttp.ClientPayloadError("a chunk size line is too long"))
+                return
+            if line_end == 0:  # the line break that ends the chunk before
+                del buffer[:2]
+                continue
+            try:
+                size = int(bytes(buffer[:line_end]).partition(b";")[0], 16)
+            except ValueError:
+                self.fail(aiohttp.ClientPayloadError("a chunk size is not a hexadecimal number"))
+                return
+            if size == 0:
+                end = buffer.find(b"\r\n\r\n", line_end)  # the end of the trailers, if any
+                if end < 0:
+                    return
+                rest = bytes(buffer[end + 4 :])
+                buffer.clear()
+                self.finish(rest)
+                return
+            del buffer[: line_end + 2]
+            self.left = size
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(data)
+            self.unread += len(data)
+            if self.unread > PLAIN_PAUSE_BYTES and self.connection is not None:
+                self.connection.pause()
+            self.wake()
+
+    def finish(self, rest: bytes) -> None:
+        """The body has ended; the connection goes back to the pool when nothing follows it."""
+        self.eof = True
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.answered(self.keep_alive and not rest)
+        self.wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and not self.eof:
+            self.error = error
+        self.close()
+        self.wake()
+
+    def lost(self, exc: Exception | None) -> None:
+        """The connection ended: the body's end when it is framed by the close, else a broken answer."""
+        self.connection = None
+        if self.eof:
+            return
+        if self.headers is None:
+            self.fail(aiohttp.ServerDisconnectedError() if exc is None else aiohttp.ClientOSError(*exc.args))
+        elif self.framing == "close" and exc is None:
+            self.finish(b"")
+        else:
+            self.fail(aiohttp.ClientPayloadError("Response payload is not completed"))
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    # Read by the proxy
+
+    async def wait(self) -> None:
+        """Until something more arrives, within the idle (sock_read) and total time limits."""
+        if self.error is not None:
+            raise self.error
+        timeout, total = self.idle_s, False
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise asyncio.TimeoutError
+            if timeout is None or left < timeout:
+                timeout, total = left, True
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self.time_out, waiter, total)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+        if self.error is not None:
+            raise self.error
+
+    async def wait_for_head(self) -> None:
+        """Until the status and headers are in; a fault in the body after them is the body reader's to raise."""
+        while self.headers is None:
+            try:
+                await self.wait()
+            except aiohttp.ClientPayloadError:
+                if self.headers is None:
+                    raise
+
+    def time_out(self, waiter: asyncio.Future[None], total: bool) -> None:
+        """The wait's time is up: the waiting reader gets the error aiohttp gives, and the connection is dropped."""
+        if not waiter.done():
+            waiter.set_exception(
+                asyncio.TimeoutError() if total else aiohttp.ServerTimeoutError("Timeout on reading data from socket")
+            )
+        self.close()
+
+    def read_nowait(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.unread = 0
+        if self.connection is not None:
+            self.connection.resume()
+        return data
+
+    def is_eof(self) -> bool:
+        return self.eof
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while True:
+            if self.unread:
+                yield self.read_nowait()
+            elif self.eof:
+                return
+            else:
+                await self.wait()
+
+    async def read(self, limit: int = -1) -> bytes:
+        """The body until its end, or its first `limit` bytes (taken as they come, so reading never pauses)."""
+        parts, size = [], 0
+        while True:
+            if self.unread:
+                parts.append(self.read_nowait())
+                size += len(parts[-1])
+            if self.eof or 0 <= limit <= size:
+                break
+            await self.wait()
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return data if limit < 0 else data[:limit]
+
+    def close(self) -> None:
+        """Drop the connection, whatever the answer's state; a reader waiting gets an error."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
+        if not self.eof and self.error is None:
+            self.error = aiohttp.ClientConnectionError("Connection closed")
+            self.wake()
+
+    def release(self) -> None:
+        """Done with the answer: its connection was pooled at the body's end; one not read to the end is closed."""
+        if not self.eof:
+            self.close()
+
+
+class PlainConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of PlainPool; it feeds its bytes to the answer being read."""
+
+    def __init__(self, pool: PlainPool, key: tuple[str, int]):
+        self.pool, self.key = pool, key
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.response: PlainResponse | None = None
+        self.closed = False
+        self.paused = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        with contextlib.suppress(OSError, AttributeError):
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes no answer asked for: the connection can no longer be trusted
+            self.close()
+            return
+        self.response.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        response, self.response = self.response, None
+        if response is not None:
+            response.lost(exc)
+
+    def send(self, response: PlainResponse, data: bytes) -> None:
+        self.response = response
+        self.transport.write(data)
+
+    def answered(self, reusable: bool) -> None:
+        self.response = None
+        self.resume()
+        if reusable and not self.closed:
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class PlainPool:
+    """The upstream client for plain-HTTP upstreams (a local Ollama, say): HTTP/1.1 on asyncio protocols with
+    keep-alive, about a third of aiohttp's client cost per call. At most `limit` connections (0: no cap), as
+    aiohttp's pool caps the TLS upstreams'; time limits as aiohttp.ClientTimeout gives them."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.idle: dict[tuple[str, int], list[PlainConnection]] = collections.defaultdict(list)
+        self.open: set[PlainConnection] = set()
+        self.opening = 0
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def post(
+        self, url: str, payload: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+    ) -> PlainResponse:
+        """Send the request and read the answer's head. A reused connection that the upstream had closed
+        meanwhile (nothing came back on it) is replaced by a new one, once."""
+        host, port, first_lines = plain_http_target(url)
+        head = plain_request_head(first_lines, headers, len(payload))
+        data = head + payload if len(payload) < 64 * 1024 else None
+        started = time.monotonic()
+        deadline = started + timeout.total if timeout.total else None
+        for attempt in range(2):
+            connection, reused = await self.connection((host, port), timeout, started, deadline)
+            response = PlainResponse(connection, deadline, timeout.sock_read)
+            if data is not None:
+                connection.send(response, data)
+            else:
+                connection.send(response, head)
+                connection.send(response, payload)
+            try:
+                await response.wait_for_head()
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if reused and not response.received and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                response.close()
+                raise
+            return response
+        raise AssertionError("unreachable")
+
+    async def connection(
+        self, key: tuple[str, int], timeout: aiohttp.ClientTimeout, started: float, deadline: float | None
+    ) -> tuple[PlainConnection, bool]:
+        """A pooled connection to `key` (reused: True) or a new one, waiting for room under the cap within
+        `timeout.connect` as aiohttp does."""
+        connect_deadline = started + timeout.connect if timeout.connect else deadline
+        while True:
+            idle = self.idle.get(key)
+            now = time.monotonic()
+            while idle:
+                connection = idle.pop()
+                if not connection.closed and now - connection.idle_since < PLAIN_KEEPALIVE_S:
+                    return connection, True
+                connection.close()
+            if not self.limit or len(self.open) + self.opening < self.limit:
+                break
+            self.close_one_idle()  # its room comes when it is closed: lost() wakes the wait
+            await self.wait_for_room(connect_deadline, deadline)
+        self.opening += 1
+        limits = (timeout.sock_connect, remaining(connect_deadline), remaining(deadline))
+        opening = asyncio.get_running_loop().create_connection(lambda: PlainConnection(self, key), *key)
+        try:
+            _, connection = await asyncio.wait_for(opening, min([t for t in limits if t is not None], default=None))
+        except asyncio.TimeoutError:
+            self.opening -= 1
+            self.notify()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise asyncio.TimeoutError from None
+            raise CONNECT_TIMEOUT_ERROR(f"Connection timeout to host http://{key[0]}:{key[1]}") from None
+        except BaseException:
+            self.opening -= 1
+            self.notify()
+            raise
+        self.opening -= 1
+        self.open.add(connection)
+        return connection, False
+
+    def close_one_idle(self) -> None:
+        """Close an idle connection (to any host) to make room under the cap."""
+        for connections in self.idle.values():
+            if connections:
+                connections.pop(0).close()
+                return
+
+    async def wait_for_room(self, connect_deadline: float | None, deadline: float | None) -> None:
+        """Until a connection is freed or closed; CONNECT_TIMEOUT_ERROR when the connect time is spent first."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        limits = [t for t in (remaining(connect_deadline), remaining(deadline)) if t is not None]
+        try:
+            await asyncio.wait_for(waiter, min(limits, default=None))
+        except asyncio.TimeoutError:
+            raise CONNECT_TIMEOUT_ERROR("no free upstream connection") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(waiter)
+
+    def notify(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def put(self, connection: PlainConnection) -> None:
+        connection.idle_since = time.monotonic()
+        self.idle[connection.key].append(connection)
+        self.notify()
+
+    def lost(self, connection: PlainConnection) -> None:
+        self.open.discard(connection)
+        with contextlib.suppress(ValueError):
+            self.idle[connection.key].remove(connection)
+        self.notify()
+
+    async def close(self) -> None:
+        for connection in list(self.open):
+            connection.close()
+        self.idle.clear()
+
+
+def remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+UpstreamResponse = aiohttp.ClientResponse | PlainResponse
+
+
+class UpstreamClient:
+    """Posts to the upstreams: plain-HTTP ones on PlainPool, TLS ones on an aiohttp session. Neither pool has a
+    per-host cap, and neither a cap at all unless `upstream_connections` sets one (for each pool), so they never
+    hold requests back below the max_in_flight limits."""
+
+    def __init__(self, config: Config):
+        self.limit = config.upstream_connections or 0
+        self.plain = PlainPool(self.limit)
+        connector = aiohttp.TCPConnector(limit=self.limit, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+        self.tls = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+    async def post(
+        self, url: str, payload: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+    ) -> UpstreamResponse:
+        if url.startswith("http://"):
+            return await self.plain.post(url, payload, headers, timeout)
+        return await self.tls.post(url, data=payload, headers=headers, timeout=timeout, allow_redirects=False)
+
+    async def close(self) -> None:
+        await self.plain.close()
+        await self.tls.close()
 
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -5036,7 +5536,7 @@ def public_url(url: str) -> str:
 
 def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFailure:
     """The error for a connection that was not made, naming the URL; a name that does not resolve is not retried."""
-    os_error = getattr(exc, "os_error", None)
+    os_error = getattr(exc, "os_error", exc if isinstance(exc, OSError) else None)
     status = 502
     if isinstance(os_error, socket.gaierror):
         reason = "its host name does not resolve"
@@ -5052,17 +5552,16 @@ def connect_failure(provider: Provider, url: str, exc: Exception) -> ConnectFail
     return ConnectFailure(status, message, retryable=not isinstance(os_error, socket.gaierror))
 
 
-def waited_for_pool(session: aiohttp.ClientSession, limits: Timeouts, waited_s: float) -> bool:
-    """Whether a connect timeout was spent waiting for a pooled connection rather than connecting: aiohttp raises
-    the same error for both, but the socket's own connect gives up after connect_ms, the pool wait only later."""
-    capped = session.connector is not None and session.connector.limit > 0
-    return capped and waited_s * 1000 >= limits.connect_ms + limits.pool_ms / 2
+def waited_for_pool(limit: int, limits: Timeouts, waited_s: float) -> bool:
+    """Whether a connect timeout was spent waiting for a pooled connection rather than connecting: the clients
+    raise the same error for both, but the socket's own connect gives up after connect_ms, the pool wait later."""
+    return limit > 0 and waited_s * 1000 >= limits.connect_ms + limits.pool_ms / 2
 
 
 END_DRAIN_S = 0.2  # after message_stop, how long to wait for the upstream's end so its connection can be reused
 
 
-async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
+async def drain_upstream(upstream: UpstreamResponse) -> None:
     """Read what follows an answer's last frame, briefly, so the connection can go back to the pool;
     a fault there is not the answer's."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
@@ -5073,26 +5572,29 @@ async def drain_upstream(upstream: aiohttp.ClientResponse) -> None:
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession, request: UpstreamRequest, provider: Provider, timeout: aiohttp.ClientTimeout
-) -> aiohttp.ClientResponse:
+    client: UpstreamClient, request: UpstreamRequest, provider: Provider, timeout: aiohttp.ClientTimeout
+) -> UpstreamResponse:
     """Send the request; a transport failure or an error status becomes a ProxyError naming the provider."""
     started = time.monotonic()
     try:
-        response = await session.post(
-            request.url, data=request.payload, headers=request.headers, timeout=timeout, allow_redirects=False
-        )
+        response = await client.post(request.url, request.payload, request.headers, timeout)
     except CONNECT_TIMEOUT_ERROR as exc:
-        if waited_for_pool(session, provider.timeouts, time.monotonic() - started):
-            limit = session.connector.limit if session.connector else 0
+        if waited_for_pool(client.limit, provider.timeouts, time.monotonic() - started):
             message = f"{provider.name}: no free upstream connection within {provider.timeouts.pool_ms} ms"
-            raise ProxyError(504, f"{message} (all {limit} of upstream_connections busy)", retryable=True) from None
+            raise ProxyError(
+                504, f"{message} (all {client.limit} of upstream_connections busy)", retryable=True
+            ) from None
         raise connect_failure(provider, request.url, exc) from None
     except aiohttp.ClientConnectorError as exc:
         raise connect_failure(provider, request.url, exc) from None
     except asyncio.TimeoutError:
         raise ProxyError(504, f"{provider.name} did not answer in time", retryable=True) from None
+    except InvalidHTTPAnswer as exc:
+        raise ProxyError(502, f"{provider.name} sent an invalid answer: {exc}", retryable=True) from None
     except aiohttp.ClientError as exc:
         raise ProxyError(502, f"cannot reach {provider.name}: {type(exc).__name__}", retryable=True) from None
+    except OSError as exc:  # PlainPool's connect
+        raise connect_failure(provider, request.url, exc) from None
     if response.status >= 300:
         try:
             raw = await response.content.read(MAX_UPSTREAM_ERROR_BYTES)
@@ -5106,7 +5608,7 @@ async def open_upstream(
     return response
 
 
-async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provider) -> dict:
+async def read_upstream_json(response: UpstreamResponse, provider: Provider) -> dict:
     try:
         raw = await response.read()
     except asyncio.TimeoutError:
@@ -5127,20 +5629,20 @@ async def read_upstream_json(response: aiohttp.ClientResponse, provider: Provide
 class UpstreamAnswer:
     """An upstream answer that has begun: its response, and the first stream part (stream) or the whole message."""
 
-    upstream: aiohttp.ClientResponse
+    upstream: UpstreamResponse
     parts: AsyncIterator[StreamPart] | None = None
     first: StreamPart = b""
     message: dict | None = None
 
 
 async def start_upstream_answer(
-    session: aiohttp.ClientSession, transformer: Transformer, call: UpstreamCall, stream: bool
+    client: UpstreamClient, transformer: Transformer, call: UpstreamCall, stream: bool
 ) -> UpstreamAnswer:
     """Send one attempt and wait for its first stream part (or whole message), so failures so far can still be
     retried."""
     provider = call.provider
     upstream = await open_upstream(
-        session, translated_request(transformer, call), provider, provider.timeouts.client_timeout(stream)
+        client, translated_request(transformer, call), provider, provider.timeouts.client_timeout(stream)
     )
     hide_thinking = provider.type != "anthropic" and omits_thinking_text(call.body)  # Anthropic does it itself
     try:
@@ -5172,7 +5674,7 @@ async def start_upstream_answer(
 
 
 async def whole_answer_events(
-    upstream: aiohttp.ClientResponse, transformer: Transformer, call: UpstreamCall
+    upstream: UpstreamResponse, transformer: Transformer, call: UpstreamCall
 ) -> AsyncIterator[list[dict]]:
     """A stream request answered with one JSON message (some servers ignore `stream`): its events."""
     yield message_to_events(transformer.parse_response(await read_upstream_json(upstream, call.provider), call))
@@ -6575,6 +7077,7 @@ class Spend(NamedTuple):
     usd: float
 
 
+@functools.lru_cache(maxsize=1024)
 def key_digest(key: str) -> str:
     """How keys are named in shared state: never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -6619,11 +7122,22 @@ class SharedLimits:
             wait = self.rates.setdefault(ask.rpm, RateLimiter(ask.rpm)).wait_needed(ask.client)
             refusal = Refusal("rpm", ask.rpm, wait) if wait else None
         tokens = self.sessions.get(ask.session) if ask.session else None
-        resting = {key: until - now for key, until in self.rests.items() if until > now}
-        down = {name: (until - now, why) for name, (until, why) in self.downs.items() if until > now}
-        self.rests = {key: now + left for key, left in resting.items()}
-        self.downs = {name: (now + left, why) for name, (left, why) in down.items()}
+        resting, down = self.resting(now), self.down_now(now)
         return Verdict(refusal, tokens, resting, down)
+
+    def resting(self, now: float) -> dict[str, float]:
+        """The keys resting now, with the seconds left; the rests that have ended are dropped."""
+        if not self.rests:
+            return {}
+        self.rests = {key: until for key, until in self.rests.items() if until > now}
+        return {key: until - now for key, until in self.rests.items()}
+
+    def down_now(self, now: float) -> dict[str, tuple[float, str]]:
+        """The providers down now, with the seconds left and why; the cool-downs that have ended are dropped."""
+        if not self.downs:
+            return {}
+        self.downs = {name: (until, why) for name, (until, why) in self.downs.items() if until > now}
+        return {name: (until - now, why) for name, (until, why) in self.downs.items()}
 
     def over_budget(self, ask: Ask, wall: float) -> Refusal | None:
         """The first of the client's daily budgets and token rate that is used up."""
@@ -7285,7 +7799,7 @@ class RequestRecord:
 
 STATE = web.AppKey("state", ProxyState)
 COUNTER = web.AppKey("counter", TokenCounter)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+SESSION = web.AppKey("session", UpstreamClient)
 IMAGE_SESSION = web.AppKey("image_session", aiohttp.ClientSession)
 STARTED = web.AppKey("started", float)
 STARTED_WALL = web.AppKey("started_wall", float)
@@ -7820,14 +8334,14 @@ async def count_tokens(request: web.Request, routed: RoutedRequest) -> web.Respo
     return web.json_response({"input_tokens": hints.token_count})
 
 
-async def upstream_token_count(session: aiohttp.ClientSession, call: UpstreamCall, url: str) -> int | None:
+async def upstream_token_count(client: UpstreamClient, call: UpstreamCall, url: str) -> int | None:
     """Ask the provider for the exact count; None (and a log line) on any failure."""
     provider = call.provider
     payload = dump_json({**without_proxy_thinking(call.body), "model": call.model})
     timeout = aiohttp.ClientTimeout(total=10, sock_connect=provider.timeouts.connect_ms / 1000)
     try:
         upstream = await open_upstream(
-            session, UpstreamRequest(url, anthropic_headers(call), payload), provider, timeout
+            client, UpstreamRequest(url, anthropic_headers(call), payload), provider, timeout
         )
         try:
             data = await read_upstream_json(upstream, provider)
@@ -8163,7 +8677,7 @@ async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _client_session_ctx(
     app: web.Application, image_resolver: aiohttp.abc.AbstractResolver | None
 ) -> AsyncIterator[None]:
-    app[SESSION] = new_client_session(app[STATE].current.config)
+    app[SESSION] = UpstreamClient(app[STATE].current.config)
     app[IMAGE_SESSION] = new_image_session(image_resolver)
     yield
     await app[SESSION].close()

@@ -34,6 +34,8 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
+import string
 import subprocess
 import sys
 import time
@@ -50,6 +52,7 @@ import openai
 import pytest
 import redis.asyncio
 import tiktoken
+import trustme
 import yarl
 from aiohttp import web
 from google import genai
@@ -8295,6 +8298,230 @@ async def test_json_answer_to_a_stream_request_becomes_sse(
 
 
 # ---------------------------------------------------------------------------
+# The plain-HTTP client: framing aiohttp's stand-ins never send, keep-alive, invalid heads; TLS stays on aiohttp
+# ---------------------------------------------------------------------------
+
+RAW_MESSAGE = json.dumps(
+    {
+        "id": "msg_raw",
+        "type": "message",
+        "role": "assistant",
+        "model": UPSTREAM_MODEL["anthropic"],
+        "content": [{"type": "text", "text": "raw answer"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }
+).encode()
+
+
+def length_answer(body: bytes = RAW_MESSAGE, *headers: bytes, version: bytes = b"HTTP/1.1") -> bytes:
+    head = [version + b" 200 OK", b"content-type: application/json", b"content-length: %d" % len(body), *headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def chunked_answer(body: bytes = RAW_MESSAGE) -> bytes:
+    """Three chunks, with a chunk extension and a trailer."""
+    parts = [body[:10], body[10:50], body[50:]]
+    chunks = b"".join(b"%x;note=1\r\n%s\r\n" % (len(part), part) for part in parts)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    return head + chunks + b"0\r\nx-checksum: none\r\n\r\n"
+
+
+def pieces_of(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@dataclass
+class RawAnswer:
+    """Bytes written one piece after another, then the connection closed or kept; no pieces and `close`: the
+    request is dropped unanswered."""
+
+    pieces: list[bytes]
+    close: bool = False
+
+
+class RawHTTPUpstream:
+    """An upstream that writes each answer byte for byte as scripted (the last answer repeats), counting
+    connections and the requests read."""
+
+    def __init__(self, *answers: RawAnswer) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.requests = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                assert length is not None, head
+                await reader.readexactly(int(length.group(1)))
+                answer = self.answers[min(self.requests, len(self.answers) - 1)]
+                self.requests += 1
+                for piece in answer.pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                if answer.close:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "connections"),
+    [
+        pytest.param(RawAnswer(pieces_of(chunked_answer(), 7)), 1, id="chunked-in-7-byte-pieces"),
+        pytest.param(RawAnswer([b"HTTP/1.1 100 Continue\r\n\r\n", length_answer()]), 1, id="100-continue-first"),
+        pytest.param(RawAnswer(pieces_of(length_answer(), 5)), 1, id="content-length-in-5-byte-pieces"),
+        pytest.param(
+            RawAnswer([length_answer(RAW_MESSAGE, b"connection: close")], close=True), 2, id="connection-close"
+        ),
+        pytest.param(
+            RawAnswer(
+                [length_answer(RAW_MESSAGE)[: -len(RAW_MESSAGE)].replace(b"content-length", b"x-n"), RAW_MESSAGE],
+                close=True,
+            ),
+            2,
+            id="body-until-close",
+        ),
+        pytest.param(RawAnswer([length_answer(version=b"HTTP/1.0")], close=True), 2, id="http-1.0"),
+    ],
+)
+async def test_the_plain_http_client_reads_every_framing_and_reuses_what_it_may(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, answer: RawAnswer, connections: int
+) -> None:
+    async with running(RawHTTPUpstream(answer)) as upstream:
+        proxy = await start_proxy(single_provider_config("anthropic", upstream.url))
+        replies = [await post_client_body(http, proxy, client_body()) for _ in range(2)]
+
+    assert [reply.status for reply in replies] == [200, 200], [reply.text for reply in replies]
+    assert [json.loads(reply.text)["content"][0]["text"] for reply in replies] == ["raw answer"] * 2
+    assert (upstream.requests, upstream.connections) == (2, connections)
+
+
+async def test_a_kept_connection_the_upstream_drops_unanswered_is_replaced_once(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """The upstream closes a kept-alive connection just as the next request arrives on it (its keep-alive time
+    ran out): nothing came back, so the request goes again on a new connection, even with retries = 0."""
+    script = (RawAnswer([length_answer()]), RawAnswer([], close=True), RawAnswer([length_answer()]))
+    async with running(RawHTTPUpstream(*script)) as upstream:
+        proxy = await start_proxy(single_provider_config("anthropic", upstream.url))
+        replies = [await post_client_body(http, proxy, client_body()) for _ in range(2)]
+
+    assert [reply.status for reply in replies] == [200, 200], replies[1].text
+    assert (upstream.requests, upstream.connections) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "fragment"),
+    [
+        pytest.param(
+            b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            502,
+            "sent an invalid answer: its status line is not HTTP/1.x",
+            id="not-http",
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", 502, "a header line is malformed", id="bad-header"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"a" * 70_000, 502, "pass 65536 bytes", id="endless-head"),
+        pytest.param(
+            length_answer(b"\x1f\x8b", b"content-encoding: gzip"), 502, "it is compressed (gzip)", id="compressed"
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1e3\r\n\r\n", 502, "content-length is not a number", id="bad-length"
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            502,
+            "broke the connection: ClientPayloadError",
+            id="bad-chunk",
+        ),
+        pytest.param(length_answer()[:-20], 502, "ClientPayloadError", id="body-cut-short"),
+        pytest.param(b"", 502, "ServerDisconnectedError", id="closed-unanswered"),
+    ],
+)
+async def test_an_invalid_plain_http_answer_is_a_clear_502(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, data: bytes, status: int, fragment: str
+) -> None:
+    async with running(RawHTTPUpstream(RawAnswer([data], close=True))) as upstream:
+        proxy = await start_proxy(single_provider_config("anthropic", upstream.url))
+        reply = await post_client_body(http, proxy, client_body())
+
+    message = reply.assert_error(status, "api_error", fragment)
+    assert "anthropic" in message, message
+    assert upstream.requests == 1
+
+
+async def test_a_large_plain_http_answer_arrives_whole(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
+    """Three megabytes, more than the client buffers before it stops reading the socket."""
+    text = "".join(random.Random(7).choices(string.ascii_letters, k=3 * 1024 * 1024))
+    body = json.dumps({**json.loads(RAW_MESSAGE), "content": [{"type": "text", "text": text}]}).encode()
+    async with running(RawHTTPUpstream(RawAnswer(pieces_of(length_answer(body), 256 * 1024)))) as upstream:
+        proxy = await start_proxy(single_provider_config("anthropic", upstream.url))
+        reply = await post_client_body(http, proxy, client_body())
+
+    assert reply.status == 200
+    assert json.loads(reply.text)["content"][0]["text"] == text
+
+
+async def test_a_full_pool_closes_an_idle_connection_to_make_room_for_another_host(
+    stand_ins: StandInFactory, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    first, second = await stand_ins(), await stand_ins()
+    providers = [provider_doc("anthropic", "anthropic", first.url), provider_doc("ollama", "ollama", second.url)]
+    limits = {"upstream_connections": 1, "pool_timeout_ms": 5000}
+    proxy = await start_proxy(build_config(providers_doc(providers, "anthropic,claude-rel", limits), "t.toml", {}))
+    models = ["anthropic,claude-rel", "ollama,qwen-rel", "anthropic,claude-rel"]
+
+    replies = [await post_client_body(http, proxy, client_body(model=model)) for model in models]
+
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert (len(first.received), len(second.received)) == (2, 1)
+    assert first.ports[0] != first.ports[1]  # its idle connection was closed for the other host's
+
+
+async def test_tls_upstreams_go_through_aiohttp_beside_plain_ones(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """An https:// provider (a test CA that the proxy process trusts through SSL_CERT_FILE) and an http:// one
+    in one process, streaming and not."""
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with running(StandInServer(answer_ok, tls=server_tls)) as secure, running(StandInServer(answer_ok)) as plain:
+        assert secure.url.startswith("https://") and plain.url.startswith("http://")
+        providers = [provider_doc("anthropic", "anthropic", secure.url), provider_doc("ollama", "ollama", plain.url)]
+        doc = providers_doc(providers, f"anthropic,{UPSTREAM_MODEL['anthropic']}")
+        async with proxy_subprocess(tmp_path, doc, {"SSL_CERT_FILE": str(tmp_path / "ca.pem")}) as proxy:
+            whole = await post_client_body(http, proxy.url, client_body())
+            streamed = await post_client_body(http, proxy.url, client_body(stream=True))
+            local = await post_client_body(http, proxy.url, client_body(model=f"ollama,{UPSTREAM_MODEL['ollama']}"))
+
+    assert (whole.status, streamed.status, local.status) == (200, 200, 200), (whole.text, local.text)
+    assert streamed.frames[-1][0] == "message_stop"
+    assert [seen.stream for seen in secure.received] == [False, True]
+    assert len(plain.received) == 1 and plain.last.path == "/api/chat"
+
+
+# ---------------------------------------------------------------------------
 # Redirects, provider URLs and image URLs
 # ---------------------------------------------------------------------------
 
@@ -11747,11 +11974,16 @@ class ProxySubprocess:
 
 
 @contextlib.asynccontextmanager
-async def proxy_subprocess(tmp_path: Path, doc: dict) -> AsyncIterator[ProxySubprocess]:
+async def proxy_subprocess(
+    tmp_path: Path, doc: dict, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ProxySubprocess]:
+    """The proxy as a process, with `env` added to this one's environment."""
     config = tmp_path / "proxy.toml"
     config.write_text(to_toml(doc))
     port = free_port()
-    proc = await spawn_proxy("--config", str(config), "--port", str(port), cwd=tmp_path)
+    proc = await spawn_proxy(
+        "--config", str(config), "--port", str(port), cwd=tmp_path, env={**os.environ, **(env or {})}
+    )
     process = ProxySubprocess(proc, port, config)
     try:
         await wait_healthy(process.url, proc, process.lines)
