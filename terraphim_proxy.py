@@ -1119,6 +1119,8 @@ class RawBody:
     message_counts: list[int] = field(default_factory=list, compare=False)  # this body's, once counted
     known_images: list[int] = field(default_factory=list, compare=False)  # that body's images per message
     message_images: list[int] = field(default_factory=list, compare=False)  # this body's, once counted
+    known_signed: list[int] = field(default_factory=list, compare=False)  # that body's first_signed_message
+    message_signed: list[int] = field(default_factory=list, compare=False)  # this body's, once searched
 
     def key_of(self, span: tuple[int, int]) -> tuple[int, int]:
         """A cache key for the text at `span`: its length and hash, computed once per request."""
@@ -1126,6 +1128,26 @@ class RawBody:
             piece = self.text[span[0] : span[1]]
             self.keys[span] = (len(piece), hash(piece))
         return self.keys[span]
+
+    def first_signed_message(self) -> int:
+        """The index of the first message whose text holds PROXY_SIGNATURE_PREFIX, or -1. Clients send the proxy's
+        signatures back as they got them (the prefix needs no JSON escape). The messages a memo recognised are
+        not searched again when their body's answer was worked out: a growing conversation costs a search of
+        its new turn."""
+        if not self.message_signed:
+            spans, known = self.message_spans, self.known_messages
+            if not spans:  # not parsed by ObjectScan: any hit counts as the first message's
+                first = 0 if PROXY_SIGNATURE_PREFIX in self.text else -1
+            elif self.known_signed and 0 <= self.known_signed[0] < known:
+                first = self.known_signed[0]
+            else:
+                start = known if self.known_signed else 0  # the ones before it are known to lack it
+                found = (
+                    self.text.find(PROXY_SIGNATURE_PREFIX, spans[start][0], spans[-1][1]) if start < len(spans) else -1
+                )
+                first = -1 if found < 0 else bisect.bisect_right(spans, (found, math.inf)) - 1
+            self.message_signed.append(first)
+        return self.message_signed[0]
 
     def with_model(self, model: str) -> bytes | None:
         """The body with only `model` replaced, as bytes (one copy of them); None when the spans are unknown."""
@@ -1148,6 +1170,7 @@ class KnownConversation(NamedTuple):
     keys: dict[tuple[int, int], tuple[int, int]]
     counts: list[int]  # each message's token count, once the body's were counted (see TokenCounter.count)
     images: list[int]  # each message's image count, once counted (see analyse)
+    signed: list[int]  # its first_signed_message, once searched
 
 
 class SizedLRU:
@@ -1195,7 +1218,13 @@ class MessageMemo:
     def remember(self, raw: RawBody) -> None:
         if raw.message_spans:
             known = KnownConversation(
-                raw.text, raw.message_spans, raw.data["messages"], raw.keys, raw.message_counts, raw.message_images
+                raw.text,
+                raw.message_spans,
+                raw.data["messages"],
+                raw.keys,
+                raw.message_counts,
+                raw.message_images,
+                raw.message_signed,
             )
             self.conversations.put(raw.key_of(raw.message_spans[0]), known, len(raw.text))
 
@@ -1226,6 +1255,7 @@ def parse_raw_body(raw: bytes, memo: MessageMemo | None = None) -> RawBody:
                 scan.known_text,
                 scan.known_counts,
                 known_images=scan.known_images,
+                known_signed=scan.known_signed,
             )
     except (ValueError, StopIteration, IndexError):
         pass
@@ -1250,6 +1280,7 @@ class ObjectScan:
         self.known_text: str | None = None
         self.known_counts: list[int] = []
         self.known_images: list[int] = []
+        self.known_signed: list[int] = []
 
     def object(self, i: int) -> int:
         text = self.text
@@ -1321,7 +1352,7 @@ class ObjectScan:
         if stop - start != len(piece) or not known.text.startswith(piece, start):
             return None
         self.known_messages, self.known_text, self.known_counts = 1, known.text, known.counts
-        self.known_images = known.images
+        self.known_images, self.known_signed = known.images, known.signed
         return known
 
     def recognised_run(self, known: KnownConversation, items: list, end: int) -> int:
@@ -2744,9 +2775,8 @@ def anthropic_build_request(call: UpstreamCall) -> UpstreamRequest:
 
     When nothing else changed, `model` is swapped in the received text, so the body is not serialised again."""
     raw = call.raw
-    # Clients send the proxy's signatures back as they got them (the prefix needs no JSON escape): a body whose
-    # text lacks the prefix has no proxy-made thinking, and its messages need no walk.
-    signed = raw is None or call.body is not raw.data or PROXY_SIGNATURE_PREFIX in raw.text
+    # A body whose messages lack the signature prefix has no proxy-made thinking: they need no walk.
+    signed = raw is None or call.body is not raw.data or raw.first_signed_message() >= 0
     body = without_proxy_thinking(call.body) if signed else call.body
     body = with_output_cap(body, call.provider.max_tokens_cap(call.model))
     payload = raw.with_model(call.model) if raw is not None and body is raw.data else None

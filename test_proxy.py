@@ -2005,6 +2005,36 @@ async def test_a_resent_conversation_is_bounded_by_last_turns_counts_before_any_
     assert hints[1].token_count == pytest.approx(hints[0].token_count, rel=0.01)
 
 
+def brute_first_signed(body: dict) -> int:
+    """The first message whose JSON holds the proxy's signature prefix, or -1, by looking at each."""
+    hits = [i for i, message in enumerate(body["messages"]) if "terraphim:" in json.dumps(message)]
+    return hits[0] if hits else -1
+
+
+@pytest.mark.parametrize(
+    "signed_turns",
+    [pytest.param((), id="never"), pytest.param((0,), id="in-the-first-turn"), pytest.param((2,), id="later")],
+)
+def test_a_resent_conversation_searches_only_its_new_turn_for_proxy_signatures(signed_turns: tuple) -> None:
+    """first_signed_message agrees with a look at every message, turn after turn, cold and through the memo;
+    a signature outside the messages (here in the system prompt) is not one."""
+    memo = terraphim_proxy.MessageMemo()
+    signed = {"type": "thinking", "thinking": "t", "signature": "terraphim:deepseek:0123"}
+    body: dict = {"model": "m", "system": "Quote terraphim: as is.", "messages": [{"role": "user", "content": "go"}]}
+    for turn in range(5):
+        reply = [signed] if turn in signed_turns else []
+        body = one_more_turn(body, f"answer {turn}", f"question {turn}")
+        body["messages"][-2]["content"] = reply + body["messages"][-2]["content"]
+        data = json.dumps(body).encode()
+        warm = terraphim_proxy.parse_raw_body(data, memo)
+        expected = brute_first_signed(body)
+        assert warm.first_signed_message() == expected, turn
+        assert terraphim_proxy.parse_raw_body(data).first_signed_message() == expected, turn
+        if turn:
+            assert warm.known_messages > 0 and warm.known_signed, turn  # the search started after them
+        memo.remember(warm)
+
+
 def test_an_edited_history_is_parsed_again_from_the_first_changed_message() -> None:
     memo = terraphim_proxy.MessageMemo()
     turns = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(["user", "assistant"] * 3)]
