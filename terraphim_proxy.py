@@ -7181,6 +7181,8 @@ class SharedLimits:
 
     def over_budget(self, ask: Ask, wall: float) -> Refusal | None:
         """The first of the client's daily budgets and token rate that is used up."""
+        if ask.usd_per_day is None and ask.tokens_per_day is None and ask.tpm is None:
+            return None
         day, minute = int(wall // 86400), int(wall // 60)
         limits = (
             ("usd", f"usd:{ask.name}", day, ask.usd_per_day, 86400),
@@ -7889,12 +7891,13 @@ async def record_middleware(request: web.Request, handler: Callable) -> web.Stre
                 spend = request_spend(record, config, cost)
                 if spend is not None:
                     state.shared.record(spend)
-                row = usage_row(record, request.path, status, seconds, cost)
-                if state.usage is not None:
-                    state.usage.add(row)
-                for feed in state.live:
-                    with contextlib.suppress(asyncio.QueueFull):  # a dashboard that does not keep up misses rows
-                        feed.put_nowait(dict(zip(USAGE_COLUMNS, row, strict=True)))
+                if state.usage is not None or state.live:
+                    row = usage_row(record, request.path, status, seconds, cost)
+                    if state.usage is not None:
+                        state.usage.add(row)
+                    for feed in state.live:
+                        with contextlib.suppress(asyncio.QueueFull):  # a dashboard that does not keep up misses rows
+                            feed.put_nowait(dict(zip(USAGE_COLUMNS, row, strict=True)))
 
 
 def request_spend(record: RequestRecord, config: Config, cost: float | None) -> Spend | None:
