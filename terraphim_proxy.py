@@ -71,14 +71,31 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote, urlsplit
 
+
+def checkout_python() -> Path | None:
+    """The Python of a virtual environment beside this file (`.venv` or `venv`, as `pip install -e .` makes
+    one), unless this process is already a re-run in it."""
+    if os.environ.get("TERRAPHIM_PROXY_REEXEC"):
+        return None
+    here = Path(__file__).resolve().parent
+    for venv in (".venv", "venv"):
+        for python in (here / venv / "bin" / "python", here / venv / "Scripts" / "python.exe"):
+            if python.is_file() and (here / venv / "pyvenv.cfg").is_file():
+                return python
+    return None
+
+
 try:
     import aiohttp
     import aiohttp.abc
     from aiohttp import web
     from multidict import CIMultiDict, CIMultiDictProxy  # aiohttp's own dependency
-except ImportError as missing:  # run as a script by a Python without the dependencies: say so, not a traceback
+except ImportError as missing:  # run as a script by a Python without the dependencies
     if __name__ != "__main__":
         raise
+    if (python := checkout_python()) is not None:  # the checkout's own environment has them: run in it
+        os.environ["TERRAPHIM_PROXY_REEXEC"] = "1"
+        os.execv(python, [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.exit(
         f"terraphim-proxy: this Python ({sys.executable}) lacks the {missing.name} package; install the proxy "
         "with `pipx install .` (or `pip install .` in a virtual environment) and run `terraphim-proxy`"

@@ -11937,15 +11937,44 @@ async def test_dashboard_asks_for_the_key_and_is_loopback_only_without_one(
 # ---------------------------------------------------------------------------
 
 
-def test_a_python_without_the_dependencies_gets_a_one_line_message_not_a_traceback() -> None:
-    """`python terraphim_proxy.py` from a Python whose packages lack aiohttp (-S: no site-packages)."""
+def test_a_python_without_the_dependencies_gets_a_one_line_message_not_a_traceback(tmp_path: Path) -> None:
+    """`python terraphim_proxy.py` from a Python whose packages lack aiohttp (-S: no site-packages), in a folder
+    with no virtual environment beside the script."""
+    script = tmp_path / "terraphim_proxy.py"
+    shutil.copy(MODULE_PATH, script)
     result = subprocess.run(
-        [sys.executable, "-S", str(MODULE_PATH), "--check"], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-S", str(script), "--check"], capture_output=True, text=True, timeout=60, check=False
     )
 
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("terraphim-proxy: this Python") and "lacks the aiohttp package" in result.stderr
     assert "pipx install ." in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_python_without_the_dependencies_runs_the_script_in_the_checkouts_virtual_environment(
+    tmp_path: Path,
+) -> None:
+    """A checkout with its `.venv` (here this test's own environment, linked in): a plain `python3
+    terraphim_proxy.py --check` runs in it and answers as that environment's Python does."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests run outside a virtual environment, so there is none to link in")
+    script = tmp_path / "terraphim_proxy.py"
+    shutil.copy(MODULE_PATH, script)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    shutil.copy(CHECKOUT / "config.toml", tmp_path / "config.toml")
+    env = {"PATH": os.environ.get("PATH", ""), "ANTHROPIC_API_KEY": "sk-ant-check"}
+    command = [str(script), "--config", "config.toml", "--check"]
+
+    bare = subprocess.run(
+        [sys.executable, "-S", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    direct = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert direct.returncode == 0, direct.stderr
+    assert (bare.returncode, bare.stdout) == (0, direct.stdout), bare.stderr
+    assert "lacks the" not in bare.stderr
 
 
 class ProxySubprocess:
