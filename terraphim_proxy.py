@@ -5178,7 +5178,7 @@ class PlainResponse:
         self.close()
 
     def read_nowait(self) -> bytes:
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        data = b"".join(self.chunks)  # one chunk comes back as it is, not copied
         self.chunks.clear()
         self.unread = 0
         if self.connection is not None:
@@ -5207,7 +5207,7 @@ class PlainResponse:
             if self.eof or 0 <= limit <= size:
                 break
             await self.wait()
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        data = b"".join(parts)
         return data if limit < 0 else data[:limit]
 
     def close(self) -> None:
@@ -5346,16 +5346,14 @@ class PlainPool:
         opening = asyncio.get_running_loop().create_connection(lambda: PlainConnection(self, key), *key)
         try:
             _, connection = await asyncio.wait_for(opening, min([t for t in limits if t is not None], default=None))
-        except asyncio.TimeoutError:
+        except BaseException as exc:
             self.opening -= 1
-            self.notify()
+            self.notify()  # the room it would have taken is free again
+            if not isinstance(exc, asyncio.TimeoutError):
+                raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise asyncio.TimeoutError from None
             raise CONNECT_TIMEOUT_ERROR(f"Connection timeout to host http://{key[0]}:{key[1]}") from None
-        except BaseException:
-            self.opening -= 1
-            self.notify()
-            raise
         self.opening -= 1
         self.open.add(connection)
         return connection, False
@@ -5911,7 +5909,7 @@ async def relay_stream(
     assert answer.parts is not None
     record = request[RECORD]
     write = stream.dialect.writer(request.app[STATE].redactor.redact)
-    watchdog = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), answer.upstream.close)
+    watchdog = asyncio.get_running_loop().call_later(remaining(deadline), answer.upstream.close)
 
     def failure(err: ProxyError) -> ProxyError:
         if request.app[STATE].shutting_down:
@@ -7179,22 +7177,11 @@ class SharedLimits:
             wait = self.rates.setdefault(ask.rpm, RateLimiter(ask.rpm)).wait_needed(ask.client)
             refusal = Refusal("rpm", ask.rpm, wait) if wait else None
         tokens = self.sessions.get(ask.session) if ask.session else None
-        resting, down = self.resting(now), self.down_now(now)
+        resting = {key: until - now for key, until in self.rests.items() if until > now}
+        down = {name: (until - now, why) for name, (until, why) in self.downs.items() if until > now}
+        self.rests = {key: now + left for key, left in resting.items()}
+        self.downs = {name: (now + left, why) for name, (left, why) in down.items()}
         return Verdict(refusal, tokens, resting, down)
-
-    def resting(self, now: float) -> dict[str, float]:
-        """The keys resting now, with the seconds left; the rests that have ended are dropped."""
-        if not self.rests:
-            return {}
-        self.rests = {key: until for key, until in self.rests.items() if until > now}
-        return {key: until - now for key, until in self.rests.items()}
-
-    def down_now(self, now: float) -> dict[str, tuple[float, str]]:
-        """The providers down now, with the seconds left and why; the cool-downs that have ended are dropped."""
-        if not self.downs:
-            return {}
-        self.downs = {name: (until, why) for name, (until, why) in self.downs.items() if until > now}
-        return {name: (until - now, why) for name, (until, why) in self.downs.items()}
 
     def over_budget(self, ask: Ask, wall: float) -> Refusal | None:
         """The first of the client's daily budgets and token rate that is used up."""
