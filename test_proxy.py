@@ -551,8 +551,11 @@ async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: list[
             await asyncio.sleep(0.05)  # polling interval for readiness
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(MODULE_PATH), *args]
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None, *, script: Path = MODULE_PATH, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`python [flags] script args` in `cwd` (with `env`, or this process's environment when None)."""
+    command = [sys.executable, *flags, str(script), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -11942,9 +11945,7 @@ def test_a_python_without_the_dependencies_gets_a_one_line_message_not_a_traceba
     with no virtual environment beside the script."""
     script = tmp_path / "terraphim_proxy.py"
     shutil.copy(MODULE_PATH, script)
-    result = subprocess.run(
-        [sys.executable, "-S", str(script), "--check"], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_cli(["--check"], tmp_path, None, script=script, flags=("-S",))
 
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("terraphim-proxy: this Python") and "lacks the aiohttp package" in result.stderr
@@ -11963,14 +11964,10 @@ def test_a_python_without_the_dependencies_runs_the_script_in_the_checkouts_virt
     (tmp_path / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     shutil.copy(CHECKOUT / "config.toml", tmp_path / "config.toml")
     env = {"PATH": os.environ.get("PATH", ""), "ANTHROPIC_API_KEY": "sk-ant-check"}
-    command = [str(script), "--config", "config.toml", "--check"]
+    args = ["--config", "config.toml", "--check"]
 
-    bare = subprocess.run(
-        [sys.executable, "-S", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    direct = subprocess.run(
-        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    bare = run_cli(args, tmp_path, env, script=script, flags=("-S",))
+    direct = run_cli(args, tmp_path, env, script=script)
 
     assert direct.returncode == 0, direct.stderr
     assert (bare.returncode, bare.stdout) == (0, direct.stdout), bare.stderr
